@@ -1,0 +1,139 @@
+"""The DSO's safe set of envelopes: a box [LO, UP] is safe iff its two corners are.
+
+R, X and the subtree incidence are elementwise non-negative, so in LinDistFlow voltages rise and
+branch flows fall with every injection. Hence, per interval t:
+- all communities at UP: w <= (vmax - margin)^2 and reverse flow  P >= -P_lim   ("upper corner");
+- all communities at LO: w >= (vmin + margin)^2 and forward flow P <= P_lim     ("lower corner").
+Reactive injections take their worst case (q_max at the upper corner, q_min at the lower), and
+P_lim = sqrt(((1 - rating_margin) S)^2 - Q_worst^2) keeps P^2 + Q^2 <= S^2 with a loss margin.
+
+Rows are normalised to kW-equivalents (largest coefficient 1): G_up @ UP[:, t] <= h_up[:, t] and
+G_lo @ LO[:, t] >= h_lo[:, t].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.network import FloatArray, LinDistFlow
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.errors import InfeasibleError
+
+RowKind = str  # "vmax", "reverse", "vmin", "forward"
+
+
+@dataclass(frozen=True)
+class Corner:
+    """The rows of one corner: g @ corner[:, t] (<= or >=) h[:, t]."""
+
+    g: FloatArray  # (K, C), >= 0
+    h: FloatArray  # (K, T), kW-equivalent
+    kind: tuple[RowKind, ...]  # (K,)
+    element: tuple[int, ...]  # (K,) bus index (voltage rows) or branch index (flow rows)
+
+
+@dataclass(frozen=True)
+class SafeSet:
+    upper: Corner
+    lower: Corner
+
+
+def safe_set(s: Scenario) -> SafeSet:
+    """The corner constraints of scenario `s`; InfeasibleError if background alone breaks a limit."""
+    model = LinDistFlow(s.feeder)
+    c_bus = np.array([c.bus for c in s.communities])
+    q_min, q_max = _reactive_ranges(s)
+    upper = _corner(s, model, c_bus, q_max, upper=True)
+    lower = _corner(s, model, c_bus, q_min, upper=False)
+    return SafeSet(upper, lower)
+
+
+def flow_limits_kw(s: Scenario) -> FloatArray:
+    """P_lim per branch and interval, (N, T); NaN for unrated branches and the root."""
+    model = LinDistFlow(s.feeder)
+    q_min, q_max = _reactive_ranges(s)
+    c_bus = np.array([c.bus for c in s.communities])
+    q_worst = np.maximum(np.abs(_flow_q(s, model, c_bus, q_min)), np.abs(_flow_q(s, model, c_bus, q_max)))
+    rating = ((1.0 - s.rating_margin) * s.feeder.rating_kva)[:, None]
+    with np.errstate(invalid="ignore"):
+        headroom = rating**2 - q_worst**2
+    short = np.flatnonzero(np.nan_to_num(headroom, nan=1.0).min(axis=1) <= 0)
+    if short.size:
+        label = s.feeder.branch_label(int(short[0]))
+        raise InfeasibleError(f"branch {label}: reactive flow alone exceeds its rating")
+    return np.asarray(np.sqrt(headroom))
+
+
+def _reactive_ranges(s: Scenario) -> tuple[FloatArray, FloatArray]:
+    """(C, T) arrays of each community's lowest and highest reactive injection."""
+    ranges = [c.reactive_range_kvar() for c in s.communities]
+    return np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
+
+
+def _on_buses(s: Scenario, c_bus: np.ndarray, per_community: FloatArray) -> FloatArray:
+    out = np.zeros((s.feeder.n_bus, per_community.shape[1]))
+    out[c_bus] = per_community
+    return out
+
+
+def _flow_q(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray) -> FloatArray:
+    return np.asarray(-(model.subtree @ (_on_buses(s, c_bus, q_c) - s.background_kvar)))
+
+
+def _corner(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool) -> Corner:
+    v_rows = _voltage_rows(s, model, c_bus, q_c, upper)
+    f_rows = _flow_rows(s, model, c_bus, upper)
+    g = np.vstack([v_rows[0], f_rows[0]])
+    h = np.vstack([v_rows[1], f_rows[1]])
+    kinds = ("vmax" if upper else "vmin",) * len(v_rows[2]) + ("reverse" if upper else "forward",) * len(f_rows[2])
+    return _normalised(g, h, kinds, v_rows[2] + f_rows[2], upper, s)
+
+
+def _voltage_rows(
+    s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool
+) -> tuple[FloatArray, FloatArray, tuple[int, ...]]:
+    """(2/S) R[:, b] x  (<= or >=)  v_lim^2 - w0 - (2/S)(-R p_bg + X q_net)."""
+    sb = s.feeder.s_base_kw
+    limit = (s.vmax_pu - s.vmax_margin_pu) ** 2 if upper else (s.vmin_pu + s.vmin_margin_pu) ** 2
+    q_net = _on_buses(s, c_bus, q_c) - s.background_kvar
+    rest = s.v0_pu**2 + 2.0 * (-model.r_matrix @ s.background_kw + model.x_matrix @ q_net) / sb
+    buses = tuple(int(j) for j in range(s.feeder.n_bus) if j != s.feeder.root)
+    g = 2.0 * model.r_matrix[np.ix_(buses, c_bus)] / sb
+    return g, (limit - rest)[list(buses)], buses
+
+
+def _flow_rows(
+    s: Scenario, model: LinDistFlow, c_bus: np.ndarray, upper: bool
+) -> tuple[FloatArray, FloatArray, tuple[int, ...]]:
+    """Upper: sum_{c below k} UP_c <= P_lim + P_bg,k.  Lower: sum LO_c >= P_bg,k - P_lim."""
+    p_lim = flow_limits_kw(s)
+    rated = tuple(int(k) for k in s.feeder.branches if np.isfinite(s.feeder.rating_kva[k]))
+    below = model.subtree.toarray()[np.ix_(rated, c_bus)]
+    bg_flow = (model.subtree @ s.background_kw)[list(rated)]
+    h = p_lim[list(rated)] + bg_flow if upper else bg_flow - p_lim[list(rated)]
+    return below, h, rated
+
+
+def _normalised(
+    g: FloatArray, h: FloatArray, kinds: tuple[RowKind, ...], elements: tuple[int, ...], upper: bool, s: Scenario
+) -> Corner:
+    scale = g.max(axis=1)
+    empty = scale <= 0
+    _check_constant_rows(h[empty], np.array(kinds)[empty], np.array(elements)[empty], upper, s)
+    keep = ~empty
+    return Corner(
+        g=g[keep] / scale[keep, None], h=h[keep] / scale[keep, None],
+        kind=tuple(np.array(kinds)[keep].tolist()), element=tuple(int(e) for e in np.array(elements)[keep]),
+    )
+
+
+def _check_constant_rows(h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: Scenario) -> None:
+    """Rows no community can affect must hold on background load alone."""
+    bad = (h < 0).any(axis=1) if upper else (h > 0).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = f"bus {int(s.feeder.bus_ids[elements[i]])}" if kinds[i].startswith("v") \
+            else f"branch {s.feeder.branch_label(int(elements[i]))}"
+        raise InfeasibleError(f"{kinds[i]} limit at {where} is violated by background load alone")

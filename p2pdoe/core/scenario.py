@@ -1,0 +1,255 @@
+"""A resolved scenario: the feeder, the horizon, prices and every community as numpy arrays.
+
+`build_scenario` turns a validated `ScenarioSpec` plus its resolved feeder and CSV columns into
+frozen dataclasses. Shapes: T intervals, N buses, C communities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+from p2pdoe.core import profiles
+from p2pdoe.core.network import Feeder, FloatArray, electrical_distance_ohm
+from p2pdoe.core.powerflow import run_power_flow
+from p2pdoe.core.schemas import scenario as spec
+from p2pdoe.errors import FeederError, ScenarioError
+
+
+@dataclass(frozen=True)
+class Battery:
+    energy_kwh: float
+    power_kw: float
+    soc_init_kwh: float
+    soc_min_kwh: float
+    soc_max_kwh: float
+    eta_charge: float
+    eta_discharge: float
+    wear_eur_per_kwh: float
+
+
+@dataclass(frozen=True)
+class FlexibleLoad:
+    energy_kwh: float
+    min_kw: float
+    max_kw: float
+    preferred_kw: FloatArray  # (T,)
+    discomfort_eur_per_kw2h: float
+
+
+@dataclass(frozen=True)
+class CommunityData:
+    """Private data of one community (only its own edge agent holds it)."""
+
+    id: str
+    bus: int  # array index into the feeder
+    pv_kw: FloatArray  # (T,) forecast
+    wind_kw: FloatArray  # (T,) forecast
+    fixed_load_kw: FloatArray  # (T,)
+    flex: FlexibleLoad
+    battery: Battery
+    tan_phi: float
+    envelope_value_eur_per_kwh: float
+    envelope_curvature_eur_per_kw2h: float
+
+    @property
+    def horizon(self) -> int:
+        return int(self.fixed_load_kw.shape[0])
+
+    def technical_range_kw(self) -> tuple[FloatArray, FloatArray]:
+        """(X_min, X_max) per interval: the net injection the assets can physically reach."""
+        low = -(self.fixed_load_kw + self.flex.max_kw + self.battery.power_kw)
+        high = self.pv_kw + self.wind_kw + self.battery.power_kw - self.fixed_load_kw - self.flex.min_kw
+        return low, high
+
+    def reactive_range_kvar(self) -> tuple[FloatArray, FloatArray]:
+        """(q_min, q_max) per interval of the reactive injection q = -tan(phi) (fixed + flexible load)."""
+        q_min = -self.tan_phi * (self.fixed_load_kw + self.flex.max_kw)
+        q_max = -self.tan_phi * (self.fixed_load_kw + self.flex.min_kw)
+        return q_min, q_max
+
+
+@dataclass(frozen=True)
+class MarketData:
+    trade_limit_kw: float
+    fee_eur_per_kwh: FloatArray  # (C, C), symmetric, zero diagonal
+    trade_quadratic_eur_per_kw2h: float
+    regularization_eur_per_kw2h: float
+    envelope_proximal_eur_per_kw2h: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    feeder: Feeder
+    v0_pu: float
+    vmin_pu: float
+    vmax_pu: float
+    vmin_margin_pu: float
+    vmax_margin_pu: float
+    rating_margin: float
+    dt_h: float
+    start: datetime
+    background_kw: FloatArray  # (N, T) consumption
+    background_kvar: FloatArray  # (N, T) consumption
+    price_import: FloatArray  # (T,) EUR/kWh
+    price_export: FloatArray  # (T,) EUR/kWh
+    communities: tuple[CommunityData, ...]
+    market: MarketData
+
+    @property
+    def horizon(self) -> int:
+        return int(self.price_import.shape[0])
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.communities]
+
+
+def build_scenario(s: spec.ScenarioSpec, feeder: Feeder, columns: Mapping[tuple[str, str], FloatArray]) -> Scenario:
+    """Resolve a spec against its feeder; `columns` maps (csv path, column) to values."""
+    start = _parse_start(s.horizon.start)
+    hours = profiles.interval_hours(start.hour + start.minute / 60.0, s.horizon.intervals, s.horizon.dt_h)
+    shape = _ProfileResolver(hours, s.horizon.intervals, columns)
+    fs = s.feeder
+    rated = feeder.with_ratings(_ratings(feeder, fs.line_ratings, fs.v0_pu))
+    bg = shape(fs.background_load.profile) * fs.background_load.peak_factor
+    communities = tuple(_community(c, rated, shape, s.horizon.dt_h) for c in s.communities)
+    _check_buses(communities, rated)
+    return Scenario(
+        name=s.name, feeder=rated, v0_pu=fs.v0_pu, vmin_pu=fs.vmin_pu, vmax_pu=fs.vmax_pu,
+        vmin_margin_pu=fs.voltage_margin.lower_pu, vmax_margin_pu=fs.voltage_margin.upper_pu,
+        rating_margin=fs.rating_margin, dt_h=s.horizon.dt_h, start=start,
+        background_kw=np.outer(rated.load_kw, bg), background_kvar=np.outer(rated.load_kvar, bg),
+        price_import=_tou(s.prices.import_eur_per_kwh, hours),
+        price_export=_tou(s.prices.export_eur_per_kwh, hours),
+        communities=communities, market=_market(s.market, communities, rated),
+    )
+
+
+class _ProfileResolver:
+    def __init__(self, hours: FloatArray, intervals: int, columns: Mapping[tuple[str, str], FloatArray]):
+        self.hours, self.intervals, self.columns = hours, intervals, columns
+
+    def __call__(self, p: spec.Profile) -> FloatArray:
+        if isinstance(p, spec.PvProfile):
+            return profiles.pv_shape(self.hours, p.sunrise_h, p.sunset_h, p.cloudiness, p.seed)
+        if isinstance(p, spec.WindProfile):
+            return profiles.wind_shape(self.hours, p.mean_speed_m_s, p.seed)
+        if isinstance(p, spec.LoadProfile):
+            return profiles.load_shape(p.shape, self.hours, p.noise, p.seed)
+        values = np.asarray(p.values, dtype=float) if isinstance(p, spec.ValuesProfile) else self._csv(p)
+        try:
+            return profiles.resample(values, self.intervals)
+        except ValueError as exc:
+            raise ScenarioError(str(exc)) from exc
+
+    def _csv(self, p: spec.CsvProfile) -> FloatArray:
+        key = (p.path, p.column)
+        if key not in self.columns:
+            raise ScenarioError(f"profile column {p.column!r} of {p.path} was not loaded")
+        return self.columns[key]
+
+
+def _community(c: spec.Community, feeder: Feeder, shape: _ProfileResolver, dt_h: float) -> CommunityData:
+    t = shape.intervals
+    zero = np.zeros(t)
+    try:
+        bus = feeder.index_of(c.bus)
+    except FeederError as exc:
+        raise ScenarioError(f"community {c.id!r} sits on bus {c.bus}, which feeder {feeder.name!r} "
+                            f"does not have (buses {feeder.bus_id_range})") from exc
+    if bus == feeder.root:
+        raise ScenarioError(f"community {c.id!r} sits on the slack bus {c.bus}")
+    flex = c.flexible_load or spec.FlexibleLoad(energy_kwh=0.0, max_kw=0.0)
+    bat = c.battery or spec.Battery(energy_kwh=0.0, power_kw=0.0)
+    return CommunityData(
+        id=c.id, bus=bus,
+        pv_kw=c.pv.rated_kw * shape(c.pv.profile) if c.pv else zero,
+        wind_kw=c.wind.rated_kw * shape(c.wind.profile) if c.wind else zero,
+        fixed_load_kw=c.fixed_load.rated_kw * shape(c.fixed_load.profile),
+        flex=_flex(c.id, flex, shape, dt_h),
+        battery=Battery(
+            energy_kwh=bat.energy_kwh, power_kw=bat.power_kw, soc_init_kwh=bat.soc_init * bat.energy_kwh,
+            soc_min_kwh=bat.soc_min * bat.energy_kwh, soc_max_kwh=bat.soc_max * bat.energy_kwh,
+            eta_charge=bat.eta_charge, eta_discharge=bat.eta_discharge, wear_eur_per_kwh=bat.wear_eur_per_kwh,
+        ),
+        tan_phi=float(np.tan(np.arccos(c.power_factor))),
+        envelope_value_eur_per_kwh=c.envelope.value_eur_per_kwh,
+        envelope_curvature_eur_per_kw2h=c.envelope.curvature_eur_per_kw2h,
+    )
+
+
+def _flex(cid: str, f: spec.FlexibleLoad, shape: _ProfileResolver, dt_h: float) -> FlexibleLoad:
+    t = shape.intervals
+    if not f.min_kw * t * dt_h <= f.energy_kwh <= f.max_kw * t * dt_h:
+        raise ScenarioError(
+            f"community {cid!r}: flexible energy {f.energy_kwh:g} kWh cannot be served between "
+            f"{f.min_kw:g} and {f.max_kw:g} kW over {t * dt_h:g} h"
+        )
+    pref = shape(f.preferred)
+    total = float(pref.sum()) * dt_h
+    preferred = pref / total * f.energy_kwh if total > 0 else np.full(t, f.energy_kwh / (t * dt_h))
+    return FlexibleLoad(
+        energy_kwh=f.energy_kwh, min_kw=f.min_kw, max_kw=f.max_kw,
+        preferred_kw=preferred, discomfort_eur_per_kw2h=f.discomfort_eur_per_kw2h,
+    )
+
+
+def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feeder) -> MarketData:
+    c = len(communities)
+    fee = np.zeros((c, c))
+    for i in range(c):
+        for j in range(i + 1, c):
+            dist = electrical_distance_ohm(feeder, communities[i].bus, communities[j].bus)
+            fee[i, j] = fee[j, i] = m.fee_base_eur_per_kwh + m.fee_eur_per_kwh_per_ohm * dist
+    return MarketData(
+        trade_limit_kw=m.trade_limit_kw, fee_eur_per_kwh=fee,
+        trade_quadratic_eur_per_kw2h=m.trade_quadratic_eur_per_kw2h,
+        regularization_eur_per_kw2h=m.regularization_eur_per_kw2h,
+        envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
+    )
+
+
+def _ratings(feeder: Feeder, r: spec.LineRatings, v0_pu: float) -> FloatArray:
+    if r.rule == "nominal_plus":
+        flow = run_power_flow(feeder, -feeder.load_kw, -feeder.load_kvar, v0_pu=v0_pu)
+        rating = flow.branch_s_kva + r.margin_kva
+        rating[feeder.root] = np.nan
+    else:
+        rating = feeder.rating_kva.copy()
+    labels = {feeder.branch_label(k): k for k in feeder.branches}
+    for label, kva in r.per_branch_kva.items():
+        if label not in labels:
+            raise ScenarioError(f"line rating given for branch {label!r}, which the feeder does not have")
+        rating[labels[label]] = kva
+    return np.asarray(rating)
+
+
+def _tou(t: spec.TimeOfUse, hours: FloatArray) -> FloatArray:
+    price = np.full(hours.shape, t.base_eur_per_kwh)
+    for lo, hi, value in t.windows:
+        inside = (hours >= lo) & (hours < hi) if lo <= hi else (hours >= lo) | (hours < hi)
+        price[inside] = value
+    return price
+
+
+def _check_buses(communities: tuple[CommunityData, ...], feeder: Feeder) -> None:
+    seen: dict[int, str] = {}
+    for c in communities:
+        if c.bus in seen:
+            raise ScenarioError(f"communities {seen[c.bus]!r} and {c.id!r} share bus {int(feeder.bus_ids[c.bus])}")
+        seen[c.bus] = c.id
+
+
+def _parse_start(text: str) -> datetime:
+    try:
+        start = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ScenarioError(f"horizon.start {text!r} is not an ISO 8601 time") from exc
+    if start.tzinfo is None:
+        raise ScenarioError(f"horizon.start {text!r} has no time zone (use Z for UTC)")
+    return start
