@@ -1,0 +1,97 @@
+"""The jobs behind `p2pdoe solve` and `p2pdoe compare`, with progress on the console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from p2pdoe.analysis.results import build_results
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.solution import Policy
+from p2pdoe.io.results import write_results
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.report.table import comparison_rows, p2p_gain_pct, to_markdown
+
+console = Console(stderr=False, highlight=False)
+
+
+def run_policy(s: Scenario, policy: Policy) -> Results:
+    from p2pdoe.reference.centralized import solve_centralized
+
+    return build_results(s, solve_centralized(s, policy), "centralized")
+
+
+def solve_one(scenario: str, overrides: dict[str, Any], envelope: str, out: Path) -> Results:
+    s = load_scenario(scenario, overrides)
+    with _progress() as progress:
+        progress.add_task(f"solving {s.name} ({envelope} envelopes, {s.horizon} intervals)", total=None)
+        results = run_policy(s, Policy(envelope))
+    path = write_results(results, out)
+    t = results.totals
+    console.print(f"{envelope}: objective {results.objective_eur:.2f} EUR, P2P {t.p2p_traded_kwh:.0f} kWh, "
+                  f"curtailed {t.curtailed_kwh:.0f} kWh, cost {t.cost_eur:.2f} EUR "
+                  f"({results.solver.wall_time_s:.2f} s)")
+    console.print(f"wrote {path}")
+    return results
+
+
+def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True) -> dict[str, Results]:
+    s = load_scenario(scenario, overrides)
+    console.print(f"[bold]{s.name}[/]: {len(s.communities)} communities on {s.feeder.name}, "
+                  f"{s.horizon} x {s.dt_h:g} h")
+    results: dict[str, Results] = {}
+    with _progress() as progress:
+        task = progress.add_task("solving", total=len(Policy) + (1 if plots else 0))
+        for policy in (Policy.NONE, Policy.STATIC, Policy.DYNAMIC):
+            progress.update(task, description=f"solving with {policy.value} envelopes")
+            results[policy.value] = run_policy(s, policy)
+            write_results(results[policy.value], out / policy.value)
+            progress.advance(task)
+        figures: list[Path] = []
+        if plots:
+            progress.update(task, description="drawing plots")
+            from p2pdoe.report.plots import write_plots
+
+            figures = write_plots(results, out)
+            progress.advance(task)
+    _write_summary(results, out)
+    _print_summary(results, out, figures)
+    return results
+
+
+def _write_summary(results: dict[str, Results], out: Path) -> None:
+    (out / "comparison.md").write_text(to_markdown(results), encoding="utf-8")
+    names, rows = comparison_rows(results)
+    table = {row.label: dict(zip(names, row.values, strict=True)) for row in rows}
+    (out / "comparison.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
+
+
+def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) -> None:
+    names, rows = comparison_rows(results)
+    table = Table(title="Envelope policies compared (centralized optimum)")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(row.label, *row.values)
+    console.print(table)
+    gain = p2p_gain_pct(results)
+    dyn = results["dynamic"].ac_check
+    safe = all(st.voltage_violations == 0 and st.thermal_violations == 0
+               for st in (dyn.schedule, dyn.upper_corner, dyn.lower_corner))
+    console.print(f"Dynamic envelopes trade {gain:+.1f} % P2P energy against static ones; "
+                  f"AC check of dynamic schedule and both corners: {'all limits hold' if safe else 'VIOLATIONS'}.")
+    console.print(f"results: {out}/{{none,static,dynamic}}/results.json, {out}/comparison.md")
+    for path in figures:
+        console.print(f"plot: {path}")
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    console=console, transient=True)

@@ -1,0 +1,114 @@
+"""The `p2pdoe` command line: powerflow, solve, compare.
+
+Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pdoe.errors import P2PDoeError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pdoe", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _powerflow_parser(sub)
+    _solve_parser(sub)
+    _compare_parser(sub)
+    return parser
+
+
+def _powerflow_parser(sub: Any) -> None:
+    p = sub.add_parser("powerflow", help="AC power flow (backward/forward sweep) of a feeder at its nominal load")
+    p.add_argument("--feeder", default="ieee33", help="a named feeder (ieee33) or a MATPOWER .m file")
+    p.add_argument("--v0-pu", type=float, default=1.0, help="substation voltage (p.u.)")
+    p.add_argument("--load-scale", type=float, default=1.0, help="factor on every bus load")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_powerflow)
+
+
+def _scenario_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", default="default", help="a named scenario (default) or a scenario file")
+    p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
+    p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
+    p.add_argument("--mode", choices=["centralized"], default="centralized",
+                   help="how the problem is solved (centralized: one cvxpy problem)")
+
+
+def _solve_parser(sub: Any) -> None:
+    p = sub.add_parser("solve", help="solve a scenario under one envelope policy and write results.json")
+    _scenario_args(p)
+    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--out", type=Path, required=True, help="output folder for results.json")
+    p.set_defaults(run=_run_solve)
+
+
+def _compare_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="solve none / static / dynamic, print the table, write results and plots")
+    _scenario_args(p)
+    p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_powerflow(args: argparse.Namespace) -> int:
+    from p2pdoe.cli.powerflow import powerflow_report
+
+    report = powerflow_report(args.feeder, args.v0_pu, args.load_scale)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        from p2pdoe.cli.powerflow import print_powerflow
+
+        print_powerflow(report)
+    return 0 if report["converged"] else 1
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    horizon: dict[str, Any] = {}
+    if args.intervals is not None:
+        horizon["intervals"] = args.intervals
+    if args.dt_h is not None:
+        horizon["dt_h"] = args.dt_h
+    return {"horizon": horizon} if horizon else {}
+
+
+def _run_solve(args: argparse.Namespace) -> int:
+    from p2pdoe.cli.jobs import solve_one
+
+    solve_one(args.scenario, _overrides(args), args.envelope, args.out)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from p2pdoe.cli.jobs import compare
+
+    compare(args.scenario, _overrides(args), args.out, plots=not args.no_plots)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except P2PDoeError as exc:
+        print(f"p2pdoe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        print(f"p2pdoe: error: {exc.name} is not installed; install the extra that provides it, "
+              "e.g. pip install 'p2pdoe[all]'", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""results.json, schema version 1 (docs/results.md describes every field).
+
+Conventions: powers in kW (injections export-positive), energies in kWh, money in EUR, prices in
+EUR/kWh; time series are lists over intervals; `bus` numbers are the feeder's own (1-based for
+IEEE 33-bus); matrices are [interval][bus] with bus 1 first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+RESULTS_SCHEMA_VERSION = 1
+
+Series = list[float]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FeederInfo(Model):
+    name: str
+    v0_pu: float
+    vmin_pu: float
+    vmax_pu: float
+    vmin_margin_pu: float
+    vmax_margin_pu: float
+    bus_ids: list[int]
+    branches: list[str]
+    rating_kva: list[float | None]
+
+
+class CostBreakdown(Model):
+    grid_import_eur: float
+    grid_export_eur: float  # revenue counted negative
+    p2p_net_eur: float  # payments to peers minus receipts from peers
+    network_fees_eur: float
+    discomfort_eur: float
+    battery_wear_eur: float
+
+
+class CommunityResult(Model):
+    id: str
+    bus: int
+    net_injection_kw: Series
+    q_kvar: Series
+    envelope_lo_kw: Series
+    envelope_up_kw: Series
+    cost_eur: float
+    cost_breakdown: CostBreakdown
+    envelope_value_eur: float
+    p2p_bought_kwh: float
+    p2p_sold_kwh: float
+    curtailed_kwh: float
+    grid_import_kw: Series
+    grid_export_kw: Series
+    pv_kw: Series
+    wind_kw: Series
+    flexible_load_kw: Series
+    battery_charge_kw: Series
+    battery_discharge_kw: Series
+    soc_kwh: Series
+
+
+class Trade(Model):
+    seller: str
+    buyer: str
+    interval: int
+    kw: float
+    price_eur_per_kwh: float
+
+
+class DlmpResult(Model):
+    """Prices of envelope capacity at a community's bus (>= 0): voltage plus congestion parts."""
+
+    id: str
+    export_eur_per_kwh: Series
+    export_voltage_eur_per_kwh: Series
+    export_congestion_eur_per_kwh: Series
+    import_eur_per_kwh: Series
+    import_voltage_eur_per_kwh: Series
+    import_congestion_eur_per_kwh: Series
+
+
+class Totals(Model):
+    p2p_traded_kwh: float
+    curtailed_kwh: float
+    cost_eur: float
+    gross_energy_eur: float
+    grid_import_kwh: float
+    grid_export_kwh: float
+    mean_envelope_width_kw: float
+
+
+class NetworkState(Model):
+    """Extremes of one operating point over the horizon; intervals 0-based, buses by number."""
+
+    converged: bool
+    vmin_pu: float
+    vmin_bus: int
+    vmin_interval: int
+    vmax_pu: float
+    vmax_bus: int
+    vmax_interval: int
+    max_loading_pct: float
+    max_loading_branch: str
+    max_loading_interval: int
+    voltage_violations: int  # (bus, interval) pairs outside [vmin, vmax]
+    thermal_violations: int  # (branch, interval) pairs above 100 % of rating
+    losses_kwh: float
+    voltage_pu: list[Series]  # [interval][bus]
+    loading_pct: list[Series]  # [interval][branch], branches as in feeder.branches
+
+
+class NetworkCheck(Model):
+    schedule: NetworkState
+    upper_corner: NetworkState
+    lower_corner: NetworkState
+
+
+class SolverResult(Model):
+    name: str
+    status: str
+    iterations: int
+    converged: bool
+    wall_time_s: float
+
+
+class Results(Model):
+    schema_version: Literal[1] = 1
+    kind: Literal["results"] = "results"
+    scenario: str
+    mode: Literal["centralized", "admm"]
+    envelope: Literal["dynamic", "static", "none"]
+    feeder: FeederInfo
+    start: str
+    dt_h: float
+    intervals: int
+    objective_eur: float
+    bus_load_kw: list[Series]
+    bus_load_kvar: list[Series]
+    communities: list[CommunityResult]
+    trades: list[Trade]
+    dlmp: list[DlmpResult]
+    totals: Totals
+    ac_check: NetworkCheck
+    lindistflow_check: NetworkCheck
+    solver: SolverResult

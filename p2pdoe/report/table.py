@@ -1,0 +1,95 @@
+"""The none / static / dynamic comparison as rows of numbers, rendered as Markdown or a rich table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.schemas.results import Results
+
+POLICY_ORDER = ("none", "static", "dynamic", "admm")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    values: list[str]
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+Metric = tuple[str, Callable[[Results], str]]
+
+
+def _num(label: str, get: Callable[[Results], float], digits: int = 1) -> Metric:
+    return label, lambda r: _fmt(get(r), digits)
+
+
+def _dlmp_max(r: Results, attr: str) -> float:
+    values = [max(getattr(d, attr)) for d in r.dlmp]
+    return float(max(values)) if values else 0.0
+
+
+def _schedule_violations(r: Results) -> str:
+    s = r.ac_check.schedule
+    return f"{s.voltage_violations} / {s.thermal_violations}"
+
+
+def _corner_violations(r: Results) -> str:
+    a = r.ac_check
+    volts = a.upper_corner.voltage_violations + a.lower_corner.voltage_violations
+    thermal = a.upper_corner.thermal_violations + a.lower_corner.thermal_violations
+    return f"{volts} / {thermal}"
+
+
+METRICS: list[Metric] = [
+    _num("P2P energy traded (kWh)", lambda r: r.totals.p2p_traded_kwh, 0),
+    _num("Total cost (EUR)", lambda r: r.totals.cost_eur, 2),
+    _num("RES curtailed (kWh)", lambda r: r.totals.curtailed_kwh, 0),
+    _num("Grid import (kWh)", lambda r: r.totals.grid_import_kwh, 0),
+    _num("Grid export (kWh)", lambda r: r.totals.grid_export_kwh, 0),
+    _num("Mean envelope width (kW)", lambda r: r.totals.mean_envelope_width_kw, 0),
+    _num("Min voltage, LinDistFlow (p.u.)", lambda r: r.lindistflow_check.schedule.vmin_pu, 4),
+    _num("Min voltage, AC (p.u.)", lambda r: r.ac_check.schedule.vmin_pu, 4),
+    _num("Max voltage, LinDistFlow (p.u.)", lambda r: r.lindistflow_check.schedule.vmax_pu, 4),
+    _num("Max voltage, AC (p.u.)", lambda r: r.ac_check.schedule.vmax_pu, 4),
+    _num("Max branch loading, LinDistFlow (%)", lambda r: r.lindistflow_check.schedule.max_loading_pct, 1),
+    _num("Max branch loading, AC (%)", lambda r: r.ac_check.schedule.max_loading_pct, 1),
+    ("AC violations at schedule (V / thermal)", _schedule_violations),
+    ("AC violations at envelope corners (V / thermal)", _corner_violations),
+    _num("Min voltage at lower corner, AC (p.u.)", lambda r: r.ac_check.lower_corner.vmin_pu, 4),
+    _num("Max voltage at upper corner, AC (p.u.)", lambda r: r.ac_check.upper_corner.vmax_pu, 4),
+    _num("Max export DLMP (EUR/kWh)", lambda r: _dlmp_max(r, "export_eur_per_kwh"), 3),
+    _num("Max import DLMP (EUR/kWh)", lambda r: _dlmp_max(r, "import_eur_per_kwh"), 3),
+    _num("Solve time (s)", lambda r: r.solver.wall_time_s, 2),
+]
+
+
+def comparison_rows(results: Mapping[str, Results]) -> tuple[list[str], list[Row]]:
+    """Column headers and rows; per-community costs follow the totals."""
+    names = [n for n in POLICY_ORDER if n in results] + [n for n in results if n not in POLICY_ORDER]
+    cells: dict[str, list[str]] = {}
+    for name in names:
+        r = results[name]
+        for label, get in METRICS:
+            cells.setdefault(label, []).append(get(r))
+        for c in r.communities:
+            cells.setdefault(f"Cost {c.id} (EUR)", []).append(_fmt(c.cost_eur, 2))
+    return names, [Row(label, values) for label, values in cells.items()]
+
+
+def to_markdown(results: Mapping[str, Results]) -> str:
+    names, rows = comparison_rows(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def p2p_gain_pct(results: Mapping[str, Results]) -> float:
+    """How much more P2P energy dynamic envelopes trade than static ones, in percent."""
+    static = results["static"].totals.p2p_traded_kwh
+    return float(100.0 * (results["dynamic"].totals.p2p_traded_kwh / static - 1.0)) if static > 0 else float(np.inf)
