@@ -44,7 +44,9 @@ def lindistflow_state(s: Scenario, x_kw: FloatArray, q_kvar: FloatArray) -> Netw
     return _state(s, True, v, loading, 0.0)
 
 
-def _state(s: Scenario, converged: bool, v: FloatArray, loading: FloatArray, losses_kwh: float) -> NetworkState:
+def _state(
+    s: Scenario, converged: bool, v: FloatArray, loading: FloatArray, losses_kwh: float
+) -> NetworkState:
     ids = s.feeder.bus_ids
     jmin, tmin = np.unravel_index(int(np.argmin(v)), v.shape)
     jmax, tmax = np.unravel_index(int(np.argmax(v)), v.shape)
@@ -54,8 +56,12 @@ def _state(s: Scenario, converged: bool, v: FloatArray, loading: FloatArray, los
     high = v > s.vmax_pu + VOLTAGE_TOL_PU
     return NetworkState(
         converged=converged,
-        vmin_pu=float(v[jmin, tmin]), vmin_bus=int(ids[jmin]), vmin_interval=int(tmin),
-        vmax_pu=float(v[jmax, tmax]), vmax_bus=int(ids[jmax]), vmax_interval=int(tmax),
+        vmin_pu=float(v[jmin, tmin]),
+        vmin_bus=int(ids[jmin]),
+        vmin_interval=int(tmin),
+        vmax_pu=float(v[jmax, tmax]),
+        vmax_bus=int(ids[jmax]),
+        vmax_interval=int(tmax),
         max_loading_pct=float(100.0 * load[kl, tl]),
         max_loading_branch=s.feeder.branch_label(int(kl)) if kl != s.feeder.root else "-",
         max_loading_interval=int(tl),

@@ -42,17 +42,28 @@ def build_results(s: Scenario, sol: Solution, mode: Literal["centralized", "admm
     communities = [_community(s, i, sol) for i in range(len(s.communities))]
     trades = _trades(s, sol)
     return r.Results(
-        scenario=s.name, mode=mode, envelope=sol.policy.value,  # type: ignore[arg-type]
-        feeder=_feeder(s), start=s.start.isoformat().replace("+00:00", "Z"), dt_h=s.dt_h, intervals=s.horizon,
+        scenario=s.name,
+        mode=mode,
+        envelope=sol.policy.value,
+        feeder=_feeder(s),
+        start=s.start.isoformat().replace("+00:00", "Z"),
+        dt_h=s.dt_h,
+        intervals=s.horizon,
         objective_eur=sol.objective_eur,
-        bus_load_kw=s.background_kw.T.tolist(), bus_load_kvar=s.background_kvar.T.tolist(),
-        communities=communities, trades=trades, dlmp=_dlmp(s, sol),
+        bus_load_kw=s.background_kw.T.tolist(),
+        bus_load_kvar=s.background_kvar.T.tolist(),
+        communities=communities,
+        trades=trades,
+        dlmp=_dlmp(s, sol),
         totals=_totals(s, communities, trades),
         ac_check=r.NetworkCheck(**{k: ac_state(s, *v) for k, v in points.items()}),
         lindistflow_check=r.NetworkCheck(**{k: lindistflow_state(s, *v) for k, v in points.items()}),
         solver=r.SolverResult(
-            name=sol.solver.name, status=sol.solver.status, iterations=sol.solver.iterations,
-            converged=sol.solver.converged, wall_time_s=sol.solver.wall_time_s,
+            name=sol.solver.name,
+            status=sol.solver.status,
+            iterations=sol.solver.iterations,
+            converged=sol.solver.converged,
+            wall_time_s=sol.solver.wall_time_s,
         ),
     )
 
@@ -60,9 +71,14 @@ def build_results(s: Scenario, sol: Solution, mode: Literal["centralized", "admm
 def _feeder(s: Scenario) -> r.FeederInfo:
     f = s.feeder
     return r.FeederInfo(
-        name=f.name, v0_pu=s.v0_pu, vmin_pu=s.vmin_pu, vmax_pu=s.vmax_pu,
-        vmin_margin_pu=s.vmin_margin_pu, vmax_margin_pu=s.vmax_margin_pu,
-        bus_ids=[int(b) for b in f.bus_ids], branches=[f.branch_label(int(k)) for k in f.branches],
+        name=f.name,
+        v0_pu=s.v0_pu,
+        vmin_pu=s.vmin_pu,
+        vmax_pu=s.vmax_pu,
+        vmin_margin_pu=s.vmin_margin_pu,
+        vmax_margin_pu=s.vmax_margin_pu,
+        bus_ids=[int(b) for b in f.bus_ids],
+        branches=[f.branch_label(int(k)) for k in f.branches],
         rating_kva=[None if np.isnan(f.rating_kva[k]) else float(f.rating_kva[k]) for k in f.branches],
     )
 
@@ -72,13 +88,17 @@ def _costs(s: Scenario, i: int, sol: Solution) -> r.CostBreakdown:
     price = sol.trade_price
     paid = sum(float(price[i, m, :] @ sc.buy[k]) for k, m in enumerate(sc.peers))
     received = sum(float(price[m, i, :] @ sc.sell[k]) for k, m in enumerate(sc.peers))
-    fees = sum(float(0.5 * s.market.fee_eur_per_kwh[i, m] * (sc.buy[k] + sc.sell[k]).sum()) for k, m in enumerate(sc.peers))
+    fees = sum(
+        float(0.5 * s.market.fee_eur_per_kwh[i, m] * (sc.buy[k] + sc.sell[k]).sum())
+        for k, m in enumerate(sc.peers)
+    )
     return r.CostBreakdown(
         grid_import_eur=float(s.price_import @ sc["imp"]) * dt,
         grid_export_eur=-float(s.price_export @ sc["exp"]) * dt,
         p2p_net_eur=(paid - received) * dt,
         network_fees_eur=fees * dt,
-        discomfort_eur=float(c.flex.discomfort_eur_per_kw2h * np.sum((sc["lx"] - c.flex.preferred_kw) ** 2)) * dt,
+        discomfort_eur=float(c.flex.discomfort_eur_per_kw2h * np.sum((sc["lx"] - c.flex.preferred_kw) ** 2))
+        * dt,
         battery_wear_eur=float(c.battery.wear_eur_per_kwh * np.sum(sc["ch"] + sc["dis"])) * dt,
     )
 
@@ -89,16 +109,26 @@ def _community(s: Scenario, i: int, sol: Solution) -> r.CommunityResult:
     width = sc["up"] - sc["lo"]
     value = c.envelope_value_eur_per_kwh * width - 0.5 * c.envelope_curvature_eur_per_kw2h * width**2
     return r.CommunityResult(
-        id=c.id, bus=int(s.feeder.bus_ids[c.bus]),
-        net_injection_kw=net_injection(c, sc).tolist(), q_kvar=reactive_injection(c, sc).tolist(),
-        envelope_lo_kw=sc["lo"].tolist(), envelope_up_kw=sc["up"].tolist(),
-        cost_eur=float(sum(costs.model_dump().values())), cost_breakdown=costs,
+        id=c.id,
+        bus=int(s.feeder.bus_ids[c.bus]),
+        net_injection_kw=net_injection(c, sc).tolist(),
+        q_kvar=reactive_injection(c, sc).tolist(),
+        envelope_lo_kw=sc["lo"].tolist(),
+        envelope_up_kw=sc["up"].tolist(),
+        cost_eur=float(sum(costs.model_dump().values())),
+        cost_breakdown=costs,
         envelope_value_eur=float(value.sum() * dt),
-        p2p_bought_kwh=float(sc.buy.sum() * dt), p2p_sold_kwh=float(sc.sell.sum() * dt),
+        p2p_bought_kwh=float(sc.buy.sum() * dt),
+        p2p_sold_kwh=float(sc.sell.sum() * dt),
         curtailed_kwh=float((c.pv_kw + c.wind_kw - sc["pv"] - sc["wd"]).sum() * dt),
-        grid_import_kw=sc["imp"].tolist(), grid_export_kw=sc["exp"].tolist(),
-        pv_kw=sc["pv"].tolist(), wind_kw=sc["wd"].tolist(), flexible_load_kw=sc["lx"].tolist(),
-        battery_charge_kw=sc["ch"].tolist(), battery_discharge_kw=sc["dis"].tolist(), soc_kwh=sc["soc"].tolist(),
+        grid_import_kw=sc["imp"].tolist(),
+        grid_export_kw=sc["exp"].tolist(),
+        pv_kw=sc["pv"].tolist(),
+        wind_kw=sc["wd"].tolist(),
+        flexible_load_kw=sc["lx"].tolist(),
+        battery_charge_kw=sc["ch"].tolist(),
+        battery_discharge_kw=sc["dis"].tolist(),
+        soc_kwh=sc["soc"].tolist(),
     )
 
 
@@ -107,10 +137,15 @@ def _trades(s: Scenario, sol: Solution) -> list[r.Trade]:
     for buyer, sc in enumerate(sol.schedules):
         for k, seller in enumerate(sc.peers):
             for t in np.flatnonzero(sc.buy[k] > TRADE_EPS_KW):
-                out.append(r.Trade(
-                    seller=s.communities[seller].id, buyer=s.communities[buyer].id, interval=int(t),
-                    kw=float(sc.buy[k, t]), price_eur_per_kwh=float(sol.trade_price[buyer, seller, t]),
-                ))
+                out.append(
+                    r.Trade(
+                        seller=s.communities[seller].id,
+                        buyer=s.communities[buyer].id,
+                        interval=int(t),
+                        kw=float(sc.buy[k, t]),
+                        price_eur_per_kwh=float(sol.trade_price[buyer, seller, t]),
+                    )
+                )
     return out
 
 
@@ -119,9 +154,11 @@ def _dlmp(s: Scenario, sol: Solution) -> list[r.DlmpResult]:
     return [
         r.DlmpResult(
             id=c.id,
-            export_eur_per_kwh=d.export_total[i].tolist(), export_voltage_eur_per_kwh=d.export_voltage[i].tolist(),
+            export_eur_per_kwh=d.export_total[i].tolist(),
+            export_voltage_eur_per_kwh=d.export_voltage[i].tolist(),
             export_congestion_eur_per_kwh=d.export_congestion[i].tolist(),
-            import_eur_per_kwh=d.import_total[i].tolist(), import_voltage_eur_per_kwh=d.import_voltage[i].tolist(),
+            import_eur_per_kwh=d.import_total[i].tolist(),
+            import_voltage_eur_per_kwh=d.import_voltage[i].tolist(),
             import_congestion_eur_per_kwh=d.import_congestion[i].tolist(),
         )
         for i, c in enumerate(s.communities)
@@ -131,7 +168,9 @@ def _dlmp(s: Scenario, sol: Solution) -> list[r.DlmpResult]:
 def _totals(s: Scenario, communities: list[r.CommunityResult], trades: list[r.Trade]) -> r.Totals:
     dt = s.dt_h
     p2p_payments = sum(t.kw * abs(t.price_eur_per_kwh) for t in trades) * dt
-    gross = sum(abs(c.cost_breakdown.grid_import_eur) + abs(c.cost_breakdown.grid_export_eur) for c in communities)
+    gross = sum(
+        abs(c.cost_breakdown.grid_import_eur) + abs(c.cost_breakdown.grid_export_eur) for c in communities
+    )
     widths = [np.mean(np.subtract(c.envelope_up_kw, c.envelope_lo_kw)) for c in communities]
     return r.Totals(
         p2p_traded_kwh=sum(c.p2p_bought_kwh for c in communities),

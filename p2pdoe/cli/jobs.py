@@ -34,17 +34,20 @@ def solve_one(scenario: str, overrides: dict[str, Any], envelope: str, out: Path
         results = run_policy(s, Policy(envelope))
     path = write_results(results, out)
     t = results.totals
-    console.print(f"{envelope}: objective {results.objective_eur:.2f} EUR, P2P {t.p2p_traded_kwh:.0f} kWh, "
-                  f"curtailed {t.curtailed_kwh:.0f} kWh, cost {t.cost_eur:.2f} EUR "
-                  f"({results.solver.wall_time_s:.2f} s)")
+    console.print(
+        f"{envelope}: objective {results.objective_eur:.2f} EUR, P2P {t.p2p_traded_kwh:.0f} kWh, "
+        f"curtailed {t.curtailed_kwh:.0f} kWh, cost {t.cost_eur:.2f} EUR "
+        f"({results.solver.wall_time_s:.2f} s)"
+    )
     console.print(f"wrote {path}")
     return results
 
 
 def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True) -> dict[str, Results]:
     s = load_scenario(scenario, overrides)
-    console.print(f"[bold]{s.name}[/]: {len(s.communities)} communities on {s.feeder.name}, "
-                  f"{s.horizon} x {s.dt_h:g} h")
+    console.print(
+        f"[bold]{s.name}[/]: {len(s.communities)} communities on {s.feeder.name}, {s.horizon} x {s.dt_h:g} h"
+    )
     results: dict[str, Results] = {}
     with _progress() as progress:
         task = progress.add_task("solving", total=len(Policy) + (1 if plots else 0))
@@ -83,15 +86,24 @@ def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) 
     console.print(table)
     gain = p2p_gain_pct(results)
     dyn = results["dynamic"].ac_check
-    safe = all(st.voltage_violations == 0 and st.thermal_violations == 0
-               for st in (dyn.schedule, dyn.upper_corner, dyn.lower_corner))
-    console.print(f"Dynamic envelopes trade {gain:+.1f} % P2P energy against static ones; "
-                  f"AC check of dynamic schedule and both corners: {'all limits hold' if safe else 'VIOLATIONS'}.")
+    safe = all(
+        st.voltage_violations == 0 and st.thermal_violations == 0
+        for st in (dyn.schedule, dyn.upper_corner, dyn.lower_corner)
+    )
+    console.print(
+        f"Dynamic envelopes trade {gain:+.1f} % P2P energy against static ones; "
+        f"AC check of dynamic schedule and both corners: {'all limits hold' if safe else 'VIOLATIONS'}."
+    )
     console.print(f"results: {out}/{{none,static,dynamic}}/results.json, {out}/comparison.md")
     for path in figures:
         console.print(f"plot: {path}")
 
 
 def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                    console=console, transient=True)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )

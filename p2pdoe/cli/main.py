@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _powerflow_parser(sub: Any) -> None:
-    p = sub.add_parser("powerflow", help="AC power flow (backward/forward sweep) of a feeder at its nominal load")
+    p = sub.add_parser(
+        "powerflow", help="AC power flow (backward/forward sweep) of a feeder at its nominal load"
+    )
     p.add_argument("--feeder", default="ieee33", help="a named feeder (ieee33) or a MATPOWER .m file")
     p.add_argument("--v0-pu", type=float, default=1.0, help="substation voltage (p.u.)")
     p.add_argument("--load-scale", type=float, default=1.0, help="factor on every bus load")
@@ -39,8 +41,12 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", default="default", help="a named scenario (default) or a scenario file")
     p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
     p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
-    p.add_argument("--mode", choices=["centralized"], default="centralized",
-                   help="how the problem is solved (centralized: one cvxpy problem)")
+    p.add_argument(
+        "--mode",
+        choices=["centralized"],
+        default="centralized",
+        help="how the problem is solved (centralized: one cvxpy problem)",
+    )
 
 
 def _solve_parser(sub: Any) -> None:
@@ -52,7 +58,9 @@ def _solve_parser(sub: Any) -> None:
 
 
 def _compare_parser(sub: Any) -> None:
-    p = sub.add_parser("compare", help="solve none / static / dynamic, print the table, write results and plots")
+    p = sub.add_parser(
+        "compare", help="solve none / static / dynamic, print the table, write results and plots"
+    )
     _scenario_args(p)
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -103,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"p2pdoe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
-        print(f"p2pdoe: error: {exc.name} is not installed; install the extra that provides it, "
-              "e.g. pip install 'p2pdoe[all]'", file=sys.stderr)
+        print(
+            f"p2pdoe: error: {exc.name} is not installed; install the extra that provides it, "
+            "e.g. pip install 'p2pdoe[all]'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -44,12 +44,18 @@ def powerflow_report(source: str, v0_pu: float, load_scale: float) -> dict[str, 
 
 
 def print_powerflow(report: dict[str, Any]) -> None:
-    print(f"feeder {report['feeder']}: {'converged' if report['converged'] else 'NOT converged'} "
-          f"in {report['iterations']} sweeps")
-    print(f"load {report['load_kw']:.1f} kW / {report['load_kvar']:.1f} kvar, "
-          f"losses {report['losses_kw']:.2f} kW / {report['losses_kvar']:.2f} kvar")
-    print(f"min voltage {report['vmin_pu']:.4f} p.u. at bus {report['vmin_bus']} "
-          f"(LinDistFlow {report['lindistflow_vmin_pu']:.4f} at bus {report['lindistflow_vmin_bus']})")
+    print(
+        f"feeder {report['feeder']}: {'converged' if report['converged'] else 'NOT converged'} "
+        f"in {report['iterations']} sweeps"
+    )
+    print(
+        f"load {report['load_kw']:.1f} kW / {report['load_kvar']:.1f} kvar, "
+        f"losses {report['losses_kw']:.2f} kW / {report['losses_kvar']:.2f} kvar"
+    )
+    print(
+        f"min voltage {report['vmin_pu']:.4f} p.u. at bus {report['vmin_bus']} "
+        f"(LinDistFlow {report['lindistflow_vmin_pu']:.4f} at bus {report['lindistflow_vmin_bus']})"
+    )
     print("bus  V AC (p.u.)  V LinDistFlow (p.u.)")
     for row in report["buses"]:
         print(f"{row['bus']:>3}  {row['v_pu']:.4f}       {row['lindistflow_v_pu']:.4f}")

@@ -65,8 +65,8 @@ class CommunityQP:
     q: FloatArray  # (n,)
     constant: float
     a: sp.csc_matrix  # (m, n)
-    l: FloatArray  # (m,)
-    u: FloatArray  # (m,)
+    lower: FloatArray  # (m,) the l of OSQP
+    upper: FloatArray  # (m,) the u of OSQP
     injection: sp.csr_matrix  # (T, n): net injection x = injection @ z - fixed_load
 
     def objective(self, z: FloatArray) -> float:
@@ -74,14 +74,26 @@ class CommunityQP:
 
 
 def build_community_qp(
-    c: CommunityData, peers: tuple[int, ...], market: MarketData, fees: FloatArray,
-    price_import: FloatArray, price_export: FloatArray, dt_h: float, bounds: EnvelopeBounds,
+    c: CommunityData,
+    peers: tuple[int, ...],
+    market: MarketData,
+    fees: FloatArray,
+    price_import: FloatArray,
+    price_export: FloatArray,
+    dt_h: float,
+    bounds: EnvelopeBounds,
 ) -> CommunityQP:
     """The QP of community `c`; `fees[k]` is the network fee (EUR/kWh) with peer `peers[k]`."""
     lay = Layout(c.horizon, peers)
     p_diag, q, constant = _objective(c, lay, market, fees, price_import, price_export, dt_h)
-    rows = [_balance(c, lay), _soc_dynamics(c, lay, dt_h), _flex_energy(c, lay, dt_h),
-            _envelope_rows(c, lay), _width(lay), _bounds(c, lay, market, bounds)]
+    rows = [
+        _balance(c, lay),
+        _soc_dynamics(c, lay, dt_h),
+        _flex_energy(c, lay, dt_h),
+        _envelope_rows(c, lay),
+        _width(lay),
+        _bounds(c, lay, market, bounds),
+    ]
     a = sp.vstack([r[0] for r in rows], format="csc")
     lower = np.concatenate([r[1] for r in rows])
     upper = np.concatenate([r[2] for r in rows])
@@ -91,7 +103,9 @@ def build_community_qp(
 def _eye(lay: Layout, name: str, coef: float = 1.0) -> sp.csr_matrix:
     t = lay.horizon
     sl = lay.block(name)
-    return sp.csr_matrix((np.full(t, coef), (np.arange(t), np.arange(sl.start, sl.stop))), shape=(t, lay.size))
+    return sp.csr_matrix(
+        (np.full(t, coef), (np.arange(t), np.arange(sl.start, sl.stop))), shape=(t, lay.size)
+    )
 
 
 def _sum_of(lay: Layout, terms: dict[str, float]) -> sp.csr_matrix:
@@ -128,7 +142,9 @@ def _soc_dynamics(c: CommunityData, lay: Layout, dt_h: float) -> Rows:
     b = c.battery
     t = lay.horizon
     s = lay.block("soc")
-    shift = sp.csr_matrix((np.ones(t - 1), (np.arange(1, t), np.arange(s.start, s.stop - 1))), shape=(t, lay.size))
+    shift = sp.csr_matrix(
+        (np.ones(t - 1), (np.arange(1, t), np.arange(s.start, s.stop - 1))), shape=(t, lay.size)
+    )
     a = _sum_of(lay, {"soc": 1.0, "ch": -b.eta_charge * dt_h, "dis": dt_h / b.eta_discharge}) - shift
     rhs = np.zeros(t)
     rhs[0] = b.soc_init_kwh
@@ -166,10 +182,17 @@ def _bounds(c: CommunityData, lay: Layout, market: MarketData, bounds: EnvelopeB
         x_min, x_max = np.full(t, x_min.min()), np.full(t, x_max.max())
     soc_end_min = max(b.soc_min_kwh, b.soc_init_kwh)
     limits = {
-        "pv": (0.0, c.pv_kw), "wd": (0.0, c.wind_kw), "lx": (c.flex.min_kw, c.flex.max_kw),
-        "ch": (0.0, b.power_kw), "dis": (0.0, b.power_kw),
+        "pv": (0.0, c.pv_kw),
+        "wd": (0.0, c.wind_kw),
+        "lx": (c.flex.min_kw, c.flex.max_kw),
+        "ch": (0.0, b.power_kw),
+        "dis": (0.0, b.power_kw),
         "soc": (np.r_[np.full(t - 1, b.soc_min_kwh), soc_end_min], b.soc_max_kwh),
-        "imp": (0.0, INF), "exp": (0.0, INF), "lo": (x_min, x_max), "up": (x_min, x_max), "wid": (0.0, INF),
+        "imp": (0.0, INF),
+        "exp": (0.0, INF),
+        "lo": (x_min, x_max),
+        "up": (x_min, x_max),
+        "wid": (0.0, INF),
     }
     for name, (lo, hi) in limits.items():
         lower[lay.block(name)] = lo
@@ -179,8 +202,13 @@ def _bounds(c: CommunityData, lay: Layout, market: MarketData, bounds: EnvelopeB
 
 
 def _objective(
-    c: CommunityData, lay: Layout, market: MarketData, fees: FloatArray,
-    price_import: FloatArray, price_export: FloatArray, dt_h: float,
+    c: CommunityData,
+    lay: Layout,
+    market: MarketData,
+    fees: FloatArray,
+    price_import: FloatArray,
+    price_export: FloatArray,
+    dt_h: float,
 ) -> tuple[FloatArray, FloatArray, float]:
     p = np.zeros(lay.size)
     q = np.zeros(lay.size)

@@ -87,7 +87,9 @@ def _corner(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray,
     f_rows = _flow_rows(s, model, c_bus, upper)
     g = np.vstack([v_rows[0], f_rows[0]])
     h = np.vstack([v_rows[1], f_rows[1]])
-    kinds = ("vmax" if upper else "vmin",) * len(v_rows[2]) + ("reverse" if upper else "forward",) * len(f_rows[2])
+    kinds = ("vmax" if upper else "vmin",) * len(v_rows[2]) + ("reverse" if upper else "forward",) * len(
+        f_rows[2]
+    )
     return _normalised(g, h, kinds, v_rows[2] + f_rows[2], upper, s)
 
 
@@ -100,7 +102,7 @@ def _voltage_rows(
     q_net = _on_buses(s, c_bus, q_c) - s.background_kvar
     rest = s.v0_pu**2 + 2.0 * (-model.r_matrix @ s.background_kw + model.x_matrix @ q_net) / sb
     buses = tuple(int(j) for j in range(s.feeder.n_bus) if j != s.feeder.root)
-    g = 2.0 * model.r_matrix[np.ix_(buses, c_bus)] / sb
+    g = 2.0 * model.r_matrix[np.ix_(np.array(buses), c_bus)] / sb
     return g, (limit - rest)[list(buses)], buses
 
 
@@ -110,30 +112,42 @@ def _flow_rows(
     """Upper: sum_{c below k} UP_c <= P_lim + P_bg,k.  Lower: sum LO_c >= P_bg,k - P_lim."""
     p_lim = flow_limits_kw(s)
     rated = tuple(int(k) for k in s.feeder.branches if np.isfinite(s.feeder.rating_kva[k]))
-    below = model.subtree.toarray()[np.ix_(rated, c_bus)]
+    below = model.subtree.toarray()[np.ix_(np.array(rated), c_bus)]
     bg_flow = (model.subtree @ s.background_kw)[list(rated)]
     h = p_lim[list(rated)] + bg_flow if upper else bg_flow - p_lim[list(rated)]
     return below, h, rated
 
 
 def _normalised(
-    g: FloatArray, h: FloatArray, kinds: tuple[RowKind, ...], elements: tuple[int, ...], upper: bool, s: Scenario
+    g: FloatArray,
+    h: FloatArray,
+    kinds: tuple[RowKind, ...],
+    elements: tuple[int, ...],
+    upper: bool,
+    s: Scenario,
 ) -> Corner:
     scale = g.max(axis=1)
     empty = scale <= 0
     _check_constant_rows(h[empty], np.array(kinds)[empty], np.array(elements)[empty], upper, s)
     keep = ~empty
     return Corner(
-        g=g[keep] / scale[keep, None], h=h[keep] / scale[keep, None],
-        kind=tuple(np.array(kinds)[keep].tolist()), element=tuple(int(e) for e in np.array(elements)[keep]),
+        g=g[keep] / scale[keep, None],
+        h=h[keep] / scale[keep, None],
+        kind=tuple(np.array(kinds)[keep].tolist()),
+        element=tuple(int(e) for e in np.array(elements)[keep]),
     )
 
 
-def _check_constant_rows(h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: Scenario) -> None:
+def _check_constant_rows(
+    h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: Scenario
+) -> None:
     """Rows no community can affect must hold on background load alone."""
     bad = (h < 0).any(axis=1) if upper else (h > 0).any(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        where = f"bus {int(s.feeder.bus_ids[elements[i]])}" if kinds[i].startswith("v") \
+        where = (
+            f"bus {int(s.feeder.bus_ids[elements[i]])}"
+            if kinds[i].startswith("v")
             else f"branch {s.feeder.branch_label(int(elements[i]))}"
+        )
         raise InfeasibleError(f"{kinds[i]} limit at {where} is violated by background load alone")

@@ -31,7 +31,9 @@ def trade_links(n: int) -> list[TradeLink]:
     links = []
     for buyer in range(n):
         for seller in peers_of(buyer, n):
-            links.append(TradeLink(buyer, seller, peers_of(buyer, n).index(seller), peers_of(seller, n).index(buyer)))
+            links.append(
+                TradeLink(buyer, seller, peers_of(buyer, n).index(seller), peers_of(seller, n).index(buyer))
+            )
     return links
 
 
@@ -45,7 +47,9 @@ def community_qps(s: Scenario, policy: Policy) -> list[CommunityQP]:
     for i, c in enumerate(s.communities):
         peers = peers_of(i, n)
         fees = s.market.fee_eur_per_kwh[i, list(peers)]
-        qps.append(build_community_qp(
-            c, peers, s.market, fees, s.price_import, s.price_export, s.dt_h, envelope_bounds(policy)
-        ))
+        qps.append(
+            build_community_qp(
+                c, peers, s.market, fees, s.price_import, s.price_export, s.dt_h, envelope_bounds(policy)
+            )
+        )
     return qps

@@ -99,8 +99,17 @@ class Feeder:
     def with_ratings(self, rating_kva: FloatArray) -> Feeder:
         """The same feeder with new branch ratings (shape (N,), NaN at the root)."""
         return Feeder(
-            self.name, self.base_mva, self.base_kv, self.bus_ids, self.root, self.parent,
-            self.r_pu, self.x_pu, self.load_kw, self.load_kvar, np.asarray(rating_kva, dtype=float),
+            self.name,
+            self.base_mva,
+            self.base_kv,
+            self.bus_ids,
+            self.root,
+            self.parent,
+            self.r_pu,
+            self.x_pu,
+            self.load_kw,
+            self.load_kvar,
+            np.asarray(rating_kva, dtype=float),
         )
 
 

@@ -67,8 +67,13 @@ def run_power_flow(
 
 
 def _result(
-    feeder: Feeder, v: ComplexArray, i_branch: ComplexArray, z: ComplexArray,
-    converged: bool, iterations: int, mismatch: float,
+    feeder: Feeder,
+    v: ComplexArray,
+    i_branch: ComplexArray,
+    z: ComplexArray,
+    converged: bool,
+    iterations: int,
+    mismatch: float,
 ) -> PowerFlowResult:
     s_base = feeder.s_base_kw
     v_parent = v[feeder.parent]

@@ -12,12 +12,84 @@ from p2pdoe.core.network import FloatArray
 
 # Hourly knots (value at hh:30), peak 1.0.
 _SHAPES: dict[str, list[float]] = {
-    "residential": [0.45, 0.40, 0.38, 0.37, 0.38, 0.45, 0.60, 0.72, 0.68, 0.60, 0.55, 0.55,
-                    0.56, 0.54, 0.53, 0.56, 0.65, 0.82, 0.95, 1.00, 0.95, 0.82, 0.66, 0.52],
-    "commercial": [0.35, 0.33, 0.32, 0.32, 0.33, 0.38, 0.50, 0.72, 0.88, 0.95, 1.00, 1.00,
-                   0.97, 0.98, 0.99, 0.96, 0.90, 0.78, 0.62, 0.50, 0.44, 0.40, 0.38, 0.36],
-    "evening": [0.10, 0.05, 0.02, 0.02, 0.02, 0.02, 0.05, 0.10, 0.10, 0.10, 0.10, 0.10,
-                0.10, 0.10, 0.10, 0.15, 0.35, 0.70, 0.95, 1.00, 0.90, 0.70, 0.45, 0.25],
+    "residential": [
+        0.45,
+        0.40,
+        0.38,
+        0.37,
+        0.38,
+        0.45,
+        0.60,
+        0.72,
+        0.68,
+        0.60,
+        0.55,
+        0.55,
+        0.56,
+        0.54,
+        0.53,
+        0.56,
+        0.65,
+        0.82,
+        0.95,
+        1.00,
+        0.95,
+        0.82,
+        0.66,
+        0.52,
+    ],
+    "commercial": [
+        0.35,
+        0.33,
+        0.32,
+        0.32,
+        0.33,
+        0.38,
+        0.50,
+        0.72,
+        0.88,
+        0.95,
+        1.00,
+        1.00,
+        0.97,
+        0.98,
+        0.99,
+        0.96,
+        0.90,
+        0.78,
+        0.62,
+        0.50,
+        0.44,
+        0.40,
+        0.38,
+        0.36,
+    ],
+    "evening": [
+        0.10,
+        0.05,
+        0.02,
+        0.02,
+        0.02,
+        0.02,
+        0.05,
+        0.10,
+        0.10,
+        0.10,
+        0.10,
+        0.10,
+        0.10,
+        0.10,
+        0.10,
+        0.15,
+        0.35,
+        0.70,
+        0.95,
+        1.00,
+        0.90,
+        0.70,
+        0.45,
+        0.25,
+    ],
     "flat": [1.0] * 24,
 }
 
@@ -33,7 +105,9 @@ def load_shape(name: str, hours: FloatArray, noise: float = 0.0, seed: int = 0) 
     return np.asarray(np.clip(base * (1.0 + noise * _smooth_noise(hours, seed)), 0.0, None))
 
 
-def pv_shape(hours: FloatArray, sunrise_h: float, sunset_h: float, cloudiness: float, seed: int) -> FloatArray:
+def pv_shape(
+    hours: FloatArray, sunrise_h: float, sunset_h: float, cloudiness: float, seed: int
+) -> FloatArray:
     day = max(sunset_h - sunrise_h, 1e-9)
     phase = np.clip((hours - sunrise_h) / day, 0.0, 1.0)
     clear = np.sin(np.pi * phase) ** 1.3

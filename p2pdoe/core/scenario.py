@@ -109,7 +109,9 @@ class Scenario:
         return [c.id for c in self.communities]
 
 
-def build_scenario(s: spec.ScenarioSpec, feeder: Feeder, columns: Mapping[tuple[str, str], FloatArray]) -> Scenario:
+def build_scenario(
+    s: spec.ScenarioSpec, feeder: Feeder, columns: Mapping[tuple[str, str], FloatArray]
+) -> Scenario:
     """Resolve a spec against its feeder; `columns` maps (csv path, column) to values."""
     start = _parse_start(s.horizon.start)
     hours = profiles.interval_hours(start.hour + start.minute / 60.0, s.horizon.intervals, s.horizon.dt_h)
@@ -120,13 +122,22 @@ def build_scenario(s: spec.ScenarioSpec, feeder: Feeder, columns: Mapping[tuple[
     communities = tuple(_community(c, rated, shape, s.horizon.dt_h) for c in s.communities)
     _check_buses(communities, rated)
     return Scenario(
-        name=s.name, feeder=rated, v0_pu=fs.v0_pu, vmin_pu=fs.vmin_pu, vmax_pu=fs.vmax_pu,
-        vmin_margin_pu=fs.voltage_margin.lower_pu, vmax_margin_pu=fs.voltage_margin.upper_pu,
-        rating_margin=fs.rating_margin, dt_h=s.horizon.dt_h, start=start,
-        background_kw=np.outer(rated.load_kw, bg), background_kvar=np.outer(rated.load_kvar, bg),
+        name=s.name,
+        feeder=rated,
+        v0_pu=fs.v0_pu,
+        vmin_pu=fs.vmin_pu,
+        vmax_pu=fs.vmax_pu,
+        vmin_margin_pu=fs.voltage_margin.lower_pu,
+        vmax_margin_pu=fs.voltage_margin.upper_pu,
+        rating_margin=fs.rating_margin,
+        dt_h=s.horizon.dt_h,
+        start=start,
+        background_kw=np.outer(rated.load_kw, bg),
+        background_kvar=np.outer(rated.load_kvar, bg),
         price_import=_tou(s.prices.import_eur_per_kwh, hours),
         price_export=_tou(s.prices.export_eur_per_kwh, hours),
-        communities=communities, market=_market(s.market, communities, rated),
+        communities=communities,
+        market=_market(s.market, communities, rated),
     )
 
 
@@ -160,22 +171,30 @@ def _community(c: spec.Community, feeder: Feeder, shape: _ProfileResolver, dt_h:
     try:
         bus = feeder.index_of(c.bus)
     except FeederError as exc:
-        raise ScenarioError(f"community {c.id!r} sits on bus {c.bus}, which feeder {feeder.name!r} "
-                            f"does not have (buses {feeder.bus_id_range})") from exc
+        raise ScenarioError(
+            f"community {c.id!r} sits on bus {c.bus}, which feeder {feeder.name!r} "
+            f"does not have (buses {feeder.bus_id_range})"
+        ) from exc
     if bus == feeder.root:
         raise ScenarioError(f"community {c.id!r} sits on the slack bus {c.bus}")
     flex = c.flexible_load or spec.FlexibleLoad(energy_kwh=0.0, max_kw=0.0)
     bat = c.battery or spec.Battery(energy_kwh=0.0, power_kw=0.0)
     return CommunityData(
-        id=c.id, bus=bus,
+        id=c.id,
+        bus=bus,
         pv_kw=c.pv.rated_kw * shape(c.pv.profile) if c.pv else zero,
         wind_kw=c.wind.rated_kw * shape(c.wind.profile) if c.wind else zero,
         fixed_load_kw=c.fixed_load.rated_kw * shape(c.fixed_load.profile),
         flex=_flex(c.id, flex, shape, dt_h),
         battery=Battery(
-            energy_kwh=bat.energy_kwh, power_kw=bat.power_kw, soc_init_kwh=bat.soc_init * bat.energy_kwh,
-            soc_min_kwh=bat.soc_min * bat.energy_kwh, soc_max_kwh=bat.soc_max * bat.energy_kwh,
-            eta_charge=bat.eta_charge, eta_discharge=bat.eta_discharge, wear_eur_per_kwh=bat.wear_eur_per_kwh,
+            energy_kwh=bat.energy_kwh,
+            power_kw=bat.power_kw,
+            soc_init_kwh=bat.soc_init * bat.energy_kwh,
+            soc_min_kwh=bat.soc_min * bat.energy_kwh,
+            soc_max_kwh=bat.soc_max * bat.energy_kwh,
+            eta_charge=bat.eta_charge,
+            eta_discharge=bat.eta_discharge,
+            wear_eur_per_kwh=bat.wear_eur_per_kwh,
         ),
         tan_phi=float(np.tan(np.arccos(c.power_factor))),
         envelope_value_eur_per_kwh=c.envelope.value_eur_per_kwh,
@@ -194,8 +213,11 @@ def _flex(cid: str, f: spec.FlexibleLoad, shape: _ProfileResolver, dt_h: float) 
     total = float(pref.sum()) * dt_h
     preferred = pref / total * f.energy_kwh if total > 0 else np.full(t, f.energy_kwh / (t * dt_h))
     return FlexibleLoad(
-        energy_kwh=f.energy_kwh, min_kw=f.min_kw, max_kw=f.max_kw,
-        preferred_kw=preferred, discomfort_eur_per_kw2h=f.discomfort_eur_per_kw2h,
+        energy_kwh=f.energy_kwh,
+        min_kw=f.min_kw,
+        max_kw=f.max_kw,
+        preferred_kw=preferred,
+        discomfort_eur_per_kw2h=f.discomfort_eur_per_kw2h,
     )
 
 
@@ -207,7 +229,8 @@ def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feed
             dist = electrical_distance_ohm(feeder, communities[i].bus, communities[j].bus)
             fee[i, j] = fee[j, i] = m.fee_base_eur_per_kwh + m.fee_eur_per_kwh_per_ohm * dist
     return MarketData(
-        trade_limit_kw=m.trade_limit_kw, fee_eur_per_kwh=fee,
+        trade_limit_kw=m.trade_limit_kw,
+        fee_eur_per_kwh=fee,
         trade_quadratic_eur_per_kw2h=m.trade_quadratic_eur_per_kw2h,
         regularization_eur_per_kw2h=m.regularization_eur_per_kw2h,
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
@@ -241,7 +264,9 @@ def _check_buses(communities: tuple[CommunityData, ...], feeder: Feeder) -> None
     seen: dict[int, str] = {}
     for c in communities:
         if c.bus in seen:
-            raise ScenarioError(f"communities {seen[c.bus]!r} and {c.id!r} share bus {int(feeder.bus_ids[c.bus])}")
+            raise ScenarioError(
+                f"communities {seen[c.bus]!r} and {c.id!r} share bus {int(feeder.bus_ids[c.bus])}"
+            )
         seen[c.bus] = c.id
 
 

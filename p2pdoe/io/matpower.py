@@ -117,7 +117,9 @@ def _matrix(value: tuple[str, int], key: str, min_cols: int, source: str) -> np.
         try:
             numbers = [float(tok) for tok in tokens]
         except ValueError as exc:
-            raise MatpowerFormatError(f"{source}: mpc.{key} row {offset + 1}: not a number in {row.strip()!r}") from exc
+            raise MatpowerFormatError(
+                f"{source}: mpc.{key} row {offset + 1}: not a number in {row.strip()!r}"
+            ) from exc
         if any(not math.isfinite(n) for n in numbers):
             raise MatpowerFormatError(f"{source}: mpc.{key} row {offset + 1}: NaN or infinite value")
         parsed.append(numbers)
@@ -154,8 +156,17 @@ def _build_feeder(name: str, base_mva: float, bus: np.ndarray, branch: np.ndarra
     if base_kv <= 0:
         raise FeederError(f"{source}: the slack bus has no base voltage (baseKV column)")
     return Feeder(
-        name=name, base_mva=base_mva, base_kv=base_kv, bus_ids=bus_ids, root=root, parent=parent,
-        r_pu=r, x_pu=x, load_kw=bus[:, PD] * 1000.0, load_kvar=bus[:, QD] * 1000.0, rating_kva=rating,
+        name=name,
+        base_mva=base_mva,
+        base_kv=base_kv,
+        bus_ids=bus_ids,
+        root=root,
+        parent=parent,
+        r_pu=r,
+        x_pu=x,
+        load_kw=bus[:, PD] * 1000.0,
+        load_kvar=bus[:, QD] * 1000.0,
+        rating_kva=rating,
     )
 
 

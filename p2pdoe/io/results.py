@@ -27,4 +27,6 @@ def read_results(path: Path) -> Results:
     except OSError as exc:
         raise P2PDoeError(f"cannot read results {path}: {exc.strerror}") from exc
     except ValidationError as exc:
-        raise P2PDoeError(f"{path}: not a results file of schema version 1 ({exc.error_count()} errors)") from exc
+        raise P2PDoeError(
+            f"{path}: not a results file of schema version 1 ({exc.error_count()} errors)"
+        ) from exc

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import Scenario, build_scenario
@@ -46,7 +46,9 @@ def scenario_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.exists():
         names = ", ".join(NAMED_SCENARIOS)
-        raise ScenarioError(f"scenario {name_or_path!r} is neither a named scenario ({names}) nor an existing file")
+        raise ScenarioError(
+            f"scenario {name_or_path!r} is neither a named scenario ({names}) nor an existing file"
+        )
     return path
 
 
@@ -79,8 +81,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ScenarioError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                            f"{str(exc).splitlines()[0]}") from exc
+        raise ScenarioError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(exc).splitlines()[0]}"
+        ) from exc
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: a scenario file holds a mapping at its top level")
     return data
@@ -107,7 +110,7 @@ def _csv_profiles(spec: ScenarioSpec) -> list[CsvProfile]:
     def visit(node: Any) -> None:
         if isinstance(node, CsvProfile):
             found.append(node)
-        elif hasattr(node, "model_fields"):
+        elif isinstance(node, BaseModel):
             for name in type(node).model_fields:
                 visit(getattr(node, name))
         elif isinstance(node, list | tuple):

@@ -36,7 +36,9 @@ def solve_centralized(s: Scenario, policy: Policy, solver: str = SOLVER) -> Solu
     problem.solve(solver=solver)
     wall = time.perf_counter() - started
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
-        raise InfeasibleError(f"the {policy.value} problem is {problem.status}: no schedule meets every limit")
+        raise InfeasibleError(
+            f"the {policy.value} problem is {problem.status}: no schedule meets every limit"
+        )
     values = tuple(np.asarray(zc.value, dtype=float) for zc in z)
     return Solution(
         policy=policy,
@@ -46,8 +48,11 @@ def solve_centralized(s: Scenario, policy: Policy, solver: str = SOLVER) -> Solu
         dlmp=grid.dlmp(s.dt_h),
         objective_eur=float(sum(qp.objective(v) for qp, v in zip(qps, values, strict=True))),
         solver=SolverInfo(
-            name=solver, status=str(problem.status), converged=problem.status == cp.OPTIMAL,
-            iterations=int(problem.solver_stats.num_iters or 0), wall_time_s=wall,
+            name=solver,
+            status=str(problem.status),
+            converged=problem.status == cp.OPTIMAL,
+            iterations=int(problem.solver_stats.num_iters or 0),
+            wall_time_s=wall,
         ),
     )
 
@@ -59,16 +64,16 @@ def _objective(qp: CommunityQP, z: cp.Variable) -> cp.Expression:
 def _local_constraints(qp: CommunityQP, z: cp.Variable) -> list[cp.Constraint]:
     """l <= A z <= u, split into equalities, lower and upper rows (infinite bounds dropped)."""
     a = sp.csr_matrix(qp.a)
-    eq = qp.l == qp.u
-    has_lo = ~eq & np.isfinite(qp.l)
-    has_hi = ~eq & np.isfinite(qp.u)
+    eq = qp.lower == qp.upper
+    has_lo = ~eq & np.isfinite(qp.lower)
+    has_hi = ~eq & np.isfinite(qp.upper)
     out: list[cp.Constraint] = []
     if eq.any():
-        out.append(a[eq] @ z == qp.l[eq])
+        out.append(a[eq] @ z == qp.lower[eq])
     if has_lo.any():
-        out.append(a[has_lo] @ z >= qp.l[has_lo])
+        out.append(a[has_lo] @ z >= qp.lower[has_lo])
     if has_hi.any():
-        out.append(a[has_hi] @ z <= qp.u[has_hi])
+        out.append(a[has_hi] @ z <= qp.upper[has_hi])
     return out
 
 

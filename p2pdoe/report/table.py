@@ -92,4 +92,8 @@ def to_markdown(results: Mapping[str, Results]) -> str:
 def p2p_gain_pct(results: Mapping[str, Results]) -> float:
     """How much more P2P energy dynamic envelopes trade than static ones, in percent."""
     static = results["static"].totals.p2p_traded_kwh
-    return float(100.0 * (results["dynamic"].totals.p2p_traded_kwh / static - 1.0)) if static > 0 else float(np.inf)
+    return (
+        float(100.0 * (results["dynamic"].totals.p2p_traded_kwh / static - 1.0))
+        if static > 0
+        else float(np.inf)
+    )

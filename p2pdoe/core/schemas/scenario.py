@@ -111,9 +111,9 @@ class TimeOfUse(Model):
     """A price per clock hour: `base` everywhere, `windows` override [start_h, end_h)."""
 
     base_eur_per_kwh: NonNeg
-    windows: list[tuple[Annotated[float, Field(ge=0, le=24)], Annotated[float, Field(ge=0, le=24)], NonNeg]] = (
-        Field(default_factory=list)
-    )
+    windows: list[
+        tuple[Annotated[float, Field(ge=0, le=24)], Annotated[float, Field(ge=0, le=24)], NonNeg]
+    ] = Field(default_factory=list)
 
 
 class Prices(Model):
@@ -122,8 +122,12 @@ class Prices(Model):
 
     @model_validator(mode="after")
     def _export_below_import(self) -> Prices:
-        lowest_import = min([self.import_eur_per_kwh.base_eur_per_kwh] + [w[2] for w in self.import_eur_per_kwh.windows])
-        highest_export = max([self.export_eur_per_kwh.base_eur_per_kwh] + [w[2] for w in self.export_eur_per_kwh.windows])
+        lowest_import = min(
+            [self.import_eur_per_kwh.base_eur_per_kwh] + [w[2] for w in self.import_eur_per_kwh.windows]
+        )
+        highest_export = max(
+            [self.export_eur_per_kwh.base_eur_per_kwh] + [w[2] for w in self.export_eur_per_kwh.windows]
+        )
         if highest_export >= lowest_import:
             raise ValueError("export prices must stay below import prices at every hour")
         return self
@@ -133,9 +137,9 @@ class Market(Model):
     trade_limit_kw: Pos = 1000.0
     fee_base_eur_per_kwh: NonNeg = 0.004
     fee_eur_per_kwh_per_ohm: NonNeg = 0.001
-    trade_quadratic_eur_per_kw2h: Pos = 1e-5
-    regularization_eur_per_kw2h: NonNeg = 1e-6
-    envelope_proximal_eur_per_kw2h: NonNeg = 1e-6
+    trade_quadratic_eur_per_kw2h: Pos = 1e-6
+    regularization_eur_per_kw2h: NonNeg = 1e-7
+    envelope_proximal_eur_per_kw2h: NonNeg = 1e-7
 
 
 class Asset(Model):

@@ -1,0 +1,334 @@
+"""Comparison figures (PNG) of the policies' results: envelopes, voltages, trades, storage, prices.
+
+`write_plots` takes the `Results` of any subset of policies ("none", "static", "dynamic", or
+others such as "admm") and writes one PNG per figure; figures that need data that is absent
+(the "dynamic" DLMPs, any battery) are skipped. Piecewise-constant series are drawn as steps
+over each interval [t dt, (t+1) dt); states of charge are end-of-interval values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from p2pdoe.core.network import FloatArray
+from p2pdoe.core.schemas.results import CommunityResult, Results
+from p2pdoe.report.table import POLICY_ORDER
+
+DPI = 110
+SOC_EPS_KWH = 1e-6
+_COLOURS = {"none": "tab:red", "static": "tab:blue", "dynamic": "tab:green", "admm": "tab:purple"}
+_SPARE_COLOURS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+Figure = Any  # matplotlib is untyped here (ignore_missing_imports)
+Axes = Any
+
+
+def write_plots(results: Mapping[str, Results], out_dir: Path) -> list[Path]:
+    """Write the comparison figures as PNG into out_dir; return their paths."""
+    if not results:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = _ordered(results)
+    figures: list[tuple[str, Figure | None]] = [
+        ("envelopes.png", _envelopes_figure(ordered)),
+        ("voltages.png", _voltages_figure(ordered)),
+        ("trades.png", _trades_figure(ordered)),
+        ("soc.png", _soc_figure(ordered)),
+        ("dlmp.png", _dlmp_figure(ordered["dynamic"]) if "dynamic" in ordered else None),
+    ]
+    written: list[Path] = []
+    for name, fig in figures:
+        if fig is None:
+            continue
+        path = out_dir / name
+        try:
+            fig.savefig(path, dpi=DPI)
+        finally:
+            plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _ordered(results: Mapping[str, Results]) -> dict[str, Results]:
+    """Known policies in the usual order, then any others by name."""
+    known = [p for p in POLICY_ORDER if p in results]
+    others = sorted(p for p in results if p not in POLICY_ORDER)
+    return {p: results[p] for p in [*known, *others]}
+
+
+def _colour(policy: str, ordered: Sequence[str]) -> str:
+    if policy in _COLOURS:
+        return _COLOURS[policy]
+    spare = [p for p in ordered if p not in _COLOURS]
+    return _SPARE_COLOURS[spare.index(policy) % len(_SPARE_COLOURS)]
+
+
+def _hours(r: Results) -> FloatArray:
+    """Interval start times in hours, plus the end of the horizon (T + 1 points)."""
+    return np.arange(r.intervals + 1, dtype=float) * r.dt_h
+
+
+def _steps(values: Sequence[float]) -> FloatArray:
+    """A series with its last value repeated, for `steps-post` drawing against `_hours`."""
+    v = np.asarray(values, dtype=float)
+    return np.r_[v, v[-1:]] if v.size else v
+
+
+def _time_label(r: Results) -> str:
+    return f"time (h from {r.start})"
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = max(1, min(max_cols, n))
+    return math.ceil(n / cols), cols
+
+
+def _subplots(n: int, width: float, height: float, sharey: bool = False) -> tuple[Figure, list[Axes]]:
+    """A grid of n axes sharing x (unused cells hidden), in reading order."""
+    rows, cols = _grid(n)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols, height * rows + 0.8), sharex=True, sharey=sharey,
+        squeeze=False, layout="constrained",
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _bottom_labels(axes: Sequence[Axes], label: str) -> None:
+    """x label and tick labels on the lowest visible axes of each column."""
+    cols = _grid(len(axes))[1]
+    for ax in axes[-cols:]:
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel(label)
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend below the figure, from the labelled artists of all axes (first label wins)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        for h, lab in zip(handles, labels, strict=True):
+            seen.setdefault(lab, h)
+    if seen:
+        ncols = min(len(seen), 6)
+        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=ncols)
+
+
+def _community(r: Results, cid: str) -> CommunityResult | None:
+    return next((c for c in r.communities if c.id == cid), None)
+
+
+def _community_ids(ordered: Mapping[str, Results]) -> list[str]:
+    ids: list[str] = []
+    for r in ordered.values():
+        ids.extend(c.id for c in r.communities if c.id not in ids)
+    return ids
+
+
+def _first(ordered: Mapping[str, Results]) -> Results:
+    return next(iter(ordered.values()))
+
+
+# -------------------------------------------------------------------------------------------- envelopes
+
+
+def _envelopes_figure(ordered: Mapping[str, Results]) -> Figure | None:
+    ids = _community_ids(ordered)
+    if not ids:
+        return None
+    ref = _first(ordered)
+    fig, axes = _subplots(len(ids), 5.0, 3.0)
+    for ax, cid in zip(axes, ids, strict=True):
+        _envelope_axes(ax, cid, ordered)
+    _bottom_labels(axes, _time_label(ref))
+    fig.suptitle("Operating envelopes (bands) and scheduled net injection (lines); export positive")
+    _figure_legend(fig, axes)
+    return fig
+
+
+def _envelope_axes(ax: Axes, cid: str, ordered: Mapping[str, Results]) -> None:
+    bus = None
+    for policy, r in ordered.items():
+        c = _community(r, cid)
+        if c is None:
+            continue
+        bus, colour, t = c.bus, _colour(policy, list(ordered)), _hours(r)
+        ax.fill_between(t, _steps(c.envelope_lo_kw), _steps(c.envelope_up_kw), step="post",
+                        color=colour, alpha=0.15, linewidth=0, label=f"{policy} envelope")
+        for edge in (c.envelope_lo_kw, c.envelope_up_kw):
+            ax.plot(t, _steps(edge), drawstyle="steps-post", color=colour, linewidth=0.6, alpha=0.6)
+        ax.plot(t, _steps(c.net_injection_kw), drawstyle="steps-post", color=colour, linewidth=1.4,
+                label=f"{policy} net injection")
+    ax.axhline(0.0, color="black", linewidth=0.7)
+    ax.set_title(f"{cid} (bus {bus})")
+    ax.set_ylabel("power (kW)")
+    ax.grid(alpha=0.3)
+
+
+# --------------------------------------------------------------------------------------------- voltages
+
+
+def _voltages_figure(ordered: Mapping[str, Results]) -> Figure:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13.0, 4.8), layout="constrained")
+    _voltage_extremes_axes(left, ordered)
+    _voltage_profile_axes(right, ordered)
+    fig.suptitle("AC voltages of the scheduled operating point")
+    return fig
+
+
+def _band(ax: Axes, r: Results) -> None:
+    for v, name in ((r.feeder.vmin_pu, "vmin"), (r.feeder.vmax_pu, "vmax")):
+        ax.axhline(v, color="black", linestyle="--", linewidth=0.9)
+        ax.annotate(f"{name} {v:.3f}", (1.0, v), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=8)
+
+
+def _voltage_extremes_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
+    ref = _first(ordered)
+    for policy, r in ordered.items():
+        v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
+        colour, t = _colour(policy, list(ordered)), _hours(r)
+        ax.plot(t, _steps(v.max(axis=1)), drawstyle="steps-post", color=colour, label=f"{policy} max")
+        ax.plot(t, _steps(v.min(axis=1)), drawstyle="steps-post", color=colour, linestyle="-.",
+                label=f"{policy} min")
+    _band(ax, ref)
+    ax.set_title("Feeder minimum and maximum voltage per interval")
+    ax.set_xlabel(_time_label(ref))
+    ax.set_ylabel("voltage (p.u.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+
+
+def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
+    ref_name = "none" if "none" in ordered else next(iter(ordered))
+    ref_v = np.asarray(ordered[ref_name].ac_check.schedule.voltage_pu, dtype=float)
+    t_high, t_low = int(ref_v.max(axis=1).argmax()), int(ref_v.min(axis=1).argmin())
+    for policy, r in ordered.items():
+        v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
+        buses, colour = r.feeder.bus_ids, _colour(policy, list(ordered))
+        ax.plot(buses, v[t_high], color=colour, marker=".", markersize=4, linewidth=1.2,
+                label=f"{policy}, interval {t_high}")
+        ax.plot(buses, v[t_low], color=colour, marker=".", markersize=4, linewidth=1.2, linestyle="-.",
+                label=f"{policy}, interval {t_low}")
+    _band(ax, ordered[ref_name])
+    dt = ordered[ref_name].dt_h
+    ax.set_title(f"Voltage by bus: highest ({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot)"
+                 f"\nvoltage intervals of '{ref_name}'", fontsize=10)
+    ax.set_xlabel("bus number")
+    ax.set_ylabel("voltage (p.u.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+
+
+# ----------------------------------------------------------------------------------------------- trades
+
+
+def _trade_series(r: Results) -> tuple[FloatArray, FloatArray]:
+    """(energy kWh, volume-weighted mean price EUR/kWh or NaN without trades) per interval."""
+    energy = np.zeros(r.intervals)
+    value = np.zeros(r.intervals)
+    for tr in r.trades:
+        energy[tr.interval] += tr.kw * r.dt_h
+        value[tr.interval] += tr.kw * r.dt_h * tr.price_eur_per_kwh
+    price = np.full(r.intervals, np.nan)
+    traded = energy > 0
+    price[traded] = value[traded] / energy[traded]
+    return energy, price
+
+
+def _trades_figure(ordered: Mapping[str, Results]) -> Figure:
+    ref = _first(ordered)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11.0, 7.0), sharex=True, layout="constrained")
+    n = len(ordered)
+    for k, (policy, r) in enumerate(ordered.items()):
+        energy, price = _trade_series(r)
+        centres = (np.arange(r.intervals) + 0.5) * r.dt_h
+        width = 0.8 * r.dt_h / n
+        colour = _colour(policy, list(ordered))
+        top.bar(centres + (k - (n - 1) / 2) * width, energy, width=width, color=colour,
+                label=f"{policy} ({energy.sum():,.0f} kWh)")
+        bottom.plot(centres, price, color=colour, marker="o", markersize=3.5, linewidth=1.2, label=policy)
+    top.set_title("P2P energy traded per interval")
+    top.set_ylabel("energy (kWh)")
+    top.legend(fontsize=8)
+    bottom.set_title("Volume-weighted mean P2P price (intervals without trades left out)")
+    bottom.set_ylabel("price (EUR/kWh)")
+    bottom.set_xlabel(_time_label(ref))
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------- soc
+
+
+def _has_storage(cid: str, ordered: Mapping[str, Results]) -> bool:
+    for r in ordered.values():
+        c = _community(r, cid)
+        if c is not None and c.soc_kwh and max(abs(x) for x in c.soc_kwh) > SOC_EPS_KWH:
+            return True
+    return False
+
+
+def _soc_figure(ordered: Mapping[str, Results]) -> Figure | None:
+    ids = [cid for cid in _community_ids(ordered) if _has_storage(cid, ordered)]
+    if not ids:
+        return None
+    ref = _first(ordered)
+    fig, axes = _subplots(len(ids), 5.0, 2.8)
+    for ax, cid in zip(axes, ids, strict=True):
+        bus = None
+        for policy, r in ordered.items():
+            c = _community(r, cid)
+            if c is None:
+                continue
+            bus, ends = c.bus, (np.arange(r.intervals) + 1.0) * r.dt_h
+            colour = _colour(policy, list(ordered))
+            ax.plot(ends, c.soc_kwh, color=colour, marker=".", markersize=4, label=policy)
+        ax.set_title(f"{cid} (bus {bus})")
+        ax.set_ylabel("state of charge (kWh)")
+        ax.set_ylim(bottom=0.0)
+        ax.grid(alpha=0.3)
+    _bottom_labels(axes, _time_label(ref) + ", end of interval")
+    fig.suptitle("Battery state of charge")
+    _figure_legend(fig, axes)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------- dlmp
+
+
+def _dlmp_figure(r: Results) -> Figure | None:
+    if not r.dlmp:
+        return None
+    fig, axes = _subplots(len(r.dlmp), 5.0, 2.8, sharey=True)
+    t = _hours(r)
+    buses = {c.id: c.bus for c in r.communities}
+    for ax, d in zip(axes, r.dlmp, strict=True):
+        ax.plot(t, _steps(d.export_eur_per_kwh), drawstyle="steps-post", color="tab:orange",
+                label="export (UP capacity)")
+        ax.plot(t, _steps(d.import_eur_per_kwh), drawstyle="steps-post", color="tab:blue",
+                label="import (LO capacity)")
+        ax.set_title(f"{d.id} (bus {buses.get(d.id, '?')})")
+        ax.set_ylabel("DLMP (EUR/kWh)")
+        ax.grid(alpha=0.3)
+    _bottom_labels(axes, _time_label(r))
+    fig.suptitle(f"Envelope-capacity DLMPs at each community's bus ('{r.envelope}' envelope)")
+    _figure_legend(fig, axes)
+    return fig
