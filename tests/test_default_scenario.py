@@ -178,3 +178,14 @@ def test_quarter_hour_resolution_works_and_agrees_with_hourly(results: dict[Poli
         assert state.thermal_violations == 0
     hourly = results[Policy.DYNAMIC].totals.p2p_traded_kwh
     assert r96.totals.p2p_traded_kwh == pytest.approx(hourly, rel=0.05)
+
+
+def test_lower_setpoint_leaves_no_static_box(scenario: Scenario) -> None:
+    """Why the default runs the substation at 1.035 p.u.: at 1.03 p.u. with the same loads no constant
+    box is safe at the evening peak while covering the campus's midday import (docs/scenario.md)."""
+    from p2pdoe.errors import InfeasibleError
+
+    lower = load_scenario("default", {"feeder": {"v0_pu": 1.03}})
+    with pytest.raises(InfeasibleError, match="static"):
+        solve_centralized(lower, Policy.STATIC)
+    assert solve_centralized(lower, Policy.DYNAMIC).solver.converged

@@ -172,6 +172,7 @@ def _totals(s: Scenario, communities: list[r.CommunityResult], trades: list[r.Tr
         abs(c.cost_breakdown.grid_import_eur) + abs(c.cost_breakdown.grid_export_eur) for c in communities
     )
     widths = [np.mean(np.subtract(c.envelope_up_kw, c.envelope_lo_kw)) for c in communities]
+    usable = [_usable_width(data, c) for data, c in zip(s.communities, communities, strict=True)]
     return r.Totals(
         p2p_traded_kwh=sum(c.p2p_bought_kwh for c in communities),
         curtailed_kwh=sum(c.curtailed_kwh for c in communities),
@@ -180,4 +181,13 @@ def _totals(s: Scenario, communities: list[r.CommunityResult], trades: list[r.Tr
         grid_import_kwh=float(sum(np.sum(c.grid_import_kw) for c in communities) * dt),
         grid_export_kwh=float(sum(np.sum(c.grid_export_kw) for c in communities) * dt),
         mean_envelope_width_kw=float(np.mean(widths)),
+        mean_usable_envelope_width_kw=float(np.mean(usable)),
     )
+
+
+def _usable_width(data: CommunityData, c: r.CommunityResult) -> float:
+    """Mean width of the envelope clipped to the technical range (a static box is wider than usable)."""
+    x_min, x_max = data.technical_range_kw()
+    top = np.minimum(np.asarray(c.envelope_up_kw), x_max)
+    bottom = np.maximum(np.asarray(c.envelope_lo_kw), x_min)
+    return float(np.mean(np.clip(top - bottom, 0.0, None)))

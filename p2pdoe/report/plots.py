@@ -9,7 +9,7 @@ over each interval [t dt, (t+1) dt); states of charge are end-of-interval values
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,16 @@ def write_plots(results: Mapping[str, Results], out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = _ordered(results)
-    figures: list[tuple[str, Figure | None]] = [
-        ("envelopes.png", _envelopes_figure(ordered)),
-        ("voltages.png", _voltages_figure(ordered)),
-        ("trades.png", _trades_figure(ordered)),
-        ("soc.png", _soc_figure(ordered)),
-        ("dlmp.png", _dlmp_figure(ordered["dynamic"]) if "dynamic" in ordered else None),
+    builders: list[tuple[str, Callable[[], Figure | None]]] = [
+        ("envelopes.png", lambda: _envelopes_figure(ordered)),
+        ("voltages.png", lambda: _voltages_figure(ordered)),
+        ("trades.png", lambda: _trades_figure(ordered)),
+        ("soc.png", lambda: _soc_figure(ordered)),
+        ("dlmp.png", lambda: _dlmp_figure(ordered["dynamic"]) if "dynamic" in ordered else None),
     ]
     written: list[Path] = []
-    for name, fig in figures:
+    for name, build in builders:  # one figure open at a time
+        fig = build()
         if fig is None:
             continue
         path = out_dir / name
@@ -220,15 +221,17 @@ def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
     t_high, t_low = int(ref_v.max(axis=1).argmax()), int(ref_v.min(axis=1).argmin())
     for policy, r in ordered.items():
         v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
+        if max(t_high, t_low) >= len(v):  # a shorter horizon than the reference's
+            continue
         buses, colour = r.feeder.bus_ids, _colour(policy, list(ordered))
         ax.plot(buses, v[t_high], color=colour, marker=".", markersize=4, linewidth=1.2,
-                label=f"{policy}, interval {t_high}")
+                label=f"{policy}, {t_high * r.dt_h:g} h")
         ax.plot(buses, v[t_low], color=colour, marker=".", markersize=4, linewidth=1.2, linestyle="-.",
-                label=f"{policy}, interval {t_low}")
+                label=f"{policy}, {t_low * r.dt_h:g} h")
     _band(ax, ordered[ref_name])
     dt = ordered[ref_name].dt_h
-    ax.set_title(f"Voltage by bus: highest ({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot)"
-                 f"\nvoltage intervals of '{ref_name}'", fontsize=10)
+    ax.set_title(f"Voltage by bus at the intervals where '{ref_name}' has its highest"
+                 f"\n({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot) voltage", fontsize=10)
     ax.set_xlabel("bus number")
     ax.set_ylabel("voltage (p.u.)")
     ax.grid(alpha=0.3)

@@ -52,7 +52,7 @@ METRICS: list[Metric] = [
     _num("RES curtailed (kWh)", lambda r: r.totals.curtailed_kwh, 0),
     _num("Grid import (kWh)", lambda r: r.totals.grid_import_kwh, 0),
     _num("Grid export (kWh)", lambda r: r.totals.grid_export_kwh, 0),
-    _num("Mean envelope width (kW)", lambda r: r.totals.mean_envelope_width_kw, 0),
+    _num("Mean envelope width, usable (kW)", lambda r: r.totals.mean_usable_envelope_width_kw, 0),
     _num("Min voltage, LinDistFlow (p.u.)", lambda r: r.lindistflow_check.schedule.vmin_pu, 4),
     _num("Min voltage, AC (p.u.)", lambda r: r.ac_check.schedule.vmin_pu, 4),
     _num("Max voltage, LinDistFlow (p.u.)", lambda r: r.lindistflow_check.schedule.vmax_pu, 4),

@@ -91,7 +91,8 @@ class Totals(Model):
     gross_energy_eur: float
     grid_import_kwh: float
     grid_export_kwh: float
-    mean_envelope_width_kw: float
+    mean_envelope_width_kw: float  # up - lo, averaged over communities and intervals
+    mean_usable_envelope_width_kw: float  # the part of each box the community's assets can reach
 
 
 class NetworkState(Model):

@@ -1,0 +1,81 @@
+"""The command line as a user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pdoe.io.results import read_results
+
+REQUIRED_COMMUNITY_KEYS = {
+    "id", "bus", "net_injection_kw", "q_kvar", "envelope_lo_kw", "envelope_up_kw", "cost_eur",
+    "p2p_bought_kwh", "p2p_sold_kwh", "curtailed_kwh",
+}
+
+
+def p2pdoe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "p2pdoe.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_solve_writes_documented_results(tmp_path: Path) -> None:
+    run = p2pdoe("solve", "--mode", "centralized", "--envelope", "dynamic", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["schema_version"] == 1
+    assert set(raw["feeder"]) >= {"name", "v0_pu", "vmin_pu", "vmax_pu"}
+    assert raw["dt_h"] == 1.0
+    assert len(raw["bus_load_kw"]) == 24 and len(raw["bus_load_kw"][0]) == 33
+    assert len(raw["bus_load_kvar"]) == 24
+    assert all(REQUIRED_COMMUNITY_KEYS <= set(c) for c in raw["communities"])
+    assert {"seller", "buyer", "interval", "kw", "price_eur_per_kwh"} <= set(raw["trades"][0])
+    assert set(raw["totals"]) >= {"p2p_traded_kwh", "curtailed_kwh", "cost_eur", "gross_energy_eur"}
+    assert set(raw["ac_check"]) == {"schedule", "upper_corner", "lower_corner"}
+    assert set(raw["solver"]) >= {"iterations", "converged", "wall_time_s"}
+    assert raw["dlmp"][0]["export_eur_per_kwh"]
+    results = read_results(tmp_path / "results.json")
+    assert results.envelope == "dynamic"
+    assert results.solver.converged
+
+
+def test_compare_writes_three_results_a_table_and_plots(tmp_path: Path) -> None:
+    run = p2pdoe("compare", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    for policy in ("none", "static", "dynamic"):
+        assert read_results(tmp_path / policy / "results.json").envelope == policy
+    table = (tmp_path / "comparison.md").read_text()
+    assert "P2P energy traded (kWh)" in table
+    assert "| metric | none | static | dynamic |" in table
+    for name in ("envelopes.png", "voltages.png", "trades.png", "soc.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert "plot:" in run.stdout
+    assert "Dynamic envelopes trade" in run.stdout
+
+
+@pytest.mark.slow
+def test_solve_at_quarter_hour_resolution(tmp_path: Path) -> None:
+    run = p2pdoe("solve", "--intervals", "96", "--dt-h", "0.25", "--envelope", "static", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    results = read_results(tmp_path / "results.json")
+    assert results.intervals == 96
+    assert len(results.communities[0].net_injection_kw) == 96
+
+
+def test_bad_override_fails_with_one_line(tmp_path: Path) -> None:
+    run = p2pdoe("solve", "--intervals", "0", "--out", str(tmp_path))
+    assert run.returncode == 2
+    assert run.stderr.startswith("p2pdoe: error:")
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_edge_side_of_the_core_never_imports_cvxpy() -> None:
+    code = (
+        "import sys, edge_agent, p2pdoe.core.community, p2pdoe.core.market, p2pdoe.core.envelope;"
+        "from p2pdoe.io.scenarios import load_scenario; load_scenario('default');"
+        "sys.exit(1 if 'cvxpy' in sys.modules or 'matplotlib' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
