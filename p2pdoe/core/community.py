@@ -190,8 +190,8 @@ def _bounds(c: CommunityData, lay: Layout, market: MarketData, bounds: EnvelopeB
         "soc": (np.r_[np.full(t - 1, b.soc_min_kwh), soc_end_min], b.soc_max_kwh),
         "imp": (0.0, INF),
         "exp": (0.0, INF),
-        "lo": (x_min, x_max),
-        "up": (x_min, x_max),
+        "lo": (x_min, np.minimum(0.0, x_max)),
+        "up": (np.minimum(0.0, x_max), x_max),
         "wid": (0.0, INF),
     }
     for name, (lo, hi) in limits.items():
