@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from p2pdoe.analysis.results import build_results, net_injection, operating_points
-from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
@@ -46,7 +46,9 @@ def test_trades_are_reciprocal(solutions: dict[Policy, Solution], policy: Policy
 
 
 @pytest.mark.parametrize("policy", list(Policy))
-def test_every_community_is_balanced(scenario: Scenario, solutions: dict[Policy, Solution], policy: Policy) -> None:
+def test_every_community_is_balanced(
+    scenario: Scenario, solutions: dict[Policy, Solution], policy: Policy
+) -> None:
     for c, sc in zip(scenario.communities, solutions[policy].schedules, strict=True):
         supply = sc["pv"] + sc["wd"] + sc["dis"] + sc["imp"] + sc.buy.sum(axis=0)
         demand = c.fixed_load_kw + sc["lx"] + sc["ch"] + sc["exp"] + sc.sell.sum(axis=0)
@@ -71,7 +73,9 @@ def test_static_envelopes_are_one_box_per_community(solutions: dict[Policy, Solu
         assert np.ptp(sc["up"]) < KW_TOL
 
 
-def test_battery_state_of_charge_respects_its_limits(scenario: Scenario, solutions: dict[Policy, Solution]) -> None:
+def test_battery_state_of_charge_respects_its_limits(
+    scenario: Scenario, solutions: dict[Policy, Solution]
+) -> None:
     for c, sc in zip(scenario.communities, solutions[Policy.DYNAMIC].schedules, strict=True):
         b = c.battery
         assert np.all(sc["soc"] >= b.soc_min_kwh - KW_TOL)
@@ -150,7 +154,9 @@ def test_p2p_payments_cancel_and_prices_lie_between_retail_prices(
     for trade in r.trades:
         if trade.kw > 1.0:
             t = trade.interval
-            assert scenario.price_export[t] - 1e-3 <= trade.price_eur_per_kwh <= scenario.price_import[t] + 1e-3
+            assert (
+                scenario.price_export[t] - 1e-3 <= trade.price_eur_per_kwh <= scenario.price_import[t] + 1e-3
+            )
 
 
 @pytest.mark.parametrize("policy", list(Policy))
