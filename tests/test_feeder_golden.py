@@ -97,7 +97,9 @@ def test_tie_switches_are_not_in_the_topology(feeder: Feeder) -> None:
     assert sorted(feeder.order.tolist()) == list(range(33))  # every bus reached exactly once
     assert int(feeder.parent[feeder.root]) == feeder.root
     # Every other bus has exactly one parent, and every parent-child pair is an in-service branch.
-    edges = {frozenset((int(feeder.bus_ids[feeder.parent[k]]), int(feeder.bus_ids[k]))) for k in feeder.branches}
+    edges = {
+        frozenset((int(feeder.bus_ids[feeder.parent[k]]), int(feeder.bus_ids[k]))) for k in feeder.branches
+    }
     assert len(edges) == 32
     for a, b in TIE_SWITCHES:
         assert frozenset((a, b)) not in edges
@@ -132,7 +134,9 @@ def test_ac_losses_match_published(ac: PowerFlowResult) -> None:
 def test_ac_power_balance_at_the_substation(feeder: Feeder, ac: PowerFlowResult) -> None:
     out_of_root = [k for k in feeder.branches if feeder.parent[k] == feeder.root]
     assert float(ac.branch_p_kw[out_of_root].sum()) == pytest.approx(3715.0 + float(ac.losses_kw), abs=1e-6)
-    assert float(ac.branch_q_kvar[out_of_root].sum()) == pytest.approx(2300.0 + float(ac.losses_kvar), abs=1e-6)
+    assert float(ac.branch_q_kvar[out_of_root].sum()) == pytest.approx(
+        2300.0 + float(ac.losses_kvar), abs=1e-6
+    )
 
 
 def test_ac_voltages_match_published(feeder: Feeder, ac: PowerFlowResult) -> None:
@@ -238,6 +242,14 @@ def test_cli_powerflow_json(cli_named: dict) -> None:
 def test_cli_powerflow_from_file_path_gives_the_same_numbers(cli_named: dict) -> None:
     assert Path(IEEE33_FILE).is_file()
     report = _powerflow_json(str(IEEE33_FILE))
-    for key in ("converged", "losses_kw", "losses_kvar", "vmin_pu", "vmin_bus", "load_kw", "lindistflow_vmin_pu"):
+    for key in (
+        "converged",
+        "losses_kw",
+        "losses_kvar",
+        "vmin_pu",
+        "vmin_bus",
+        "load_kw",
+        "lindistflow_vmin_pu",
+    ):
         assert report[key] == cli_named[key], key
     assert report["buses"] == cli_named["buses"]

@@ -43,7 +43,9 @@ mpc.bus(:, [PD, QD]) = mpc.bus(:, [PD, QD]) / 1e3;
 # --- text edits of the shipped file -------------------------------------------------------------------
 
 
-def _edit_row(text: str, block: str, key: tuple[int, ...], edit: Callable[[list[str]], list[str] | None]) -> str:
+def _edit_row(
+    text: str, block: str, key: tuple[int, ...], edit: Callable[[list[str]], list[str] | None]
+) -> str:
     """Apply `edit` to the tokens of the row of mpc.<block> whose leading numbers equal `key`.
 
     `edit` returns the new tokens, or None to delete the row. Exactly one row must match.
@@ -72,7 +74,7 @@ def _edit_row(text: str, block: str, key: tuple[int, ...], edit: Callable[[list[
 
 def _set(col: int, value: str) -> Callable[[list[str]], list[str]]:
     def edit(tokens: list[str]) -> list[str]:
-        return tokens[:col] + [value] + tokens[col + 1 :]
+        return [*tokens[:col], value, *tokens[col + 1 :]]
 
     return edit
 
@@ -103,7 +105,11 @@ BR_R, BR_X, BR_STATUS = 2, 3, 10
 
 BAD_FEEDERS: dict[str, tuple[Callable[[str], str], type[FeederError], str]] = {
     "meshed": (lambda t: _edit_row(t, BRANCH, (18, 33), _set(BR_STATUS, "1")), FeederError, r"meshed"),
-    "meshed-other-tie": (lambda t: _edit_row(t, BRANCH, (9, 15), _set(BR_STATUS, "1")), FeederError, r"meshed"),
+    "meshed-other-tie": (
+        lambda t: _edit_row(t, BRANCH, (9, 15), _set(BR_STATUS, "1")),
+        FeederError,
+        r"meshed",
+    ),
     "islanded-open-branch": (
         lambda t: _edit_row(t, BRANCH, (32, 33), _set(BR_STATUS, "0")),
         FeederError,
@@ -120,8 +126,16 @@ BAD_FEEDERS: dict[str, tuple[Callable[[str], str], type[FeederError], str]] = {
         FeederError,
         r"2 slack buses \(1, 2\)",
     ),
-    "nan-in-bus": (lambda t: _edit_row(t, BUS, (7, 1), _set(PD, "NaN")), MatpowerFormatError, r"NaN or infinite"),
-    "inf-in-bus": (lambda t: _edit_row(t, BUS, (7, 1), _set(PD, "Inf")), MatpowerFormatError, r"NaN or infinite"),
+    "nan-in-bus": (
+        lambda t: _edit_row(t, BUS, (7, 1), _set(PD, "NaN")),
+        MatpowerFormatError,
+        r"NaN or infinite",
+    ),
+    "inf-in-bus": (
+        lambda t: _edit_row(t, BUS, (7, 1), _set(PD, "Inf")),
+        MatpowerFormatError,
+        r"NaN or infinite",
+    ),
     "word-in-bus": (
         lambda t: _edit_row(t, BUS, (7, 1), _set(PD, "0.2x")),
         MatpowerFormatError,
@@ -157,7 +171,11 @@ BAD_FEEDERS: dict[str, tuple[Callable[[str], str], type[FeederError], str]] = {
         MatpowerFormatError,
         r"unsupported statement",
     ),
-    "matpower-case33bw-tail": (lambda t: t + MATPOWER_CONVERSION, MatpowerFormatError, r"unsupported statement"),
+    "matpower-case33bw-tail": (
+        lambda t: t + MATPOWER_CONVERSION,
+        MatpowerFormatError,
+        r"unsupported statement",
+    ),
     "no-branch": (lambda t: _drop_block(t, BRANCH), MatpowerFormatError, r"no mpc\.branch"),
     "no-bus": (lambda t: _drop_block(t, BUS), MatpowerFormatError, r"no mpc\.bus"),
     "duplicate-bus": (
@@ -212,6 +230,30 @@ def test_matlab_code_error_names_the_line(tmp_path: Path) -> None:
         load_matpower(path)
 
 
+def test_assignment_without_semicolon() -> None:
+    feeder = parse_matpower(IEEE33.replace("mpc.baseMVA = 10;", "mpc.baseMVA = 10"), name="x")
+    assert feeder.base_mva == 10.0
+
+
+def test_two_statements_on_one_line() -> None:
+    feeder = parse_matpower(IEEE33.replace("mpc.baseMVA = 10;", "mpc.baseMVA = 10; mpc.foo = 3;"), name="x")
+    assert feeder.base_mva == 10.0
+
+
+def test_non_integer_bus_number_is_refused() -> None:
+    text = IEEE33.replace("\t33\t1\t0.06", "\t33.5\t1\t0.06")
+    assert text != IEEE33
+    with pytest.raises(FeederError, match="integers"):
+        parse_matpower(text, name="x")
+
+
+def test_open_tie_switch_to_a_missing_bus_is_refused() -> None:
+    text = IEEE33.replace("\t25\t29\t", "\t25\t99\t")
+    assert text != IEEE33
+    with pytest.raises(FeederError, match="99"):
+        parse_matpower(text, name="x")
+
+
 def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(MatpowerFormatError, match=r"cannot read feeder file .*nope\.m"):
         load_matpower(tmp_path / "nope.m")
@@ -264,7 +306,8 @@ def test_custom_feeder_with_its_own_numbering(tmp_path: Path) -> None:
     assert f.name == "four"
     assert f.bus_ids.tolist() == [10, 20, 30, 40]
     assert f.root == 2
-    assert f.base_kv == 11.0 and f.s_base_kw == 1000.0
+    assert f.base_kv == 11.0
+    assert f.s_base_kw == 1000.0
     for bus_id in (10, 20, 30, 40):
         assert int(f.bus_ids[f.index_of(bus_id)]) == bus_id
     with pytest.raises(FeederError, match=r"no bus 1 \(buses are 10\.\.40\)"):
@@ -288,7 +331,9 @@ def test_custom_feeder_with_its_own_numbering(tmp_path: Path) -> None:
     pf_plain = run_power_flow(plain, -plain.load_kw, -plain.load_kvar)
     mapping = {30: 1, 10: 2, 20: 3, 40: 4}
     for bus_id, plain_id in mapping.items():
-        assert pf.v_pu[f.index_of(bus_id)] == pytest.approx(pf_plain.v_pu[plain.index_of(plain_id)], abs=1e-12)
+        assert pf.v_pu[f.index_of(bus_id)] == pytest.approx(
+            pf_plain.v_pu[plain.index_of(plain_id)], abs=1e-12
+        )
     assert float(pf.losses_kw) == pytest.approx(float(pf_plain.losses_kw), rel=1e-12)
 
 
@@ -334,4 +379,3 @@ def test_cli_custom_feeder(tmp_path: Path) -> None:
     assert [row["bus"] for row in report["buses"]] == [10, 20, 30, 40]
     assert report["vmax_bus"] == 30
     assert report["converged"] is True
-

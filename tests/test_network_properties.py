@@ -98,7 +98,9 @@ def test_matrices_match_the_tree(case: Case) -> None:
     assert sorted(f.branches.tolist()) == _non_root(f).tolist()
     np.testing.assert_array_equal(r, r.T)
     np.testing.assert_array_equal(x, x.T)
-    assert np.all(r >= 0) and np.all(x >= 0) and np.all(s >= 0)
+    assert np.all(r >= 0)
+    assert np.all(x >= 0)
+    assert np.all(s >= 0)
     for k in range(f.n_bus):
         expected_row = np.zeros(f.n_bus)
         if k != f.root:
@@ -206,12 +208,16 @@ def test_every_point_in_a_box_lies_between_the_corners(case: Case, n_comm: int) 
     points += [np.where(rng.random(buses.size) < 0.5, lo, up) for _ in range(8)]  # vertices
     points += [(lo + up) / 2]
     for x in points:
-        assert np.all(lo <= x) and np.all(x <= up)
+        assert np.all(lo <= x)
+        assert np.all(x <= up)
         w, flow = state(x)
-        assert np.all(w_lo - 1e-12 <= w) and np.all(w <= w_up + 1e-12)
-        assert np.all(flow_up - 1e-9 <= flow) and np.all(flow <= flow_lo + 1e-9)
+        assert np.all(w_lo - 1e-12 <= w)
+        assert np.all(w <= w_up + 1e-12)
+        assert np.all(flow_up - 1e-9 <= flow)
+        assert np.all(flow <= flow_lo + 1e-9)
         v = np.sqrt(w)
-        assert np.all(np.sqrt(w_lo) - 1e-12 <= v) and np.all(v <= np.sqrt(w_up) + 1e-12)
+        assert np.all(np.sqrt(w_lo) - 1e-12 <= v)
+        assert np.all(v <= np.sqrt(w_up) + 1e-12)
 
 
 # --- d. AC against LinDistFlow ------------------------------------------------------------------------

@@ -64,24 +64,39 @@ def _read_fields(text: str, source: str) -> dict[str, tuple[str, int]]:
 
 
 def _statements(text: str) -> list[tuple[str, int]]:
-    """Split MATLAB text into statements (comments removed), with their first line numbers."""
+    """Split MATLAB text into statements (comments removed), with their first line numbers.
+
+    A statement ends at `;` or at a line end outside brackets; inside brackets a line end
+    separates matrix rows, as in MATLAB. `...` continues a line.
+    """
     out: list[tuple[str, int]] = []
     buf: list[str] = []
-    start = 0
-    depth = 0
+    start, depth = 0, 0
+
+    def flush() -> None:
+        statement = "".join(buf).strip()
+        if statement:
+            out.append((statement, start))
+        buf.clear()
+
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = _strip_comment(raw).strip()
-        if not line:
-            continue
-        if not buf:
-            start = number
-        buf.append(line)
-        depth += line.count("[") + line.count("{") - line.count("]") - line.count("}")
-        if depth <= 0 and (line.endswith(";") or _FUNCTION.match(line) or line.endswith("]")):
-            out.append((" \n".join(buf).rstrip(";").strip(), start))
-            buf, depth = [], 0
-    if buf:
-        out.append((" \n".join(buf).strip(), start))
+        line = _strip_comment(raw)
+        continued = line.rstrip().endswith("...")
+        line = line.rstrip()[:-3] if continued else line
+        for ch in line:
+            if not "".join(buf).strip():
+                start = number
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == ";" and depth <= 0:
+                flush()
+                depth = 0
+            else:
+                buf.append(ch)
+        if depth > 0 or continued:
+            buf.append("\n" if depth > 0 else " ")
+        else:
+            flush()
+    flush()
     return out
 
 
@@ -134,11 +149,14 @@ def _matrix(value: tuple[str, int], key: str, min_cols: int, source: str) -> np.
 
 
 def _build_feeder(name: str, base_mva: float, bus: np.ndarray, branch: np.ndarray, source: str) -> Feeder:
+    if not np.all(bus[:, BUS_I] == np.round(bus[:, BUS_I])) or np.any(bus[:, BUS_I] < 0):
+        raise FeederError(f"{source}: bus numbers in mpc.bus must be non-negative integers")
     bus_ids = bus[:, BUS_I].astype(np.int64)
     if len(set(bus_ids.tolist())) != len(bus_ids):
         raise FeederError(f"{source}: duplicate bus numbers in mpc.bus")
     index = {int(b): i for i, b in enumerate(bus_ids)}
     root = _slack(bus, source)
+    _check_endpoints(branch, index, source)
     live = branch[branch[:, BR_STATUS] != 0]
     _check_branch_numbers(live, index, source)
     parent, edge_of = _spanning_tree(len(bus_ids), root, live, index, bus_ids, source)
@@ -180,12 +198,17 @@ def _slack(bus: np.ndarray, source: str) -> int:
     return int(slack[0])
 
 
+def _check_endpoints(branch: np.ndarray, index: dict[int, int], source: str) -> None:
+    """Every branch, in service or not, joins two buses of mpc.bus."""
+    for row in branch:
+        f, t = row[F_BUS], row[T_BUS]
+        if f != round(f) or t != round(t) or int(f) not in index or int(t) not in index:
+            raise FeederError(f"{source}: branch {f:g}-{t:g} names a bus that is not in mpc.bus")
+
+
 def _check_branch_numbers(live: np.ndarray, index: dict[int, int], source: str) -> None:
     for row in live:
-        f, t = int(row[F_BUS]), int(row[T_BUS])
-        label = f"branch {f}-{t}"
-        if f not in index or t not in index:
-            raise FeederError(f"{source}: {label} names a bus that is not in mpc.bus")
+        label = f"branch {int(row[F_BUS])}-{int(row[T_BUS])}"
         if row[BR_R] < 0 or row[BR_X] < 0:
             raise FeederError(f"{source}: {label} has a negative resistance or reactance")
         if row[BR_R] == 0 and row[BR_X] == 0:

@@ -69,8 +69,12 @@ def read_spec(path: Path, overrides: dict[str, Any] | None = None) -> ScenarioSp
 def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> Scenario:
     path = scenario_path(name_or_path)
     spec = read_spec(path, overrides)
-    feeder = load_feeder(spec.feeder.source, relative_to=path.parent)
-    return build_scenario(spec, feeder, _csv_columns(spec, path.parent))
+    try:
+        feeder = load_feeder(spec.feeder.source, relative_to=path.parent)
+        return build_scenario(spec, feeder, _csv_columns(spec, path.parent))
+    except ScenarioError as exc:
+        message = str(exc)
+        raise ScenarioError(message if str(path) in message else f"{path}: {message}") from exc
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -78,6 +82,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text") from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -127,6 +133,8 @@ def _read_column(path: Path, column: str) -> FloatArray:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise ScenarioError(f"cannot read profile {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text") from exc
     if not rows or column not in rows[0]:
         raise ScenarioError(f"{path}: no column {column!r}")
     try:
