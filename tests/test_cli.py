@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error, run_p2pdoe
 
 from p2pdoe.io.results import read_results
 
@@ -25,14 +26,8 @@ REQUIRED_COMMUNITY_KEYS = {
 }
 
 
-def p2pdoe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "p2pdoe.cli.main", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_solve_writes_documented_results(tmp_path: Path) -> None:
-    run = p2pdoe("solve", "--mode", "centralized", "--envelope", "dynamic", "--out", str(tmp_path))
+    run = run_p2pdoe("solve", "--mode", "centralized", "--envelope", "dynamic", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
     raw = json.loads((tmp_path / "results.json").read_text())
     assert raw["schema_version"] == 1
@@ -53,7 +48,7 @@ def test_solve_writes_documented_results(tmp_path: Path) -> None:
 
 
 def test_compare_writes_three_results_a_table_and_plots(tmp_path: Path) -> None:
-    run = p2pdoe("compare", "--out", str(tmp_path))
+    run = run_p2pdoe("compare", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
     for policy in ("none", "static", "dynamic"):
         assert read_results(tmp_path / policy / "results.json").envelope == policy
@@ -68,7 +63,7 @@ def test_compare_writes_three_results_a_table_and_plots(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_solve_at_quarter_hour_resolution(tmp_path: Path) -> None:
-    run = p2pdoe(
+    run = run_p2pdoe(
         "solve", "--intervals", "96", "--dt-h", "0.25", "--envelope", "static", "--out", str(tmp_path)
     )
     assert run.returncode == 0, run.stderr
@@ -78,11 +73,8 @@ def test_solve_at_quarter_hour_resolution(tmp_path: Path) -> None:
 
 
 def test_bad_override_fails_with_one_line(tmp_path: Path) -> None:
-    run = p2pdoe("solve", "--intervals", "0", "--out", str(tmp_path))
-    assert run.returncode == 2
-    assert run.stderr.startswith("p2pdoe: error:")
-    assert len(run.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in run.stderr + run.stdout
+    run = run_p2pdoe("solve", "--intervals", "0", "--out", str(tmp_path))
+    assert_one_line_error(run, "intervals")
 
 
 def test_edge_side_of_the_core_never_imports_cvxpy() -> None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error, run_p2pdoe
 
 from p2pdoe.core.network import LinDistFlow
 from p2pdoe.core.powerflow import run_power_flow
@@ -340,40 +339,21 @@ def test_custom_feeder_with_its_own_numbering(tmp_path: Path) -> None:
 # --- the command line ---------------------------------------------------------------------------------
 
 
-def _p2pdoe() -> list[str]:
-    script = Path(sys.executable).parent / "p2pdoe"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "p2pdoe.cli.main"]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_p2pdoe(), *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("p2pdoe: error:")
-    for needle in needles:
-        assert needle in lines[0]
-
-
 def test_cli_meshed_feeder(tmp_path: Path) -> None:
     path = tmp_path / "meshed.m"
     path.write_text(BAD_FEEDERS["meshed"][0](IEEE33), encoding="utf-8")
-    _assert_one_line_error(_run("powerflow", "--feeder", str(path)), "meshed", str(path))
+    assert_one_line_error(run_p2pdoe("powerflow", "--feeder", str(path)), "meshed", str(path))
 
 
 def test_cli_missing_feeder_file(tmp_path: Path) -> None:
     path = tmp_path / "does-not-exist.m"
-    _assert_one_line_error(_run("powerflow", "--feeder", str(path), "--json"), str(path))
+    assert_one_line_error(run_p2pdoe("powerflow", "--feeder", str(path), "--json"), str(path))
 
 
 def test_cli_custom_feeder(tmp_path: Path) -> None:
     path = tmp_path / "four.m"
     path.write_text(FOUR_BUS, encoding="utf-8")
-    proc = _run("powerflow", "--feeder", str(path), "--json")
+    proc = run_p2pdoe("powerflow", "--feeder", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert [row["bus"] for row in report["buses"]] == [10, 20, 30, 40]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import assert_one_line_error, run_p2pdoe
 
 from p2pdoe.io.scenarios import data_path
 
@@ -22,9 +22,8 @@ DEFAULT = yaml.safe_load(data_path("scenarios", "default.yaml").read_text(encodi
 
 
 def _solve(scenario: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "p2pdoe.cli.main", "solve", "--scenario", str(scenario)]
-    cmd += ["--mode", "centralized", "--envelope", "dynamic", "--out", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    args = ["solve", "--scenario", str(scenario), "--mode", "centralized", "--envelope", "dynamic"]
+    return run_p2pdoe(*args, "--out", str(out), timeout=120)
 
 
 def _community(doc: dict[str, Any], cid: str) -> dict[str, Any]:
@@ -92,13 +91,7 @@ BAD_SCENARIOS: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]
 
 
 def _assert_clean_failure(proc: subprocess.CompletedProcess[str], tmp_path: Path, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("p2pdoe: error:")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    assert_one_line_error(proc, *needles)
     assert list(tmp_path.rglob("results.json")) == []
 
 
