@@ -258,7 +258,7 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
         load_matpower(tmp_path / "nope.m")
     binary = tmp_path / "binary.m"
     binary.write_bytes(b"\xff\xfe\x00\x01mpc")
-    with pytest.raises(MatpowerFormatError, match=r"not a text file"):
+    with pytest.raises(MatpowerFormatError, match=r"not UTF-8 text"):
         load_matpower(binary)
 
 

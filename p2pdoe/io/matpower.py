@@ -16,6 +16,7 @@ import numpy as np
 
 from p2pdoe.core.network import Feeder
 from p2pdoe.errors import FeederError, MatpowerFormatError
+from p2pdoe.io.files import read_text
 
 _ASSIGN = re.compile(r"^mpc\.(\w+)\s*=\s*(.*)$", re.DOTALL)
 _FUNCTION = re.compile(r"^function\s+\w+\s*=\s*\w+\s*$")
@@ -27,12 +28,7 @@ REF = 3
 
 def load_matpower(path: Path) -> Feeder:
     """Read a MATPOWER case file; MatpowerFormatError / FeederError with one clear line if unusable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MatpowerFormatError(f"cannot read feeder file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise MatpowerFormatError(f"{path}: not a text file") from exc
+    text = read_text(path, "feeder file", MatpowerFormatError)
     return parse_matpower(text, name=path.stem, source=str(path))
 
 

@@ -17,6 +17,7 @@ from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import Scenario, build_scenario
 from p2pdoe.core.schemas.scenario import CsvProfile, ScenarioSpec
 from p2pdoe.errors import ScenarioError
+from p2pdoe.io.files import read_text
 from p2pdoe.io.matpower import load_matpower
 
 NAMED_FEEDERS = {"ieee33": "ieee33bw.m"}
@@ -78,12 +79,7 @@ def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) ->
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(f"{path}: not UTF-8 text") from exc
+    text = read_text(path, "scenario", ScenarioError)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
