@@ -18,7 +18,7 @@ from p2pdoe.io.results import write_results
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.report.table import comparison_rows, p2p_gain_pct, to_markdown
 
-console = Console(stderr=False, highlight=False)
+console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def run_policy(s: Scenario, policy: Policy) -> Results:
