@@ -56,10 +56,6 @@ def _flex_too_little(doc: dict[str, Any]) -> None:
     _community(doc, "town-14")["flexible_load"]["min_kw"] = 50  # 50 kW x 24 h = 1200 kWh > 600 kWh
 
 
-def _same_bus(doc: dict[str, Any]) -> None:
-    _community(doc, "village-22")["bus"] = 18
-
-
 def _naive_start(doc: dict[str, Any]) -> None:
     doc["horizon"]["start"] = "2026-06-21T00:00:00"
 
@@ -83,7 +79,6 @@ BAD_SCENARIOS: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]
     "typo-in-battery": (_typo_nested_key, ("communities.0.battery.power_kwh", "xtra")),
     "flexible-energy-too-high": (_flex_too_much, ("town-14", "flexible energy 5000 kWh cannot be served")),
     "flexible-energy-too-low": (_flex_too_little, ("town-14", "flexible energy 600 kWh cannot be served")),
-    "two-communities-one-bus": (_same_bus, ("solar-18", "village-22", "share bus 18")),
     "start-without-time-zone": (_naive_start, ("horizon.start", "no time zone")),
     "community-on-slack-bus": (_slack_bus, ("town-14", "slack bus 1")),
     "feeder-file-missing": (_missing_feeder, ("no-such-feeder.m", "neither a named feeder")),

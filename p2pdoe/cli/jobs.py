@@ -21,26 +21,43 @@ from p2pdoe.report.table import comparison_rows, p2p_gain_pct, to_markdown
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
-def run_policy(s: Scenario, policy: Policy) -> Results:
+def run_policy(s: Scenario, policy: Policy, mode: str = "centralized") -> Results:
+    if mode == "admm":
+        from p2pdoe.services.inprocess import admm_results, run_admm
+
+        return admm_results(s, run_admm(s, policy))
     from p2pdoe.reference.centralized import solve_centralized
 
     return build_results(s, solve_centralized(s, policy), "centralized")
 
 
-def solve_one(scenario: str, overrides: dict[str, Any], envelope: str, out: Path) -> Results:
+def solve_one(scenario: str, overrides: dict[str, Any], envelope: str, mode: str, out: Path) -> Results:
     s = load_scenario(scenario, overrides)
     with _progress() as progress:
-        progress.add_task(f"solving {s.name} ({envelope} envelopes, {s.horizon} intervals)", total=None)
-        results = run_policy(s, Policy(envelope))
+        progress.add_task(
+            f"solving {s.name} ({envelope} envelopes, {s.horizon} intervals, {mode})", total=None
+        )
+        results = run_policy(s, Policy(envelope), mode)
     path = write_results(results, out)
     t = results.totals
     console.print(
-        f"{envelope}: objective {results.objective_eur:.2f} EUR, P2P {t.p2p_traded_kwh:.0f} kWh, "
+        f"{envelope} ({mode}): objective {results.objective_eur:.2f} EUR, P2P {t.p2p_traded_kwh:.0f} kWh, "
         f"curtailed {t.curtailed_kwh:.0f} kWh, cost {t.cost_eur:.2f} EUR "
         f"({results.solver.wall_time_s:.2f} s)"
     )
+    if mode == "admm":
+        console.print(_admm_line(results))
     console.print(f"wrote {path}")
     return results
+
+
+def _admm_line(r: Results) -> str:
+    sv = r.solver
+    return (
+        f"ADMM {sv.status} after {sv.iterations} iterations; critical path {sv.critical_path_s or 0:.2f} s; "
+        f"{sv.messages_per_iteration or 0:.0f} messages, {(sv.bytes_per_iteration or 0) / 1e3:.0f} kB "
+        "per iteration"
+    )
 
 
 def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True) -> dict[str, Results]:
@@ -50,12 +67,16 @@ def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = T
     )
     results: dict[str, Results] = {}
     with _progress() as progress:
-        task = progress.add_task("solving", total=len(Policy) + (1 if plots else 0))
+        task = progress.add_task("solving", total=len(Policy) + 1 + (1 if plots else 0))
         for policy in (Policy.NONE, Policy.STATIC, Policy.DYNAMIC):
             progress.update(task, description=f"solving with {policy.value} envelopes")
             results[policy.value] = run_policy(s, policy)
             write_results(results[policy.value], out / policy.value)
             progress.advance(task)
+        progress.update(task, description="agreeing on dynamic envelopes by ADMM")
+        results["admm"] = run_policy(s, Policy.DYNAMIC, "admm")
+        write_results(results["admm"], out / "admm")
+        progress.advance(task)
         figures: list[Path] = []
         if plots:
             progress.update(task, description="drawing plots")
@@ -77,7 +98,7 @@ def _write_summary(results: dict[str, Results], out: Path) -> None:
 
 def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) -> None:
     names, rows = comparison_rows(results)
-    table = Table(title="Envelope policies compared (centralized optimum)")
+    table = Table(title="Envelope policies compared (centralized optimum; admm: dynamic, decentralized)")
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
@@ -94,9 +115,16 @@ def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) 
         f"Dynamic envelopes trade {gain:+.1f} % P2P energy against static ones; "
         f"AC check of dynamic schedule and both corners: {'all limits hold' if safe else 'VIOLATIONS'}."
     )
-    console.print(f"results: {out}/{{none,static,dynamic}}/results.json, {out}/comparison.md")
+    console.print(_admm_line(results["admm"]) + f"; objective gap to centralized {_gap_pct(results):.3f} %")
+    console.print(f"results: {out}/{{none,static,dynamic,admm}}/results.json, {out}/comparison.md")
     for path in figures:
         console.print(f"plot: {path}")
+
+
+def _gap_pct(results: dict[str, Results]) -> float:
+    """ADMM's objective above the centralized dynamic one, in % of the gross energy cost."""
+    ref = results["dynamic"]
+    return 100.0 * (results["admm"].objective_eur - ref.objective_eur) / ref.totals.gross_energy_eur
 
 
 def _progress() -> Progress:

@@ -41,17 +41,17 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", default="default", help="a named scenario (default) or a scenario file")
     p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
     p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
-    p.add_argument(
-        "--mode",
-        choices=["centralized"],
-        default="centralized",
-        help="how the problem is solved (centralized: one cvxpy problem)",
-    )
 
 
 def _solve_parser(sub: Any) -> None:
     p = sub.add_parser("solve", help="solve a scenario under one envelope policy and write results.json")
     _scenario_args(p)
+    p.add_argument(
+        "--mode",
+        choices=["centralized", "admm"],
+        default="centralized",
+        help="centralized: one cvxpy problem; admm: the decentralized agreement, in-process",
+    )
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json")
     p.set_defaults(run=_run_solve)
@@ -59,7 +59,8 @@ def _solve_parser(sub: Any) -> None:
 
 def _compare_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "compare", help="solve none / static / dynamic, print the table, write results and plots"
+        "compare",
+        help="solve none / static / dynamic (centralized) and dynamic by ADMM; print the table, write plots",
     )
     _scenario_args(p)
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder")
@@ -92,7 +93,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _run_solve(args: argparse.Namespace) -> int:
     from p2pdoe.cli.jobs import solve_one
 
-    solve_one(args.scenario, _overrides(args), args.envelope, args.out)
+    solve_one(args.scenario, _overrides(args), args.envelope, args.mode, args.out)
     return 0
 
 

@@ -212,13 +212,17 @@ def _objective(
 ) -> tuple[FloatArray, FloatArray, float]:
     p = np.zeros(lay.size)
     q = np.zeros(lay.size)
-    reg = 2.0 * market.regularization_eur_per_kw2h * dt_h
+    eps = market.regularization_eur_per_kw2h * dt_h
     for name in ("pv", "wd", "ch", "dis", "imp", "exp"):
-        p[lay.block(name)] = reg
+        p[lay.block(name)] = 2.0 * eps
+    # PV and wind are regularised on their curtailment, eps (forecast - used)^2: free when not curtailed
+    for name, forecast in (("pv", c.pv_kw), ("wd", c.wind_kw)):
+        q[lay.block(name)] = -2.0 * eps * forecast
     alpha = c.flex.discomfort_eur_per_kw2h
-    p[lay.block("lx")] = 2.0 * alpha * dt_h + reg
+    p[lay.block("lx")] = 2.0 * alpha * dt_h + 2.0 * eps
     q[lay.block("lx")] = -2.0 * alpha * dt_h * c.flex.preferred_kw
     constant = float(alpha * dt_h * np.sum(c.flex.preferred_kw**2))
+    constant += float(eps * (np.sum(c.pv_kw**2) + np.sum(c.wind_kw**2)))
     q[lay.block("imp")] = price_import * dt_h
     q[lay.block("exp")] = -price_export * dt_h
     wear = c.battery.wear_eur_per_kwh * dt_h

@@ -23,18 +23,13 @@ class TradeLink:
     seller_pos: int  # position of the buyer in the seller's peers
 
 
-def peers_of(c: int, n: int) -> tuple[int, ...]:
-    return tuple(m for m in range(n) if m != c)
-
-
-def trade_links(n: int) -> list[TradeLink]:
-    links = []
-    for buyer in range(n):
-        for seller in peers_of(buyer, n):
-            links.append(
-                TradeLink(buyer, seller, peers_of(buyer, n).index(seller), peers_of(seller, n).index(buyer))
-            )
-    return links
+def trade_links(peers: tuple[tuple[int, ...], ...]) -> list[TradeLink]:
+    """Every ordered (buyer, seller) pair of the trading graph."""
+    return [
+        TradeLink(buyer, seller, pos, peers[seller].index(buyer))
+        for buyer in range(len(peers))
+        for pos, seller in enumerate(peers[buyer])
+    ]
 
 
 def envelope_bounds(policy: Policy) -> EnvelopeBounds:
@@ -42,10 +37,9 @@ def envelope_bounds(policy: Policy) -> EnvelopeBounds:
 
 
 def community_qps(s: Scenario, policy: Policy) -> list[CommunityQP]:
-    n = len(s.communities)
     qps = []
     for i, c in enumerate(s.communities):
-        peers = peers_of(i, n)
+        peers = s.market.peers[i]
         fees = s.market.fee_eur_per_kwh[i, list(peers)]
         qps.append(
             build_community_qp(

@@ -76,9 +76,27 @@ class CommunityData:
 class MarketData:
     trade_limit_kw: float
     fee_eur_per_kwh: FloatArray  # (C, C), symmetric, zero diagonal
+    peers: tuple[tuple[int, ...], ...]  # trading partners of each community, sorted, symmetric
     trade_quadratic_eur_per_kw2h: float
     regularization_eur_per_kw2h: float
     envelope_proximal_eur_per_kw2h: float
+
+
+@dataclass(frozen=True)
+class AdmmSettings:
+    """See `schemas.scenario.Admm`; rho here is per hour of interval, EUR/(kW^2 h)."""
+
+    rho_trade: float
+    rho_envelope: float
+    over_relaxation: float
+    eps_abs_kw: float
+    eps_rel: float
+    max_iterations: int
+    adaptive: bool
+    adapt_ratio: float
+    adapt_factor: float
+    adapt_every: int
+    adapt_until: int
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,7 @@ class Scenario:
     price_export: FloatArray  # (T,) EUR/kWh
     communities: tuple[CommunityData, ...]
     market: MarketData
+    admm: AdmmSettings
 
     @property
     def horizon(self) -> int:
@@ -120,7 +139,6 @@ def build_scenario(
     rated = feeder.with_ratings(_ratings(feeder, fs.line_ratings, fs.v0_pu))
     bg = shape(fs.background_load.profile) * fs.background_load.peak_factor
     communities = tuple(_community(c, rated, shape, s.horizon.dt_h) for c in s.communities)
-    _check_buses(communities, rated)
     return Scenario(
         name=s.name,
         feeder=rated,
@@ -138,6 +156,7 @@ def build_scenario(
         price_export=_tou(s.prices.export_eur_per_kwh, hours),
         communities=communities,
         market=_market(s.market, communities, rated),
+        admm=_admm(s.admm),
     )
 
 
@@ -223,17 +242,51 @@ def _flex(cid: str, f: spec.FlexibleLoad, shape: _ProfileResolver, dt_h: float) 
 
 def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feeder) -> MarketData:
     c = len(communities)
-    fee = np.zeros((c, c))
+    dist = np.zeros((c, c))
     for i in range(c):
         for j in range(i + 1, c):
-            dist = electrical_distance_ohm(feeder, communities[i].bus, communities[j].bus)
-            fee[i, j] = fee[j, i] = m.fee_base_eur_per_kwh + m.fee_eur_per_kwh_per_ohm * dist
+            dist[i, j] = dist[j, i] = electrical_distance_ohm(feeder, communities[i].bus, communities[j].bus)
+    fee = m.fee_base_eur_per_kwh + m.fee_eur_per_kwh_per_ohm * dist
+    np.fill_diagonal(fee, 0.0)
     return MarketData(
         trade_limit_kw=m.trade_limit_kw,
         fee_eur_per_kwh=fee,
+        peers=_trading_graph(dist, m.max_peers),
         trade_quadratic_eur_per_kw2h=m.trade_quadratic_eur_per_kw2h,
         regularization_eur_per_kw2h=m.regularization_eur_per_kw2h,
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
+    )
+
+
+def _trading_graph(dist: FloatArray, max_peers: int | None) -> tuple[tuple[int, ...], ...]:
+    """Everyone with everyone, or each community's `max_peers` electrically nearest (ties by order),
+    made symmetric: if c picks m, m trades with c too."""
+    c = dist.shape[0]
+    if max_peers is None or max_peers >= c - 1:
+        return tuple(tuple(m for m in range(c) if m != i) for i in range(c))
+    links: list[set[int]] = [set() for _ in range(c)]
+    for i in range(c):
+        order = [int(m) for m in np.argsort(dist[i], kind="stable") if m != i]
+        for m in order[:max_peers]:
+            links[i].add(m)
+            links[m].add(i)
+    return tuple(tuple(sorted(p)) for p in links)
+
+
+def _admm(a: spec.Admm) -> AdmmSettings:
+    r = a.adaptive_rho
+    return AdmmSettings(
+        rho_trade=a.rho_trade_eur_per_kw2h,
+        rho_envelope=a.rho_envelope_eur_per_kw2h,
+        over_relaxation=a.over_relaxation,
+        eps_abs_kw=a.eps_abs_kw,
+        eps_rel=a.eps_rel,
+        max_iterations=a.max_iterations,
+        adaptive=r.enabled,
+        adapt_ratio=r.ratio,
+        adapt_factor=r.factor,
+        adapt_every=r.every,
+        adapt_until=r.until,
     )
 
 
@@ -258,16 +311,6 @@ def _tou(t: spec.TimeOfUse, hours: FloatArray) -> FloatArray:
         inside = (hours >= lo) & (hours < hi) if lo <= hi else (hours >= lo) | (hours < hi)
         price[inside] = value
     return price
-
-
-def _check_buses(communities: tuple[CommunityData, ...], feeder: Feeder) -> None:
-    seen: dict[int, str] = {}
-    for c in communities:
-        if c.bus in seen:
-            raise ScenarioError(
-                f"communities {seen[c.bus]!r} and {c.id!r} share bus {int(feeder.bus_ids[c.bus])}"
-            )
-        seen[c.bus] = c.id
 
 
 def _parse_start(text: str) -> datetime:

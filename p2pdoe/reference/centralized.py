@@ -80,7 +80,7 @@ def _local_constraints(qp: CommunityQP, z: cp.Variable) -> list[cp.Constraint]:
 def _reciprocity(qps: list[CommunityQP], z: list[cp.Variable]) -> dict[tuple[int, int], cp.Constraint]:
     """buy[c -> m] == sell[m -> c] for every ordered pair (buyer c, seller m)."""
     out = {}
-    for link in trade_links(len(qps)):
+    for link in trade_links(tuple(qp.layout.peers for qp in qps)):
         buy = z[link.buyer][qps[link.buyer].layout.buy(link.buyer_pos)]
         sell = z[link.seller][qps[link.seller].layout.sell(link.seller_pos)]
         out[(link.buyer, link.seller)] = buy == sell

@@ -45,6 +45,7 @@ def write_plots(results: Mapping[str, Results], out_dir: Path) -> list[Path]:
         ("trades.png", lambda: _trades_figure(ordered)),
         ("soc.png", lambda: _soc_figure(ordered)),
         ("dlmp.png", lambda: _dlmp_figure(ordered["dynamic"]) if "dynamic" in ordered else None),
+        ("residuals.png", lambda: _residuals_figure(ordered)),
     ]
     written: list[Path] = []
     for name, build in builders:  # one figure open at a time
@@ -101,8 +102,13 @@ def _subplots(n: int, width: float, height: float, sharey: bool = False) -> tupl
     """A grid of n axes sharing x (unused cells hidden), in reading order."""
     rows, cols = _grid(n)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(width * cols, height * rows + 0.8), sharex=True, sharey=sharey,
-        squeeze=False, layout="constrained",
+        rows,
+        cols,
+        figsize=(width * cols, height * rows + 0.8),
+        sharex=True,
+        sharey=sharey,
+        squeeze=False,
+        layout="constrained",
     )
     flat = list(axes.ravel())
     for ax in flat[n:]:
@@ -169,12 +175,26 @@ def _envelope_axes(ax: Axes, cid: str, ordered: Mapping[str, Results]) -> None:
         if c is None:
             continue
         bus, colour, t = c.bus, _colour(policy, list(ordered)), _hours(r)
-        ax.fill_between(t, _steps(c.envelope_lo_kw), _steps(c.envelope_up_kw), step="post",
-                        color=colour, alpha=0.15, linewidth=0, label=f"{policy} envelope")
+        ax.fill_between(
+            t,
+            _steps(c.envelope_lo_kw),
+            _steps(c.envelope_up_kw),
+            step="post",
+            color=colour,
+            alpha=0.15,
+            linewidth=0,
+            label=f"{policy} envelope",
+        )
         for edge in (c.envelope_lo_kw, c.envelope_up_kw):
             ax.plot(t, _steps(edge), drawstyle="steps-post", color=colour, linewidth=0.6, alpha=0.6)
-        ax.plot(t, _steps(c.net_injection_kw), drawstyle="steps-post", color=colour, linewidth=1.4,
-                label=f"{policy} net injection")
+        ax.plot(
+            t,
+            _steps(c.net_injection_kw),
+            drawstyle="steps-post",
+            color=colour,
+            linewidth=1.4,
+            label=f"{policy} net injection",
+        )
     ax.axhline(0.0, color="black", linewidth=0.7)
     ax.set_title(f"{cid} (bus {bus})")
     ax.set_ylabel("power (kW)")
@@ -195,8 +215,16 @@ def _voltages_figure(ordered: Mapping[str, Results]) -> Figure:
 def _band(ax: Axes, r: Results) -> None:
     for v, name in ((r.feeder.vmin_pu, "vmin"), (r.feeder.vmax_pu, "vmax")):
         ax.axhline(v, color="black", linestyle="--", linewidth=0.9)
-        ax.annotate(f"{name} {v:.3f}", (1.0, v), xycoords=("axes fraction", "data"), xytext=(-3, 2),
-                    textcoords="offset points", ha="right", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{name} {v:.3f}",
+            (1.0, v),
+            xycoords=("axes fraction", "data"),
+            xytext=(-3, 2),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=8,
+        )
 
 
 def _voltage_extremes_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
@@ -205,8 +233,14 @@ def _voltage_extremes_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
         v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
         colour, t = _colour(policy, list(ordered)), _hours(r)
         ax.plot(t, _steps(v.max(axis=1)), drawstyle="steps-post", color=colour, label=f"{policy} max")
-        ax.plot(t, _steps(v.min(axis=1)), drawstyle="steps-post", color=colour, linestyle="-.",
-                label=f"{policy} min")
+        ax.plot(
+            t,
+            _steps(v.min(axis=1)),
+            drawstyle="steps-post",
+            color=colour,
+            linestyle="-.",
+            label=f"{policy} min",
+        )
     _band(ax, ref)
     ax.set_title("Feeder minimum and maximum voltage per interval")
     ax.set_xlabel(_time_label(ref))
@@ -224,14 +258,32 @@ def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
         if max(t_high, t_low) >= len(v):  # a shorter horizon than the reference's
             continue
         buses, colour = r.feeder.bus_ids, _colour(policy, list(ordered))
-        ax.plot(buses, v[t_high], color=colour, marker=".", markersize=4, linewidth=1.2,
-                label=f"{policy}, {t_high * r.dt_h:g} h")
-        ax.plot(buses, v[t_low], color=colour, marker=".", markersize=4, linewidth=1.2, linestyle="-.",
-                label=f"{policy}, {t_low * r.dt_h:g} h")
+        ax.plot(
+            buses,
+            v[t_high],
+            color=colour,
+            marker=".",
+            markersize=4,
+            linewidth=1.2,
+            label=f"{policy}, {t_high * r.dt_h:g} h",
+        )
+        ax.plot(
+            buses,
+            v[t_low],
+            color=colour,
+            marker=".",
+            markersize=4,
+            linewidth=1.2,
+            linestyle="-.",
+            label=f"{policy}, {t_low * r.dt_h:g} h",
+        )
     _band(ax, ordered[ref_name])
     dt = ordered[ref_name].dt_h
-    ax.set_title(f"Voltage by bus at the intervals where '{ref_name}' has its highest"
-                 f"\n({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot) voltage", fontsize=10)
+    ax.set_title(
+        f"Voltage by bus at the intervals where '{ref_name}' has its highest"
+        f"\n({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot) voltage",
+        fontsize=10,
+    )
     ax.set_xlabel("bus number")
     ax.set_ylabel("voltage (p.u.)")
     ax.grid(alpha=0.3)
@@ -263,8 +315,13 @@ def _trades_figure(ordered: Mapping[str, Results]) -> Figure:
         centres = (np.arange(r.intervals) + 0.5) * r.dt_h
         width = 0.8 * r.dt_h / n
         colour = _colour(policy, list(ordered))
-        top.bar(centres + (k - (n - 1) / 2) * width, energy, width=width, color=colour,
-                label=f"{policy} ({energy.sum():,.0f} kWh)")
+        top.bar(
+            centres + (k - (n - 1) / 2) * width,
+            energy,
+            width=width,
+            color=colour,
+            label=f"{policy} ({energy.sum():,.0f} kWh)",
+        )
         bottom.plot(centres, price, color=colour, marker="o", markersize=3.5, linewidth=1.2, label=policy)
     top.set_title("P2P energy traded per interval")
     top.set_ylabel("energy (kWh)")
@@ -324,14 +381,56 @@ def _dlmp_figure(r: Results) -> Figure | None:
     t = _hours(r)
     buses = {c.id: c.bus for c in r.communities}
     for ax, d in zip(axes, r.dlmp, strict=True):
-        ax.plot(t, _steps(d.export_eur_per_kwh), drawstyle="steps-post", color="tab:orange",
-                label="export (UP capacity)")
-        ax.plot(t, _steps(d.import_eur_per_kwh), drawstyle="steps-post", color="tab:blue",
-                label="import (LO capacity)")
+        ax.plot(
+            t,
+            _steps(d.export_eur_per_kwh),
+            drawstyle="steps-post",
+            color="tab:orange",
+            label="export (UP capacity)",
+        )
+        ax.plot(
+            t,
+            _steps(d.import_eur_per_kwh),
+            drawstyle="steps-post",
+            color="tab:blue",
+            label="import (LO capacity)",
+        )
         ax.set_title(f"{d.id} (bus {buses.get(d.id, '?')})")
         ax.set_ylabel("DLMP (EUR/kWh)")
         ax.grid(alpha=0.3)
     _bottom_labels(axes, _time_label(r))
     fig.suptitle(f"Envelope-capacity DLMPs at each community's bus ('{r.envelope}' envelope)")
     _figure_legend(fig, axes)
+    return fig
+
+
+def _residuals_figure(ordered: Mapping[str, Results]) -> Figure | None:
+    """ADMM residuals per iteration (log scale) with their stopping thresholds, and rho."""
+    runs = {name: r for name, r in ordered.items() if r.solver.residual_history}
+    if not runs:
+        return None
+    name, r = next(iter(runs.items()))
+    h = r.solver.residual_history or []
+    k = np.array([p.iteration for p in h]) + 1
+    fig, axes = _subplots(2, 6.0, 3.6)
+    series = {
+        "trades": ("primal_trade_kw", "dual_trade_kw", "eps_trade_kw", "tab:blue"),
+        "envelopes": ("primal_envelope_kw", "dual_envelope_kw", "eps_envelope_kw", "tab:green"),
+    }
+    for label, (primal, dual, eps, colour) in series.items():
+        axes[0].semilogy(k, [getattr(p, primal) for p in h], color=colour, label=f"primal, {label}")
+        axes[0].semilogy(k, [getattr(p, dual) for p in h], color=colour, ls="--", label=f"dual, {label}")
+        axes[0].semilogy(
+            k, [getattr(p, eps) for p in h], color=colour, ls=":", lw=1, label=f"tolerance, {label}"
+        )
+    axes[0].set_ylabel("l2 residual (kW)")
+    axes[0].set_title(f"{name}: {r.solver.status} after {r.solver.iterations} iterations")
+    axes[1].semilogy(k, [p.rho_trade for p in h], color="tab:blue", label="rho, trades")
+    axes[1].semilogy(k, [p.rho_envelope for p in h], color="tab:green", label="rho, envelopes")
+    axes[1].set_ylabel("rho (EUR/kW²h)")
+    axes[1].set_title("adaptive penalty")
+    _bottom_labels(axes, "iteration")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     return fig

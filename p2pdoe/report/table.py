@@ -65,6 +65,7 @@ METRICS: list[Metric] = [
     _num("Max voltage at upper corner, AC (p.u.)", lambda r: r.ac_check.upper_corner.vmax_pu, 4),
     _num("Max export DLMP (EUR/kWh)", lambda r: _dlmp_max(r, "export_eur_per_kwh"), 3),
     _num("Max import DLMP (EUR/kWh)", lambda r: _dlmp_max(r, "import_eur_per_kwh"), 3),
+    ("Solver iterations", lambda r: str(r.solver.iterations)),
     _num("Solve time (s)", lambda r: r.solver.wall_time_s, 2),
 ]
 

@@ -121,12 +121,49 @@ class NetworkCheck(Model):
     lower_corner: NetworkState
 
 
+class ResidualPoint(Model):
+    """One ADMM iteration: l2 residuals and their stopping thresholds (kW), rho (EUR/kW^2h)."""
+
+    iteration: int
+    primal_trade_kw: float
+    dual_trade_kw: float
+    eps_trade_kw: float
+    primal_envelope_kw: float
+    dual_envelope_kw: float
+    eps_envelope_kw: float
+    rho_trade: float
+    rho_envelope: float
+    reciprocity_max_kw: float  # max |buy - sell| over the pairs' proposals
+    envelope_gap_max_kw: float  # max |request - grant|
+
+
+class SolveTimes(Model):
+    """Wall time of one participant's step per iteration (its local solve and coupling update)."""
+
+    id: str
+    role: Literal["community", "dso"]
+    median_ms: float
+    p95_ms: float
+    max_ms: float
+    steps: int
+
+
 class SolverResult(Model):
     name: str
     status: str
     iterations: int
     converged: bool
     wall_time_s: float
+    # ADMM only (None for the centralized solve):
+    critical_path_s: float | None = None  # sum over iterations of slowest community + DSO step
+    residual_history: list[ResidualPoint] | None = None
+    solve_times: list[SolveTimes] | None = None
+    messages_per_iteration: float | None = None  # mean published messages per iteration
+    bytes_per_iteration: float | None = None  # mean wire bytes published per iteration
+    reciprocity_max_kw: float | None = None  # in the last proposals (the settled trades match exactly)
+    envelope_gap_max_kw: float | None = None  # last request against last grant
+    final_solve: dict[str, str] | None = None  # per community: what its final schedule pinned
+    ignored_messages: dict[str, int] | None = None  # by reason, summed over participants
 
 
 class Results(Model):

@@ -137,9 +137,36 @@ class Market(Model):
     trade_limit_kw: Pos = 1000.0
     fee_base_eur_per_kwh: NonNeg = 0.004
     fee_eur_per_kwh_per_ohm: NonNeg = 0.001
-    trade_quadratic_eur_per_kw2h: Pos = 1e-6
-    regularization_eur_per_kw2h: NonNeg = 1e-7
+    trade_quadratic_eur_per_kw2h: Pos = 3e-5
+    regularization_eur_per_kw2h: NonNeg = 1e-6
     envelope_proximal_eur_per_kw2h: NonNeg = 1e-7
+    max_peers: Annotated[int, Field(ge=1)] | None = None  # None: everyone trades with everyone
+
+
+class AdaptiveRho(Model):
+    """Residual balancing (Boyd et al. 2011, section 3.4.1), per coupling family (trades, envelopes):
+    every `every` iterations up to `until`, rho is multiplied (divided) by `factor` when the primal
+    (dual) residual exceeds `ratio` times the other."""
+
+    enabled: bool = True
+    ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 5.0
+    factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 2.0
+    every: Annotated[int, Field(ge=1)] = 10
+    until: Annotated[int, Field(ge=0)] = 400
+
+
+class Admm(Model):
+    """The decentralized agreement's settings. rho is per hour of interval (scaled by dt_h), in
+    EUR/(kW^2 h); tolerances in kW (Boyd's l2 criteria, scaled by the square root of the number of
+    coupled values)."""
+
+    rho_trade_eur_per_kw2h: Pos = 2.5e-3
+    rho_envelope_eur_per_kw2h: Pos = 2.5e-4
+    over_relaxation: Annotated[float, Field(ge=1.0, le=1.9)] = 1.6
+    eps_abs_kw: Pos = 0.003
+    eps_rel: NonNeg = 0.0
+    max_iterations: Annotated[int, Field(ge=1, le=100000)] = 2000
+    adaptive_rho: AdaptiveRho = AdaptiveRho()
 
 
 class Asset(Model):
@@ -182,7 +209,7 @@ class EnvelopeValue(Model):
     """How the community values envelope width w = up - lo: -value*w + curvature/2 * w^2 per hour."""
 
     value_eur_per_kwh: NonNeg = 0.01
-    curvature_eur_per_kw2h: Pos = 2e-5
+    curvature_eur_per_kw2h: Pos = 5e-6
 
 
 class Community(Model):
@@ -206,6 +233,7 @@ class ScenarioSpec(Model):
     horizon: Horizon = Horizon()
     prices: Prices
     market: Market = Market()
+    admm: Admm = Admm()
     communities: list[Community] = Field(min_length=2)
 
     @model_validator(mode="after")

@@ -1,0 +1,285 @@
+"""A community's side of the agreement: its private QP, its copies of every coupling, no I/O.
+
+Per iteration k it solves its QP with the augmented terms and publishes one `Proposal` (every peer's
+trade proposal and its envelope request). When every peer's proposal k and the DSO's grant k are in,
+it updates each coupling exactly as the counterpart does (the pairwise trade prices are the two
+peers' own business), then solves again, or stops if the grant says the round is over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step
+from p2pdoe.core.agreement.local_solver import LocalSolver
+from p2pdoe.core.agreement.protocol import (
+    INVALID,
+    NO_ROUND,
+    WRONG_ROUND,
+    Command,
+    Finished,
+    Inbox,
+    Publish,
+    Received,
+)
+from p2pdoe.core.community import CommunityQP
+from p2pdoe.core.network import FloatArray
+from p2pdoe.core.schemas.messages import (
+    DSO_ID,
+    EnvelopeRequest,
+    Grant,
+    GrantedEnvelope,
+    Proposal,
+    RoundOpen,
+    TradeProposal,
+)
+
+
+@dataclass(frozen=True)
+class CommunityOutcome:
+    """The community's result: its last schedule, agreed trades and prices, the envelope in force."""
+
+    site: str
+    round: str
+    status: str
+    iterations: int
+    z: FloatArray
+    agreed_buy_kw: FloatArray  # (peers, T)
+    agreed_sell_kw: FloatArray
+    buy_price: FloatArray  # (peers, T) EUR/kWh paid to each peer
+    sell_price: FloatArray  # (peers, T) EUR/kWh received from each peer
+    granted_lo_kw: FloatArray | None  # (T,) the envelope in force, None without envelopes
+    granted_up_kw: FloatArray | None
+    local_osqp_iterations: tuple[int, ...]
+    final_solve: str  # what the final schedule was solved with pinned (see CommunityParticipant._settle)
+
+
+class _Round:
+    """Per-round state: the agreed values and prices of every coupling this community holds."""
+
+    def __init__(self, open_: RoundOpen, n_peers: int, horizon: int, with_envelope: bool):
+        zero = np.zeros((n_peers, horizon))
+        start_price = np.tile(np.asarray(open_.initial_trade_price_eur_per_kwh) * open_.dt_h, (n_peers, 1))
+        self.id = open_.round
+        self.dt_h = open_.dt_h
+        self.alpha = open_.admm.over_relaxation
+        self.rho_trade = open_.admm.rho_trade_eur_per_kw2h
+        self.rho_envelope = open_.admm.rho_envelope_eur_per_kw2h
+        self.buy = Agreed(zero.copy(), start_price.copy())
+        self.sell = Agreed(zero.copy(), start_price.copy())
+        self.lo = Agreed(np.zeros(horizon), np.zeros(horizon)) if with_envelope else None
+        self.up = Agreed(np.zeros(horizon), np.zeros(horizon)) if with_envelope else None
+        self.z: FloatArray | None = None
+        self.granted: tuple[FloatArray, FloatArray] | None = None
+        self.final_solve = ""
+        self.osqp_iterations: list[int] = []
+        self.inbox: Inbox[Proposal | Grant] = Inbox(frozenset())
+
+
+class CommunityParticipant:
+    def __init__(self, site: str, peer_ids: tuple[str, ...], qp: CommunityQP):
+        if len(peer_ids) != len(qp.layout.peers):
+            raise ValueError("one peer id per peer of the QP")
+        self.site = site
+        self.peer_ids = peer_ids
+        self.qp = qp
+        self.horizon = qp.layout.horizon
+        self._solver: LocalSolver | None = None
+        self._round: _Round | None = None
+        self.rejected = 0  # messages that did not fit this community (wrong horizon, missing entries)
+        self.not_in_round = 0  # messages received with no round open
+
+    @property
+    def ignored(self) -> dict[str, int]:
+        counts = dict(self._round.inbox.ignored) if self._round else {}
+        if self.rejected:
+            counts[INVALID] = counts.get(INVALID, 0) + self.rejected
+        if self.not_in_round:
+            counts[NO_ROUND] = self.not_in_round
+        return counts
+
+    def handle(self, event: Received) -> list[Command]:
+        msg = event.message
+        if isinstance(msg, RoundOpen):
+            return self._open(msg)
+        r = self._round
+        if r is None:
+            self.not_in_round += 1
+            return []
+        if msg.round != r.id:
+            r.inbox.ignored[WRONG_ROUND] += 1
+            return []
+        if not self._fits(msg):
+            self.rejected += 1
+            return []
+        r.inbox.offer(msg.sender, msg.iteration, msg)
+        return self._step_while_complete(r)
+
+    # --- round lifecycle -------------------------------------------------------------------------
+
+    def _open(self, msg: RoundOpen) -> list[Command]:
+        if self._round is not None and msg.round == self._round.id:
+            self._round.inbox.ignored["duplicate"] += 1
+            return []
+        if (
+            self.site not in msg.sites
+            or msg.intervals != self.horizon
+            or len(msg.initial_trade_price_eur_per_kwh) != self.horizon
+        ):
+            self.rejected += 1
+            return []
+        with_envelope = msg.policy != "none"
+        r = _Round(msg, len(self.peer_ids), self.horizon, with_envelope)
+        r.inbox = Inbox(frozenset(self.peer_ids) | {DSO_ID})
+        self._round = r
+        self._solver = LocalSolver(self.qp, self._rho_diagonal(r))
+        return [self._solve_and_propose(r)]
+
+    def _step_while_complete(self, r: _Round) -> list[Command]:
+        out: list[Command] = []
+        while r.inbox.complete:
+            iteration = r.inbox.iteration
+            messages = r.inbox.advance()
+            grant = messages.pop(DSO_ID)
+            assert isinstance(grant, Grant)
+            self._update(r, {m.sender: m for m in messages.values() if isinstance(m, Proposal)}, grant)
+            if grant.status != "running":
+                self._settle(r)
+                out.append(Finished(self._outcome(r, grant.status, iteration + 1)))
+                self._round = None
+                break
+            r.rho_trade = grant.next_rho_trade_eur_per_kw2h
+            r.rho_envelope = grant.next_rho_envelope_eur_per_kw2h
+            assert self._solver is not None
+            self._solver.set_rho(self._rho_diagonal(r))
+            out.append(self._solve_and_propose(r))
+        return out
+
+    # --- the maths -------------------------------------------------------------------------------
+
+    def _rho_diagonal(self, r: _Round) -> FloatArray:
+        lay = self.qp.layout
+        rho = np.zeros(lay.size)
+        rho[lay.trades] = r.rho_trade * r.dt_h
+        if r.lo is not None:
+            rho[lay.block("lo")] = r.rho_envelope * r.dt_h
+            rho[lay.block("up")] = r.rho_envelope * r.dt_h
+        return rho
+
+    def _linear_term(self, r: _Round) -> FloatArray:
+        lay = self.qp.layout
+        q = self.qp.q.copy()
+        rho_t = r.rho_trade * r.dt_h
+        for k in range(len(self.peer_ids)):
+            q[lay.buy(k)] += augmented_linear(r.buy.price[k], r.buy.y[k], rho_t, first=True)
+            q[lay.sell(k)] += augmented_linear(r.sell.price[k], r.sell.y[k], rho_t, first=False)
+        if r.lo is not None and r.up is not None:
+            rho_e = r.rho_envelope * r.dt_h
+            q[lay.block("lo")] += augmented_linear(r.lo.price, r.lo.y, rho_e, first=True)
+            q[lay.block("up")] += augmented_linear(r.up.price, r.up.y, rho_e, first=True)
+        return q
+
+    def _solve_and_propose(self, r: _Round) -> Publish:
+        assert self._solver is not None
+        result = self._solver.solve(self._linear_term(r))
+        r.z = result.z
+        r.osqp_iterations.append(result.iterations)
+        return Publish(self._proposal(r, r.inbox.iteration))
+
+    def _proposal(self, r: _Round, iteration: int) -> Proposal:
+        assert r.z is not None
+        lay, z = self.qp.layout, r.z
+        trades = [
+            TradeProposal(peer=peer, buy_kw=z[lay.buy(k)].tolist(), sell_kw=z[lay.sell(k)].tolist())
+            for k, peer in enumerate(self.peer_ids)
+        ]
+        envelope = None
+        if r.lo is not None:
+            envelope = EnvelopeRequest(lo_kw=z[lay.block("lo")].tolist(), up_kw=z[lay.block("up")].tolist())
+        return Proposal(round=r.id, iteration=iteration, sender=self.site, trades=trades, envelope=envelope)
+
+    def _update(self, r: _Round, proposals: dict[str, Proposal], grant: Grant) -> None:
+        """Every coupling of this community, from its own last proposal and its counterparts'."""
+        assert r.z is not None
+        lay, z = self.qp.layout, r.z
+        mine_buy = np.array([z[lay.buy(k)] for k in range(len(self.peer_ids))]).reshape(r.buy.y.shape)
+        mine_sell = np.array([z[lay.sell(k)] for k in range(len(self.peer_ids))]).reshape(r.sell.y.shape)
+        theirs_sell = np.array([_entry(proposals[p], self.site).sell_kw for p in self.peer_ids])
+        theirs_buy = np.array([_entry(proposals[p], self.site).buy_kw for p in self.peer_ids])
+        theirs_sell = theirs_sell.reshape(r.buy.y.shape)
+        theirs_buy = theirs_buy.reshape(r.sell.y.shape)
+        rho_t = r.rho_trade * r.dt_h
+        # canonical order: buyer's copy first, as the peer computes it
+        r.buy = consensus_step(mine_buy, theirs_sell, r.buy, rho_t, r.alpha)
+        r.sell = consensus_step(theirs_buy, mine_sell, r.sell, rho_t, r.alpha)
+        if r.lo is not None and r.up is not None:
+            mine = _own_entry(grant, self.site)
+            rho_e = r.rho_envelope * r.dt_h
+            r.lo = consensus_step(z[lay.block("lo")], np.asarray(mine.lo_kw), r.lo, rho_e, r.alpha)
+            r.up = consensus_step(z[lay.block("up")], np.asarray(mine.up_kw), r.up, rho_e, r.alpha)
+            r.granted = (np.asarray(mine.lo_kw), np.asarray(mine.up_kw))
+
+    def _settle(self, r: _Round) -> None:
+        """The final schedule: re-solve with the agreed trades and the granted envelope pinned, so the
+        schedule balances, trades are reciprocal and the net injection lies inside the grant. If
+        the assets cannot reach the grant, the envelope alone is pinned; failing that, the last
+        proposal stands (and `final_solve` says so)."""
+        assert self._solver is not None
+        lay = self.qp.layout
+        limit = self.qp.upper[-lay.size :][lay.trades]
+        trades = np.clip(np.concatenate([r.buy.y.ravel(), r.sell.y.ravel()]), 0.0, limit)
+        r.buy = Agreed(trades[: r.buy.y.size].reshape(r.buy.y.shape), r.buy.price)
+        r.sell = Agreed(trades[r.buy.y.size :].reshape(r.sell.y.shape), r.sell.price)
+        envelope: list[tuple[slice, FloatArray]] = []
+        if r.granted is not None:
+            envelope = [(lay.block("lo"), r.granted[0]), (lay.block("up"), r.granted[1])]
+        attempts = (("trades and envelope", [(lay.trades, trades), *envelope]), ("envelope", envelope))
+        for label, fixed in attempts:
+            result = self._solver.solve_fixed(self.qp.q, fixed)
+            if result.status == "solved":
+                r.z, r.final_solve = result.z, label
+                return
+        r.final_solve = "last proposal"
+
+    def _outcome(self, r: _Round, status: str, iterations: int) -> CommunityOutcome:
+        assert r.z is not None
+        granted = r.granted or (None, None)
+        return CommunityOutcome(
+            site=self.site,
+            round=r.id,
+            status=status,
+            iterations=iterations,
+            z=r.z,
+            agreed_buy_kw=r.buy.y,
+            agreed_sell_kw=r.sell.y,
+            buy_price=r.buy.price / r.dt_h,
+            sell_price=r.sell.price / r.dt_h,
+            granted_lo_kw=granted[0],
+            granted_up_kw=granted[1],
+            local_osqp_iterations=tuple(r.osqp_iterations),
+            final_solve=r.final_solve,
+        )
+
+    def _fits(self, msg: Proposal | Grant) -> bool:
+        """The message has what this community needs, with the right lengths."""
+        t = self.horizon
+        if isinstance(msg, Proposal):
+            if msg.sender not in self.peer_ids:
+                return True  # the inbox counts it as an unknown sender
+            entries = [e for e in msg.trades if e.peer == self.site]
+            return len(entries) == 1 and len(entries[0].buy_kw) == t and len(entries[0].sell_kw) == t
+        r = self._round
+        if r is not None and r.lo is None:
+            return True
+        mine = [e for e in msg.envelopes if e.site == self.site]
+        return len(mine) == 1 and len(mine[0].lo_kw) == t and len(mine[0].up_kw) == t
+
+
+def _entry(p: Proposal, site: str) -> TradeProposal:
+    return next(e for e in p.trades if e.peer == site)
+
+
+def _own_entry(g: Grant, site: str) -> GrantedEnvelope:
+    return next(e for e in g.envelopes if e.site == site)

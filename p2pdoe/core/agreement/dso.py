@@ -1,0 +1,286 @@
+"""The DSO's side of the agreement: grants safe envelopes, paces the iterations, no I/O.
+
+It opens a round, then per iteration k: waits for every community's proposal k, updates its copies
+of the envelope couplings (and mirrors the trade couplings, only to measure residuals), decides
+whether the round has converged, adapts rho, publishes one `Grant`, and projects the new targets
+onto the safe set for iteration k + 1. Every grant is network-safe, converged or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.agreement.coupling import (
+    Agreed,
+    Residuals,
+    ResidualSums,
+    consensus_step,
+    rebalanced_rho,
+    residual_sums,
+    residuals,
+)
+from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver
+from p2pdoe.core.agreement.protocol import INVALID, WRONG_ROUND, Command, Finished, Inbox, Publish, Received
+from p2pdoe.core.network import FloatArray
+from p2pdoe.core.scenario import AdmmSettings
+from p2pdoe.core.schemas.messages import (
+    AdmmParameters,
+    EnvelopeRequest,
+    Grant,
+    GrantedEnvelope,
+    Proposal,
+    ResidualReport,
+    RoundOpen,
+    Status,
+)
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    iteration: int
+    trade: Residuals
+    envelope: Residuals
+    rho_trade: float
+    rho_envelope: float
+    reciprocity_max_kw: float  # max |buy - sell| over every pair and interval
+    envelope_gap_max_kw: float  # max |request - grant|
+
+
+@dataclass(frozen=True)
+class DsoOutcome:
+    round: str
+    status: Status
+    iterations: int
+    granted_lo_kw: FloatArray | None  # (C, T)
+    granted_up_kw: FloatArray | None
+    grid: GridSolve | None  # the last projection (row duals give the DLMP parts)
+    rho_envelope: float  # EUR/(kW^2 h), at the last grant
+    history: tuple[IterationRecord, ...]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the DSO announces when it opens a round (all public)."""
+
+    round: str
+    policy: str  # "dynamic", "static" or "none"
+    start: str
+    dt_h: float
+    sites: tuple[str, ...]
+    peers: tuple[tuple[int, ...], ...]  # trading graph, by site index
+    initial_trade_price: tuple[float, ...]  # EUR/kWh per interval, public (from the retail tariffs)
+
+
+class _State:
+    def __init__(self, plan: RoundPlan, settings: AdmmSettings, horizon: int):
+        links = [(b, s) for b in range(len(plan.sites)) for s in plan.peers[b]]
+        n_links, n_sites = len(links), len(plan.sites)
+        self.links = links
+        self.rho_trade = settings.rho_trade
+        self.rho_envelope = settings.rho_envelope
+        start_price = np.tile(np.asarray(plan.initial_trade_price) * plan.dt_h, (n_links, 1))
+        self.trades = Agreed(np.zeros((n_links, horizon)), start_price)
+        self.lo = Agreed(np.zeros((n_sites, horizon)), np.zeros((n_sites, horizon)))
+        self.up = Agreed(np.zeros((n_sites, horizon)), np.zeros((n_sites, horizon)))
+        self.grant: GridSolve | None = None
+        self.history: list[IterationRecord] = []
+        self.inbox: Inbox[Proposal] = Inbox(frozenset(plan.sites))
+        self.finished = False
+
+
+class DsoParticipant:
+    def __init__(self, plan: RoundPlan, horizon: int, settings: AdmmSettings, grid: GridSolver | None):
+        if (grid is None) != (plan.policy == "none"):
+            raise ValueError("a grid solver is needed exactly when the round has envelopes")
+        self.plan = plan
+        self.horizon = horizon
+        self.settings = settings
+        self.grid = grid
+        self.rejected = 0
+        self._s = _State(plan, settings, horizon)
+
+    @property
+    def ignored(self) -> dict[str, int]:
+        counts = dict(self._s.inbox.ignored)
+        if self.rejected:
+            counts[INVALID] = self.rejected
+        return counts
+
+    def open_round(self) -> list[Command]:
+        self._project()
+        s = self.settings
+        return [
+            Publish(
+                RoundOpen(
+                    round=self.plan.round,
+                    policy=self.plan.policy,  # type: ignore[arg-type]
+                    start=self.plan.start,
+                    dt_h=self.plan.dt_h,
+                    intervals=self.horizon,
+                    sites=list(self.plan.sites),
+                    admm=AdmmParameters(
+                        rho_trade_eur_per_kw2h=s.rho_trade,
+                        rho_envelope_eur_per_kw2h=s.rho_envelope,
+                        over_relaxation=s.over_relaxation,
+                        max_iterations=s.max_iterations,
+                    ),
+                    initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
+                )
+            )
+        ]
+
+    def handle(self, event: Received) -> list[Command]:
+        msg = event.message
+        st = self._s
+        if not isinstance(msg, Proposal) or st.finished:
+            st.inbox.ignored["not_for_dso" if not st.finished else "after_round"] += 1
+            return []
+        if msg.round != self.plan.round:
+            st.inbox.ignored[WRONG_ROUND] += 1
+            return []
+        if not self._fits(msg):
+            self.rejected += 1
+            return []
+        st.inbox.offer(msg.sender, msg.iteration, msg)
+        if not st.inbox.complete:
+            return []
+        iteration = st.inbox.iteration
+        return self._iterate(iteration, st.inbox.advance())
+
+    # --- one iteration ---------------------------------------------------------------------------
+
+    def _iterate(self, iteration: int, proposals: dict[str, Proposal]) -> list[Command]:
+        st = self._s
+        record = self._update(iteration, proposals)
+        st.history.append(record)
+        status = self._verdict(record, iteration)
+        if status == "running":
+            self._adapt_rho(record, iteration)
+        grant = self._grant_message(iteration, status, record)
+        if status != "running":
+            st.finished = True
+            return [Publish(grant), Finished(self._outcome(status, iteration + 1))]
+        self._project()
+        return [Publish(grant)]
+
+    def _update(self, iteration: int, proposals: dict[str, Proposal]) -> IterationRecord:
+        st, dt, alpha = self._s, self.plan.dt_h, self.settings.over_relaxation
+        sites = self.plan.sites
+        entries = {p.sender: {e.peer: e for e in p.trades} for p in proposals.values()}
+        buy = np.array([entries[sites[b]][sites[s]].buy_kw for b, s in st.links]).reshape(st.trades.y.shape)
+        sell = np.array([entries[sites[s]][sites[b]].sell_kw for b, s in st.links]).reshape(st.trades.y.shape)
+        rho_t = st.rho_trade * dt
+        new_trades = consensus_step(buy, sell, st.trades, rho_t, alpha)
+        trade_sums = residual_sums(buy, sell, st.trades, new_trades, rho_t) if st.links else ResidualSums()
+        st.trades = new_trades
+        env_sums, gap = ResidualSums(), 0.0
+        if st.grant is not None:
+            req_lo = np.array([_request(proposals[c]).lo_kw for c in sites])
+            req_up = np.array([_request(proposals[c]).up_kw for c in sites])
+            rho_e = st.rho_envelope * dt
+            new_lo = consensus_step(req_lo, st.grant.lo, st.lo, rho_e, alpha)
+            new_up = consensus_step(req_up, st.grant.up, st.up, rho_e, alpha)
+            env_sums = residual_sums(req_lo, st.grant.lo, st.lo, new_lo, rho_e) + residual_sums(
+                req_up, st.grant.up, st.up, new_up, rho_e
+            )
+            st.lo, st.up = new_lo, new_up
+            gap = float(max(np.abs(req_lo - st.grant.lo).max(), np.abs(req_up - st.grant.up).max()))
+        eps_abs, eps_rel = self.settings.eps_abs_kw, self.settings.eps_rel
+        return IterationRecord(
+            iteration=iteration,
+            trade=residuals(trade_sums, eps_abs, eps_rel),
+            envelope=residuals(env_sums, eps_abs, eps_rel),
+            rho_trade=st.rho_trade,
+            rho_envelope=st.rho_envelope,
+            reciprocity_max_kw=float(np.abs(buy - sell).max(initial=0.0)),
+            envelope_gap_max_kw=gap,
+        )
+
+    def _verdict(self, record: IterationRecord, iteration: int) -> Status:
+        if record.trade.converged and record.envelope.converged:
+            return "converged"
+        if iteration + 1 >= self.settings.max_iterations:
+            return "max_iterations"
+        return "running"
+
+    def _adapt_rho(self, record: IterationRecord, iteration: int) -> None:
+        """Residual balancing per family (Boyd §3.4.1): prices keep their value, only rho moves."""
+        s, st = self.settings, self._s
+        done = iteration + 1
+        if not s.adaptive or done % s.adapt_every or done > s.adapt_until:
+            return
+        st.rho_trade = rebalanced_rho(st.rho_trade, record.trade, s.adapt_ratio, s.adapt_factor)
+        if st.grant is not None:
+            st.rho_envelope = rebalanced_rho(st.rho_envelope, record.envelope, s.adapt_ratio, s.adapt_factor)
+
+    def _project(self) -> None:
+        """The DSO's own step: the safe box nearest to y + price / rho (its copy carries -price)."""
+        st = self._s
+        if self.grid is None:
+            return
+        rho_e = st.rho_envelope * self.plan.dt_h
+        st.grant = self.grid.solve(st.lo.y + st.lo.price / rho_e, st.up.y + st.up.price / rho_e)
+
+    # --- messages and outcome --------------------------------------------------------------------
+
+    def _grant_message(self, iteration: int, status: Status, record: IterationRecord) -> Grant:
+        st, dt = self._s, self.plan.dt_h
+        envelopes = []
+        if st.grant is not None:
+            envelopes = [
+                GrantedEnvelope(
+                    site=site,
+                    lo_kw=st.grant.lo[c].tolist(),
+                    up_kw=st.grant.up[c].tolist(),
+                    import_price_eur_per_kwh=(-st.lo.price[c] / dt).tolist(),
+                    export_price_eur_per_kwh=(st.up.price[c] / dt).tolist(),
+                )
+                for c, site in enumerate(self.plan.sites)
+            ]
+        return Grant(
+            round=self.plan.round,
+            iteration=iteration,
+            status=status,
+            envelopes=envelopes,
+            residuals=ResidualReport(
+                primal_trade_kw=record.trade.primal_kw,
+                dual_trade_kw=record.trade.dual_kw,
+                primal_envelope_kw=record.envelope.primal_kw,
+                dual_envelope_kw=record.envelope.dual_kw,
+            ),
+            next_rho_trade_eur_per_kw2h=st.rho_trade,
+            next_rho_envelope_eur_per_kw2h=st.rho_envelope,
+        )
+
+    def _outcome(self, status: Status, iterations: int) -> DsoOutcome:
+        st = self._s
+        return DsoOutcome(
+            round=self.plan.round,
+            status=status,
+            iterations=iterations,
+            granted_lo_kw=None if st.grant is None else st.grant.lo,
+            granted_up_kw=None if st.grant is None else st.grant.up,
+            grid=st.grant,
+            rho_envelope=st.rho_envelope,
+            history=tuple(st.history),
+        )
+
+    def _fits(self, p: Proposal) -> bool:
+        if p.sender not in self.plan.sites:
+            return True  # the inbox counts unknown senders
+        t, c = self.horizon, self.plan.sites.index(p.sender)
+        wanted = {self.plan.sites[m] for m in self.plan.peers[c]}
+        if {e.peer for e in p.trades} != wanted or len(p.trades) != len(wanted):
+            return False
+        if any(len(e.buy_kw) != t or len(e.sell_kw) != t for e in p.trades):
+            return False
+        if self.grid is None:
+            return p.envelope is None
+        return p.envelope is not None and len(p.envelope.lo_kw) == t and len(p.envelope.up_kw) == t
+
+
+def _request(p: Proposal) -> EnvelopeRequest:
+    assert p.envelope is not None
+    return p.envelope

@@ -1,0 +1,143 @@
+"""The DSO's subproblem: project the targets onto the safe set of envelope boxes.
+
+    min  1/2 sum_t |LO[:, col(t)] - target_lo[:, t]|^2 + 1/2 sum_t |UP[:, col(t)] - target_up[:, t]|^2
+    s.t. G_up UP[:, col(t)] <= h_up[:, t],  G_lo LO[:, col(t)] >= h_lo[:, t],  technical bounds
+
+col(t) = t for dynamic envelopes, 0 for a static box. The objective is the augmented Lagrangian
+divided by rho, so the Hessian never changes and rho never forces a refactorisation. After the solve
+the box is shifted inward by any remaining violation (rows are normalised, largest coefficient 1, so a
+shift of v kW on every site lowers each row by at least v): the grant is safe to solver round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import osqp
+import scipy.sparse as sp
+
+from p2pdoe.core.envelope import Corner, SafeSet
+from p2pdoe.core.network import FloatArray
+
+GRID_OSQP_SETTINGS = {
+    "verbose": False,
+    "eps_abs": 1e-5,
+    "eps_rel": 1e-5,
+    "max_iter": 20000,
+    "polishing": True,
+    "warm_starting": True,
+    "check_termination": 10,
+}
+SAFETY_SLACK_KW = 1e-9
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Public technical bounds of each site's envelope, (C, T) each: lo in [lo_min, lo_max] etc."""
+
+    lo_min: FloatArray
+    lo_max: FloatArray
+    up_min: FloatArray
+    up_max: FloatArray
+
+
+@dataclass(frozen=True)
+class GridSolve:
+    lo: FloatArray  # (C, T) granted, safe
+    up: FloatArray  # (C, T)
+    row_duals_up: FloatArray  # (K_up, T) >= 0, per unit of the scaled objective
+    row_duals_lo: FloatArray  # (K_lo, T) >= 0
+    status: str
+    iterations: int
+
+
+class GridSolver:
+    def __init__(self, safe: SafeSet, bounds: Bounds, static: bool):
+        self.safe = safe
+        self.n_sites, self.horizon = bounds.lo_min.shape
+        self.cols = 1 if static else self.horizon
+        self._col_of_t = np.zeros(self.horizon, dtype=int) if static else np.arange(self.horizon)
+        self._expand = sp.csr_matrix(
+            (np.ones(self.horizon), (np.arange(self.horizon), self._col_of_t)),
+            shape=(self.horizon, self.cols),
+        )
+        n_half = self.n_sites * self.cols
+        a_up = self._corner_rows(safe.upper)
+        a_lo = self._corner_rows(safe.lower)
+        a = sp.vstack(
+            [
+                sp.hstack([sp.csr_matrix((a_lo.shape[0], n_half)), a_up]),
+                sp.hstack([a_lo, sp.csr_matrix((a_lo.shape[0], n_half))]),
+                sp.identity(2 * n_half),
+            ],
+            format="csc",
+        )
+        inf_up = np.full(a_up.shape[0], np.inf)
+        inf_lo = np.full(a_lo.shape[0], np.inf)
+        lower = np.concatenate([-inf_up, _by_t(safe.lower.h), self._pack(bounds.lo_min, bounds.up_min)])
+        upper = np.concatenate([_by_t(safe.upper.h), inf_lo, self._pack(bounds.lo_max, bounds.up_max)])
+        per_col = np.asarray(self._expand.sum(axis=0)).ravel()  # intervals sharing each column
+        self._p = sp.diags(np.tile(np.repeat(per_col, self.n_sites), 2), format="csc")
+        self._n_up_rows, self._n_lo_rows = a_up.shape[0], a_lo.shape[0]
+        self._solver = osqp.OSQP()
+        self._solver.setup(P=self._p, q=np.zeros(2 * n_half), A=a, l=lower, u=upper, **GRID_OSQP_SETTINGS)
+
+    def _corner_rows(self, corner: Corner) -> sp.csr_matrix:
+        """Row (t, k) of G @ V[:, col(t)], with V packed column by column: index col * C + c."""
+        return sp.csr_matrix(sp.kron(self._expand, sp.csr_matrix(corner.g)))
+
+    def _pack(self, lo: FloatArray, up: FloatArray) -> FloatArray:
+        """(C, T) bounds to packed (LO, UP) vectors; a static column's bounds are the same at every t
+        (the community's hull), so its first interval stands for all."""
+        return np.concatenate([lo[:, : self.cols].T.ravel(), up[:, : self.cols].T.ravel()])
+
+    def _targets(self, target: FloatArray) -> FloatArray:
+        """-(E' target) packed: sum over the t of each column."""
+        summed = np.asarray(target @ self._expand)  # (C, cols)
+        return np.asarray(-summed.T.ravel())
+
+    def solve(self, target_lo: FloatArray, target_up: FloatArray) -> GridSolve:
+        q = np.concatenate([self._targets(target_lo), self._targets(target_up)])
+        self._solver.update(q=q)
+        res = self._solver.solve(raise_error=False)
+        v = np.asarray(res.x, dtype=float)
+        half = self.n_sites * self.cols
+        lo = v[:half].reshape(self.cols, self.n_sites).T
+        up = v[half:].reshape(self.cols, self.n_sites).T
+        lo, up = self._made_safe(lo, up)
+        y = np.asarray(res.y, dtype=float)
+        duals_up = np.maximum(y[: self._n_up_rows], 0.0).reshape(self.horizon, -1).T
+        duals_lo = np.maximum(-y[self._n_up_rows : self._n_up_rows + self._n_lo_rows], 0.0)
+        return GridSolve(
+            lo=lo[:, self._col_of_t],
+            up=up[:, self._col_of_t],
+            row_duals_up=duals_up,
+            row_duals_lo=duals_lo.reshape(self.horizon, -1).T,
+            status=str(res.info.status),
+            iterations=int(res.info.iter),
+        )
+
+    def _made_safe(self, lo: FloatArray, up: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Shift each column inward by its largest corner violation (zero when the solve is exact)."""
+        over = self.safe.upper.g @ up[:, self._col_of_t] - self.safe.upper.h  # (K, T)
+        under = self.safe.lower.h - self.safe.lower.g @ lo[:, self._col_of_t]
+        shift_up = np.zeros(self.cols)
+        shift_lo = np.zeros(self.cols)
+        np.maximum.at(shift_up, self._col_of_t, over.max(axis=0, initial=0.0))
+        np.maximum.at(shift_lo, self._col_of_t, under.max(axis=0, initial=0.0))
+        shift_up = np.where(shift_up > 0, shift_up + SAFETY_SLACK_KW, 0.0)
+        shift_lo = np.where(shift_lo > 0, shift_lo + SAFETY_SLACK_KW, 0.0)
+        return lo + shift_lo[None, :], up - shift_up[None, :]
+
+
+def _by_t(h: FloatArray) -> FloatArray:
+    """(K, T) right-hand sides in row order (t, k)."""
+    return h.T.ravel()
+
+
+def is_safe(safe: SafeSet, lo: FloatArray, up: FloatArray, tol_kw: float = 1e-7) -> bool:
+    """Both corners of the box [lo, up] (C, T) meet every row within `tol_kw`."""
+    upper_ok = bool(np.all(safe.upper.g @ up <= safe.upper.h + tol_kw))
+    lower_ok = bool(np.all(safe.lower.g @ lo >= safe.lower.h - tol_kw))
+    return upper_ok and lower_ok and bool(np.all(lo <= up + tol_kw))
