@@ -63,11 +63,15 @@ class GridSolver:
             shape=(self.horizon, self.cols),
         )
         n_half = self.n_sites * self.cols
-        a_up = self._corner_rows(safe.upper)
-        a_lo = self._corner_rows(safe.lower)
+        # a row no box within the technical bounds can violate is left out (g >= 0, so its extreme
+        # is at the bound); `_made_safe` still checks every row
+        self._can_bind_up = _by_t(safe.upper.g @ bounds.up_max > safe.upper.h - SAFETY_SLACK_KW)
+        self._can_bind_lo = _by_t(safe.lower.g @ bounds.lo_min < safe.lower.h + SAFETY_SLACK_KW)
+        a_up = self._corner_rows(safe.upper)[self._can_bind_up]
+        a_lo = self._corner_rows(safe.lower)[self._can_bind_lo]
         a = sp.vstack(
             [
-                sp.hstack([sp.csr_matrix((a_lo.shape[0], n_half)), a_up]),
+                sp.hstack([sp.csr_matrix((a_up.shape[0], n_half)), a_up]),
                 sp.hstack([a_lo, sp.csr_matrix((a_lo.shape[0], n_half))]),
                 sp.identity(2 * n_half),
             ],
@@ -75,8 +79,10 @@ class GridSolver:
         )
         inf_up = np.full(a_up.shape[0], np.inf)
         inf_lo = np.full(a_lo.shape[0], np.inf)
-        lower = np.concatenate([-inf_up, _by_t(safe.lower.h), self._pack(bounds.lo_min, bounds.up_min)])
-        upper = np.concatenate([_by_t(safe.upper.h), inf_lo, self._pack(bounds.lo_max, bounds.up_max)])
+        h_up = _by_t(safe.upper.h)[self._can_bind_up]
+        h_lo = _by_t(safe.lower.h)[self._can_bind_lo]
+        lower = np.concatenate([-inf_up, h_lo, self._pack(bounds.lo_min, bounds.up_min)])
+        upper = np.concatenate([h_up, inf_lo, self._pack(bounds.lo_max, bounds.up_max)])
         per_col = np.asarray(self._expand.sum(axis=0)).ravel()  # intervals sharing each column
         self._p = sp.diags(np.tile(np.repeat(per_col, self.n_sites), 2), format="csc")
         self._n_up_rows, self._n_lo_rows = a_up.shape[0], a_lo.shape[0]
@@ -107,12 +113,14 @@ class GridSolver:
         up = v[half:].reshape(self.cols, self.n_sites).T
         lo, up = self._made_safe(lo, up)
         y = np.asarray(res.y, dtype=float)
-        duals_up = np.maximum(y[: self._n_up_rows], 0.0).reshape(self.horizon, -1).T
-        duals_lo = np.maximum(-y[self._n_up_rows : self._n_up_rows + self._n_lo_rows], 0.0)
+        duals_up = np.zeros(self._can_bind_up.size)
+        duals_lo = np.zeros(self._can_bind_lo.size)
+        duals_up[self._can_bind_up] = np.maximum(y[: self._n_up_rows], 0.0)
+        duals_lo[self._can_bind_lo] = np.maximum(-y[self._n_up_rows : self._n_up_rows + self._n_lo_rows], 0.0)
         return GridSolve(
             lo=lo[:, self._col_of_t],
             up=up[:, self._col_of_t],
-            row_duals_up=duals_up,
+            row_duals_up=duals_up.reshape(self.horizon, -1).T,
             row_duals_lo=duals_lo.reshape(self.horizon, -1).T,
             status=str(res.info.status),
             iterations=int(res.info.iter),

@@ -144,9 +144,9 @@ class Market(Model):
 
 
 class AdaptiveRho(Model):
-    """Residual balancing (Boyd et al. 2011, section 3.4.1), per coupling family (trades, envelopes):
-    every `every` iterations up to `until`, rho is multiplied (divided) by `factor` when the primal
-    (dual) residual exceeds `ratio` times the other."""
+    """Adaptive rho per coupling family (trades, envelopes), OSQP's rule: every `every` iterations up to
+    `until`, rho is scaled by sqrt(relative primal / relative dual residual) when that factor is
+    beyond `ratio` either way, by at most `factor` per step (docs/agreement.md)."""
 
     enabled: bool = True
     ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 5.0
