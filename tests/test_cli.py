@@ -47,15 +47,42 @@ def test_solve_writes_documented_results(tmp_path: Path) -> None:
     assert results.solver.converged
 
 
-def test_compare_writes_three_results_a_table_and_plots(tmp_path: Path) -> None:
+def test_solve_by_admm_writes_the_solver_story(tmp_path: Path) -> None:
+    run = run_p2pdoe("solve", "--mode", "admm", "--envelope", "dynamic", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "ADMM converged after" in run.stdout
+    raw = json.loads((tmp_path / "results.json").read_text())
+    solver = raw["solver"]
+    assert raw["mode"] == "admm"
+    assert solver["name"] == "ADMM" and solver["converged"] and solver["status"] == "converged"
+    assert len(solver["residual_history"]) == solver["iterations"]
+    last = solver["residual_history"][-1]
+    assert last["primal_trade_kw"] <= last["eps_trade_kw"]
+    assert last["primal_envelope_kw"] <= last["eps_envelope_kw"]
+    roles = {t["role"] for t in solver["solve_times"]}
+    assert roles == {"community", "dso"}
+    assert len(solver["solve_times"]) == len(raw["communities"]) + 1
+    assert all(t["median_ms"] <= t["p95_ms"] <= t["max_ms"] for t in solver["solve_times"])
+    assert 0 < solver["critical_path_s"] < solver["wall_time_s"]
+    assert solver["messages_per_iteration"] == len(raw["communities"]) + 1  # one per participant
+    assert solver["bytes_per_iteration"] > 0
+    assert set(solver["final_solve"].values()) == {"trades and envelope"}
+    assert solver["ignored_messages"] == {}
+    assert read_results(tmp_path / "results.json").solver.converged
+
+
+def test_compare_writes_results_a_table_and_plots(tmp_path: Path) -> None:
     run = run_p2pdoe("compare", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
     for policy in ("none", "static", "dynamic"):
         assert read_results(tmp_path / policy / "results.json").envelope == policy
+    admm = read_results(tmp_path / "admm" / "results.json")
+    assert (admm.mode, admm.envelope) == ("admm", "dynamic")
     table = (tmp_path / "comparison.md").read_text()
     assert "P2P energy traded (kWh)" in table
-    assert "| metric | none | static | dynamic |" in table
-    for name in ("envelopes.png", "voltages.png", "trades.png", "soc.png"):
+    assert "| metric | none | static | dynamic | admm |" in table
+    assert "objective gap to centralized" in run.stdout
+    for name in ("envelopes.png", "voltages.png", "trades.png", "soc.png", "residuals.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert "plot:" in run.stdout
     assert "Dynamic envelopes trade" in run.stdout

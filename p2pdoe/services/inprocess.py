@@ -101,7 +101,9 @@ def _subscribers(message: object, communities: tuple[CommunityParticipant, ...])
 
 
 def _count(t: Timings, message: object, size: int) -> None:
-    k = getattr(message, "iteration", 0)
+    if not isinstance(message, (Proposal, Grant)):
+        return  # the round's opening is not part of any iteration
+    k = message.iteration
     while len(t.messages) <= k:
         t.messages.append(0)
         t.bytes.append(0)
