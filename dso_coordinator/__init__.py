@@ -1,6 +1,11 @@
 """The DSO coordinator: keeps voltages and flows inside limits and publishes dynamic operating envelopes.
 
-Its constraints are `p2pdoe.core.envelope.safe_set`; its reference optimum is
-`p2pdoe.reference.centralized`. It imports the core and never the edge agent or the CLI.
-The service arrives with the ADMM and runtime work (issues 3 and 4).
+Its side of the agreement is `DsoParticipant` (sans-I/O): it grants envelopes from
+`p2pdoe.core.envelope.safe_set`, always network-safe, and paces the ADMM iterations. Its reference
+optimum is `p2pdoe.reference.centralized`. The MQTT service arrives with the runtime issue. It imports
+the core and never the edge agent or the CLI.
 """
+
+from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
+
+__all__ = ["DsoOutcome", "DsoParticipant"]

@@ -1,7 +1,11 @@
 """The edge agent: one per energy community, on a Raspberry-Pi-class gateway.
 
-It will solve its community's local ADMM subproblem with OSQP (`p2pdoe.core.community` builds the QP),
-exchange messages with the DSO coordinator over MQTT and enforce the dynamic operating envelope
-against its meter. It imports the core and never cvxpy, the coordinator or the CLI (import-linter
-contract in pyproject.toml). The services arrive with the ADMM and runtime work (issues 3 and 4).
+Its side of the agreement is `CommunityParticipant` (sans-I/O, OSQP only): it solves the community's
+local ADMM subproblem and speaks the wire messages of `p2pdoe.core.schemas.messages`. The MQTT service
+and envelope enforcement against the meter arrive with the runtime issues. It imports the core and
+never cvxpy, the coordinator or the CLI (import-linter contract in pyproject.toml).
 """
+
+from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
+
+__all__ = ["CommunityOutcome", "CommunityParticipant"]
