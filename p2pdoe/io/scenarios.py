@@ -19,6 +19,7 @@ from p2pdoe.core.schemas.scenario import CsvProfile, ScenarioSpec
 from p2pdoe.errors import ScenarioError
 from p2pdoe.io.files import read_text
 from p2pdoe.io.matpower import load_matpower
+from p2pdoe.io.synthetic import NAME_FORMAT, synthetic_from_name
 
 NAMED_FEEDERS = {"ieee33": "ieee33bw.m"}
 NAMED_SCENARIOS = {"default": "default.yaml"}
@@ -46,7 +47,7 @@ def scenario_path(name_or_path: str) -> Path:
         return data_path("scenarios", NAMED_SCENARIOS[name_or_path])
     path = Path(name_or_path)
     if not path.exists():
-        names = ", ".join(NAMED_SCENARIOS)
+        names = ", ".join([*NAMED_SCENARIOS, NAME_FORMAT])
         raise ScenarioError(
             f"scenario {name_or_path!r} is neither a named scenario ({names}) nor an existing file"
         )
@@ -55,19 +56,31 @@ def scenario_path(name_or_path: str) -> Path:
 
 def read_spec(path: Path, overrides: dict[str, Any] | None = None) -> ScenarioSpec:
     """Parse and validate a scenario file; `overrides` replaces top-level sections (e.g. horizon)."""
-    raw = _read_mapping(path)
+    return _validate(_read_mapping(path), overrides, str(path))
+
+
+def _validate(raw: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> ScenarioSpec:
     for key, value in (overrides or {}).items():
         section = raw.setdefault(key, {})
         if not isinstance(section, dict):
-            raise ScenarioError(f"{path}: {key} must be a mapping")
+            raise ScenarioError(f"{where}: {key} must be a mapping")
         section.update(value)
     try:
         return ScenarioSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(f"{path}: {_first_error(exc)}") from exc
+        raise ScenarioError(f"{where}: {_first_error(exc)}") from exc
 
 
 def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> Scenario:
+    """A named scenario (`default`, `synthetic-N[-peersK][-seedS]`) or a scenario file."""
+    if name_or_path not in NAMED_SCENARIOS and not Path(name_or_path).exists():
+        generated = synthetic_from_name(name_or_path)
+        if generated is not None:
+            spec = _validate(generated, overrides, name_or_path)
+            try:
+                return build_scenario(spec, load_feeder(spec.feeder.source), {})
+            except ScenarioError as exc:
+                raise ScenarioError(f"{name_or_path}: {exc}") from exc
     path = scenario_path(name_or_path)
     spec = read_spec(path, overrides)
     try:

@@ -65,8 +65,8 @@ class GridSolver:
         n_half = self.n_sites * self.cols
         # a row no box within the technical bounds can violate is left out (g >= 0, so its extreme
         # is at the bound); `_made_safe` still checks every row
-        self._can_bind_up = _by_t(safe.upper.g @ bounds.up_max > safe.upper.h - SAFETY_SLACK_KW)
-        self._can_bind_lo = _by_t(safe.lower.g @ bounds.lo_min < safe.lower.h + SAFETY_SLACK_KW)
+        self._can_bind_up = (safe.upper.g @ bounds.up_max > safe.upper.h - SAFETY_SLACK_KW).T.ravel()
+        self._can_bind_lo = (safe.lower.g @ bounds.lo_min < safe.lower.h + SAFETY_SLACK_KW).T.ravel()
         a_up = self._corner_rows(safe.upper)[self._can_bind_up]
         a_lo = self._corner_rows(safe.lower)[self._can_bind_lo]
         a = sp.vstack(
