@@ -17,18 +17,11 @@ import numpy as np
 import osqp
 import scipy.sparse as sp
 
+from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS
 from p2pdoe.core.envelope import Corner, SafeSet
 from p2pdoe.core.network import FloatArray
 
-GRID_OSQP_SETTINGS = {
-    "verbose": False,
-    "eps_abs": 1e-5,
-    "eps_rel": 1e-5,
-    "max_iter": 20000,
-    "polishing": True,
-    "warm_starting": True,
-    "check_termination": 10,
-}
+GRID_OSQP_SETTINGS = dict(OSQP_SETTINGS)  # the same accuracy as the communities' solves (polished)
 SAFETY_SLACK_KW = 1e-9
 
 

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.network import FloatArray
 
-OSQP_SETTINGS = {
+OSQP_SETTINGS: dict[str, object] = {
     "verbose": False,
     "eps_abs": 1e-5,
     "eps_rel": 1e-5,
