@@ -54,7 +54,9 @@ def test_solve_by_admm_writes_the_solver_story(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "results.json").read_text())
     solver = raw["solver"]
     assert raw["mode"] == "admm"
-    assert solver["name"] == "ADMM" and solver["converged"] and solver["status"] == "converged"
+    assert solver["name"] == "ADMM"
+    assert solver["converged"]
+    assert solver["status"] == "converged"
     assert len(solver["residual_history"]) == solver["iterations"]
     last = solver["residual_history"][-1]
     assert last["primal_trade_kw"] <= last["eps_trade_kw"]

@@ -169,7 +169,9 @@ def test_regularisers_barely_move_the_objective(results: dict[Policy, Results], 
     r = results[policy]
     eps = 3e-5 * r.dt_h  # trade_quadratic of the default scenario, per interval
     friction = eps * 2.0 * sum(t.kw**2 for t in r.trades)
-    regularisation = r.objective_eur - sum(c.cost_eur - c.envelope_value_eur for c in r.communities) - friction
+    regularisation = (
+        r.objective_eur - sum(c.cost_eur - c.envelope_value_eur for c in r.communities) - friction
+    )
     assert 0.0 <= regularisation < 0.01 * r.totals.gross_energy_eur
     assert 0.0 <= friction < 0.02 * r.totals.gross_energy_eur
 

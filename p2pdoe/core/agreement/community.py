@@ -8,6 +8,7 @@ peers' own business), then solves again, or stops if the grant says the round is
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,11 @@ import numpy as np
 from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step
 from p2pdoe.core.agreement.local_solver import LocalSolver
 from p2pdoe.core.agreement.protocol import (
+    DUPLICATE,
     INVALID,
     NO_ROUND,
-    WRONG_ROUND,
+    ROUND_OVER,
+    UNKNOWN_SENDER,
     Command,
     Finished,
     Inbox,
@@ -79,63 +82,92 @@ class _Round:
 
 
 class CommunityParticipant:
-    def __init__(self, site: str, peer_ids: tuple[str, ...], qp: CommunityQP):
+    """`dt_h` is the interval length the QP was built for; a round announcing another is refused."""
+
+    def __init__(self, site: str, peer_ids: tuple[str, ...], qp: CommunityQP, dt_h: float):
         if len(peer_ids) != len(qp.layout.peers):
             raise ValueError("one peer id per peer of the QP")
+        if site == DSO_ID or DSO_ID in peer_ids:
+            raise ValueError(f"{DSO_ID!r} is the coordinator's id, not a site's")
         self.site = site
         self.peer_ids = peer_ids
         self.qp = qp
+        self.dt_h = dt_h
         self.horizon = qp.layout.horizon
         self._solver: LocalSolver | None = None
         self._round: _Round | None = None
-        self.rejected = 0  # messages that did not fit this community (wrong horizon, missing entries)
-        self.not_in_round = 0  # messages received with no round open
+        self._finished: set[str] = set()
+        self._early: list[Proposal | Grant] = []  # arrived before their round opened (bounded)
+        self._ignored: Counter[str] = Counter()  # of rounds already over, and outside any round
 
     @property
     def ignored(self) -> dict[str, int]:
-        counts = dict(self._round.inbox.ignored) if self._round else {}
-        if self.rejected:
-            counts[INVALID] = counts.get(INVALID, 0) + self.rejected
-        if self.not_in_round:
-            counts[NO_ROUND] = self.not_in_round
-        return counts
+        counts = Counter(self._ignored)
+        if self._round is not None:
+            counts.update(self._round.inbox.ignored)
+        return dict(counts)
 
     def handle(self, event: Received) -> list[Command]:
         msg = event.message
         if isinstance(msg, RoundOpen):
             return self._open(msg)
+        if not self._from_counterpart(msg) or not self._fits(msg):
+            self._ignored[INVALID if self._from_counterpart(msg) else UNKNOWN_SENDER] += 1
+            return []
         r = self._round
-        if r is None:
-            self.not_in_round += 1
-            return []
-        if msg.round != r.id:
-            r.inbox.ignored[WRONG_ROUND] += 1
-            return []
-        if not self._fits(msg):
-            self.rejected += 1
+        if r is None or msg.round != r.id:
+            return self._outside_round(msg)
+        if isinstance(msg, Grant) and (r.lo is None) != (not msg.envelopes):
+            self._ignored[INVALID] += 1
             return []
         r.inbox.offer(msg.sender, msg.iteration, msg)
         return self._step_while_complete(r)
 
     # --- round lifecycle -------------------------------------------------------------------------
 
+    def _outside_round(self, msg: Proposal | Grant) -> list[Command]:
+        """A message of a round not open here: one already over (ignored), or one whose opening has
+        not arrived yet (kept, up to one iteration's worth, and replayed when it opens)."""
+        if msg.round in self._finished:
+            self._ignored[ROUND_OVER] += 1
+        elif len(self._early) < 2 * (len(self.peer_ids) + 1):
+            self._early.append(msg)
+        else:
+            self._ignored[NO_ROUND] += 1
+        return []
+
     def _open(self, msg: RoundOpen) -> list[Command]:
-        if self._round is not None and msg.round == self._round.id:
-            self._round.inbox.ignored["duplicate"] += 1
+        if msg.round in self._finished or (self._round is not None and msg.round == self._round.id):
+            self._ignored[DUPLICATE] += 1
             return []
-        if (
-            self.site not in msg.sites
-            or msg.intervals != self.horizon
-            or len(msg.initial_trade_price_eur_per_kwh) != self.horizon
-        ):
-            self.rejected += 1
+        if not self._accepts(msg):
+            self._ignored[INVALID] += 1
             return []
-        with_envelope = msg.policy != "none"
-        r = _Round(msg, len(self.peer_ids), self.horizon, with_envelope)
+        if self._round is not None:  # a new round supersedes the one in progress
+            self._ignored.update(self._round.inbox.ignored)
+        r = _Round(msg, len(self.peer_ids), self.horizon, msg.policy != "none")
         r.inbox = Inbox(frozenset(self.peer_ids) | {DSO_ID})
         self._round = r
         self._solver = LocalSolver(self.qp, self._rho_diagonal(r))
-        return [self._solve_and_propose(r)]
+        out: list[Command] = [self._solve_and_propose(r)]
+        early, self._early = [m for m in self._early if m.round == r.id], []
+        for m in early:
+            r.inbox.offer(m.sender, m.iteration, m)
+        return out + self._step_while_complete(r)
+
+    def _accepts(self, msg: RoundOpen) -> bool:
+        return (
+            self.site in msg.sites
+            and set(self.peer_ids) <= set(msg.sites)
+            and msg.intervals == self.horizon
+            and abs(msg.dt_h - self.dt_h) < 1e-9
+            and len(msg.initial_trade_price_eur_per_kwh) == self.horizon
+        )
+
+    def _close(self, r: _Round) -> None:
+        self._ignored.update(r.inbox.ignored)
+        self._finished.add(r.id)
+        self._round = None
 
     def _step_while_complete(self, r: _Round) -> list[Command]:
         out: list[Command] = []
@@ -148,7 +180,7 @@ class CommunityParticipant:
             if grant.status != "running":
                 self._settle(r)
                 out.append(Finished(self._outcome(r, grant.status, iteration + 1)))
-                self._round = None
+                self._close(r)
                 break
             r.rho_trade = grant.next_rho_trade_eur_per_kw2h
             r.rho_envelope = grant.next_rho_envelope_eur_per_kw2h
@@ -237,6 +269,8 @@ class CommunityParticipant:
             envelope = [(lay.block("lo"), r.granted[0]), (lay.block("up"), r.granted[1])]
         attempts = (("trades and envelope", [(lay.trades, trades), *envelope]), ("envelope", envelope))
         for label, fixed in attempts:
+            if label == "envelope":  # trades are free again: drop their augmented terms
+                self._solver.set_rho(np.zeros(lay.size))
             result = self._solver.solve_fixed(self.qp.q, fixed)
             if result.status == "solved":
                 r.z, r.final_solve = result.z, label
@@ -262,17 +296,18 @@ class CommunityParticipant:
             final_solve=r.final_solve,
         )
 
+    def _from_counterpart(self, msg: Proposal | Grant) -> bool:
+        """Proposals only from this community's peers, grants only from the DSO."""
+        return msg.sender in self.peer_ids if isinstance(msg, Proposal) else msg.sender == DSO_ID
+
     def _fits(self, msg: Proposal | Grant) -> bool:
         """The message has what this community needs, with the right lengths."""
         t = self.horizon
         if isinstance(msg, Proposal):
-            if msg.sender not in self.peer_ids:
-                return True  # the inbox counts it as an unknown sender
             entries = [e for e in msg.trades if e.peer == self.site]
             return len(entries) == 1 and len(entries[0].buy_kw) == t and len(entries[0].sell_kw) == t
-        r = self._round
-        if r is not None and r.lo is None:
-            return True
+        if not msg.envelopes:
+            return True  # a round without envelopes; checked against the round when used
         mine = [e for e in msg.envelopes if e.site == self.site]
         return len(mine) == 1 and len(mine[0].lo_kw) == t and len(mine[0].up_kw) == t
 

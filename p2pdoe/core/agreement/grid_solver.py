@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS
 from p2pdoe.core.envelope import Corner, SafeSet
 from p2pdoe.core.network import FloatArray
+from p2pdoe.errors import InfeasibleError
 
 GRID_OSQP_SETTINGS = dict(OSQP_SETTINGS)  # the same accuracy as the communities' solves (polished)
 SAFETY_SLACK_KW = 1e-9
@@ -81,6 +82,7 @@ class GridSolver:
         self._n_up_rows, self._n_lo_rows = a_up.shape[0], a_lo.shape[0]
         self._solver = osqp.OSQP()
         self._solver.setup(P=self._p, q=np.zeros(2 * n_half), A=a, l=lower, u=upper, **GRID_OSQP_SETTINGS)
+        self.solve(np.zeros((self.n_sites, self.horizon)), np.zeros((self.n_sites, self.horizon)))
 
     def _corner_rows(self, corner: Corner) -> sp.csr_matrix:
         """Row (t, k) of G @ V[:, col(t)], with V packed column by column: index col * C + c."""
@@ -100,6 +102,11 @@ class GridSolver:
         q = np.concatenate([self._targets(target_lo), self._targets(target_up)])
         self._solver.update(q=q)
         res = self._solver.solve(raise_error=False)
+        if "infeasible" in str(res.info.status):
+            raise InfeasibleError(
+                "no envelope box within the sites' technical ranges is network-safe: "
+                "the DSO cannot grant anything safe"
+            )
         v = np.asarray(res.x, dtype=float)
         half = self.n_sites * self.cols
         lo = v[:half].reshape(self.cols, self.n_sites).T

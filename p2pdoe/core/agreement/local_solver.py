@@ -25,6 +25,8 @@ OSQP_SETTINGS: dict[str, object] = {
     "check_termination": 10,
 }
 
+SETTLE_EPS = 1e-6  # the final, pinned solve (polished): its schedule sits inside the grant to the watt
+
 
 @dataclass(frozen=True)
 class LocalSolve:
@@ -68,7 +70,9 @@ class LocalSolver:
             lower[rows] = values
             upper[rows] = values
         self._solver.update(q=q, l=lower, u=upper)
+        self._solver.update_settings(eps_abs=SETTLE_EPS, eps_rel=SETTLE_EPS)
         result = self._run()
+        self._solver.update_settings(eps_abs=OSQP_SETTINGS["eps_abs"], eps_rel=OSQP_SETTINGS["eps_rel"])
         self._solver.update(l=self.qp.lower, u=self.qp.upper)
         return result
 

@@ -44,6 +44,7 @@ UNKNOWN_SENDER = "unknown_sender"
 WRONG_ROUND = "wrong_round"
 INVALID = "invalid"
 NO_ROUND = "no_round"
+ROUND_OVER = "round_over"
 
 
 @dataclass

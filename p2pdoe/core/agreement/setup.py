@@ -41,7 +41,8 @@ def participants(s: Scenario, policy: Policy, round_id: str) -> Participants:
     qps = tuple(community_qps(s, policy))
     ids = tuple(s.ids)
     communities = tuple(
-        CommunityParticipant(ids[c], tuple(ids[m] for m in s.market.peers[c]), qp) for c, qp in enumerate(qps)
+        CommunityParticipant(ids[c], tuple(ids[m] for m in s.market.peers[c]), qp, s.dt_h)
+        for c, qp in enumerate(qps)
     )
     grid = None
     if policy is not Policy.NONE:

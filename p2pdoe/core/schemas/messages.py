@@ -7,9 +7,10 @@ message carries proposals, grants and prices only, never a party's costs, assets
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 MESSAGE_SCHEMA_VERSION = 1
 DSO_ID = "dso"
@@ -46,6 +47,25 @@ class RoundOpen(Message):
     sites: list[SiteId] = Field(min_length=2)
     admm: AdmmParameters
     initial_trade_price_eur_per_kwh: Series  # every pair starts from this price (a warm start)
+
+    @field_validator("start")
+    @classmethod
+    def _utc_time(cls, value: str) -> str:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError("start must be an ISO 8601 time") from exc
+        if moment.tzinfo is None:
+            raise ValueError("start must carry a time zone")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_sites(self) -> RoundOpen:
+        if len(set(self.sites)) != len(self.sites) or DSO_ID in self.sites:
+            raise ValueError("sites must be distinct and none may be called 'dso'")
+        if len(self.initial_trade_price_eur_per_kwh) != self.intervals:
+            raise ValueError("one initial trade price per interval")
+        return self
 
 
 class TradeProposal(Message):

@@ -163,7 +163,7 @@ class Admm(Model):
     rho_trade_eur_per_kw2h: Pos = 2.5e-3
     rho_envelope_eur_per_kw2h: Pos = 2.5e-4
     over_relaxation: Annotated[float, Field(ge=1.0, le=1.9)] = 1.6
-    eps_abs_kw: Pos = 0.003
+    eps_abs_kw: Pos = 0.002
     eps_rel: NonNeg = 0.0
     max_iterations: Annotated[int, Field(ge=1, le=100000)] = 2000
     adaptive_rho: AdaptiveRho = AdaptiveRho()
@@ -241,6 +241,8 @@ class ScenarioSpec(Model):
         ids = [c.id for c in self.communities]
         if len(set(ids)) != len(ids):
             raise ValueError("community ids must be unique")
+        if "dso" in ids:
+            raise ValueError("community id 'dso' is reserved for the DSO coordinator")
         if self.feeder.vmin_pu + self.feeder.voltage_margin.lower_pu >= (
             self.feeder.vmax_pu - self.feeder.voltage_margin.upper_pu
         ):

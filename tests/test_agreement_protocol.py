@@ -1,0 +1,428 @@
+"""Protocol robustness: what a participant ignores (and counts), what it buffers, and that delivery
+order and duplicates within the allowed window do not change the agreement at all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from agreement_helpers import (
+    Pending,
+    Pick,
+    Trace,
+    drive,
+    fifo,
+    grants_last,
+    newest_first,
+    scenario_from_spec,
+    shuffled,
+    trace_solution,
+)
+from pydantic import ValidationError
+
+from p2pdoe.core.agreement.community import CommunityParticipant
+from p2pdoe.core.agreement.dso import DsoParticipant
+from p2pdoe.core.agreement.protocol import Command, Inbox, Publish, Received
+from p2pdoe.core.agreement.setup import Participants, participants
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen
+from p2pdoe.core.solution import Policy
+from p2pdoe.errors import ScenarioError
+from p2pdoe.io.scenarios import data_path, load_scenario
+from p2pdoe.services.inprocess import AdmmRun, run_admm
+
+
+@pytest.fixture(scope="module")
+def scenario() -> Scenario:
+    return load_scenario("default")
+
+
+def only(commands: list[Command]) -> Proposal | Grant | RoundOpen:
+    assert len(commands) == 1, commands
+    assert isinstance(commands[0], Publish)
+    return commands[0].message
+
+
+@dataclass
+class Opened:
+    """A round just opened: every community has published its proposal for iteration 0."""
+
+    parts: Participants
+    opening: RoundOpen
+    first: dict[str, Proposal]
+
+    def community(self, k: int = 0) -> CommunityParticipant:
+        return self.parts.communities[k]
+
+    def peer_of(self, k: int = 0) -> str:
+        return str(self.parts.communities[k].peer_ids[0])
+
+    def grant0(self) -> Grant:
+        """Feed every proposal 0 to the DSO; its last answer is grant 0."""
+        out: list[Command] = []
+        for p in self.first.values():
+            out = self.parts.dso.handle(Received(p))
+        grant = only(out)
+        assert isinstance(grant, Grant)
+        return grant
+
+
+def opened_round(s: Scenario) -> Opened:
+    parts = participants(s, Policy.DYNAMIC, "r1")
+    opening = only(parts.dso.open_round())
+    assert isinstance(opening, RoundOpen)
+    first = {}
+    for c in parts.communities:
+        p = only(c.handle(Received(opening)))
+        assert isinstance(p, Proposal)
+        assert p.iteration == 0
+        first[c.site] = p
+    return Opened(parts, opening, first)
+
+
+@pytest.fixture
+def opened(scenario: Scenario) -> Opened:
+    return opened_round(scenario)
+
+
+def give(
+    participant: CommunityParticipant | DsoParticipant, *messages: Proposal | Grant | RoundOpen
+) -> list[Command]:
+    out: list[Command] = []
+    for m in messages:
+        out += participant.handle(Received(m))
+    return out
+
+
+def rest_of_iteration_0(o: Opened, k: int, grant: Grant) -> list[Proposal | Grant]:
+    """What community k still needs to finish iteration 0 (its peers' proposals and the grant)."""
+    c = o.community(k)
+    return [o.first[p] for p in c.peer_ids] + [grant]
+
+
+# --- the inbox itself -------------------------------------------------------------------------
+
+
+def test_inbox_keeps_current_and_next_iteration_and_counts_the_rest() -> None:
+    box: Inbox[Any] = Inbox(frozenset({"a", "b"}))
+    assert box.offer("a", 0, "a0")
+    assert box.offer("b", 1, "b1")  # a fast peer: kept for later
+    assert not box.offer("a", 0, "again")
+    assert not box.offer("b", 1, "again")
+    assert not box.offer("c", 0, "c0")
+    assert not box.offer("a", 2, "a2")
+    assert not box.complete
+    assert box.offer("b", 0, "b0")
+    assert box.complete
+    assert box.advance() == {"a": "a0", "b": "b0"}
+    assert box.iteration == 1
+    assert box.current == {"b": "b1"}
+    assert not box.complete
+    assert not box.offer("a", 0, "late")
+    assert dict(box.ignored) == {"duplicate": 2, "unknown_sender": 1, "too_early": 1, "stale_iteration": 1}
+
+
+# --- a community ------------------------------------------------------------------------------
+
+
+def test_community_ignores_and_counts_a_duplicate_proposal(opened: Opened) -> None:
+    c, p = opened.community(), opened.first[opened.peer_of()]
+    assert give(c, p, p) == []
+    assert c.ignored == {"duplicate": 1}
+
+
+def test_community_ignores_and_counts_a_duplicate_grant(opened: Opened) -> None:
+    c, grant = opened.community(), opened.grant0()
+    assert give(c, grant, grant) == []
+    assert c.ignored == {"duplicate": 1}
+    nxt = only(give(c, *[opened.first[p] for p in c.peer_ids]))  # the duplicate did no harm
+    assert isinstance(nxt, Proposal)
+    assert nxt.iteration == 1
+
+
+def test_community_ignores_and_counts_a_duplicate_round_open(opened: Opened) -> None:
+    c = opened.community()
+    assert give(c, opened.opening) == []
+    assert c.ignored == {"duplicate": 1}
+
+
+def test_community_ignores_and_counts_stale_messages(opened: Opened) -> None:
+    c, grant = opened.community(), opened.grant0()
+    nxt = only(give(c, *rest_of_iteration_0(opened, 0, grant)))
+    assert isinstance(nxt, Proposal)
+    assert nxt.iteration == 1
+    assert c.ignored == {}
+    assert give(c, opened.first[opened.peer_of()], grant) == []
+    assert c.ignored == {"stale_iteration": 2}
+
+
+def test_community_ignores_and_counts_an_unknown_sender(opened: Opened) -> None:
+    c, p = opened.community(), opened.first[opened.peer_of()]
+    assert give(c, p.model_copy(update={"sender": "stranger"})) == []
+    assert c.ignored == {"unknown_sender": 1}
+
+
+def test_community_holds_messages_of_a_round_not_yet_open(opened: Opened) -> None:
+    """Over MQTT a peer's first proposal may beat the DSO's RoundOpen: it is held, not counted."""
+    c, p, grant = opened.community(), opened.first[opened.peer_of()], opened.grant0()
+    assert give(c, p.model_copy(update={"round": "r2"}), grant.model_copy(update={"round": "r2"})) == []
+    assert c.ignored == {}
+
+
+def test_community_counts_messages_of_a_finished_round() -> None:
+    s = load_scenario("default", {"admm": {"max_iterations": 2}})
+    trace = drive(s, Policy.DYNAMIC, wire=False)
+    c = trace.parts.communities[0]
+    late = next(m for _, m in trace.published if isinstance(m, Proposal) and m.sender in c.peer_ids)
+    assert give(c, late) == []
+    assert c.ignored.get("round_over") == 1
+
+
+def test_community_ignores_and_counts_a_message_two_iterations_ahead(opened: Opened) -> None:
+    c, p, grant = opened.community(), opened.first[opened.peer_of()], opened.grant0()
+    assert give(c, p.model_copy(update={"iteration": 2}), grant.model_copy(update={"iteration": 2})) == []
+    assert c.ignored == {"too_early": 2}
+
+
+def test_community_counts_a_message_that_does_not_fit_as_invalid(opened: Opened) -> None:
+    c, p = opened.community(), opened.first[opened.peer_of()]
+    short = [e.model_copy(update={"buy_kw": e.buy_kw[:-1]}) for e in p.trades]
+    assert give(c, p.model_copy(update={"trades": short})) == []
+    assert c.ignored == {"invalid": 1}
+    assert give(c, p) == []  # the well-formed one is still welcome
+    assert c.ignored == {"invalid": 1}
+
+
+def test_community_holds_a_bounded_number_of_messages_before_any_round(
+    scenario: Scenario, opened: Opened
+) -> None:
+    idle = participants(scenario, Policy.DYNAMIC, "r1").communities[0]
+    p = opened.first[opened.peer_of()]
+    held = 2 * (len(idle.peer_ids) + 1)
+    for k in range(held + 1):
+        assert give(idle, p.model_copy(update={"iteration": k})) == []
+    assert idle.ignored == {"no_round": 1}
+
+
+def test_community_buffers_a_next_iteration_proposal(opened: Opened) -> None:
+    c, grant = opened.community(), opened.grant0()
+    early = opened.first[opened.peer_of()].model_copy(update={"iteration": 1})
+    assert give(c, early) == []
+    assert c.ignored == {}
+    nxt = only(give(c, *rest_of_iteration_0(opened, 0, grant)))
+    assert isinstance(nxt, Proposal)
+    assert nxt.iteration == 1
+    assert give(c, early) == []  # it was kept for iteration 1: a second copy is a duplicate
+    assert c.ignored == {"duplicate": 1}
+
+
+def test_noise_does_not_change_what_a_community_proposes(scenario: Scenario) -> None:
+    clean, noisy = opened_round(scenario), opened_round(scenario)
+    expected = only(give(clean.community(), *rest_of_iteration_0(clean, 0, clean.grant0())))
+    c, grant = noisy.community(), noisy.grant0()
+    p = noisy.first[noisy.peer_of()]
+    noise: list[Proposal | Grant | RoundOpen] = [
+        p.model_copy(update={"sender": "stranger"}),
+        p.model_copy(update={"round": "r2"}),
+        p.model_copy(update={"iteration": 5}),
+        p.model_copy(update={"iteration": 1}),  # kept for iteration 1, not used in iteration 0
+        noisy.opening,
+        p,
+        grant,
+    ]
+    assert give(c, *noise) == []
+    rest = [noisy.first[q] for q in c.peer_ids[1:]]
+    assert only(give(c, p, grant, *rest)) == expected
+
+
+# --- the DSO ----------------------------------------------------------------------------------
+
+
+def test_dso_ignores_and_counts_a_duplicate_proposal(opened: Opened) -> None:
+    p = opened.first[opened.peer_of()]
+    assert give(opened.parts.dso, p, p) == []
+    assert opened.parts.dso.ignored == {"duplicate": 1}
+
+
+def test_dso_ignores_and_counts_stale_unknown_wrong_round_and_early_proposals(opened: Opened) -> None:
+    dso, p = opened.parts.dso, opened.first[opened.peer_of()]
+    clean = opened.grant0()
+    noise: list[Proposal | Grant | RoundOpen] = [
+        p,  # stale: iteration 0 is over
+        p.model_copy(update={"sender": "stranger"}),
+        p.model_copy(update={"round": "r2"}),
+        p.model_copy(update={"iteration": 3}),
+        clean,  # grants are not for the DSO
+    ]
+    assert give(dso, *noise) == []
+    assert dso.ignored == {
+        "stale_iteration": 1,
+        "unknown_sender": 1,
+        "wrong_round": 1,
+        "too_early": 1,
+        "not_for_dso": 1,
+    }
+
+
+def test_dso_buffers_a_next_iteration_proposal(opened: Opened) -> None:
+    dso = opened.parts.dso
+    early = opened.first[opened.peer_of()].model_copy(update={"iteration": 1})
+    assert give(dso, early) == []
+    grant = opened.grant0()
+    assert grant.iteration == 0
+    assert give(dso, early) == []
+    assert dso.ignored == {"duplicate": 1}  # it had been kept for iteration 1
+
+
+def test_dso_counts_a_proposal_that_does_not_fit_as_invalid(opened: Opened) -> None:
+    dso, p = opened.parts.dso, opened.first[opened.peer_of()]
+    assert (
+        give(dso, p.model_copy(update={"envelope": None}), p.model_copy(update={"trades": p.trades[1:]}))
+        == []
+    )
+    assert dso.ignored == {"invalid": 2}
+
+
+def test_noise_does_not_change_the_dso_grant(scenario: Scenario) -> None:
+    clean = opened_round(scenario)
+    noisy = opened_round(scenario)
+    p = noisy.first[noisy.peer_of()]
+    noise = [p, p.model_copy(update={"sender": "stranger"}), p.model_copy(update={"iteration": 4})]
+    assert give(noisy.parts.dso, *noise) == []
+    assert noisy.grant0() == clean.grant0()
+
+
+# --- whole rounds under reordering and duplicates --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(scenario: Scenario) -> AdmmRun:
+    run = run_admm(scenario, Policy.DYNAMIC)
+    assert run.dso.status == "converged"
+    return run
+
+
+def assert_same_agreement(scenario: Scenario, trace: Trace, reference: AdmmRun) -> None:
+    """Bit for bit what the plain FIFO runner agreed."""
+    assert trace.dso.status == reference.dso.status
+    assert trace.dso.iterations == reference.dso.iterations
+    sol = trace_solution(scenario, Policy.DYNAMIC, trace)
+    assert sol.objective_eur == reference.solution.objective_eur
+    for mine, theirs in zip(sol.z, reference.solution.z, strict=True):
+        assert np.array_equal(mine, theirs)
+    assert np.array_equal(sol.trade_price, reference.solution.trade_price)
+    assert trace.dso.granted_lo_kw is not None
+    assert reference.dso.granted_lo_kw is not None
+    assert np.array_equal(trace.dso.granted_lo_kw, reference.dso.granted_lo_kw)
+
+
+def early_deliveries(trace: Trace) -> int:
+    """Proposals a community received before the grant that closes the previous iteration."""
+    closed: dict[str, int] = {}  # community -> iterations it has the grant of
+    early = 0
+    for recipient, m in trace.delivered:
+        if recipient == DSO_ID:
+            continue
+        if isinstance(m, Grant):
+            closed[recipient] = max(closed.get(recipient, 0), m.iteration + 1)
+        elif isinstance(m, Proposal) and m.iteration > closed.get(recipient, 0):
+            early += 1
+    return early
+
+
+ORDERS: dict[str, Pick] = {
+    "shuffled-0": shuffled(0),
+    "shuffled-1": shuffled(1),
+    "grants-last": grants_last,
+    "newest-first": newest_first,
+}
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_delivery_order_does_not_change_the_agreement(
+    scenario: Scenario, reference: AdmmRun, order: str
+) -> None:
+    trace = drive(scenario, Policy.DYNAMIC, pick=ORDERS[order], wire=False)
+    assert_same_agreement(scenario, trace, reference)
+    assert all(counts == {} for counts in trace.ignored().values()), trace.ignored()
+    assert early_deliveries(trace) > 0  # next-iteration proposals were buffered, then used
+
+
+def test_fifo_driving_is_the_inprocess_runner(scenario: Scenario, reference: AdmmRun) -> None:
+    trace = drive(scenario, Policy.DYNAMIC)
+    assert_same_agreement(scenario, trace, reference)
+    assert early_deliveries(trace) == 0
+
+
+@pytest.fixture(scope="module")
+def duplicated(scenario: Scenario) -> Trace:
+    """Every message delivered twice to every recipient, in a random order, over the wire."""
+    return drive(scenario, Policy.DYNAMIC, pick=shuffled(7), copies=lambda m, r: 2)
+
+
+def test_duplicates_do_not_change_the_agreement(
+    scenario: Scenario, duplicated: Trace, reference: AdmmRun
+) -> None:
+    assert_same_agreement(scenario, duplicated, reference)
+    dso = duplicated.ignored()[DSO_ID]
+    assert dso.get("duplicate", 0) + dso.get("stale_iteration", 0) > 0
+
+
+def test_adjacent_duplicates_do_not_change_the_agreement(scenario: Scenario, reference: AdmmRun) -> None:
+    trace = drive(scenario, Policy.DYNAMIC, pick=fifo, copies=lambda m, r: 2, wire=False)
+    assert_same_agreement(scenario, trace, reference)
+
+
+def test_communities_still_report_what_they_ignored_after_the_round(duplicated: Trace) -> None:
+    for site, counts in duplicated.ignored().items():
+        if site != DSO_ID:
+            assert counts.get("duplicate", 0) + counts.get("stale_iteration", 0) > 0, site
+
+
+def round_opens_last(pending: list[Pending]) -> int:
+    """Hand out everything else before the round's opening: the last community to hear of the round
+    has its peers' first proposals already."""
+    for i, p in enumerate(pending):
+        if not isinstance(p.message, RoundOpen) or len(pending) == 1:
+            return i
+    return 0
+
+
+def test_a_proposal_before_the_round_open_is_kept(scenario: Scenario, reference: AdmmRun) -> None:
+    trace = drive(scenario, Policy.DYNAMIC, pick=round_opens_last, wire=False)
+    assert DSO_ID in trace.outcomes, trace.ignored()
+    assert_same_agreement(scenario, trace, reference)
+
+
+def test_a_round_open_after_the_round_is_ignored() -> None:
+    s = load_scenario("default", {"admm": {"max_iterations": 3}})
+    trace = drive(s, Policy.DYNAMIC, wire=False)
+    assert trace.dso.status == "max_iterations"
+    opening = next(m for _, m in trace.published if isinstance(m, RoundOpen))
+    c = trace.parts.communities[0]
+    assert give(c, opening) == []
+
+
+def test_a_proposal_claiming_to_come_from_the_dso_is_ignored(opened: Opened) -> None:
+    c, grant = opened.community(), opened.grant0()
+    forged = opened.first[opened.peer_of()].model_copy(update={"sender": DSO_ID})
+    assert give(c, forged) == []
+    nxt = only(give(c, *rest_of_iteration_0(opened, 0, grant)))
+    assert isinstance(nxt, Proposal)
+    assert nxt.iteration == 1
+    assert sum(c.ignored.values()) == 1
+
+
+def test_a_community_named_like_the_dso_is_refused_or_works() -> None:
+    with data_path("scenarios", "default.yaml").open(encoding="utf-8") as fh:
+        spec = yaml.safe_load(fh)
+    spec["communities"][0]["id"] = DSO_ID
+    try:
+        s = scenario_from_spec(spec)
+    except (ScenarioError, ValidationError):
+        return  # refused up front: fine
+    run = run_admm(s, Policy.DYNAMIC)
+    assert run.dso.status == "converged"
