@@ -22,12 +22,20 @@ from p2pdoe.core.agreement.coupling import (
     residuals,
 )
 from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver
-from p2pdoe.core.agreement.protocol import INVALID, WRONG_ROUND, Command, Finished, Inbox, Publish, Received
+from p2pdoe.core.agreement.protocol import (
+    INVALID,
+    UNKNOWN_SENDER,
+    WRONG_ROUND,
+    Command,
+    Finished,
+    Inbox,
+    Publish,
+    Received,
+)
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.scenario import AdmmSettings
 from p2pdoe.core.schemas.messages import (
     AdmmParameters,
-    EnvelopeRequest,
     Grant,
     GrantedEnvelope,
     Proposal,
@@ -73,11 +81,25 @@ class RoundPlan:
     initial_trade_price: tuple[float, ...]  # EUR/kWh per interval, public (from the retail tariffs)
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """A proposal as arrays, parsed when it arrives (off the critical path): rows in the plan's peer
+    order of its sender."""
+
+    buy: FloatArray  # (peers, T)
+    sell: FloatArray
+    lo: FloatArray | None  # (T,)
+    up: FloatArray | None
+
+
 class _State:
     def __init__(self, plan: RoundPlan, settings: AdmmSettings, horizon: int):
         links = [(b, s) for b in range(len(plan.sites)) for s in plan.peers[b]]
         n_links, n_sites = len(links), len(plan.sites)
         self.links = links
+        # links are sender-major, so stacked proposals give buy[b -> s] in link order; sell[s -> b]
+        # sits at the position of the reversed link
+        self.reverse = np.array([links.index((s, b)) for b, s in links], dtype=int)
         self.rho_trade = settings.rho_trade
         self.rho_envelope = settings.rho_envelope
         start_price = np.tile(np.asarray(plan.initial_trade_price) * plan.dt_h, (n_links, 1))
@@ -86,7 +108,7 @@ class _State:
         self.up = Agreed(np.zeros((n_sites, horizon)), np.zeros((n_sites, horizon)))
         self.grant: GridSolve | None = None
         self.history: list[IterationRecord] = []
-        self.inbox: Inbox[Proposal] = Inbox(frozenset(plan.sites))
+        self.inbox: Inbox[_Parsed] = Inbox(frozenset(plan.sites))
         self.finished = False
 
 
@@ -143,15 +165,31 @@ class DsoParticipant:
         if not self._fits(msg):
             self.rejected += 1
             return []
-        st.inbox.offer(msg.sender, msg.iteration, msg)
+        if msg.sender not in self.plan.sites:
+            st.inbox.ignored[UNKNOWN_SENDER] += 1
+            return []
+        st.inbox.offer(msg.sender, msg.iteration, self._parse(msg))
         if not st.inbox.complete:
             return []
         iteration = st.inbox.iteration
         return self._iterate(iteration, st.inbox.advance())
 
+    def _parse(self, p: Proposal) -> _Parsed:
+        c = self.plan.sites.index(p.sender)
+        by_peer = {e.peer: e for e in p.trades}
+        peers = [by_peer[self.plan.sites[m]] for m in self.plan.peers[c]]
+        shape = (len(peers), self.horizon)
+        env = p.envelope
+        return _Parsed(
+            buy=np.array([e.buy_kw for e in peers], dtype=float).reshape(shape),
+            sell=np.array([e.sell_kw for e in peers], dtype=float).reshape(shape),
+            lo=None if env is None else np.asarray(env.lo_kw, dtype=float),
+            up=None if env is None else np.asarray(env.up_kw, dtype=float),
+        )
+
     # --- one iteration ---------------------------------------------------------------------------
 
-    def _iterate(self, iteration: int, proposals: dict[str, Proposal]) -> list[Command]:
+    def _iterate(self, iteration: int, proposals: dict[str, _Parsed]) -> list[Command]:
         st = self._s
         record = self._update(iteration, proposals)
         st.history.append(record)
@@ -165,20 +203,20 @@ class DsoParticipant:
         self._project()
         return [Publish(grant)]
 
-    def _update(self, iteration: int, proposals: dict[str, Proposal]) -> IterationRecord:
+    def _update(self, iteration: int, proposals: dict[str, _Parsed]) -> IterationRecord:
         st, dt, alpha = self._s, self.plan.dt_h, self.settings.over_relaxation
-        sites = self.plan.sites
-        entries = {p.sender: {e.peer: e for e in p.trades} for p in proposals.values()}
-        buy = np.array([entries[sites[b]][sites[s]].buy_kw for b, s in st.links]).reshape(st.trades.y.shape)
-        sell = np.array([entries[sites[s]][sites[b]].sell_kw for b, s in st.links]).reshape(st.trades.y.shape)
+        ordered = [proposals[site] for site in self.plan.sites]
+        shape = st.trades.y.shape
+        buy = np.concatenate([p.buy for p in ordered]).reshape(shape)
+        sell = np.concatenate([p.sell for p in ordered]).reshape(shape)[st.reverse]
         rho_t = st.rho_trade * dt
         new_trades = consensus_step(buy, sell, st.trades, rho_t, alpha)
         trade_sums = residual_sums(buy, sell, st.trades, new_trades, rho_t) if st.links else ResidualSums()
         st.trades = new_trades
         env_sums, gap = ResidualSums(), 0.0
         if st.grant is not None:
-            req_lo = np.array([_request(proposals[c]).lo_kw for c in sites])
-            req_up = np.array([_request(proposals[c]).up_kw for c in sites])
+            req_lo = np.array([p.lo for p in ordered])
+            req_up = np.array([p.up for p in ordered])
             rho_e = st.rho_envelope * dt
             new_lo = consensus_step(req_lo, st.grant.lo, st.lo, rho_e, alpha)
             new_up = consensus_step(req_up, st.grant.up, st.up, rho_e, alpha)
@@ -279,8 +317,3 @@ class DsoParticipant:
         if self.grid is None:
             return p.envelope is None
         return p.envelope is not None and len(p.envelope.lo_kw) == t and len(p.envelope.up_kw) == t
-
-
-def _request(p: Proposal) -> EnvelopeRequest:
-    assert p.envelope is not None
-    return p.envelope

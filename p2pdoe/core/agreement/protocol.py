@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen
 
 Message = RoundOpen | Proposal | Grant
-M = TypeVar("M", Proposal, Grant, Proposal | Grant)
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
