@@ -8,8 +8,10 @@ divided by rho, so the Hessian never changes and rho never forces a refactorisat
 after the first stop after `PROJECTION_MAX_ITER` OSQP iterations (ADMM only needs them to improve);
 the result is clipped to the technical bounds and shifted inward by any remaining violation (rows are
 normalised, largest coefficient 1, all coefficients >= 0, so a shift of v kW on every site lowers each
-row by at least v): the grant is network-safe to solver round-off. If that shift would leave the
-technical bounds, the projection is finished to full accuracy first.
+row by at least v): the grant is network-safe to solver round-off. An early-stopped projection may
+need a shift that takes a box a little past a site's technical bound (it is still safe; accurate
+projections near convergence need none); one that would leave a box empty is finished to full
+accuracy first.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class GridSolver:
         self._solver.update(q=q)
         res = self._run()
         lo, up = self._made_safe(*self._unpacked(res.x))
-        if not self._within_bounds(lo, up):  # an early stop left the box too far out: finish the solve
+        if np.any(lo > up):  # an early stop left the shifted box empty: finish the solve
             self._solver.update_settings(max_iter=int(str(GRID_OSQP_SETTINGS["max_iter"])))
             res = self._run()
             self._solver.update_settings(max_iter=PROJECTION_MAX_ITER)
@@ -150,16 +152,6 @@ class GridSolver:
         lo = np.clip(v[:half], self._bounds_lo[0], self._bounds_lo[1])
         up = np.clip(v[half:], self._bounds_up[0], self._bounds_up[1])
         return lo.reshape(self.cols, self.n_sites).T, up.reshape(self.cols, self.n_sites).T
-
-    def _within_bounds(self, lo: FloatArray, up: FloatArray) -> bool:
-        tol = 1e-6
-        packed_lo, packed_up = lo.T.ravel(), up.T.ravel()
-        return bool(
-            np.all(packed_lo >= self._bounds_lo[0] - tol)
-            and np.all(packed_lo <= self._bounds_lo[1] + tol)
-            and np.all(packed_up >= self._bounds_up[0] - tol)
-            and np.all(packed_up <= self._bounds_up[1] + tol)
-        )
 
     def _made_safe(self, lo: FloatArray, up: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Shift each column inward by its largest corner violation (zero when the solve is exact)."""
