@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step
-from p2pdoe.core.agreement.local_solver import LocalSolver
+from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS, SETTLE_EPS, LocalSolver
 from p2pdoe.core.agreement.protocol import (
     DUPLICATE,
     INVALID,
@@ -79,6 +79,9 @@ class _Round:
         self.final_solve = ""
         self.osqp_iterations: list[int] = []
         self.inbox: Inbox[Proposal | Grant] = Inbox(frozenset())
+
+
+SETTLED = ("solved", "solved inaccurate")
 
 
 class CommunityParticipant:
@@ -267,15 +270,28 @@ class CommunityParticipant:
         envelope: list[tuple[slice, FloatArray]] = []
         if r.granted is not None:
             envelope = [(lay.block("lo"), r.granted[0]), (lay.block("up"), r.granted[1])]
-        attempts = (("trades and envelope", [(lay.trades, trades), *envelope]), ("envelope", envelope))
-        for label, fixed in attempts:
-            if label == "envelope":  # trades are free again: drop their augmented terms
-                self._solver.set_rho(np.zeros(lay.size))
-            result = self._solver.solve_fixed(self.qp.q, fixed)
-            if result.status == "solved":
-                r.z, r.final_solve = result.z, label
+        pinned = [(lay.trades, trades), *envelope]
+        for eps in (SETTLE_EPS, float(str(OSQP_SETTINGS["eps_abs"]))):
+            result = self._solver.solve_fixed(self.qp.q, pinned, eps)
+            if result.status in SETTLED:
+                r.z, r.final_solve = result.z, "trades and envelope"
                 return
+        # trades free again, at the agreed prices and without augmented terms
+        self._solver.set_rho(np.zeros(lay.size))
+        result = self._solver.solve_fixed(self._priced_linear_term(r), envelope, SETTLE_EPS)
+        if result.status in SETTLED:
+            r.z, r.final_solve = result.z, "envelope"
+            return
         r.final_solve = "last proposal"
+
+    def _priced_linear_term(self, r: _Round) -> FloatArray:
+        """The community's own linear term plus what it pays and earns at the agreed trade prices."""
+        lay = self.qp.layout
+        q = self.qp.q.copy()
+        for k in range(len(self.peer_ids)):
+            q[lay.buy(k)] += r.buy.price[k]
+            q[lay.sell(k)] -= r.sell.price[k]
+        return q
 
     def _outcome(self, r: _Round, status: str, iterations: int) -> CommunityOutcome:
         assert r.z is not None

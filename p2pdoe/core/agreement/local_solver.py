@@ -60,7 +60,7 @@ class LocalSolver:
         self._solver.update(q=q)
         return self._run()
 
-    def solve_fixed(self, q: FloatArray, fixed: list[tuple[slice, FloatArray]]) -> LocalSolve:
+    def solve_fixed(self, q: FloatArray, fixed: list[tuple[slice, FloatArray]], eps: float) -> LocalSolve:
         """Solve with some blocks of z pinned to given values (their box rows set to l = u = value),
         then restore the original bounds."""
         lower, upper = self.qp.lower.copy(), self.qp.upper.copy()
@@ -70,7 +70,7 @@ class LocalSolver:
             lower[rows] = values
             upper[rows] = values
         self._solver.update(q=q, l=lower, u=upper)
-        self._solver.update_settings(eps_abs=SETTLE_EPS, eps_rel=SETTLE_EPS)
+        self._solver.update_settings(eps_abs=eps, eps_rel=eps)
         result = self._run()
         self._solver.update_settings(eps_abs=OSQP_SETTINGS["eps_abs"], eps_rel=OSQP_SETTINGS["eps_rel"])
         self._solver.update(l=self.qp.lower, u=self.qp.upper)
