@@ -38,7 +38,11 @@ def _powerflow_parser(sub: Any) -> None:
 
 
 def _scenario_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", default="default", help="a named scenario (default) or a scenario file")
+    p.add_argument(
+        "--scenario",
+        default="default",
+        help="a named scenario (default, synthetic-N[-peersK][-seedS]) or a scenario file",
+    )
     p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
     p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
 
