@@ -24,6 +24,7 @@ from p2pdoe.core.schemas.messages import (
     decode,
     encode,
 )
+from p2pdoe.core.schemas.wire import MAX_MESSAGE_BYTES, WireError
 
 SITE = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
 ROUND = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True)
@@ -297,7 +298,21 @@ def test_non_finite_numbers_are_refused(token: str, kind: str) -> None:
     [b"", b"null", b"[]", b"{}", b"not json", b"\xff\xfe", b'{"kind": "proposal"}', b'"proposal"'],
 )
 def test_garbage_is_refused(payload: bytes) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises((WireError, ValidationError)):
+        decode(payload)
+
+
+def test_a_repeated_key_is_refused() -> None:
+    """pydantic alone would keep the last of two equal keys: a payload could mean two things."""
+    text = json.dumps(proposal_doc())
+    doubled = text.replace('"iteration": ', '"iteration": 1, "iteration": ', 1)
+    with pytest.raises(WireError, match="repeats the key 'iteration'"):
+        decode(doubled.encode())
+
+
+def test_an_oversized_message_is_refused_before_parsing() -> None:
+    payload = b" " * (MAX_MESSAGE_BYTES + 1)
+    with pytest.raises(WireError, match="exceeds the limit"):
         decode(payload)
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from p2pdoe.core.schemas.wire import checked_json
+
 MESSAGE_SCHEMA_VERSION = 1
 DSO_ID = "dso"
 
@@ -135,5 +137,6 @@ def encode(message: RoundOpen | Proposal | Grant) -> bytes:
 
 
 def decode(payload: bytes) -> RoundOpen | Proposal | Grant:
-    """Parse and validate; raises pydantic.ValidationError on anything malformed."""
-    return MESSAGE_ADAPTER.validate_json(payload)
+    """Parse and validate; raises `WireError` (too large, not JSON, a repeated key) or
+    pydantic.ValidationError (anything else malformed), both ValueErrors."""
+    return MESSAGE_ADAPTER.validate_json(checked_json(payload))
