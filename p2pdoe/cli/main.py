@@ -23,7 +23,26 @@ def build_parser() -> argparse.ArgumentParser:
     _powerflow_parser(sub)
     _solve_parser(sub)
     _compare_parser(sub)
+    _schema_parser(sub)
     return parser
+
+
+def _schema_parser(sub: Any) -> None:
+    p = sub.add_parser("schema", help="print the JSON Schema of every wire message (or of one kind)")
+    p.add_argument("--kind", help="one message kind, e.g. doe, proposal, grant")
+    p.set_defaults(run=_run_schema)
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    from p2pdoe.core.schemas.runtime import ALL_MESSAGES
+
+    schemas = {m.model_fields["kind"].default: m.model_json_schema() for m in ALL_MESSAGES}
+    if args.kind is not None:
+        if args.kind not in schemas:
+            raise P2PDoeError(f"no message kind {args.kind!r}; known: {', '.join(schemas)}")
+        schemas = {args.kind: schemas[args.kind]}
+    print(json.dumps(schemas, indent=1))
+    return 0
 
 
 def _powerflow_parser(sub: Any) -> None:

@@ -1,0 +1,167 @@
+"""Wire messages of the runtime (schema version 1): envelopes in force, status, registration,
+progress. Strict like the agreement's messages (p2pdoe.core.schemas.messages): unknown keys, NaN,
+infinity, numbers as strings and times without a time zone are refused.
+
+A `Doe` carries the signed envelope (`lo_kw` <= `up_kw`, export positive) and its CSIP-AUS form in
+watts, both non-negative: opModImpLimW = max(0, -lo) * 1000 and opModExpLimW = max(0, up) * 1000.
+A box that does not contain zero (possible only where a site cannot reach zero, e.g. a load with no
+generation: up < 0) keeps its exact bounds in `lo_kw` / `up_kw`; the CSIP limits then read as
+"export 0 W" and the import limit, and the minimum import is not expressible in CSIP-AUS.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, Field, TypeAdapter, field_validator, model_validator
+
+from p2pdoe.core.schemas.messages import (
+    Grant,
+    Message,
+    Proposal,
+    RoundId,
+    RoundOpen,
+    Series,
+    SiteId,
+    Status,
+)
+from p2pdoe.core.schemas.wire import checked_json
+
+Kw = Annotated[float, Field(allow_inf_nan=False)]
+Watts = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+WATT_TOLERANCE = 1.0
+
+
+def _utc(value: datetime) -> datetime:
+    if value.utcoffset() != timedelta(0):
+        raise ValueError("times are given in UTC")
+    return value
+
+
+class Doe(Message):
+    """The dynamic operating envelope of one site for one interval."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["doe"] = "doe"
+    site: SiteId
+    round: RoundId | None  # the round that set it; None for a default envelope
+    start: AwareDatetime
+    duration_s: Annotated[int, Field(gt=0)]
+    lo_kw: Kw
+    up_kw: Kw
+    opModImpLimW: Watts  # noqa: N815 (CSIP-AUS name)
+    opModExpLimW: Watts  # noqa: N815 (CSIP-AUS name)
+
+    _start_utc = field_validator("start")(_utc)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Doe:
+        if self.lo_kw > self.up_kw:
+            raise ValueError("lo_kw exceeds up_kw")
+        if abs(self.opModImpLimW - max(0.0, -self.lo_kw) * 1e3) > WATT_TOLERANCE:
+            raise ValueError("opModImpLimW must equal max(0, -lo_kw) in W")
+        if abs(self.opModExpLimW - max(0.0, self.up_kw) * 1e3) > WATT_TOLERANCE:
+            raise ValueError("opModExpLimW must equal max(0, up_kw) in W")
+        return self
+
+    @classmethod
+    def from_box(
+        cls, site: str, round_id: str | None, start: datetime, duration_s: int, lo_kw: float, up_kw: float
+    ) -> Doe:
+        return cls(
+            site=site,
+            round=round_id,
+            start=start,
+            duration_s=duration_s,
+            lo_kw=lo_kw,
+            up_kw=up_kw,
+            opModImpLimW=max(0.0, -lo_kw) * 1e3,
+            opModExpLimW=max(0.0, up_kw) * 1e3,
+        )
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.duration_s)
+
+    def valid_at(self, moment: datetime) -> bool:
+        """In force at `moment` (UTC): an envelope past its validity is never applied."""
+        return self.start <= moment.astimezone(UTC) < self.end
+
+
+class Registration(Message):
+    """What a site tells the coordinator about itself: public facts only."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["register"] = "register"
+    site: SiteId
+    bus: Annotated[int, Field(ge=1)]  # the feeder's own bus number
+    peers: list[SiteId]
+    technical_min_kw: Series  # X_min per interval of the day-ahead horizon
+    technical_max_kw: Series  # X_max
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Registration:
+        if len(self.technical_min_kw) != len(self.technical_max_kw):
+            raise ValueError("technical_min_kw and technical_max_kw differ in length")
+        if any(lo > hi for lo, hi in zip(self.technical_min_kw, self.technical_max_kw, strict=True)):
+            raise ValueError("technical_min_kw exceeds technical_max_kw")
+        return self
+
+
+class SiteStatus(Message):
+    schema_version: Literal[1] = 1
+    kind: Literal["site_status"] = "site_status"
+    site: SiteId
+    state: Literal["online", "offline"]
+    envelope: Literal["dynamic", "default", "fixed_default", "none"]  # which envelope is applied
+    ts: AwareDatetime
+
+    _ts_utc = field_validator("ts")(_utc)
+
+
+class DsoStatus(Message):
+    schema_version: Literal[1] = 1
+    kind: Literal["dso_status"] = "dso_status"
+    state: Literal["online", "offline"]
+    round: RoundId | None
+    ts: AwareDatetime
+
+    _ts_utc = field_validator("ts")(_utc)
+
+
+class Progress(Message):
+    """The coordinator's view of a round, once per iteration."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["progress"] = "progress"
+    round: RoundId
+    iteration: Annotated[int, Field(ge=0)]
+    status: Status
+    primal_trade_kw: Watts
+    dual_trade_kw: Watts
+    primal_envelope_kw: Watts
+    dual_envelope_kw: Watts
+    missing_sites: list[SiteId] = Field(default_factory=list)
+
+
+RuntimeMessage = Annotated[
+    Doe | Registration | SiteStatus | DsoStatus | Progress, Field(discriminator="kind")
+]
+RUNTIME_ADAPTER: TypeAdapter[Doe | Registration | SiteStatus | DsoStatus | Progress] = TypeAdapter(
+    RuntimeMessage
+)
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    RoundOpen,
+    Proposal,
+    Grant,
+    Doe,
+    Registration,
+    SiteStatus,
+    DsoStatus,
+    Progress,
+)
+
+
+def decode_runtime(payload: bytes) -> Doe | Registration | SiteStatus | DsoStatus | Progress:
+    return RUNTIME_ADAPTER.validate_json(checked_json(payload))

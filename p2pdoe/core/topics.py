@@ -1,0 +1,82 @@
+"""The MQTT topic tree (version 1). Every name a service publishes or subscribes to comes from here.
+
+    p2pdoe/v1/site/<id>/doe            retained  the envelope now in force (`Doe`)
+    p2pdoe/v1/site/<id>/doe/default    retained  the fallback envelope (`Doe`, round null)
+    p2pdoe/v1/site/<id>/status         retained  online / offline (also the site's last will)
+    p2pdoe/v1/site/<id>/register       retained  the site's public facts (`Registration`)
+    p2pdoe/v1/site/<id>/telemetry                what the edge measures and does
+    p2pdoe/v1/site/<id>/meter                    meter readings (real or simulated)
+    p2pdoe/v1/market/<round>/open      retained  `RoundOpen`
+    p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
+    p2pdoe/v1/market/<round>/grant               `Grant`
+    p2pdoe/v1/dso/status               retained  online / offline (also the coordinator's last will)
+    p2pdoe/v1/dso/progress                       round, iteration, residuals
+
+Site and round ids never contain '/', '+' or '#' (their schemas forbid it), so every topic parses
+back unambiguously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROOT = "p2pdoe/v1"
+SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter")
+
+
+def site(site_id: str, kind: str) -> str:
+    if kind not in SITE_KINDS:
+        raise ValueError(f"no site topic {kind!r}; known: {', '.join(SITE_KINDS)}")
+    return f"{ROOT}/site/{site_id}/{kind}"
+
+
+def round_open(round_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/open"
+
+
+def proposal(round_id: str, site_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/proposal/{site_id}"
+
+
+def grant(round_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/grant"
+
+
+DSO_STATUS = f"{ROOT}/dso/status"
+DSO_PROGRESS = f"{ROOT}/dso/progress"
+
+
+def all_proposals(round_id: str = "+") -> str:
+    """Filter for every site's proposals of a round (every round by default)."""
+    return f"{ROOT}/market/{round_id}/proposal/+"
+
+
+def every_site(kind: str) -> str:
+    """Filter for one kind of topic of every site, e.g. every_site("status")."""
+    return site("+", kind)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed topic: `area` is "site", "market" or "dso"; `kind` the last part(s)."""
+
+    area: str
+    kind: str
+    site: str | None = None
+    round: str | None = None
+
+
+def parse(topic: str) -> Topic | None:
+    """The parts of a topic of this tree, or None for anything else."""
+    if not topic.startswith(ROOT + "/"):
+        return None
+    parts = topic[len(ROOT) + 1 :].split("/")
+    if parts[0] == "site" and len(parts) >= 3 and "/".join(parts[2:]) in SITE_KINDS:
+        return Topic("site", "/".join(parts[2:]), site=parts[1])
+    if parts[0] == "market" and len(parts) == 3 and parts[2] in ("open", "grant"):
+        return Topic("market", parts[2], round=parts[1])
+    if parts[0] == "market" and len(parts) == 4 and parts[2] == "proposal":
+        return Topic("market", "proposal", site=parts[3], round=parts[1])
+    if parts[0] == "dso" and len(parts) == 2 and parts[1] in ("status", "progress"):
+        return Topic("dso", parts[1])
+    return None

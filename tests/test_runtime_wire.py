@@ -1,0 +1,130 @@
+"""The runtime's topic tree and messages: names parse back, envelopes are strict and consistent."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cli_helpers import assert_one_line_error, run_p2pdoe
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.runtime import ALL_MESSAGES, Doe, Registration, decode_runtime
+from p2pdoe.core.schemas.wire import WireError
+
+IDS = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
+ROUNDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True)
+NOON = datetime(2026, 6, 21, 12, tzinfo=UTC)
+
+
+@given(site=IDS, kind=st.sampled_from(topics.SITE_KINDS))
+def test_site_topics_parse_back(site: str, kind: str) -> None:
+    parsed = topics.parse(topics.site(site, kind))
+    assert parsed == topics.Topic("site", kind, site=site)
+
+
+@given(round_id=ROUNDS, site=IDS)
+def test_market_topics_parse_back(round_id: str, site: str) -> None:
+    assert topics.parse(topics.round_open(round_id)) == topics.Topic("market", "open", round=round_id)
+    assert topics.parse(topics.grant(round_id)) == topics.Topic("market", "grant", round=round_id)
+    assert topics.parse(topics.proposal(round_id, site)) == topics.Topic(
+        "market", "proposal", site=site, round=round_id
+    )
+
+
+def test_the_documented_names_hold() -> None:
+    assert topics.site("solar-18", "doe") == "p2pdoe/v1/site/solar-18/doe"
+    assert topics.site("solar-18", "doe/default") == "p2pdoe/v1/site/solar-18/doe/default"
+    assert topics.site("solar-18", "status") == "p2pdoe/v1/site/solar-18/status"
+    assert topics.DSO_STATUS == "p2pdoe/v1/dso/status"
+    assert topics.DSO_PROGRESS == "p2pdoe/v1/dso/progress"
+    assert topics.every_site("status") == "p2pdoe/v1/site/+/status"
+    assert topics.parse("p2pdoe/v1/dso/progress") == topics.Topic("dso", "progress")
+
+
+@pytest.mark.parametrize("topic", ["other/v1/dso/status", "p2pdoe/v1/site/x/unknown", "p2pdoe/v1/market/r"])
+def test_foreign_topics_do_not_parse(topic: str) -> None:
+    assert topics.parse(topic) is None
+
+
+def test_an_unknown_site_topic_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="no site topic"):
+        topics.site("solar-18", "doe/latest")
+
+
+def test_doe_carries_the_csip_limits_in_watts() -> None:
+    d = Doe.from_box("solar-18", "day-ahead", NOON, 900, -300.5, 812.25)
+    assert (d.opModImpLimW, d.opModExpLimW) == (300500.0, 812250.0)
+    assert decode_runtime(d.model_dump_json().encode()) == d
+    load_only = Doe.from_box("campus-30", None, NOON, 900, -500.0, -120.0)  # cannot reach zero
+    assert (load_only.opModImpLimW, load_only.opModExpLimW) == (500000.0, 0.0)
+
+
+def test_doe_is_in_force_only_inside_its_window() -> None:
+    d = Doe.from_box("solar-18", "r1", NOON, 900, -1.0, 1.0)
+    assert d.valid_at(NOON)
+    assert d.valid_at(NOON + timedelta(seconds=899))
+    assert not d.valid_at(NOON + timedelta(seconds=900))
+    assert not d.valid_at(NOON - timedelta(seconds=1))
+
+
+def _doe_doc() -> dict[str, object]:
+    return json.loads(Doe.from_box("solar-18", "r1", NOON, 900, -300.0, 800.0).model_dump_json())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("start", "2026-06-21T12:00:00"),  # naive
+        ("start", "2026-06-21T12:00:00+02:00"),  # not UTC
+        ("lo_kw", "-300"),  # a number as a string
+        ("opModExpLimW", 700000.0),  # disagrees with up_kw
+        ("opModImpLimW", -1.0),  # negative
+        ("lo_kw", 900.0),  # above up_kw
+        ("duration_s", 0),
+        ("colour", "red"),  # unknown key
+    ],
+)
+def test_a_bad_doe_is_refused(field: str, value: object) -> None:
+    doc = _doe_doc()
+    doc[field] = value
+    with pytest.raises(ValidationError):
+        decode_runtime(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_limit_is_refused(token: str) -> None:
+    """Lax pydantic takes NaN, and a NaN limit silently disables a clamp."""
+    text = json.dumps(_doe_doc()).replace("800000.0", token)
+    with pytest.raises(ValidationError):
+        decode_runtime(text.encode())
+
+
+def test_a_doe_with_a_repeated_key_is_refused() -> None:
+    text = json.dumps(_doe_doc()).replace('"up_kw": 800.0', '"up_kw": 800.0, "up_kw": 5000.0')
+    with pytest.raises(WireError):
+        decode_runtime(text.encode())
+
+
+def test_registration_checks_its_ranges() -> None:
+    ok = Registration(site="a", bus=18, peers=["b"], technical_min_kw=[-5.0], technical_max_kw=[3.0])
+    assert decode_runtime(ok.model_dump_json().encode()) == ok
+    with pytest.raises(ValidationError):
+        Registration(site="a", bus=18, peers=["b"], technical_min_kw=[5.0], technical_max_kw=[3.0])
+
+
+def test_schema_command_prints_every_message() -> None:
+    run = run_p2pdoe("schema")
+    assert run.returncode == 0, run.stderr
+    schemas = json.loads(run.stdout)
+    assert set(schemas) == {m.model_fields["kind"].default for m in ALL_MESSAGES}
+    assert schemas["doe"]["additionalProperties"] is False
+    assert {"opModImpLimW", "opModExpLimW", "lo_kw", "up_kw", "start", "duration_s", "round"} <= set(
+        schemas["doe"]["properties"]
+    )
+    one = run_p2pdoe("schema", "--kind", "grant")
+    assert list(json.loads(one.stdout)) == ["grant"]
+    assert_one_line_error(run_p2pdoe("schema", "--kind", "nope"), "no message kind")
