@@ -24,7 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
     _solve_parser(sub)
     _compare_parser(sub)
     _schema_parser(sub)
+    _site_config_parser(sub)
     return parser
+
+
+def _site_config_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "site-config", help="split a scenario into one edge configuration per community (its data only)"
+    )
+    p.add_argument("--scenario", default="default", help="a named scenario or a scenario file")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/sites/<id>.json")
+    p.set_defaults(run=_run_site_config)
+
+
+def _run_site_config(args: argparse.Namespace) -> int:
+    from p2pdoe.io.scenarios import load_scenario
+    from p2pdoe.io.site_configs import write_site_configs
+
+    for path in write_site_configs(load_scenario(args.scenario), args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 def _schema_parser(sub: Any) -> None:
