@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2pdoe.core.network import FloatArray, LinDistFlow
+from p2pdoe.core.network import Feeder, FloatArray, LinDistFlow
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.errors import InfeasibleError
 
@@ -40,49 +40,81 @@ class SafeSet:
     lower: Corner
 
 
-def safe_set(s: Scenario) -> SafeSet:
-    """The corner constraints of scenario `s`; InfeasibleError if background alone breaks a limit."""
-    model = LinDistFlow(s.feeder)
-    c_bus = np.array([c.bus for c in s.communities])
-    q_min, q_max = _reactive_ranges(s)
-    upper = _corner(s, model, c_bus, q_max, upper=True)
-    lower = _corner(s, model, c_bus, q_min, upper=False)
+@dataclass(frozen=True)
+class GridView:
+    """All the DSO needs: its network, limits and background load, and each site's public facts
+    (bus and declared reactive range). No community's costs, assets or profiles."""
+
+    feeder: Feeder
+    v0_pu: float
+    vmin_pu: float
+    vmax_pu: float
+    vmin_margin_pu: float
+    vmax_margin_pu: float
+    rating_margin: float
+    background_kw: FloatArray  # (N, T)
+    background_kvar: FloatArray  # (N, T)
+    site_bus: FloatArray  # (C,) bus indices
+    q_min_kvar: FloatArray  # (C, T)
+    q_max_kvar: FloatArray  # (C, T)
+
+
+def grid_view(s: Scenario) -> GridView:
+    ranges = [c.reactive_range_kvar() for c in s.communities]
+    return GridView(
+        feeder=s.feeder,
+        v0_pu=s.v0_pu,
+        vmin_pu=s.vmin_pu,
+        vmax_pu=s.vmax_pu,
+        vmin_margin_pu=s.vmin_margin_pu,
+        vmax_margin_pu=s.vmax_margin_pu,
+        rating_margin=s.rating_margin,
+        background_kw=s.background_kw,
+        background_kvar=s.background_kvar,
+        site_bus=np.array([c.bus for c in s.communities]),
+        q_min_kvar=np.array([r[0] for r in ranges]),
+        q_max_kvar=np.array([r[1] for r in ranges]),
+    )
+
+
+def safe_set(s: Scenario | GridView) -> SafeSet:
+    """The corner constraints; InfeasibleError if background alone breaks a limit."""
+    g = s if isinstance(s, GridView) else grid_view(s)
+    model = LinDistFlow(g.feeder)
+    upper = _corner(g, model, g.site_bus, g.q_max_kvar, upper=True)
+    lower = _corner(g, model, g.site_bus, g.q_min_kvar, upper=False)
     return SafeSet(upper, lower)
 
 
-def flow_limits_kw(s: Scenario) -> FloatArray:
+def flow_limits_kw(s: Scenario | GridView) -> FloatArray:
     """P_lim per branch and interval, (N, T); NaN for unrated branches and the root."""
-    model = LinDistFlow(s.feeder)
-    q_min, q_max = _reactive_ranges(s)
-    c_bus = np.array([c.bus for c in s.communities])
-    q_worst = np.maximum(np.abs(_flow_q(s, model, c_bus, q_min)), np.abs(_flow_q(s, model, c_bus, q_max)))
-    rating = ((1.0 - s.rating_margin) * s.feeder.rating_kva)[:, None]
+    g = s if isinstance(s, GridView) else grid_view(s)
+    model = LinDistFlow(g.feeder)
+    c_bus = g.site_bus
+    q_worst = np.maximum(
+        np.abs(_flow_q(g, model, c_bus, g.q_min_kvar)), np.abs(_flow_q(g, model, c_bus, g.q_max_kvar))
+    )
+    rating = ((1.0 - g.rating_margin) * g.feeder.rating_kva)[:, None]
     with np.errstate(invalid="ignore"):
         headroom = rating**2 - q_worst**2
     short = np.flatnonzero(np.nan_to_num(headroom, nan=1.0).min(axis=1) <= 0)
     if short.size:
-        label = s.feeder.branch_label(int(short[0]))
+        label = g.feeder.branch_label(int(short[0]))
         raise InfeasibleError(f"branch {label}: reactive flow alone exceeds its rating")
     return np.asarray(np.sqrt(headroom))
 
 
-def _reactive_ranges(s: Scenario) -> tuple[FloatArray, FloatArray]:
-    """(C, T) arrays of each community's lowest and highest reactive injection."""
-    ranges = [c.reactive_range_kvar() for c in s.communities]
-    return np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
-
-
-def _on_buses(s: Scenario, c_bus: np.ndarray, per_community: FloatArray) -> FloatArray:
+def _on_buses(s: GridView, c_bus: np.ndarray, per_community: FloatArray) -> FloatArray:
     out = np.zeros((s.feeder.n_bus, per_community.shape[1]))
-    out[c_bus] = per_community
+    np.add.at(out, c_bus, per_community)  # several communities may share a bus
     return out
 
 
-def _flow_q(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray) -> FloatArray:
+def _flow_q(s: GridView, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray) -> FloatArray:
     return np.asarray(-(model.subtree @ (_on_buses(s, c_bus, q_c) - s.background_kvar)))
 
 
-def _corner(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool) -> Corner:
+def _corner(s: GridView, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool) -> Corner:
     v_rows = _voltage_rows(s, model, c_bus, q_c, upper)
     f_rows = _flow_rows(s, model, c_bus, upper)
     g = np.vstack([v_rows[0], f_rows[0]])
@@ -94,7 +126,7 @@ def _corner(s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray,
 
 
 def _voltage_rows(
-    s: Scenario, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool
+    s: GridView, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool
 ) -> tuple[FloatArray, FloatArray, tuple[int, ...]]:
     """(2/S) R[:, b] x  (<= or >=)  v_lim^2 - w0 - (2/S)(-R p_bg + X q_net)."""
     sb = s.feeder.s_base_kw
@@ -107,7 +139,7 @@ def _voltage_rows(
 
 
 def _flow_rows(
-    s: Scenario, model: LinDistFlow, c_bus: np.ndarray, upper: bool
+    s: GridView, model: LinDistFlow, c_bus: np.ndarray, upper: bool
 ) -> tuple[FloatArray, FloatArray, tuple[int, ...]]:
     """Upper: sum_{c below k} UP_c <= P_lim + P_bg,k.  Lower: sum LO_c >= P_bg,k - P_lim."""
     p_lim = flow_limits_kw(s)
@@ -124,7 +156,7 @@ def _normalised(
     kinds: tuple[RowKind, ...],
     elements: tuple[int, ...],
     upper: bool,
-    s: Scenario,
+    s: GridView,
 ) -> Corner:
     scale = g.max(axis=1)
     empty = scale <= 0
@@ -139,7 +171,7 @@ def _normalised(
 
 
 def _check_constant_rows(
-    h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: Scenario
+    h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: GridView
 ) -> None:
     """Rows no community can affect must hold on background load alone."""
     bad = (h < 0).any(axis=1) if upper else (h > 0).any(axis=1)
