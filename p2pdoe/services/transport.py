@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -156,6 +157,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Send small packets at once. paho leaves Nagle's algorithm on, and with the peer's delayed ACK
+    every hop of a request/response waited ~40 ms (measured here: a ping-pong through Mosquitto took
+    87 ms a round trip before, see tests/test_transport.py)."""
+    sock = client._client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
@@ -350,6 +361,7 @@ class MqttTransport:
     async def _open(self, protocol: Literal["v5", "v311"], *, will: bool = True) -> aiomqtt.Client:
         client = self._make_client(protocol, will=will)
         await client.__aenter__()
+        _no_delay(client)
         return client
 
     async def _negotiate(self) -> Literal["v5", "v311"]:
