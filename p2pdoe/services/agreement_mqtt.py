@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from p2pdoe.core import topics
@@ -73,6 +73,24 @@ class _Driver:
         return outcome
 
 
+    async def until_finished(
+        self, messages: AsyncIterator[InboundMessage], handle: Callable[[Received], list[Command]]
+    ) -> object:
+        """Hand every market message to `handle` (in a worker thread) until the participant finishes;
+        site topics (late status updates) are not the market's."""
+        async for m in messages:
+            parsed = topics.parse(m.topic)
+            if parsed is not None and parsed.area == "site":
+                continue
+            message = self.decoded(m)
+            if message is None:
+                continue
+            outcome = await self.publish(await asyncio.to_thread(handle, Received(message)))
+            if outcome is not None:
+                return outcome
+        raise ConnectionError(f"{self.name}: the transport closed before the round ended")
+
+
 def _status(site: str, state: str) -> bytes:
     msg = SiteStatus(site=site, state=state, envelope="none", ts=datetime.now(UTC))  # type: ignore[arg-type]
     return msg.model_dump_json().encode()
@@ -87,15 +105,9 @@ async def run_community(transport: Transport, participant: CommunityParticipant)
         await transport.subscribe(topics.proposal("+", peer))
     status = topics.site(participant.site, "status")
     await transport.publish(status, _status(participant.site, "online"), qos=1, retain=True)
-    async for m in transport.messages():
-        message = driver.decoded(m)
-        if message is None:
-            continue
-        commands = await asyncio.to_thread(participant.handle, Received(message))
-        outcome = await driver.publish(commands)
-        if isinstance(outcome, CommunityOutcome):
-            return outcome
-    raise ConnectionError(f"{participant.site}: the transport closed before the round ended")
+    outcome = await driver.until_finished(transport.messages(), participant.handle)
+    assert isinstance(outcome, CommunityOutcome)
+    return outcome
 
 
 async def run_coordinator(
@@ -108,18 +120,9 @@ async def run_coordinator(
     messages = transport.messages()
     await asyncio.wait_for(_all_online(messages, set(dso.plan.sites), driver), online_timeout_s)
     await driver.publish(await asyncio.to_thread(dso.open_round))
-    async for m in messages:
-        parsed = topics.parse(m.topic)
-        if parsed is not None and parsed.area == "site":
-            continue  # late status updates
-        message = driver.decoded(m)
-        if message is None:
-            continue
-        commands = await asyncio.to_thread(dso.handle, Received(message))
-        outcome = await driver.publish(commands)
-        if isinstance(outcome, DsoOutcome):
-            return outcome
-    raise ConnectionError("coordinator: the transport closed before the round ended")
+    outcome = await driver.until_finished(messages, dso.handle)
+    assert isinstance(outcome, DsoOutcome)
+    return outcome
 
 
 async def _all_online(messages: AsyncIterator[InboundMessage], expected: set[str], driver: _Driver) -> None:
