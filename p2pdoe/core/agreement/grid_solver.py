@@ -98,6 +98,11 @@ class GridSolver:
         self.solve(np.zeros((self.n_sites, self.horizon)), np.zeros((self.n_sites, self.horizon)))
         self._solver.update_settings(max_iter=PROJECTION_MAX_ITER)
 
+    def rows_kept(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(kept, all) corner rows over the horizon, upper corner then lower."""
+        up, lo = self._can_bind_up, self._can_bind_lo
+        return (int(up.sum()), int(up.size)), (int(lo.sum()), int(lo.size))
+
     def _corner_rows(self, corner: Corner) -> sp.csr_matrix:
         """Row (t, k) of G @ V[:, col(t)], with V packed column by column: index col * C + c."""
         return sp.csr_matrix(sp.kron(self._expand, sp.csr_matrix(corner.g)))
