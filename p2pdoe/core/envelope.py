@@ -81,15 +81,19 @@ def safe_set(s: Scenario | GridView) -> SafeSet:
     """The corner constraints; InfeasibleError if background alone breaks a limit."""
     g = s if isinstance(s, GridView) else grid_view(s)
     model = LinDistFlow(g.feeder)
-    upper = _corner(g, model, g.site_bus, g.q_max_kvar, upper=True)
-    lower = _corner(g, model, g.site_bus, g.q_min_kvar, upper=False)
+    p_lim = _flow_limits(g, model)
+    upper = _corner(g, model, p_lim, g.q_max_kvar, upper=True)
+    lower = _corner(g, model, p_lim, g.q_min_kvar, upper=False)
     return SafeSet(upper, lower)
 
 
 def flow_limits_kw(s: Scenario | GridView) -> FloatArray:
     """P_lim per branch and interval, (N, T); NaN for unrated branches and the root."""
     g = s if isinstance(s, GridView) else grid_view(s)
-    model = LinDistFlow(g.feeder)
+    return _flow_limits(g, LinDistFlow(g.feeder))
+
+
+def _flow_limits(g: GridView, model: LinDistFlow) -> FloatArray:
     c_bus = g.site_bus
     q_worst = np.maximum(
         np.abs(_flow_q(g, model, c_bus, g.q_min_kvar)), np.abs(_flow_q(g, model, c_bus, g.q_max_kvar))
@@ -114,9 +118,9 @@ def _flow_q(s: GridView, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray)
     return np.asarray(-(model.subtree @ (_on_buses(s, c_bus, q_c) - s.background_kvar)))
 
 
-def _corner(s: GridView, model: LinDistFlow, c_bus: np.ndarray, q_c: FloatArray, upper: bool) -> Corner:
-    v_rows = _voltage_rows(s, model, c_bus, q_c, upper)
-    f_rows = _flow_rows(s, model, c_bus, upper)
+def _corner(s: GridView, model: LinDistFlow, p_lim: FloatArray, q_c: FloatArray, upper: bool) -> Corner:
+    v_rows = _voltage_rows(s, model, s.site_bus, q_c, upper)
+    f_rows = _flow_rows(s, model, p_lim, upper)
     g = np.vstack([v_rows[0], f_rows[0]])
     h = np.vstack([v_rows[1], f_rows[1]])
     kinds = ("vmax" if upper else "vmin",) * len(v_rows[2]) + ("reverse" if upper else "forward",) * len(
@@ -139,10 +143,10 @@ def _voltage_rows(
 
 
 def _flow_rows(
-    s: GridView, model: LinDistFlow, c_bus: np.ndarray, upper: bool
+    s: GridView, model: LinDistFlow, p_lim: FloatArray, upper: bool
 ) -> tuple[FloatArray, FloatArray, tuple[int, ...]]:
     """Upper: sum_{c below k} UP_c <= P_lim + P_bg,k.  Lower: sum LO_c >= P_bg,k - P_lim."""
-    p_lim = flow_limits_kw(s)
+    c_bus = s.site_bus
     rated = tuple(int(k) for k in s.feeder.branches if np.isfinite(s.feeder.rating_kva[k]))
     below = model.subtree.toarray()[np.ix_(np.array(rated), c_bus)]
     bg_flow = (model.subtree @ s.background_kw)[list(rated)]

@@ -72,7 +72,6 @@ class _Driver:
                 outcome = cmd.outcome
         return outcome
 
-
     async def until_finished(
         self, messages: AsyncIterator[InboundMessage], handle: Callable[[Received], list[Command]]
     ) -> object:

@@ -19,7 +19,6 @@ from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.agreement.outcome import solution
 from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.agreement.setup import participants
-from p2pdoe.core.envelope import safe_set
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas import results as r
 from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, decode, encode
@@ -88,8 +87,7 @@ def run_admm(s: Scenario, policy: Policy, round_id: str = "day-ahead") -> AdmmRu
     comms = tuple(outcomes[c.site] for c in p.communities)
     assert isinstance(dso, DsoOutcome)
     assert all(isinstance(c, CommunityOutcome) for c in comms)
-    safe = safe_set(s) if policy is not Policy.NONE else None
-    sol = solution(policy, p.qps, comms, dso, safe, wall)  # type: ignore[arg-type]
+    sol = solution(policy, p.qps, comms, dso, p.safe, wall)  # type: ignore[arg-type]
     ignored = {DSO_ID: p.dso.ignored} | {c.site: c.ignored for c in p.communities}
     return AdmmRun(sol, dso, comms, timings, ignored)  # type: ignore[arg-type]
 
@@ -113,11 +111,9 @@ def _count(t: Timings, message: object, size: int) -> None:
 
 def _record(t: Timings, name: str, elapsed: float, commands: list[Command]) -> None:
     if name == DSO_ID:
-        if len(t.dso) and any(isinstance(c, Publish) and isinstance(c.message, Grant) for c in commands):
-            # the DSO's projection for iteration k + 1 runs right after grant k: book it there
-            t.dso.append(elapsed)
-        return
-    t.community[name].append(elapsed)
+        t.dso.append(elapsed)  # grant k and the projection for k + 1; the first projection is at open
+    else:
+        t.community[name].append(elapsed)
 
 
 def admm_results(s: Scenario, run: AdmmRun) -> r.Results:

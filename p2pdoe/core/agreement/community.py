@@ -114,8 +114,11 @@ class CommunityParticipant:
         msg = event.message
         if isinstance(msg, RoundOpen):
             return self._open(msg)
-        if not self._from_counterpart(msg) or not self._fits(msg):
-            self._ignored[INVALID if self._from_counterpart(msg) else UNKNOWN_SENDER] += 1
+        if not self._from_counterpart(msg):
+            self._ignored[UNKNOWN_SENDER] += 1
+            return []
+        if not self._fits(msg):
+            self._ignored[INVALID] += 1
             return []
         r = self._round
         if r is None or msg.round != r.id:

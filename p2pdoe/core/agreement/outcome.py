@@ -14,12 +14,7 @@ from p2pdoe.core.solution import Dlmp, Policy, Schedule, Solution, SolverInfo, s
 
 def agreed_schedule(qp: CommunityQP, out: CommunityOutcome) -> Schedule:
     """The community's last schedule, with the agreed trades and the envelope in force (the grant)."""
-    sc = schedule_from_z(qp, out.z)
-    values = dict(sc.values)
-    if out.granted_lo_kw is not None and out.granted_up_kw is not None:
-        values["lo"], values["up"] = out.granted_lo_kw, out.granted_up_kw
-        values["wid"] = out.granted_up_kw - out.granted_lo_kw
-    return Schedule(values, out.agreed_buy_kw, out.agreed_sell_kw, sc.peers)
+    return schedule_from_z(qp, agreed_z(qp, out))
 
 
 def agreed_z(qp: CommunityQP, out: CommunityOutcome) -> FloatArray:

@@ -10,7 +10,7 @@ from p2pdoe.core.agreement.community import CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.community import CommunityQP
-from p2pdoe.core.envelope import safe_set
+from p2pdoe.core.envelope import SafeSet, safe_set
 from p2pdoe.core.market import community_qps
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy
@@ -21,6 +21,7 @@ class Participants:
     dso: DsoParticipant
     communities: tuple[CommunityParticipant, ...]
     qps: tuple[CommunityQP, ...]
+    safe: SafeSet | None  # None without envelopes
 
 
 def envelope_bounds_of(qps: tuple[CommunityQP, ...]) -> Bounds:
@@ -44,9 +45,10 @@ def participants(s: Scenario, policy: Policy, round_id: str) -> Participants:
         CommunityParticipant(ids[c], tuple(ids[m] for m in s.market.peers[c]), qp, s.dt_h)
         for c, qp in enumerate(qps)
     )
-    grid = None
+    grid, safe = None, None
     if policy is not Policy.NONE:
-        grid = GridSolver(safe_set(s), envelope_bounds_of(qps), static=policy is Policy.STATIC)
+        safe = safe_set(s)
+        grid = GridSolver(safe, envelope_bounds_of(qps), static=policy is Policy.STATIC)
     plan = RoundPlan(
         round=round_id,
         policy=policy.value,
@@ -56,4 +58,4 @@ def participants(s: Scenario, policy: Policy, round_id: str) -> Participants:
         peers=s.market.peers,
         initial_trade_price=tuple(float(v) for v in 0.5 * (s.price_import + s.price_export)),
     )
-    return Participants(DsoParticipant(plan, s.horizon, s.admm, grid), communities, qps)
+    return Participants(DsoParticipant(plan, s.horizon, s.admm, grid), communities, qps, safe)
