@@ -109,11 +109,28 @@ def test_a_doe_with_a_repeated_key_is_refused() -> None:
         decode_runtime(text.encode())
 
 
+def _registration(**change: object) -> Registration:
+    doc: dict[str, object] = dict(
+        site="a",
+        bus=18,
+        peers=["b"],
+        technical_min_kw=[-5.0],
+        technical_max_kw=[3.0],
+        reactive_min_kvar=[-1.0],
+        reactive_max_kvar=[-0.5],
+    )
+    return Registration.model_validate(doc | change)
+
+
 def test_registration_checks_its_ranges() -> None:
-    ok = Registration(site="a", bus=18, peers=["b"], technical_min_kw=[-5.0], technical_max_kw=[3.0])
+    ok = _registration()
     assert decode_runtime(ok.model_dump_json().encode()) == ok
-    with pytest.raises(ValidationError):
-        Registration(site="a", bus=18, peers=["b"], technical_min_kw=[5.0], technical_max_kw=[3.0])
+    with pytest.raises(ValidationError, match="technical minimum"):
+        _registration(technical_min_kw=[5.0])
+    with pytest.raises(ValidationError, match="reactive minimum"):
+        _registration(reactive_min_kvar=[0.0])
+    with pytest.raises(ValidationError, match="one value per interval"):
+        _registration(reactive_max_kvar=[0.0, 0.0])
 
 
 def test_schema_command_prints_every_message() -> None:

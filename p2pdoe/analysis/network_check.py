@@ -1,40 +1,39 @@
 """Check operating points against the network limits, in AC (backward/forward sweep) and LinDistFlow.
 
 An operating point is every community's net injection x and reactive injection q, shape (C, T),
-on top of the scenario's background load.
+on top of the background load of the network view (the scenario's, or the coordinator's).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from p2pdoe.core.envelope import GridView
 from p2pdoe.core.network import FloatArray, LinDistFlow
 from p2pdoe.core.powerflow import run_power_flow
-from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import NetworkState
 
 VOLTAGE_TOL_PU = 1e-5
 LOADING_TOL = 1e-4
 
 
-def bus_injections(s: Scenario, x_kw: FloatArray, q_kvar: FloatArray) -> tuple[FloatArray, FloatArray]:
+def bus_injections(s: GridView, x_kw: FloatArray, q_kvar: FloatArray) -> tuple[FloatArray, FloatArray]:
     """Net injections per bus (N, T): communities' x and q minus the background load."""
     p = -s.background_kw.copy()
     q = -s.background_kvar.copy()
-    for i, c in enumerate(s.communities):
-        p[c.bus] += x_kw[i]
-        q[c.bus] += q_kvar[i]
+    np.add.at(p, s.site_bus, x_kw)  # several communities may share a bus
+    np.add.at(q, s.site_bus, q_kvar)
     return p, q
 
 
-def ac_state(s: Scenario, x_kw: FloatArray, q_kvar: FloatArray) -> NetworkState:
+def ac_state(s: GridView, x_kw: FloatArray, q_kvar: FloatArray, dt_h: float) -> NetworkState:
     p, q = bus_injections(s, x_kw, q_kvar)
     pf = run_power_flow(s.feeder, p, q, v0_pu=s.v0_pu)
     loading = pf.loading(s.feeder.rating_kva)
-    return _state(s, pf.converged, pf.v_pu, loading, float(pf.losses_kw.sum() * s.dt_h))
+    return _state(s, pf.converged, pf.v_pu, loading, float(pf.losses_kw.sum() * dt_h))
 
 
-def lindistflow_state(s: Scenario, x_kw: FloatArray, q_kvar: FloatArray) -> NetworkState:
+def lindistflow_state(s: GridView, x_kw: FloatArray, q_kvar: FloatArray) -> NetworkState:
     p, q = bus_injections(s, x_kw, q_kvar)
     model = LinDistFlow(s.feeder)
     v = model.voltages(s.v0_pu, p, q)
@@ -45,7 +44,7 @@ def lindistflow_state(s: Scenario, x_kw: FloatArray, q_kvar: FloatArray) -> Netw
 
 
 def _state(
-    s: Scenario, converged: bool, v: FloatArray, loading: FloatArray, losses_kwh: float
+    s: GridView, converged: bool, v: FloatArray, loading: FloatArray, losses_kwh: float
 ) -> NetworkState:
     ids = s.feeder.bus_ids
     jmin, tmin = np.unravel_index(int(np.argmin(v)), v.shape)

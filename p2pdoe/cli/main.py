@@ -25,7 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _schema_parser(sub)
     _site_config_parser(sub)
+    _monitor_parser(sub)
     return parser
+
+
+def _monitor_parser(sub: Any) -> None:
+    from p2pdoe.cli.monitor import add_monitor_arguments
+
+    p = sub.add_parser(
+        "monitor", help="show live each site's status and envelope, and the coordinator's round"
+    )
+    add_monitor_arguments(p)
+    p.set_defaults(run=_run_monitor)
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from p2pdoe.cli.monitor import run_monitor
+
+    return run_monitor(args)
 
 
 def _site_config_parser(sub: Any) -> None:

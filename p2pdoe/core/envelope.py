@@ -177,7 +177,7 @@ def _normalised(
 def _check_constant_rows(
     h: FloatArray, kinds: np.ndarray, elements: np.ndarray, upper: bool, s: GridView
 ) -> None:
-    """Rows no community can affect must hold on background load alone."""
+    """Rows no free community can affect must hold on background load (and fixed boxes) alone."""
     bad = (h < 0).any(axis=1) if upper else (h > 0).any(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -186,4 +186,21 @@ def _check_constant_rows(
             if kinds[i].startswith("v")
             else f"branch {s.feeder.branch_label(int(elements[i]))}"
         )
-        raise InfeasibleError(f"{kinds[i]} limit at {where} is violated by background load alone")
+        raise InfeasibleError(
+            f"{kinds[i]} limit at {where} is violated by background load (and any fixed boxes) alone"
+        )
+
+
+def with_sites_fixed(
+    safe: SafeSet, view: GridView, free: FloatArray, lo_fixed: FloatArray, up_fixed: FloatArray
+) -> SafeSet:
+    """The safe set of the `free` sites' boxes (indices into the view's sites) when every other site's
+    box is fixed at [lo_fixed, up_fixed] (C, T): their corners move into the right-hand sides."""
+    fixed = np.setdiff1d(np.arange(view.site_bus.shape[0]), free)
+
+    def reduced(corner: Corner, box: FloatArray, upper: bool) -> Corner:
+        h = corner.h - corner.g[:, fixed] @ box[fixed]
+        kinds, elements = corner.kind, corner.element
+        return _normalised(corner.g[:, free], h, kinds, elements, upper, view)
+
+    return SafeSet(reduced(safe.upper, up_fixed, True), reduced(safe.lower, lo_fixed, False))

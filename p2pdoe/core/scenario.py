@@ -156,7 +156,7 @@ def build_scenario(
         price_export=_tou(s.prices.export_eur_per_kwh, hours),
         communities=communities,
         market=_market(s.market, communities, rated),
-        admm=_admm(s.admm),
+        admm=admm_settings(s.admm),
     )
 
 
@@ -273,7 +273,7 @@ def _trading_graph(dist: FloatArray, max_peers: int | None) -> tuple[tuple[int, 
     return tuple(tuple(sorted(p)) for p in links)
 
 
-def _admm(a: spec.Admm) -> AdmmSettings:
+def admm_settings(a: spec.Admm) -> AdmmSettings:
     r = a.adaptive_rho
     return AdmmSettings(
         rho_trade=a.rho_trade_eur_per_kw2h,

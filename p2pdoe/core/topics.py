@@ -9,6 +9,7 @@
     p2pdoe/v1/market/<round>/open      retained  `RoundOpen`
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
     p2pdoe/v1/market/<round>/grant               `Grant`
+    p2pdoe/v1/market/<round>/report/<id>         `SiteReport` of site <id> once the round is over
     p2pdoe/v1/dso/status               retained  online / offline (also the coordinator's last will)
     p2pdoe/v1/dso/progress                       round, iteration, residuals
 
@@ -40,6 +41,10 @@ def proposal(round_id: str, site_id: str) -> str:
 
 def grant(round_id: str) -> str:
     return f"{ROOT}/market/{round_id}/grant"
+
+
+def report(round_id: str, site_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/report/{site_id}"
 
 
 DSO_STATUS = f"{ROOT}/dso/status"
@@ -75,8 +80,8 @@ def parse(topic: str) -> Topic | None:
         return Topic("site", "/".join(parts[2:]), site=parts[1])
     if parts[0] == "market" and len(parts) == 3 and parts[2] in ("open", "grant"):
         return Topic("market", parts[2], round=parts[1])
-    if parts[0] == "market" and len(parts) == 4 and parts[2] == "proposal":
-        return Topic("market", "proposal", site=parts[3], round=parts[1])
+    if parts[0] == "market" and len(parts) == 4 and parts[2] in ("proposal", "report"):
+        return Topic("market", parts[2], site=parts[3], round=parts[1])
     if parts[0] == "dso" and len(parts) == 2 and parts[1] in ("status", "progress"):
         return Topic("dso", parts[1])
     return None

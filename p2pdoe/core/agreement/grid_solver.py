@@ -117,15 +117,15 @@ class GridSolver:
         summed = np.asarray(target @ self._expand)  # (C, cols)
         return np.asarray(-summed.T.ravel())
 
-    def solve(self, target_lo: FloatArray, target_up: FloatArray) -> GridSolve:
+    def solve(self, target_lo: FloatArray, target_up: FloatArray, accurate: bool = False) -> GridSolve:
+        """The safe boxes nearest the targets; `accurate` solves to full accuracy instead of stopping
+        after `PROJECTION_MAX_ITER` iterations."""
         q = np.concatenate([self._targets(target_lo), self._targets(target_up)])
         self._solver.update(q=q)
-        res = self._run()
+        res = self._run_accurately() if accurate else self._run()
         lo, up = self._made_safe(*self._unpacked(res.x))
         if np.any(lo > up):  # an early stop left the shifted box empty: finish the solve
-            self._solver.update_settings(max_iter=int(str(GRID_OSQP_SETTINGS["max_iter"])))
-            res = self._run()
-            self._solver.update_settings(max_iter=PROJECTION_MAX_ITER)
+            res = self._run_accurately()
             lo, up = self._made_safe(*self._unpacked(res.x))
         y = np.asarray(res.y, dtype=float)
         duals_up = np.zeros(self._can_bind_up.size)
@@ -140,6 +140,13 @@ class GridSolver:
             status=str(res.info.status),
             iterations=int(res.info.iter),
         )
+
+    def _run_accurately(self) -> Any:
+        self._solver.update_settings(max_iter=int(str(GRID_OSQP_SETTINGS["max_iter"])))
+        try:
+            return self._run()
+        finally:
+            self._solver.update_settings(max_iter=PROJECTION_MAX_ITER)
 
     def _run(self) -> Any:
         res = self._solver.solve(raise_error=False)

@@ -11,6 +11,7 @@ generation: up < 0) keeps its exact bounds in `lo_kw` / `up_kw`; the CSIP limits
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ from p2pdoe.core.schemas.messages import (
     SiteId,
     Status,
 )
+from p2pdoe.core.schemas.results import CommunityResult, SolveTimes, Trade
 from p2pdoe.core.schemas.wire import checked_json
 
 Kw = Annotated[float, Field(allow_inf_nan=False)]
@@ -99,13 +101,21 @@ class Registration(Message):
     peers: list[SiteId]
     technical_min_kw: Series  # X_min per interval of the day-ahead horizon
     technical_max_kw: Series  # X_max
+    reactive_min_kvar: Series  # q_min: the reactive injection's worst cases per interval
+    reactive_max_kvar: Series  # q_max
 
     @model_validator(mode="after")
     def _ranges(self) -> Registration:
-        if len(self.technical_min_kw) != len(self.technical_max_kw):
-            raise ValueError("technical_min_kw and technical_max_kw differ in length")
-        if any(lo > hi for lo, hi in zip(self.technical_min_kw, self.technical_max_kw, strict=True)):
-            raise ValueError("technical_min_kw exceeds technical_max_kw")
+        pairs = (
+            ("technical", self.technical_min_kw, self.technical_max_kw),
+            ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
+        )
+        n = len(self.technical_min_kw)
+        for name, low, high in pairs:
+            if len(low) != n or len(high) != n:
+                raise ValueError("every range needs one value per interval, the same for all four")
+            if any(lo > hi for lo, hi in zip(low, high, strict=True)):
+                raise ValueError(f"{name} minimum exceeds its maximum")
         return self
 
 
@@ -142,15 +152,60 @@ class Progress(Message):
     dual_trade_kw: Watts
     primal_envelope_kw: Watts
     dual_envelope_kw: Watts
-    missing_sites: list[SiteId] = Field(default_factory=list)
+    eps_trade_kw: Watts  # the primal stopping thresholds
+    eps_envelope_kw: Watts
+    sites: list[SiteId]  # taking part in this round
+    excluded_sites: list[SiteId]  # on their default envelopes
+    missing_sites: list[SiteId] = Field(default_factory=list)  # awaited past the iteration deadline
 
 
-RuntimeMessage = Annotated[
-    Doe | Registration | SiteStatus | DsoStatus | Progress, Field(discriminator="kind")
-]
-RUNTIME_ADAPTER: TypeAdapter[Doe | Registration | SiteStatus | DsoStatus | Progress] = TypeAdapter(
-    RuntimeMessage
-)
+class Telemetry(Message):
+    """What an edge agent reports about its site now: its net injection (scheduled or measured),
+    the envelope it applies and whether the injection is inside it."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["telemetry"] = "telemetry"
+    site: SiteId
+    ts: AwareDatetime
+    source: Literal["schedule", "meter"]
+    p_kw: Kw  # net injection, export positive
+    envelope: Literal["dynamic", "default", "fixed_default", "none"]
+    lo_kw: Kw | None
+    up_kw: Kw | None
+    inside: bool | None  # lo_kw <= p_kw <= up_kw; None without an envelope
+    round: RoundId | None
+
+    _ts_utc = field_validator("ts")(_utc)
+
+
+class SiteReport(Message):
+    """A site's account of a round it finished: its agreed schedule, costs and purchases (what the
+    coordinator's results.json holds per community), and how its agent ran."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["site_report"] = "site_report"
+    site: SiteId
+    round: RoundId
+    status: Status
+    iterations: Annotated[int, Field(ge=0)]
+    objective_eur: Kw  # its QP's objective at the agreed point (the sum over sites is ADMM's)
+    community: CommunityResult
+    purchases: list[Trade]
+    final_solve: str
+    solve_times: SolveTimes
+    rss_mb: Watts  # the agent's peak resident memory
+    ignored: dict[str, int]  # agreement messages its participant ignored, by reason
+    dropped: dict[str, int]  # messages its service dropped before the participant, by reason
+
+    @model_validator(mode="after")
+    def _finite(self) -> SiteReport:
+        json.dumps(self.model_dump(), allow_nan=False)  # ValueError on NaN or infinity anywhere
+        return self
+
+
+Runtime = Doe | Registration | SiteStatus | DsoStatus | Progress | Telemetry | SiteReport
+RuntimeMessage = Annotated[Runtime, Field(discriminator="kind")]
+RUNTIME_ADAPTER: TypeAdapter[Runtime] = TypeAdapter(RuntimeMessage)
 ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundOpen,
     Proposal,
@@ -160,8 +215,10 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SiteStatus,
     DsoStatus,
     Progress,
+    Telemetry,
+    SiteReport,
 )
 
 
-def decode_runtime(payload: bytes) -> Doe | Registration | SiteStatus | DsoStatus | Progress:
+def decode_runtime(payload: bytes) -> Runtime:
     return RUNTIME_ADAPTER.validate_json(checked_json(payload))

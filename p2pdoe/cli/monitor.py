@@ -1,0 +1,488 @@
+"""`p2pdoe monitor`: a live view of the system from its MQTT topics alone.
+
+`MonitorState` (no I/O) folds every message of the topic tree into the latest view of each site and of
+the coordinator; `run_monitor` feeds it from a broker and draws it with rich. The monitor only reads:
+it never publishes and registers no last will.
+
+Only the standard library and p2pdoe.core are imported here: this module is loaded whenever the
+command line's parser is built. rich (the `report` extra) and the transport are imported when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.messages import Message
+from p2pdoe.core.schemas.runtime import (
+    Doe,
+    DsoStatus,
+    Progress,
+    Registration,
+    Runtime,
+    SiteStatus,
+    Telemetry,
+    decode_runtime,
+)
+from p2pdoe.core.schemas.wire import WireError
+from p2pdoe.errors import P2PDoeError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import RenderableType
+    from rich.live import Live
+
+    from p2pdoe.services.transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+SUBSCRIPTION = f"{topics.ROOT}/#"
+REFRESH_S = 0.25  # at most four redraws a second
+MARKET_ROUNDS_KEPT = 16  # message counts are kept for the latest rounds only
+
+# Topic kind -> (the message it carries, the attribute of the view that holds it).
+SITE_SLOTS: dict[str, tuple[type[Message], str]] = {
+    "doe": (Doe, "doe"),
+    "doe/default": (Doe, "default"),
+    "status": (SiteStatus, "status"),
+    "register": (Registration, "registration"),
+    "telemetry": (Telemetry, "telemetry"),
+}
+DSO_SLOTS: dict[str, tuple[type[Message], str]] = {
+    "status": (DsoStatus, "status"),
+    "progress": (Progress, "progress"),
+}
+RETAINED_SITE_KINDS = frozenset({"doe", "doe/default", "status", "register"})
+RETAINED_DSO_KINDS = frozenset({"status"})
+
+
+# -- the state: pure, no I/O -----------------------------------------------------------------------
+
+
+@dataclass
+class SiteView:
+    """The latest of each retained topic of one site, and its latest telemetry."""
+
+    status: SiteStatus | None = None
+    registration: Registration | None = None
+    doe: Doe | None = None
+    default: Doe | None = None
+    telemetry: Telemetry | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) is None for _, name in SITE_SLOTS.values())
+
+
+@dataclass
+class CoordinatorView:
+    status: DsoStatus | None = None
+    progress: Progress | None = None
+
+
+@dataclass
+class MonitorState:
+    """Everything the topics say, folded message by message. Malformed messages are counted by reason
+    in `dropped` and otherwise ignored."""
+
+    sites: dict[str, SiteView] = field(default_factory=dict)
+    coordinator: CoordinatorView = field(default_factory=CoordinatorView)
+    dropped: Counter[str] = field(default_factory=Counter)
+    market_messages: Counter[str] = field(default_factory=Counter)  # per round
+    last_message_at: datetime | None = None
+
+    def apply(self, topic: str, payload: bytes, now: datetime) -> None:
+        self.last_message_at = now
+        parsed = topics.parse(topic)
+        if parsed is None:
+            self._drop("unknown_topic", topic, "not a topic of the tree")
+        elif parsed.area == "market":
+            self._count_market(parsed.round or "")
+        elif parsed.area == "dso":
+            self._apply_to(self.coordinator, DSO_SLOTS, RETAINED_DSO_KINDS, parsed, topic, payload)
+        elif parsed.kind in SITE_SLOTS and parsed.site is not None:
+            view = self.sites.setdefault(parsed.site, SiteView())
+            self._apply_to(view, SITE_SLOTS, RETAINED_SITE_KINDS, parsed, topic, payload)
+            if view.is_empty():
+                del self.sites[parsed.site]
+        # A site's meter topic has no schema yet (issue 5): nothing to show.
+
+    def _apply_to(
+        self,
+        view: SiteView | CoordinatorView,
+        slots: dict[str, tuple[type[Message], str]],
+        retained_kinds: frozenset[str],
+        parsed: topics.Topic,
+        topic: str,
+        payload: bytes,
+    ) -> None:
+        expected, slot = slots[parsed.kind]
+        if not payload:
+            if parsed.kind in retained_kinds:  # a retained message was deleted
+                setattr(view, slot, None)
+            else:
+                self._drop("empty", topic, "empty payload")
+            return
+        message = self._decode(topic, payload)
+        if message is None:
+            return
+        if not isinstance(message, expected):
+            self._drop("wrong_kind", topic, f"a {message.kind} message")
+        elif parsed.site is not None and getattr(message, "site", None) != parsed.site:
+            self._drop("site_mismatch", topic, f"site {getattr(message, 'site', None)!r}")
+        else:
+            setattr(view, slot, message)
+
+    def _decode(self, topic: str, payload: bytes) -> Runtime | None:
+        try:
+            return decode_runtime(payload)
+        except ValidationError as exc:
+            kinds = {error["type"] for error in exc.errors()}
+            self._drop("not_finite" if "finite_number" in kinds else "schema", topic, str(exc))
+        except WireError as exc:
+            self._drop(_wire_reason(exc), topic, str(exc))
+        return None
+
+    def _drop(self, reason: str, topic: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        log.debug("dropped a message on %s (%s): %s", topic, reason, detail)
+
+    def _count_market(self, round_id: str) -> None:
+        if round_id not in self.market_messages and len(self.market_messages) >= MARKET_ROUNDS_KEPT:
+            del self.market_messages[next(iter(self.market_messages))]  # the oldest round seen
+        self.market_messages[round_id] += 1
+
+    def snapshot(self, now: datetime | None = None) -> dict[str, Any]:
+        """A JSON-serialisable view; envelope validity and telemetry ages as of `now`."""
+        moment = now or datetime.now(UTC)
+        return {
+            "at": _iso(moment),
+            "sites": {sid: _site_snapshot(self.sites[sid], moment) for sid in sorted(self.sites)},
+            "coordinator": _coordinator_snapshot(self.coordinator),
+            "market_messages": dict(self.market_messages),
+            "dropped": dict(sorted(self.dropped.items())),
+        }
+
+
+def _wire_reason(exc: WireError) -> str:
+    text = str(exc)
+    if "repeats the key" in text:
+        return "repeated_key"
+    if "exceeds the limit" in text:
+        return "too_large"
+    return "not_json"
+
+
+def validity(doe: Doe, now: datetime) -> str:
+    """At `now`: in_force, expired (past its end: never applied) or pending (not yet started)."""
+    if doe.valid_at(now):
+        return "in_force"
+    return "expired" if now >= doe.end else "pending"
+
+
+def within_eps(progress: Progress) -> dict[str, bool]:
+    """Per coupling, whether both residuals are within its threshold (the coordinator tests the
+    dual residual against the same threshold as the primal one)."""
+    return {
+        "trade": max(progress.primal_trade_kw, progress.dual_trade_kw) <= progress.eps_trade_kw,
+        "envelope": max(progress.primal_envelope_kw, progress.dual_envelope_kw) <= progress.eps_envelope_kw,
+    }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _fields(message: Message, *leave_out: str) -> dict[str, Any]:
+    data: dict[str, Any] = message.model_dump(mode="json", exclude={"schema_version", "kind", *leave_out})
+    return data
+
+
+def _doe_snapshot(doe: Doe | None, now: datetime) -> dict[str, Any] | None:
+    if doe is None:
+        return None
+    return {**_fields(doe, "site"), "end": _iso(doe.end), "validity": validity(doe, now)}
+
+
+def _site_snapshot(view: SiteView, now: datetime) -> dict[str, Any]:
+    telemetry = None
+    if view.telemetry is not None:
+        age_s = round((now - view.telemetry.ts).total_seconds(), 1)
+        telemetry = {**_fields(view.telemetry, "site"), "age_s": age_s}
+    return {
+        "bus": view.registration.bus if view.registration else None,
+        "status": _fields(view.status, "site") if view.status else None,
+        "doe": _doe_snapshot(view.doe, now),
+        "default": _doe_snapshot(view.default, now),
+        "telemetry": telemetry,
+    }
+
+
+def _coordinator_snapshot(view: CoordinatorView) -> dict[str, Any]:
+    progress = None
+    if view.progress is not None:
+        progress = {**_fields(view.progress), "within_eps": within_eps(view.progress)}
+    return {"status": _fields(view.status) if view.status else None, "progress": progress}
+
+
+# -- rendering (rich, imported lazily) -------------------------------------------------------------
+
+SITE_COLUMNS = (
+    "site",
+    "bus",
+    "status",
+    "applies",
+    "DOE lo…up kW",
+    "imp/exp kW",
+    "until",
+    "round",
+    "default lo…up kW",
+    "p kW",
+    "inside",
+    "age",
+)
+
+
+def _kw(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _box(doe: Doe | None) -> str:
+    return "-" if doe is None else f"{_kw(doe.lo_kw)} … {_kw(doe.up_kw)}"
+
+
+def _clock(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+
+
+def _marked_box(doe: Doe | None, now: datetime) -> str:
+    """The box, marked [red]expired[/] or [yellow]pending[/] when not in force at `now`."""
+    if doe is None:
+        return "-"
+    state = validity(doe, now)
+    if state == "expired":
+        return f"{_box(doe)} [red]expired[/]"
+    if state == "pending":
+        return f"{_box(doe)} [yellow]pending[/]"
+    return _box(doe)
+
+
+def _status_cells(status: SiteStatus | None) -> list[str]:
+    if status is None:
+        return ["?", "?"]
+    colour = "green" if status.state == "online" else "red"
+    return [f"[{colour}]{status.state}[/]", status.envelope]
+
+
+def _doe_cells(doe: Doe | None, now: datetime) -> list[str]:
+    if doe is None:
+        return ["-", "-", "-", "-"]
+    limits = f"{_kw(doe.opModImpLimW / 1e3)} / {_kw(doe.opModExpLimW / 1e3)}"
+    return [_marked_box(doe, now), limits, _clock(doe.end), doe.round or "-"]
+
+
+def _telemetry_cells(telemetry: Telemetry | None, now: datetime) -> list[str]:
+    if telemetry is None:
+        return ["-", "-", "-"]
+    inside = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[telemetry.inside]
+    age_s = (now - telemetry.ts).total_seconds()
+    return [_kw(telemetry.p_kw), inside, f"{age_s:.1f} s"]
+
+
+def site_row(site_id: str, view: SiteView, now: datetime) -> list[str]:
+    bus = str(view.registration.bus) if view.registration else "-"
+    return [
+        site_id,
+        bus,
+        *_status_cells(view.status),
+        *_doe_cells(view.doe, now),
+        _marked_box(view.default, now),
+        *_telemetry_cells(view.telemetry, now),
+    ]
+
+
+def _residuals(name: str, primal: float, dual: float, eps: float) -> str:
+    colour = "green" if max(primal, dual) <= eps else "yellow"
+    return f"{name} primal {primal:.3g} dual {dual:.3g} [{colour}]eps {eps:.3g}[/] kW"
+
+
+def _progress_line(p: Progress) -> str:
+    parts = [
+        f"round {p.round} iteration {p.iteration} {p.status}",
+        _residuals("trade", p.primal_trade_kw, p.dual_trade_kw, p.eps_trade_kw),
+        _residuals("envelope", p.primal_envelope_kw, p.dual_envelope_kw, p.eps_envelope_kw),
+        f"{len(p.sites)} sites",
+    ]
+    if p.excluded_sites:
+        parts.append(f"excluded: {', '.join(p.excluded_sites)}")
+    if p.missing_sites:
+        parts.append(f"[red]missing: {', '.join(p.missing_sites)}[/]")
+    return " · ".join(parts)
+
+
+def coordinator_line(view: CoordinatorView) -> str:
+    status = view.status
+    if status is None:
+        head = "coordinator ?"
+    else:
+        colour = "green" if status.state == "online" else "red"
+        head = f"coordinator [{colour}]{status.state}[/] (round {status.round or '-'})"
+    if view.progress is None:
+        return head
+    return f"{head} · {_progress_line(view.progress)}"
+
+
+def without_credentials(url: str) -> str:
+    """The broker URL without user and password, fit to be shown."""
+    parts = urlsplit(url)
+    if parts.hostname is None or "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def footer_line(state: MonitorState, broker: str, connected: bool) -> str:
+    """`broker` must already be escaped for rich markup."""
+    link = "[green]connected[/]" if connected else "[red]reconnecting[/]"
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(state.dropped.items())) or "none"
+    line = f"broker {broker} {link} · dropped: {dropped}"
+    rounds = list(state.market_messages)
+    if rounds:
+        line += f" · market messages in round {rounds[-1]}: {state.market_messages[rounds[-1]]}"
+    return line
+
+
+def render(state: MonitorState, now: datetime, broker: str, connected: bool = True) -> RenderableType:
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(*SITE_COLUMNS, title=f"sites at {now.astimezone(UTC):%H:%M:%S}Z", title_justify="left")
+    for site_id in sorted(state.sites):
+        table.add_row(*site_row(site_id, state.sites[site_id], now))
+    return Group(
+        Text.from_markup(coordinator_line(state.coordinator)),
+        table,
+        Text.from_markup(footer_line(state, escape(without_credentials(broker)), connected)),
+    )
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=DEFAULT_BROKER, help=f"the broker URL (default {DEFAULT_BROKER})")
+    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    p.add_argument("--once", action="store_true", help="gather the retained state, print it once and exit")
+    p.add_argument(
+        "--settle", type=_positive, default=1.0, metavar="S", help="with --once: listen S seconds (default 1)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON snapshot (implies --once)")
+    p.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="give up if the broker cannot be reached within S seconds (default 10)",
+    )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a live monitor ends
+        asyncio.run(_monitor(args))
+    return 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _monitor(args: argparse.Namespace) -> None:
+    transport = await _connect(args.broker, args.connect_timeout)
+    try:
+        await transport.subscribe(SUBSCRIPTION)
+        state = MonitorState()
+        if args.once or args.json:
+            await _gather(transport, state, args.settle)
+            _print_once(state, args)
+        else:
+            await _watch(transport, state, args)
+    finally:
+        await transport.close()
+
+
+async def _connect(url: str, timeout_s: float) -> MqttTransport:
+    """A connected, read-only transport; P2PDoeError if the broker stays unreachable for `timeout_s`."""
+    from p2pdoe.services.transport import Backoff, MqttTransport
+
+    client_id = f"p2pdoe-monitor-{secrets.token_hex(4)}"
+    transport = MqttTransport(url, client_id, backoff=Backoff(initial_s=0.2, cap_s=2.0))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await transport.start()
+    except TimeoutError:
+        shown = without_credentials(url)
+        raise P2PDoeError(f"cannot reach the broker at {shown} within {timeout_s:g} s") from None
+    return transport
+
+
+async def _gather(transport: MqttTransport, state: MonitorState, seconds: float | None) -> None:
+    """Apply every message for `seconds` (None: until the transport closes)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for message in transport.messages():
+                state.apply(message.topic, message.payload, _now())
+
+
+def _print_once(state: MonitorState, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(state.snapshot(_now()), indent=1))
+        return
+    from rich.console import Console
+
+    Console(highlight=False).print(render(state, _now(), args.broker))
+
+
+async def _watch(transport: MqttTransport, state: MonitorState, args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    def view() -> RenderableType:
+        return render(state, _now(), args.broker, transport.connected)
+
+    with Live(view(), console=Console(highlight=False), auto_refresh=False) as live:
+        painter = asyncio.create_task(_paint(live, view))
+        try:
+            await _gather(transport, state, args.duration)
+        finally:
+            painter.cancel()
+            live.update(view(), refresh=True)
+
+
+async def _paint(live: Live, view: Callable[[], RenderableType]) -> None:
+    while True:
+        live.update(view(), refresh=True)
+        await asyncio.sleep(REFRESH_S)

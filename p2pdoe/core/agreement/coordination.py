@@ -1,0 +1,217 @@
+"""What the coordinator builds from its configuration and the sites' registrations (no I/O): its
+network view, the default envelopes, and each round's DSO participant.
+
+A site left out of a round (late, missing, or gone mid-round) sits on its default envelope: its box is
+fixed in the safe set (`with_sites_fixed`), so whatever the others are granted stays safe with it
+anywhere inside its default. The defaults themselves are one static box per site, safe with every
+site anywhere inside its own, nearest to the connection capacities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan
+from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
+from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
+from p2pdoe.core.network import Feeder, FloatArray
+from p2pdoe.core.scenario import admm_settings
+from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig, FeederConfig
+from p2pdoe.core.schemas.runtime import Registration
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """A site's public facts, per interval: net injection range and reactive injection range."""
+
+    id: str
+    bus: int  # index into the feeder's arrays
+    x_min: FloatArray
+    x_max: FloatArray
+    q_min: FloatArray
+    q_max: FloatArray
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The default envelope of every connected site (config order), one box for the whole day."""
+
+    sites: tuple[str, ...]
+    lo_kw: FloatArray  # (C,)
+    up_kw: FloatArray
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    dso: DsoParticipant
+    sites: tuple[str, ...]  # taking part, in config order
+    excluded: tuple[str, ...]  # on their defaults
+    view: GridView  # every connected site
+    safe: SafeSet | None  # of the participants' boxes (excluded ones fixed); None without envelopes
+
+
+def feeder_config(f: Feeder) -> FeederConfig:
+    return FeederConfig(
+        name=f.name,
+        base_mva=f.base_mva,
+        base_kv=f.base_kv,
+        bus_ids=[int(b) for b in f.bus_ids],
+        root=f.root,
+        parent=[int(p) for p in f.parent],
+        r_pu=f.r_pu.tolist(),
+        x_pu=f.x_pu.tolist(),
+        load_kw=f.load_kw.tolist(),
+        load_kvar=f.load_kvar.tolist(),
+        rating_kva=[None if np.isnan(v) else float(v) for v in f.rating_kva],
+    )
+
+
+def feeder_of(c: FeederConfig) -> Feeder:
+    return Feeder(
+        name=c.name,
+        base_mva=c.base_mva,
+        base_kv=c.base_kv,
+        bus_ids=np.array(c.bus_ids, dtype=int),
+        root=c.root,
+        parent=np.array(c.parent, dtype=int),
+        r_pu=np.array(c.r_pu),
+        x_pu=np.array(c.x_pu),
+        load_kw=np.array(c.load_kw),
+        load_kvar=np.array(c.load_kvar),
+        rating_kva=np.array([np.nan if v is None else v for v in c.rating_kva]),
+    )
+
+
+def registration_problem(cfg: CoordinatorConfig, reg: Registration) -> str | None:
+    """Why a registration does not match the coordinator's records, or None."""
+    known = {s.id: s for s in cfg.sites}
+    if reg.site not in known:
+        return "not a connected site"
+    site = known[reg.site]
+    if reg.bus != site.bus:
+        return f"registered at bus {reg.bus}, connected at bus {site.bus}"
+    if set(reg.peers) != set(site.peers):
+        return "its peers differ from the market's trading graph"
+    if len(reg.technical_min_kw) != cfg.intervals:
+        return f"its ranges cover {len(reg.technical_min_kw)} intervals, not {cfg.intervals}"
+    return None
+
+
+def facts_of(reg: Registration, feeder: Feeder) -> SiteFacts:
+    return SiteFacts(
+        id=reg.site,
+        bus=feeder.index_of(reg.bus),
+        x_min=np.array(reg.technical_min_kw),
+        x_max=np.array(reg.technical_max_kw),
+        q_min=np.array(reg.reactive_min_kvar),
+        q_max=np.array(reg.reactive_max_kvar),
+    )
+
+
+def connection_facts(site: ConnectedSite, feeder: Feeder, horizon: int) -> SiteFacts:
+    """A site known only by its connection agreement: capacities and worst-case reactive range."""
+
+    def const(v: float) -> FloatArray:
+        return np.full(horizon, v)
+
+    return SiteFacts(
+        id=site.id,
+        bus=feeder.index_of(site.bus),
+        x_min=const(-site.import_capacity_kw),
+        x_max=const(site.export_capacity_kw),
+        q_min=const(site.reactive_min_kvar),
+        q_max=const(site.reactive_max_kvar),
+    )
+
+
+def network_view(cfg: CoordinatorConfig, feeder: Feeder, facts: list[SiteFacts]) -> GridView:
+    return GridView(
+        feeder=feeder,
+        v0_pu=cfg.v0_pu,
+        vmin_pu=cfg.vmin_pu,
+        vmax_pu=cfg.vmax_pu,
+        vmin_margin_pu=cfg.vmin_margin_pu,
+        vmax_margin_pu=cfg.vmax_margin_pu,
+        rating_margin=cfg.rating_margin,
+        background_kw=np.array(cfg.background_kw),
+        background_kvar=np.array(cfg.background_kvar),
+        site_bus=np.array([f.bus for f in facts], dtype=int),
+        q_min_kvar=np.array([f.q_min for f in facts]),
+        q_max_kvar=np.array([f.q_max for f in facts]),
+    )
+
+
+def bounds_from_ranges(x_min: FloatArray, x_max: FloatArray, static: bool) -> Bounds:
+    """Each site's envelope bounds from its technical range (C, T), as its own QP states them: the
+    box contains zero where the assets reach it; a static box lies within the day's hull."""
+    if static:
+        x_min = np.repeat(x_min.min(axis=1, keepdims=True), x_min.shape[1], axis=1)
+        x_max = np.repeat(x_max.max(axis=1, keepdims=True), x_max.shape[1], axis=1)
+    middle = np.minimum(0.0, x_max)
+    return Bounds(lo_min=x_min, lo_max=middle, up_min=middle, up_max=x_max)
+
+
+def default_envelopes(cfg: CoordinatorConfig, feeder: Feeder) -> Defaults:
+    """One static box per site, safe with every site anywhere in its own, nearest to its capacities."""
+    facts = [connection_facts(s, feeder, cfg.intervals) for s in cfg.sites]
+    view = network_view(cfg, feeder, facts)
+    x_min = np.array([f.x_min for f in facts])
+    x_max = np.array([f.x_max for f in facts])
+    grid = GridSolver(safe_set(view), bounds_from_ranges(x_min, x_max, static=True), static=True)
+    box = grid.solve(x_min, x_max, accurate=True)
+    return Defaults(tuple(s.id for s in cfg.sites), box.lo[:, 0], box.up[:, 0])
+
+
+def round_setup(
+    cfg: CoordinatorConfig,
+    feeder: Feeder,
+    registrations: Mapping[str, Registration],
+    excluded: set[str],
+    defaults: Defaults,
+    round_id: str,
+) -> RoundSetup:
+    """The DSO participant of a round among every registered site not in `excluded`, in config order."""
+    ids = [s.id for s in cfg.sites]
+    taking_part = [i for i, sid in enumerate(ids) if sid in registrations and sid not in excluded]
+    facts = [_facts(cfg, feeder, s, registrations.get(s.id)) for s in cfg.sites]
+    view = network_view(cfg, feeder, facts)
+    grid, safe = None, None
+    if cfg.policy != "none":
+        safe = safe_set(view)
+        if len(taking_part) < len(ids):
+            horizon = cfg.intervals
+            lo = np.repeat(defaults.lo_kw[:, None], horizon, axis=1)
+            up = np.repeat(defaults.up_kw[:, None], horizon, axis=1)
+            safe = with_sites_fixed(safe, view, np.array(taking_part), lo, up)
+        x_min = np.array([facts[i].x_min for i in taking_part])
+        x_max = np.array([facts[i].x_max for i in taking_part])
+        static = cfg.policy == "static"
+        grid = GridSolver(safe, bounds_from_ranges(x_min, x_max, static), static)
+    position = {i: k for k, i in enumerate(taking_part)}
+    peers = tuple(
+        tuple(sorted(position[ids.index(p)] for p in cfg.sites[i].peers if ids.index(p) in position))
+        for i in taking_part
+    )
+    prices = 0.5 * (np.array(cfg.price_import_eur_per_kwh) + np.array(cfg.price_export_eur_per_kwh))
+    sites = tuple(ids[i] for i in taking_part)
+    plan = RoundPlan(
+        round=round_id,
+        policy=cfg.policy,
+        start=cfg.start,
+        dt_h=cfg.dt_h,
+        sites=sites,
+        peers=peers,
+        initial_trade_price=tuple(float(v) for v in prices),
+    )
+    dso = DsoParticipant(plan, cfg.intervals, admm_settings(cfg.admm), grid)
+    left_out = tuple(sid for sid in ids if sid not in sites)
+    return RoundSetup(dso, sites, left_out, view, safe)
+
+
+def _facts(
+    cfg: CoordinatorConfig, feeder: Feeder, site: ConnectedSite, reg: Registration | None
+) -> SiteFacts:
+    return connection_facts(site, feeder, cfg.intervals) if reg is None else facts_of(reg, feeder)
