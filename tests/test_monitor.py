@@ -125,6 +125,7 @@ def test_every_kind_of_message_lands_in_the_view() -> None:
     assert coordinator["progress"]["missing_sites"] == ["c2"]
     assert coordinator["progress"]["within_eps"] == {"trade": False, "envelope": True}
     assert snap["dropped"] == {}
+    assert snap["last_message_at"] == "2025-06-01T12:00:00Z"
     json.dumps(snap)  # serialisable as it is
 
 
@@ -177,7 +178,11 @@ def test_a_malformed_message_is_counted_and_dropped(topic: str, payload: bytes, 
     before = state.snapshot(SOON)
     state.apply(topic, payload, SOON)
     assert state.dropped == {reason: 1}
-    assert state.snapshot(SOON) == {**before, "dropped": {reason: 1}}
+    assert state.snapshot(SOON) == {
+        **before,
+        "dropped": {reason: 1},
+        "last_message_at": "2025-06-01T12:00:10Z",
+    }
 
 
 def test_an_empty_retained_payload_clears_that_entry() -> None:
@@ -242,19 +247,21 @@ def test_the_table_shows_sites_envelopes_and_the_round() -> None:
     c1 = next(line for line in text.splitlines() if " c1 " in line)
     assert "12" in c1
     assert "online" in c1
-    assert "-4.00 … 2.50" in c1
-    assert "4.00 / 2.50" in c1
+    assert "-4.00…2.50" in c1
+    assert "4.00/2.50" in c1
+    assert "12:15Z" in c1
     assert "1.25" in c1
-    assert "10.0 s" in c1
+    assert "10.0s" in c1
     c2 = next(line for line in text.splitlines() if " c2 " in line)
     assert "offline" in c2
     assert "fixed_default" in c2
-    assert "-1.00 … 0.50" in c2
+    assert "-1.00…0.50" in c2
     assert "coordinator online" in text
     assert "iteration 4" in text
     assert "excluded: c3" in text
     assert "missing: c2" in text
     assert "not_json 1" in text
+    assert "last message 10.0s ago" in text
     later = _rendered(state, T0 + timedelta(hours=1))
     assert "expired" in later
     assert "expired" not in text

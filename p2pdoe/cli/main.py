@@ -50,7 +50,7 @@ def _site_config_parser(sub: Any) -> None:
         "site-config", help="split a scenario into one edge configuration per community (its data only)"
     )
     p.add_argument("--scenario", default="default", help="a named scenario or a scenario file")
-    p.add_argument("--out", type=Path, required=True, help="writes OUT/sites/<id>.json")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/sites/<id>.json and OUT/coordinator.json")
     p.set_defaults(run=_run_site_config)
 
 

@@ -42,7 +42,7 @@ from p2pdoe.errors import P2PDoeError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from rich.console import RenderableType
+    from rich.console import Console, RenderableType
     from rich.live import Live
 
     from p2pdoe.services.transport import MqttTransport
@@ -102,9 +102,10 @@ class MonitorState:
     coordinator: CoordinatorView = field(default_factory=CoordinatorView)
     dropped: Counter[str] = field(default_factory=Counter)
     market_messages: Counter[str] = field(default_factory=Counter)  # per round
-    last_message_at: datetime | None = None
+    last_message_at: datetime | None = None  # when the latest message of any kind arrived
 
     def apply(self, topic: str, payload: bytes, now: datetime) -> None:
+        """Fold in one message that arrived at `now`."""
         self.last_message_at = now
         parsed = topics.parse(topic)
         if parsed is None:
@@ -170,6 +171,7 @@ class MonitorState:
         moment = now or datetime.now(UTC)
         return {
             "at": _iso(moment),
+            "last_message_at": _iso(self.last_message_at) if self.last_message_at else None,
             "sites": {sid: _site_snapshot(self.sites[sid], moment) for sid in sorted(self.sites)},
             "coordinator": _coordinator_snapshot(self.coordinator),
             "market_messages": dict(self.market_messages),
@@ -245,39 +247,32 @@ SITE_COLUMNS = (
     "bus",
     "status",
     "applies",
-    "DOE lo…up kW",
+    "DOE kW",
     "imp/exp kW",
     "until",
     "round",
-    "default lo…up kW",
+    "default kW",
     "p kW",
     "inside",
     "age",
 )
+NUMERIC_COLUMNS = frozenset({"bus", "p kW", "age"})
+WIDTH_OFF_TERMINAL = 160  # a snapshot written to a file or a pipe is not wrapped at 80 columns
+VALIDITY_MARKS = {"in_force": "", "expired": " [red]expired[/]", "pending": " [yellow]pending[/]"}
 
 
 def _kw(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _box(doe: Doe | None) -> str:
-    return "-" if doe is None else f"{_kw(doe.lo_kw)} … {_kw(doe.up_kw)}"
+def _box(doe: Doe) -> str:
+    return f"{_kw(doe.lo_kw)}…{_kw(doe.up_kw)}"
 
 
-def _clock(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
-
-
-def _marked_box(doe: Doe | None, now: datetime) -> str:
-    """The box, marked [red]expired[/] or [yellow]pending[/] when not in force at `now`."""
-    if doe is None:
-        return "-"
-    state = validity(doe, now)
-    if state == "expired":
-        return f"{_box(doe)} [red]expired[/]"
-    if state == "pending":
-        return f"{_box(doe)} [yellow]pending[/]"
-    return _box(doe)
+def _clock(moment: datetime, now: datetime) -> str:
+    """The time of day in UTC, with the date when it is not today's."""
+    moment, today = moment.astimezone(UTC), now.astimezone(UTC)
+    return f"{moment:%H:%M}Z" if moment.date() == today.date() else f"{moment:%Y-%m-%d %H:%M}Z"
 
 
 def _status_cells(status: SiteStatus | None) -> list[str]:
@@ -288,10 +283,16 @@ def _status_cells(status: SiteStatus | None) -> list[str]:
 
 
 def _doe_cells(doe: Doe | None, now: datetime) -> list[str]:
+    """Box, CSIP-AUS limits, end (marked when not in force) and round of the envelope in force."""
     if doe is None:
         return ["-", "-", "-", "-"]
-    limits = f"{_kw(doe.opModImpLimW / 1e3)} / {_kw(doe.opModExpLimW / 1e3)}"
-    return [_marked_box(doe, now), limits, _clock(doe.end), doe.round or "-"]
+    limits = f"{_kw(doe.opModImpLimW / 1e3)}/{_kw(doe.opModExpLimW / 1e3)}"
+    until = _clock(doe.end, now) + VALIDITY_MARKS[validity(doe, now)]
+    return [_box(doe), limits, until, doe.round or "-"]
+
+
+def _default_cell(doe: Doe | None, now: datetime) -> str:
+    return "-" if doe is None else _box(doe) + VALIDITY_MARKS[validity(doe, now)]
 
 
 def _telemetry_cells(telemetry: Telemetry | None, now: datetime) -> list[str]:
@@ -299,7 +300,7 @@ def _telemetry_cells(telemetry: Telemetry | None, now: datetime) -> list[str]:
         return ["-", "-", "-"]
     inside = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[telemetry.inside]
     age_s = (now - telemetry.ts).total_seconds()
-    return [_kw(telemetry.p_kw), inside, f"{age_s:.1f} s"]
+    return [_kw(telemetry.p_kw), inside, f"{age_s:.1f}s"]
 
 
 def site_row(site_id: str, view: SiteView, now: datetime) -> list[str]:
@@ -309,7 +310,7 @@ def site_row(site_id: str, view: SiteView, now: datetime) -> list[str]:
         bus,
         *_status_cells(view.status),
         *_doe_cells(view.doe, now),
-        _marked_box(view.default, now),
+        _default_cell(view.default, now),
         *_telemetry_cells(view.telemetry, now),
     ]
 
@@ -353,11 +354,13 @@ def without_credentials(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
-def footer_line(state: MonitorState, broker: str, connected: bool) -> str:
+def footer_line(state: MonitorState, now: datetime, broker: str, connected: bool) -> str:
     """`broker` must already be escaped for rich markup."""
     link = "[green]connected[/]" if connected else "[red]reconnecting[/]"
+    last = state.last_message_at
+    heard = "nothing heard" if last is None else f"last message {(now - last).total_seconds():.1f}s ago"
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(state.dropped.items())) or "none"
-    line = f"broker {broker} {link} · dropped: {dropped}"
+    line = f"broker {broker} {link} · {heard} · dropped: {dropped}"
     rounds = list(state.market_messages)
     if rounds:
         line += f" · market messages in round {rounds[-1]}: {state.market_messages[rounds[-1]]}"
@@ -365,18 +368,22 @@ def footer_line(state: MonitorState, broker: str, connected: bool) -> str:
 
 
 def render(state: MonitorState, now: datetime, broker: str, connected: bool = True) -> RenderableType:
+    from rich import box
     from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(*SITE_COLUMNS, title=f"sites at {now.astimezone(UTC):%H:%M:%S}Z", title_justify="left")
+    title = f"sites at {now.astimezone(UTC):%H:%M:%S}Z"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in SITE_COLUMNS:
+        table.add_column(name, justify="right" if name in NUMERIC_COLUMNS else "left")
     for site_id in sorted(state.sites):
         table.add_row(*site_row(site_id, state.sites[site_id], now))
     return Group(
         Text.from_markup(coordinator_line(state.coordinator)),
         table,
-        Text.from_markup(footer_line(state, escape(without_credentials(broker)), connected)),
+        Text.from_markup(footer_line(state, now, escape(without_credentials(broker)), connected)),
     )
 
 
@@ -461,19 +468,25 @@ def _print_once(state: MonitorState, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(state.snapshot(_now()), indent=1))
         return
+    _console().print(render(state, _now(), args.broker))
+
+
+def _console() -> Console:
     from rich.console import Console
 
-    Console(highlight=False).print(render(state, _now(), args.broker))
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, WIDTH_OFF_TERMINAL)
+    return console
 
 
 async def _watch(transport: MqttTransport, state: MonitorState, args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.live import Live
 
     def view() -> RenderableType:
         return render(state, _now(), args.broker, transport.connected)
 
-    with Live(view(), console=Console(highlight=False), auto_refresh=False) as live:
+    with Live(view(), console=_console(), auto_refresh=False) as live:
         painter = asyncio.create_task(_paint(live, view))
         try:
             await _gather(transport, state, args.duration)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2pdoe.core.network import Feeder, FloatArray, LinDistFlow
+from p2pdoe.core.network import Feeder, FloatArray, IntArray, LinDistFlow
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.errors import InfeasibleError
 
@@ -54,7 +54,7 @@ class GridView:
     rating_margin: float
     background_kw: FloatArray  # (N, T)
     background_kvar: FloatArray  # (N, T)
-    site_bus: FloatArray  # (C,) bus indices
+    site_bus: IntArray  # (C,) bus indices
     q_min_kvar: FloatArray  # (C, T)
     q_max_kvar: FloatArray  # (C, T)
 

@@ -9,6 +9,7 @@ Solves run in a worker thread, so the event loop (and the MQTT keep-alive) never
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from p2pdoe.core.schemas.runtime import SiteStatus, decode_runtime
 from p2pdoe.services.transport import InboundMessage, Transport
 
 Message = RoundOpen | Proposal | Grant
+log = logging.getLogger(__name__)
 
 
 def topic_of(message: Message) -> str:
@@ -42,24 +44,36 @@ def sender_matches_topic(topic: str, message: Message) -> bool:
     return parsed.kind == ("open" if isinstance(message, RoundOpen) else "grant")
 
 
-class _Driver:
-    """Feeds one participant from a transport and publishes what it says."""
+class MarketReader:
+    """Decodes market messages strictly; drops and counts what is malformed or sent on another's topic.
+    An empty payload (a retained message withdrawn) is skipped without counting."""
 
-    def __init__(self, transport: Transport, name: str):
-        self.transport = transport
+    def __init__(self, name: str):
         self.name = name
         self.dropped: Counter[str] = Counter()
 
     def decoded(self, m: InboundMessage) -> Message | None:
+        if not m.payload:
+            return None
         try:
             message = decode(m.payload)
         except ValueError:
             self.dropped["malformed"] += 1
+            log.debug("%s: dropped a malformed message on %s", self.name, m.topic)
             return None
         if not sender_matches_topic(m.topic, message):
             self.dropped["sender_not_topic"] += 1
+            log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
             return None
         return message
+
+
+class _Driver(MarketReader):
+    """Feeds one participant from a transport and publishes what it says."""
+
+    def __init__(self, transport: Transport, name: str):
+        super().__init__(name)
+        self.transport = transport
 
     async def publish(self, commands: list[Command]) -> object | None:
         """Publish every message; return the outcome if the participant finished."""

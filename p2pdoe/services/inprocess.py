@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from p2pdoe.analysis.admm import residual_points, solve_times, summed
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoOutcome
@@ -120,51 +121,19 @@ def admm_results(s: Scenario, run: AdmmRun) -> r.Results:
     """The documented results.json of an ADMM run: the common fields plus the solver's story."""
     base = build_results(s, run.solution, "admm")
     t = run.timings
-    history = [
-        r.ResidualPoint(
-            iteration=h.iteration,
-            primal_trade_kw=h.trade.primal_kw,
-            dual_trade_kw=h.trade.dual_kw,
-            eps_trade_kw=h.trade.eps_primal_kw,
-            primal_envelope_kw=h.envelope.primal_kw,
-            dual_envelope_kw=h.envelope.dual_kw,
-            eps_envelope_kw=h.envelope.eps_primal_kw,
-            rho_trade=h.rho_trade,
-            rho_envelope=h.rho_envelope,
-            reciprocity_max_kw=h.reciprocity_max_kw,
-            envelope_gap_max_kw=h.envelope_gap_max_kw,
-        )
-        for h in run.dso.history
-    ]
-    times = [_times(site, "community", v) for site, v in t.community.items()] + [_times(DSO_ID, "dso", t.dso)]
-    ignored: dict[str, int] = {}
-    for counts in run.ignored.values():
-        for reason, n in counts.items():
-            ignored[reason] = ignored.get(reason, 0) + n
+    times = [solve_times(site, "community", v) for site, v in t.community.items()]
     last = run.dso.history[-1]
     solver = base.solver.model_copy(
         update={
             "critical_path_s": t.critical_path_s(),
-            "residual_history": history,
-            "solve_times": times,
+            "residual_history": residual_points(run.dso.history),
+            "solve_times": [*times, solve_times(DSO_ID, "dso", t.dso)],
             "messages_per_iteration": float(np.mean(t.messages)),
             "bytes_per_iteration": float(np.mean(t.bytes)),
             "reciprocity_max_kw": last.reciprocity_max_kw,
             "envelope_gap_max_kw": last.envelope_gap_max_kw,
             "final_solve": {c.site: c.final_solve for c in run.communities},
-            "ignored_messages": ignored,
+            "ignored_messages": summed(list(run.ignored.values())),
         }
     )
     return base.model_copy(update={"solver": solver})
-
-
-def _times(site: str, role: str, seconds: list[float]) -> r.SolveTimes:
-    ms = np.asarray(seconds) * 1e3
-    return r.SolveTimes(
-        id=site,
-        role=role,  # type: ignore[arg-type]
-        median_ms=float(np.median(ms)),
-        p95_ms=float(np.percentile(ms, 95)),
-        max_ms=float(ms.max()),
-        steps=int(ms.size),
-    )

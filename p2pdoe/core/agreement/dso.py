@@ -130,6 +130,21 @@ class DsoParticipant:
             counts[INVALID] = self.rejected
         return counts
 
+    @property
+    def history(self) -> tuple[IterationRecord, ...]:
+        return tuple(self._s.history)
+
+    @property
+    def iteration(self) -> int:
+        """The iteration whose proposals the DSO is waiting for."""
+        return self._s.inbox.iteration
+
+    def waiting_for(self) -> tuple[str, ...]:
+        """Sites whose proposal of the current iteration has not arrived (empty once finished)."""
+        if self._s.finished:
+            return ()
+        return tuple(site for site in self.plan.sites if site not in self._s.inbox.current)
+
     def open_round(self) -> list[Command]:
         self._project()
         s = self.settings

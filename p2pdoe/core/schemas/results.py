@@ -166,11 +166,48 @@ class SolverResult(Model):
     ignored_messages: dict[str, int] | None = None  # by reason, summed over participants
 
 
+class Attempt(Model):
+    """One round the coordinator opened: a site missing an iteration's deadline ends it, and the
+    next attempt goes on without that site (on its default envelope)."""
+
+    round: str
+    sites: list[str]
+    status: str  # converged, max_iterations, or deadline_missed
+    iterations: int
+    missed_deadline: list[str]
+
+
+class SiteRuntime(Model):
+    id: str
+    state: Literal["agreed", "excluded"]
+    reason: str | None  # why it was excluded
+    reported: bool  # its site report reached the coordinator
+    rss_mb: float | None  # the agent's peak resident memory, as it reported
+
+
+class DefaultEnvelope(Model):
+    id: str
+    lo_kw: float
+    up_kw: float
+
+
+class RuntimeInfo(Model):
+    """How a distributed round ran (mode "distributed" only)."""
+
+    protocol: str  # the MQTT version the coordinator's connection speaks
+    registration_wait_s: float
+    attempts: list[Attempt]
+    sites: list[SiteRuntime]
+    default_envelopes: list[DefaultEnvelope]
+    iteration_wall_ms: dict[str, float]  # median, p95, max: grant to grant at the coordinator
+    dropped_messages: dict[str, int]  # by reason, before any participant saw them
+
+
 class Results(Model):
     schema_version: Literal[1] = 1
     kind: Literal["results"] = "results"
     scenario: str
-    mode: Literal["centralized", "admm"]
+    mode: Literal["centralized", "admm", "distributed"]
     envelope: Literal["dynamic", "static", "none"]
     feeder: FeederInfo
     start: str
@@ -186,3 +223,4 @@ class Results(Model):
     ac_check: NetworkCheck
     lindistflow_check: NetworkCheck
     solver: SolverResult
+    runtime: RuntimeInfo | None = None

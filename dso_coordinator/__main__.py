@@ -1,0 +1,101 @@
+"""`dso-coordinator` (or `python -m dso_coordinator`): the DSO's coordinator. See docs/runtime.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dso_coordinator.results import distributed_results
+from dso_coordinator.service import Coordinator, dso_status, offline_will
+from dso_coordinator.settings import CoordinatorSettings
+from p2pdoe.core.schemas.coordinator import CoordinatorConfig
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.errors import InfeasibleError
+from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
+from p2pdoe.services.settings import ConfigError
+
+PROG = "dso-coordinator"
+log = logging.getLogger(PROG)
+
+
+def read_coordinator_config(path: Path) -> CoordinatorConfig:
+    try:
+        return CoordinatorConfig.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read coordinator configuration {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        first = " ".join(str(exc).splitlines()[:3])
+        raise ConfigError(f"coordinator configuration {path} is invalid: {first}") from None
+
+
+def write_results(results: Results, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(results.model_dump_json(indent=1), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = base_parser(PROG, "The DSO coordinator: agrees envelopes and trades with the sites over MQTT.")
+    p.add_argument(
+        "--coordinator-config", type=Path, help="the coordinator's configuration (p2pdoe site-config)"
+    )
+    p.add_argument("--round", help="the day-ahead round's id (default day-ahead)")
+    p.add_argument("--start", help="now (default), scenario, or an ISO 8601 time")
+    p.add_argument("--policy", choices=["dynamic", "static", "none"])
+    p.add_argument("--registration-timeout-s", type=float)
+    p.add_argument("--iteration-timeout-s", type=float)
+    p.add_argument("--report-timeout-s", type=float)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--out", type=Path, help="write OUT/results.json")
+    p.add_argument(
+        "--exit-after-round", action="store_true", default=None, help="stop after the day-ahead round"
+    )
+    settings = setup(PROG, CoordinatorSettings, p.parse_args(argv))
+    if isinstance(settings, int):
+        return settings
+
+    async def serve() -> int:
+        cfg = read_coordinator_config(settings.coordinator_config)
+        try:
+            coordinator = Coordinator(cfg, settings)
+        except InfeasibleError as exc:
+            raise ConfigError(f"no safe default envelopes: {exc}") from None
+        async with transport_for(settings, "dso", offline_will()) as transport:
+            try:
+                agreement = await coordinator.run(transport)
+                results = distributed_results(coordinator.cfg, coordinator.defaults, agreement)
+                if settings.out is not None:
+                    log.info("wrote %s", write_results(results, settings.out))
+                log.info(
+                    "round %s: %s after %d iterations, objective %.2f EUR, %d sites agreed, %d on defaults",
+                    agreement.outcome.round,
+                    agreement.outcome.status,
+                    agreement.outcome.iterations,
+                    results.objective_eur,
+                    len(agreement.setup.sites),
+                    len(agreement.setup.excluded),
+                )
+                if not settings.exit_after_round:
+                    await coordinator.follow_day(transport, agreement)
+                    await asyncio.Event().wait()  # stay online until stopped
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.publish(*_goodbye(), retain=True), 2.0)
+        return 0
+
+    return run_service(PROG, serve)
+
+
+def _goodbye() -> tuple[str, bytes]:
+    from p2pdoe.core import topics
+
+    return topics.DSO_STATUS, dso_status("offline", None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""The DSO coordinator as an asyncio service: registers sites, runs the round over MQTT with
+deadlines, publishes envelopes, defaults and progress, and gathers the sites' reports.
+
+Sites that have not registered by the registration deadline are left out, and so is a site that
+misses an iteration's deadline: the round is then opened again without it (a site that comes back
+online rejoins at the next opening). A site left out is on its default envelope, which the others'
+grants take into account. Solves run in a worker thread, so the MQTT keep-alive never starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from dso_coordinator.settings import CoordinatorSettings
+from p2pdoe.core import topics
+from p2pdoe.core.agreement.coordination import (
+    Defaults,
+    RoundSetup,
+    default_envelopes,
+    feeder_of,
+    registration_problem,
+    round_setup,
+)
+from p2pdoe.core.agreement.dso import DsoOutcome
+from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.schemas.coordinator import CoordinatorConfig
+from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, encode
+from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.runtime import (
+    Doe,
+    DsoStatus,
+    Progress,
+    Registration,
+    SiteReport,
+    SiteStatus,
+    decode_runtime,
+)
+from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.agreement_mqtt import MarketReader, topic_of
+from p2pdoe.services.transport import InboundMessage, LastWill, Transport
+
+log = logging.getLogger("dso_coordinator")
+
+
+class RoundFailedError(P2PDoeError):
+    """No round could be agreed (no site registered, or every attempt lost a site)."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def dso_status(state: str, round_id: str | None) -> bytes:
+    return DsoStatus(state=state, round=round_id, ts=utc_now()).model_dump_json().encode()  # type: ignore[arg-type]
+
+
+def offline_will() -> LastWill:
+    return LastWill(topics.DSO_STATUS, dso_status("offline", None))
+
+
+def day_start(setting: str, scenario_start: str, dt_h: float, now: datetime) -> datetime:
+    """The first interval's start: the scenario's, the current interval's ("now"), or a given time."""
+    if setting == "scenario":
+        return datetime.fromisoformat(scenario_start.replace("Z", "+00:00"))
+    if setting == "now":
+        step = dt_h * 3600.0
+        epoch = now.timestamp() // step * step
+        return datetime.fromtimestamp(epoch, UTC)
+    try:
+        moment = datetime.fromisoformat(setting.replace("Z", "+00:00"))
+    except ValueError:
+        raise P2PDoeError(f"start {setting!r} is neither 'now', 'scenario' nor an ISO 8601 time") from None
+    if moment.utcoffset() is None:
+        raise P2PDoeError(f"start {setting!r} needs a time zone (e.g. Z)")
+    return moment.astimezone(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Timings:
+    registration_wait_s: float = 0.0
+    round_wall_s: float = 0.0
+    iteration_wall_s: list[float] = field(default_factory=list)
+    dso_step_s: list[float] = field(default_factory=list)
+    proposals: int = 0
+    proposal_bytes: int = 0
+    grant_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The coordinator's account of the day-ahead agreement."""
+
+    setup: RoundSetup
+    outcome: DsoOutcome
+    attempts: list[Attempt]
+    excluded: dict[str, str]  # site -> why
+    registrations: dict[str, Registration]
+    reports: dict[str, SiteReport]
+    timings: Timings
+    dropped: dict[str, int]
+    protocol: str
+
+
+class Coordinator:
+    def __init__(
+        self, cfg: CoordinatorConfig, settings: CoordinatorSettings, clock: type[datetime] | None = None
+    ):
+        self.settings = settings
+        policy = settings.policy or cfg.policy
+        start = day_start(settings.start, cfg.start, cfg.dt_h, utc_now())
+        self.start = start
+        self.cfg = cfg.model_copy(update={"policy": policy, "start": iso(start)})
+        self.feeder = feeder_of(cfg.feeder)
+        self.defaults: Defaults = default_envelopes(self.cfg, self.feeder)
+        self.site_ids = [s.id for s in cfg.sites]
+        self.registrations: dict[str, Registration] = {}
+        self.online: set[str] = set()
+        self.excluded: dict[str, str] = {}
+        self.reader = MarketReader(DSO_ID)
+        self.reports: dict[str, SiteReport] = {}
+        self.timings = Timings()
+        self._changed = asyncio.Event()
+        self._proposals: asyncio.Queue[Proposal] = asyncio.Queue()
+        self._round: str | None = None
+
+    # --- the service -----------------------------------------------------------------------------
+
+    async def run(self, transport: Transport) -> Agreement:
+        await transport.publish(topics.DSO_STATUS, dso_status("online", None), retain=True)
+        await self._publish_defaults(transport)
+        for kind in ("register", "status"):
+            await transport.subscribe(topics.every_site(kind))
+        await transport.subscribe(topics.all_proposals())
+        await transport.subscribe(f"{topics.ROOT}/market/+/report/+")
+        pump = asyncio.create_task(self._pump(transport))
+        try:
+            await self._await_sites()
+            setup, outcome, attempts = await self._agree(transport)
+            await self._publish_envelopes(transport, setup, outcome)
+            await self._await_reports(setup)
+        finally:
+            pump.cancel()
+        protocol = str(getattr(transport, "protocol", "unknown"))
+        return Agreement(
+            setup,
+            outcome,
+            attempts,
+            dict(self.excluded),
+            dict(self.registrations),
+            dict(self.reports),
+            self.timings,
+            dict(self.reader.dropped),
+            protocol,
+        )
+
+    async def _pump(self, transport: Transport) -> None:
+        async for m in transport.messages():
+            parsed = topics.parse(m.topic)
+            if parsed is None:
+                continue
+            if parsed.area == "site" and parsed.kind in ("register", "status"):
+                self._on_site(parsed.kind, parsed.site, m)
+            elif parsed.area == "market" and parsed.kind == "report":
+                self._on_report(parsed.site, parsed.round, m)
+            elif parsed.area == "market" and parsed.kind == "proposal":
+                self._on_proposal(m)
+
+    def _on_site(self, kind: str, site: str | None, m: InboundMessage) -> None:
+        if not m.payload:
+            return
+        try:
+            msg = decode_runtime(m.payload)
+        except ValueError:
+            self.reader.dropped["malformed"] += 1
+            return
+        if not isinstance(msg, Registration | SiteStatus) or msg.site != site:
+            self.reader.dropped["sender_not_topic"] += 1
+            return
+        if isinstance(msg, Registration):
+            problem = registration_problem(self.cfg, msg)
+            if problem is not None:
+                log.warning("refused the registration of %s: %s", msg.site, problem)
+                self.reader.dropped["registration_refused"] += 1
+                return
+            self.registrations[msg.site] = msg
+        elif msg.state == "online" and not m.retained:
+            self.online.add(msg.site)
+            if self.excluded.pop(msg.site, None) is not None:
+                log.info("%s is back online; it rejoins at the next opening", msg.site)
+        elif msg.state == "online":
+            self.online.add(msg.site)
+        else:
+            self.online.discard(msg.site)
+        self._changed.set()
+
+    def _on_report(self, site: str | None, round_id: str | None, m: InboundMessage) -> None:
+        try:
+            msg = decode_runtime(m.payload)
+        except ValueError:
+            self.reader.dropped["malformed"] += 1
+            return
+        if not isinstance(msg, SiteReport) or msg.site != site or msg.round != round_id:
+            self.reader.dropped["sender_not_topic"] += 1
+            return
+        self.reports[msg.site] = msg
+        self._changed.set()
+
+    def _on_proposal(self, m: InboundMessage) -> None:
+        message = self.reader.decoded(m)
+        if isinstance(message, Proposal) and message.round == self._round:
+            self.timings.proposals += 1
+            self.timings.proposal_bytes += len(m.payload)
+            self._proposals.put_nowait(message)
+
+    # --- registration ----------------------------------------------------------------------------
+
+    def _ready(self) -> set[str]:
+        return {s for s in self.site_ids if s in self.registrations and s in self.online}
+
+    async def _await_sites(self) -> None:
+        t0 = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.settings.registration_timeout_s
+        while len(self._ready()) < len(self.site_ids):
+            self._changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        self.timings.registration_wait_s = time.perf_counter() - t0
+        for site in self.site_ids:
+            if site not in self._ready():
+                self.excluded[site] = "not registered and online by the registration deadline"
+                log.warning("%s: not registered and online in time; on its default envelope", site)
+        if not self._ready():
+            raise RoundFailedError("no site registered before the registration deadline")
+
+    # --- the round -------------------------------------------------------------------------------
+
+    async def _agree(self, transport: Transport) -> tuple[RoundSetup, DsoOutcome, list[Attempt]]:
+        attempts: list[Attempt] = []
+        for n in range(1, self.settings.max_attempts + 1):
+            round_id = self.settings.round if n == 1 else f"{self.settings.round}.{n}"
+            left_out = set(self.excluded) | (set(self.site_ids) - self._ready())
+            if len(left_out) == len(self.site_ids):
+                break
+            setup = await asyncio.to_thread(
+                round_setup, self.cfg, self.feeder, self.registrations, left_out, self.defaults, round_id
+            )
+            outcome, missing = await self._run_round(transport, setup)
+            await transport.publish(topics.round_open(round_id), b"", retain=True)  # withdraw the opening
+            status = "deadline_missed" if outcome is None else outcome.status
+            iterations = setup.dso.iteration if outcome is None else outcome.iterations
+            attempts.append(
+                Attempt(
+                    round=round_id,
+                    sites=list(setup.sites),
+                    status=status,
+                    iterations=iterations,
+                    missed_deadline=list(missing),
+                )
+            )
+            if outcome is not None:
+                return setup, outcome, attempts
+            for site in missing:
+                self.excluded[site] = f"missed the deadline of iteration {iterations} of round {round_id}"
+                log.warning(
+                    "%s: no proposal within %.1f s; round %s is opened again without it",
+                    site,
+                    self.settings.iteration_timeout_s,
+                    round_id,
+                )
+        raise RoundFailedError(f"no agreement after {len(attempts)} attempts: {[a.status for a in attempts]}")
+
+    async def _run_round(
+        self, transport: Transport, setup: RoundSetup
+    ) -> tuple[DsoOutcome | None, tuple[str, ...]]:
+        dso = setup.dso
+        self._round = dso.plan.round
+        while not self._proposals.empty():
+            self._proposals.get_nowait()
+        await transport.publish(topics.DSO_STATUS, dso_status("online", dso.plan.round), retain=True)
+        t_round = time.perf_counter()
+        opening = await asyncio.to_thread(dso.open_round)
+        for cmd in opening:
+            if isinstance(cmd, Publish):
+                await transport.publish(topic_of(cmd.message), encode(cmd.message), retain=True)
+        log.info(
+            "round %s opened: %d sites, %d on defaults", dso.plan.round, len(setup.sites), len(setup.excluded)
+        )
+        t_iter = time.perf_counter()
+        while True:
+            try:
+                proposal = await asyncio.wait_for(
+                    self._proposals.get(), self.settings.iteration_timeout_s - (time.perf_counter() - t_iter)
+                )
+            except TimeoutError:
+                return None, dso.waiting_for()
+            t0 = time.perf_counter()
+            commands = await asyncio.to_thread(dso.handle, Received(proposal))
+            for cmd in commands:
+                if isinstance(cmd, Publish) and isinstance(cmd.message, Grant):
+                    self.timings.dso_step_s.append(time.perf_counter() - t0)
+                    payload = encode(cmd.message)
+                    self.timings.grant_bytes += len(payload)
+                    await transport.publish(topic_of(cmd.message), payload)
+                    await self._publish_progress(transport, setup, cmd.message)
+                    now = time.perf_counter()
+                    self.timings.iteration_wall_s.append(now - t_iter)
+                    t_iter = now
+                elif isinstance(cmd, Finished):
+                    assert isinstance(cmd.outcome, DsoOutcome)
+                    self.timings.round_wall_s = time.perf_counter() - t_round
+                    return cmd.outcome, ()
+
+    async def _publish_progress(self, transport: Transport, setup: RoundSetup, grant: Grant) -> None:
+        last = setup.dso.history[-1] if setup.dso.history else None
+        eps_t = 0.0 if last is None else last.trade.eps_primal_kw
+        eps_e = 0.0 if last is None else last.envelope.eps_primal_kw
+        msg = Progress(
+            round=grant.round,
+            iteration=grant.iteration,
+            status=grant.status,
+            primal_trade_kw=grant.residuals.primal_trade_kw,
+            dual_trade_kw=grant.residuals.dual_trade_kw,
+            primal_envelope_kw=grant.residuals.primal_envelope_kw,
+            dual_envelope_kw=grant.residuals.dual_envelope_kw,
+            eps_trade_kw=eps_t,
+            eps_envelope_kw=eps_e,
+            sites=list(setup.sites),
+            excluded_sites=list(setup.excluded),
+        )
+        await transport.publish(topics.DSO_PROGRESS, msg.model_dump_json().encode(), qos=0, retain=True)
+
+    async def _await_reports(self, setup: RoundSetup) -> None:
+        deadline = asyncio.get_running_loop().time() + self.settings.report_timeout_s
+        while not set(setup.sites) <= set(self.reports):
+            self._changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.warning("no report from %s", sorted(set(setup.sites) - set(self.reports)))
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+
+    # --- envelopes -------------------------------------------------------------------------------
+
+    @property
+    def interval_s(self) -> int:
+        return round(self.cfg.dt_h * 3600)
+
+    def _expiry(self, end: datetime) -> int | None:
+        left = (end - utc_now()).total_seconds()
+        return int(np.ceil(left)) if left >= 1 else None
+
+    async def _publish_defaults(self, transport: Transport) -> None:
+        duration = self.interval_s * self.cfg.intervals
+        for c, site in enumerate(self.defaults.sites):
+            doe = Doe.from_box(
+                site, None, self.start, duration, float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
+            )
+            await transport.publish(
+                topics.site(site, "doe/default"),
+                doe.model_dump_json().encode(),
+                retain=True,
+                expiry_s=self._expiry(doe.end),
+            )
+
+    def envelope(self, setup: RoundSetup, outcome: DsoOutcome, site: str, t: int) -> Doe:
+        """The envelope of `site` for interval t: its grant, or its default if it was left out."""
+        start = self.start + timedelta(seconds=self.interval_s * t)
+        if site in setup.sites and outcome.granted_lo_kw is not None and outcome.granted_up_kw is not None:
+            c = setup.sites.index(site)
+            lo, up = float(outcome.granted_lo_kw[c, t]), float(outcome.granted_up_kw[c, t])
+            return Doe.from_box(site, outcome.round, start, self.interval_s, lo, up)
+        c = self.defaults.sites.index(site)
+        return Doe.from_box(
+            site, None, start, self.interval_s, float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
+        )
+
+    def current_interval(self) -> int:
+        """The interval in force now, clamped to the horizon."""
+        t = int((utc_now() - self.start).total_seconds() // self.interval_s)
+        return min(max(t, 0), self.cfg.intervals - 1)
+
+    async def _publish_envelopes(self, transport: Transport, setup: RoundSetup, outcome: DsoOutcome) -> None:
+        t = self.current_interval()
+        for site in self.site_ids:
+            doe = self.envelope(setup, outcome, site, t)
+            await transport.publish(
+                topics.site(site, "doe"),
+                doe.model_dump_json().encode(),
+                retain=True,
+                expiry_s=self._expiry(doe.end),
+            )
+
+    async def follow_day(self, transport: Transport, agreement: Agreement) -> None:
+        """Publish each interval's envelope as the interval starts, until the horizon ends."""
+        for t in range(self.current_interval() + 1, self.cfg.intervals):
+            wait = (self.start + timedelta(seconds=self.interval_s * t) - utc_now()).total_seconds()
+            await asyncio.sleep(max(0.0, wait))
+            for site in self.site_ids:
+                doe = self.envelope(agreement.setup, agreement.outcome, site, t)
+                await transport.publish(
+                    topics.site(site, "doe"),
+                    doe.model_dump_json().encode(),
+                    retain=True,
+                    expiry_s=self._expiry(doe.end),
+                )

@@ -1,0 +1,28 @@
+"""The coordinator's settings (environment prefix P2PDOE_DSO_); see p2pdoe.services.settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from p2pdoe.services.settings import ServiceSettings
+
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class CoordinatorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="P2PDOE_DSO_", extra="forbid")
+
+    coordinator_config: Path  # the network and the connected sites (`p2pdoe site-config`)
+    round: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = "day-ahead"
+    start: str = "now"  # the day's first interval: "now" (the current interval), "scenario", or ISO 8601
+    policy: Literal["dynamic", "static", "none"] | None = None  # default: the configuration's
+    registration_timeout_s: Seconds = 30.0  # wait this long for every site, then go on without the rest
+    iteration_timeout_s: Seconds = 10.0  # a site silent this long in an iteration is left out
+    report_timeout_s: Seconds = 10.0  # wait this long for the sites' reports after the round
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3  # rounds opened before giving up
+    out: Path | None = None  # write results.json here
+    exit_after_round: bool = False  # stop once the day-ahead round is done (else publish DOEs all day)

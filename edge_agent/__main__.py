@@ -1,0 +1,53 @@
+"""`edge-agent` (or `python -m edge_agent`): one community's agent. See docs/runtime.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.service import EdgeAgent, goodbye, offline_will
+from edge_agent.settings import EdgeSettings
+from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
+from p2pdoe.services.settings import ConfigError
+
+PROG = "edge-agent"
+
+
+def read_site_config(path: Path) -> SiteConfig:
+    try:
+        return SiteConfig.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read site configuration {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise ConfigError(f"site configuration {path} is invalid: {' '.join(first[:3])}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = base_parser(PROG, "One energy community's edge agent: takes part in the DSO's rounds over MQTT.")
+    p.add_argument("--site-config", type=Path, help="this site's configuration (p2pdoe site-config)")
+    p.add_argument("--rounds", type=int, help="stop after this many settled rounds (default 0: run on)")
+    settings = setup(PROG, EdgeSettings, p.parse_args(argv))
+    if isinstance(settings, int):
+        return settings
+
+    async def serve() -> int:
+        config = read_site_config(settings.site_config)
+        site = config.community.id
+        async with transport_for(settings, f"edge-{site}", offline_will(site)) as transport:
+            try:
+                await EdgeAgent(config).run(transport, settings.rounds)
+            finally:  # a clean stop says goodbye (the last will covers the unclean ones)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.publish(*goodbye(site), retain=True), 2.0)
+        return 0
+
+    return run_service(PROG, serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

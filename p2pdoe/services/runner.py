@@ -1,0 +1,84 @@
+"""What both service entry points share: command-line options for the settings sources, a transport
+with a last will, graceful stop on SIGTERM/SIGINT, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.settings import ServiceSettings, configure_logging, load_settings
+from p2pdoe.services.transport import LastWill, MqttTransport
+
+S = TypeVar("S", bound=ServiceSettings)
+EXIT_CONFIG = 2
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", type=Path, help="a YAML or JSON settings file")
+    p.add_argument("--secrets-dir", type=Path, help="a directory of secret files (e.g. <prefix>password)")
+    p.add_argument("--broker", help="mqtt://[user:password@]host[:port]")
+    p.add_argument("--username")
+    p.add_argument("--client-id")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def settings_from(kind: type[S], args: argparse.Namespace, skip: Sequence[str] = ()) -> S:
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "secrets_dir", *skip)}
+    return load_settings(kind, options, args.config, args.secrets_dir)
+
+
+def transport_for(settings: ServiceSettings, client_id: str, will: LastWill) -> MqttTransport:
+    return MqttTransport(
+        settings.broker,
+        settings.client_id or client_id,
+        username=settings.username,
+        password=settings.secret(),
+        will=will,
+        keepalive_s=settings.keepalive_s,
+    )
+
+
+async def until_stopped(work: Awaitable[int]) -> int:
+    """Run `work`; SIGTERM or SIGINT cancels it (the transport then says goodbye cleanly)."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def run_service(prog: str, main: Callable[[], Awaitable[int]]) -> int:
+    try:
+        return asyncio.run(until_stopped(main()))
+    except P2PDoeError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup(prog: str, kind: type[S], args: argparse.Namespace) -> S | int:
+    """The settings, or the exit status after printing one line."""
+    try:
+        settings = settings_from(kind, args)
+    except P2PDoeError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, prog)
+    return settings

@@ -1,0 +1,106 @@
+"""Service settings (pydantic-settings): what both services share, and how they are loaded.
+
+Sources, highest precedence first: command-line options, environment variables (a prefix per
+service: P2PDOE_EDGE_, P2PDOE_DSO_), files in a secrets directory (one file per setting, named like its
+environment variable, e.g. `p2pdoe_edge_password`: the Docker and Kubernetes secrets convention), a
+YAML or JSON settings file, the defaults. A bad setting fails at start with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from p2pdoe.errors import P2PDoeError
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+class ConfigError(P2PDoeError):
+    """A setting is missing or invalid."""
+
+
+class ServiceSettings(BaseSettings):
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://[user:password@]host[:port]
+    username: str | None = None
+    password: SecretStr | None = None  # best given through the secrets directory
+    client_id: str | None = None  # default: the service's own id
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def secret(self) -> str | None:
+        return None if self.password is None else self.password.get_secret_value()
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values read from the settings file (lowest precedence above the defaults)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]):
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"settings file {path} is not valid YAML or JSON: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping of setting: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def load_settings(
+    kind: type[S], options: dict[str, Any], settings_file: Path | None = None, secrets_dir: Path | None = None
+) -> S:
+    """The settings from every source; `options` are the command line's (None values left out)."""
+    file_values = read_settings_file(settings_file) if settings_file is not None else {}
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        raise ConfigError(f"secrets directory {secrets_dir} does not exist")
+
+    class _Loaded(kind):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls: type[BaseSettings],
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, file_secret_settings, _FileSource(settings_cls, file_values))
+
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        loaded: S = _Loaded(_secrets_dir=secrets_dir, **given)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc)) from None
+    return loaded
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "settings"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"setting {where}: {err['msg']}{more}"
+
+
+def configure_logging(level: str, name: str) -> logging.Logger:
+    logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(name)
