@@ -26,7 +26,29 @@ def build_parser() -> argparse.ArgumentParser:
     _schema_parser(sub)
     _site_config_parser(sub)
     _monitor_parser(sub)
+    _demo_parser(sub)
     return parser
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="run the whole system here: a broker, the coordinator and one edge agent per community"
+    )
+    _scenario_args(p)
+    p.add_argument("--broker", help="mqtt://host:port of a running broker (default: start the embedded one)")
+    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
+    p.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="output folder (results.json, plots, logs)"
+    )
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from p2pdoe.cli.demo import run_demo
+
+    run_demo(args.scenario, _overrides(args), args.broker, args.out, args.day_ahead, args.envelope)
+    return 0
 
 
 def _monitor_parser(sub: Any) -> None:
@@ -50,7 +72,9 @@ def _site_config_parser(sub: Any) -> None:
         "site-config", help="split a scenario into one edge configuration per community (its data only)"
     )
     p.add_argument("--scenario", default="default", help="a named scenario or a scenario file")
-    p.add_argument("--out", type=Path, required=True, help="writes OUT/sites/<id>.json and OUT/coordinator.json")
+    p.add_argument(
+        "--out", type=Path, required=True, help="writes OUT/sites/<id>.json and OUT/coordinator.json"
+    )
     p.set_defaults(run=_run_site_config)
 
 

@@ -1,0 +1,215 @@
+"""`p2pdoe demo`: the whole system on this machine, one process per participant.
+
+It writes the configurations (`p2pdoe site-config`), starts a broker (the embedded pure-Python one
+unless `--broker` names another), the DSO coordinator and one edge agent per community, and shows the
+agreement's progress from the coordinator's `dso/progress` topic. With `--day-ahead` it stops after
+the day-ahead round; otherwise the services keep running (envelopes published interval by interval)
+until Ctrl-C, for `p2pdoe monitor` to watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.runtime import Progress, decode_runtime
+from p2pdoe.errors import P2PDoeError
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.io.site_configs import write_site_configs
+
+console = Console(highlight=False, soft_wrap=True)
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Processes:
+    """Child processes with their logs in one folder; all stopped (SIGTERM, then SIGKILL) on exit."""
+
+    logs: Path
+    running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("wb")
+        self._files.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.running[name] = proc
+        return proc
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        text = (self.logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop_all(self) -> None:
+        for proc in self.running.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.running.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._files:
+            f.close()
+
+
+@contextlib.contextmanager
+def processes(logs: Path) -> Iterator[Processes]:
+    procs = Processes(logs)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def run_demo(
+    scenario: str, overrides: dict[str, Any], broker: str | None, out: Path, day_ahead: bool, policy: str
+) -> Results:
+    s = load_scenario(scenario, overrides)
+    config = out / "config"
+    write_site_configs(s, config)
+    results_path = out / "results.json"
+    results_path.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        url = broker or _embedded(stack)
+        procs = stack.enter_context(processes(out / "logs"))
+        console.print(f"broker {url}; {len(s.ids)} edge agents and the coordinator, logs in {out / 'logs'}")
+        py = sys.executable
+        coordinator = procs.start(
+            "dso-coordinator",
+            [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
+             "--broker", url, "--out", str(out), "--start", "now", "--policy", policy,
+             "--registration-timeout-s", "120", *(["--exit-after-round"] if day_ahead else [])],
+        )  # fmt: skip
+        for site in s.ids:
+            procs.start(
+                f"edge-{site}",
+                [
+                    py,
+                    "-m",
+                    "edge_agent",
+                    "--site-config",
+                    str(config / "sites" / f"{site}.json"),
+                    "--broker",
+                    url,
+                ],
+            )
+        asyncio.run(_watch(url, coordinator, results_path, procs))
+        if not results_path.exists():
+            raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
+        results = Results.model_validate_json(results_path.read_bytes())
+        _report(s, results, policy, out)
+        if not day_ahead:
+            console.print(f"the services run on; watch: p2pdoe monitor --broker {url}; Ctrl-C stops them")
+            with contextlib.suppress(KeyboardInterrupt):
+                coordinator.wait()
+    return results
+
+
+def _embedded(stack: contextlib.ExitStack) -> str:
+    from p2pdoe.services.broker import start_embedded
+
+    return stack.enter_context(start_embedded()).url
+
+
+async def _watch(url: str, coordinator: subprocess.Popen[bytes], results: Path, procs: Processes) -> None:
+    """Show the round's progress until results.json is written (or the coordinator fails)."""
+    from rich.live import Live
+
+    from p2pdoe.services.transport import MqttTransport
+
+    async with MqttTransport(url, f"p2pdoe-demo-{id(procs):x}") as transport:
+        await transport.subscribe(topics.DSO_PROGRESS, qos=0)
+        started = time.monotonic()
+        line = ["waiting for every site to register"]
+
+        async def follow() -> None:
+            async for m in transport.messages():
+                line[0] = _progress_line(m.payload) or line[0]
+
+        reader = asyncio.create_task(follow())
+        try:
+            with Live(console=console, transient=True, refresh_per_second=8) as live:
+                while not results.exists():
+                    if coordinator.poll() is not None:
+                        raise P2PDoeError(f"the coordinator stopped:\n{procs.tail('dso-coordinator')}")
+                    live.update(f"{line[0]}; {time.monotonic() - started:.0f} s")
+                    await asyncio.sleep(0.125)
+        finally:
+            reader.cancel()
+
+
+def _progress_line(payload: bytes) -> str:
+    try:
+        p = decode_runtime(payload)
+    except ValueError:
+        return "(an unreadable progress message)"
+    if not isinstance(p, Progress):
+        return ""
+    left_out = f", {len(p.excluded_sites)} on defaults" if p.excluded_sites else ""
+    return (
+        f"round {p.round}: iteration {p.iteration} ({p.status}), {len(p.sites)} sites{left_out}; "
+        f"trade residual {p.primal_trade_kw:.3f} / {p.eps_trade_kw:.3f} kW, "
+        f"envelope residual {p.primal_envelope_kw:.3f} / {p.eps_envelope_kw:.3f} kW"
+    )
+
+
+def _report(s: Any, r: Results, policy: str, out: Path) -> None:
+    from p2pdoe.core.solution import Policy
+    from p2pdoe.report.plots import write_plots
+    from p2pdoe.services.inprocess import run_admm
+
+    reference = run_admm(s, Policy(policy)).solution.objective_eur
+    _site_table(r)
+    sv, rt = r.solver, r.runtime
+    assert rt is not None
+    gap = 100.0 * (r.objective_eur - reference) / max(1e-9, abs(r.totals.gross_energy_eur))
+    console.print(
+        f"ADMM over MQTT ({rt.protocol}): {sv.status} after {sv.iterations} iterations "
+        f"in {sv.wall_time_s:.1f} s "
+        f"({rt.iteration_wall_ms['median']:.1f} ms per iteration, median); "
+        f"{sv.messages_per_iteration or 0:.1f} messages per iteration; {len(rt.attempts)} attempt(s)"
+    )
+    console.print(
+        f"objective {r.objective_eur:.4f} EUR; in-process ADMM {reference:.4f} EUR "
+        f"(difference {gap:+.5f} % of gross energy cost)"
+    )
+    for path in write_plots({"distributed": r}, out):
+        console.print(f"plot: {path}")
+    console.print(f"wrote {out / 'results.json'}")
+
+
+def _site_table(r: Results) -> None:
+    assert r.runtime is not None
+    by_id = {c.id: c for c in r.communities}
+    table = Table(title=f"{r.scenario}: the day-ahead agreement, {r.envelope} envelopes")
+    for col in ("site", "state", "mean DOE kW", "cost EUR", "sold kWh", "RSS MB"):
+        table.add_column(col, justify="left" if col in ("site", "state") else "right")
+    for site in r.runtime.sites:
+        c = by_id.get(site.id)
+        lo = sum(c.envelope_lo_kw) / len(c.envelope_lo_kw) if c else None
+        up = sum(c.envelope_up_kw) / len(c.envelope_up_kw) if c else None
+        table.add_row(
+            site.id,
+            site.state if site.reason is None else f"{site.state} ({site.reason})",
+            "-" if lo is None or up is None else f"[{lo:.0f}, {up:.0f}]",
+            "-" if c is None else f"{c.cost_eur:.2f}",
+            "-" if c is None else f"{c.p2p_sold_kwh:.0f}",
+            "-" if site.rss_mb is None else f"{site.rss_mb:.0f}",
+        )
+    console.print(table)
