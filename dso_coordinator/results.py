@@ -109,6 +109,7 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
                 reason=a.excluded.get(site),
                 reported=site in a.reports,
                 rss_mb=a.reports[site].rss_mb if site in a.reports else None,
+                cpu_s=a.reports[site].cpu_s if site in a.reports else None,
             )
             for site in ids
         ],

@@ -58,6 +58,11 @@ def offline_will(site: str) -> LastWill:
     return LastWill(topics.site(site, "status"), status_payload(site, "offline", "none"))
 
 
+def cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -69,6 +74,7 @@ class _Round:
     config: SiteConfig  # with only the peers this round includes
     qp: CommunityQP
     participant: CommunityParticipant
+    cpu_at_open: float = field(default_factory=cpu_seconds)
     steps: list[float] = field(default_factory=list)  # seconds per solve-and-propose
 
 
@@ -225,6 +231,7 @@ class EdgeAgent:
             final_solve=out.final_solve,
             solve_times=solve_times(self.site, "community", r.steps),
             rss_mb=peak_rss_mb(),
+            cpu_s=cpu_seconds() - r.cpu_at_open,
             ignored=r.participant.ignored,
             dropped=dict(self.reader.dropped),
         )

@@ -183,6 +183,7 @@ class SiteRuntime(Model):
     reason: str | None  # why it was excluded
     reported: bool  # its site report reached the coordinator
     rss_mb: float | None  # the agent's peak resident memory, as it reported
+    cpu_s: float | None  # the agent's process CPU time during the round, as it reported
 
 
 class DefaultEnvelope(Model):

@@ -194,6 +194,7 @@ class SiteReport(Message):
     final_solve: str
     solve_times: SolveTimes
     rss_mb: Watts  # the agent's peak resident memory
+    cpu_s: Watts  # the agent's process CPU time (user + system) from the round's opening to its end
     ignored: dict[str, int]  # agreement messages its participant ignored, by reason
     dropped: dict[str, int]  # messages its service dropped before the participant, by reason
 

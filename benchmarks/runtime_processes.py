@@ -1,0 +1,121 @@
+"""The agreement with one process per participant over a real broker, side by side with the
+in-process ADMM of the same scenario, in one run. Prints Markdown.
+
+    .venv/bin/python benchmarks/runtime_processes.py [--scenarios default synthetic-20-peers4]
+
+Per scenario: iterations and objective of both (the gap must be ~0), the distributed round's wall
+time per iteration (grant to grant at the coordinator) against the in-process critical path per
+iteration (slowest community step plus the DSO's), the edge agents' solve time per iteration, a
+broker round trip, and the edge agents' peak resident memory. Uses a Mosquitto it starts on a free
+loopback port (the embedded broker if Mosquitto is missing). All processes share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.solution import Policy
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.io.site_configs import write_site_configs
+from p2pdoe.services.broker import broker_for_tests
+from p2pdoe.services.inprocess import run_admm
+from p2pdoe.services.transport import MqttTransport
+
+
+async def round_trip_ms(url: str, count: int = 50) -> float:
+    """Median publish-to-receive time of a small QoS 1 message between two clients."""
+    async with MqttTransport(url, "bench-ping") as a, MqttTransport(url, "bench-pong") as b:
+        await b.subscribe("bench/ping")
+        incoming = b.messages()
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await a.publish("bench/ping", b"x" * 100)
+            await anext(incoming)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def distributed(scenario: str, url: str, work: Path) -> Results:
+    s = load_scenario(scenario)
+    write_site_configs(s, work)
+    py = sys.executable
+    agents = [
+        subprocess.Popen(
+            [py, "-m", "edge_agent", "--site-config", str(work / "sites" / f"{site}.json"), "--broker", url,
+             "--rounds", "1", "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for site in s.ids
+    ]  # fmt: skip
+    try:
+        subprocess.run(
+            [py, "-m", "dso_coordinator", "--coordinator-config", str(work / "coordinator.json"),
+             "--broker", url, "--out", str(work), "--exit-after-round", "--registration-timeout-s", "300",
+             "--log-level", "WARNING"],
+            check=True, timeout=1800,
+        )  # fmt: skip
+    finally:
+        for a in agents:
+            try:
+                a.wait(30)
+            except subprocess.TimeoutExpired:
+                a.kill()
+    return Results.model_validate_json((work / "results.json").read_bytes())
+
+
+def row(scenario: str, url: str, rtt_ms: float) -> str:
+    s = load_scenario(scenario)
+    t0 = time.perf_counter()
+    inproc = run_admm(s, Policy.DYNAMIC)
+    inproc_wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        r = distributed(scenario, url, Path(tmp))
+    sv, rt = r.solver, r.runtime
+    assert rt is not None
+    assert sv.solve_times is not None
+    it_in = inproc.dso.iterations
+    crit_ms = inproc.timings.critical_path_s() / it_in * 1e3
+    wall_ms = rt.iteration_wall_ms["median"]
+    edge = [t for t in sv.solve_times if t.role == "community"]
+    dso = next(t for t in sv.solve_times if t.role == "dso")
+    slowest_edge = max(t.median_ms for t in edge)
+    gap = 100.0 * abs(r.objective_eur - inproc.solution.objective_eur) / abs(inproc.solution.objective_eur)
+    rss = max(site.rss_mb or 0.0 for site in rt.sites)
+    cpu_ms = statistics.mean((site.cpu_s or 0.0) for site in rt.sites) / sv.iterations * 1e3
+    return (
+        f"| {scenario} | {len(s.ids)} | {sv.iterations} / {it_in} | {gap:.2e} | {sv.wall_time_s:.2f} | "
+        f"{inproc_wall:.2f} | {wall_ms:.1f} / {rt.iteration_wall_ms['p95']:.1f} | {crit_ms:.2f} | "
+        f"{wall_ms / crit_ms:.1f} | {slowest_edge:.2f} | {dso.median_ms:.2f} | {rtt_ms:.2f} | "
+        f"{cpu_ms:.1f} | {sv.messages_per_iteration:.1f} | {rss:.0f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
+    args = parser.parse_args()
+    with broker_for_tests() as broker:
+        rtt = asyncio.run(round_trip_ms(broker.url))
+        print(f"broker: {broker.kind}; {sys.platform}; one process per participant\n")
+        print(
+            "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
+            "in-process s | MQTT ms per iteration median / p95 | in-process critical path ms per iteration | "
+            "ratio | slowest edge solve ms (median) | DSO step ms | broker round trip ms | "
+            "edge CPU ms per iteration (mean) | messages per iteration | edge RSS max MB |"
+        )
+        print("|" + "---|" * 15)
+        for scenario in args.scenarios:
+            print(row(scenario, broker.url, rtt), flush=True)
+
+
+if __name__ == "__main__":
+    main()
