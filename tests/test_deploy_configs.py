@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,17 +36,22 @@ def test_the_deploy_config_keeps_retained_state_and_bounds_packets() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_mosquitto_starts_with_the_deploy_config(tmp_path: Path) -> None:
-    """Mosquitto itself accepts the file (port and persistence folder moved into tmp_path)."""
+def test_mosquitto_starts_with_the_deploy_config() -> None:
+    """Mosquitto itself accepts the file (port and persistence folder moved to a temporary folder)."""
     binary = find_mosquitto()
     if binary is None:
         pytest.skip("mosquitto is not installed")
+    with tempfile.TemporaryDirectory(prefix="p2pdoe-deploy-") as tmp:
+        _start_and_stop(binary, Path(tmp))
+
+
+def _start_and_stop(binary: str, tmp_path: Path) -> None:
     port = free_port()
     text = DEPLOY.read_text().replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
     text = text.replace("/var/lib/mosquitto/", f"{tmp_path}/")
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(text)
-    tmp_path.chmod(0o777)  # run as root, Mosquitto drops to its own user before writing
+    tmp_path.chmod(0o777)  # run as root, Mosquitto drops to its own user, which must write here
     proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE, text=True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
