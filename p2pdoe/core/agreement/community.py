@@ -110,6 +110,18 @@ class CommunityParticipant:
             counts.update(self._round.inbox.ignored)
         return dict(counts)
 
+    def may_solve(self, msg: RoundOpen | Proposal | Grant) -> bool:
+        """Whether handling `msg` may run a solve: an opening, or the message that completes the
+        current iteration. Anything else is handled in microseconds (a service may keep it on its
+        event loop instead of a worker thread)."""
+        r = self._round
+        if isinstance(msg, RoundOpen) or r is None or msg.round != r.id:
+            return isinstance(msg, RoundOpen)
+        inbox = r.inbox
+        if msg.iteration != inbox.iteration or msg.sender in inbox.current:
+            return False
+        return len(inbox.expected - inbox.current.keys()) == 1
+
     def handle(self, event: Received) -> list[Command]:
         msg = event.message
         if isinstance(msg, RoundOpen):

@@ -145,6 +145,13 @@ class DsoParticipant:
             return ()
         return tuple(site for site in self.plan.sites if site not in self._s.inbox.current)
 
+    def may_step(self, msg: Proposal) -> bool:
+        """Whether handling `msg` may run an iteration's step (it completes the current iteration)."""
+        inbox = self._s.inbox
+        if self._s.finished or msg.round != self.plan.round or msg.iteration != inbox.iteration:
+            return False
+        return msg.sender not in inbox.current and len(inbox.expected - inbox.current.keys()) == 1
+
     def open_round(self) -> list[Command]:
         self._project()
         s = self.settings
