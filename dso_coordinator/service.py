@@ -126,6 +126,7 @@ class Coordinator:
         self.registrations: dict[str, Registration] = {}
         self.online: set[str] = set()
         self.excluded: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}  # why each site was last left out, kept once it is back
         self.reader = MarketReader(DSO_ID)
         self.reports: dict[str, SiteReport] = {}
         self.timings = Timings()
@@ -136,7 +137,7 @@ class Coordinator:
     # --- the service -----------------------------------------------------------------------------
 
     async def run(self, transport: Transport) -> Agreement:
-        await transport.publish(topics.DSO_STATUS, dso_status("online", None), retain=True)
+        await transport.publish_state(topics.DSO_STATUS, dso_status("online", None))
         await self._publish_defaults(transport)
         for kind in ("register", "status"):
             await transport.subscribe(topics.every_site(kind))
@@ -155,7 +156,11 @@ class Coordinator:
             setup,
             outcome,
             attempts,
-            dict(self.excluded),
+            {  # a site back online too late for the last opening keeps the reason it was left out
+                s: self.excluded.get(s) or self.reasons.get(s, "not online when the round was opened")
+                for s in self.site_ids
+                if s not in setup.sites
+            },
             dict(self.registrations),
             dict(self.reports),
             self.timings,
@@ -240,9 +245,10 @@ class Coordinator:
             except TimeoutError:
                 break
         self.timings.registration_wait_s = time.perf_counter() - t0
+        why = "not registered and online by the registration deadline"
         for site in self.site_ids:
             if site not in self._ready():
-                self.excluded[site] = "not registered and online by the registration deadline"
+                self.excluded[site] = self.reasons[site] = why
                 log.warning("%s: not registered and online in time; on its default envelope", site)
         if not self._ready():
             raise RoundFailedError("no site registered before the registration deadline")
@@ -275,7 +281,8 @@ class Coordinator:
             if outcome is not None:
                 return setup, outcome, attempts
             for site in missing:
-                self.excluded[site] = f"missed the deadline of iteration {iterations} of round {round_id}"
+                why = f"missed the deadline of iteration {iterations} of round {round_id}"
+                self.excluded[site] = self.reasons[site] = why
                 log.warning(
                     "%s: no proposal within %.1f s; round %s is opened again without it",
                     site,
@@ -291,7 +298,7 @@ class Coordinator:
         self._round = dso.plan.round
         while not self._proposals.empty():
             self._proposals.get_nowait()
-        await transport.publish(topics.DSO_STATUS, dso_status("online", dso.plan.round), retain=True)
+        await transport.publish_state(topics.DSO_STATUS, dso_status("online", dso.plan.round))
         t_round = time.perf_counter()
         opening = await asyncio.to_thread(dso.open_round)
         for cmd in opening:
@@ -370,17 +377,21 @@ class Coordinator:
         left = (end - utc_now()).total_seconds()
         return int(np.ceil(left)) if left >= 1 else None
 
+    async def _publish_doe(self, transport: Transport, kind: str, doe: Doe) -> None:
+        """Retained, re-published after a reconnect, expiring at the end of its validity."""
+        payload = doe.model_dump_json().encode()
+        await transport.publish_state(topics.site(doe.site, kind), payload, expiry_s=self._expiry(doe.end))
+
+    def default_envelope(self, site: str, start: datetime, duration_s: int) -> Doe:
+        c = self.defaults.sites.index(site)
+        lo, up = float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
+        return Doe.from_box(site, None, start, duration_s, lo, up)
+
     async def _publish_defaults(self, transport: Transport) -> None:
         duration = self.interval_s * self.cfg.intervals
-        for c, site in enumerate(self.defaults.sites):
-            doe = Doe.from_box(
-                site, None, self.start, duration, float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
-            )
-            await transport.publish(
-                topics.site(site, "doe/default"),
-                doe.model_dump_json().encode(),
-                retain=True,
-                expiry_s=self._expiry(doe.end),
+        for site in self.defaults.sites:
+            await self._publish_doe(
+                transport, "doe/default", self.default_envelope(site, self.start, duration)
             )
 
     def envelope(self, setup: RoundSetup, outcome: DsoOutcome, site: str, t: int) -> Doe:
@@ -390,10 +401,7 @@ class Coordinator:
             c = setup.sites.index(site)
             lo, up = float(outcome.granted_lo_kw[c, t]), float(outcome.granted_up_kw[c, t])
             return Doe.from_box(site, outcome.round, start, self.interval_s, lo, up)
-        c = self.defaults.sites.index(site)
-        return Doe.from_box(
-            site, None, start, self.interval_s, float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
-        )
+        return self.default_envelope(site, start, self.interval_s)
 
     def current_interval(self) -> int:
         """The interval in force now, clamped to the horizon."""
@@ -403,13 +411,7 @@ class Coordinator:
     async def _publish_envelopes(self, transport: Transport, setup: RoundSetup, outcome: DsoOutcome) -> None:
         t = self.current_interval()
         for site in self.site_ids:
-            doe = self.envelope(setup, outcome, site, t)
-            await transport.publish(
-                topics.site(site, "doe"),
-                doe.model_dump_json().encode(),
-                retain=True,
-                expiry_s=self._expiry(doe.end),
-            )
+            await self._publish_doe(transport, "doe", self.envelope(setup, outcome, site, t))
 
     async def follow_day(self, transport: Transport, agreement: Agreement) -> None:
         """Publish each interval's envelope as the interval starts, until the horizon ends."""
@@ -417,10 +419,6 @@ class Coordinator:
             wait = (self.start + timedelta(seconds=self.interval_s * t) - utc_now()).total_seconds()
             await asyncio.sleep(max(0.0, wait))
             for site in self.site_ids:
-                doe = self.envelope(agreement.setup, agreement.outcome, site, t)
-                await transport.publish(
-                    topics.site(site, "doe"),
-                    doe.model_dump_json().encode(),
-                    retain=True,
-                    expiry_s=self._expiry(doe.end),
+                await self._publish_doe(
+                    transport, "doe", self.envelope(agreement.setup, agreement.outcome, site, t)
                 )

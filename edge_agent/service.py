@@ -107,7 +107,7 @@ class EdgeAgent:
         """Serve until the transport closes, or until `rounds` rounds are settled (0: no limit)."""
         await self._subscribe(transport)
         reg = registration(self.config).model_dump_json().encode()
-        await transport.publish(topics.site(self.site, "register"), reg, retain=True)
+        await transport.publish_state(topics.site(self.site, "register"), reg)
         await self._publish_status(transport)
         log.info("%s: registered at bus %d; waiting for a round", self.site, self.config.community.bus)
         async for m in transport.messages():
@@ -148,7 +148,9 @@ class EdgeAgent:
         return await self._step(r, message)
 
     async def _open(self, msg: RoundOpen) -> list[Command]:
-        if msg.round in self._over or (self._round is not None and self._round.id == msg.round):
+        if self._round is not None and self._round.id == msg.round:
+            return await self._step(self._round, msg)  # a repeated opening: the participant counts it
+        if msg.round in self._over:
             return []
         if self.site not in msg.sites:
             log.warning("%s: left out of round %s; the default envelope applies", self.site, msg.round)
@@ -279,7 +281,7 @@ class EdgeAgent:
 
     async def _publish_status(self, transport: Transport) -> None:
         payload = status_payload(self.site, "online", self.applied)
-        await transport.publish(topics.site(self.site, "status"), payload, retain=True)
+        await transport.publish_state(topics.site(self.site, "status"), payload)
 
     async def _publish_telemetry(self, transport: Transport) -> None:
         """The scheduled net injection in the interval of the envelope in force (a meter takes over

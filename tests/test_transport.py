@@ -278,6 +278,31 @@ def test_reconnects_and_resubscribes_after_a_broker_restart(broker: Broker) -> N
     run(main(), 30)
 
 
+def test_state_is_published_again_after_a_broker_lost_it(broker: Broker) -> None:
+    """`publish_state`: a broker restarted without persistence gets the retained state back."""
+
+    async def retained(topic: str) -> bytes:
+        async with transport(broker, "late") as late:
+            await late.subscribe(topic)
+            return (await next_message(late)).payload
+
+    async def main() -> None:
+        async with transport(broker, "owner") as owner:
+            await owner.publish_state("p2pdoe/test/state", b"v1")
+            await owner.publish_state("p2pdoe/test/state", b"v2")  # the latest per topic
+            await owner.publish("p2pdoe/test/plain", b"x", retain=True)  # not state: lost with the broker
+            assert await retained("p2pdoe/test/state") == b"v2"
+            await asyncio.to_thread(broker.restart)
+            await until(lambda: owner.connections == 2 and owner.connected)
+            assert await retained("p2pdoe/test/state") == b"v2"
+            if broker.kind == "mosquitto":  # (the embedded broker keeps retained messages on disk)
+                async with transport(broker, "late2") as late:
+                    await late.subscribe("p2pdoe/test/plain")
+                    assert await nothing_within(late, 0.5)  # the restart did lose what was not state
+
+    run(main(), 30)
+
+
 @pytest.mark.mosquitto
 def test_v5_message_expiry_hides_a_stale_retained_message(mosquitto_broker: Broker) -> None:
     async def main() -> None:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -85,6 +86,10 @@ class Transport(Protocol):
         """Receive messages matching `topic_filter` from now on (also across reconnects)."""
         ...
 
+    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
+        """Publish a retained message now and again after every reconnect (the latest per topic)."""
+        ...
+
     def messages(self) -> AsyncIterator[InboundMessage]:
         """Every message received on the subscriptions, in arrival order."""
         ...
@@ -138,19 +143,28 @@ class BrokerAddress:
     password: str | None = None
 
 
+def without_password(url: str) -> str:
+    """The URL with any user and password replaced by `***`: fit for an error message or a log."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"  # up to the last @: even a password with a '/'
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user[:password]@]host[:port]` (port 1883 by default)."""
     parts = urlsplit(url)
+    shown = without_password(url)  # an error message never shows the password
     if parts.scheme != "mqtt":
-        raise TransportError(f"broker URL {url!r}: only mqtt://host:port is supported")
+        raise TransportError(f"broker URL {shown!r}: only mqtt://host:port is supported")
     if not parts.hostname:
-        raise TransportError(f"broker URL {url!r} has no host")
+        raise TransportError(f"broker URL {shown!r} has no host")
     try:
         port = parts.port or 1883
     except ValueError as exc:
-        raise TransportError(f"broker URL {url!r}: {exc}") from None
+        raise TransportError(f"broker URL {shown!r}: {exc}") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise TransportError(f"broker URL {url!r}: no path, query or fragment expected")
+        raise TransportError(f"broker URL {shown!r}: no path, query or fragment expected")
     return BrokerAddress(
         host=parts.hostname,
         port=port,
@@ -220,6 +234,7 @@ class MqttTransport:
         self._timeout_s = timeout_s
         self._rng = rng or random.Random()
         self._subscriptions: dict[str, int] = {}
+        self._retained_state: dict[str, tuple[bytes, float | None]] = {}  # topic -> payload, expires at
         self._inbox: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -256,7 +271,7 @@ class MqttTransport:
         if not self._connected.is_set():
             failure = self._failure
             await self.close()
-            raise TransportError(f"cannot connect to {self.url}: {failure}") from failure
+            raise TransportError(f"cannot connect to {without_password(self.url)}: {failure}") from failure
 
     async def close(self) -> None:
         """Disconnect cleanly (no last will) and stop the background task."""
@@ -298,6 +313,24 @@ class MqttTransport:
                 log.info("%s: publish to %s interrupted by a disconnect; retrying", self.client_id, topic)
                 continue
             return
+
+    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
+        """Publish a retained message (QoS 1) and publish it again after every reconnect, so the state
+        survives a broker that lost its retained messages. Only the latest per topic is kept."""
+        expires_at = None if expiry_s is None else time.monotonic() + expiry_s
+        self._retained_state[topic] = (payload, expires_at)
+        await self.publish(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
+
+    async def _republish_state(self, client: aiomqtt.Client) -> None:
+        now = time.monotonic()
+        for topic, (payload, expires_at) in list(self._retained_state.items()):
+            if expires_at is not None and expires_at - now < 1:
+                continue  # expired meanwhile: the broker would drop it anyway
+            properties: Properties | None = None
+            if expires_at is not None and self.is_v5:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.MessageExpiryInterval = int(expires_at - now)
+            await client.publish(topic, payload, qos=1, retain=True, properties=properties)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected; in any case again after every reconnect."""
@@ -438,6 +471,8 @@ class MqttTransport:
             try:
                 for topic_filter, qos in list(self._subscriptions.items()):
                     await client.subscribe(topic_filter, qos=qos)
+                if self.connections:  # a reconnect: the broker may have lost our retained state
+                    await self._republish_state(client)
                 self._client = client
                 self.connections += 1
                 self._connected.set()
