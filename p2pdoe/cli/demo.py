@@ -31,6 +31,7 @@ from p2pdoe.io.site_configs import write_site_configs
 
 console = Console(highlight=False, soft_wrap=True)
 STOP_GRACE_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -87,6 +88,7 @@ def run_demo(
     results_path.unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
         url = broker or _embedded(stack)
+        asyncio.run(_reachable(url))
         procs = stack.enter_context(processes(out / "logs"))
         console.print(f"broker {url}; {len(s.ids)} edge agents and the coordinator, logs in {out / 'logs'}")
         py = sys.executable
@@ -121,6 +123,12 @@ def run_demo(
     return results
 
 
+async def _reachable(url: str) -> None:
+    from p2pdoe.services.transport import connect_within
+
+    await (await connect_within(url, "p2pdoe-demo-probe", CONNECT_TIMEOUT_S)).close()
+
+
 def _embedded(stack: contextlib.ExitStack) -> str:
     from p2pdoe.services.broker import start_embedded
 
@@ -131,9 +139,9 @@ async def _watch(url: str, coordinator: subprocess.Popen[bytes], results: Path, 
     """Show the round's progress until results.json is written (or the coordinator fails)."""
     from rich.live import Live
 
-    from p2pdoe.services.transport import MqttTransport
+    from p2pdoe.services.transport import connect_within
 
-    async with MqttTransport(url, f"p2pdoe-demo-{id(procs):x}") as transport:
+    async with await connect_within(url, f"p2pdoe-demo-{id(procs):x}", CONNECT_TIMEOUT_S) as transport:
         await transport.subscribe(topics.DSO_PROGRESS, qos=0)
         started = time.monotonic()
         line = ["waiting for every site to register"]

@@ -37,7 +37,6 @@ from p2pdoe.core.schemas.runtime import (
     decode_runtime,
 )
 from p2pdoe.core.schemas.wire import WireError
-from p2pdoe.errors import P2PDoeError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -443,17 +442,9 @@ async def _monitor(args: argparse.Namespace) -> None:
 
 async def _connect(url: str, timeout_s: float) -> MqttTransport:
     """A connected, read-only transport; P2PDoeError if the broker stays unreachable for `timeout_s`."""
-    from p2pdoe.services.transport import Backoff, MqttTransport
+    from p2pdoe.services.transport import connect_within
 
-    client_id = f"p2pdoe-monitor-{secrets.token_hex(4)}"
-    transport = MqttTransport(url, client_id, backoff=Backoff(initial_s=0.2, cap_s=2.0))
-    try:
-        async with asyncio.timeout(timeout_s):
-            await transport.start()
-    except TimeoutError:
-        shown = without_credentials(url)
-        raise P2PDoeError(f"cannot reach the broker at {shown} within {timeout_s:g} s") from None
-    return transport
+    return await connect_within(url, f"p2pdoe-monitor-{secrets.token_hex(4)}", timeout_s)
 
 
 async def _gather(transport: MqttTransport, state: MonitorState, seconds: float | None) -> None:

@@ -57,8 +57,12 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"settings file {path} is not valid YAML or JSON: {exc}") from exc
+    except yaml.YAMLError as exc:  # where and what only: the offending line may hold a password
+        problem, mark = "cannot be parsed", None
+        if isinstance(exc, yaml.MarkedYAMLError):
+            problem, mark = exc.problem or exc.context or problem, exc.problem_mark
+        where = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise ConfigError(f"settings file {path} is not valid YAML or JSON: {problem}{where}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -494,3 +494,17 @@ class MqttTransport:
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
                     await asyncio.shield(client.__aexit__(None, None, None))
             await asyncio.sleep(self._backoff.delay(0, self._rng))
+
+
+async def connect_within(url: str, client_id: str, timeout_s: float, **kwargs: object) -> MqttTransport:
+    """A started transport, or TransportError (one line) if the broker stays unreachable for `timeout_s`.
+    Use it where a person waits (a command line); services retry forever instead."""
+    transport = MqttTransport(url, client_id, backoff=Backoff(initial_s=0.2, cap_s=2.0), **kwargs)  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await transport.start()
+    except TimeoutError:
+        raise TransportError(
+            f"cannot reach the broker at {without_password(url)} within {timeout_s:g} s"
+        ) from None
+    return transport
