@@ -110,15 +110,15 @@ def test_a_doe_with_a_repeated_key_is_refused() -> None:
 
 
 def _registration(**change: object) -> Registration:
-    doc: dict[str, object] = dict(
-        site="a",
-        bus=18,
-        peers=["b"],
-        technical_min_kw=[-5.0],
-        technical_max_kw=[3.0],
-        reactive_min_kvar=[-1.0],
-        reactive_max_kvar=[-0.5],
-    )
+    doc: dict[str, object] = {
+        "site": "a",
+        "bus": 18,
+        "peers": ["b"],
+        "technical_min_kw": [-5.0],
+        "technical_max_kw": [3.0],
+        "reactive_min_kvar": [-1.0],
+        "reactive_max_kvar": [-0.5],
+    }
     return Registration.model_validate(doc | change)
 
 
