@@ -109,7 +109,7 @@ def main() -> None:
         print(
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
             "in-process s | MQTT ms per iteration median / p95 | in-process critical path ms per iteration | "
-            "ratio | slowest edge solve ms (median) | DSO step ms | broker round trip ms | "
+            "ratio | slowest edge step ms (median) | DSO step ms | broker round trip ms | "
             "edge CPU ms per iteration (mean) | messages per iteration | edge RSS max MB |"
         )
         print("|" + "---|" * 15)

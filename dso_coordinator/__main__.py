@@ -16,20 +16,14 @@ from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
-from p2pdoe.services.settings import ConfigError
+from p2pdoe.services.settings import ConfigError, read_config_file
 
 PROG = "dso-coordinator"
 log = logging.getLogger(PROG)
 
 
 def read_coordinator_config(path: Path) -> CoordinatorConfig:
-    try:
-        return CoordinatorConfig.model_validate_json(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read coordinator configuration {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        first = " ".join(str(exc).splitlines()[:3])
-        raise ConfigError(f"coordinator configuration {path} is invalid: {first}") from None
+    return read_config_file(CoordinatorConfig, path, "coordinator configuration")
 
 
 def write_results(results: Results, out: Path) -> Path:

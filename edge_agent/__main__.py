@@ -12,19 +12,13 @@ from edge_agent.service import EdgeAgent, goodbye, offline_will
 from edge_agent.settings import EdgeSettings
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
-from p2pdoe.services.settings import ConfigError
+from p2pdoe.services.settings import read_config_file
 
 PROG = "edge-agent"
 
 
 def read_site_config(path: Path) -> SiteConfig:
-    try:
-        return SiteConfig.model_validate_json(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read site configuration {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        raise ConfigError(f"site configuration {path} is invalid: {' '.join(first[:3])}") from None
+    return read_config_file(SiteConfig, path, "site configuration")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

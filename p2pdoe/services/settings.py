@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from p2pdoe.errors import P2PDoeError
 
 S = TypeVar("S", bound="ServiceSettings")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(P2PDoeError):
@@ -108,3 +109,14 @@ def _first_error(exc: ValidationError) -> str:
 def configure_logging(level: str, name: str) -> logging.Logger:
     logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     return logging.getLogger(name)
+
+
+def read_config_file(model: type[M], path: Path, what: str) -> M:
+    """A service's JSON configuration file (`p2pdoe site-config`), or one clear line."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        first = " ".join(str(exc).splitlines()[:3])
+        raise ConfigError(f"{what} {path} is invalid: {first}") from None
