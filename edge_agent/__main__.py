@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = base_parser(PROG, "One energy community's edge agent: takes part in the DSO's rounds over MQTT.")
     p.add_argument("--site-config", type=Path, help="this site's configuration (p2pdoe site-config)")
     p.add_argument("--rounds", type=int, help="stop after this many settled rounds (default 0: run on)")
+    p.add_argument(
+        "--report-every-s", type=float, help="re-check the envelope and send telemetry (default 10)"
+    )
     settings = setup(PROG, EdgeSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -34,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         site = config.community.id
         async with transport_for(settings, f"edge-{site}", offline_will(site)) as transport:
             try:
-                await EdgeAgent(config).run(transport, settings.rounds)
+                await EdgeAgent(config).run(transport, settings.rounds, settings.report_every_s)
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(transport.publish(*goodbye(site), retain=True), 2.0)

@@ -103,17 +103,21 @@ class EdgeAgent:
         self._over: set[str] = set()  # rounds finished, superseded or not ours
         self._early: list[Message] = []
 
-    async def run(self, transport: Transport, rounds: int = 0) -> list[Settled]:
+    async def run(self, transport: Transport, rounds: int = 0, report_every_s: float = 10.0) -> list[Settled]:
         """Serve until the transport closes, or until `rounds` rounds are settled (0: no limit)."""
         await self._subscribe(transport)
         reg = registration(self.config).model_dump_json().encode()
         await transport.publish_state(topics.site(self.site, "register"), reg)
         await self._publish_status(transport)
         log.info("%s: registered at bus %d; waiting for a round", self.site, self.config.community.bus)
-        async for m in transport.messages():
-            await self._on_message(transport, m)
-            if rounds and len(self.settled) >= rounds:
-                break
+        ticker = asyncio.create_task(self._tick(transport, report_every_s))
+        try:
+            async for m in transport.messages():
+                await self._on_message(transport, m)
+                if rounds and len(self.settled) >= rounds:
+                    break
+        finally:
+            ticker.cancel()
         return self.settled
 
     async def _subscribe(self, transport: Transport) -> None:
@@ -262,12 +266,23 @@ class EdgeAgent:
             log.info(
                 "%s: %s [%.1f, %.1f] kW from %s", self.site, kind, doe.lo_kw, doe.up_kw, doe.start.isoformat()
             )
+        await self._report_state(transport)
+
+    async def _report_state(self, transport: Transport) -> None:
+        """Which envelope applies now (status, on a change) and the telemetry."""
         applied = self.envelope_in_force()
         kind_now = "none" if applied is None else ("default" if applied.round is None else "dynamic")
         if kind_now != self.applied:
+            log.info("%s: the %s envelope applies (was %s)", self.site, kind_now, self.applied)
             self.applied = kind_now
             await self._publish_status(transport)
         await self._publish_telemetry(transport)
+
+    async def _tick(self, transport: Transport, every_s: float) -> None:
+        """Envelopes expire as time passes: re-check which applies, and report, every `every_s`."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self._report_state(transport)
 
     def envelope_in_force(self) -> Doe | None:
         """The dynamic envelope if valid now, else the default if valid now, else None: an envelope

@@ -16,3 +16,4 @@ class EdgeSettings(ServiceSettings):
 
     site_config: Path  # this site's configuration (`p2pdoe site-config`): its own data only
     rounds: Annotated[int, Field(ge=0)] = 0  # stop after this many finished rounds (0: run until stopped)
+    report_every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # re-check the envelope, send telemetry
