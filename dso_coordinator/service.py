@@ -65,9 +65,15 @@ def offline_will() -> LastWill:
 
 
 def day_start(setting: str, scenario_start: str, dt_h: float, now: datetime) -> datetime:
-    """The first interval's start: the scenario's, the current interval's ("now"), or a given time."""
+    """The first interval's start: "today" (the scenario's time of day on the latest date that has
+    begun, so profiles keep their clock hours), "now" (the current interval), "scenario" (its own
+    date), or a given time."""
+    scenario = datetime.fromisoformat(scenario_start.replace("Z", "+00:00")).astimezone(UTC)
     if setting == "scenario":
-        return datetime.fromisoformat(scenario_start.replace("Z", "+00:00"))
+        return scenario
+    if setting == "today":
+        today = datetime.combine(now.astimezone(UTC).date(), scenario.timetz())
+        return today if today <= now else today - timedelta(days=1)
     if setting == "now":
         step = dt_h * 3600.0
         epoch = now.timestamp() // step * step
@@ -75,7 +81,9 @@ def day_start(setting: str, scenario_start: str, dt_h: float, now: datetime) -> 
     try:
         moment = datetime.fromisoformat(setting.replace("Z", "+00:00"))
     except ValueError:
-        raise P2PDoeError(f"start {setting!r} is neither 'now', 'scenario' nor an ISO 8601 time") from None
+        raise P2PDoeError(
+            f"start {setting!r} is not 'today', 'now', 'scenario' or an ISO 8601 time"
+        ) from None
     if moment.utcoffset() is None:
         raise P2PDoeError(f"start {setting!r} needs a time zone (e.g. Z)")
     return moment.astimezone(UTC)

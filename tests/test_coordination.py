@@ -132,3 +132,26 @@ def test_a_coordinator_config_with_an_asymmetric_graph_is_refused(cfg: Coordinat
     doc["sites"][0]["peers"] = doc["sites"][0]["peers"][:-1]
     with pytest.raises(ValueError, match="symmetric"):
         CoordinatorConfig.model_validate(doc)
+
+
+def test_the_days_start_keeps_the_profiles_clock_hours() -> None:
+    from datetime import UTC, datetime
+
+    from dso_coordinator.service import day_start
+    from p2pdoe.errors import P2PDoeError
+
+    now = datetime(2026, 11, 24, 13, 7, 30, tzinfo=UTC)
+    midnight, six = "2026-06-21T00:00:00Z", "2026-06-21T06:00:00Z"
+    assert day_start("today", midnight, 1.0, now) == datetime(2026, 11, 24, tzinfo=UTC)
+    assert day_start("today", six, 1.0, now) == datetime(2026, 11, 24, 6, tzinfo=UTC)
+    early = datetime(2026, 11, 24, 5, 0, tzinfo=UTC)  # before 06:00: the day began yesterday
+    assert day_start("today", six, 1.0, early) == datetime(2026, 11, 23, 6, tzinfo=UTC)
+    assert day_start("now", midnight, 0.25, now) == datetime(2026, 11, 24, 13, 0, tzinfo=UTC)
+    assert day_start("scenario", midnight, 1.0, now) == datetime(2026, 6, 21, tzinfo=UTC)
+    assert day_start("2026-12-01T00:00:00+01:00", midnight, 1.0, now) == datetime(
+        2026, 11, 30, 23, tzinfo=UTC
+    )
+    with pytest.raises(P2PDoeError, match="needs a time zone"):
+        day_start("2026-12-01T00:00:00", midnight, 1.0, now)
+    with pytest.raises(P2PDoeError, match="not 'today'"):
+        day_start("tomorrow", midnight, 1.0, now)

@@ -95,7 +95,7 @@ def run_demo(
         coordinator = procs.start(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
-             "--broker", url, "--out", str(out), "--start", "now", "--policy", policy,
+             "--broker", url, "--out", str(out), "--start", "today", "--policy", policy,
              "--registration-timeout-s", "120", *(["--exit-after-round"] if day_ahead else [])],
         )  # fmt: skip
         for site in s.ids:
