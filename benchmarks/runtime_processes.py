@@ -44,6 +44,41 @@ async def round_trip_ms(url: str, count: int = 50) -> float:
         return statistics.median(times)
 
 
+RECEIVER = """
+import asyncio, resource, sys, time
+from p2pdoe.services.transport import MqttTransport
+async def main(url, n):
+    async with MqttTransport(url, "bench-receiver") as t:
+        await t.subscribe("bench/load")
+        print("ready", flush=True)
+        incoming = t.messages()
+        await anext(incoming)
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = use.ru_utime + use.ru_stime
+        for _ in range(n - 1):
+            await anext(incoming)
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        print((use.ru_utime + use.ru_stime - cpu0) / (n - 1) * 1e6, flush=True)
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def receive_cpu_us(url: str, count: int = 2000, size: int = 6200) -> float:
+    """CPU time the client stack (paho, aiomqtt, our transport) spends per received QoS 1 message of
+    `size` bytes (a proposal of the default day is 6.2 kB), measured in a receiving process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RECEIVER, url, str(count), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    await proc.stdout.readline()  # subscribed
+    async with MqttTransport(url, "bench-sender") as sender:
+        for _ in range(count):
+            await sender.publish("bench/load", b"x" * size)
+    line = await proc.stdout.readline()
+    await proc.wait()
+    return float(line)
+
+
 def distributed(scenario: str, url: str, work: Path) -> Results:
     s = load_scenario(scenario)
     write_site_configs(s, work)
@@ -105,7 +140,9 @@ def main() -> None:
     args = parser.parse_args()
     with broker_for_tests() as broker:
         rtt = asyncio.run(round_trip_ms(broker.url))
-        print(f"broker: {broker.kind}; {sys.platform}; one process per participant\n")
+        per_message = asyncio.run(receive_cpu_us(broker.url))
+        print(f"broker: {broker.kind}; {sys.platform}; one process per participant")
+        print(f"client CPU per received 6.2 kB QoS 1 message: {per_message:.0f} us\n")
         print(
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
             "in-process s | MQTT ms per iteration median / p95 | in-process critical path ms per iteration | "
