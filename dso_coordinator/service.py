@@ -120,9 +120,7 @@ class Agreement:
 
 
 class Coordinator:
-    def __init__(
-        self, cfg: CoordinatorConfig, settings: CoordinatorSettings, clock: type[datetime] | None = None
-    ):
+    def __init__(self, cfg: CoordinatorConfig, settings: CoordinatorSettings):
         self.settings = settings
         policy = settings.policy or cfg.policy
         start = day_start(settings.start, cfg.start, cfg.dt_h, utc_now())
@@ -150,7 +148,7 @@ class Coordinator:
         for kind in ("register", "status"):
             await transport.subscribe(topics.every_site(kind))
         await transport.subscribe(topics.all_proposals())
-        await transport.subscribe(f"{topics.ROOT}/market/+/report/+")
+        await transport.subscribe(topics.all_reports())
         pump = asyncio.create_task(self._pump(transport))
         try:
             await self._await_sites()

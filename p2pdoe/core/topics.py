@@ -56,6 +56,11 @@ def all_proposals(round_id: str = "+") -> str:
     return f"{ROOT}/market/{round_id}/proposal/+"
 
 
+def all_reports(round_id: str = "+") -> str:
+    """Filter for every site's report of a round (every round by default)."""
+    return f"{ROOT}/market/{round_id}/report/+"
+
+
 def every_site(kind: str) -> str:
     """Filter for one kind of topic of every site, e.g. every_site("status")."""
     return site("+", kind)
