@@ -145,3 +145,23 @@ def test_schema_command_prints_every_message() -> None:
     one = run_p2pdoe("schema", "--kind", "grant")
     assert list(json.loads(one.stdout)) == ["grant"]
     assert_one_line_error(run_p2pdoe("schema", "--kind", "nope"), "no message kind")
+
+
+def test_meter_readings_and_set_points_are_strict() -> None:
+    from datetime import UTC, datetime
+
+    from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
+
+    ts = datetime(2026, 6, 21, 12, tzinfo=UTC)
+    reading = MeterReading(site="a", ts=ts, p_kw=-12.5, soc_kwh=40.0, battery_kw=5.0)
+    assert decode_runtime(reading.model_dump_json().encode()) == reading
+    points = SetPointMessage(site="a", ts=ts, battery_kw=-20.0, pv_cap_kw=None, wind_cap_kw=3.0, flex_kw=10.0)
+    assert decode_runtime(points.model_dump_json().encode()) == points
+    doc = json.loads(reading.model_dump_json())
+    for change in ({"p_kw": "1.0"}, {"soc_kwh": -1.0}, {"ts": "2026-06-21T12:00:00"}, {"extra": 1}):
+        with pytest.raises(ValidationError):
+            decode_runtime(json.dumps(doc | change).encode())
+    with pytest.raises(ValidationError):
+        decode_runtime(reading.model_dump_json().replace("-12.5", "NaN").encode())
+    with pytest.raises(ValidationError):
+        SetPointMessage(site="a", ts=ts, battery_kw=0.0, pv_cap_kw=-1.0, wind_cap_kw=None, flex_kw=0.0)

@@ -5,7 +5,8 @@
     p2pdoe/v1/site/<id>/status         retained  online / offline (also the site's last will)
     p2pdoe/v1/site/<id>/register       retained  the site's public facts (`Registration`)
     p2pdoe/v1/site/<id>/telemetry                what the edge measures and does
-    p2pdoe/v1/site/<id>/meter                    meter readings (real or simulated)
+    p2pdoe/v1/site/<id>/meter                    meter readings (`MeterReading`; real or simulated)
+    p2pdoe/v1/site/<id>/setpoints                what the controller asks of the assets (`SetPointMessage`)
     p2pdoe/v1/market/<round>/open      retained  `RoundOpen`
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
     p2pdoe/v1/market/<round>/grant               `Grant`
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROOT = "p2pdoe/v1"
-SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter")
+SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints")
 
 
 def site(site_id: str, kind: str) -> str:

@@ -178,6 +178,41 @@ class Telemetry(Message):
     _ts_utc = field_validator("ts")(_utc)
 
 
+class MeterReading(Message):
+    """One reading of a site's meter (real or simulated): `ts` is the reading's time (simulated time
+    on a simulated bench), powers in kW, the net injection export positive."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["meter"] = "meter"
+    site: SiteId
+    ts: AwareDatetime
+    p_kw: Kw  # net injection, export positive
+    q_kvar: Kw | None = None
+    pv_kw: Kw | None = None
+    wind_kw: Kw | None = None
+    fixed_load_kw: Kw | None = None
+    flex_kw: Kw | None = None
+    battery_kw: Kw | None = None  # discharge positive
+    soc_kwh: Watts | None = None
+
+    _ts_utc = field_validator("ts")(_utc)
+
+
+class SetPointMessage(Message):
+    """What the edge controller asks of the site's assets (a plant, or its simulator)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["setpoints"] = "setpoints"
+    site: SiteId
+    ts: AwareDatetime
+    battery_kw: Kw  # discharge positive, charge negative
+    pv_cap_kw: Watts | None  # curtailment cap; None: no cap
+    wind_cap_kw: Watts | None
+    flex_kw: Watts
+
+    _ts_utc = field_validator("ts")(_utc)
+
+
 class SiteReport(Message):
     """A site's account of a round it finished: its agreed schedule, costs and purchases (what the
     coordinator's results.json holds per community), and how its agent ran."""
@@ -204,7 +239,17 @@ class SiteReport(Message):
         return self
 
 
-Runtime = Doe | Registration | SiteStatus | DsoStatus | Progress | Telemetry | SiteReport
+Runtime = (
+    Doe
+    | Registration
+    | SiteStatus
+    | DsoStatus
+    | Progress
+    | Telemetry
+    | SiteReport
+    | MeterReading
+    | SetPointMessage
+)
 RuntimeMessage = Annotated[Runtime, Field(discriminator="kind")]
 RUNTIME_ADAPTER: TypeAdapter[Runtime] = TypeAdapter(RuntimeMessage)
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -218,6 +263,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Progress,
     Telemetry,
     SiteReport,
+    MeterReading,
+    SetPointMessage,
 )
 
 
