@@ -1,1 +1,2 @@
-"""Real-time operation, pure core: the simulated clock, plant, forecast errors, envelope enforcement and fallback."""
+"""Real-time operation, pure core: the simulated clock, the plant, forecast errors, envelope
+enforcement and fallback."""
