@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     await coordinator.follow_day(transport, agreement)
                     await asyncio.Event().wait()  # stay online until stopped
             finally:
+                coordinator.stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(transport.publish(*_goodbye(), retain=True), 2.0)
         return 0

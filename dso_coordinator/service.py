@@ -139,6 +139,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._proposals: asyncio.Queue[Proposal] = asyncio.Queue()
         self._round: str | None = None
+        self._pump_task: asyncio.Task[None] | None = None
 
     # --- the service -----------------------------------------------------------------------------
 
@@ -149,14 +150,17 @@ class Coordinator:
             await transport.subscribe(topics.every_site(kind))
         await transport.subscribe(topics.all_proposals())
         await transport.subscribe(topics.all_reports())
-        pump = asyncio.create_task(self._pump(transport))
+        self._pump_task = asyncio.create_task(self._pump(transport))  # runs until `stop`
         try:
             await self._await_sites()
             setup, outcome, attempts = await self._agree(transport)
             await self._publish_envelopes(transport, setup, outcome)
             await self._await_reports(setup)
-        finally:
-            pump.cancel()
+        except BaseException:
+            self.stop()
+            raise
+        await transport.unsubscribe(topics.all_proposals())  # the market is over
+        await transport.unsubscribe(topics.all_reports())
         protocol = str(getattr(transport, "protocol", "unknown"))
         return Agreement(
             setup,
@@ -173,6 +177,11 @@ class Coordinator:
             dict(self.reader.dropped),
             protocol,
         )
+
+    def stop(self) -> None:
+        """Stop reading the broker (statuses and registrations are followed until then)."""
+        if self._pump_task is not None:
+            self._pump_task.cancel()
 
     async def _pump(self, transport: Transport) -> None:
         async for m in transport.messages():

@@ -29,6 +29,9 @@ class Recorder:
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         self.sent.append((topic, payload))
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        pass
+
     def statuses(self) -> list[str]:
         return [json.loads(p)["envelope"] for t, p in self.sent if t.endswith("/status")]
 

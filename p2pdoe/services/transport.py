@@ -90,6 +90,10 @@ class Transport(Protocol):
         """Publish a retained message now and again after every reconnect (the latest per topic)."""
         ...
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving `topic_filter` (and do not renew it after a reconnect)."""
+        ...
+
     def messages(self) -> AsyncIterator[InboundMessage]:
         """Every message received on the subscriptions, in arrival order."""
         ...
