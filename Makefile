@@ -20,14 +20,14 @@ demo: $(STAMP)
 	$(BIN)/p2pdoe demo --day-ahead --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator tests
+	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator meter_sim tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator tests
-	$(BIN)/ruff format --check p2pdoe edge_agent dso_coordinator tests
+	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator meter_sim tests
+	$(BIN)/ruff format --check p2pdoe edge_agent dso_coordinator meter_sim tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -29,6 +29,7 @@ from p2pdoe.core.agreement.coordination import (
 )
 from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, encode
 from p2pdoe.core.schemas.results import Attempt
@@ -62,31 +63,6 @@ def dso_status(state: str, round_id: str | None) -> bytes:
 
 def offline_will() -> LastWill:
     return LastWill(topics.DSO_STATUS, dso_status("offline", None))
-
-
-def day_start(setting: str, scenario_start: str, dt_h: float, now: datetime) -> datetime:
-    """The first interval's start: "today" (the scenario's time of day on the latest date that has
-    begun, so profiles keep their clock hours), "now" (the current interval), "scenario" (its own
-    date), or a given time."""
-    scenario = datetime.fromisoformat(scenario_start.replace("Z", "+00:00")).astimezone(UTC)
-    if setting == "scenario":
-        return scenario
-    if setting == "today":
-        today = datetime.combine(now.astimezone(UTC).date(), scenario.timetz())
-        return today if today <= now else today - timedelta(days=1)
-    if setting == "now":
-        step = dt_h * 3600.0
-        epoch = now.timestamp() // step * step
-        return datetime.fromtimestamp(epoch, UTC)
-    try:
-        moment = datetime.fromisoformat(setting.replace("Z", "+00:00"))
-    except ValueError:
-        raise P2PDoeError(
-            f"start {setting!r} is not 'today', 'now', 'scenario' or an ISO 8601 time"
-        ) from None
-    if moment.utcoffset() is None:
-        raise P2PDoeError(f"start {setting!r} needs a time zone (e.g. Z)")
-    return moment.astimezone(UTC)
 
 
 def iso(moment: datetime) -> str:

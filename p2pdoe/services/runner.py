@@ -36,7 +36,7 @@ def settings_from(kind: type[S], args: argparse.Namespace, skip: Sequence[str] =
     return load_settings(kind, options, args.config, args.secrets_dir)
 
 
-def transport_for(settings: ServiceSettings, client_id: str, will: LastWill) -> MqttTransport:
+def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | None) -> MqttTransport:
     return MqttTransport(
         settings.broker,
         settings.client_id or client_id,

@@ -4,7 +4,9 @@ origin, so a 24 h day runs in minutes (speed 1 is wall time). Pure: wall times a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+from p2pdoe.errors import P2PDoeError
 
 
 @dataclass(frozen=True)
@@ -31,3 +33,28 @@ class SimClock:
 
     def sim_delta(self, wall_seconds: float) -> timedelta:
         return timedelta(seconds=wall_seconds * self.speed)
+
+
+def day_start(setting: str, scenario_start: str, dt_h: float, now: datetime) -> datetime:
+    """The first interval's start: "today" (the scenario's time of day on the latest date that has
+    begun, so profiles keep their clock hours), "now" (the current interval), "scenario" (its own
+    date), or a given time."""
+    scenario = datetime.fromisoformat(scenario_start.replace("Z", "+00:00")).astimezone(UTC)
+    if setting == "scenario":
+        return scenario
+    if setting == "today":
+        today = datetime.combine(now.astimezone(UTC).date(), scenario.timetz())
+        return today if today <= now else today - timedelta(days=1)
+    if setting == "now":
+        step = dt_h * 3600.0
+        epoch = now.timestamp() // step * step
+        return datetime.fromtimestamp(epoch, UTC)
+    try:
+        moment = datetime.fromisoformat(setting.replace("Z", "+00:00"))
+    except ValueError:
+        raise P2PDoeError(
+            f"start {setting!r} is not 'today', 'now', 'scenario' or an ISO 8601 time"
+        ) from None
+    if moment.utcoffset() is None:
+        raise P2PDoeError(f"start {setting!r} needs a time zone (e.g. Z)")
+    return moment.astimezone(UTC)

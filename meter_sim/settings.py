@@ -1,0 +1,23 @@
+"""The meter simulator's settings (environment prefix P2PDOE_METER_); see p2pdoe.services.settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from p2pdoe.services.settings import ServiceSettings
+
+
+class MeterSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="P2PDOE_METER_", extra="forbid")
+
+    site_config: Path  # the site's configuration (`p2pdoe site-config`): forecasts and assets
+    rate_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # simulated seconds between readings
+    speed: Annotated[float, Field(gt=0, le=100000)] = 1.0  # simulated seconds per wall second
+    start: str = "today"  # the day's first interval, as the coordinator's `start`
+    sim_origin: str | None = None  # the shared clock: simulated time at `wall_origin` (default: now)
+    wall_origin: str | None = None  # (default: now)
+    seed: int | None = None  # forecast errors (default: derived from the site's id)

@@ -1,0 +1,118 @@
+"""The meter simulator: the plant stepped on the simulated clock, readings out, set-points in."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from service_helpers import assert_service_error, run_module
+
+from meter_sim.service import MeterSim
+from p2pdoe.core import topics
+from p2pdoe.core.realtime.clock import SimClock
+from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, decode_runtime
+from p2pdoe.core.site import site_config
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.io.site_configs import write_site_configs
+from p2pdoe.services.broker import Broker
+from p2pdoe.services.transport import InboundMessage, MqttTransport
+
+DAY = datetime(2026, 6, 21, tzinfo=UTC)
+NOON = DAY + timedelta(hours=12)
+
+
+def _sim(rate_s: float = 60.0) -> MeterSim:
+    s = load_scenario("default")
+    return MeterSim(site_config(s, 0), SimClock(DAY, DAY, 1.0), DAY, rate_s, seed=7)
+
+
+def _points(sim: MeterSim, battery_kw: float, flex_kw: float) -> bytes:
+    msg = SetPointMessage(
+        site=sim.site, ts=NOON, battery_kw=battery_kw, pv_cap_kw=None, wind_cap_kw=None, flex_kw=flex_kw
+    )
+    return msg.model_dump_json().encode()
+
+
+def test_readings_step_the_plant_and_follow_set_points() -> None:
+    sim = _sim()
+    k = int(12 * 3600 / sim.rate_s)  # noon
+    idle = sim.reading(k)
+    assert idle.ts == DAY + timedelta(seconds=(k + 1) * sim.rate_s)  # a reading closes its step
+    assert idle.battery_kw == 0.0
+    flex = sim.config.community.flexible_load.preferred_kw[12]
+    assert idle.flex_kw == pytest.approx(flex)
+    parts = (idle.pv_kw or 0) + (idle.wind_kw or 0) + (idle.battery_kw or 0)
+    assert idle.p_kw == pytest.approx(parts - (idle.fixed_load_kw or 0) - (idle.flex_kw or 0))
+    sim.apply(InboundMessage(topics.site(sim.site, "setpoints"), _points(sim, 50.0, 10.0), False))
+    soc = sim.soc_kwh
+    after = sim.reading(k + 1)
+    assert after.battery_kw == pytest.approx(50.0)
+    assert after.flex_kw == pytest.approx(10.0)
+    eta = sim.spec.eta_discharge
+    assert after.soc_kwh == pytest.approx(soc - 50.0 * sim.rate_s / 3600 / eta)
+
+
+def test_the_same_seed_gives_the_same_readings() -> None:
+    a, b = _sim(), _sim()
+    assert [a.reading(k) for k in range(700, 720)] == [b.reading(k) for k in range(700, 720)]
+
+
+def test_set_points_for_another_site_or_malformed_are_dropped() -> None:
+    sim = _sim()
+    other = json.loads(_points(sim, 50.0, 10.0)) | {"site": "someone-else"}
+    sim.apply(InboundMessage("t", json.dumps(other).encode(), False))
+    sim.apply(InboundMessage("t", b'{"kind": "setpoints", "battery_kw": NaN}', False))
+    assert sim.set_points is None
+    assert dict(sim.dropped) == {"sender_not_topic": 1, "malformed": 1}
+
+
+def test_a_rate_that_does_not_divide_the_day_is_one_line(tmp_path: Path) -> None:
+    write_site_configs(load_scenario("default"), tmp_path)
+    site = tmp_path / "sites" / "solar-18.json"
+    run = run_module(
+        "meter_sim", "--site-config", str(site), "--rate-s", "7", "--broker", "mqtt://127.0.0.1:1"
+    )
+    assert_service_error(run, "meter-sim", "step_s")
+
+
+@pytest.mark.timeout(120)
+def test_the_simulator_publishes_readings_and_obeys_set_points(mqtt_broker: Broker, tmp_path: Path) -> None:
+    write_site_configs(load_scenario("default"), tmp_path)
+    site = "solar-18"
+    argv = [sys.executable, "-m", "meter_sim", "--site-config", str(tmp_path / "sites" / f"{site}.json"),
+            "--broker", mqtt_broker.url, "--speed", "1200", "--rate-s", "60", "--start", "now"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    async def watch() -> list[MeterReading]:
+        readings: list[MeterReading] = []
+        async with MqttTransport(mqtt_broker.url, "meter-watch") as t:
+            await t.subscribe(topics.site(site, "meter"))
+            incoming = t.messages()
+            async with asyncio.timeout(60):
+                while len(readings) < 40:
+                    msg = decode_runtime((await anext(incoming)).payload)
+                    assert isinstance(msg, MeterReading)
+                    readings.append(msg)
+                    if len(readings) == 10:
+                        sim = _sim()
+                        await t.publish(topics.site(site, "setpoints"), _points(sim, 30.0, 2.0))
+        return readings
+
+    try:
+        readings = asyncio.run(watch())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    steps = {b.ts - a.ts for a, b in itertools.pairwise(readings)}
+    assert steps == {timedelta(seconds=60)}  # one reading per simulated minute, none lost or repeated
+    assert readings[0].battery_kw == 0.0
+    assert readings[-1].battery_kw == pytest.approx(30.0)  # followed the set-point
+    assert readings[-1].flex_kw == pytest.approx(2.0)
+    socs = [r.soc_kwh or 0.0 for r in readings[-10:]]
+    assert all(b < a for a, b in itertools.pairwise(socs))  # discharging
