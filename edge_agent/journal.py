@@ -1,0 +1,138 @@
+"""The edge agent's durable journal: SQLite in WAL mode with full synchronous commits, one transaction
+per record, so a crash (power cut, SIGKILL) loses nothing that was recorded. It holds each interval's
+measured energy (resumable mid-interval), the envelope in force, the agreed trades, the settlements,
+and an outbox of telemetry waiting for the broker."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement
+
+SCHEMA_VERSION = "1"
+_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS intervals (
+    start TEXT PRIMARY KEY, end_ TEXT NOT NULL, energy_kwh REAL NOT NULL, readings INTEGER NOT NULL,
+    covered_s REAL NOT NULL, last_ts TEXT, scheduled_kwh REAL, envelope TEXT, lo_kw REAL, up_kw REAL);
+CREATE TABLE IF NOT EXISTS trades (
+    round TEXT NOT NULL, interval_start TEXT NOT NULL, peer TEXT NOT NULL, bought_kwh REAL NOT NULL,
+    sold_kwh REAL NOT NULL, price_eur_per_kwh REAL NOT NULL, PRIMARY KEY (round, interval_start, peer));
+CREATE TABLE IF NOT EXISTS settlements (
+    interval_start TEXT PRIMARY KEY, measured_kwh REAL NOT NULL, scheduled_kwh REAL NOT NULL,
+    deviation_kwh REAL NOT NULL, p2p_paid_eur REAL NOT NULL, p2p_received_eur REAL NOT NULL,
+    grid_kwh REAL NOT NULL, grid_eur REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);
+"""
+
+
+class JournalError(ValueError):
+    """The journal belongs to another site or another schema version."""
+
+
+class Journal:
+    def __init__(self, path: Path, site: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_TABLES)
+        self._claim(site)
+
+    def _claim(self, site: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('site', ?), ('schema_version', ?)", (site, SCHEMA_VERSION)
+            )
+            owner = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if owner["site"] != site:
+            raise JournalError(f"the journal belongs to site {owner['site']!r}, not {site!r}")
+        if owner["schema_version"] != SCHEMA_VERSION:
+            raise JournalError(f"journal schema version {owner['schema_version']}, expected {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- intervals -------------------------------------------------------------------------------
+
+    def save_interval(
+        self,
+        e: IntervalEnergy,
+        scheduled_kwh: float | None,
+        envelope: str,
+        lo_kw: float | None,
+        up_kw: float | None,
+    ) -> None:
+        last = e.last_ts.isoformat() if e.last_ts is not None else None
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.start.isoformat(), e.end.isoformat(), e.energy_kwh, e.readings, e.covered_s, last,
+                 scheduled_kwh, envelope, lo_kw, up_kw),
+            )  # fmt: skip
+
+    def load_interval(self, start: datetime) -> IntervalEnergy | None:
+        """The interval's accumulation as last saved (a restarted agent resumes from it)."""
+        row = self._db.execute(
+            "SELECT end_, energy_kwh, readings, covered_s, last_ts FROM intervals WHERE start = ?",
+            (start.isoformat(),),
+        ).fetchone()
+        if row is None:
+            return None
+        last = None if row[4] is None else datetime.fromisoformat(row[4])
+        return IntervalEnergy(start, datetime.fromisoformat(row[0]), row[1], row[2], row[3], last)
+
+    # --- trades and settlements ------------------------------------------------------------------
+
+    def save_trades(self, round_id: str, interval_start: datetime, trades: list[AgreedTrade]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO trades VALUES (?, ?, ?, ?, ?, ?)",
+                [(round_id, interval_start.isoformat(), t.peer, t.bought_kwh, t.sold_kwh, t.price_eur_per_kwh)
+                 for t in trades],
+            )  # fmt: skip
+
+    def save_settlement(self, s: Settlement) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.interval_start.isoformat(), s.measured_kwh, s.scheduled_kwh, s.deviation_kwh,
+                 s.p2p_paid_eur, s.p2p_received_eur, s.grid_kwh, s.grid_eur),
+            )  # fmt: skip
+
+    def settlements(self) -> list[Settlement]:
+        rows = self._db.execute("SELECT * FROM settlements ORDER BY interval_start").fetchall()
+        return [Settlement(datetime.fromisoformat(r[0]), *r[1:]) for r in rows]
+
+    # --- the telemetry outbox --------------------------------------------------------------------
+
+    def queue(self, topic: str, payload: bytes) -> int:
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))
+        return int(cur.lastrowid or 0)
+
+    def pending(self, limit: int = 100) -> list[tuple[int, str, bytes]]:
+        """The oldest messages not yet delivered, in order."""
+        rows = self._db.execute(
+            "SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [(int(i), str(t), bytes(p)) for i, t, p in rows]
+
+    def delivered(self, ids: list[int]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
