@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         async with transport_for(settings, "dso", offline_will()) as transport:
             try:
                 agreement = await coordinator.run(transport)
-                results = distributed_results(coordinator.cfg, coordinator.defaults, agreement)
+                results = await asyncio.to_thread(  # AC power flows: off the event loop
+                    distributed_results, coordinator.cfg, coordinator.defaults, agreement
+                )
                 if settings.out is not None:
                     log.info("wrote %s", write_results(results, settings.out))
                 log.info(

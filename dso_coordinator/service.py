@@ -327,7 +327,7 @@ class Coordinator:
                     return cmd.outcome, ()
 
     async def _publish_progress(self, transport: Transport, setup: RoundSetup, grant: Grant) -> None:
-        last = setup.dso.history[-1] if setup.dso.history else None
+        last = setup.dso.last_record
         eps_t = 0.0 if last is None else last.trade.eps_primal_kw
         eps_e = 0.0 if last is None else last.envelope.eps_primal_kw
         msg = Progress(

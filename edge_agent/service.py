@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from p2pdoe.analysis.admm import solve_times
-from p2pdoe.analysis.results import Tariffs, community_result, net_injection, purchases
+from p2pdoe.analysis.results import Tariffs, community_result, purchases
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.outcome import agreed_schedule, agreed_z
@@ -202,7 +202,7 @@ class EdgeAgent:
 
     async def _settle(self, transport: Transport, r: _Round, out: CommunityOutcome) -> None:
         report = self.report(r, out)
-        x = net_injection(community_data(r.config), agreed_schedule(r.qp, out))
+        x = np.array(report.community.net_injection_kw)  # computed once, for the report
         self.settled.append(Settled(r.id, r.start, out, x))
         self._over.add(r.id)
         self._round = None

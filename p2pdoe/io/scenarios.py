@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import Scenario, build_scenario
 from p2pdoe.core.schemas.scenario import CsvProfile, ScenarioSpec
-from p2pdoe.errors import ScenarioError
+from p2pdoe.errors import ScenarioError, first_error
 from p2pdoe.io.files import read_text
 from p2pdoe.io.matpower import load_matpower
 from p2pdoe.io.synthetic import NAME_FORMAT, synthetic_from_name
@@ -68,7 +68,7 @@ def _validate(raw: dict[str, Any], overrides: dict[str, Any] | None, where: str)
     try:
         return ScenarioSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(f"{where}: {_first_error(exc)}") from exc
+        raise ScenarioError(f"{where}: {first_error(exc, '(top level)')}") from exc
 
 
 def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> Scenario:
@@ -102,13 +102,6 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: a scenario file holds a mapping at its top level")
     return data
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {err['msg']}{more}"
 
 
 def _csv_columns(spec: ScenarioSpec, base: Path) -> dict[tuple[str, str], FloatArray]:

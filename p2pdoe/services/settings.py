@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from p2pdoe.errors import P2PDoeError
+from p2pdoe.errors import P2PDoeError, first_error
 
 S = TypeVar("S", bound="ServiceSettings")
 M = TypeVar("M", bound=BaseModel)
@@ -95,15 +95,8 @@ def load_settings(
     try:
         loaded: S = _Loaded(_secrets_dir=secrets_dir, **given)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+        raise ConfigError("setting " + first_error(exc, "settings")) from None
     return loaded
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "settings"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"setting {where}: {err['msg']}{more}"
 
 
 def configure_logging(level: str, name: str) -> logging.Logger:

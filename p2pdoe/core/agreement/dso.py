@@ -131,8 +131,9 @@ class DsoParticipant:
         return counts
 
     @property
-    def history(self) -> tuple[IterationRecord, ...]:
-        return tuple(self._s.history)
+    def last_record(self) -> IterationRecord | None:
+        """The latest iteration's record (residuals and thresholds), None before the first."""
+        return self._s.history[-1] if self._s.history else None
 
     @property
     def iteration(self) -> int:
