@@ -39,7 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--coordinator-config", type=Path, help="the coordinator's configuration (p2pdoe site-config)"
     )
     p.add_argument("--round", help="the day-ahead round's id (default day-ahead)")
-    p.add_argument("--start", help="today (default), now, scenario, or an ISO 8601 time")
     p.add_argument("--policy", choices=["dynamic", "static", "none"])
     p.add_argument("--registration-timeout-s", type=float)
     p.add_argument("--iteration-timeout-s", type=float)

@@ -18,7 +18,6 @@ class CoordinatorSettings(ServiceSettings):
 
     coordinator_config: Path  # the network and the connected sites (`p2pdoe site-config`)
     round: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = "day-ahead"
-    start: str = "today"  # the day's first interval: "today", "now", "scenario", or an ISO 8601 time
     policy: Literal["dynamic", "static", "none"] | None = None  # default: the configuration's
     registration_timeout_s: Seconds = 30.0  # wait this long for every site, then go on without the rest
     iteration_timeout_s: Seconds = 10.0  # a site silent this long in an iteration is left out

@@ -6,13 +6,21 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from edge_agent.service import EdgeAgent, goodbye, offline_will
+from edge_agent.journal import Journal, JournalError
+from edge_agent.meter import MqttMeter
+from edge_agent.service import EdgeAgent, fixed_default, goodbye, offline_will
 from edge_agent.settings import EdgeSettings
+from p2pdoe.core.realtime.clock import day_start
+from p2pdoe.core.realtime.controller import Controller
+from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.realtime.fallback import FallbackConfig
+from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
-from p2pdoe.services.settings import read_config_file
+from p2pdoe.services.settings import ConfigError, read_config_file
 
 PROG = "edge-agent"
 
@@ -28,6 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--report-every-s", type=float, help="re-check the envelope and send telemetry (default 10)"
     )
+    rt = p.add_argument_group("the real-time controller")
+    rt.add_argument("--meter", action="store_true", default=None, help="read the meter and enforce envelopes")
+    rt.add_argument("--meter-broker", help="the meter's broker (default: --broker)")
+    rt.add_argument("--meter-step-s", type=float, help="the meter's nominal reading period (default 5)")
+    rt.add_argument("--journal", type=Path, help="the SQLite journal (default: journal-<site>.db)")
+    rt.add_argument("--fixed-default-lo-kw", type=float)
+    rt.add_argument("--fixed-default-up-kw", type=float)
+    rt.add_argument("--skew-tolerance-s", type=float)
+    rt.add_argument("--clock-offset-s", type=float, help="fault injection: run this agent's clock off")
     settings = setup(PROG, EdgeSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -35,15 +52,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> int:
         config = read_site_config(settings.site_config)
         site = config.community.id
-        async with transport_for(settings, f"edge-{site}", offline_will(site)) as transport:
+        agent = build_agent(config, settings)
+        async with contextlib.AsyncExitStack() as stack:
+            transport = await stack.enter_async_context(
+                transport_for(settings, f"edge-{site}", offline_will(site))
+            )
+            meter = None
+            if settings.meter:
+                meter_settings = settings.model_copy(
+                    update={"broker": settings.meter_broker or settings.broker}
+                )
+                meter_transport = await stack.enter_async_context(
+                    transport_for(meter_settings, f"edge-{site}-meter", None)
+                )
+                meter = MqttMeter(meter_transport, site)
             try:
-                await EdgeAgent(config).run(transport, settings.rounds, settings.report_every_s)
+                await agent.run(transport, settings.rounds, settings.report_every_s, meter)
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(transport.publish(*goodbye(site), retain=True), 2.0)
+                if agent.journal is not None:
+                    agent.journal.close()
         return 0
 
     return run_service(PROG, serve)
+
+
+def build_agent(config: SiteConfig, settings: EdgeSettings) -> EdgeAgent:
+    """The agent on the shared simulated clock (shifted by `clock_offset_s`), with its controller and,
+    with a meter, its journal."""
+    clock = settings.sim_clock(datetime.now(UTC))
+    offset = timedelta(seconds=settings.clock_offset_s)
+
+    def now() -> datetime:
+        return clock.sim_at(datetime.now(UTC)) + offset
+
+    start = day_start(settings.start, config.start, config.dt_h, now())
+    box = fixed_default(config)
+    if settings.fixed_default_lo_kw is not None and settings.fixed_default_up_kw is not None:
+        box = Box(settings.fixed_default_lo_kw, settings.fixed_default_up_kw)
+    fallback = FallbackConfig(box, settings.skew_tolerance_s)
+    controller = Controller(config, plant_spec(config), fallback, start, settings.meter_step_s)
+    journal = None
+    if settings.meter or settings.journal is not None:
+        path = settings.journal or Path(f"journal-{config.community.id}.db")
+        try:
+            journal = Journal(path, config.community.id)
+        except JournalError as exc:
+            raise ConfigError(f"journal {path}: {exc}") from None
+    return EdgeAgent(config, now, controller=controller, journal=journal)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The edge agent's durable journal: SQLite in WAL mode with full synchronous commits, one transaction
 per record, so a crash (power cut, SIGKILL) loses nothing that was recorded. It holds each interval's
 measured energy (resumable mid-interval), the envelope in force, the agreed trades, the settlements,
-and an outbox of telemetry waiting for the broker."""
+and an outbox of telemetry waiting for the broker; and the envelopes last heard, so a restart applies the
+saved default at once, before (or without) the broker."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS intervals (
@@ -21,11 +22,14 @@ CREATE TABLE IF NOT EXISTS intervals (
     covered_s REAL NOT NULL, last_ts TEXT, scheduled_kwh REAL, envelope TEXT, lo_kw REAL, up_kw REAL);
 CREATE TABLE IF NOT EXISTS trades (
     round TEXT NOT NULL, interval_start TEXT NOT NULL, peer TEXT NOT NULL, bought_kwh REAL NOT NULL,
-    sold_kwh REAL NOT NULL, price_eur_per_kwh REAL NOT NULL, PRIMARY KEY (round, interval_start, peer));
+    sold_kwh REAL NOT NULL, buy_price REAL NOT NULL, sell_price REAL NOT NULL,
+    PRIMARY KEY (round, interval_start, peer));
 CREATE TABLE IF NOT EXISTS settlements (
     interval_start TEXT PRIMARY KEY, measured_kwh REAL NOT NULL, scheduled_kwh REAL NOT NULL,
     deviation_kwh REAL NOT NULL, p2p_paid_eur REAL NOT NULL, p2p_received_eur REAL NOT NULL,
     grid_kwh REAL NOT NULL, grid_eur REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);
 """
@@ -77,9 +81,13 @@ class Journal:
         envelope: str,
         lo_kw: float | None,
         up_kw: float | None,
+        state: dict[str, str] | None = None,
     ) -> None:
+        """The interval's accumulation so far, and any `state` values, in one transaction."""
         last = e.last_ts.isoformat() if e.last_ts is not None else None
         with self._tx() as db:
+            for key, value in (state or {}).items():
+                db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
             db.execute(
                 "INSERT OR REPLACE INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (e.start.isoformat(), e.end.isoformat(), e.energy_kwh, e.readings, e.covered_s, last,
@@ -102,8 +110,9 @@ class Journal:
     def save_trades(self, round_id: str, interval_start: datetime, trades: list[AgreedTrade]) -> None:
         with self._tx() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO trades VALUES (?, ?, ?, ?, ?, ?)",
-                [(round_id, interval_start.isoformat(), t.peer, t.bought_kwh, t.sold_kwh, t.price_eur_per_kwh)
+                "INSERT OR REPLACE INTO trades VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(round_id, interval_start.isoformat(), t.peer, t.bought_kwh, t.sold_kwh,
+                  t.buy_price_eur_per_kwh, t.sell_price_eur_per_kwh)
                  for t in trades],
             )  # fmt: skip
 
@@ -133,6 +142,45 @@ class Journal:
         ).fetchall()
         return [(int(i), str(t), bytes(p)) for i, t, p in rows]
 
+    def pending_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
     def delivered(self, ids: list[int]) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    # --- envelopes heard, and small state ---------------------------------------------------------
+
+    def save_envelope(self, key: str, payload: bytes) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO envelopes VALUES (?, ?)", (key, payload))
+
+    def envelopes(self) -> list[tuple[str, bytes]]:
+        rows = self._db.execute("SELECT topic, payload FROM envelopes ORDER BY topic").fetchall()
+        return [(str(k), bytes(p)) for k, p in rows]
+
+    def forget_envelopes(self, keep: set[str]) -> None:
+        with self._tx() as db:
+            for (key,) in db.execute("SELECT topic FROM envelopes").fetchall():
+                if key not in keep:
+                    db.execute("DELETE FROM envelopes WHERE topic = ?", (key,))
+
+    def set_value(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+
+    def value(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def intervals(self) -> list[IntervalEnergy]:
+        rows = self._db.execute(
+            "SELECT start, end_, energy_kwh, readings, covered_s, last_ts FROM intervals ORDER BY start"
+        ).fetchall()
+        return [
+            IntervalEnergy(
+                datetime.fromisoformat(r[0]), datetime.fromisoformat(r[1]), r[2], r[3], r[4],
+                None if r[5] is None else datetime.fromisoformat(r[5]),
+            )
+            for r in rows
+        ]  # fmt: skip

@@ -3,13 +3,17 @@
 It registers (retained: bus, peers, technical and reactive ranges; never costs or profiles), marks
 itself online (retained status; its last will marks it offline), takes part in every round that
 includes it, trading only with the peers that round includes, and reports its settled schedule when
-the round ends. It keeps the envelopes the coordinator publishes for it and says which one applies.
+the round ends. It keeps the envelopes the coordinator publishes for it and says which one applies
+(p2pdoe.core.realtime.fallback). With a meter (edge_agent.meter) it runs the real-time controller
+(p2pdoe.core.realtime.controller) at meter rate: set-points, compliance telemetry, switches on its
+status, and each interval settled into its journal (edge_agent.journal) and sent to the coordinator.
 Solves run in a worker thread, so the MQTT keep-alive never starves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import time
@@ -19,6 +23,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from edge_agent.journal import Journal
+from edge_agent.meter import MeterAdapter
+from edge_agent.outbox import Outbox
 from p2pdoe.analysis.admm import solve_times
 from p2pdoe.analysis.results import Tariffs, community_result, purchases
 from p2pdoe.core import topics
@@ -27,10 +34,25 @@ from p2pdoe.core.agreement.outcome import agreed_schedule, agreed_z
 from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.network import FloatArray
+from p2pdoe.core.realtime.controller import Controller, Plan, plan_from
+from p2pdoe.core.realtime.controller import Settled as CtlSettled
+from p2pdoe.core.realtime.controller import Step as CtlStep
+from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.realtime.fallback import Choice, FallbackConfig, describe_switch, is_switch
+from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode
-from p2pdoe.core.schemas.runtime import Doe, SiteReport, SiteStatus, Telemetry, decode_runtime
+from p2pdoe.core.schemas.runtime import (
+    Doe,
+    DsoStatus,
+    MeterReading,
+    SettlementRecord,
+    SiteReport,
+    SiteStatus,
+    Telemetry,
+    decode_runtime,
+)
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.core.site import community_data, registration, site_qp, with_peers
+from p2pdoe.core.site import Recent, community_data, registration, remaining_config, site_qp, with_peers
 from p2pdoe.core.solution import Policy
 from p2pdoe.services.agreement_mqtt import MarketReader, Message, topic_of
 from p2pdoe.services.transport import InboundMessage, LastWill, Transport
@@ -43,8 +65,22 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def status_payload(site: str, state: str, envelope: str) -> bytes:
-    msg = SiteStatus(site=site, state=state, envelope=envelope, ts=utc_now())  # type: ignore[arg-type]
+def status_payload(
+    site: str,
+    state: str,
+    envelope: str,
+    ts: datetime | None = None,
+    reason: str | None = None,
+    alarm: str | None = None,
+) -> bytes:
+    msg = SiteStatus(
+        site=site,
+        state=state,  # type: ignore[arg-type]
+        envelope=envelope,  # type: ignore[arg-type]
+        ts=ts or utc_now(),
+        reason=reason,
+        alarm=alarm,  # type: ignore[arg-type]
+    )
     return msg.model_dump_json().encode()
 
 
@@ -91,33 +127,62 @@ class Settled:
 class EdgeAgent:
     """Drives one `CommunityParticipant` per round from a transport."""
 
-    def __init__(self, config: SiteConfig, clock: Clock = utc_now):
+    def __init__(
+        self,
+        config: SiteConfig,
+        clock: Clock = utc_now,
+        *,
+        controller: Controller | None = None,
+        journal: Journal | None = None,
+    ):
         self.config = config
         self.site = config.community.id
         self.clock = clock
         self.reader = MarketReader(self.site)
         self.settled: list[Settled] = []
-        self.envelopes: dict[str, Doe] = {}  # the latest on "doe" and on "doe/default"
-        self.applied = "none"  # which envelope applies: dynamic, default or none
+        self.controller = controller or Controller(
+            config, plant_spec(config), FallbackConfig(fixed_default(config)), clock(), config.dt_h * 3600
+        )
+        self.journal = journal
+        self.applied = "none"  # which envelope applies: dynamic, default, fixed_default (none: not yet)
+        self.meter_ok = 0  # readings handled
         self._round: _Round | None = None
         self._over: set[str] = set()  # rounds finished, superseded or not ours
         self._early: list[Message] = []
+        self._outbox: Outbox | None = None
+        if journal is not None:
+            self._restore(journal)
 
-    async def run(self, transport: Transport, rounds: int = 0, report_every_s: float = 10.0) -> list[Settled]:
-        """Serve until the transport closes, or until `rounds` rounds are settled (0: no limit)."""
+    async def run(
+        self,
+        transport: Transport,
+        rounds: int = 0,
+        report_every_s: float = 10.0,
+        meter: MeterAdapter | None = None,
+    ) -> list[Settled]:
+        """Serve until the transport closes, or until `rounds` rounds are settled (0: no limit). With a
+        meter, the real-time controller runs on its readings."""
         await self._subscribe(transport)
         reg = registration(self.config).model_dump_json().encode()
         await transport.publish_state(topics.site(self.site, "register"), reg)
-        await self._publish_status(transport)
+        await self._report_state(transport)
         log.info("%s: registered at bus %d; waiting for a round", self.site, self.config.community.bus)
-        ticker = asyncio.create_task(self._tick(transport, report_every_s))
+        tasks = [asyncio.create_task(self._tick(transport, report_every_s))]
+        if self.journal is not None:
+            self._outbox = Outbox(transport, self.journal)
+            self._outbox.start()
+        if meter is not None:
+            tasks.append(asyncio.create_task(self._follow_meter(transport, meter)))
         try:
             async for m in transport.messages():
                 await self._on_message(transport, m)
                 if rounds and len(self.settled) >= rounds:
                     break
         finally:
-            ticker.cancel()
+            for task in tasks:
+                task.cancel()
+            if self._outbox is not None:
+                await self._outbox.close()
         return self.settled
 
     async def _subscribe(self, transport: Transport) -> None:
@@ -127,11 +192,15 @@ class EdgeAgent:
             await transport.subscribe(topics.proposal("+", peer.id))
         await transport.subscribe(topics.site(self.site, "doe"))
         await transport.subscribe(topics.site(self.site, "doe/default"))
+        await transport.subscribe(topics.DSO_STATUS)
 
     async def _on_message(self, transport: Transport, m: InboundMessage) -> None:
         parsed = topics.parse(m.topic)
         if parsed is not None and parsed.area == "site":
             await self._on_envelope(transport, parsed.kind, m.payload)
+            return
+        if parsed is not None and parsed.area == "dso":
+            await self._on_dso_status(transport, m)
             return
         message = self.reader.decoded(m)
         if message is None:
@@ -163,17 +232,12 @@ class EdgeAgent:
         if self._round is not None:
             log.info("%s: round %s superseded by %s", self.site, self._round.id, msg.round)
             self._over.add(self._round.id)
-        config = with_peers(self.config, set(msg.sites))
+        start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
+        config = with_peers(self.remaining(start, msg.intervals), set(msg.sites))
         qp = await asyncio.to_thread(site_qp, config, Policy(msg.policy))
         peer_ids = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peer_ids, qp, config.dt_h)
-        r = _Round(
-            msg.round,
-            datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC),
-            config,
-            qp,
-            participant,
-        )
+        r = _Round(msg.round, start, config, qp, participant)
         self._round = r
         log.info(
             "%s: round %s opened with %d sites, %d peers", self.site, msg.round, len(msg.sites), len(peer_ids)
@@ -204,6 +268,7 @@ class EdgeAgent:
         report = self.report(r, out)
         x = np.array(report.community.net_injection_kw)  # computed once, for the report
         self.settled.append(Settled(r.id, r.start, out, x))
+        self.controller.adopt(self.plan(r, out, x))
         self._over.add(r.id)
         self._round = None
         await transport.publish(topics.report(r.id, self.site), report.model_dump_json().encode(), qos=1)
@@ -215,7 +280,42 @@ class EdgeAgent:
             out.iterations,
             report.community.cost_eur,
         )
-        await self._publish_telemetry(transport)
+        await self._report_state(transport)
+
+    def plan(self, r: _Round, out: CommunityOutcome, net_kw: FloatArray) -> Plan:
+        """The agreed schedule as the controller follows it; trades with every peer of the site's
+        configuration (zero with those the round left out)."""
+        c = r.config.community
+        by_peer = {p.id: k for k, p in enumerate(r.config.peers)}
+        peers = [p.id for p in self.config.peers]
+        horizon = len(c.pv_kw)
+
+        def rows(a: FloatArray) -> FloatArray:
+            return np.array([a[by_peer[p]] if p in by_peer else np.zeros(horizon) for p in peers])
+
+        schedule = agreed_schedule(r.qp, out)
+        return plan_from(
+            r.id, r.start, r.config.dt_h, schedule.values, peers,
+            rows(out.agreed_buy_kw), rows(out.agreed_sell_kw), rows(out.buy_price), rows(out.sell_price),
+            net_kw, np.array(c.pv_kw), np.array(c.wind_kw),
+        )  # fmt: skip
+
+    def remaining(self, start: datetime, intervals: int) -> SiteConfig:
+        """The site's configuration over a round's horizon. A round over the whole day sets the day's
+        start; a shorter one covers the rest of the day (a rolling round), with the measured state of
+        charge, the flexible energy used so far and the forecasts updated by the last interval."""
+        ctl = self.controller
+        offset = ctl.intervals - intervals
+        if offset <= 0:
+            ctl.day_start = start
+            return self.config
+        soc = ctl.projected_soc(start)
+        flex_used = ctl.flex_used_kwh + ctl.projected_flex_kwh(start)
+        recent = None
+        if ctl.last_means is not None and ctl.last_means[0] == offset - 1:
+            m = ctl.last_means[1]
+            recent = Recent(pv_kw=m.pv_kw, wind_kw=m.wind_kw, fixed_load_kw=m.fixed_load_kw)
+        return remaining_config(self.config, offset, soc, flex_used, recent)
 
     def report(self, r: _Round, out: CommunityOutcome) -> SiteReport:
         c = r.config
@@ -244,39 +344,95 @@ class EdgeAgent:
             dropped=dict(self.reader.dropped),
         )
 
-    # --- envelopes -------------------------------------------------------------------------------
+    # --- envelopes and the coordinator -----------------------------------------------------------
+
+    def _restore(self, journal: Journal) -> None:
+        """What a previous run saved: the envelopes heard (so the saved default applies at once) and
+        the interval under way."""
+        for _key, payload in journal.envelopes():
+            with contextlib.suppress(ValueError):
+                doe = decode_runtime(payload)
+                if isinstance(doe, Doe) and doe.site == self.site:
+                    self._keep(doe)
+        now = self.clock()
+        t = self.controller.interval_of(now)
+        energy = journal.load_interval(self.controller.interval_start(t))
+        if energy is not None:
+            self.controller.resume(energy, float(journal.value("flex_used_kwh") or 0.0))
+            log.info("%s: resumed interval %s from the journal", self.site, energy.start.isoformat())
+        elif journal.value("flex_used_kwh") is not None:
+            self.controller.flex_used_kwh = float(journal.value("flex_used_kwh") or 0.0)
+
+    def _keep(self, doe: Doe) -> None:
+        if doe.round is None and doe.duration_s > self.controller.dt_s:
+            self.controller.book.set_default(doe)  # the retained default for the whole horizon
+        else:
+            self.controller.book.add(doe)
 
     async def _on_envelope(self, transport: Transport, kind: str, payload: bytes) -> None:
-        if not payload:
-            self.envelopes.pop(kind, None)  # a retained envelope withdrawn
+        if kind not in ("doe", "doe/default") or not payload:
+            return  # a withdrawn retained envelope: the cached one stands until it expires
+        try:
+            doe = decode_runtime(payload)
+        except ValueError:
+            self.reader.dropped["malformed"] += 1
+            return
+        if (
+            not isinstance(doe, Doe)
+            or doe.site != self.site
+            or (kind == "doe/default") != (doe.round is None)
+        ):
+            self.reader.dropped["sender_not_topic"] += 1
+            return
+        if kind == "doe/default":
+            self.controller.book.set_default(doe)
         else:
-            try:
-                doe = decode_runtime(payload)
-            except ValueError:
-                self.reader.dropped["malformed"] += 1
-                return
-            if (
-                not isinstance(doe, Doe)
-                or doe.site != self.site
-                or (kind == "doe/default") != (doe.round is None)
-            ):
-                self.reader.dropped["sender_not_topic"] += 1
-                return
-            self.envelopes[kind] = doe
-            log.info(
-                "%s: %s [%.1f, %.1f] kW from %s", self.site, kind, doe.lo_kw, doe.up_kw, doe.start.isoformat()
-            )
+            self.controller.book.add(doe)
+        if self.journal is not None:
+            self.journal.save_envelope(f"{kind}@{doe.start.isoformat()}", payload)
+            keep = {f"doe@{d.start.isoformat()}" for d in self.controller.book.dynamic.values()}
+            default = self.controller.book.default
+            if default is not None:
+                keep.add(f"doe/default@{default.start.isoformat()}")
+            self.journal.forget_envelopes(keep)
+        log.info(
+            "%s: %s [%.1f, %.1f] kW from %s", self.site, kind, doe.lo_kw, doe.up_kw, doe.start.isoformat()
+        )
+        await self._report_state(transport)
+
+    async def _on_dso_status(self, transport: Transport, m: InboundMessage) -> None:
+        if not m.payload:
+            return
+        try:
+            msg = decode_runtime(m.payload)
+        except ValueError:
+            self.reader.dropped["malformed"] += 1
+            return
+        if not isinstance(msg, DsoStatus):
+            self.reader.dropped["sender_not_topic"] += 1
+            return
+        self.controller.coordinator_online = msg.state == "online"
+        if not m.retained:  # a live message: its time stamp tells the clocks' skew
+            self.controller.skew_s = (self.clock() - msg.ts).total_seconds()
         await self._report_state(transport)
 
     async def _report_state(self, transport: Transport) -> None:
-        """Which envelope applies now (status, on a change) and the telemetry."""
-        applied = self.envelope_in_force()
-        kind_now = "none" if applied is None else ("default" if applied.round is None else "dynamic")
-        if kind_now != self.applied:
-            log.info("%s: the %s envelope applies (was %s)", self.site, kind_now, self.applied)
-            self.applied = kind_now
-            await self._publish_status(transport)
-        await self._publish_telemetry(transport)
+        """Which envelope applies now (status, on a switch) and, without a meter, the telemetry."""
+        choice = self.controller.choose_at(self.clock())
+        await self._note_switch(transport, choice)
+        if self.meter_ok == 0:
+            await self._publish_schedule_telemetry(transport, choice)
+
+    async def _note_switch(self, transport: Transport, choice: Choice) -> None:
+        previous = self._last_choice
+        if not is_switch(previous, choice):
+            return
+        self._last_choice = choice
+        log.info("%s: envelope %s", self.site, describe_switch(previous, choice))
+        self.applied = choice.kind
+        await self._publish_status(transport, choice)
+
+    _last_choice: Choice | None = None
 
     async def _tick(self, transport: Transport, every_s: float) -> None:
         """Envelopes expire as time passes: re-check which applies, and report, every `every_s`."""
@@ -284,44 +440,124 @@ class EdgeAgent:
             await asyncio.sleep(every_s)
             await self._report_state(transport)
 
-    def envelope_in_force(self) -> Doe | None:
-        """The dynamic envelope if valid now, else the default if valid now, else None: an envelope
-        past its validity is never applied."""
-        now = self.clock()
-        for kind in ("doe", "doe/default"):
-            doe = self.envelopes.get(kind)
-            if doe is not None and doe.valid_at(now):
-                return doe
-        return None
+    def envelope_in_force(self) -> Choice:
+        return self.controller.choose_at(self.clock())
 
-    async def _publish_status(self, transport: Transport) -> None:
-        payload = status_payload(self.site, "online", self.applied)
+    async def _publish_status(self, transport: Transport, choice: Choice | None = None) -> None:
+        payload = status_payload(
+            self.site, "online", self.applied, self.clock(),
+            None if choice is None else choice.reason, None if choice is None else choice.alarm,
+        )  # fmt: skip
         await transport.publish_state(topics.site(self.site, "status"), payload)
 
-    async def _publish_telemetry(self, transport: Transport) -> None:
-        """The scheduled net injection in the interval of the envelope in force (a meter takes over
-        with the real-time runtime)."""
-        doe = self.envelope_in_force()
-        p_kw = self._scheduled_at(doe.start if doe is not None else self.clock())
-        if p_kw is None:
+    async def _publish_schedule_telemetry(self, transport: Transport, choice: Choice) -> None:
+        """Before any meter reading: the scheduled net injection now, against the envelope in force."""
+        now = self.clock()
+        plan = self.controller.plan_at(now)
+        t = None if plan is None else plan.index(now)
+        if plan is None or t is None:
             return
+        p_kw = float(plan.net_kw[t])
         msg = Telemetry(
             site=self.site,
-            ts=self.clock(),
+            ts=now,
             source="schedule",
             p_kw=p_kw,
-            envelope=self.applied,  # type: ignore[arg-type]
-            lo_kw=None if doe is None else doe.lo_kw,
-            up_kw=None if doe is None else doe.up_kw,
-            inside=None if doe is None else bool(doe.lo_kw - 1e-6 <= p_kw <= doe.up_kw + 1e-6),
-            round=self.settled[-1].round if self.settled else None,
+            envelope=choice.kind,
+            lo_kw=choice.lo_kw,
+            up_kw=choice.up_kw,
+            inside=choice.box.excess_kw(p_kw) == 0.0,
+            round=plan.round,
         )
         await transport.publish(topics.site(self.site, "telemetry"), msg.model_dump_json().encode(), qos=0)
 
-    def _scheduled_at(self, moment: datetime) -> float | None:
-        if not self.settled:
-            return None
-        last = self.settled[-1]
-        x = last.net_injection_kw
-        t = int((moment - last.start).total_seconds() // (self.config.dt_h * 3600))
-        return float(x[t]) if 0 <= t < x.shape[0] else None
+    # --- the real-time loop ----------------------------------------------------------------------
+
+    async def _follow_meter(self, transport: Transport, meter: MeterAdapter) -> None:
+        async for reading in meter.readings():
+            step = self.controller.on_reading(reading)
+            if step is None:
+                continue
+            self.meter_ok += 1
+            await meter.command(step.set_points, reading.ts)
+            self._journal_step(step)
+            if step.settled is not None:
+                self._settled(step.settled)
+            await self._note_switch(transport, step.choice)
+            self._send_telemetry(reading, step)
+
+    def _journal_step(self, step: CtlStep) -> None:
+        e = self.controller.energy
+        if self.journal is None or e is None:
+            return
+        plan = step.plan
+        k = None if plan is None else plan.index(e.start)
+        scheduled = None if plan is None or k is None else plan.scheduled_kwh(k)
+        c = step.choice
+        state = {"flex_used_kwh": repr(self.controller.flex_used_kwh)}
+        self.journal.save_interval(e, scheduled, c.kind, c.lo_kw, c.up_kw, state)
+
+    def _settled(self, done: CtlSettled) -> None:
+        s, e = done.settlement, done.energy
+        if self.journal is not None:
+            plan = self.controller.plan_at(e.start)
+            k = None if plan is None else plan.index(e.start)
+            if plan is not None and k is not None:
+                self.journal.save_trades(plan.round, e.start, plan.trades(k))
+            self.journal.save_settlement(s)
+        choice = done.choice
+        record = SettlementRecord(
+            site=self.site,
+            interval_start=s.interval_start,
+            duration_s=self.controller.dt_s,
+            round=done.round,
+            measured_kwh=s.measured_kwh,
+            scheduled_kwh=s.scheduled_kwh,
+            deviation_kwh=s.deviation_kwh,
+            p2p_paid_eur=s.p2p_paid_eur,
+            p2p_received_eur=s.p2p_received_eur,
+            grid_kwh=s.grid_kwh,
+            grid_eur=s.grid_eur,
+            net_eur=s.net_eur,
+            readings=e.readings,
+            covered_s=e.covered_s,
+            envelope="none" if choice is None else choice.kind,
+            lo_kw=None if choice is None else choice.lo_kw,
+            up_kw=None if choice is None else choice.up_kw,
+        )
+        log.info(
+            "%s: settled %s: %.2f kWh measured, %.2f scheduled, %.2f EUR",
+            self.site, s.interval_start.isoformat(), s.measured_kwh, s.scheduled_kwh, s.net_eur,
+        )  # fmt: skip
+        if self._outbox is not None:
+            self._outbox.durable(topics.site(self.site, "settlement"), record.model_dump_json().encode())
+
+    def _send_telemetry(self, r: MeterReading, step: CtlStep) -> None:
+        if self._outbox is None:
+            return
+        j, comp = step.judged, step.compliance
+        msg = Telemetry(
+            site=self.site,
+            ts=r.ts,
+            source="meter",
+            p_kw=r.p_kw,
+            envelope=j.kind,
+            lo_kw=j.lo_kw,
+            up_kw=j.up_kw,
+            inside=step.excess_kw == 0.0,
+            round=None if step.plan is None else step.plan.round,
+            excess_kw=step.excess_kw,
+            actions=[a.lever for a in comp.actions],
+            predicted_kw=comp.predicted_kw,
+            residual_kw=comp.residual_kw,
+            soc_kwh=r.soc_kwh,
+        )
+        self._outbox.telemetry(topics.site(self.site, "telemetry"), msg.model_dump_json().encode())
+
+
+def fixed_default(config: SiteConfig) -> Box:
+    """The local safety net when no default was ever heard: no export, and import up to the site's
+    largest preferred consumption (so it can keep its loads, not charge its battery from the grid)."""
+    c = config.community
+    peak = max(f + x for f, x in zip(c.fixed_load_kw, c.flexible_load.preferred_kw, strict=True))
+    return Box(-float(peak), 0.0)

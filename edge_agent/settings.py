@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from p2pdoe.services.settings import ServiceSettings
+
+Kw = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class EdgeSettings(ServiceSettings):
@@ -17,3 +19,21 @@ class EdgeSettings(ServiceSettings):
     site_config: Path  # this site's configuration (`p2pdoe site-config`): its own data only
     rounds: Annotated[int, Field(ge=0)] = 0  # stop after this many finished rounds (0: run until stopped)
     report_every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # re-check the envelope, send telemetry
+    # The real-time controller (see docs/realtime.md).
+    meter: bool = False  # read the site's meter and enforce the envelope (else: agreement only)
+    meter_broker: str | None = None  # the meter's MQTT broker (default: `broker`)
+    meter_step_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # the meter's nominal reading period
+    journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
+    fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to
+    fixed_default_up_kw: Kw | None = None  # the largest preferred consumption)
+    skew_tolerance_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    clock_offset_s: Annotated[float, Field(ge=-86400, le=86400)] = 0.0  # fault injection: a wrong clock
+
+    @model_validator(mode="after")
+    def _fixed_default_whole(self) -> EdgeSettings:
+        lo, up = self.fixed_default_lo_kw, self.fixed_default_up_kw
+        if (lo is None) != (up is None):
+            raise ValueError("fixed_default_lo_kw and fixed_default_up_kw go together")
+        if lo is not None and up is not None and lo > up:
+            raise ValueError("fixed_default_lo_kw exceeds fixed_default_up_kw")
+        return self

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from meter_sim.service import MeterSim
 from meter_sim.settings import MeterSettings
-from p2pdoe.core.realtime.clock import SimClock, day_start
+from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
 from p2pdoe.services.settings import ConfigError, read_config_file
@@ -18,26 +18,10 @@ from p2pdoe.services.settings import ConfigError, read_config_file
 PROG = "meter-sim"
 
 
-def _moment(value: str | None, name: str, default: datetime) -> datetime:
-    if value is None:
-        return default
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"setting {name}: {value!r} is not an ISO 8601 time") from None
-    if moment.utcoffset() is None:
-        raise ConfigError(f"setting {name}: {value!r} needs a time zone")
-    return moment.astimezone(UTC)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = base_parser(PROG, "One site's simulated meter and plant, on the shared simulated clock.")
     p.add_argument("--site-config", type=Path, help="the site's configuration (p2pdoe site-config)")
     p.add_argument("--rate-s", type=float, help="simulated seconds between readings (default 5)")
-    p.add_argument("--speed", type=float, help="simulated seconds per wall second (default 1)")
-    p.add_argument("--start", help="the day's first interval: today (default), now, scenario, ISO 8601")
-    p.add_argument("--sim-origin", help="the shared clock: simulated time at --wall-origin (default now)")
-    p.add_argument("--wall-origin", help="the shared clock's wall origin (default now)")
     p.add_argument("--seed", type=int, help="forecast errors (default: from the site's id)")
     settings = setup(PROG, MeterSettings, p.parse_args(argv))
     if isinstance(settings, int):
@@ -46,11 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> int:
         config = read_config_file(SiteConfig, settings.site_config, "site configuration")
         now = datetime.now(UTC)
-        clock = SimClock(
-            _moment(settings.sim_origin, "sim_origin", now),
-            _moment(settings.wall_origin, "wall_origin", now),
-            settings.speed,
-        )
+        clock = settings.sim_clock(now)
         site = config.community.id
         start = day_start(settings.start, config.start, config.dt_h, clock.sim_at(now))
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())

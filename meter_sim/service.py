@@ -17,7 +17,7 @@ import numpy as np
 from p2pdoe.core import topics
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.clock import SimClock
-from p2pdoe.core.realtime.plant import Reading, SetPoints, plant_spec, step
+from p2pdoe.core.realtime.plant import Reading, Resources, SetPoints, plant_spec, step
 from p2pdoe.core.realtime.weather import Actuals, actuals
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, decode_runtime
 from p2pdoe.core.schemas.site import SiteConfig
@@ -48,8 +48,9 @@ class MeterSim:
         """Step the plant over sample k (simulated [k, k + 1) * rate_s from the day's start)."""
         t_s = k * self.rate_s
         sp = self.set_points or self._idle(t_s)
-        self.soc_kwh, r = step(self.spec, self.soc_kwh, sp, self.actuals.at(t_s), self.rate_s)
-        return _message(self.site, self.day_start + timedelta(seconds=t_s + self.rate_s), r)
+        res = self.actuals.at(t_s)
+        self.soc_kwh, r = step(self.spec, self.soc_kwh, sp, res, self.rate_s)
+        return _message(self.site, self.day_start + timedelta(seconds=t_s + self.rate_s), r, res)
 
     def _idle(self, t_s: float) -> SetPoints:
         t = min(int(t_s // (self.config.dt_h * 3600)), len(self.config.community.fixed_load_kw) - 1)
@@ -92,7 +93,7 @@ def _array(values: list[float]) -> FloatArray:
     return np.array(values, dtype=float)
 
 
-def _message(site: str, ts: datetime, r: Reading) -> MeterReading:
+def _message(site: str, ts: datetime, r: Reading, res: Resources) -> MeterReading:
     return MeterReading(
         site=site,
         ts=ts,
@@ -104,4 +105,6 @@ def _message(site: str, ts: datetime, r: Reading) -> MeterReading:
         flex_kw=r.flex_kw,
         battery_kw=r.battery_kw,
         soc_kwh=r.soc_kwh,
+        pv_available_kw=res.pv_kw,
+        wind_available_kw=res.wind_kw,
     )

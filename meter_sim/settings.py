@@ -16,8 +16,4 @@ class MeterSettings(ServiceSettings):
 
     site_config: Path  # the site's configuration (`p2pdoe site-config`): forecasts and assets
     rate_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # simulated seconds between readings
-    speed: Annotated[float, Field(gt=0, le=100000)] = 1.0  # simulated seconds per wall second
-    start: str = "today"  # the day's first interval, as the coordinator's `start`
-    sim_origin: str | None = None  # the shared clock: simulated time at `wall_origin` (default: now)
-    wall_origin: str | None = None  # (default: now)
     seed: int | None = None  # forecast errors (default: derived from the site's id)

@@ -1,5 +1,5 @@
 """Which envelope an edge agent applies as time passes: the dynamic one while valid, then the default
-while valid, then none; every switch on its retained status. A recording transport stands in for the
+while valid, then its fixed default (never none); every switch on its retained status, with the reason. A recording transport stands in for the
 broker (the broker paths are in test_services.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
-from edge_agent.service import EdgeAgent
+from edge_agent.service import EdgeAgent, fixed_default
+from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.core.site import site_config
@@ -48,16 +49,19 @@ def test_the_dynamic_envelope_then_the_default_then_none() -> None:
     async def main() -> None:
         await agent._on_envelope(rec, "doe/default", default.model_dump_json().encode())  # type: ignore[arg-type]
         await agent._on_envelope(rec, "doe", dynamic.model_dump_json().encode())  # type: ignore[arg-type]
-        assert agent.envelope_in_force() == dynamic
+        assert (agent.envelope_in_force().kind, agent.envelope_in_force().box) == ("dynamic", Box(-100, 200))
         now[0] = T0 + timedelta(minutes=61)  # the dynamic one expired: never applied again
         await agent._report_state(rec)  # type: ignore[arg-type]
-        assert agent.envelope_in_force() == default
+        assert (agent.envelope_in_force().kind, agent.envelope_in_force().box) == ("default", Box(-10, 20))
         now[0] = T0 + timedelta(hours=3)
         await agent._report_state(rec)  # type: ignore[arg-type]
-        assert agent.envelope_in_force() is None
+        assert agent.envelope_in_force().kind == "fixed_default"
+        assert agent.envelope_in_force().box == fixed_default(agent.config)
 
     asyncio.run(main())
-    assert rec.statuses() == ["default", "dynamic", "default", "none"]
+    assert rec.statuses() == ["default", "dynamic", "default", "fixed_default"]
+    reasons = [json.loads(p)["reason"] for t, p in rec.sent]
+    assert "expired" in reasons[2] and "expired" in reasons[3]
     assert all(t == topics.site(site, "status") for t, _ in rec.sent)
 
 
@@ -74,5 +78,5 @@ def test_an_envelope_for_another_site_or_on_the_wrong_topic_is_dropped() -> None
         await agent._on_envelope(rec, "doe", b'{"kind": "doe", "lo_kw": NaN}')  # type: ignore[arg-type]
 
     asyncio.run(main())
-    assert agent.envelope_in_force() is None
+    assert agent.envelope_in_force().kind == "fixed_default"
     assert dict(agent.reader.dropped) == {"sender_not_topic": 2, "malformed": 1}

@@ -34,7 +34,7 @@ def test_an_interval_resumes_where_it_was_saved(tmp_path: Path) -> None:
 
 def test_settlements_and_trades_round_trip(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db", "a")
-    trades = [AgreedTrade("b", 1.0, 0.0, 0.1), AgreedTrade("c", 0.0, 2.0, 0.11)]
+    trades = [AgreedTrade("b", 1.0, 0.0, 0.1, 0.09), AgreedTrade("c", 0.0, 2.0, 0.12, 0.11)]
     j.save_trades("day-ahead", T0, trades)
     s = settle(T0, 3.0, 2.5, trades, 0.25, 0.05)
     j.save_settlement(s)

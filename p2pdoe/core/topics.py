@@ -7,6 +7,7 @@
     p2pdoe/v1/site/<id>/telemetry                what the edge measures and does
     p2pdoe/v1/site/<id>/meter                    meter readings (`MeterReading`; real or simulated)
     p2pdoe/v1/site/<id>/setpoints                what the controller asks of the assets (`SetPointMessage`)
+    p2pdoe/v1/site/<id>/settlement               each settled interval (`SettlementRecord`)
     p2pdoe/v1/market/<round>/open      retained  `RoundOpen`
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
     p2pdoe/v1/market/<round>/grant               `Grant`
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROOT = "p2pdoe/v1"
-SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints")
+SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints", "settlement")
 
 
 def site(site_id: str, kind: str) -> str:

@@ -28,6 +28,11 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--username")
     p.add_argument("--client-id")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    clock = p.add_argument_group("the shared simulated clock")
+    clock.add_argument("--start", help="the day's first interval: today (default), now, scenario, ISO 8601")
+    clock.add_argument("--speed", type=float, help="simulated seconds per wall second (default 1)")
+    clock.add_argument("--sim-origin", help="simulated time at --wall-origin (default: now)")
+    clock.add_argument("--wall-origin", help="the clock's wall origin (default: now)")
     return p
 
 

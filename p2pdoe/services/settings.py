@@ -9,6 +9,7 @@ YAML or JSON settings file, the defaults. A bad setting fails at start with one 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from p2pdoe.core.realtime.clock import SimClock
 from p2pdoe.errors import P2PDoeError, first_error
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -34,9 +36,35 @@ class ServiceSettings(BaseSettings):
     client_id: str | None = None  # default: the service's own id
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The shared simulated clock (p2pdoe.core.realtime.clock): every service of a bench gets the
+    # same values; speed 1 with the default origins is wall time.
+    start: str = "today"  # the day's first interval: "today", "now", "scenario", or an ISO 8601 time
+    speed: Annotated[float, Field(gt=0, le=100000)] = 1.0  # simulated seconds per wall second
+    sim_origin: str | None = None  # simulated time at `wall_origin` (default: the wall time at start)
+    wall_origin: str | None = None  # (default: now)
 
     def secret(self) -> str | None:
         return None if self.password is None else self.password.get_secret_value()
+
+    def sim_clock(self, now: datetime) -> SimClock:
+        """The shared clock; a bad origin is a ConfigError."""
+        return SimClock(
+            _moment(self.sim_origin, "sim_origin", now),
+            _moment(self.wall_origin, "wall_origin", now),
+            self.speed,
+        )
+
+
+def _moment(value: str | None, name: str, default: datetime) -> datetime:
+    if value is None:
+        return default
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"setting {name}: {value!r} is not an ISO 8601 time") from None
+    if moment.utcoffset() is None:
+        raise ConfigError(f"setting {name}: {value!r} needs a time zone")
+    return moment.astimezone(UTC)
 
 
 class _FileSource(PydanticBaseSettingsSource):

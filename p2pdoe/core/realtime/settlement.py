@@ -42,12 +42,14 @@ class IntervalEnergy:
 
 @dataclass(frozen=True)
 class AgreedTrade:
-    """What the site bought from and sold to one peer in the interval, and the agreed price."""
+    """What the site bought from and sold to one peer in the interval, at the agreed prices (each
+    direction is its own coupling, with its own price)."""
 
     peer: str
     bought_kwh: float
     sold_kwh: float
-    price_eur_per_kwh: float
+    buy_price_eur_per_kwh: float
+    sell_price_eur_per_kwh: float
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ def settle(
         measured_kwh=measured_kwh,
         scheduled_kwh=scheduled_kwh,
         deviation_kwh=measured_kwh - scheduled_kwh,
-        p2p_paid_eur=sum(t.bought_kwh * t.price_eur_per_kwh for t in trades),
-        p2p_received_eur=sum(t.sold_kwh * t.price_eur_per_kwh for t in trades),
+        p2p_paid_eur=sum(t.bought_kwh * t.buy_price_eur_per_kwh for t in trades),
+        p2p_received_eur=sum(t.sold_kwh * t.sell_price_eur_per_kwh for t in trades),
         grid_kwh=grid_kwh,
         grid_eur=grid_eur,
     )

@@ -126,6 +126,8 @@ class SiteStatus(Message):
     state: Literal["online", "offline"]
     envelope: Literal["dynamic", "default", "fixed_default", "none"]  # which envelope is applied
     ts: AwareDatetime
+    reason: str | None = None  # why this envelope applies (set by the real-time controller)
+    alarm: Literal["clock_skew"] | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -174,6 +176,14 @@ class Telemetry(Message):
     up_kw: Kw | None
     inside: bool | None  # lo_kw <= p_kw <= up_kw; None without an envelope
     round: RoundId | None
+    # From the real-time controller (source "meter"): the excess of the measured p over the
+    # envelope (0 inside), the levers it moved, the injection it expects next and what remains
+    # outside after its correction (non-zero only when its levers cannot restore compliance).
+    excess_kw: Kw | None = None
+    actions: list[Literal["battery", "flex", "pv", "wind"]] = Field(default_factory=list)
+    predicted_kw: Kw | None = None
+    residual_kw: Kw | None = None
+    soc_kwh: Watts | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -194,6 +204,8 @@ class MeterReading(Message):
     flex_kw: Kw | None = None
     battery_kw: Kw | None = None  # discharge positive
     soc_kwh: Watts | None = None
+    pv_available_kw: Watts | None = None  # what PV could produce uncurtailed (inverters report it)
+    wind_available_kw: Watts | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -239,6 +251,33 @@ class SiteReport(Message):
         return self
 
 
+class SettlementRecord(Message):
+    """One interval settled by a site (p2pdoe.core.realtime.settlement): measured and scheduled
+    energy (kWh, export positive), the P2P payments at the agreed prices, the rest with the grid."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["settlement"] = "settlement"
+    site: SiteId
+    interval_start: AwareDatetime
+    duration_s: Annotated[int, Field(gt=0)]
+    round: RoundId | None  # the agreement in force (None: no agreement, everything with the grid)
+    measured_kwh: Kw
+    scheduled_kwh: Kw
+    deviation_kwh: Kw
+    p2p_paid_eur: Kw
+    p2p_received_eur: Kw
+    grid_kwh: Kw
+    grid_eur: Kw
+    net_eur: Kw
+    readings: Annotated[int, Field(ge=0)]
+    covered_s: Watts  # seconds of the interval the readings cover
+    envelope: Literal["dynamic", "default", "fixed_default", "none"]  # in force at the interval's end
+    lo_kw: Kw | None
+    up_kw: Kw | None
+
+    _ts_utc = field_validator("interval_start")(_utc)
+
+
 Runtime = (
     Doe
     | Registration
@@ -249,6 +288,7 @@ Runtime = (
     | SiteReport
     | MeterReading
     | SetPointMessage
+    | SettlementRecord
 )
 RuntimeMessage = Annotated[Runtime, Field(discriminator="kind")]
 RUNTIME_ADAPTER: TypeAdapter[Runtime] = TypeAdapter(RuntimeMessage)
@@ -265,6 +305,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SiteReport,
     MeterReading,
     SetPointMessage,
+    SettlementRecord,
 )
 
 
