@@ -7,16 +7,19 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from dso_coordinator.results import distributed_results
-from dso_coordinator.service import Coordinator, dso_status, offline_will
+from dso_coordinator.realtime import RollingHorizon
+from dso_coordinator.results import distributed_results, realtime_results
+from dso_coordinator.service import Agreement, Coordinator, offline_will
 from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
 from p2pdoe.services.settings import ConfigError, read_config_file
+from p2pdoe.services.transport import MqttTransport
 
 PROG = "dso-coordinator"
 log = logging.getLogger(PROG)
@@ -48,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--exit-after-round", action="store_true", default=None, help="stop after the day-ahead round"
     )
+    rt = p.add_argument_group("the real-time day")
+    rt.add_argument("--rolling", action="store_true", default=None, help="a round every interval (rolling)")
+    rt.add_argument("--rolling-stop-fraction", type=float, help="a round's deadline, of an interval (0.6)")
+    rt.add_argument("--meter-step-s", type=float, help="the meters' nominal reading period (default 5)")
+    rt.add_argument("--hours", type=float, help="run the real-time day for this long (default: the horizon)")
+    rt.add_argument("--exit-after-day", action="store_true", default=None, help="stop when the day ends")
     settings = setup(PROG, CoordinatorSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -55,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> int:
         cfg = read_coordinator_config(settings.coordinator_config)
         try:
-            coordinator = Coordinator(cfg, settings)
+            coordinator = Coordinator(cfg, settings, settings.sim_clock(datetime.now(UTC)))
         except InfeasibleError as exc:
             raise ConfigError(f"no safe default envelopes: {exc}") from None
         async with transport_for(settings, "dso", offline_will()) as transport:
@@ -75,22 +84,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                     len(agreement.setup.sites),
                     len(agreement.setup.excluded),
                 )
-                if not settings.exit_after_round:
+                if settings.exit_after_round:
+                    return 0
+                if settings.rolling:
+                    await _real_time_day(coordinator, transport, agreement, results, settings)
+                else:
                     await coordinator.follow_day(transport, agreement)
+                if not settings.exit_after_day:
                     await asyncio.Event().wait()  # stay online until stopped
             finally:
                 coordinator.stop()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(transport.publish(*_goodbye(), retain=True), 2.0)
+                    await asyncio.wait_for(transport.publish(*_goodbye(coordinator), retain=True), 2.0)
         return 0
 
     return run_service(PROG, serve)
 
 
-def _goodbye() -> tuple[str, bytes]:
+async def _real_time_day(
+    coordinator: Coordinator,
+    transport: MqttTransport,
+    agreement: Agreement,
+    day_ahead: Results,
+    settings: CoordinatorSettings,
+) -> None:
+    """The rolling horizon to the day's end; then, once the last settlements are in (or the report
+    timeout passed), results.json with its `realtime` section."""
+    day = await RollingHorizon(coordinator, transport, agreement).run()
+    await asyncio.sleep(settings.report_timeout_s / 4)  # the last interval's settlements
+    hours = (len(day.intervals) + 1) * coordinator.cfg.dt_h
+    info = await asyncio.to_thread(realtime_results, coordinator, day, hours)
+    results = day_ahead.model_copy(update={"realtime": info})
+    if settings.out is not None:
+        log.info("wrote %s", write_results(results, settings.out))
+    v = info.envelope_violations
+    log.info(
+        "the day is over: %d intervals, %d settlements, %d sustained violations, %d envelope switches",
+        len(info.intervals), len(info.settlements), v.count, len(info.fallback_events),
+    )  # fmt: skip
+
+
+def _goodbye(coordinator: Coordinator) -> tuple[str, bytes]:
     from p2pdoe.core import topics
 
-    return topics.DSO_STATUS, dso_status("offline", None)
+    return topics.DSO_STATUS, coordinator.status("offline", None)
 
 
 if __name__ == "__main__":

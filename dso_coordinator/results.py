@@ -7,14 +7,22 @@ counted at 0 kW), and both corners of the granted boxes (a site left out at its 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
+
 import numpy as np
 
-from dso_coordinator.service import Agreement
+from dso_coordinator.realtime import Day
+from dso_coordinator.service import Agreement, Coordinator
 from p2pdoe.analysis.admm import residual_points, solve_times, summed
-from p2pdoe.analysis.results import Day, assemble_results, dlmp_results
+from p2pdoe.analysis.network_check import ac_state
+from p2pdoe.analysis.results import Day as ResultsDay
+from p2pdoe.analysis.results import assemble_results, dlmp_results
 from p2pdoe.core.agreement.coordination import Defaults
 from p2pdoe.core.agreement.outcome import dlmp
+from p2pdoe.core.envelope import GridView
 from p2pdoe.core.network import FloatArray
+from p2pdoe.core.realtime.observer import ViolationObserver
 from p2pdoe.core.schemas import results as r
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.messages import DSO_ID
@@ -25,7 +33,7 @@ def distributed_results(cfg: CoordinatorConfig, defaults: Defaults, a: Agreement
     setup, out = a.setup, a.outcome
     reported = [a.reports[s] for s in setup.sites if s in a.reports]
     view = setup.view
-    day = Day(cfg.scenario, cfg.start, cfg.dt_h, cfg.intervals, cfg.policy)
+    day = ResultsDay(cfg.scenario, cfg.start, cfg.dt_h, cfg.intervals, cfg.policy)
     horizon = cfg.intervals
     ids = [s.id for s in cfg.sites]
     x = np.zeros((len(ids), horizon))
@@ -124,3 +132,102 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
         },
         dropped_messages=summed([a.dropped] + [rep.dropped for rep in a.reports.values()]),
     )
+
+
+def realtime_results(c: Coordinator, day: Day, hours: float) -> r.RealtimeInfo:
+    """The real-time day as the coordinator saw it on the broker: its rolling rounds, the sites'
+    settlements against its own meter integral, violations and envelope switches, and an AC power
+    flow of the measured mean injections."""
+    settlements = []
+    worst = 0.0
+    for (site, start), rec in sorted(c.settlements.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        t = c.metering.interval_of(start)
+        meter = c.metering.energy_kwh(site, t)
+        if meter is not None and abs(meter) > 1e-6:
+            worst = max(worst, 100.0 * abs(rec.measured_kwh - meter) / abs(meter))
+        settlements.append(
+            r.SettlementResult(
+                **rec.model_dump(include=_SETTLEMENT_FIELDS),
+                interval_start=rec.interval_start.isoformat().replace("+00:00", "Z"),
+                meter_kwh=meter,
+            )
+        )
+    return r.RealtimeInfo(
+        speed=c.clock.speed,
+        hours=hours,
+        meter_readings=c.metering.readings,
+        intervals=day.intervals,
+        settlements=settlements,
+        envelope_violations=_violations(c.observer),
+        fallback_events=c.fallback_events,
+        missing_settlements=_missing(c, day),
+        energy_mismatch_max_pct=worst,
+        measured_ac=_measured_ac(c, day),
+    )
+
+
+_SETTLEMENT_FIELDS = {
+    "site", "round", "measured_kwh", "scheduled_kwh", "deviation_kwh", "p2p_paid_eur", "p2p_received_eur",
+    "grid_kwh", "grid_eur", "net_eur", "readings", "covered_s", "envelope",
+}  # fmt: skip
+
+
+def _violations(o: ViolationObserver) -> r.EnvelopeViolations:
+    return r.EnvelopeViolations(
+        count=len(o.violations),
+        by_site=o.by_site(),
+        judged_readings=o.judged,
+        outside_readings=o.outside,
+        events=[
+            r.ViolationResult(
+                site=v.site, start=v.start.isoformat(), end=v.end.isoformat(), readings=v.readings,
+                worst_kw=v.worst_kw,
+            )
+            for v in o.violations
+        ],
+    )  # fmt: skip
+
+
+def _day_intervals(c: Coordinator, day: Day) -> list[int]:
+    """The intervals the real-time day ran through (those with readings)."""
+    return sorted({t for (_, t) in c.metering.cells})
+
+
+def _missing(c: Coordinator, day: Day) -> dict[str, list[str]]:
+    """Per site, the intervals with readings but no settlement (the last one may still be running)."""
+    out: dict[str, list[str]] = {}
+    for site, t in sorted(c.metering.cells):
+        start = c.start + timedelta(seconds=c.interval_s * t)
+        if (site, start) not in c.settlements:
+            out.setdefault(site, []).append(start.isoformat().replace("+00:00", "Z"))
+    return out
+
+
+def _measured_ac(c: Coordinator, day: Day) -> r.NetworkState | None:
+    intervals = [t for t in _day_intervals(c, day) if 0 <= t < c.cfg.intervals]
+    if not intervals:
+        return None
+    view = round_view(c)
+    x = np.zeros((len(c.site_ids), len(intervals)))
+    q = np.zeros_like(x)
+    for k, t in enumerate(intervals):
+        for i, site in enumerate(c.site_ids):
+            mean = c.metering.mean_kw(site, t)
+            if mean is not None:
+                x[i, k], q[i, k] = mean
+    cols = np.array(intervals)
+    sliced = replace(
+        view,
+        background_kw=view.background_kw[:, cols],
+        background_kvar=view.background_kvar[:, cols],
+        q_min_kvar=view.q_min_kvar[:, cols],
+        q_max_kvar=view.q_max_kvar[:, cols],
+    )
+    return ac_state(sliced, x, q, c.cfg.dt_h)
+
+
+def round_view(c: Coordinator) -> GridView:
+    from p2pdoe.core.agreement.coordination import connection_facts, network_view
+
+    facts = [connection_facts(s, c.feeder, c.cfg.intervals) for s in c.cfg.sites]
+    return network_view(c.cfg, c.feeder, facts)

@@ -29,15 +29,19 @@ from p2pdoe.core.agreement.coordination import (
 )
 from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
-from p2pdoe.core.realtime.clock import day_start
+from p2pdoe.core.realtime.clock import SimClock, day_start
+from p2pdoe.core.realtime.metering import MeterIntegral
+from p2pdoe.core.realtime.observer import ViolationObserver
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, encode
-from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.results import Attempt, FallbackEvent
 from p2pdoe.core.schemas.runtime import (
     Doe,
     DsoStatus,
+    MeterReading,
     Progress,
     Registration,
+    SettlementRecord,
     SiteReport,
     SiteStatus,
     decode_runtime,
@@ -57,8 +61,9 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def dso_status(state: str, round_id: str | None) -> bytes:
-    return DsoStatus(state=state, round=round_id, ts=utc_now()).model_dump_json().encode()  # type: ignore[arg-type]
+def dso_status(state: str, round_id: str | None, ts: datetime | None = None) -> bytes:
+    msg = DsoStatus(state=state, round=round_id, ts=ts or utc_now())  # type: ignore[arg-type]
+    return msg.model_dump_json().encode()
 
 
 def offline_will() -> LastWill:
@@ -96,10 +101,12 @@ class Agreement:
 
 
 class Coordinator:
-    def __init__(self, cfg: CoordinatorConfig, settings: CoordinatorSettings):
+    def __init__(self, cfg: CoordinatorConfig, settings: CoordinatorSettings, clock: SimClock | None = None):
         self.settings = settings
+        wall = utc_now()
+        self.clock = clock or SimClock(wall, wall, 1.0)
         policy = settings.policy or cfg.policy
-        start = day_start(settings.start, cfg.start, cfg.dt_h, utc_now())
+        start = day_start(settings.start, cfg.start, cfg.dt_h, self.now())
         self.start = start
         self.cfg = cfg.model_copy(update={"policy": policy, "start": iso(start)})
         self.feeder = feeder_of(cfg.feeder)
@@ -116,14 +123,27 @@ class Coordinator:
         self._proposals: asyncio.Queue[Proposal] = asyncio.Queue()
         self._round: str | None = None
         self._pump_task: asyncio.Task[None] | None = None
+        self.observer = ViolationObserver()
+        self.metering = MeterIntegral(start, self.interval_s, settings.meter_step_s)
+        self.settlements: dict[tuple[str, datetime], SettlementRecord] = {}
+        self.fallback_events: list[FallbackEvent] = []
+        self._site_envelope: dict[str, str] = {}
+
+    def now(self) -> datetime:
+        """Simulated time on the shared clock (wall time at speed 1)."""
+        return self.clock.sim_at(utc_now())
+
+    def status(self, state: str, round_id: str | None) -> bytes:
+        return dso_status(state, round_id, self.now())
 
     # --- the service -----------------------------------------------------------------------------
 
     async def run(self, transport: Transport) -> Agreement:
-        await transport.publish_state(topics.DSO_STATUS, dso_status("online", None))
+        await transport.publish_state(topics.DSO_STATUS, self.status("online", None))
         await self._publish_defaults(transport)
-        for kind in ("register", "status"):
+        for kind in ("register", "status", "settlement", "doe", "doe/default"):
             await transport.subscribe(topics.every_site(kind))
+        await transport.subscribe(topics.every_site("meter"), qos=0)
         await transport.subscribe(topics.all_proposals())
         await transport.subscribe(topics.all_reports())
         self._pump_task = asyncio.create_task(self._pump(transport))  # runs until `stop`
@@ -135,8 +155,9 @@ class Coordinator:
         except BaseException:
             self.stop()
             raise
-        await transport.unsubscribe(topics.all_proposals())  # the market is over
-        await transport.unsubscribe(topics.all_reports())
+        if not self.settings.rolling:  # the market is over
+            await transport.unsubscribe(topics.all_proposals())
+            await transport.unsubscribe(topics.all_reports())
         protocol = str(getattr(transport, "protocol", "unknown"))
         return Agreement(
             setup,
@@ -166,6 +187,8 @@ class Coordinator:
                 continue
             if parsed.area == "site" and parsed.kind in ("register", "status"):
                 self._on_site(parsed.kind, parsed.site, m)
+            elif parsed.area == "site" and parsed.kind in ("meter", "settlement", "doe", "doe/default"):
+                self._on_realtime(parsed.kind, parsed.site, m)
             elif parsed.area == "market" and parsed.kind == "report":
                 self._on_report(parsed.site, parsed.round, m)
             elif parsed.area == "market" and parsed.kind == "proposal":
@@ -182,6 +205,8 @@ class Coordinator:
         if not isinstance(msg, Registration | SiteStatus) or msg.site != site:
             self.reader.dropped["sender_not_topic"] += 1
             return
+        if isinstance(msg, SiteStatus):
+            self._note_envelope(msg)
         if isinstance(msg, Registration):
             problem = registration_problem(self.cfg, msg)
             if problem is not None:
@@ -198,6 +223,38 @@ class Coordinator:
         else:
             self.online.discard(msg.site)
         self._changed.set()
+
+    def _on_realtime(self, kind: str, site: str | None, m: InboundMessage) -> None:
+        """Meter readings and envelopes (for its own violation count and meter integral, from the
+        broker alone), and the sites' settlements."""
+        if not m.payload:
+            return
+        try:
+            msg = decode_runtime(m.payload)
+        except ValueError:
+            self.reader.dropped["malformed"] += 1
+            return
+        if getattr(msg, "site", None) != site:
+            self.reader.dropped["sender_not_topic"] += 1
+            return
+        if isinstance(msg, MeterReading):
+            self.observer.reading(msg)
+            self.metering.add(msg)
+        elif isinstance(msg, Doe):
+            self.observer.envelope(kind, msg)
+        elif isinstance(msg, SettlementRecord):
+            self.settlements[(msg.site, msg.interval_start)] = msg  # a redelivery replaces itself
+
+    def _note_envelope(self, msg: SiteStatus) -> None:
+        """A site's switch of envelope (dynamic, default, fixed default), as its status says."""
+        if msg.state != "online" or self._site_envelope.get(msg.site) == msg.envelope:
+            return
+        self._site_envelope[msg.site] = msg.envelope
+        self.fallback_events.append(
+            FallbackEvent(
+                site=msg.site, ts=iso(msg.ts), envelope=msg.envelope, reason=msg.reason, alarm=msg.alarm
+            )
+        )
 
     def _on_report(self, site: str | None, round_id: str | None, m: InboundMessage) -> None:
         try:
@@ -283,13 +340,15 @@ class Coordinator:
         raise RoundFailedError(f"no agreement after {len(attempts)} attempts: {[a.status for a in attempts]}")
 
     async def _run_round(
-        self, transport: Transport, setup: RoundSetup
+        self, transport: Transport, setup: RoundSetup, stop_at: float | None = None
     ) -> tuple[DsoOutcome | None, tuple[str, ...]]:
+        """Run one opening to its end. `stop_at` (time.perf_counter): ask the round to end at the
+        next iteration once it passes (a rolling round's deadline)."""
         dso = setup.dso
         self._round = dso.plan.round
         while not self._proposals.empty():
             self._proposals.get_nowait()
-        await transport.publish_state(topics.DSO_STATUS, dso_status("online", dso.plan.round))
+        await transport.publish_state(topics.DSO_STATUS, self.status("online", dso.plan.round))
         t_round = time.perf_counter()
         opening = await asyncio.to_thread(dso.open_round)
         for cmd in opening:
@@ -300,11 +359,16 @@ class Coordinator:
         )
         t_iter = time.perf_counter()
         while True:
+            timeout = self.settings.iteration_timeout_s - (time.perf_counter() - t_iter)
+            if stop_at is not None:
+                timeout = min(timeout, max(stop_at - time.perf_counter(), 0.0))
             try:
-                proposal = await asyncio.wait_for(
-                    self._proposals.get(), self.settings.iteration_timeout_s - (time.perf_counter() - t_iter)
-                )
+                proposal = await asyncio.wait_for(self._proposals.get(), timeout)
             except TimeoutError:
+                if stop_at is not None and time.perf_counter() >= stop_at:
+                    dso.stop_at_next_iteration()
+                    stop_at = None
+                    continue
                 return None, dso.waiting_for()
             t0 = time.perf_counter()
             if dso.may_step(proposal):
@@ -365,7 +429,8 @@ class Coordinator:
         return round(self.cfg.dt_h * 3600)
 
     def _expiry(self, end: datetime) -> int | None:
-        left = (end - utc_now()).total_seconds()
+        """The broker's message expiry (wall seconds) for an envelope valid until `end` (simulated)."""
+        left = (self.clock.wall_at(end) - utc_now()).total_seconds()
         return int(np.ceil(left)) if left >= 1 else None
 
     async def _publish_doe(self, transport: Transport, kind: str, doe: Doe) -> None:
@@ -385,18 +450,22 @@ class Coordinator:
                 transport, "doe/default", self.default_envelope(site, self.start, duration)
             )
 
-    def envelope(self, setup: RoundSetup, outcome: DsoOutcome, site: str, t: int) -> Doe:
-        """The envelope of `site` for interval t: its grant, or its default if it was left out."""
+    def envelope(
+        self, setup: RoundSetup, outcome: DsoOutcome, site: str, t: int, column: int | None = None
+    ) -> Doe:
+        """The envelope of `site` for interval t of the day: its grant (column `column` of the
+        round's horizon, t by default), or its default if the round left it out."""
         start = self.start + timedelta(seconds=self.interval_s * t)
+        k = t if column is None else column
         if site in setup.sites and outcome.granted_lo_kw is not None and outcome.granted_up_kw is not None:
             c = setup.sites.index(site)
-            lo, up = float(outcome.granted_lo_kw[c, t]), float(outcome.granted_up_kw[c, t])
+            lo, up = float(outcome.granted_lo_kw[c, k]), float(outcome.granted_up_kw[c, k])
             return Doe.from_box(site, outcome.round, start, self.interval_s, lo, up)
         return self.default_envelope(site, start, self.interval_s)
 
     def current_interval(self) -> int:
         """The interval in force now, clamped to the horizon."""
-        t = int((utc_now() - self.start).total_seconds() // self.interval_s)
+        t = int((self.now() - self.start).total_seconds() // self.interval_s)
         return min(max(t, 0), self.cfg.intervals - 1)
 
     async def _publish_envelopes(self, transport: Transport, setup: RoundSetup, outcome: DsoOutcome) -> None:
@@ -407,8 +476,8 @@ class Coordinator:
     async def follow_day(self, transport: Transport, agreement: Agreement) -> None:
         """Publish each interval's envelope as the interval starts, until the horizon ends."""
         for t in range(self.current_interval() + 1, self.cfg.intervals):
-            wait = (self.start + timedelta(seconds=self.interval_s * t) - utc_now()).total_seconds()
-            await asyncio.sleep(max(0.0, wait))
+            due = self.clock.wall_at(self.start + timedelta(seconds=self.interval_s * t))
+            await asyncio.sleep(max(0.0, (due - utc_now()).total_seconds()))
             for site in self.site_ids:
                 await self._publish_doe(
                     transport, "doe", self.envelope(agreement.setup, agreement.outcome, site, t)

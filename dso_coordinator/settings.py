@@ -25,3 +25,11 @@ class CoordinatorSettings(ServiceSettings):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3  # rounds opened before giving up
     out: Path | None = None  # write results.json here
     exit_after_round: bool = False  # stop once the day-ahead round is done (else publish DOEs all day)
+    # The real-time day (see docs/realtime.md).
+    rolling: bool = False  # a round every interval over the rest of the day (else: the day-ahead DOEs)
+    rolling_stop_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # of an interval: a round's deadline
+    meter_step_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # the meters' nominal reading period
+    hours: Annotated[float, Field(gt=0, le=24 * 366)] | None = (
+        None  # the real-time day's length (default: the horizon)
+    )
+    exit_after_day: bool = False  # stop (after writing results.json) once the day is over

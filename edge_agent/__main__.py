@@ -100,7 +100,7 @@ def build_agent(config: SiteConfig, settings: EdgeSettings) -> EdgeAgent:
             journal = Journal(path, config.community.id)
         except JournalError as exc:
             raise ConfigError(f"journal {path}: {exc}") from None
-    return EdgeAgent(config, now, controller=controller, journal=journal)
+    return EdgeAgent(config, now, controller=controller, journal=journal, speed=settings.speed)
 
 
 if __name__ == "__main__":

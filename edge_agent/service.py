@@ -134,8 +134,10 @@ class EdgeAgent:
         *,
         controller: Controller | None = None,
         journal: Journal | None = None,
+        speed: float = 1.0,
     ):
         self.config = config
+        self.speed = speed  # of the simulated clock: a skew is judged in wall seconds
         self.site = config.community.id
         self.clock = clock
         self.reader = MarketReader(self.site)
@@ -412,8 +414,8 @@ class EdgeAgent:
             self.reader.dropped["sender_not_topic"] += 1
             return
         self.controller.coordinator_online = msg.state == "online"
-        if not m.retained:  # a live message: its time stamp tells the clocks' skew
-            self.controller.skew_s = (self.clock() - msg.ts).total_seconds()
+        if not m.retained and msg.state == "online":  # live and fresh: its time stamp tells the skew
+            self.controller.skew_s = (self.clock() - msg.ts).total_seconds() / self.speed
         await self._report_state(transport)
 
     async def _report_state(self, transport: Transport) -> None:

@@ -1,5 +1,6 @@
 """Which envelope an edge agent applies as time passes: the dynamic one while valid, then the default
-while valid, then its fixed default (never none); every switch on its retained status, with the reason. A recording transport stands in for the
+while valid, then its fixed default (never none); every switch on its retained status, with the
+reason. A recording transport stands in for the
 broker (the broker paths are in test_services.py)."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from edge_agent.service import EdgeAgent, fixed_default
-from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core import topics
+from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
@@ -61,7 +62,8 @@ def test_the_dynamic_envelope_then_the_default_then_none() -> None:
     asyncio.run(main())
     assert rec.statuses() == ["default", "dynamic", "default", "fixed_default"]
     reasons = [json.loads(p)["reason"] for t, p in rec.sent]
-    assert "expired" in reasons[2] and "expired" in reasons[3]
+    assert "expired" in reasons[2]
+    assert "expired" in reasons[3]
     assert all(t == topics.site(site, "status") for t, _ in rec.sent)
 
 

@@ -32,7 +32,7 @@ def test_a_gap_leaves_the_interval_incomplete_and_outside_readings_are_refused()
 
 
 def test_trades_are_paid_as_agreed_and_the_rest_goes_to_the_grid() -> None:
-    trades = [AgreedTrade("b", bought_kwh=0.0, sold_kwh=20.0, buy_price_eur_per_kwh=0.13, sell_price_eur_per_kwh=0.12)]
+    trades = [AgreedTrade("b", 0.0, 20.0, buy_price_eur_per_kwh=0.13, sell_price_eur_per_kwh=0.12)]
     s = settle(T0, measured_kwh=25.0, scheduled_kwh=30.0, trades=trades, price_import=0.25, price_export=0.05)
     assert s.p2p_received_eur == pytest.approx(2.4)
     assert s.grid_kwh == pytest.approx(5.0)  # exported beyond the sale

@@ -3,8 +3,9 @@
 It writes the configurations (`p2pdoe site-config`), starts a broker (the embedded pure-Python one
 unless `--broker` names another), the DSO coordinator and one edge agent per community, and shows the
 agreement's progress from the coordinator's `dso/progress` topic. With `--day-ahead` it stops after
-the day-ahead round; otherwise the services keep running (envelopes published interval by interval)
-until Ctrl-C, for `p2pdoe monitor` to watch.
+the day-ahead round; otherwise one meter simulator per site joins, and the accelerated day follows on
+the shared simulated clock (`--hours`, `--speed`): rolling rounds, enforcement against the meters,
+settlements (p2pdoe.cli.demo_realtime).
 """
 
 from __future__ import annotations
@@ -78,49 +79,94 @@ def processes(logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+@dataclass(frozen=True)
+class RealTime:
+    """The accelerated day after the day-ahead round."""
+
+    hours: float = 24.0
+    speed: float = 600.0  # simulated seconds per wall second: 24 h in 2.4 min
+    meter_rate_s: float = 30.0  # simulated seconds between meter readings
+    lead_s: float = 25.0  # wall seconds before the day starts (registration and the day-ahead round)
+
+
 def run_demo(
-    scenario: str, overrides: dict[str, Any], broker: str | None, out: Path, day_ahead: bool, policy: str
+    scenario: str,
+    overrides: dict[str, Any],
+    broker: str | None,
+    out: Path,
+    day_ahead: bool,
+    policy: str,
+    realtime: RealTime | None = None,
 ) -> Results:
     s = load_scenario(scenario, overrides)
     config = out / "config"
     write_site_configs(s, config)
     results_path = out / "results.json"
     results_path.unlink(missing_ok=True)
+    rt = None if day_ahead else (realtime or RealTime())
     with contextlib.ExitStack() as stack:
         url = broker or _embedded(stack)
         asyncio.run(_reachable(url))
         procs = stack.enter_context(processes(out / "logs"))
+        clock = _clock_args(s, rt)
         console.print(f"broker {url}; {len(s.ids)} edge agents and the coordinator, logs in {out / 'logs'}")
         py = sys.executable
         coordinator = procs.start(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
-             "--broker", url, "--out", str(out), "--start", "today", "--policy", policy,
-             "--registration-timeout-s", "120", *(["--exit-after-round"] if day_ahead else [])],
+             "--broker", url, "--out", str(out), "--policy", policy, "--registration-timeout-s", "120",
+             *clock, *(["--exit-after-round"] if rt is None else
+                       ["--rolling", "--exit-after-day", "--hours", f"{rt.hours:g}",
+                        "--meter-step-s", f"{rt.meter_rate_s:g}"])],
         )  # fmt: skip
         for site in s.ids:
+            site_config = str(config / "sites" / f"{site}.json")
+            meter = [] if rt is None else [
+                "--meter", "--meter-step-s", f"{rt.meter_rate_s:g}",
+                "--journal", str(out / "journal" / f"{site}.db"),
+            ]  # fmt: skip
             procs.start(
                 f"edge-{site}",
-                [
-                    py,
-                    "-m",
-                    "edge_agent",
-                    "--site-config",
-                    str(config / "sites" / f"{site}.json"),
-                    "--broker",
-                    url,
-                ],
+                [py, "-m", "edge_agent", "--site-config", site_config, "--broker", url, *clock, *meter],
             )
-        asyncio.run(_watch(url, coordinator, results_path, procs))
+            if rt is not None:
+                procs.start(
+                    f"meter-{site}",
+                    [py, "-m", "meter_sim", "--site-config", site_config, "--broker", url, *clock,
+                     "--rate-s", f"{rt.meter_rate_s:g}"],
+                )  # fmt: skip
+        seen = None
+        if rt is None:
+            asyncio.run(_watch(url, coordinator, results_path, procs))
+        else:
+            from p2pdoe.cli.demo_realtime import watch_day
+
+            seen = asyncio.run(watch_day(url, coordinator, procs, console))
         if not results_path.exists():
             raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
         results = Results.model_validate_json(results_path.read_bytes())
         _report(s, results, policy, out)
-        if not day_ahead:
-            console.print(f"the services run on; watch: p2pdoe monitor --broker {url}; Ctrl-C stops them")
-            with contextlib.suppress(KeyboardInterrupt):
-                coordinator.wait()
+        if seen is not None:
+            from p2pdoe.cli.demo_realtime import report_day
+
+            report_day(results, seen, out, console)
     return results
+
+
+def _clock_args(s: Any, rt: RealTime | None) -> list[str]:
+    """The shared clock: the day starts `lead_s` from now (wall), on today's date at the scenario's
+    time of day; without the real-time day, plain wall time."""
+    from datetime import UTC, datetime, timedelta
+
+    from p2pdoe.core.realtime.clock import day_start
+
+    if rt is None:
+        return ["--start", "today"]
+    now = datetime.now(UTC)
+    start = day_start("today", s.start.isoformat(), s.dt_h, now)
+    wall = now + timedelta(seconds=rt.lead_s)
+    iso = [x.isoformat().replace("+00:00", "Z") for x in (start, start, wall)]
+    return ["--start", iso[0], "--sim-origin", iso[1], "--wall-origin", iso[2], "--speed", f"{rt.speed:g}"]
 
 
 async def _reachable(url: str) -> None:

@@ -38,6 +38,9 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--broker", help="mqtt://host:port of a running broker (default: start the embedded one)")
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
+    p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
+    p.add_argument("--speed", type=float, default=600.0, help="simulated seconds per wall second (600)")
+    p.add_argument("--meter-rate-s", type=float, default=30.0, help="simulated seconds between readings")
     p.add_argument(
         "--out", type=Path, default=Path("out/demo"), help="output folder (results.json, plots, logs)"
     )
@@ -45,9 +48,15 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from p2pdoe.cli.demo import run_demo
+    from p2pdoe.cli.demo import RealTime, run_demo
 
-    run_demo(args.scenario, _overrides(args), args.broker, args.out, args.day_ahead, args.envelope)
+    if not args.day_ahead and args.intervals is None and args.dt_h is None:
+        args.intervals, args.dt_h = 96, 0.25  # the real-time day runs on 15-minute intervals
+    overrides = _overrides(args)
+    if not 0 < args.hours <= 24 or not args.speed > 0 or not args.meter_rate_s > 0:
+        raise P2PDoeError("--hours must lie in (0, 24]; --speed and --meter-rate-s must be positive")
+    rt = RealTime(hours=args.hours, speed=args.speed, meter_rate_s=args.meter_rate_s)
+    run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt)
     return 0
 
 

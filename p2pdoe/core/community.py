@@ -180,7 +180,7 @@ def _bounds(c: CommunityData, lay: Layout, market: MarketData, bounds: EnvelopeB
     x_min, x_max = c.technical_range_kw()
     if bounds is EnvelopeBounds.HULL:
         x_min, x_max = np.full(t, x_min.min()), np.full(t, x_max.max())
-    soc_end_min = max(b.soc_min_kwh, b.soc_init_kwh)
+    soc_end_min = b.soc_end_floor_kwh
     limits = {
         "pv": (0.0, c.pv_kw),
         "wd": (0.0, c.wind_kw),

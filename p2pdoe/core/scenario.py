@@ -29,6 +29,14 @@ class Battery:
     eta_charge: float
     eta_discharge: float
     wear_eur_per_kwh: float
+    soc_end_min_kwh: float | None = None  # the last interval's lower bound; None: max(soc_min, soc_init)
+
+    @property
+    def soc_end_floor_kwh(self) -> float:
+        """What the state of charge must be at least at the end of the horizon."""
+        if self.soc_end_min_kwh is None:
+            return max(self.soc_min_kwh, self.soc_init_kwh)
+        return max(self.soc_min_kwh, self.soc_end_min_kwh)
 
 
 @dataclass(frozen=True)

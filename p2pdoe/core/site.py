@@ -1,12 +1,16 @@
 """Split a scenario into one edge configuration per community plus the coordinator's, and build a
 community's QP from its configuration alone (what an edge agent does): the same matrices as from the
-whole scenario."""
+whole scenario. `remaining_config` gives a site's configuration over the rest of the day (a rolling
+horizon's round), from its measured state."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from p2pdoe.core.agreement.coordination import feeder_config
+from p2pdoe.core.agreement.coordination import check_offset, feeder_config, shifted_start
 from p2pdoe.core.community import CommunityQP, build_community_qp
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleLoad, MarketData, Scenario
@@ -175,3 +179,88 @@ def admm_spec(a: AdmmSettings) -> Admm:
             until=a.adapt_until,
         ),
     )
+
+
+FORECAST_ERROR_TAU_H = 1.0  # a measured forecast error fades as exp(-hours ahead / tau)
+
+
+@dataclass(frozen=True)
+class Recent:
+    """Measured means over the last complete interval, the one just before the remaining horizon."""
+
+    pv_kw: float
+    wind_kw: float
+    fixed_load_kw: float
+
+
+def remaining_config(
+    config: cfg.SiteConfig,
+    offset: int,
+    soc_kwh: float,
+    flex_used_kwh: float,
+    recent: Recent | None = None,
+) -> cfg.SiteConfig:
+    """The site's configuration over intervals offset..T-1 of its day: series sliced, the battery from
+    its measured state of charge (`soc_kwh`, clipped into its range) towards the day's terminal target
+    (as far as it can still be reached), the flexible load with what it has left of the day's energy
+    (`flex_used_kwh` used so far; clipped to what the remaining intervals can serve), and the
+    forecasts updated by the last interval's measurements (`recent`, see `updated_forecast`)."""
+    c = config.community
+    check_offset(offset, len(c.fixed_load_kw))
+    if not (math.isfinite(soc_kwh) and math.isfinite(flex_used_kwh)):
+        raise ValueError("the measured state of charge and flexible energy must be finite")
+    if recent is not None and offset == 0:
+        raise ValueError("at offset 0 no interval of the day has been measured yet")
+    hours = (len(c.fixed_load_kw) - offset) * config.dt_h
+
+    def series(values: list[float], measured: float | None) -> list[float]:
+        return updated_forecast(values, offset, measured, config.dt_h)
+
+    community = c.model_copy(
+        update={
+            "pv_kw": series(c.pv_kw, recent.pv_kw if recent else None),
+            "wind_kw": series(c.wind_kw, recent.wind_kw if recent else None),
+            "fixed_load_kw": series(c.fixed_load_kw, recent.fixed_load_kw if recent else None),
+            "flexible_load": remaining_flex(c.flexible_load, offset, flex_used_kwh, hours),
+            "battery": remaining_battery(c.battery, soc_kwh, hours),
+        }
+    )
+    return config.model_copy(
+        update={
+            "start": shifted_start(config.start, offset, config.dt_h),
+            "price_import_eur_per_kwh": config.price_import_eur_per_kwh[offset:],
+            "price_export_eur_per_kwh": config.price_export_eur_per_kwh[offset:],
+            "community": community,
+        }
+    )
+
+
+def updated_forecast(forecast: list[float], offset: int, measured: float | None, dt_h: float) -> list[float]:
+    """The forecast over intervals offset..T-1; with `measured` (the mean of interval offset-1), the
+    error there fades in: interval offset+k gets error * exp(-(k+1) dt_h / tau), never below zero."""
+    tail = np.asarray(forecast[offset:], dtype=float)
+    if measured is None:
+        return [float(v) for v in tail]
+    error = measured - forecast[offset - 1]
+    ahead_h = np.arange(1, tail.size + 1) * dt_h
+    updated = np.maximum(0.0, tail + error * np.exp(-ahead_h / FORECAST_ERROR_TAU_H))
+    return [float(v) for v in updated]
+
+
+def remaining_flex(f: cfg.FlexConfig, offset: int, used_kwh: float, hours: float) -> cfg.FlexConfig:
+    """What is left of the day's flexible energy, within what `hours` at min_kw..max_kw can serve."""
+    energy = min(max(f.energy_kwh - used_kwh, f.min_kw * hours), f.max_kw * hours)
+    return f.model_copy(update={"energy_kwh": energy, "preferred_kw": f.preferred_kw[offset:]})
+
+
+def remaining_battery(b: cfg.BatteryConfig, soc_kwh: float, hours: float) -> cfg.BatteryConfig:
+    """Starting at the measured state of charge; the day's terminal target, or as near as charging at
+    full power for the remaining `hours` gets."""
+    soc = min(max(soc_kwh, b.soc_min_kwh), b.soc_max_kwh)
+    reachable = soc + b.eta_charge * b.power_kw * hours
+    target = min(_battery(b).soc_end_floor_kwh, reachable, b.soc_max_kwh)
+    return b.model_copy(update={"soc_init_kwh": soc, "soc_end_min_kwh": target})
+
+
+def _battery(b: cfg.BatteryConfig) -> Battery:
+    return Battery(**b.model_dump())

@@ -59,21 +59,47 @@ class CommunityOutcome:
     final_solve: str  # what the final schedule was solved with pinned (see CommunityParticipant._settle)
 
 
+def _warm_trades(open_: RoundOpen, links: list[tuple[str, str]]) -> Agreed:
+    """The couplings of `links` (buyer, seller), one row each: from the opening's warm start where it
+    lists the link, else cold (zero at the initial trade price). The counterpart reads the same."""
+    horizon = open_.intervals
+    y = np.zeros((len(links), horizon))
+    price = np.tile(np.asarray(open_.initial_trade_price_eur_per_kwh) * open_.dt_h, (len(links), 1))
+    warm = {(t.buyer, t.seller): t for t in open_.warm_start.trades} if open_.warm_start else {}
+    for i, link in enumerate(links):
+        if link in warm:
+            y[i], price[i] = np.asarray(warm[link].kw), np.asarray(warm[link].price_eur_per_kwh) * open_.dt_h
+    return Agreed(y, price)
+
+
+def _warm_envelope(open_: RoundOpen, site: str) -> tuple[Agreed, Agreed]:
+    """The site's (lo, up) couplings: from the opening's warm start where it lists the site, else zero."""
+    zero = np.zeros(open_.intervals)
+    mine = [e for e in open_.warm_start.envelopes if e.site == site] if open_.warm_start else []
+    if not mine:
+        return Agreed(zero, zero.copy()), Agreed(zero.copy(), zero.copy())
+    e, dt = mine[0], open_.dt_h
+    return (
+        Agreed(np.asarray(e.lo_kw), np.asarray(e.lo_price_eur_per_kwh) * dt),
+        Agreed(np.asarray(e.up_kw), np.asarray(e.up_price_eur_per_kwh) * dt),
+    )
+
+
 class _Round:
     """Per-round state: the agreed values and prices of every coupling this community holds."""
 
-    def __init__(self, open_: RoundOpen, n_peers: int, horizon: int, with_envelope: bool):
-        zero = np.zeros((n_peers, horizon))
-        start_price = np.tile(np.asarray(open_.initial_trade_price_eur_per_kwh) * open_.dt_h, (n_peers, 1))
+    def __init__(self, open_: RoundOpen, site: str, peer_ids: tuple[str, ...]):
         self.id = open_.round
         self.dt_h = open_.dt_h
         self.alpha = open_.admm.over_relaxation
         self.rho_trade = open_.admm.rho_trade_eur_per_kw2h
         self.rho_envelope = open_.admm.rho_envelope_eur_per_kw2h
-        self.buy = Agreed(zero.copy(), start_price.copy())
-        self.sell = Agreed(zero.copy(), start_price.copy())
-        self.lo = Agreed(np.zeros(horizon), np.zeros(horizon)) if with_envelope else None
-        self.up = Agreed(np.zeros(horizon), np.zeros(horizon)) if with_envelope else None
+        self.buy = _warm_trades(open_, [(site, peer) for peer in peer_ids])
+        self.sell = _warm_trades(open_, [(peer, site) for peer in peer_ids])
+        self.lo: Agreed | None = None
+        self.up: Agreed | None = None
+        if open_.policy != "none":
+            self.lo, self.up = _warm_envelope(open_, site)
         self.z: FloatArray | None = None
         self.granted: tuple[FloatArray, FloatArray] | None = None
         self.final_solve = ""
@@ -163,7 +189,7 @@ class CommunityParticipant:
             return []
         if self._round is not None:  # a new round supersedes the one in progress
             self._ignored.update(self._round.inbox.ignored)
-        r = _Round(msg, len(self.peer_ids), self.horizon, msg.policy != "none")
+        r = _Round(msg, self.site, self.peer_ids)
         r.inbox = Inbox(frozenset(self.peer_ids) | {DSO_ID})
         self._round = r
         self._solver = LocalSolver(self.qp, self._rho_diagonal(r))

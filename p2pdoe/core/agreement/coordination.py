@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import numpy as np
 
-from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan
+from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan, with_rho
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import admm_settings
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig, FeederConfig
+from p2pdoe.core.schemas.messages import WarmStart
 from p2pdoe.core.schemas.runtime import Registration
 
 
@@ -172,8 +174,13 @@ def round_setup(
     excluded: set[str],
     defaults: Defaults,
     round_id: str,
+    *,
+    warm: WarmStart | None = None,
+    rho: tuple[float, float] | None = None,
 ) -> RoundSetup:
-    """The DSO participant of a round among every registered site not in `excluded`, in config order."""
+    """The DSO participant of a round among every registered site not in `excluded`, in config order.
+    `warm`: where the couplings start (`warm.warm_start_from`); `rho`: (rho_trade, rho_envelope) to
+    start from instead of the configuration's, e.g. the previous round's final values."""
     ids = [s.id for s in cfg.sites]
     taking_part = [i for i, sid in enumerate(ids) if sid in registrations and sid not in excluded]
     facts = [_facts(cfg, feeder, s, registrations.get(s.id)) for s in cfg.sites]
@@ -205,8 +212,9 @@ def round_setup(
         sites=sites,
         peers=peers,
         initial_trade_price=tuple(float(v) for v in prices),
+        warm=warm,
     )
-    dso = DsoParticipant(plan, cfg.intervals, admm_settings(cfg.admm), grid)
+    dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid)
     left_out = tuple(sid for sid in ids if sid not in sites)
     return RoundSetup(dso, sites, left_out, view, safe)
 
@@ -215,3 +223,36 @@ def _facts(
     cfg: CoordinatorConfig, feeder: Feeder, site: ConnectedSite, reg: Registration | None
 ) -> SiteFacts:
     return connection_facts(site, feeder, cfg.intervals) if reg is None else facts_of(reg, feeder)
+
+
+def shifted_start(start: str, offset: int, dt_h: float) -> str:
+    """The ISO time `offset` intervals of `dt_h` after `start` (UTC written with Z, as configs do)."""
+    moment = datetime.fromisoformat(start.replace("Z", "+00:00")) + timedelta(hours=offset * dt_h)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def check_offset(offset: int, intervals: int) -> None:
+    if not 0 <= offset < intervals:
+        raise ValueError(f"offset {offset} is not an interval of a {intervals}-interval horizon")
+
+
+def remaining_coordinator_config(cfg: CoordinatorConfig, offset: int) -> CoordinatorConfig:
+    """The configuration over intervals offset..T-1 of the day: start shifted, series sliced."""
+    check_offset(offset, cfg.intervals)
+    return cfg.model_copy(
+        update={
+            "start": shifted_start(cfg.start, offset, cfg.dt_h),
+            "intervals": cfg.intervals - offset,
+            "background_kw": [row[offset:] for row in cfg.background_kw],
+            "background_kvar": [row[offset:] for row in cfg.background_kvar],
+            "price_import_eur_per_kwh": cfg.price_import_eur_per_kwh[offset:],
+            "price_export_eur_per_kwh": cfg.price_export_eur_per_kwh[offset:],
+        }
+    )
+
+
+def remaining_registration(reg: Registration, offset: int) -> Registration:
+    """The registration's ranges over intervals offset..T-1 of the day."""
+    check_offset(offset, len(reg.technical_min_kw))
+    names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
+    return reg.model_copy(update={name: getattr(reg, name)[offset:] for name in names})

@@ -8,7 +8,7 @@ onto the safe set for iteration k + 1. Every grant is network-safe, converged or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,6 +42,8 @@ from p2pdoe.core.schemas.messages import (
     ResidualReport,
     RoundOpen,
     Status,
+    WarmStart,
+    warm_start_problem,
 )
 
 
@@ -66,6 +68,10 @@ class DsoOutcome:
     grid: GridSolve | None  # the last projection (row duals give the DLMP parts)
     rho_envelope: float  # EUR/(kW^2 h), at the last grant
     history: tuple[IterationRecord, ...]
+    rho_trade: float  # EUR/(kW^2 h), at the last grant
+    trades: Agreed  # (links, T) in `links_of(plan.peers)` order; price in EUR per kW and interval
+    lo: Agreed | None  # (C, T) the envelope couplings after the last update; None without envelopes
+    up: Agreed | None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,30 @@ class RoundPlan:
     sites: tuple[str, ...]
     peers: tuple[tuple[int, ...], ...]  # trading graph, by site index
     initial_trade_price: tuple[float, ...]  # EUR/kWh per interval, public (from the retail tariffs)
+    warm: WarmStart | None = None  # where the couplings start (announced in the opening); None: cold
+
+
+def with_rho(settings: AdmmSettings, rho: tuple[float, float] | None) -> AdmmSettings:
+    """The settings starting from `rho` = (rho_trade, rho_envelope) instead, e.g. a previous round's."""
+    return settings if rho is None else replace(settings, rho_trade=rho[0], rho_envelope=rho[1])
+
+
+def links_of(peers: tuple[tuple[int, ...], ...]) -> list[tuple[int, int]]:
+    """(buyer, seller) of every trade coupling, buyer-major: the order proposals stack in."""
+    return [(b, s) for b in range(len(peers)) for s in peers[b]]
+
+
+def warm_plan_problem(plan: RoundPlan, horizon: int) -> str | None:
+    """Why the plan's warm start does not fit its round, or None."""
+    if plan.warm is None:
+        return None
+    problem = warm_start_problem(plan.warm, plan.sites, horizon)
+    links = {(plan.sites[b], plan.sites[s]) for b, s in links_of(plan.peers)}
+    if problem is None and any((t.buyer, t.seller) not in links for t in plan.warm.trades):
+        problem = "the warm start names a trade outside the trading graph"
+    if problem is None and plan.policy == "none" and plan.warm.envelopes:
+        problem = "a round without envelopes has no warm envelopes"
+    return problem
 
 
 @dataclass(frozen=True)
@@ -92,10 +122,34 @@ class _Parsed:
     up: FloatArray | None
 
 
+def _warm_trades(plan: RoundPlan, links: list[tuple[int, int]], cold: Agreed) -> Agreed:
+    """The trade couplings the warm start lists, from it (prices times dt_h, as the communities do)."""
+    if plan.warm is None:
+        return cold
+    y, price = cold.y.copy(), cold.price.copy()
+    position = {(plan.sites[b], plan.sites[s]): i for i, (b, s) in enumerate(links)}
+    for t in plan.warm.trades:
+        i = position[(t.buyer, t.seller)]
+        y[i], price[i] = np.asarray(t.kw), np.asarray(t.price_eur_per_kwh) * plan.dt_h
+    return Agreed(y, price)
+
+
+def _warm_envelopes(plan: RoundPlan, horizon: int) -> tuple[Agreed, Agreed]:
+    """(lo, up) couplings of every site: zero, or from the warm start where it lists the site."""
+    n = len(plan.sites)
+    lo_y, lo_p, up_y, up_p = (np.zeros((n, horizon)) for _ in range(4))
+    for e in plan.warm.envelopes if plan.warm is not None else []:
+        c = plan.sites.index(e.site)
+        lo_y[c], up_y[c] = np.asarray(e.lo_kw), np.asarray(e.up_kw)
+        lo_p[c] = np.asarray(e.lo_price_eur_per_kwh) * plan.dt_h
+        up_p[c] = np.asarray(e.up_price_eur_per_kwh) * plan.dt_h
+    return Agreed(lo_y, lo_p), Agreed(up_y, up_p)
+
+
 class _State:
     def __init__(self, plan: RoundPlan, settings: AdmmSettings, horizon: int):
-        links = [(b, s) for b in range(len(plan.sites)) for s in plan.peers[b]]
-        n_links, n_sites = len(links), len(plan.sites)
+        links = links_of(plan.peers)
+        n_links = len(links)
         self.links = links
         # links are sender-major, so stacked proposals give buy[b -> s] in link order; sell[s -> b]
         # sits at the position of the reversed link
@@ -103,9 +157,8 @@ class _State:
         self.rho_trade = settings.rho_trade
         self.rho_envelope = settings.rho_envelope
         start_price = np.tile(np.asarray(plan.initial_trade_price) * plan.dt_h, (n_links, 1))
-        self.trades = Agreed(np.zeros((n_links, horizon)), start_price)
-        self.lo = Agreed(np.zeros((n_sites, horizon)), np.zeros((n_sites, horizon)))
-        self.up = Agreed(np.zeros((n_sites, horizon)), np.zeros((n_sites, horizon)))
+        self.trades = _warm_trades(plan, links, Agreed(np.zeros((n_links, horizon)), start_price))
+        self.lo, self.up = _warm_envelopes(plan, horizon)
         self.grant: GridSolve | None = None
         self.history: list[IterationRecord] = []
         self.inbox: Inbox[_Parsed] = Inbox(frozenset(plan.sites))
@@ -116,12 +169,16 @@ class DsoParticipant:
     def __init__(self, plan: RoundPlan, horizon: int, settings: AdmmSettings, grid: GridSolver | None):
         if (grid is None) != (plan.policy == "none"):
             raise ValueError("a grid solver is needed exactly when the round has envelopes")
+        problem = warm_plan_problem(plan, horizon)
+        if problem is not None:
+            raise ValueError(problem)
         self.plan = plan
         self.horizon = horizon
         self.settings = settings
         self.grid = grid
         self.rejected = 0
         self._s = _State(plan, settings, horizon)
+        self._stop_requested = False
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -146,6 +203,11 @@ class DsoParticipant:
             return ()
         return tuple(site for site in self.plan.sites if site not in self._s.inbox.current)
 
+    def stop_at_next_iteration(self) -> None:
+        """End the round early (a deadline): the grant of the iteration now awaited says "stopped"
+        (unless it converges), and every community settles on it as at `max_iterations`."""
+        self._stop_requested = True
+
     def may_step(self, msg: Proposal) -> bool:
         """Whether handling `msg` may run an iteration's step (it completes the current iteration)."""
         inbox = self._s.inbox
@@ -154,7 +216,7 @@ class DsoParticipant:
         return msg.sender not in inbox.current and len(inbox.expected - inbox.current.keys()) == 1
 
     def open_round(self) -> list[Command]:
-        self._project()
+        self._project(accurate=True)  # from a warm start the first target is far from the last one
         s = self.settings
         return [
             Publish(
@@ -172,6 +234,7 @@ class DsoParticipant:
                         max_iterations=s.max_iterations,
                     ),
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
+                    warm_start=self.plan.warm,
                 )
             )
         ]
@@ -262,6 +325,8 @@ class DsoParticipant:
     def _verdict(self, record: IterationRecord, iteration: int) -> Status:
         if record.trade.converged and record.envelope.converged:
             return "converged"
+        if self._stop_requested:
+            return "stopped"
         if iteration + 1 >= self.settings.max_iterations:
             return "max_iterations"
         return "running"
@@ -276,13 +341,13 @@ class DsoParticipant:
         if st.grant is not None:
             st.rho_envelope = rebalanced_rho(st.rho_envelope, record.envelope, s.adapt_ratio, s.adapt_factor)
 
-    def _project(self) -> None:
+    def _project(self, accurate: bool = False) -> None:
         """The DSO's own step: the safe box nearest to y + price / rho (its copy carries -price)."""
         st = self._s
         if self.grid is None:
             return
         rho_e = st.rho_envelope * self.plan.dt_h
-        st.grant = self.grid.solve(st.lo.y + st.lo.price / rho_e, st.up.y + st.up.price / rho_e)
+        st.grant = self.grid.solve(st.lo.y + st.lo.price / rho_e, st.up.y + st.up.price / rho_e, accurate)
 
     # --- messages and outcome --------------------------------------------------------------------
 
@@ -326,6 +391,10 @@ class DsoParticipant:
             grid=st.grant,
             rho_envelope=st.rho_envelope,
             history=tuple(st.history),
+            rho_trade=st.rho_trade,
+            trades=st.trades,
+            lo=None if self.grid is None else st.lo,
+            up=None if self.grid is None else st.up,
         )
 
     def _fits(self, p: Proposal) -> bool:

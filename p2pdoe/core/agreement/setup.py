@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2pdoe.core.agreement.community import CommunityParticipant
-from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan
+from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan, with_rho
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import SafeSet, safe_set
 from p2pdoe.core.market import community_qps
 from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.messages import WarmStart
 from p2pdoe.core.solution import Policy
 
 
@@ -38,7 +39,15 @@ def envelope_bounds_of(qps: tuple[CommunityQP, ...]) -> Bounds:
     return Bounds(rows("lo", False), rows("lo", True), rows("up", False), rows("up", True))
 
 
-def participants(s: Scenario, policy: Policy, round_id: str) -> Participants:
+def participants(
+    s: Scenario,
+    policy: Policy,
+    round_id: str,
+    *,
+    warm: WarmStart | None = None,
+    rho: tuple[float, float] | None = None,
+) -> Participants:
+    """Every participant of a round over the whole scenario; `warm` and `rho` as in `round_setup`."""
     qps = tuple(community_qps(s, policy))
     ids = tuple(s.ids)
     communities = tuple(
@@ -57,5 +66,7 @@ def participants(s: Scenario, policy: Policy, round_id: str) -> Participants:
         sites=ids,
         peers=s.market.peers,
         initial_trade_price=tuple(float(v) for v in 0.5 * (s.price_import + s.price_export)),
+        warm=warm,
     )
-    return Participants(DsoParticipant(plan, s.horizon, s.admm, grid), communities, qps, safe)
+    dso = DsoParticipant(plan, s.horizon, with_rho(s.admm, rho), grid)
+    return Participants(dso, communities, qps, safe)

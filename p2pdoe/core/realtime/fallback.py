@@ -48,7 +48,7 @@ class Heard:
     dynamic: Doe | None = None  # the cached envelope from the coordinator
     default: Doe | None = None  # the retained (or saved) default
     coordinator_online: bool = False  # from its status; its last will says offline
-    skew_s: float | None = None  # local clock minus the coordinator's timestamps; None: unknown
+    skew_s: float | None = None  # local clock minus the coordinator's, in wall seconds; None: unknown
 
 
 @dataclass(frozen=True)

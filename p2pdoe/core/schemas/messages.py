@@ -21,7 +21,8 @@ SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 RoundId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 Kw = Annotated[float, Field(allow_inf_nan=False)]
 Series = list[Kw]
-Status = Literal["running", "converged", "max_iterations"]
+# "stopped": the coordinator ended the round early (a deadline); it settles like "max_iterations"
+Status = Literal["running", "converged", "max_iterations", "stopped"]
 
 
 class Message(BaseModel):
@@ -33,6 +34,59 @@ class AdmmParameters(Message):
     rho_envelope_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     over_relaxation: Annotated[float, Field(ge=1.0, le=1.9)]
     max_iterations: Annotated[int, Field(ge=1)]
+
+
+class WarmTrade(Message):
+    """Where the coupling buyer-buys-from-seller starts: its agreed amount and price (EUR/kWh)."""
+
+    buyer: SiteId
+    seller: SiteId
+    kw: Series
+    price_eur_per_kwh: Series
+
+
+class WarmEnvelope(Message):
+    """Where a site's envelope couplings start: the agreed lo and up and their consensus prices
+    (EUR/kWh: the price per kW and interval divided by dt_h, signed as the community's copy)."""
+
+    site: SiteId
+    lo_kw: Series
+    up_kw: Series
+    lo_price_eur_per_kwh: Series
+    up_price_eur_per_kwh: Series
+
+
+class WarmStart(Message):
+    """The agreed values and prices every coupling starts from (docs/agreement.md, "Warm start").
+    Both parties of a coupling read them from the same opening, so their copies start identical;
+    a coupling not listed starts cold."""
+
+    trades: list[WarmTrade]
+    envelopes: list[WarmEnvelope]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> WarmStart:
+        links = [(t.buyer, t.seller) for t in self.trades]
+        if len(set(links)) != len(links) or any(b == s for b, s in links):
+            raise ValueError("warm trades must be distinct links between two different sites")
+        sites = [e.site for e in self.envelopes]
+        if len(set(sites)) != len(sites):
+            raise ValueError("one warm envelope per site")
+        return self
+
+
+def warm_start_problem(warm: WarmStart, sites: list[str] | tuple[str, ...], intervals: int) -> str | None:
+    """Why `warm` does not fit a round among `sites` over `intervals`, or None."""
+    known = set(sites)
+    named = {s for t in warm.trades for s in (t.buyer, t.seller)} | {e.site for e in warm.envelopes}
+    if not named <= known:
+        return f"the warm start names sites outside the round: {sorted(named - known)}"
+    series = [s for t in warm.trades for s in (t.kw, t.price_eur_per_kwh)] + [
+        s for e in warm.envelopes for s in (e.lo_kw, e.up_kw, e.lo_price_eur_per_kwh, e.up_price_eur_per_kwh)
+    ]
+    if any(len(s) != intervals for s in series):
+        return "every warm-start series needs one value per interval"
+    return None
 
 
 class RoundOpen(Message):
@@ -49,6 +103,7 @@ class RoundOpen(Message):
     sites: list[SiteId] = Field(min_length=2)
     admm: AdmmParameters
     initial_trade_price_eur_per_kwh: Series  # every pair starts from this price (a warm start)
+    warm_start: WarmStart | None = None  # where the couplings start; None: cold (zero, the price above)
 
     @field_validator("start")
     @classmethod
@@ -67,6 +122,12 @@ class RoundOpen(Message):
             raise ValueError("sites must be distinct and none may be called 'dso'")
         if len(self.initial_trade_price_eur_per_kwh) != self.intervals:
             raise ValueError("one initial trade price per interval")
+        if self.warm_start is not None:
+            problem = warm_start_problem(self.warm_start, self.sites, self.intervals)
+            if problem is not None:
+                raise ValueError(problem)
+            if self.policy == "none" and self.warm_start.envelopes:
+                raise ValueError("a round without envelopes has no warm envelopes")
         return self
 
 

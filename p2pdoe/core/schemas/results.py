@@ -204,6 +204,80 @@ class RuntimeInfo(Model):
     dropped_messages: dict[str, int]  # by reason, before any participant saw them
 
 
+class RealtimeInterval(Model):
+    """One interval of the real-time day: the rolling round that set its envelopes."""
+
+    interval: int  # of the day, 0-based
+    start: str
+    round: str | None  # None: no round could be run; the last agreement (or the defaults) stood
+    status: str  # converged, stopped (its deadline), max_iterations, failed
+    iterations: int
+    wall_s: float
+    lead_s: float  # simulated seconds between publishing its envelopes and its start
+    sites: list[str]
+    lo_kw: dict[str, float]  # the envelopes published for it
+    up_kw: dict[str, float]
+
+
+class SettlementResult(Model):
+    """One site's settlement of one interval, as the site sent it (see SettlementRecord)."""
+
+    site: str
+    interval_start: str
+    round: str | None
+    measured_kwh: float
+    scheduled_kwh: float
+    deviation_kwh: float
+    p2p_paid_eur: float
+    p2p_received_eur: float
+    grid_kwh: float
+    grid_eur: float
+    net_eur: float
+    readings: int
+    covered_s: float
+    envelope: str
+    meter_kwh: float | None  # the coordinator's own integral of the site's readings
+
+
+class ViolationResult(Model):
+    site: str
+    start: str
+    end: str
+    readings: int
+    worst_kw: float
+
+
+class EnvelopeViolations(Model):
+    """Sustained violations (three readings in a row beyond max(1 kW, 2 %)) from the broker alone."""
+
+    count: int
+    by_site: dict[str, int]
+    judged_readings: int
+    outside_readings: int
+    events: list[ViolationResult]
+
+
+class FallbackEvent(Model):
+    site: str
+    ts: str
+    envelope: str
+    reason: str | None
+    alarm: str | None
+
+
+class RealtimeInfo(Model):
+    speed: float
+    hours: float
+    meter_readings: int
+    intervals: list[RealtimeInterval]
+    settlements: list[SettlementResult]
+    envelope_violations: EnvelopeViolations
+    fallback_events: list[FallbackEvent]
+    missing_settlements: dict[str, list[str]]  # site -> interval starts never settled
+    energy_mismatch_max_pct: float  # journal vs the coordinator's meter integral, worst interval
+    measured_ac: NetworkState | None  # AC power flow of the measured mean injections per interval
+
+
 class Results(Model):
     schema_version: Literal[1] = 1
     kind: Literal["results"] = "results"
@@ -225,3 +299,4 @@ class Results(Model):
     lindistflow_check: NetworkCheck
     solver: SolverResult
     runtime: RuntimeInfo | None = None
+    realtime: RealtimeInfo | None = None

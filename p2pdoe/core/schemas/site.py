@@ -27,6 +27,7 @@ class BatteryConfig(Model):
     eta_charge: Annotated[float, Field(gt=0, le=1)]
     eta_discharge: Annotated[float, Field(gt=0, le=1)]
     wear_eur_per_kwh: NonNeg
+    soc_end_min_kwh: NonNeg | None = None  # the final state of charge's floor; None: max(min, init)
 
 
 class FlexConfig(Model):

@@ -1,0 +1,132 @@
+"""The coordinator's real-time day: a rolling horizon on the shared simulated clock.
+
+For each interval t after the one in force, a round over intervals t..T-1 opens as interval t-1
+starts (at once for the first), warm-started from the last agreement (shifted) with its final rho.
+The sites bring their measured state of charge and updated forecasts into their own problems. At
+`rolling_stop_fraction` of interval t-1 the round is asked to end at its next iteration (every
+grant is safe, so a stopped round's envelopes are too), and interval t's envelopes are published,
+retained with their validity window, before t starts. If the round fails (a site silent past the
+iteration deadline), the last agreement's envelopes for t stand: they were safe together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from dso_coordinator.service import Agreement, Coordinator, utc_now
+from p2pdoe.core import topics
+from p2pdoe.core.agreement.coordination import (
+    RoundSetup,
+    remaining_coordinator_config,
+    remaining_registration,
+    round_setup,
+)
+from p2pdoe.core.agreement.dso import DsoOutcome
+from p2pdoe.core.agreement.warm import warm_start_from
+from p2pdoe.core.schemas.results import RealtimeInterval
+from p2pdoe.core.schemas.runtime import Doe
+from p2pdoe.services.transport import Transport
+
+log = logging.getLogger("dso_coordinator.realtime")
+
+
+@dataclass
+class Standing:
+    """The agreement whose envelopes stand: its setup, outcome and first interval of the day."""
+
+    setup: RoundSetup
+    outcome: DsoOutcome
+    offset: int
+
+
+@dataclass
+class Day:
+    intervals: list[RealtimeInterval] = field(default_factory=list)
+
+
+class RollingHorizon:
+    def __init__(self, coordinator: Coordinator, transport: Transport, agreement: Agreement):
+        self.c = coordinator
+        self.transport = transport
+        self.standing = Standing(agreement.setup, agreement.outcome, 0)
+        self.day = Day()
+
+    async def run(self) -> Day:
+        c = self.c
+        first = c.current_interval() + 1
+        hours = c.settings.hours
+        last = c.cfg.intervals if hours is None else min(c.cfg.intervals, round(hours * 3600 / c.interval_s))
+        for t in range(first, last):
+            opens = c.clock.wall_at(c.start + timedelta(seconds=c.interval_s * (t - 1)))
+            await asyncio.sleep(max(0.0, (opens - utc_now()).total_seconds()))
+            await self._interval(t)
+        end = c.clock.wall_at(c.start + timedelta(seconds=c.interval_s * last))
+        await asyncio.sleep(max(0.0, (end - utc_now()).total_seconds()))
+        return self.day
+
+    async def _interval(self, t: int) -> None:
+        c = self.c
+        starts = c.start + timedelta(seconds=c.interval_s * t)
+        budget = c.clock.wall_seconds(c.interval_s * c.settings.rolling_stop_fraction)
+        left = (c.clock.wall_at(starts) - utc_now()).total_seconds()
+        stop_at = time.perf_counter() + max(0.0, min(budget, left - 0.3 * c.clock.wall_seconds(c.interval_s)))
+        t0 = time.perf_counter()
+        round_id = f"{c.settings.round}-rt{t:03d}"
+        setup, outcome = await self._round(t, round_id, stop_at)
+        wall = time.perf_counter() - t0
+        if outcome is not None:
+            self.standing = Standing(setup, outcome, t)
+        envelopes = {site: self._envelope(site, t) for site in c.site_ids}
+        for doe in envelopes.values():
+            await c._publish_doe(self.transport, "doe", doe)
+        lead = (starts - c.now()).total_seconds()
+        record = RealtimeInterval(
+            interval=t,
+            start=starts.isoformat().replace("+00:00", "Z"),
+            round=round_id if outcome is not None else None,
+            status="failed" if outcome is None else outcome.status,
+            iterations=setup.dso.iteration if outcome is None else outcome.iterations,
+            wall_s=wall,
+            lead_s=lead,
+            sites=list(setup.sites),
+            lo_kw={s: d.lo_kw for s, d in envelopes.items()},
+            up_kw={s: d.up_kw for s, d in envelopes.items()},
+        )
+        self.day.intervals.append(record)
+        log.info(
+            "interval %d: round %s %s after %d iterations in %.2f s; envelopes %.0f s (simulated) ahead",
+            t, round_id, record.status, record.iterations, wall, lead,
+        )  # fmt: skip
+
+    async def _round(self, t: int, round_id: str, stop_at: float) -> tuple[RoundSetup, DsoOutcome | None]:
+        c, prev = self.c, self.standing
+        cfg = remaining_coordinator_config(c.cfg, t)
+        registrations = {s: remaining_registration(r, t) for s, r in c.registrations.items()}
+        left_out = set(c.site_ids) - c._ready()
+        prev_sites = prev.setup.sites
+        sites = tuple(s for s in c.site_ids if s not in left_out and s in registrations)
+        warm = None
+        if set(sites) & set(prev_sites):
+            warm = warm_start_from(prev.setup.dso.plan, prev.outcome, t - prev.offset, cfg.intervals, sites)
+        rho = (prev.outcome.rho_trade, prev.outcome.rho_envelope)
+        setup = await asyncio.to_thread(
+            round_setup, cfg, c.feeder, registrations, left_out, c.defaults, round_id, warm=warm, rho=rho
+        )
+        if len(setup.sites) < 2:
+            return setup, None
+        outcome, missing = await c._run_round(self.transport, setup, stop_at)
+        await self.transport.publish(topics.round_open(round_id), b"", retain=True)  # withdraw the opening
+        if outcome is None:
+            log.warning(
+                "interval %d: round %s lost %s; the last agreement stands", t, round_id, list(missing)
+            )
+        return setup, outcome
+
+    def _envelope(self, site: str, t: int) -> Doe:
+        """Interval t's envelope of `site` from the standing agreement, or its default."""
+        st = self.standing
+        return self.c.envelope(st.setup, st.outcome, site, t, t - st.offset)

@@ -1,0 +1,175 @@
+"""The demo's real-time day: a live view and an independent violation count from the broker alone
+(meter readings and envelopes, nothing the sites or the coordinator say of themselves), then the
+report: a summary table, and plots of measured injection against envelopes, state of charge,
+voltages from an AC power flow of the measured injections, and settlements."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from p2pdoe.core import topics
+from p2pdoe.core.realtime.observer import ViolationObserver
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.runtime import Doe, MeterReading, Progress, SiteStatus, decode_runtime
+from p2pdoe.errors import P2PDoeError
+
+if TYPE_CHECKING:
+    from p2pdoe.cli.demo import Processes
+
+
+@dataclass
+class Observation:
+    observer: ViolationObserver = field(default_factory=ViolationObserver)
+    readings: dict[str, list[tuple[datetime, float, float | None]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )  # site -> (ts, p_kw, soc_kwh)
+    envelopes: dict[str, str] = field(default_factory=dict)  # site -> kind applied (its status)
+    round_line: str = "waiting for the day-ahead round"
+    sim_now: datetime | None = None
+
+    def take(self, topic: str, payload: bytes) -> None:
+        parsed = topics.parse(topic)
+        if parsed is None or not payload:
+            return
+        try:
+            msg = decode_runtime(payload)
+        except ValueError:
+            return
+        if isinstance(msg, MeterReading):
+            self.observer.reading(msg)
+            self.readings[msg.site].append((msg.ts, msg.p_kw, msg.soc_kwh))
+            self.sim_now = msg.ts if self.sim_now is None else max(self.sim_now, msg.ts)
+        elif isinstance(msg, Doe):
+            self.observer.envelope(parsed.kind, msg)
+        elif isinstance(msg, SiteStatus):
+            self.envelopes[msg.site] = msg.envelope + (f" [{msg.alarm}]" if msg.alarm else "")
+        elif isinstance(msg, Progress):
+            self.round_line = f"round {msg.round}: iteration {msg.iteration} ({msg.status})"
+
+    def line(self, started: float) -> str:
+        now = "before the day" if self.sim_now is None else self.sim_now.strftime("%H:%M")
+        kinds: dict[str, int] = defaultdict(int)
+        for kind in self.envelopes.values():
+            kinds[kind] += 1
+        applied = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "-"
+        o = self.observer
+        return (
+            f"simulated {now}; {self.round_line}; envelopes: {applied}; readings {o.judged}, "
+            f"sustained violations {len(o.violations)}; {time.monotonic() - started:.0f} s"
+        )
+
+
+async def watch_day(
+    url: str, coordinator: subprocess.Popen[bytes], procs: Processes, console: Any
+) -> Observation:
+    """Follow the day from the broker until the coordinator exits (it writes results.json first)."""
+    from rich.live import Live
+
+    from p2pdoe.services.transport import connect_within
+
+    seen = Observation()
+    async with await connect_within(url, f"p2pdoe-demo-day-{id(procs):x}", 10.0) as transport:
+        for kind in ("doe", "doe/default", "status"):
+            await transport.subscribe(topics.every_site(kind))
+        await transport.subscribe(topics.every_site("meter"), qos=0)
+        await transport.subscribe(topics.DSO_PROGRESS, qos=0)
+
+        async def follow() -> None:
+            async for m in transport.messages():
+                seen.take(m.topic, m.payload)
+
+        reader = asyncio.create_task(follow())
+        started = time.monotonic()
+        try:
+            with Live(console=console, transient=True, refresh_per_second=4) as live:
+                while coordinator.poll() is None:
+                    live.update(seen.line(started))
+                    await asyncio.sleep(0.25)
+        finally:
+            reader.cancel()
+    if coordinator.returncode != 0:
+        raise P2PDoeError(f"the coordinator stopped:\n{procs.tail('dso-coordinator')}")
+    return seen
+
+
+def report_day(results: Results, seen: Observation, out: Path, console: Any) -> None:
+    rt = results.realtime
+    if rt is None:
+        raise P2PDoeError("results.json has no real-time section")
+    _day_table(results, seen, console)
+    v = rt.envelope_violations
+    statuses: dict[str, int] = defaultdict(int)
+    for i in rt.intervals:
+        statuses[i.status] += 1
+    leads = [i.lead_s for i in rt.intervals]
+    console.print(
+        f"real-time day: {rt.hours:.1f} h simulated at {rt.speed:g}x; {len(rt.intervals)} rolling rounds "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(statuses.items()))}); envelopes published "
+        f"{min(leads, default=0) / 60:.1f}-{max(leads, default=0) / 60:.1f} min (simulated) ahead"
+    )
+    console.print(
+        f"violations (observer on the broker): {len(seen.observer.violations)} sustained in "
+        f"{seen.observer.judged} readings; coordinator's count {v.count}; "
+        f"settlements {len(rt.settlements)}, energy vs meter within {rt.energy_mismatch_max_pct:.3f} %"
+    )
+    if rt.measured_ac is not None:
+        ac = rt.measured_ac
+        console.print(
+            f"AC power flow of the measured injections: {ac.vmin_pu:.4f}-{ac.vmax_pu:.4f} p.u., "
+            f"max loading {ac.max_loading_pct:.0f} %, {ac.voltage_violations} voltage and "
+            f"{ac.thermal_violations} thermal violations"
+        )
+    (out / "observed.json").write_text(json.dumps(_observed(seen)), encoding="utf-8")
+    from p2pdoe.report.realtime_plots import write_realtime_plots
+
+    for path in write_realtime_plots(results, seen.readings, out):
+        console.print(f"plot: {path}")
+
+
+def _day_table(results: Results, seen: Observation, console: Any) -> None:
+    rt = results.realtime
+    assert rt is not None
+    by_site: dict[str, list[Any]] = defaultdict(list)
+    for s in rt.settlements:
+        by_site[s.site].append(s)
+    table = Table(title="the real-time day, per site")
+    for col in ("site", "n", "kWh", "planned", "P2P €", "grid €", "net €", "viol.", "switch"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    switches: dict[str, int] = defaultdict(int)
+    for e in rt.fallback_events:
+        switches[e.site] += 1
+    violations = seen.observer.by_site()
+    for site in sorted(by_site):
+        rows = by_site[site]
+        table.add_row(
+            site,
+            str(len(rows)),
+            f"{sum(r.measured_kwh for r in rows):.0f}",
+            f"{sum(r.scheduled_kwh for r in rows):.0f}",
+            f"{sum(r.p2p_paid_eur - r.p2p_received_eur for r in rows):.2f}",
+            f"{sum(r.grid_eur for r in rows):.2f}",
+            f"{sum(r.net_eur for r in rows):.2f}",
+            str(violations.get(site, 0)),
+            str(switches[site]),
+        )
+    console.print(table)
+
+
+def _observed(seen: Observation) -> dict[str, Any]:
+    o = seen.observer
+    return {
+        "judged_readings": o.judged,
+        "outside_readings": o.outside,
+        "sustained_violations": len(o.violations),
+        "by_site": o.by_site(),
+    }
