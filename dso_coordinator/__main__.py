@@ -70,26 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         async with transport_for(settings, "dso", offline_will()) as transport:
             try:
                 agreement = await coordinator.run(transport)
+                if settings.rolling and not settings.exit_after_round:  # results at the day's end
+                    await _real_time_day(coordinator, transport, agreement, settings)
+                    if not settings.exit_after_day:
+                        await asyncio.Event().wait()
+                    return 0
                 results = await asyncio.to_thread(  # AC power flows: off the event loop
                     distributed_results, coordinator.cfg, coordinator.defaults, agreement
                 )
                 if settings.out is not None:
                     log.info("wrote %s", write_results(results, settings.out))
-                log.info(
-                    "round %s: %s after %d iterations, objective %.2f EUR, %d sites agreed, %d on defaults",
-                    agreement.outcome.round,
-                    agreement.outcome.status,
-                    agreement.outcome.iterations,
-                    results.objective_eur,
-                    len(agreement.setup.sites),
-                    len(agreement.setup.excluded),
-                )
+                _log_round(agreement, results)
                 if settings.exit_after_round:
                     return 0
-                if settings.rolling:
-                    await _real_time_day(coordinator, transport, agreement, results, settings)
-                else:
-                    await coordinator.follow_day(transport, agreement)
+                await coordinator.follow_day(transport, agreement)
                 if not settings.exit_after_day:
                     await asyncio.Event().wait()  # stay online until stopped
             finally:
@@ -105,7 +99,6 @@ async def _real_time_day(
     coordinator: Coordinator,
     transport: MqttTransport,
     agreement: Agreement,
-    day_ahead: Results,
     settings: CoordinatorSettings,
 ) -> None:
     """The rolling horizon to the day's end; then, once the last settlements are in (or the report
@@ -114,6 +107,8 @@ async def _real_time_day(
     await asyncio.sleep(settings.report_timeout_s / 4)  # the last interval's settlements
     hours = (len(day.intervals) + 1) * coordinator.cfg.dt_h
     info = await asyncio.to_thread(realtime_results, coordinator, day, hours)
+    day_ahead = await asyncio.to_thread(distributed_results, coordinator.cfg, coordinator.defaults, agreement)
+    _log_round(agreement, day_ahead)
     results = day_ahead.model_copy(update={"realtime": info})
     if settings.out is not None:
         log.info("wrote %s", write_results(results, settings.out))
@@ -122,6 +117,18 @@ async def _real_time_day(
         "the day is over: %d intervals, %d settlements, %d sustained violations, %d envelope switches",
         len(info.intervals), len(info.settlements), v.count, len(info.fallback_events),
     )  # fmt: skip
+
+
+def _log_round(agreement: Agreement, results: Results) -> None:
+    log.info(
+        "round %s: %s after %d iterations, objective %.2f EUR, %d sites agreed, %d on defaults",
+        agreement.outcome.round,
+        agreement.outcome.status,
+        agreement.outcome.iterations,
+        results.objective_eur,
+        len(agreement.setup.sites),
+        len(agreement.setup.excluded),
+    )
 
 
 def _goodbye(coordinator: Coordinator) -> tuple[str, bytes]:

@@ -69,30 +69,42 @@ class RollingHorizon:
         return self.day
 
     async def _interval(self, t: int) -> None:
+        """The standing agreement's envelopes for t go out first (safe together, well ahead); a
+        round's replace them only if it ends before t starts, so what is in force at t's start
+        always comes from one agreement. A round is skipped when too little time is left."""
         c = self.c
         starts = c.start + timedelta(seconds=c.interval_s * t)
-        budget = c.clock.wall_seconds(c.interval_s * c.settings.rolling_stop_fraction)
-        left = (c.clock.wall_at(starts) - utc_now()).total_seconds()
-        stop_at = time.perf_counter() + max(0.0, min(budget, left - 0.3 * c.clock.wall_seconds(c.interval_s)))
-        t0 = time.perf_counter()
-        round_id = f"{c.settings.round}-rt{t:03d}"
-        setup, outcome = await self._round(t, round_id, stop_at)
-        wall = time.perf_counter() - t0
-        if outcome is not None:
-            self.standing = Standing(setup, outcome, t)
         envelopes = {site: self._envelope(site, t) for site in c.site_ids}
         for doe in envelopes.values():
             await c._publish_doe(self.transport, "doe", doe)
+        budget = c.clock.wall_seconds(c.interval_s * c.settings.rolling_stop_fraction)
+        left = (c.clock.wall_at(starts) - utc_now()).total_seconds()
+        guard = 0.3 * c.clock.wall_seconds(c.interval_s)
+        round_id = f"{c.settings.round}-rt{t:03d}"
+        t0 = time.perf_counter()
+        setup, outcome = None, None
+        if left - guard > 0.25 * budget:
+            stop_at = t0 + min(budget, left - guard)
+            setup, outcome = await self._round(t, round_id, stop_at)
+        wall = time.perf_counter() - t0
+        in_time = c.now() < starts
+        if outcome is not None and setup is not None and in_time:
+            self.standing = Standing(setup, outcome, t)
+            envelopes = {site: self._envelope(site, t) for site in c.site_ids}
+            for doe in envelopes.values():
+                await c._publish_doe(self.transport, "doe", doe)
+        elif outcome is not None and setup is not None:
+            self.standing = Standing(setup, outcome, t)  # from t + 1 on; t keeps what was in force
         lead = (starts - c.now()).total_seconds()
         record = RealtimeInterval(
             interval=t,
             start=starts.isoformat().replace("+00:00", "Z"),
             round=round_id if outcome is not None else None,
-            status="failed" if outcome is None else outcome.status,
-            iterations=setup.dso.iteration if outcome is None else outcome.iterations,
+            status=_status(setup, outcome, in_time),
+            iterations=0 if setup is None else setup.dso.iteration if outcome is None else outcome.iterations,
             wall_s=wall,
             lead_s=lead,
-            sites=list(setup.sites),
+            sites=[] if setup is None else list(setup.sites),
             lo_kw={s: d.lo_kw for s, d in envelopes.items()},
             up_kw={s: d.up_kw for s, d in envelopes.items()},
         )
@@ -130,3 +142,11 @@ class RollingHorizon:
         """Interval t's envelope of `site` from the standing agreement, or its default."""
         st = self.standing
         return self.c.envelope(st.setup, st.outcome, site, t, t - st.offset)
+
+
+def _status(setup: RoundSetup | None, outcome: DsoOutcome | None, in_time: bool) -> str:
+    if setup is None:
+        return "skipped"  # too little time left: the standing agreement's envelopes stood
+    if outcome is None:
+        return "failed"
+    return outcome.status if in_time else f"{outcome.status} (late: not applied to this interval)"

@@ -175,14 +175,20 @@ class EdgeAgent:
             self._outbox.start()
         if meter is not None:
             tasks.append(asyncio.create_task(self._follow_meter(transport, meter)))
+        market: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
+        agreement = asyncio.create_task(self._agree(transport, market, rounds))
+        tasks.append(agreement)
         try:
             async for m in transport.messages():
-                await self._on_message(transport, m)
-                if rounds and len(self.settled) >= rounds:
+                if not await self._on_state(transport, m):  # envelopes and status at once,
+                    market.put_nowait(m)  # the market in order, behind any solve under way
+                if agreement.done():
                     break
         finally:
             for task in tasks:
                 task.cancel()
+        if agreement.done() and not agreement.cancelled() and agreement.exception() is not None:
+            raise agreement.exception()  # type: ignore[misc]
             if self._outbox is not None:
                 await self._outbox.close()
         return self.settled
@@ -196,13 +202,31 @@ class EdgeAgent:
         await transport.subscribe(topics.site(self.site, "doe/default"))
         await transport.subscribe(topics.DSO_STATUS)
 
-    async def _on_message(self, transport: Transport, m: InboundMessage) -> None:
+    async def _agree(
+        self, transport: Transport, market: asyncio.Queue[InboundMessage | None], rounds: int
+    ) -> None:
+        """The market's messages in order; ends once `rounds` rounds are settled (0: never)."""
+        while True:
+            m = await market.get()
+            if m is None:
+                return
+            await self._on_message(transport, m)
+            if rounds and len(self.settled) >= rounds:
+                return
+
+    async def _on_state(self, transport: Transport, m: InboundMessage) -> bool:
+        """Envelopes and the coordinator's status, handled on arrival; False for anything else."""
         parsed = topics.parse(m.topic)
         if parsed is not None and parsed.area == "site":
             await self._on_envelope(transport, parsed.kind, m.payload)
-            return
+            return True
         if parsed is not None and parsed.area == "dso":
             await self._on_dso_status(transport, m)
+            return True
+        return False
+
+    async def _on_message(self, transport: Transport, m: InboundMessage) -> None:
+        if await self._on_state(transport, m):
             return
         message = self.reader.decoded(m)
         if message is None:
@@ -267,7 +291,7 @@ class EdgeAgent:
             await self._settle(transport, self._round, cmd.outcome)
 
     async def _settle(self, transport: Transport, r: _Round, out: CommunityOutcome) -> None:
-        report = self.report(r, out)
+        report = await asyncio.to_thread(self.report, r, out)
         x = np.array(report.community.net_injection_kw)  # computed once, for the report
         self.settled.append(Settled(r.id, r.start, out, x))
         self.controller.adopt(self.plan(r, out, x))

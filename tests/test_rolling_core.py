@@ -31,7 +31,7 @@ from p2pdoe.core.envelope import SafeSet, safe_set
 from p2pdoe.core.network import Feeder
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
-from p2pdoe.core.schemas.messages import WarmStart
+from p2pdoe.core.schemas.messages import RoundOpen, WarmStart
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import (
     FORECAST_ERROR_TAU_H,
@@ -120,18 +120,26 @@ def test_the_measured_state_of_charge_is_clipped_into_range(configs: tuple[SiteC
     assert remaining_config(day, 3, middle, 0.0).community.battery.soc_init_kwh == middle
 
 
+def with_battery(day: SiteConfig, **changes: float) -> SiteConfig:
+    battery = day.community.battery.model_copy(update=changes)
+    return day.model_copy(update={"community": day.community.model_copy(update={"battery": battery})})
+
+
 def test_the_terminal_target_is_the_days_while_it_can_be_reached(configs: tuple[SiteConfig, ...]) -> None:
-    day = battery_site(configs)
+    day = with_battery(battery_site(configs), power_kw=50.0)
     b = day.community.battery
     target = max(b.soc_min_kwh, b.soc_init_kwh)
+    assert target > b.soc_min_kwh + b.eta_charge * b.power_kw * day.dt_h  # more than an hour's charge
     assert remaining_config(day, 3, b.soc_min_kwh, 0.0).community.battery.soc_end_min_kwh == target
     assert remaining_config(day, 3, b.soc_max_kwh, 0.0).community.battery.soc_end_min_kwh == target
     # in the last interval, from empty, only one interval's charge is reachable
     last = remaining_config(day, 23, b.soc_min_kwh, 0.0).community.battery
     reachable = b.soc_min_kwh + b.eta_charge * b.power_kw * day.dt_h
-    assert last.soc_end_min_kwh == pytest.approx(min(target, reachable))
-    assert last.soc_end_min_kwh is not None
-    assert last.soc_end_min_kwh < target
+    assert last.soc_end_min_kwh == pytest.approx(reachable)
+    final = remaining_config(day, 23, b.soc_min_kwh, 0.0)
+    status, z = solved(final)
+    assert status == "solved"
+    assert z[site_qp(final, Policy.DYNAMIC).layout.block("soc")][-1] == pytest.approx(reachable, abs=0.01)
 
 
 def test_an_explicit_terminal_target_is_kept_and_never_above_the_maximum(
@@ -139,14 +147,11 @@ def test_an_explicit_terminal_target_is_kept_and_never_above_the_maximum(
 ) -> None:
     day = battery_site(configs)
     b = day.community.battery
-    high = day.model_copy(
-        update={
-            "community": day.community.model_copy(
-                update={"battery": b.model_copy(update={"soc_end_min_kwh": 10 * b.soc_max_kwh})}
-            )
-        }
-    )
+    high = with_battery(day, soc_end_min_kwh=10 * b.soc_max_kwh)
     assert remaining_config(high, 0, b.soc_max_kwh, 0.0).community.battery.soc_end_min_kwh == b.soc_max_kwh
+    middle = with_battery(day, soc_end_min_kwh=0.5 * b.soc_max_kwh)
+    rest = remaining_config(middle, 4, b.soc_max_kwh, 0.0).community.battery
+    assert rest.soc_end_min_kwh == 0.5 * b.soc_max_kwh
 
 
 def test_the_qp_ends_at_its_terminal_target(configs: tuple[SiteConfig, ...]) -> None:
@@ -386,9 +391,10 @@ def test_every_grant_of_the_remaining_rounds_is_network_safe(rolled: Rolling) ->
 def test_the_warm_round_announces_the_days_rho(rolled: Rolling) -> None:
     first = rolled.warm.trace.published[0][1]
     day = rolled.day.trace.dso
-    assert first.kind == "round_open"
-    assert first.admm.rho_trade_eur_per_kw2h == day.rho_trade  # type: ignore[union-attr]
-    assert first.admm.rho_envelope_eur_per_kw2h == day.rho_envelope  # type: ignore[union-attr]
+    assert isinstance(first, RoundOpen)
+    assert first.warm_start is not None
+    assert first.admm.rho_trade_eur_per_kw2h == day.rho_trade
+    assert first.admm.rho_envelope_eur_per_kw2h == day.rho_envelope
 
 
 def test_a_warm_start_still_helps_when_the_day_did_not_go_to_plan(scenario: Scenario) -> None:

@@ -84,9 +84,9 @@ class RealTime:
     """The accelerated day after the day-ahead round."""
 
     hours: float = 24.0
-    speed: float = 600.0  # simulated seconds per wall second: 24 h in 2.4 min
+    speed: float = 640.0  # simulated seconds per wall second: 24 h in 2.25 min
     meter_rate_s: float = 30.0  # simulated seconds between meter readings
-    lead_s: float = 25.0  # wall seconds before the day starts (registration and the day-ahead round)
+    lead_s: float = 20.0  # wall seconds before the day starts (registration and the day-ahead round)
 
 
 def run_demo(

@@ -39,7 +39,7 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
-    p.add_argument("--speed", type=float, default=600.0, help="simulated seconds per wall second (600)")
+    p.add_argument("--speed", type=float, default=640.0, help="simulated seconds per wall second (640)")
     p.add_argument("--meter-rate-s", type=float, default=30.0, help="simulated seconds between readings")
     p.add_argument(
         "--out", type=Path, default=Path("out/demo"), help="output folder (results.json, plots, logs)"
