@@ -111,7 +111,13 @@ def test_every_kind_of_message_lands_in_the_view() -> None:
     snap = state.snapshot(SOON)
     site = snap["sites"]["c1"]
     assert site["bus"] == 12
-    assert site["status"] == {"state": "online", "envelope": "default", "ts": "2025-06-01T12:00:00Z"}
+    assert site["status"] == {
+        "state": "online",
+        "envelope": "default",
+        "ts": "2025-06-01T12:00:00Z",
+        "reason": None,
+        "alarm": None,
+    }
     assert (site["doe"]["lo_kw"], site["doe"]["up_kw"], site["doe"]["round"]) == (-4.0, 2.5, "r1")
     assert (site["doe"]["opModImpLimW"], site["doe"]["opModExpLimW"]) == (4000.0, 2500.0)
     assert site["doe"]["validity"] == "in_force"
