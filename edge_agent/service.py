@@ -178,17 +178,16 @@ class EdgeAgent:
         market: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
         agreement = asyncio.create_task(self._agree(transport, market, rounds))
         tasks.append(agreement)
+        reader = asyncio.create_task(self._read(transport, market))
+        tasks.append(reader)
         try:
-            async for m in transport.messages():
-                if not await self._on_state(transport, m):  # envelopes and status at once,
-                    market.put_nowait(m)  # the market in order, behind any solve under way
-                if agreement.done():
-                    break
+            await asyncio.wait({agreement, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
-        if agreement.done() and not agreement.cancelled() and agreement.exception() is not None:
-            raise agreement.exception()  # type: ignore[misc]
+        for task in (agreement, reader):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
             if self._outbox is not None:
                 await self._outbox.close()
         return self.settled
@@ -201,6 +200,13 @@ class EdgeAgent:
         await transport.subscribe(topics.site(self.site, "doe"))
         await transport.subscribe(topics.site(self.site, "doe/default"))
         await transport.subscribe(topics.DSO_STATUS)
+
+    async def _read(self, transport: Transport, market: asyncio.Queue[InboundMessage | None]) -> None:
+        """Envelopes and status at once; the market in order, behind any solve under way."""
+        async for m in transport.messages():
+            if not await self._on_state(transport, m):
+                market.put_nowait(m)
+        market.put_nowait(None)
 
     async def _agree(
         self, transport: Transport, market: asyncio.Queue[InboundMessage | None], rounds: int
