@@ -44,7 +44,6 @@ from p2pdoe.core.schemas.runtime import (
     SettlementRecord,
     SiteReport,
     SiteStatus,
-    decode_runtime,
 )
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.services.agreement_mqtt import MarketReader, topic_of
@@ -195,12 +194,8 @@ class Coordinator:
                 self._on_proposal(m)
 
     def _on_site(self, kind: str, site: str | None, m: InboundMessage) -> None:
-        if not m.payload:
-            return
-        try:
-            msg = decode_runtime(m.payload)
-        except ValueError:
-            self.reader.dropped["malformed"] += 1
+        msg = self.reader.runtime(m.payload)
+        if msg is None:
             return
         if not isinstance(msg, Registration | SiteStatus) or msg.site != site:
             self.reader.dropped["sender_not_topic"] += 1
@@ -227,12 +222,8 @@ class Coordinator:
     def _on_realtime(self, kind: str, site: str | None, m: InboundMessage) -> None:
         """Meter readings and envelopes (for its own violation count and meter integral, from the
         broker alone), and the sites' settlements."""
-        if not m.payload:
-            return
-        try:
-            msg = decode_runtime(m.payload)
-        except ValueError:
-            self.reader.dropped["malformed"] += 1
+        msg = self.reader.runtime(m.payload)
+        if msg is None:
             return
         if getattr(msg, "site", None) != site:
             self.reader.dropped["sender_not_topic"] += 1
@@ -257,10 +248,8 @@ class Coordinator:
         )
 
     def _on_report(self, site: str | None, round_id: str | None, m: InboundMessage) -> None:
-        try:
-            msg = decode_runtime(m.payload)
-        except ValueError:
-            self.reader.dropped["malformed"] += 1
+        msg = self.reader.runtime(m.payload)
+        if msg is None:
             return
         if not isinstance(msg, SiteReport) or msg.site != site or msg.round != round_id:
             self.reader.dropped["sender_not_topic"] += 1

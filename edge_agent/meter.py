@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Protocol
 
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.plant import SetPoints
-from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, decode_runtime
+from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
+from p2pdoe.services.agreement_mqtt import MarketReader
 from p2pdoe.services.transport import Transport
 
 log = logging.getLogger("edge_agent.meter")
@@ -39,7 +39,8 @@ class MqttMeter:
     def __init__(self, transport: Transport, site: str):
         self.transport = transport
         self.site = site
-        self.dropped: Counter[str] = Counter()
+        self.reader = MarketReader(f"meter-{site}")
+        self.dropped = self.reader.dropped
         self.unsent = 0  # set-points not sent because the connection was down
         self._sending: asyncio.Task[None] | None = None
 
@@ -49,10 +50,8 @@ class MqttMeter:
         async for m in self.transport.messages():
             if m.topic != topic:
                 continue
-            try:
-                msg = decode_runtime(m.payload)
-            except ValueError:
-                self.dropped["malformed"] += 1
+            msg = self.reader.runtime(m.payload)
+            if msg is None:
                 continue
             if not isinstance(msg, MeterReading) or msg.site != self.site:
                 self.dropped["sender_not_topic"] += 1

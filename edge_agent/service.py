@@ -13,7 +13,6 @@ Solves run in a worker thread, so the MQTT keep-alive never starves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 import time
@@ -49,7 +48,6 @@ from p2pdoe.core.schemas.runtime import (
     SiteReport,
     SiteStatus,
     Telemetry,
-    decode_runtime,
 )
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import Recent, community_data, registration, remaining_config, site_qp, with_peers
@@ -381,11 +379,10 @@ class EdgeAgent:
     def _restore(self, journal: Journal) -> None:
         """What a previous run saved: the envelopes heard (so the saved default applies at once) and
         the interval under way."""
-        for _key, payload in journal.envelopes():
-            with contextlib.suppress(ValueError):
-                doe = decode_runtime(payload)
-                if isinstance(doe, Doe) and doe.site == self.site:
-                    self._keep(doe)
+        for key, payload in journal.envelopes():
+            doe = self.reader.runtime(payload)
+            if isinstance(doe, Doe) and doe.site == self.site:
+                self._file(key.split("@", 1)[0], doe)
         now = self.clock()
         t = self.controller.interval_of(now)
         energy = journal.load_interval(self.controller.interval_start(t))
@@ -395,19 +392,18 @@ class EdgeAgent:
         elif journal.value("flex_used_kwh") is not None:
             self.controller.flex_used_kwh = float(journal.value("flex_used_kwh") or 0.0)
 
-    def _keep(self, doe: Doe) -> None:
-        if doe.round is None and doe.duration_s > self.controller.dt_s:
-            self.controller.book.set_default(doe)  # the retained default for the whole horizon
+    def _file(self, kind: str, doe: Doe) -> None:
+        """An envelope heard on `kind` (doe or doe/default) into the controller's book."""
+        if kind == "doe/default":
+            self.controller.book.set_default(doe)
         else:
             self.controller.book.add(doe)
 
     async def _on_envelope(self, transport: Transport, kind: str, payload: bytes) -> None:
         if kind not in ("doe", "doe/default") or not payload:
             return  # a withdrawn retained envelope: the cached one stands until it expires
-        try:
-            doe = decode_runtime(payload)
-        except ValueError:
-            self.reader.dropped["malformed"] += 1
+        doe = self.reader.runtime(payload)
+        if doe is None:
             return
         if (
             not isinstance(doe, Doe)
@@ -416,10 +412,7 @@ class EdgeAgent:
         ):
             self.reader.dropped["sender_not_topic"] += 1
             return
-        if kind == "doe/default":
-            self.controller.book.set_default(doe)
-        else:
-            self.controller.book.add(doe)
+        self._file(kind, doe)
         if self.journal is not None:
             self.journal.save_envelope(f"{kind}@{doe.start.isoformat()}", payload)
             keep = {f"doe@{d.start.isoformat()}" for d in self.controller.book.dynamic.values()}
@@ -433,12 +426,8 @@ class EdgeAgent:
         await self._report_state(transport)
 
     async def _on_dso_status(self, transport: Transport, m: InboundMessage) -> None:
-        if not m.payload:
-            return
-        try:
-            msg = decode_runtime(m.payload)
-        except ValueError:
-            self.reader.dropped["malformed"] += 1
+        msg = self.reader.runtime(m.payload)
+        if msg is None:
             return
         if not isinstance(msg, DsoStatus):
             self.reader.dropped["sender_not_topic"] += 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -19,8 +18,9 @@ from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.clock import SimClock
 from p2pdoe.core.realtime.plant import Reading, Resources, SetPoints, plant_spec, step
 from p2pdoe.core.realtime.weather import Actuals, actuals
-from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, decode_runtime
+from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
 from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.services.agreement_mqtt import MarketReader
 from p2pdoe.services.transport import InboundMessage, Transport
 
 log = logging.getLogger("meter_sim")
@@ -42,7 +42,8 @@ class MeterSim:
             _array(c.pv_kw), _array(c.wind_kw), _array(c.fixed_load_kw), config.dt_h, rate_s, seed
         )
         self.set_points: SetPoints | None = None
-        self.dropped: Counter[str] = Counter()
+        self.reader = MarketReader(f"meter-sim-{c.id}")
+        self.dropped = self.reader.dropped
 
     def reading(self, k: int) -> MeterReading:
         """Step the plant over sample k (simulated [k, k + 1) * rate_s from the day's start)."""
@@ -57,10 +58,8 @@ class MeterSim:
         return SetPoints(0.0, None, None, self.config.community.flexible_load.preferred_kw[t])
 
     def apply(self, m: InboundMessage) -> None:
-        try:
-            msg = decode_runtime(m.payload)
-        except ValueError:
-            self.dropped["malformed"] += 1
+        msg = self.reader.runtime(m.payload)
+        if msg is None:
             return
         if not isinstance(msg, SetPointMessage) or msg.site != self.site:
             self.dropped["sender_not_topic"] += 1

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from p2pdoe.core.schemas.results import Results
 
@@ -69,10 +70,7 @@ def _injection(results: Results, readings: Readings, path: Path) -> Path:
     axes[0, 0].legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("hours into the day (simulated)")
     fig.suptitle("measured net injection (export +) against the published envelopes; state of charge")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _voltages(results: Results, path: Path) -> Path:
@@ -91,10 +89,7 @@ def _voltages(results: Results, path: Path) -> Path:
     ax.set_ylabel("voltage (p.u.)")
     ax.set_title("AC power flow of the measured mean injections")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _settlements(results: Results, path: Path) -> Path:
@@ -115,6 +110,10 @@ def _settlements(results: Results, path: Path) -> Path:
     ax.set_ylabel("EUR over the day (+ paid)")
     ax.set_title("settlements: P2P at the agreed prices, the rest with the grid")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

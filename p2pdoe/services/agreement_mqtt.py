@@ -19,7 +19,7 @@ from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipa
 from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
 from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen, decode, encode
-from p2pdoe.core.schemas.runtime import SiteStatus, decode_runtime
+from p2pdoe.core.schemas.runtime import Runtime, SiteStatus, decode_runtime
 from p2pdoe.services.transport import InboundMessage, Transport
 
 Message = RoundOpen | Proposal | Grant
@@ -66,6 +66,18 @@ class MarketReader:
             log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
             return None
         return message
+
+    def runtime(self, payload: bytes) -> Runtime | None:
+        """A runtime message (envelope, status, reading...), strictly decoded; an empty payload (a
+        retained message withdrawn) is None uncounted, a malformed one None and counted."""
+        if not payload:
+            return None
+        try:
+            return decode_runtime(payload)
+        except ValueError:
+            self.dropped["malformed"] += 1
+            log.debug("%s: dropped a malformed runtime message", self.name)
+            return None
 
 
 class _Driver(MarketReader):
