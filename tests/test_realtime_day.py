@@ -22,6 +22,7 @@ from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.runtime import Doe, MeterReading, decode_runtime
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
+from p2pdoe.services.broker import Broker
 from tests.service_helpers import service_env
 
 SPEED = 640.0
@@ -36,7 +37,9 @@ def _clock(start: datetime, wall: datetime) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(mqtt_broker, tmp_path: Path) -> None:
+def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
     import asyncio
 
     import aiomqtt
@@ -94,7 +97,7 @@ def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(mqtt_bro
             async for m in client.messages:
                 parsed = topics.parse(str(m.topic))
                 if parsed is not None and m.payload:
-                    msg = decode_runtime(bytes(m.payload))  # type: ignore[arg-type]
+                    msg = decode_runtime(bytes(m.payload))  # type: ignore[arg-type,unused-ignore]
                     if isinstance(msg, MeterReading):
                         observer.reading(msg)
                         integral.add(msg)

@@ -1,0 +1,108 @@
+"""The edge's real-time controller as a pure state machine, in closed loop with the simulated plant:
+interval energy and settlement, repeated readings, the envelope choice and its switches, and
+enforcement bringing an exceedance back inside within 15 s of simulated time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from p2pdoe.core.realtime.controller import Controller, Plan, Step
+from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.realtime.fallback import FallbackConfig
+from p2pdoe.core.realtime.plant import Resources, SetPoints, plant_spec, step
+from p2pdoe.core.schemas.runtime import Doe, MeterReading
+from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.core.site import site_config
+from p2pdoe.io.scenarios import load_scenario
+
+DAY = datetime(2026, 6, 21, tzinfo=UTC)
+FIXED = Box(-50.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def config() -> SiteConfig:
+    s = load_scenario("default", {"horizon": {"intervals": 96, "dt_h": 0.25}})
+    return site_config(s, s.ids.index("solar-18"))
+
+
+def controller(config: SiteConfig, step_s: float = 5.0) -> Controller:
+    return Controller(config, plant_spec(config), FallbackConfig(FIXED, 60.0), DAY, step_s)
+
+
+def reading(config: SiteConfig, ts: datetime, p_kw: float, soc: float = 500.0) -> MeterReading:
+    return MeterReading(site=config.community.id, ts=ts, p_kw=p_kw, soc_kwh=soc, flex_kw=0.0)
+
+
+def flat_plan(config: SiteConfig, net_kw: float, bought_kw: float, price: float) -> Plan:
+    t, peers = 96, len(config.peers)
+    zero = np.zeros(t)
+    bought = np.zeros((peers, t))
+    bought[0] = bought_kw
+    return Plan(
+        round="r", start=DAY, dt_s=900, battery_kw=zero, pv_kw=zero, wind_kw=zero, flex_kw=zero,
+        net_kw=np.full(t, net_kw), pv_forecast_kw=zero, wind_forecast_kw=zero,
+        peers=tuple(p.id for p in config.peers), bought_kw=bought, sold_kw=np.zeros((peers, t)),
+        buy_price=np.full((peers, t), price), sell_price=np.full((peers, t), price),
+    )  # fmt: skip
+
+
+def test_the_first_reading_of_a_new_interval_settles_the_last(config: SiteConfig) -> None:
+    ctl = controller(config, step_s=30.0)
+    ctl.adopt(flat_plan(config, net_kw=-8.0, bought_kw=4.0, price=0.10))
+    steps = [ctl.on_reading(reading(config, DAY + timedelta(seconds=30 * k), -10.0)) for k in range(1, 32)]
+    settled = [s.settled for s in steps if s is not None and s.settled is not None]
+    assert len(settled) == 1
+    done = settled[0].settlement
+    assert done.interval_start == DAY
+    assert done.measured_kwh == pytest.approx(-2.5)  # -10 kW over 15 min
+    assert done.scheduled_kwh == pytest.approx(-2.0)
+    assert done.p2p_paid_eur == pytest.approx(1.0 * 0.10)  # 4 kW for 15 min at the agreed price
+    assert done.grid_kwh == pytest.approx(-2.5 + 1.0)  # the rest imported from the grid
+    assert settled[0].energy.complete
+
+
+def test_a_repeated_reading_counts_once(config: SiteConfig) -> None:
+    ctl = controller(config, step_s=30.0)
+    first = reading(config, DAY + timedelta(seconds=30), -10.0)
+    assert ctl.on_reading(first) is not None
+    assert ctl.on_reading(first) is None
+    assert ctl.duplicates == 1
+    assert ctl.energy is not None
+    assert ctl.energy.energy_kwh == pytest.approx(-10.0 * 30 / 3600)
+
+
+def test_without_any_envelope_the_fixed_default_applies_and_switches_once(config: SiteConfig) -> None:
+    ctl = controller(config)
+    steps = [ctl.on_reading(reading(config, DAY + timedelta(seconds=5 * k), -10.0)) for k in range(1, 5)]
+    assert all(s is not None and s.choice.kind == "fixed_default" for s in steps)
+    assert [s.switch is not None for s in steps if s is not None] == [True, False, False, False]
+
+
+def test_an_exceedance_is_back_inside_within_15_simulated_seconds(config: SiteConfig) -> None:
+    """The plant exports 100 kW of PV; the envelope allows 20 kW: curtailment (or the battery) brings
+    the metered injection inside within three 5 s readings."""
+    ctl = controller(config)
+    doe = Doe.from_box(config.community.id, "r", DAY, 900, -50.0, 20.0)
+    ctl.book.add(doe)
+    spec = plant_spec(config)
+    soc, sp = spec.soc_max_kwh, SetPoints(0.0, None, None, 0.0)  # a full battery: it cannot absorb
+    res = Resources(pv_kw=100.0, wind_kw=0.0, fixed_load_kw=5.0)
+    inside_at = None
+    for k in range(1, 10):
+        soc, r = step(spec, soc, sp, res, 5.0)
+        ts = DAY + timedelta(seconds=5 * k)
+        msg = MeterReading(
+            site=config.community.id, ts=ts, p_kw=r.p_kw, pv_kw=r.pv_kw, pv_available_kw=100.0,
+            wind_kw=0.0, wind_available_kw=0.0, fixed_load_kw=5.0, flex_kw=r.flex_kw,
+            battery_kw=r.battery_kw, soc_kwh=soc,
+        )  # fmt: skip
+        out = ctl.on_reading(msg)
+        assert isinstance(out, Step)
+        if inside_at is None and doe.lo_kw <= r.p_kw <= doe.up_kw:
+            inside_at = 5 * k
+        sp = out.set_points
+    assert inside_at is not None
+    assert inside_at <= 15
