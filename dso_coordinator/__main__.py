@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dso_coordinator.checkpoint import Standing, load, save, standing_from
 from dso_coordinator.realtime import RollingHorizon
 from dso_coordinator.results import distributed_results, realtime_results
 from dso_coordinator.service import Agreement, Coordinator, offline_will
@@ -56,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("--rolling-stop-fraction", type=float, help="a round's deadline, of an interval (0.6)")
     rt.add_argument("--meter-step-s", type=float, help="the meters' nominal reading period (default 5)")
     rt.add_argument("--hours", type=float, help="run the real-time day for this long (default: the horizon)")
+    rt.add_argument(
+        "--checkpoint", type=Path, help="save the standing agreement here; resume from it mid-day"
+    )
     rt.add_argument("--exit-after-day", action="store_true", default=None, help="stop when the day ends")
     settings = setup(PROG, CoordinatorSettings, p.parse_args(argv))
     if isinstance(settings, int):
@@ -69,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"no safe default envelopes: {exc}") from None
         async with transport_for(settings, "dso", offline_will()) as transport:
             try:
+                if settings.rolling and coordinator.current_interval() >= 1:  # (re)started mid-day
+                    await coordinator.go_online(transport)
+                    await _real_time_day(coordinator, transport, None, settings)
+                    if not settings.exit_after_day:
+                        await asyncio.Event().wait()
+                    return 0
                 agreement = await coordinator.run(transport)
                 if settings.rolling and not settings.exit_after_round:  # results at the day's end
                     await _real_time_day(coordinator, transport, agreement, settings)
@@ -98,20 +108,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _real_time_day(
     coordinator: Coordinator,
     transport: MqttTransport,
-    agreement: Agreement,
+    agreement: Agreement | None,
     settings: CoordinatorSettings,
 ) -> None:
-    """The rolling horizon to the day's end; then, once the last settlements are in (or the report
-    timeout passed), results.json with its `realtime` section."""
-    day = await RollingHorizon(coordinator, transport, agreement).run()
+    """The rolling horizon to the day's end, from the day-ahead `agreement` (None: a coordinator
+    restarted mid-day, from its checkpoint if it has one); then, once the last settlements are in
+    (or the report timeout passed), results.json with its `realtime` section (a restarted
+    coordinator, which has no day-ahead agreement, writes realtime.json: its part of the day)."""
+    c = coordinator
+    standing: Standing | None
+    if agreement is not None:
+        standing = standing_from(
+            agreement.setup, agreement.outcome, 0, c.start, c.interval_s, c.cfg.intervals
+        )
+        if settings.checkpoint is not None:
+            save(settings.checkpoint, standing)
+    else:
+        path = settings.checkpoint
+        standing = None if path is None else load(path, c.start, c.interval_s, c.cfg.intervals)
+        log.info("resumed mid-day from %s", "nothing" if standing is None else f"round {standing.round}")
+    day = await RollingHorizon(c, transport, standing, rejoining=agreement is None).run()
     await asyncio.sleep(settings.report_timeout_s / 4)  # the last interval's settlements
-    hours = (len(day.intervals) + 1) * coordinator.cfg.dt_h
-    info = await asyncio.to_thread(realtime_results, coordinator, day, hours)
-    day_ahead = await asyncio.to_thread(distributed_results, coordinator.cfg, coordinator.defaults, agreement)
-    _log_round(agreement, day_ahead)
-    results = day_ahead.model_copy(update={"realtime": info})
-    if settings.out is not None:
-        log.info("wrote %s", write_results(results, settings.out))
+    hours = (len(day.intervals) + 1) * c.cfg.dt_h
+    info = await asyncio.to_thread(realtime_results, c, day, hours)
+    if agreement is None:
+        if settings.out is not None:
+            settings.out.mkdir(parents=True, exist_ok=True)
+            (settings.out / "realtime.json").write_text(info.model_dump_json(indent=1), encoding="utf-8")
+            log.info("wrote %s", settings.out / "realtime.json")
+    else:
+        day_ahead = await asyncio.to_thread(distributed_results, c.cfg, c.defaults, agreement)
+        _log_round(agreement, day_ahead)
+        if settings.out is not None:
+            log.info("wrote %s", write_results(day_ahead.model_copy(update={"realtime": info}), settings.out))
     v = info.envelope_violations
     log.info(
         "the day is over: %d intervals, %d settlements, %d sustained violations, %d envelope switches",

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from dso_coordinator.service import Agreement, Coordinator, utc_now
+from dso_coordinator.checkpoint import Standing, save, standing_from
+from dso_coordinator.service import Coordinator, utc_now
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import (
     RoundSetup,
@@ -26,7 +27,6 @@ from p2pdoe.core.agreement.coordination import (
     round_setup,
 )
 from p2pdoe.core.agreement.dso import DsoOutcome
-from p2pdoe.core.agreement.warm import warm_start_from
 from p2pdoe.core.schemas.results import RealtimeInterval
 from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.services.transport import Transport
@@ -35,28 +35,34 @@ log = logging.getLogger("dso_coordinator.realtime")
 
 
 @dataclass
-class Standing:
-    """The agreement whose envelopes stand: its setup, outcome and first interval of the day."""
-
-    setup: RoundSetup
-    outcome: DsoOutcome
-    offset: int
-
-
-@dataclass
 class Day:
     intervals: list[RealtimeInterval] = field(default_factory=list)
 
 
 class RollingHorizon:
-    def __init__(self, coordinator: Coordinator, transport: Transport, agreement: Agreement):
+    """`standing`: the day-ahead agreement, or a restarted coordinator's checkpoint (None: none,
+    so the defaults stand until the first round ends)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        transport: Transport,
+        standing: Standing | None,
+        rejoining: bool = False,
+    ):
         self.c = coordinator
         self.transport = transport
-        self.standing = Standing(agreement.setup, agreement.outcome, 0)
+        self.standing = standing
+        self.rejoining = rejoining
         self.day = Day()
 
     async def run(self) -> Day:
         c = self.c
+        now = c.current_interval()
+        for site in c.site_ids:  # the interval in force: a restarted coordinator's first word
+            await c._publish_doe(self.transport, "doe", self._envelope(site, now))
+        if self.rejoining:
+            await c.await_sites_briefly()
         first = c.current_interval() + 1
         hours = c.settings.hours
         last = c.cfg.intervals if hours is None else min(c.cfg.intervals, round(hours * 3600 / c.interval_s))
@@ -88,13 +94,12 @@ class RollingHorizon:
             setup, outcome = await self._round(t, round_id, stop_at)
         wall = time.perf_counter() - t0
         in_time = c.now() < starts
-        if outcome is not None and setup is not None and in_time:
-            self.standing = Standing(setup, outcome, t)
+        if outcome is not None and setup is not None:
+            self._stand(setup, outcome, t)  # late: from t + 1 on; t keeps what was in force
+        if outcome is not None and in_time:
             envelopes = {site: self._envelope(site, t) for site in c.site_ids}
             for doe in envelopes.values():
                 await c._publish_doe(self.transport, "doe", doe)
-        elif outcome is not None and setup is not None:
-            self.standing = Standing(setup, outcome, t)  # from t + 1 on; t keeps what was in force
         lead = (starts - c.now()).total_seconds()
         record = RealtimeInterval(
             interval=t,
@@ -119,12 +124,9 @@ class RollingHorizon:
         cfg = remaining_coordinator_config(c.cfg, t)
         registrations = {s: remaining_registration(r, t) for s, r in c.registrations.items()}
         left_out = set(c.site_ids) - c._ready()
-        prev_sites = prev.setup.sites
         sites = tuple(s for s in c.site_ids if s not in left_out and s in registrations)
-        warm = None
-        if set(sites) & set(prev_sites):
-            warm = warm_start_from(prev.setup.dso.plan, prev.outcome, t - prev.offset, cfg.intervals, sites)
-        rho = (prev.outcome.rho_trade, prev.outcome.rho_envelope)
+        warm = None if prev is None else prev.warm_for(t, sites)
+        rho = None if prev is None else prev.rho
         setup = await asyncio.to_thread(
             round_setup, cfg, c.feeder, registrations, left_out, c.defaults, round_id, warm=warm, rho=rho
         )
@@ -140,8 +142,18 @@ class RollingHorizon:
 
     def _envelope(self, site: str, t: int) -> Doe:
         """Interval t's envelope of `site` from the standing agreement, or its default."""
-        st = self.standing
-        return self.c.envelope(st.setup, st.outcome, site, t, t - st.offset)
+        c, st = self.c, self.standing
+        box = None if st is None else st.box(site, t)
+        start = c.start + timedelta(seconds=c.interval_s * t)
+        if st is None or box is None:
+            return c.default_envelope(site, start, c.interval_s)
+        return Doe.from_box(site, st.round, start, c.interval_s, *box)
+
+    def _stand(self, setup: RoundSetup, outcome: DsoOutcome, t: int) -> None:
+        c = self.c
+        self.standing = standing_from(setup, outcome, t, c.start, c.interval_s, c.cfg.intervals)
+        if c.settings.checkpoint is not None:
+            save(c.settings.checkpoint, self.standing)
 
 
 def _status(setup: RoundSetup | None, outcome: DsoOutcome | None, in_time: bool) -> str:

@@ -137,7 +137,8 @@ class Coordinator:
 
     # --- the service -----------------------------------------------------------------------------
 
-    async def run(self, transport: Transport) -> Agreement:
+    async def go_online(self, transport: Transport) -> None:
+        """Online, the defaults out, and reading the broker (until `stop`)."""
         await transport.publish_state(topics.DSO_STATUS, self.status("online", None))
         await self._publish_defaults(transport)
         for kind in ("register", "status", "settlement", "doe", "doe/default"):
@@ -145,7 +146,16 @@ class Coordinator:
         await transport.subscribe(topics.every_site("meter"), qos=0)
         await transport.subscribe(topics.all_proposals())
         await transport.subscribe(topics.all_reports())
-        self._pump_task = asyncio.create_task(self._pump(transport))  # runs until `stop`
+        self._pump_task = asyncio.create_task(self._pump(transport))
+
+    async def await_sites_briefly(self) -> None:
+        """A coordinator (re)started mid-day hears the sites (their registrations and statuses are
+        retained) for at most half an interval, so its first rolling round can include them."""
+        half = self.clock.wall_seconds(self.interval_s / 2)
+        await self._await_sites(min(self.settings.registration_timeout_s, half), required=False)
+
+    async def run(self, transport: Transport) -> Agreement:
+        await self.go_online(transport)
         try:
             await self._await_sites()
             setup, outcome, attempts = await self._agree(transport)
@@ -269,9 +279,10 @@ class Coordinator:
     def _ready(self) -> set[str]:
         return {s for s in self.site_ids if s in self.registrations and s in self.online}
 
-    async def _await_sites(self) -> None:
+    async def _await_sites(self, timeout_s: float | None = None, required: bool = True) -> None:
         t0 = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.settings.registration_timeout_s
+        wait_s = self.settings.registration_timeout_s if timeout_s is None else timeout_s
+        deadline = asyncio.get_running_loop().time() + wait_s
         while len(self._ready()) < len(self.site_ids):
             self._changed.clear()
             remaining = deadline - asyncio.get_running_loop().time()
@@ -287,7 +298,7 @@ class Coordinator:
             if site not in self._ready():
                 self.excluded[site] = self.reasons[site] = why
                 log.warning("%s: not registered and online in time; on its default envelope", site)
-        if not self._ready():
+        if required and not self._ready():
             raise RoundFailedError("no site registered before the registration deadline")
 
     # --- the round -------------------------------------------------------------------------------

@@ -32,4 +32,5 @@ class CoordinatorSettings(ServiceSettings):
     hours: Annotated[float, Field(gt=0, le=24 * 366)] | None = (
         None  # the real-time day's length (default: the horizon)
     )
+    checkpoint: Path | None = None  # save the standing agreement here; a restart mid-day resumes from it
     exit_after_day: bool = False  # stop (after writing results.json) once the day is over

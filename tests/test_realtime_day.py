@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from service_helpers import service_env
 
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.metering import MeterIntegral
@@ -23,7 +24,6 @@ from p2pdoe.core.schemas.runtime import Doe, MeterReading, decode_runtime
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
 from p2pdoe.services.broker import Broker
-from tests.service_helpers import service_env
 
 SPEED = 640.0
 RATE_S = 30.0

@@ -8,6 +8,9 @@ numbers, and a round stopped at a deadline must finish consistently for every pa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,11 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from dso_coordinator.checkpoint import load, save, standing_from
 from p2pdoe.core.agreement.dso import DsoParticipant, links_of
 from p2pdoe.core.agreement.grid_solver import is_safe
 from p2pdoe.core.agreement.outcome import agreed_z
 from p2pdoe.core.agreement.setup import Participants, participants
-from p2pdoe.core.agreement.warm import warm_start_from
+from p2pdoe.core.agreement.warm import shifted, warm_start_from
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.messages import (
     AdmmParameters,
@@ -346,3 +350,61 @@ def test_the_dso_refuses_a_warm_start_that_does_not_fit_its_round(scenario: Scen
         DsoParticipant(
             replace(plan, peers=without_ab, warm=outside), scenario.horizon, scenario.admm, parts.dso.grid
         )
+
+
+# --- the coordinator's checkpoint: a warm start kept whole, moved on later -----------------------
+
+
+def test_a_kept_warm_start_moved_on_equals_one_taken_at_that_shift(cold: Round) -> None:
+    plan, dso = cold.trace.parts.dso.plan, cold.trace.dso
+    horizon = len(plan.initial_trade_price)
+    whole = warm_start_from(plan, dso, 0, horizon, plan.sites)
+    sites = plan.sites[1:]
+    assert shifted(whole, 7, horizon - 7, sites) == warm_start_from(plan, dso, 7, horizon - 7, sites)
+    with pytest.raises(ValueError, match="cannot cover"):
+        shifted(whole, 7, horizon - 6, sites)
+
+
+def test_the_checkpoint_survives_a_restart_and_gives_the_same_envelopes_and_warm_start(
+    cold: Round, tmp_path: Path
+) -> None:
+    plan, dso = cold.trace.parts.dso.plan, cold.trace.dso
+    horizon = len(plan.initial_trade_price)
+    setup = SimpleNamespace(sites=plan.sites, dso=SimpleNamespace(plan=plan))
+    start = datetime(2026, 11, 24, tzinfo=UTC)
+    offset = 5  # the agreement of a rolling round over intervals 5.. of a longer day
+    kept = standing_from(setup, dso, offset, start, 3600, horizon + offset)  # type: ignore[arg-type]
+    path = tmp_path / "state" / "checkpoint.json"
+    save(path, kept)
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.json"]  # no temporary left behind
+    back = load(path, start, 3600, horizon + offset)
+    assert back == kept
+    site = plan.sites[1]
+    if dso.granted_lo_kw is None:
+        assert back.box(site, offset) is None
+    else:
+        assert back.box(site, offset + 2) == (dso.granted_lo_kw[1, 2], dso.granted_up_kw[1, 2])
+    assert back.box(site, offset - 1) is None
+    assert back.box("nobody", offset) is None
+    t = offset + 4
+    assert back.warm_for(t, plan.sites) == warm_start_from(plan, dso, 4, horizon - 4, plan.sites)
+    assert back.rho == (dso.rho_trade, dso.rho_envelope)
+
+
+def test_a_checkpoint_of_another_day_or_unreadable_is_ignored(
+    cold: Round, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan, dso = cold.trace.parts.dso.plan, cold.trace.dso
+    horizon = len(plan.initial_trade_price)
+    setup = SimpleNamespace(sites=plan.sites, dso=SimpleNamespace(plan=plan))
+    start = datetime(2026, 11, 24, tzinfo=UTC)
+    path = tmp_path / "checkpoint.json"
+    assert load(path, start, 3600, horizon) is None  # none yet: no warning
+    save(path, standing_from(setup, dso, 0, start, 3600, horizon))  # type: ignore[arg-type]
+    assert load(path, start + timedelta(days=1), 3600, horizon) is None
+    assert load(path, start, 900, horizon) is None
+    path.write_text('{"kind": "coordinator_checkpoint", "offs', encoding="utf-8")
+    assert load(path, start, 3600, horizon) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3
+    assert all("ignored the checkpoint" in w for w in warnings)

@@ -46,6 +46,38 @@ def warm_start_from(
     return WarmStart(trades=trades, envelopes=envelopes)
 
 
+def shifted(warm: WarmStart, shift: int, horizon: int, sites: tuple[str, ...]) -> WarmStart:
+    """`warm` without its first `shift` intervals, over the next `horizon`, for the couplings between
+    `sites`: what `warm_start_from` gives for the same shift, from a warm start kept (or saved) whole."""
+    lengths = {len(t.kw) for t in warm.trades} | {len(e.lo_kw) for e in warm.envelopes}
+    if shift < 0 or horizon < 1 or any(n - shift < horizon for n in lengths):
+        raise ValueError(
+            f"a warm start of {sorted(lengths)} intervals moved on by {shift} cannot cover {horizon}"
+        )
+    keep = slice(shift, shift + horizon)
+    present = set(sites)
+    return WarmStart(
+        trades=[
+            WarmTrade(
+                buyer=t.buyer, seller=t.seller, kw=t.kw[keep], price_eur_per_kwh=t.price_eur_per_kwh[keep]
+            )
+            for t in warm.trades
+            if t.buyer in present and t.seller in present
+        ],
+        envelopes=[
+            WarmEnvelope(
+                site=e.site,
+                lo_kw=e.lo_kw[keep],
+                up_kw=e.up_kw[keep],
+                lo_price_eur_per_kwh=e.lo_price_eur_per_kwh[keep],
+                up_price_eur_per_kwh=e.up_price_eur_per_kwh[keep],
+            )
+            for e in warm.envelopes
+            if e.site in present
+        ],
+    )
+
+
 def _envelope(site: str, lo: Agreed, up: Agreed, c: int, keep: slice, dt_h: float) -> WarmEnvelope:
     return WarmEnvelope(
         site=site,
