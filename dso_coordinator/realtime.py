@@ -32,6 +32,7 @@ from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.services.transport import Transport
 
 log = logging.getLogger("dso_coordinator.realtime")
+BOX_TOLERANCE_KW = 1e-6
 
 
 @dataclass
@@ -83,6 +84,7 @@ class RollingHorizon:
         envelopes = {site: self._envelope(site, t) for site in c.site_ids}
         for doe in envelopes.values():
             await c._publish_doe(self.transport, "doe", doe)
+        lead = (starts - c.now()).total_seconds()  # of the envelopes in force at t's start
         budget = c.clock.wall_seconds(c.interval_s * c.settings.rolling_stop_fraction)
         left = (c.clock.wall_at(starts) - utc_now()).total_seconds()
         guard = 0.3 * c.clock.wall_seconds(c.interval_s)
@@ -94,13 +96,16 @@ class RollingHorizon:
             setup, outcome = await self._round(t, round_id, stop_at)
         wall = time.perf_counter() - t0
         in_time = c.now() < starts
+        if outcome is not None and not _boxes_sound(outcome):
+            log.warning("interval %d: round %s granted an empty box; the last agreement stands", t, round_id)
+            outcome = None
         if outcome is not None and setup is not None:
             self._stand(setup, outcome, t)  # late: from t + 1 on; t keeps what was in force
         if outcome is not None and in_time:
             envelopes = {site: self._envelope(site, t) for site in c.site_ids}
             for doe in envelopes.values():
                 await c._publish_doe(self.transport, "doe", doe)
-        lead = (starts - c.now()).total_seconds()
+            lead = (starts - c.now()).total_seconds()
         record = RealtimeInterval(
             interval=t,
             start=starts.isoformat().replace("+00:00", "Z"),
@@ -147,13 +152,27 @@ class RollingHorizon:
         start = c.start + timedelta(seconds=c.interval_s * t)
         if st is None or box is None:
             return c.default_envelope(site, start, c.interval_s)
-        return Doe.from_box(site, st.round, start, c.interval_s, *box)
+        lo, up = box
+        if lo > up:  # round-off of a box the network pins to a point (within BOX_TOLERANCE_KW)
+            lo = up = (lo + up) / 2
+        return Doe.from_box(site, st.round, start, c.interval_s, lo, up)
 
     def _stand(self, setup: RoundSetup, outcome: DsoOutcome, t: int) -> None:
         c = self.c
         self.standing = standing_from(setup, outcome, t, c.start, c.interval_s, c.cfg.intervals)
         if c.settings.checkpoint is not None:
             save(c.settings.checkpoint, self.standing)
+
+
+def _boxes_sound(outcome: DsoOutcome) -> bool:
+    """No granted box empty beyond round-off (an early-stopped projection of an infeasible target)."""
+    lo, up = outcome.granted_lo_kw, outcome.granted_up_kw
+    if lo is None or up is None:
+        return True
+    worst = float((lo - up).max(initial=0.0))
+    if worst > BOX_TOLERANCE_KW:
+        log.warning("a granted box is empty by %.3g kW", worst)
+    return worst <= BOX_TOLERANCE_KW
 
 
 def _status(setup: RoundSetup | None, outcome: DsoOutcome | None, in_time: bool) -> str:

@@ -102,6 +102,11 @@ def test_under_skew_the_default_is_judged_on_the_coordinators_clock() -> None:
     local_now = DEFAULT.end + timedelta(minutes=5)  # the local clock runs 10 minutes ahead
     assert choose(Heard(default=DEFAULT, skew_s=600.0), CONFIG, local_now).kind == "default"
     assert choose(Heard(default=DEFAULT, skew_s=240.0), CONFIG, local_now).kind == "fixed_default"
+    # on an accelerated clock the skew is in wall seconds: 10 s at 60x put the local clock 10 min ahead
+    fast = FallbackConfig(fixed_default=Box(-1.0, 1.0), skew_tolerance_s=5.0, speed=60.0)
+    assert choose(Heard(default=DEFAULT, skew_s=10.0), fast, local_now).kind == "default"
+    with pytest.raises(ValueError, match="speed"):
+        FallbackConfig(fixed_default=Box(-1.0, 1.0), speed=0.0)
 
 
 def test_a_skew_within_tolerance_or_unknown_is_no_alarm() -> None:

@@ -20,6 +20,8 @@ from p2pdoe.core.network import FloatArray
 from p2pdoe.core.scenario import CommunityData, MarketData
 
 BLOCKS = ("pv", "wd", "lx", "ch", "dis", "soc", "imp", "exp", "lo", "up", "wid")
+MARGIN_BLOCKS = ("mup", "mlo")  # with envelope margins: the shortfall of each (see `envelope_margins`)
+MARGIN_SHORTFALL_EUR_PER_KWH = 1.0  # above any tariff: a margin is given up only when nothing else helps
 INF = np.inf
 
 
@@ -36,26 +38,31 @@ class Layout:
 
     horizon: int
     peers: tuple[int, ...]
+    margins: bool = False
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return BLOCKS + MARGIN_BLOCKS if self.margins else BLOCKS
 
     @property
     def size(self) -> int:
-        return self.horizon * (len(BLOCKS) + 2 * len(self.peers))
+        return self.horizon * (len(self.blocks) + 2 * len(self.peers))
 
     def block(self, name: str) -> slice:
-        i = BLOCKS.index(name)
+        i = self.blocks.index(name)
         return slice(i * self.horizon, (i + 1) * self.horizon)
 
     def buy(self, peer_pos: int) -> slice:
-        start = (len(BLOCKS) + peer_pos) * self.horizon
+        start = (len(self.blocks) + peer_pos) * self.horizon
         return slice(start, start + self.horizon)
 
     def sell(self, peer_pos: int) -> slice:
-        start = (len(BLOCKS) + len(self.peers) + peer_pos) * self.horizon
+        start = (len(self.blocks) + len(self.peers) + peer_pos) * self.horizon
         return slice(start, start + self.horizon)
 
     @property
     def trades(self) -> slice:
-        return slice(len(BLOCKS) * self.horizon, self.size)
+        return slice(len(self.blocks) * self.horizon, self.size)
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def build_community_qp(
     bounds: EnvelopeBounds,
 ) -> CommunityQP:
     """The QP of community `c`; `fees[k]` is the network fee (EUR/kWh) with peer `peers[k]`."""
-    lay = Layout(c.horizon, peers)
+    lay = Layout(c.horizon, peers, c.margin_kw is not None)
     p_diag, q, constant = _objective(c, lay, market, fees, price_import, price_export, dt_h)
     rows = [
         _balance(c, lay),
@@ -158,13 +165,33 @@ def _flex_energy(c: CommunityData, lay: Layout, dt_h: float) -> Rows:
 
 
 def _envelope_rows(c: CommunityData, lay: Layout) -> Rows:
-    """lo <= x <= up, with x = injection - fixed load."""
+    """lo <= x <= up, with x = injection - fixed load; with margins m (`c.margin_kw`), softly
+    lo + m_lo <= x <= up - m_up: x - lo + mlo >= m_lo and x - up - mup <= -m_up, each shortfall
+    0 <= mlo <= m_lo (likewise mup) priced at MARGIN_SHORTFALL_EUR_PER_KWH."""
     t = lay.horizon
     inj = _injection(lay)
-    a = sp.vstack([inj - _eye(lay, "lo"), inj - _eye(lay, "up")], format="csr")
-    lower = np.concatenate([c.fixed_load_kw, np.full(t, -INF)])
-    upper = np.concatenate([np.full(t, INF), c.fixed_load_kw])
-    return a, lower, upper
+    if c.margin_kw is None:
+        a = sp.vstack([inj - _eye(lay, "lo"), inj - _eye(lay, "up")], format="csr")
+        return a, np.r_[c.fixed_load_kw, np.full(t, -INF)], np.r_[np.full(t, INF), c.fixed_load_kw]
+    m_up, m_lo = c.margin_kw
+    a = sp.vstack(
+        [inj - _eye(lay, "lo") + _eye(lay, "mlo"), inj - _eye(lay, "up") - _eye(lay, "mup")], format="csr"
+    )
+    return a, np.r_[c.fixed_load_kw + m_lo, np.full(t, -INF)], np.r_[np.full(t, INF), c.fixed_load_kw - m_up]
+
+
+def envelope_margins(c: CommunityData, load_share: float, res_share: float) -> tuple[FloatArray, FloatArray]:
+    """(below up, above lo): the forecast errors no lever may be left to meet. Less load than
+    forecast raises the injection; more load, or less PV and wind, lowers it (more PV and wind can
+    be curtailed, so needs none). At most a quarter of the technical range each; soft (see
+    `_envelope_rows`), so a network that pins a site's envelope leaves its problem feasible."""
+    if not (0 <= load_share < 1 and 0 <= res_share < 1):
+        raise ValueError(f"margin shares must lie in [0, 1), not {load_share}, {res_share}")
+    x_min, x_max = c.technical_range_kw()
+    cap = np.maximum(x_max - x_min, 0.0) / 4
+    m_up = np.minimum(load_share * c.fixed_load_kw, cap)
+    m_lo = np.minimum(load_share * c.fixed_load_kw + res_share * (c.pv_kw + c.wind_kw), cap)
+    return m_up, m_lo
 
 
 def _width(lay: Layout) -> Rows:
@@ -194,6 +221,8 @@ def _bounds(c: CommunityData, lay: Layout, market: MarketData, bounds: EnvelopeB
         "up": (np.minimum(0.0, x_max), x_max),
         "wid": (0.0, INF),
     }
+    if c.margin_kw is not None:
+        limits |= {"mup": (0.0, c.margin_kw[0]), "mlo": (0.0, c.margin_kw[1])}
     for name, (lo, hi) in limits.items():
         lower[lay.block(name)] = lo
         upper[lay.block(name)] = hi
@@ -234,6 +263,9 @@ def _objective(
     p[lay.block("wid")] = c.envelope_curvature_eur_per_kw2h * dt_h
     q[lay.block("wid")] = -c.envelope_value_eur_per_kwh * dt_h
     p[lay.trades] = 2.0 * market.trade_quadratic_eur_per_kw2h * dt_h
+    for name in MARGIN_BLOCKS if lay.margins else ():
+        p[lay.block(name)] = 2.0 * eps
+        q[lay.block(name)] = MARGIN_SHORTFALL_EUR_PER_KWH * dt_h
     for k in range(len(lay.peers)):
         q[lay.buy(k)] = 0.5 * fees[k] * dt_h
         q[lay.sell(k)] = 0.5 * fees[k] * dt_h

@@ -62,6 +62,9 @@ class CommunityData:
     tan_phi: float
     envelope_value_eur_per_kwh: float
     envelope_curvature_eur_per_kw2h: float
+    # Real time: how far inside its envelope the schedule stays, (below up, above lo) per interval;
+    # None: on the bounds (see `envelope_margins`).
+    margin_kw: tuple[FloatArray, FloatArray] | None = None
 
     @property
     def horizon(self) -> int:

@@ -6,12 +6,12 @@ horizon's round), from its measured state."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from p2pdoe.core.agreement.coordination import check_offset, feeder_config, shifted_start
-from p2pdoe.core.community import CommunityQP, build_community_qp
+from p2pdoe.core.community import CommunityQP, build_community_qp, envelope_margins
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleLoad, MarketData, Scenario
 from p2pdoe.core.schemas import site as cfg
@@ -80,9 +80,16 @@ def community_data(config: cfg.SiteConfig) -> CommunityData:
     )
 
 
-def site_qp(config: cfg.SiteConfig, policy: Policy) -> CommunityQP:
-    """The community's QP from its configuration; peers are numbered 0..P-1 in configuration order."""
+def site_qp(
+    config: cfg.SiteConfig, policy: Policy, margins: tuple[float, float] | None = None
+) -> CommunityQP:
+    """The community's QP from its configuration; peers are numbered 0..P-1 in configuration order.
+    `margins`: (load share, PV and wind share) the schedule keeps inside its envelope (real time,
+    see `envelope_margins`); None: none (the day-ahead agreement and the centralized reference)."""
     m = config.market
+    data = community_data(config)
+    if margins is not None:
+        data = replace(data, margin_kw=envelope_margins(data, *margins))
     n_peers = len(config.peers)
     market = MarketData(
         trade_limit_kw=m.trade_limit_kw,
@@ -93,7 +100,7 @@ def site_qp(config: cfg.SiteConfig, policy: Policy) -> CommunityQP:
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
     )
     return build_community_qp(
-        community_data(config),
+        data,
         tuple(range(n_peers)),
         market,
         np.array([p.fee_eur_per_kwh for p in config.peers]),

@@ -54,11 +54,14 @@ class Heard:
 @dataclass(frozen=True)
 class FallbackConfig:
     fixed_default: Box
-    skew_tolerance_s: float = 60.0
+    skew_tolerance_s: float = 60.0  # wall seconds
+    speed: float = 1.0  # of the simulated clock: a wall second of skew is `speed` simulated seconds
 
     def __post_init__(self) -> None:
         if not self.skew_tolerance_s >= 0:
             raise ValueError(f"the clock skew tolerance must be >= 0, not {self.skew_tolerance_s}")
+        if not self.speed > 0:
+            raise ValueError(f"the clock's speed must be > 0, not {self.speed}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def describe_switch(previous: Choice | None, new: Choice) -> str:
 
 def _skewed(heard: Heard, config: FallbackConfig, now: datetime, skew_s: float) -> Choice:
     skew = f"clock skew {skew_s:+.0f} s beyond {config.skew_tolerance_s:g} s"
-    coordinator_now = now - timedelta(seconds=skew_s)
+    coordinator_now = now - timedelta(seconds=skew_s * config.speed)
     default = heard.default
     if default is not None and default.valid_at(coordinator_now):
         return _from_doe("default", default, f"{skew}: the retained default", CLOCK_SKEW)
