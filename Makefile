@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/p2pdoe demo --day-ahead --out $(OUT)
+	$(BIN)/p2pdoe demo --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator meter_sim tests

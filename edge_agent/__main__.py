@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("--journal", type=Path, help="the SQLite journal (default: journal-<site>.db)")
     rt.add_argument("--fixed-default-lo-kw", type=float)
     rt.add_argument("--fixed-default-up-kw", type=float)
+    rt.add_argument(
+        "--margin-load", type=float, help="rolling schedules keep this share of load inside (0.08)"
+    )
+    rt.add_argument(
+        "--margin-res", type=float, help="... and this share of PV and wind on the import side (0.05)"
+    )
     rt.add_argument("--skew-tolerance-s", type=float)
     rt.add_argument("--clock-offset-s", type=float, help="fault injection: run this agent's clock off")
     settings = setup(PROG, EdgeSettings, p.parse_args(argv))
@@ -91,7 +97,7 @@ def build_agent(config: SiteConfig, settings: EdgeSettings) -> EdgeAgent:
     box = fixed_default(config)
     if settings.fixed_default_lo_kw is not None and settings.fixed_default_up_kw is not None:
         box = Box(settings.fixed_default_lo_kw, settings.fixed_default_up_kw)
-    fallback = FallbackConfig(box, settings.skew_tolerance_s)
+    fallback = FallbackConfig(box, settings.skew_tolerance_s, settings.speed)
     controller = Controller(config, plant_spec(config), fallback, start, settings.meter_step_s)
     journal = None
     if settings.meter or settings.journal is not None:
@@ -100,7 +106,10 @@ def build_agent(config: SiteConfig, settings: EdgeSettings) -> EdgeAgent:
             journal = Journal(path, config.community.id)
         except JournalError as exc:
             raise ConfigError(f"journal {path}: {exc}") from None
-    return EdgeAgent(config, now, controller=controller, journal=journal, speed=settings.speed)
+    margins = (settings.margin_load, settings.margin_res) if settings.meter else None
+    return EdgeAgent(
+        config, now, controller=controller, journal=journal, speed=settings.speed, margins=margins
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import Recent, community_data, registration, remaining_config, site_qp, with_peers
 from p2pdoe.core.solution import Policy
 from p2pdoe.services.agreement_mqtt import MarketReader, Message, topic_of
-from p2pdoe.services.transport import InboundMessage, LastWill, Transport
+from p2pdoe.services.transport import InboundMessage, LastWill, Transport, TransportError
 
 log = logging.getLogger("edge_agent")
 Clock = Callable[[], datetime]
@@ -133,9 +133,11 @@ class EdgeAgent:
         controller: Controller | None = None,
         journal: Journal | None = None,
         speed: float = 1.0,
+        margins: tuple[float, float] | None = None,
     ):
         self.config = config
         self.speed = speed  # of the simulated clock: a skew is judged in wall seconds
+        self.margins = margins  # in rolling rounds (see p2pdoe.core.community.envelope_margins)
         self.site = config.community.id
         self.clock = clock
         self.reader = MarketReader(self.site)
@@ -264,7 +266,8 @@ class EdgeAgent:
             self._over.add(self._round.id)
         start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
         config = with_peers(self.remaining(start, msg.intervals), set(msg.sites))
-        qp = await asyncio.to_thread(site_qp, config, Policy(msg.policy))
+        margins = self.margins if msg.intervals < self.controller.intervals else None
+        qp = await asyncio.to_thread(site_qp, config, Policy(msg.policy), margins)
         peer_ids = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peer_ids, qp, config.dt_h)
         r = _Round(msg.round, start, config, qp, participant)
@@ -378,16 +381,22 @@ class EdgeAgent:
 
     def _restore(self, journal: Journal) -> None:
         """What a previous run saved: the envelopes heard (so the saved default applies at once) and
-        the interval under way."""
+        the interval that was under way: the day's latest with readings and no settlement. Resumed
+        whether it still runs (its accumulation goes on) or is over (the first reading settles it with
+        what was measured before the stop), so a stop never loses an interval's settlement."""
         for key, payload in journal.envelopes():
             doe = self.reader.runtime(payload)
             if isinstance(doe, Doe) and doe.site == self.site:
                 self._file(key.split("@", 1)[0], doe)
-        now = self.clock()
-        t = self.controller.interval_of(now)
-        energy = journal.load_interval(self.controller.interval_start(t))
-        if energy is not None:
+        now, ctl = self.clock(), self.controller
+        settled = {s.interval_start for s in journal.settlements()}
+        unsettled = [
+            e for e in journal.intervals() if e.start not in settled and ctl.day_start <= e.start <= now
+        ]
+        if unsettled:
+            energy = unsettled[-1]
             self.controller.resume(energy, float(journal.value("flex_used_kwh") or 0.0))
+            self._restarted = True
             log.info("%s: resumed interval %s from the journal", self.site, energy.start.isoformat())
         elif journal.value("flex_used_kwh") is not None:
             self.controller.flex_used_kwh = float(journal.value("flex_used_kwh") or 0.0)
@@ -444,16 +453,19 @@ class EdgeAgent:
         if self.meter_ok == 0:
             await self._publish_schedule_telemetry(transport, choice)
 
-    async def _note_switch(self, transport: Transport, choice: Choice) -> None:
+    async def _note_switch(self, transport: Transport, choice: Choice, wait: bool = True) -> None:
+        """`wait=False` (the meter loop): the status goes out in the background, so the control loop
+        never waits for a broker that is away; the transport publishes the latest on reconnect."""
         previous = self._last_choice
         if not is_switch(previous, choice):
             return
         self._last_choice = choice
         log.info("%s: envelope %s", self.site, describe_switch(previous, choice))
         self.applied = choice.kind
-        await self._publish_status(transport, choice)
+        await self._publish_status(transport, choice, wait)
 
     _last_choice: Choice | None = None
+    _status_task: asyncio.Task[None] | None = None  # a status still on its way (wait=False)
 
     async def _tick(self, transport: Transport, every_s: float) -> None:
         """Envelopes expire as time passes: re-check which applies, and report, every `every_s`."""
@@ -464,12 +476,25 @@ class EdgeAgent:
     def envelope_in_force(self) -> Choice:
         return self.controller.choose_at(self.clock())
 
-    async def _publish_status(self, transport: Transport, choice: Choice | None = None) -> None:
+    async def _publish_status(
+        self, transport: Transport, choice: Choice | None = None, wait: bool = True
+    ) -> None:
         payload = status_payload(
             self.site, "online", self.applied, self.clock(),
             None if choice is None else choice.reason, None if choice is None else choice.alarm,
         )  # fmt: skip
-        await transport.publish_state(topics.site(self.site, "status"), payload)
+        if self._status_task is not None and not self._status_task.done():
+            self._status_task.cancel()  # superseded: the latest status wins
+        if wait:
+            await transport.publish_state(topics.site(self.site, "status"), payload)
+        else:
+            self._status_task = asyncio.create_task(self._status_in_background(transport, payload))
+
+    async def _status_in_background(self, transport: Transport, payload: bytes) -> None:
+        try:
+            await transport.publish_state(topics.site(self.site, "status"), payload)
+        except TransportError as exc:
+            log.warning("%s: status not published: %s", self.site, exc)
 
     async def _publish_schedule_telemetry(self, transport: Transport, choice: Choice) -> None:
         """Before any meter reading: the scheduled net injection now, against the envelope in force."""
@@ -496,16 +521,29 @@ class EdgeAgent:
 
     async def _follow_meter(self, transport: Transport, meter: MeterAdapter) -> None:
         async for reading in meter.readings():
+            self._after_restart(reading)
             step = self.controller.on_reading(reading)
             if step is None:
                 continue
             self.meter_ok += 1
             await meter.command(step.set_points, reading.ts)
+            if step.settled is not None:  # journaled before the next interval's first reading, so a
+                self._settled(step.settled)  # crash between the two never leaves it unsettled
             self._journal_step(step)
-            if step.settled is not None:
-                self._settled(step.settled)
-            await self._note_switch(transport, step.choice)
+            await self._note_switch(transport, step.choice, wait=False)
             self._send_telemetry(reading, step)
+
+    _restarted = False  # an interval was resumed from the journal, and no reading has come since
+
+    def _after_restart(self, r: MeterReading) -> None:
+        """The first reading after a restart counts its own step only, like a fresh agent's first
+        reading: the readings the meter gave while the agent was not running are missing from the
+        interval's coverage (its settlement's `covered_s` shows it), not estimated from this one."""
+        ctl = self.controller
+        if not self._restarted or ctl.last_ts is None or r.ts <= ctl.last_ts:
+            return  # nothing resumed, or a repeated reading (the controller drops it)
+        self._restarted = False
+        ctl.last_ts = max(ctl.last_ts, r.ts - timedelta(seconds=ctl.nominal_step_s))
 
     def _journal_step(self, step: CtlStep) -> None:
         e = self.controller.energy
@@ -519,13 +557,10 @@ class EdgeAgent:
         self.journal.save_interval(e, scheduled, c.kind, c.lo_kw, c.up_kw, state)
 
     def _settled(self, done: CtlSettled) -> None:
+        """Queued to send first, then journaled as settled: a crash between the two leaves the
+        interval unsettled in the journal, so the restart settles it again (a repeat the coordinator
+        replaces), never a settlement journaled but never sent."""
         s, e = done.settlement, done.energy
-        if self.journal is not None:
-            plan = self.controller.plan_at(e.start)
-            k = None if plan is None else plan.index(e.start)
-            if plan is not None and k is not None:
-                self.journal.save_trades(plan.round, e.start, plan.trades(k))
-            self.journal.save_settlement(s)
         choice = done.choice
         record = SettlementRecord(
             site=self.site,
@@ -552,6 +587,12 @@ class EdgeAgent:
         )  # fmt: skip
         if self._outbox is not None:
             self._outbox.durable(topics.site(self.site, "settlement"), record.model_dump_json().encode())
+        if self.journal is not None:
+            plan = self.controller.plan_at(e.start)
+            k = None if plan is None else plan.index(e.start)
+            if plan is not None and k is not None:
+                self.journal.save_trades(plan.round, e.start, plan.trades(k))
+            self.journal.save_settlement(s)
 
     def _send_telemetry(self, r: MeterReading, step: CtlStep) -> None:
         if self._outbox is None:

@@ -26,6 +26,10 @@ class EdgeSettings(ServiceSettings):
     journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
     fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to
     fixed_default_up_kw: Kw | None = None  # the largest preferred consumption)
+    # In rolling rounds the schedule stays inside its envelope by these shares of its forecast load
+    # (both sides) and PV and wind (the import side): forecast errors no lever may be left to meet.
+    margin_load: Annotated[float, Field(ge=0, lt=1)] = 0.08
+    margin_res: Annotated[float, Field(ge=0, lt=1)] = 0.05
     skew_tolerance_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     clock_offset_s: Annotated[float, Field(ge=-86400, le=86400)] = 0.0  # fault injection: a wrong clock
 

@@ -48,3 +48,24 @@ def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     run = run_p2pdoe("demo", "--day-ahead", "--broker", url, "--out", str(tmp_path), timeout=60)
     assert_one_line_error(run, "cannot reach the broker", url)
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_the_real_time_demo_over_the_embedded_broker(tmp_path: Path) -> None:
+    """What `make demo` runs, shortened to two hours: the day-ahead round, then the accelerated day
+    with a meter simulator per site, over the embedded broker."""
+    if not embedded_available():
+        pytest.skip("amqtt is not installed")
+    # a generous lead: the day-ahead round must end before the day starts, on a busy machine too
+    run = run_p2pdoe("demo", "--hours", "2", "--lead-s", "60", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = _check(run.stdout, tmp_path)
+    rt = results["realtime"]
+    assert len(rt["intervals"]) == 7
+    assert all(i["lead_s"] > 0 for i in rt["intervals"])
+    sites = {s["id"] for s in results["runtime"]["sites"]}
+    assert {s["site"] for s in rt["settlements"]} == sites
+    assert len(rt["settlements"]) >= 7 * len(sites)
+    assert rt["energy_mismatch_max_pct"] < 0.1
+    assert "real-time day:" in run.stdout
+    for name in ("realtime_injection.png", "realtime_voltages.png", "realtime_settlements.png"):
+        assert (tmp_path / name).stat().st_size > 10_000

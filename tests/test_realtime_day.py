@@ -29,7 +29,6 @@ SPEED = 640.0
 RATE_S = 30.0
 HOURS = 4.0
 LEAD_S = 20.0
-MAX_VIOLATIONS = 2
 
 
 def _clock(start: datetime, wall: datetime) -> list[str]:
@@ -123,13 +122,10 @@ def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(
     rt = results.realtime
     assert rt is not None
 
-    # Sustained violations, counted from the broker alone, and by the coordinator alike. The issue's
-    # target is zero; not met yet: a site whose envelope pins its minimum import at its schedule
-    # (night, battery at a limit) can run short of levers for a few readings (see docs/realtime.md).
-    # So: at most two in 4 h over six sites, each over within one interval.
+    # Sustained violations, counted from the broker alone, and by the coordinator alike: none (the
+    # rolling schedules keep their margins inside the envelopes; see docs/realtime.md).
     assert observer.judged > 0.9 * len(s.ids) * HOURS * 3600 / RATE_S
-    assert len(observer.violations) <= MAX_VIOLATIONS, observer.violations
-    assert all(v.readings <= 900 / RATE_S for v in observer.violations), observer.violations
+    assert observer.violations == [], observer.violations
     assert rt.envelope_violations.count == len(observer.violations)
 
     # The rolling rounds ran every interval and published before the interval started.

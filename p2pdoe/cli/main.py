@@ -42,6 +42,12 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--speed", type=float, default=640.0, help="simulated seconds per wall second (640)")
     p.add_argument("--meter-rate-s", type=float, default=30.0, help="simulated seconds between readings")
     p.add_argument(
+        "--lead-s",
+        type=float,
+        default=20.0,
+        help="wall seconds from start to the day's start (day-ahead round)",
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("out/demo"), help="output folder (results.json, plots, logs)"
     )
     p.set_defaults(run=_run_demo)
@@ -53,9 +59,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     if not args.day_ahead and args.intervals is None and args.dt_h is None:
         args.intervals, args.dt_h = 96, 0.25  # the real-time day runs on 15-minute intervals
     overrides = _overrides(args)
-    if not 0 < args.hours <= 24 or not args.speed > 0 or not args.meter_rate_s > 0:
-        raise P2PDoeError("--hours must lie in (0, 24]; --speed and --meter-rate-s must be positive")
-    rt = RealTime(hours=args.hours, speed=args.speed, meter_rate_s=args.meter_rate_s)
+    if not 0 < args.hours <= 24 or not args.speed > 0 or not args.meter_rate_s > 0 or not args.lead_s > 0:
+        raise P2PDoeError(
+            "--hours must lie in (0, 24]; --speed, --meter-rate-s and --lead-s must be positive"
+        )
+    rt = RealTime(hours=args.hours, speed=args.speed, meter_rate_s=args.meter_rate_s, lead_s=args.lead_s)
     run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt)
     return 0
 
