@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 import sys
 import time
@@ -103,6 +104,7 @@ def run_demo(
     write_site_configs(s, config)
     results_path = out / "results.json"
     results_path.unlink(missing_ok=True)
+    shutil.rmtree(out / "journal", ignore_errors=True)  # each demo is a new day: no journal of the last
     rt = None if day_ahead else (realtime or RealTime())
     with contextlib.ExitStack() as stack:
         url = broker or _embedded(stack)
