@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("--fixed-default-lo-kw", type=float)
     rt.add_argument("--fixed-default-up-kw", type=float)
     rt.add_argument(
-        "--margin-load", type=float, help="rolling schedules keep this share of load inside (0.08)"
+        "--margin-load",
+        type=float,
+        help="with --meter, schedules keep this share of load inside envelopes (0.08)",
     )
     rt.add_argument(
         "--margin-res", type=float, help="... and this share of PV and wind on the import side (0.05)"

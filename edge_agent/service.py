@@ -137,7 +137,7 @@ class EdgeAgent:
     ):
         self.config = config
         self.speed = speed  # of the simulated clock: a skew is judged in wall seconds
-        self.margins = margins  # in rolling rounds (see p2pdoe.core.community.envelope_margins)
+        self.margins = margins  # kept inside envelopes (real time; p2pdoe.core.community.envelope_margins)
         self.site = config.community.id
         self.clock = clock
         self.reader = MarketReader(self.site)
@@ -266,8 +266,7 @@ class EdgeAgent:
             self._over.add(self._round.id)
         start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
         config = with_peers(self.remaining(start, msg.intervals), set(msg.sites))
-        margins = self.margins if msg.intervals < self.controller.intervals else None
-        qp = await asyncio.to_thread(site_qp, config, Policy(msg.policy), margins)
+        qp = await asyncio.to_thread(site_qp, config, Policy(msg.policy), self.margins)
         peer_ids = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peer_ids, qp, config.dt_h)
         r = _Round(msg.round, start, config, qp, participant)

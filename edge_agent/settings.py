@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from p2pdoe.core.community import REALTIME_MARGINS
 from p2pdoe.services.settings import ServiceSettings
 
 Kw = Annotated[float, Field(allow_inf_nan=False)]
@@ -26,10 +27,10 @@ class EdgeSettings(ServiceSettings):
     journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
     fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to
     fixed_default_up_kw: Kw | None = None  # the largest preferred consumption)
-    # In rolling rounds the schedule stays inside its envelope by these shares of its forecast load
+    # With a meter, every schedule stays inside its envelope by these shares of its forecast load
     # (both sides) and PV and wind (the import side): forecast errors no lever may be left to meet.
-    margin_load: Annotated[float, Field(ge=0, lt=1)] = 0.08
-    margin_res: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    margin_load: Annotated[float, Field(ge=0, lt=1)] = REALTIME_MARGINS[0]
+    margin_res: Annotated[float, Field(ge=0, lt=1)] = REALTIME_MARGINS[1]
     skew_tolerance_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     clock_offset_s: Annotated[float, Field(ge=-86400, le=86400)] = 0.0  # fault injection: a wrong clock
 

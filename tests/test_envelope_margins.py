@@ -103,6 +103,6 @@ def test_an_envelope_pinned_at_the_schedule_gives_the_margins_up_at_their_price(
     assert qp.q[lay.block("mlo")] == pytest.approx(np.full(lay.horizon, price))
 
 
-def test_the_margins_reach_the_edge_only_in_rolling_rounds(config: SiteConfig) -> None:
+def test_a_community_without_margins_keeps_none(config: SiteConfig) -> None:
     c = replace(community_data(config), margin_kw=None)
-    assert c.margin_kw is None  # the day-ahead round and the centralized reference: none
+    assert c.margin_kw is None  # an agent without a meter, and the centralized reference

@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pdoe.core import topics
+from p2pdoe.core.community import REALTIME_MARGINS
+from p2pdoe.core.market import with_margins
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.runtime import Progress, decode_runtime
 from p2pdoe.errors import P2PDoeError
@@ -147,7 +149,7 @@ def run_demo(
         if not results_path.exists():
             raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
         results = Results.model_validate_json(results_path.read_bytes())
-        _report(s, results, policy, out)
+        _report(s if rt is None else with_margins(s, REALTIME_MARGINS), results, policy, out)
         if seen is not None:
             from p2pdoe.cli.demo_realtime import report_day
 
@@ -226,6 +228,7 @@ def _progress_line(payload: bytes) -> str:
 
 
 def _report(s: Any, r: Results, policy: str, out: Path) -> None:
+    """`s`: the scenario as the edge agents solve it (with margins in real time), for the reference."""
     from p2pdoe.core.solution import Policy
     from p2pdoe.report.plots import write_plots
     from p2pdoe.services.inprocess import run_admm

@@ -6,9 +6,9 @@ sell[m -> c] in m's problem. Reciprocity, buy[c, m, t] = sell[m, c, t], couples 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from p2pdoe.core.community import CommunityQP, EnvelopeBounds, build_community_qp
+from p2pdoe.core.community import CommunityQP, EnvelopeBounds, build_community_qp, envelope_margins
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy
 
@@ -34,6 +34,14 @@ def trade_links(peers: tuple[tuple[int, ...], ...]) -> list[TradeLink]:
 
 def envelope_bounds(policy: Policy) -> EnvelopeBounds:
     return EnvelopeBounds.HULL if policy is Policy.STATIC else EnvelopeBounds.PER_INTERVAL
+
+
+def with_margins(s: Scenario, shares: tuple[float, float]) -> Scenario:
+    """`s` with every community keeping envelope margins (what edge agents under the real-time
+    controller solve: `envelope_margins`)."""
+    return replace(
+        s, communities=tuple(replace(c, margin_kw=envelope_margins(c, *shares)) for c in s.communities)
+    )
 
 
 def community_qps(s: Scenario, policy: Policy) -> list[CommunityQP]:
