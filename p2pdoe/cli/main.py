@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _schema_parser(sub)
     _site_config_parser(sub)
+    _provision_parser(sub)
     _monitor_parser(sub)
     _demo_parser(sub)
     return parser
@@ -101,6 +102,33 @@ def _run_site_config(args: argparse.Namespace) -> int:
 
     for path in write_site_configs(load_scenario(args.scenario), args.out):
         print(f"wrote {path}")
+    return 0
+
+
+def _provision_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "provision", help="a deployment bundle: CA and TLS, identities, the broker's ACL and configuration"
+    )
+    p.add_argument("--scenario", default="default", help="the sites (and their peers) of this scenario")
+    p.add_argument("--out", type=Path, required=True, help="the bundle's folder (secrets inside: mode 0600)")
+    p.add_argument("--host", default="127.0.0.1", help="the broker's host name or IP (in its certificate)")
+    p.add_argument("--port", type=int, default=8883, help="the broker's TLS port (8883)")
+    p.set_defaults(run=_run_provision)
+
+
+def _run_provision(args: argparse.Namespace) -> int:
+    from p2pdoe.io.scenarios import load_scenario
+    from p2pdoe.services.provision import write_bundle
+
+    if not 0 < args.port < 65536:
+        raise P2PDoeError(f"--port must lie in 1..65535, not {args.port}")
+    if (args.out / "provision.json").exists():
+        raise P2PDoeError(f"{args.out} already holds a bundle: provision into a new folder")
+    s = load_scenario(args.scenario)
+    peers = {site: [s.ids[j] for j in s.market.peers[i]] for i, site in enumerate(s.ids)}
+    bundle = write_bundle(args.out, peers, args.host, args.port)
+    print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
+    print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
     return 0
 
 

@@ -1,0 +1,236 @@
+"""`p2pdoe provision`: a deployment bundle for a locked-down Mosquitto (docs/deployment.md).
+
+It writes a CA and a server certificate (TLS), one identity per site (`edge-<id>`, also used by the
+site's meter), one for the coordinator (`dso`) and one read-only monitor identity (`monitor`): each
+a random password in its own file (mode 0600) and its PBKDF2-SHA512 hash in the broker's password
+file; an ACL (who may read and write which topic); a Mosquitto configuration (TLS listener only, no
+anonymous access, persistent QoS 1 sessions); an env file per site; and `provision.json`. Secrets
+are never printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import getpass
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pdoe.core import topics
+
+ROOT = topics.ROOT
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
+MAX_PACKET_BYTES = 1_048_576  # a warm-started opening of a 96-interval round is some 100 kB
+CERT_DAYS = 825
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str  # edge | coordinator | monitor
+    id: str  # the site's id, or the role
+    username: str
+    password: str
+
+
+def identities(site_ids: Sequence[str]) -> list[Identity]:
+    def new(role: str, id_: str, username: str) -> Identity:
+        return Identity(role, id_, username, secrets.token_urlsafe(24))
+
+    return [
+        new("coordinator", "dso", "dso"),
+        new("monitor", "monitor", "monitor"),
+        *(new("edge", s, f"edge-{s}") for s in site_ids),
+    ]
+
+
+def password_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A Mosquitto 2 password-file hash: $7$<iterations>$<base64 salt>$<base64 PBKDF2-SHA512>."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, dklen=64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def acl(peers: Mapping[str, Sequence[str]]) -> str:
+    """The broker's ACL. A site writes only its own topics (never its `doe` ones, which only the
+    coordinator writes) and its own protocol messages, and reads its envelopes, set-points and meter,
+    the openings and grants, its peers' proposals and the coordinator's status. The coordinator
+    writes envelopes, openings, grants and its status and reads everything; the monitor reads
+    everything and writes nothing."""
+    lines = [
+        "# p2pdoe broker ACL (p2pdoe provision): who may read and write which topic",
+        "",
+        "user dso",
+        f"topic read {ROOT}/#",
+        *(f"topic write {ROOT}/site/+/{k}" for k in ("doe", "doe/default")),
+        *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant")),
+        *(f"topic write {ROOT}/dso/{k}" for k in ("status", "progress")),
+        "",
+        "user monitor",
+        f"topic read {ROOT}/#",
+    ]
+    for site, site_peers in peers.items():
+        own = f"{ROOT}/site/{site}"
+        lines += [
+            "",
+            f"user edge-{site}",
+            *(f"topic write {own}/{k}" for k in ("status", "register", "telemetry", "meter", "setpoints")),
+            f"topic write {own}/settlement",
+            f"topic write {ROOT}/market/+/proposal/{site}",
+            f"topic write {ROOT}/market/+/report/{site}",
+            *(f"topic read {own}/{k}" for k in ("doe", "doe/default", "setpoints", "meter", "status")),
+            *(f"topic read {ROOT}/market/+/{k}" for k in ("open", "grant")),
+            *(f"topic read {ROOT}/market/+/proposal/{p}" for p in site_peers),
+            f"topic read {ROOT}/dso/status",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def broker_config(bundle: Path, host: str, port: int, queue_limit: int) -> str:
+    """A Mosquitto 2 configuration that runs as is with `mosquitto -c` (absolute paths)."""
+    b = bundle.resolve()
+    return "\n".join(
+        [
+            "# p2pdoe broker (p2pdoe provision): TLS only, no anonymous access, persistent sessions",
+            "# run as root, Mosquitto drops to this user: the owner of the bundle's files",
+            f"user {getpass.getuser()}",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            "set_tcp_nodelay true",
+            f"password_file {b / 'broker' / 'passwd'}",
+            f"acl_file {b / 'broker' / 'acl'}",
+            "persistence true",
+            f"persistence_location {b / 'broker' / 'data'}/",
+            "autosave_interval 1",
+            "autosave_on_changes true",
+            f"max_packet_size {MAX_PACKET_BYTES}",
+            f"max_queued_messages {queue_limit}",
+            "max_inflight_messages 100",
+            "",
+            f"listener {port} {host}",
+            "protocol mqtt",
+            f"cafile {b / 'ca' / 'ca.crt'}",
+            f"certfile {b / 'broker' / 'server.crt'}",
+            f"keyfile {b / 'broker' / 'server.key'}",
+            "tls_version tlsv1.2",
+            "",
+        ]
+    )
+
+
+def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port: int) -> dict[str, object]:
+    """The whole bundle under `out`; returns what `provision.json` says."""
+    for folder in ("ca", "broker", "broker/data", "identities", "env"):
+        (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+    ids = identities(list(peers))
+    ca_cert, ca_key, server_cert, server_key = _certificates(host)
+    _write(out / "ca" / "ca.crt", ca_cert, 0o644)
+    _write(out / "ca" / "ca.key", ca_key, 0o600)
+    _write(out / "broker" / "server.crt", server_cert, 0o644)
+    _write(out / "broker" / "server.key", server_key, 0o600)
+    _write(
+        out / "broker" / "passwd", "".join(f"{i.username}:{password_hash(i.password)}\n" for i in ids), 0o600
+    )
+    _write(out / "broker" / "acl", acl(peers), 0o644)
+    queue_limit = max(1000, 200 * len(peers))  # a round's messages to a site that reconnects
+    _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
+    entries = []
+    for i in ids:
+        secret = out / "identities" / f"{i.username}.password"
+        _write(secret, i.password + "\n", 0o600)
+        entry = {"role": i.role, "id": i.id, "username": i.username, "password_file": str(secret.resolve())}
+        if i.role == "edge":
+            env = out / "env" / f"{i.id}.env"
+            _write(env, _edge_env(i, host, port, out), 0o600)
+            entry["env_file"] = str(env.resolve())
+        entries.append(entry)
+    description: dict[str, object] = {
+        "kind": "p2pdoe_provision",
+        "schema_version": 1,
+        "broker": {
+            "config": str((out / "broker" / "mosquitto.conf").resolve()),
+            "ca_cert": str((out / "ca" / "ca.crt").resolve()),
+            "host": host,
+            "port": port,
+            "tls": True,
+        },
+        "identities": entries,
+    }
+    _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
+    return description
+
+
+def _edge_env(i: Identity, host: str, port: int, out: Path) -> str:
+    return "\n".join(
+        [
+            f"# the edge agent of {i.id} (p2pdoe provision)",
+            f"P2PDOE_EDGE_BROKER=mqtts://{i.username}@{host}:{port}",
+            f"P2PDOE_EDGE_PASSWORD_FILE={(out / 'identities' / f'{i.username}.password').resolve()}",
+            f"P2PDOE_EDGE_CA_CERT={(out / 'ca' / 'ca.crt').resolve()}",
+            "",
+        ]
+    )
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Created with its mode from the start: a secret is never readable by others, even briefly."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _certificates(host: str) -> tuple[str, str, str, str]:
+    """(CA certificate, CA key, server certificate, server key), PEM; EC P-256 keys."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pdoe deployment CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+        fmt = serialization.PrivateFormat.PKCS8
+        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+
+    def pem_cert(cert: x509.Certificate) -> str:
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    return pem_cert(ca), pem_key(ca_key), pem_cert(server), pem_key(server_key)
