@@ -122,10 +122,14 @@ async def _real_time_day(
             agreement.setup, agreement.outcome, 0, c.start, c.interval_s, c.cfg.intervals
         )
         if settings.checkpoint is not None:
-            save(settings.checkpoint, standing)
+            await asyncio.to_thread(save, settings.checkpoint, standing)
     else:
         path = settings.checkpoint
-        standing = None if path is None else load(path, c.start, c.interval_s, c.cfg.intervals)
+        standing = (
+            None
+            if path is None
+            else await asyncio.to_thread(load, path, c.start, c.interval_s, c.cfg.intervals)
+        )
         log.info("resumed mid-day from %s", "nothing" if standing is None else f"round {standing.round}")
     day = await RollingHorizon(c, transport, standing, rejoining=agreement is None).run()
     await asyncio.sleep(settings.report_timeout_s / 4)  # the last interval's settlements

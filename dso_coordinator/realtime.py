@@ -100,7 +100,7 @@ class RollingHorizon:
             log.warning("interval %d: round %s granted an empty box; the last agreement stands", t, round_id)
             outcome = None
         if outcome is not None and setup is not None:
-            self._stand(setup, outcome, t)  # late: from t + 1 on; t keeps what was in force
+            await self._stand(setup, outcome, t)  # late: from t + 1 on; t keeps what was in force
         if outcome is not None and in_time:
             envelopes = {site: self._envelope(site, t) for site in c.site_ids}
             for doe in envelopes.values():
@@ -157,11 +157,11 @@ class RollingHorizon:
             lo = up = (lo + up) / 2
         return Doe.from_box(site, st.round, start, c.interval_s, lo, up)
 
-    def _stand(self, setup: RoundSetup, outcome: DsoOutcome, t: int) -> None:
+    async def _stand(self, setup: RoundSetup, outcome: DsoOutcome, t: int) -> None:
         c = self.c
         self.standing = standing_from(setup, outcome, t, c.start, c.interval_s, c.cfg.intervals)
         if c.settings.checkpoint is not None:
-            save(c.settings.checkpoint, self.standing)
+            await asyncio.to_thread(save, c.settings.checkpoint, self.standing)  # fsync: off the loop
 
 
 def _boxes_sound(outcome: DsoOutcome) -> bool:

@@ -7,33 +7,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from service_helpers import service_env
+from realtime_helpers import Processes, quarter_hour_day
 
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.realtime.observer import ViolationObserver
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.runtime import Doe, MeterReading, decode_runtime
-from p2pdoe.io.scenarios import load_scenario
-from p2pdoe.io.site_configs import write_site_configs
 from p2pdoe.services.broker import Broker
 
 SPEED = 640.0
 RATE_S = 30.0
 HOURS = 4.0
 LEAD_S = 20.0
-
-
-def _clock(start: datetime, wall: datetime) -> list[str]:
-    iso = [x.isoformat().replace("+00:00", "Z") for x in (start, start, wall)]
-    return ["--start", iso[0], "--sim-origin", iso[1], "--wall-origin", iso[2], "--speed", f"{SPEED:g}"]
 
 
 @pytest.mark.timeout(240)
@@ -44,45 +35,14 @@ def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(
 
     import aiomqtt
 
-    s = load_scenario("default", {"horizon": {"intervals": 96, "dt_h": 0.25}})
-    write_site_configs(s, tmp_path / "config")
-    now = datetime.now(UTC)
-    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    clock = _clock(start, now + timedelta(seconds=LEAD_S))
+    s = quarter_hour_day()
     url = mqtt_broker.url
-    py = sys.executable
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start_proc(name: str, *argv: str) -> subprocess.Popen[bytes]:
-        out = (logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen([py, "-m", *argv], stdout=out, stderr=subprocess.STDOUT, env=service_env())
-        procs.append(proc)
-        return proc
-
-    coordinator = start_proc(
-        "dso", "dso_coordinator", "--coordinator-config", str(tmp_path / "config" / "coordinator.json"),
-        "--broker", url, "--out", str(tmp_path), "--rolling", "--exit-after-day", "--hours", f"{HOURS:g}",
-        "--meter-step-s", f"{RATE_S:g}", "--registration-timeout-s", "60", *clock,
-    )  # fmt: skip
-    for site in s.ids:
-        cfg = str(tmp_path / "config" / "sites" / f"{site}.json")
-        start_proc(
-            f"edge-{site}", "edge_agent", "--site-config", cfg, "--broker", url, "--meter",
-            "--meter-step-s", f"{RATE_S:g}", "--journal", str(tmp_path / "journal" / f"{site}.db"), *clock,
-        )  # fmt: skip
-        start_proc(
-            f"meter-{site}",
-            "meter_sim",
-            "--site-config",
-            cfg,
-            "--broker",
-            url,
-            "--rate-s",
-            f"{RATE_S:g}",
-            *clock,
-        )
+    day = Processes(s, tmp_path, url, SPEED, RATE_S, LEAD_S)
+    start = day.start
+    coordinator = day.coordinator(
+        "--out", str(tmp_path), "--hours", f"{HOURS:g}", "--registration-timeout-s", "60"
+    )
+    day.sites(s.ids)
 
     observer = ViolationObserver()
     integral = MeterIntegral(start, 900.0, RATE_S)
@@ -106,18 +66,10 @@ def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(
                 if coordinator.poll() is not None or time.monotonic() > deadline:
                     return
 
-    try:
+    with day:
         asyncio.run(observe())
         coordinator.wait(timeout=60)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    assert coordinator.returncode == 0, (logs / "dso.log").read_text()[-3000:]
+    assert coordinator.returncode == 0, day.log("dso")
     results = Results.model_validate_json((tmp_path / "results.json").read_bytes())
     rt = results.realtime
     assert rt is not None
@@ -139,7 +91,7 @@ def test_a_four_hour_day_holds_its_envelopes_and_settles_every_interval(
     for site in s.ids:
         settled = {datetime.fromisoformat(x.interval_start) for x in rt.settlements if x.site == site}
         assert {start + timedelta(minutes=15 * t) for t in complete} <= settled, site
-        db = sqlite3.connect(tmp_path / "journal" / f"{site}.db")
+        db = sqlite3.connect(day.journal(site))
         rows = dict(db.execute("SELECT interval_start, measured_kwh FROM settlements").fetchall())
         for t in complete:
             key = (start + timedelta(minutes=15 * t)).isoformat()
