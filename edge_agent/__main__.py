@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument(
         "--margin-load",
         type=float,
-        help="with --meter, schedules keep this share of load inside envelopes (0.08)",
+        help="with --meter, schedules keep this share of load inside envelopes (0.12)",
     )
     rt.add_argument(
         "--margin-res", type=float, help="... and this share of PV and wind on the import side (0.05)"
@@ -67,9 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             meter = None
             if settings.meter:
-                meter_settings = settings.model_copy(
-                    update={"broker": settings.meter_broker or settings.broker}
-                )
+                meter_settings = settings
+                if settings.meter_broker is not None:  # the gateway's own: credentials in its URL, if any
+                    own = {"username": None, "password": None, "password_file": None, "ca_cert": None}
+                    meter_settings = settings.model_copy(update={"broker": settings.meter_broker, **own})
                 meter_transport = await stack.enter_async_context(
                     transport_for(meter_settings, f"edge-{site}-meter", None)
                 )

@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = base_parser(PROG, "One site's simulated meter and plant, on the shared simulated clock.")
     p.add_argument("--site-config", type=Path, help="the site's configuration (p2pdoe site-config)")
     p.add_argument("--rate-s", type=float, help="simulated seconds between readings (default 5)")
+    p.add_argument(
+        "--lead-in-s", type=float, help="simulated seconds of readings before the day starts (one interval)"
+    )
     p.add_argument("--seed", type=int, help="forecast errors (default: from the site's id)")
     settings = setup(PROG, MeterSettings, p.parse_args(argv))
     if isinstance(settings, int):
@@ -35,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = day_start(settings.start, config.start, config.dt_h, clock.sim_at(now))
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())
         try:
-            sim = MeterSim(config, clock, start, settings.rate_s, seed)
+            lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
+            sim = MeterSim(config, clock, start, settings.rate_s, seed, lead_in)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         async with transport_for(settings, f"meter-{site}", None) as transport:

@@ -2,7 +2,11 @@
 seeded forecast errors (p2pdoe.core.realtime.weather), stepped every `rate_s` of simulated time on the
 shared clock. It publishes a `MeterReading` on `site/<id>/meter` per step and follows the latest
 `SetPointMessage` on `site/<id>/setpoints`; until it hears one, the battery idles, nothing is
-curtailed and the flexible load follows its preferred profile."""
+curtailed and the flexible load follows its preferred profile.
+
+Like a real meter it is already running when the day starts: it publishes from `lead_in_s` before
+the day's start (the plant then sees the day's first sample of weather and load), so the edge has
+the plant under control, and the day's first step follows set-points, not the idle plant."""
 
 from __future__ import annotations
 
@@ -29,8 +33,18 @@ log = logging.getLogger("meter_sim")
 class MeterSim:
     """One site's plant on the simulated clock; `day_start` is the simulated start of its horizon."""
 
-    def __init__(self, config: SiteConfig, clock: SimClock, day_start: datetime, rate_s: float, seed: int):
+    def __init__(
+        self,
+        config: SiteConfig,
+        clock: SimClock,
+        day_start: datetime,
+        rate_s: float,
+        seed: int,
+        lead_in_s: float = 0.0,
+    ):
         c = config.community
+        if not (math.isfinite(lead_in_s) and lead_in_s >= 0):
+            raise ValueError(f"the lead-in must be a finite number of seconds >= 0, not {lead_in_s}")
         self.config = config
         self.site = c.id
         self.clock = clock
@@ -41,20 +55,22 @@ class MeterSim:
         self.actuals: Actuals = actuals(
             _array(c.pv_kw), _array(c.wind_kw), _array(c.fixed_load_kw), config.dt_h, rate_s, seed
         )
+        self.first_sample = -math.ceil(lead_in_s / rate_s - 1e-9)
         self.set_points: SetPoints | None = None
         self.reader = MarketReader(f"meter-sim-{c.id}")
         self.dropped = self.reader.dropped
 
     def reading(self, k: int) -> MeterReading:
-        """Step the plant over sample k (simulated [k, k + 1) * rate_s from the day's start)."""
+        """Step the plant over sample k (simulated [k, k + 1) * rate_s from the day's start); before
+        the day (k < 0) the weather and load are those of the day's first sample."""
         t_s = k * self.rate_s
         sp = self.set_points or self._idle(t_s)
-        res = self.actuals.at(t_s)
+        res = self.actuals.at(max(t_s, 0.0))
         self.soc_kwh, r = step(self.spec, self.soc_kwh, sp, res, self.rate_s)
         return _message(self.site, self.day_start + timedelta(seconds=t_s + self.rate_s), r, res)
 
     def _idle(self, t_s: float) -> SetPoints:
-        t = min(int(t_s // (self.config.dt_h * 3600)), len(self.config.community.fixed_load_kw) - 1)
+        t = min(max(int(t_s // (self.config.dt_h * 3600)), 0), len(self.config.community.fixed_load_kw) - 1)
         return SetPoints(0.0, None, None, self.config.community.flexible_load.preferred_kw[t])
 
     def apply(self, m: InboundMessage) -> None:
@@ -70,7 +86,8 @@ class MeterSim:
         """Publish readings from the current simulated time to the horizon's end; returns how many."""
         await transport.subscribe(topics.site(self.site, "setpoints"))
         listener = asyncio.create_task(self._listen(transport))
-        first = max(0, math.ceil((self.clock.sim_at(now) - self.day_start).total_seconds() / self.rate_s))
+        since_start = (self.clock.sim_at(now) - self.day_start).total_seconds()
+        first = max(self.first_sample, math.ceil(since_start / self.rate_s))
         published = 0
         try:
             for k in range(first, self.actuals.samples):

@@ -16,4 +16,7 @@ class MeterSettings(ServiceSettings):
 
     site_config: Path  # the site's configuration (`p2pdoe site-config`): forecasts and assets
     rate_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # simulated seconds between readings
+    lead_in_s: Annotated[float | None, Field(ge=0, le=86400)] = (
+        None  # readings before the day (default: one interval)
+    )
     seed: int | None = None  # forecast errors (default: derived from the site's id)

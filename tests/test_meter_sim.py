@@ -116,3 +116,53 @@ def test_the_simulator_publishes_readings_and_obeys_set_points(mqtt_broker: Brok
     assert readings[-1].flex_kw == pytest.approx(2.0)
     socs = [r.soc_kwh or 0.0 for r in readings[-10:]]
     assert all(b < a for a, b in itertools.pairwise(socs))  # discharging
+
+
+def test_before_the_day_the_plant_sees_the_days_first_sample() -> None:
+    sim = MeterSim(site_config(load_scenario("default"), 0), SimClock(DAY, DAY, 1.0), DAY, 60.0, 7, 150.0)
+    assert sim.first_sample == -3  # 150 s of lead-in at 60 s: three readings, the first at -2 min
+    before, first = sim.reading(-1), _sim().reading(0)
+    assert before.ts == DAY
+    assert (before.pv_available_kw, before.wind_available_kw) == (
+        first.pv_available_kw,
+        first.wind_available_kw,
+    )
+    assert before.fixed_load_kw == first.fixed_load_kw
+    with pytest.raises(ValueError, match="lead-in"):
+        MeterSim(sim.config, sim.clock, DAY, 60.0, 7, -1.0)
+
+
+@pytest.mark.timeout(60)
+def test_the_simulator_starts_publishing_its_lead_in_before_the_day(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """A meter is running when the day starts: with --lead-in-s 120 the first reading closes the step
+    two minutes before the day's start (then one a minute), so the edge controls the day's first step."""
+    write_site_configs(load_scenario("default"), tmp_path)
+    site = "solar-18"
+    origin = datetime.now(UTC).replace(microsecond=0)
+    start = origin + timedelta(minutes=100)  # 10 s wall: the process has started by then
+    argv = [sys.executable, "-m", "meter_sim", "--site-config", str(tmp_path / "sites" / f"{site}.json"),
+            "--broker", mqtt_broker.url, "--speed", "600", "--rate-s", "60", "--lead-in-s", "120",
+            "--start", start.isoformat(), "--sim-origin", origin.isoformat(),
+            "--wall-origin", origin.isoformat()]  # fmt: skip
+
+    async def watch() -> list[MeterReading]:
+        readings: list[MeterReading] = []
+        async with MqttTransport(mqtt_broker.url, "meter-watch") as t:
+            await t.subscribe(topics.site(site, "meter"))
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                incoming = t.messages()
+                async with asyncio.timeout(40):
+                    while len(readings) < 4:
+                        msg = decode_runtime((await anext(incoming)).payload)
+                        assert isinstance(msg, MeterReading)
+                        readings.append(msg)
+            finally:
+                proc.kill()
+                proc.wait(10)
+        return readings
+
+    readings = asyncio.run(watch())
+    assert [r.ts - start for r in readings] == [timedelta(minutes=m) for m in (-1, 0, 1, 2)]

@@ -106,3 +106,49 @@ def test_an_exceedance_is_back_inside_within_15_simulated_seconds(config: SiteCo
         sp = out.set_points
     assert inside_at is not None
     assert inside_at <= 15
+
+
+def test_readings_before_the_day_are_enforced_but_belong_to_no_interval(config: SiteConfig) -> None:
+    """A meter runs before the day: those readings get set-points (under the envelope in force then)
+    but no interval, so the day's first settlement counts only the day's own steps."""
+    ctl = controller(config, step_s=30.0)
+    ctl.adopt(flat_plan(config, net_kw=-8.0, bought_kw=0.0, price=0.10))
+    ctl.book.add(Doe.from_box(config.community.id, "r", DAY, 900, -30.0, 10.0))
+    before = [ctl.on_reading(reading(config, DAY + timedelta(seconds=30 * k), -10.0)) for k in range(-4, 1)]
+    assert all(s is not None and s.settled is None for s in before)
+    assert ctl.energy is None
+    assert [s.judged.kind for s in before if s is not None] == ["fixed_default"] * 5
+    first = before[-1]
+    assert first is not None and first.choice.kind == "dynamic"  # the day's first step, set at 00:00
+    after = [ctl.on_reading(reading(config, DAY + timedelta(seconds=30 * k), -10.0)) for k in range(1, 32)]
+    settled = [s.settled for s in after if s is not None and s.settled is not None]
+    assert [s.settlement.interval_start for s in settled] == [DAY]
+    assert settled[0].energy.covered_s == pytest.approx(900.0)
+    assert settled[0].settlement.measured_kwh == pytest.approx(-2.5)
+
+
+def test_the_safety_margin_widens_with_the_measured_prediction_error(config: SiteConfig) -> None:
+    """In closed loop with the plant: a site whose fixed load wanders by 4 kW from one reading to
+    the next keeps about two sigmas of that error from the bound; a steady one keeps the default."""
+    envelope = Box(-100.0, 0.0)
+    spec = plant_spec(config)
+    rng = np.random.default_rng(3)
+    margins = []
+    for sigma in (0.0, 4.0):
+        ctl = controller(config, 30.0)
+        ctl.book.add(Doe.from_box(config.community.id, "r", DAY, 900, envelope.lo_kw, envelope.up_kw))
+        soc, sp = spec.soc_init_kwh, SetPoints(0.0, None, None, 0.0)
+        for k in range(1, 29):
+            load = 60.0 + float(rng.normal(0.0, sigma))
+            soc, r = step(spec, soc, sp, Resources(pv_kw=0.0, wind_kw=0.0, fixed_load_kw=load), 30.0)
+            msg = MeterReading(
+                site=config.community.id, ts=DAY + timedelta(seconds=30 * k), p_kw=r.p_kw, pv_kw=0.0,
+                pv_available_kw=0.0, wind_kw=0.0, wind_available_kw=0.0, fixed_load_kw=load,
+                flex_kw=r.flex_kw, battery_kw=r.battery_kw, soc_kwh=soc,
+            )  # fmt: skip
+            out = ctl.on_reading(msg)
+            assert out is not None
+            sp = out.set_points
+        margins.append(ctl.errors.margin_kw(envelope))
+    assert margins[0] == pytest.approx(1.0)  # max(0.5 kW, 1 % of 100 kW)
+    assert 4.0 < margins[1] < 12.0  # about 2 x 4 kW, early in its running mean

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +32,7 @@ from p2pdoe.core.schemas.runtime import Progress, decode_runtime
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
+from p2pdoe.services.provision import Access
 
 console = Console(highlight=False, soft_wrap=True)
 STOP_GRACE_S = 5.0
@@ -100,6 +101,7 @@ def run_demo(
     day_ahead: bool,
     policy: str,
     realtime: RealTime | None = None,
+    secure: bool = False,
 ) -> Results:
     s = load_scenario(scenario, overrides)
     config = out / "config"
@@ -109,16 +111,23 @@ def run_demo(
     shutil.rmtree(out / "journal", ignore_errors=True)  # each demo is a new day: no journal of the last
     rt = None if day_ahead else (realtime or RealTime())
     with contextlib.ExitStack() as stack:
-        url = broker or _embedded(stack)
-        asyncio.run(_reachable(url))
+        from p2pdoe.services.transport import without_password
+
+        reach = _broker(stack, broker, secure, s, out)
+        monitor = reach("monitor")
+        asyncio.run(_reachable(monitor))
         procs = stack.enter_context(processes(out / "logs"))
         clock = _clock_args(s, rt)
-        console.print(f"broker {url}; {len(s.ids)} edge agents and the coordinator, logs in {out / 'logs'}")
+        how = f" (TLS and ACL, bundle {out / 'bundle'})" if secure else ""
+        console.print(
+            f"broker {without_password(monitor.url)}{how}; {len(s.ids)} edge agents and the coordinator, "
+            f"logs in {out / 'logs'}"
+        )
         py = sys.executable
         coordinator = procs.start(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
-             "--broker", url, "--out", str(out), "--policy", policy, "--registration-timeout-s", "120",
+             *reach("dso").args(), "--out", str(out), "--policy", policy, "--registration-timeout-s", "120",
              *clock, *(["--exit-after-round"] if rt is None else
                        ["--rolling", "--exit-after-day", "--hours", f"{rt.hours:g}",
                         "--meter-step-s", f"{rt.meter_rate_s:g}"])],
@@ -131,21 +140,30 @@ def run_demo(
             ]  # fmt: skip
             procs.start(
                 f"edge-{site}",
-                [py, "-m", "edge_agent", "--site-config", site_config, "--broker", url, *clock, *meter],
+                [
+                    py,
+                    "-m",
+                    "edge_agent",
+                    "--site-config",
+                    site_config,
+                    *reach(f"edge-{site}").args(),
+                    *clock,
+                    *meter,
+                ],
             )
             if rt is not None:
                 procs.start(
                     f"meter-{site}",
-                    [py, "-m", "meter_sim", "--site-config", site_config, "--broker", url, *clock,
-                     "--rate-s", f"{rt.meter_rate_s:g}"],
+                    [py, "-m", "meter_sim", "--site-config", site_config, *reach(f"edge-{site}").args(),
+                     *clock, "--rate-s", f"{rt.meter_rate_s:g}"],
                 )  # fmt: skip
         seen = None
         if rt is None:
-            asyncio.run(_watch(url, coordinator, results_path, procs))
+            asyncio.run(_watch(monitor, coordinator, results_path, procs))
         else:
             from p2pdoe.cli.demo_realtime import watch_day
 
-            seen = asyncio.run(watch_day(url, coordinator, procs, console))
+            seen = asyncio.run(watch_day(monitor, coordinator, procs, console))
         if not results_path.exists():
             raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
         results = Results.model_validate_json(results_path.read_bytes())
@@ -173,25 +191,46 @@ def _clock_args(s: Any, rt: RealTime | None) -> list[str]:
     return ["--start", iso[0], "--sim-origin", iso[1], "--wall-origin", iso[2], "--speed", f"{rt.speed:g}"]
 
 
-async def _reachable(url: str) -> None:
+async def _reachable(monitor: Access) -> None:
     from p2pdoe.services.transport import connect_within
 
-    await (await connect_within(url, "p2pdoe-demo-probe", CONNECT_TIMEOUT_S)).close()
+    opts = monitor.transport_options()
+    await (await connect_within(monitor.url, "p2pdoe-demo-probe", CONNECT_TIMEOUT_S, **opts)).close()
 
 
-def _embedded(stack: contextlib.ExitStack) -> str:
-    from p2pdoe.services.broker import start_embedded
+def _broker(
+    stack: contextlib.ExitStack, broker: str | None, secure: bool, s: Any, out: Path
+) -> Callable[[str], Access]:
+    """How each identity reaches the broker: `--broker` or the embedded one for all; with `secure`, a
+    bundle provisioned for this demo (out/bundle) and Mosquitto running its configuration as is."""
+    from p2pdoe.services.broker import HOST, free_port, start_embedded, start_provisioned
+    from p2pdoe.services.provision import access, site_peers, write_bundle
 
-    return stack.enter_context(start_embedded()).url
+    if not secure:
+        url = broker or stack.enter_context(start_embedded()).url
+        return lambda _username: Access(url)
+    if broker is not None:
+        raise P2PDoeError("--secure starts its own provisioned Mosquitto: leave out --broker")
+    bundle = out / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    try:
+        description = write_bundle(bundle, site_peers(s.ids, s.market.peers), HOST, free_port())
+    except ImportError:
+        raise P2PDoeError("--secure needs the provisioning extra: pip install 'p2pdoe[provision]'") from None
+    stack.enter_context(start_provisioned(bundle))
+    return lambda username: access(description, username)
 
 
-async def _watch(url: str, coordinator: subprocess.Popen[bytes], results: Path, procs: Processes) -> None:
+async def _watch(
+    monitor: Access, coordinator: subprocess.Popen[bytes], results: Path, procs: Processes
+) -> None:
     """Show the round's progress until results.json is written (or the coordinator fails)."""
     from rich.live import Live
 
     from p2pdoe.services.transport import connect_within
 
-    async with await connect_within(url, f"p2pdoe-demo-{id(procs):x}", CONNECT_TIMEOUT_S) as transport:
+    name, opts = f"p2pdoe-demo-{id(procs):x}", monitor.transport_options()
+    async with await connect_within(monitor.url, name, CONNECT_TIMEOUT_S, **opts) as transport:
         await transport.subscribe(topics.DSO_PROGRESS, qos=0)
         started = time.monotonic()
         line = ["waiting for every site to register"]

@@ -25,6 +25,7 @@ from p2pdoe.errors import P2PDoeError
 
 if TYPE_CHECKING:
     from p2pdoe.cli.demo import Processes
+    from p2pdoe.services.provision import Access
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Observation:
 
 
 async def watch_day(
-    url: str, coordinator: subprocess.Popen[bytes], procs: Processes, console: Any
+    monitor: Access, coordinator: subprocess.Popen[bytes], procs: Processes, console: Any
 ) -> Observation:
     """Follow the day from the broker until the coordinator exits (it writes results.json first)."""
     from rich.live import Live
@@ -78,7 +79,8 @@ async def watch_day(
     from p2pdoe.services.transport import connect_within
 
     seen = Observation()
-    async with await connect_within(url, f"p2pdoe-demo-day-{id(procs):x}", 10.0) as transport:
+    name, opts = f"p2pdoe-demo-day-{id(procs):x}", monitor.transport_options()
+    async with await connect_within(monitor.url, name, 10.0, **opts) as transport:
         for kind in ("doe", "doe/default", "status"):
             await transport.subscribe(topics.every_site(kind))
         await transport.subscribe(topics.every_site("meter"), qos=0)
@@ -172,4 +174,25 @@ def _observed(seen: Observation) -> dict[str, Any]:
         "outside_readings": o.outside,
         "sustained_violations": len(o.violations),
         "by_site": o.by_site(),
+        "violations": [
+            {
+                "site": v.site,
+                "start": v.start.isoformat(),
+                "end": v.end.isoformat(),
+                "readings": v.readings,
+                "worst_kw": round(v.worst_kw, 3),
+            }
+            for v in o.violations
+        ],
+        "outside": [
+            {
+                "site": x.site,
+                "ts": x.ts.isoformat(),
+                "p_kw": round(x.p_kw, 3),
+                "lo_kw": round(x.lo_kw, 3),
+                "up_kw": round(x.up_kw, 3),
+                "excess_kw": round(x.excess_kw, 3),
+            }
+            for x in o.outside_readings
+        ],
     }

@@ -37,6 +37,11 @@ def _demo_parser(sub: Any) -> None:
     )
     _scenario_args(p)
     p.add_argument("--broker", help="mqtt://host:port of a running broker (default: start the embedded one)")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="provision a bundle (out/bundle) and run everything under Mosquitto with TLS and the ACL",
+    )
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
@@ -65,7 +70,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             "--hours must lie in (0, 24]; --speed, --meter-rate-s and --lead-s must be positive"
         )
     rt = RealTime(hours=args.hours, speed=args.speed, meter_rate_s=args.meter_rate_s, lead_s=args.lead_s)
-    run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt)
+    run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure)
     return 0
 
 
@@ -118,15 +123,14 @@ def _provision_parser(sub: Any) -> None:
 
 def _run_provision(args: argparse.Namespace) -> int:
     from p2pdoe.io.scenarios import load_scenario
-    from p2pdoe.services.provision import write_bundle
+    from p2pdoe.services.provision import site_peers, write_bundle
 
     if not 0 < args.port < 65536:
         raise P2PDoeError(f"--port must lie in 1..65535, not {args.port}")
     if (args.out / "provision.json").exists():
         raise P2PDoeError(f"{args.out} already holds a bundle: provision into a new folder")
     s = load_scenario(args.scenario)
-    peers = {site: [s.ids[j] for j in s.market.peers[i]] for i, site in enumerate(s.ids)}
-    bundle = write_bundle(args.out, peers, args.host, args.port)
+    bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
     return 0

@@ -21,7 +21,7 @@ from p2pdoe.core.scenario import CommunityData, MarketData
 
 BLOCKS = ("pv", "wd", "lx", "ch", "dis", "soc", "imp", "exp", "lo", "up", "wid")
 MARGIN_BLOCKS = ("mup", "mlo")  # with envelope margins: the shortfall of each (see `envelope_margins`)
-REALTIME_MARGINS = (0.08, 0.05)  # the real-time controller's default (load share, PV and wind share)
+REALTIME_MARGINS = (0.12, 0.05)  # the real-time controller's default (load share, PV and wind share)
 MARGIN_SHORTFALL_EUR_PER_KWH = 1.0  # above any tariff: a margin is given up only when nothing else helps
 INF = np.inf
 

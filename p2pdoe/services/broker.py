@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -165,12 +166,13 @@ class Broker:
     argv: list[str]
     workdir: Path
     start_timeout_s: float = START_TIMEOUT_S
+    tls: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def supports_v5(self) -> bool:
@@ -267,6 +269,27 @@ def start_mosquitto(
         return [exe, "-c", str(conf)]
 
     return _launch("mosquitto", chosen, argv, start_timeout_s)
+
+
+def start_provisioned(bundle: Path, *, start_timeout_s: float = START_TIMEOUT_S) -> Broker:
+    """Run Mosquitto with a bundle's configuration as is (`p2pdoe provision`): TLS on the bundle's
+    host and port, its password file and ACL, persistence in the bundle."""
+    exe = find_mosquitto()
+    if exe is None:
+        raise BrokerUnavailableError("mosquitto is not installed (not on PATH, nor in /usr/sbin)")
+    try:
+        broker = json.loads((bundle / "provision.json").read_text(encoding="utf-8"))["broker"]
+        config, host, port = str(broker["config"]), str(broker["host"]), int(broker["port"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BrokerUnavailableError(f"{bundle} holds no readable provision.json: {exc}") from None
+    tmp = tempfile.TemporaryDirectory(prefix="p2pdoe-mosquitto-tls-")
+    b = Broker("mosquitto", host, port, [exe, "-c", config], Path(tmp.name), start_timeout_s, True, _tmp=tmp)
+    try:
+        b.start()
+    except BaseException:
+        b.close()
+        raise
+    return b
 
 
 def start_embedded(port: int = 0, *, start_timeout_s: float = START_TIMEOUT_S) -> Broker:

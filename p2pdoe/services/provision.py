@@ -49,6 +49,48 @@ def identities(site_ids: Sequence[str]) -> list[Identity]:
     ]
 
 
+@dataclass(frozen=True)
+class Access:
+    """How one process reaches the broker: its URL (with its user name) and, on a provisioned
+    broker, its password file and the CA certificate."""
+
+    url: str
+    password_file: Path | None = None
+    ca_cert: Path | None = None
+
+    def args(self) -> list[str]:
+        """The service options (`--broker`, `--password-file`, `--ca-cert`)."""
+        out = ["--broker", self.url]
+        if self.password_file is not None:
+            out += ["--password-file", str(self.password_file)]
+        if self.ca_cert is not None:
+            out += ["--ca-cert", str(self.ca_cert)]
+        return out
+
+    def transport_options(self) -> dict[str, object]:
+        """Keyword arguments for `MqttTransport` beyond the URL."""
+        if self.password_file is None:
+            return {"ca_cert": self.ca_cert}
+        password = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        return {"password": password, "ca_cert": self.ca_cert}
+
+
+def access(description: Mapping[str, object], username: str) -> Access:
+    """How identity `username` of a bundle (its `provision.json`) reaches the broker."""
+    broker = description["broker"]
+    assert isinstance(broker, dict)
+    for entry in description["identities"]:  # type: ignore[attr-defined]
+        if entry["username"] == username:
+            url = f"mqtts://{username}@{broker['host']}:{broker['port']}"
+            return Access(url, Path(entry["password_file"]), Path(broker["ca_cert"]))
+    raise KeyError(f"the bundle has no identity {username!r}")
+
+
+def site_peers(ids: Sequence[str], peers: Sequence[Sequence[int]]) -> dict[str, list[str]]:
+    """Each site's trading partners by id (a scenario's `market.peers` are indices)."""
+    return {site: [ids[j] for j in peers[i]] for i, site in enumerate(ids)}
+
+
 def password_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
     """A Mosquitto 2 password-file hash: $7$<iterations>$<base64 salt>$<base64 PBKDF2-SHA512>."""
     salt = salt or secrets.token_bytes(12)

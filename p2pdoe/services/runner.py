@@ -24,8 +24,10 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", type=Path, help="a YAML or JSON settings file")
     p.add_argument("--secrets-dir", type=Path, help="a directory of secret files (e.g. <prefix>password)")
-    p.add_argument("--broker", help="mqtt://[user:password@]host[:port]")
+    p.add_argument("--broker", help="mqtt://[user:password@]host[:port], or mqtts:// for TLS")
     p.add_argument("--username")
+    p.add_argument("--password-file", type=Path, help="a file holding the broker password")
+    p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker")
     p.add_argument("--client-id")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     clock = p.add_argument_group("the shared simulated clock")
@@ -47,6 +49,7 @@ def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | No
         settings.client_id or client_id,
         username=settings.username,
         password=settings.secret(),
+        ca_cert=settings.ca_cert,
         will=will,
         keepalive_s=settings.keepalive_s,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
@@ -32,7 +32,9 @@ class ConfigError(P2PDoeError):
 class ServiceSettings(BaseSettings):
     broker: str = "mqtt://127.0.0.1:1883"  # mqtt://[user:password@]host[:port]
     username: str | None = None
-    password: SecretStr | None = None  # best given through the secrets directory
+    password: SecretStr | None = None  # best given through the secrets directory or a password file
+    password_file: Path | None = None  # a file holding the password (`p2pdoe provision` writes them)
+    ca_cert: Path | None = None  # the CA certificate that signed an mqtts:// broker's (default: the system's)
     client_id: str | None = None  # default: the service's own id
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -43,8 +45,25 @@ class ServiceSettings(BaseSettings):
     sim_origin: str | None = None  # simulated time at `wall_origin` (default: the wall time at start)
     wall_origin: str | None = None  # (default: now)
 
+    @model_validator(mode="after")
+    def _one_password(self) -> ServiceSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give the password or a password file, not both")
+        return self
+
     def secret(self) -> str | None:
-        return None if self.password is None else self.password.get_secret_value()
+        """The password, read from its file if one is named (a ConfigError if it cannot be read)."""
+        if self.password_file is None:
+            return None if self.password is None else self.password.get_secret_value()
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read the password file {self.password_file}: {why}") from None
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"the password file {self.password_file} is empty")
+        return password
 
     def sim_clock(self, now: datetime) -> SimClock:
         """The shared clock; a bad origin is a ConfigError."""

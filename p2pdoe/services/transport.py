@@ -3,6 +3,8 @@
 `Transport` is all a service sees: publish bytes to a topic, subscribe to a filter, iterate over what
 arrives. `MqttTransport` implements it on aiomqtt (paho-mqtt 2.x):
 
+- `mqtt://` or `mqtts://` (TLS 1.2 or later, the broker verified against a CA certificate), with a
+  user name and password where the broker asks for them.
 - MQTT v5, falling back to 3.1.1 when the broker refuses v5 (amqtt, the embedded broker, does);
   v5-only features (message expiry) are used only on a v5 connection and silently left out on 3.1.1.
 - A last will (retained, QoS 1) that the broker publishes if the connection drops without a DISCONNECT.
@@ -17,9 +19,11 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
@@ -145,6 +149,7 @@ class BrokerAddress:
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
 
 def without_password(url: str) -> str:
@@ -155,16 +160,19 @@ def without_password(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"  # up to the last @: even a password with a '/'
 
 
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user[:password]@]host[:port]` (port 1883 by default)."""
+    """`mqtt://[user[:password]@]host[:port]` (port 1883 by default), or `mqtts://` for TLS (8883)."""
     parts = urlsplit(url)
     shown = without_password(url)  # an error message never shows the password
-    if parts.scheme != "mqtt":
-        raise TransportError(f"broker URL {shown!r}: only mqtt://host:port is supported")
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise TransportError(f"broker URL {shown!r}: only mqtt://host:port or mqtts://host:port is supported")
     if not parts.hostname:
         raise TransportError(f"broker URL {shown!r} has no host")
     try:
-        port = parts.port or 1883
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
         raise TransportError(f"broker URL {shown!r}: {exc}") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -174,7 +182,19 @@ def parse_broker_url(url: str) -> BrokerAddress:
         port=port,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "mqtts",
     )
+
+
+def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
+    """A client context for `mqtts://`: TLS 1.2 or later, the broker's certificate verified against
+    `ca_cert` (default: the system's CAs) and its name against the URL's host."""
+    try:
+        context = ssl.create_default_context(cafile=None if ca_cert is None else str(ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot load the CA certificate {ca_cert}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _no_delay(client: aiomqtt.Client) -> None:
@@ -217,6 +237,7 @@ class MqttTransport:
         *,
         username: str | None = None,
         password: str | None = None,
+        ca_cert: Path | None = None,
         will: LastWill | None = None,
         protocol: ProtocolChoice = "auto",
         backoff: Backoff | None = None,
@@ -231,6 +252,9 @@ class MqttTransport:
         self._port = address.port
         self._username = username if username is not None else address.username
         self._password = password if password is not None else address.password
+        if ca_cert is not None and not address.tls:
+            raise TransportError(f"a CA certificate needs an mqtts:// broker, not {without_password(url)!r}")
+        self._tls = tls_context(ca_cert) if address.tls else None
         self._will = will
         self._choice: ProtocolChoice = protocol
         self._backoff = backoff or Backoff()
@@ -393,6 +417,7 @@ class MqttTransport:
             clean_start=True if v5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self._keepalive_s,
             timeout=self._timeout_s,
+            tls_context=self._tls,
         )
 
     async def _open(self, protocol: Literal["v5", "v311"], *, will: bool = True) -> aiomqtt.Client:

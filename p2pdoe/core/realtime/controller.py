@@ -3,7 +3,8 @@ hears of envelopes and the coordinator), it gives the set-points for the next st
 envelope switches and each interval's settlement. The edge service persists and publishes them.
 
 Per reading at ts (the end of the step it measured, and the start of the next):
-1. its energy is added to its interval; the first reading of a new interval settles the last one;
+1. its energy is added to its interval; the first reading of a new interval settles the last one
+   (readings before or after the day are enforced and judged but belong to no interval);
 2. the envelope for the next step is chosen by the fallback rules (`fallback.choose` at ts);
 3. the schedule of the agreement in force at ts gives the set-points, which `enforcement.enforce`
    corrects where the predicted injection would leave the envelope;
@@ -12,6 +13,7 @@ Per reading at ts (the end of the step it measured, and the start of the next):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,10 +23,12 @@ import numpy as np
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.book import EnvelopeBook
 from p2pdoe.core.realtime.enforcement import (
+    Box,
     Compliance,
     FlexRange,
     Measured,
     costs_from_config,
+    default_margin_kw,
     enforce,
 )
 from p2pdoe.core.realtime.fallback import Choice, FallbackConfig, Heard, choose, describe_switch, is_switch
@@ -140,6 +144,27 @@ class Means:
 
 
 @dataclass
+class PredictionError:
+    """The one-step prediction's error, as an exponentially weighted mean of |measured - predicted|
+    over about 1/weight readings. The enforcement's safety margin covers about two standard
+    deviations of it (sigma = sqrt(pi/2) * mean |error| for a normal error): the fixed load's noise
+    and gusts a site cannot foresee, measured at the site instead of assumed."""
+
+    weight: float = 0.05
+    sigmas: float = 2.0
+    mean_abs_kw: float = 0.0
+    predicted_kw: float | None = None  # for the step under way
+
+    def measured(self, p_kw: float) -> None:
+        if self.predicted_kw is not None:
+            self.mean_abs_kw += self.weight * (abs(p_kw - self.predicted_kw) - self.mean_abs_kw)
+
+    def margin_kw(self, envelope: Box) -> float:
+        sigma = math.sqrt(math.pi / 2.0) * self.mean_abs_kw
+        return max(default_margin_kw(envelope), self.sigmas * sigma)
+
+
+@dataclass
 class Controller:
     config: SiteConfig
     spec: PlantSpec
@@ -158,6 +183,7 @@ class Controller:
     means: Means = field(default_factory=Means)
     last_means: tuple[int, Means] | None = None  # (interval, its means) of the last complete one
     duplicates: int = 0
+    errors: PredictionError = field(default_factory=PredictionError)
 
     @property
     def dt_s(self) -> int:
@@ -194,12 +220,13 @@ class Controller:
             return None
         t = self.interval_of(r.ts - _WITHIN_STEP)
         settled = self._roll_to(t)
-        assert self.energy is not None
-        step_s = self._step_s(r.ts, self.energy.start)
-        self.energy.add(r.ts, r.p_kw, step_s)
-        self.means.add(r, step_s)
-        self.flex_used_kwh += (r.flex_kw or 0.0) * step_s / 3600.0
+        step_s = self._step_s(r.ts, None if self.energy is None else self.energy.start)
+        if self.energy is not None:
+            self.energy.add(r.ts, r.p_kw, step_s)
+            self.means.add(r, step_s)
+            self.flex_used_kwh += (r.flex_kw or 0.0) * step_s / 3600.0
         self.last_ts, self.soc_kwh = r.ts, r.soc_kwh
+        self.errors.measured(r.p_kw)
         judged = self.choose_at(r.ts - _WITHIN_STEP)
         choice = self.choose_at(r.ts)
         switch = None
@@ -219,14 +246,15 @@ class Controller:
             settled,
         )
 
-    def _step_s(self, ts: datetime, interval_start: datetime) -> float:
-        since_start = (ts - interval_start).total_seconds()
+    def _step_s(self, ts: datetime, interval_start: datetime | None) -> float:
+        since_start = math.inf if interval_start is None else (ts - interval_start).total_seconds()
         if self.last_ts is None:
             return min(self.nominal_step_s, since_start)
         return min((ts - self.last_ts).total_seconds(), since_start)
 
     def _roll_to(self, t: int) -> Settled | None:
-        """Start interval t's accumulation; settle the one before if it was under way."""
+        """Start interval t's accumulation; settle the one before if it was under way. Readings
+        outside the day (a meter runs before and after it) are enforced but belong to no interval."""
         if self.energy is not None and self.interval_of(self.energy.start) == t:
             return None
         settled = None
@@ -234,7 +262,8 @@ class Controller:
             settled = self.settle(self.energy)
             self.last_means = (self.interval_of(self.energy.start), self.means)
         self.means = Means()
-        self.energy = IntervalEnergy(self.interval_start(t), self.interval_start(t + 1))
+        in_day = 0 <= t < self.intervals
+        self.energy = IntervalEnergy(self.interval_start(t), self.interval_start(t + 1)) if in_day else None
         return settled
 
     def resume(self, energy: IntervalEnergy, flex_used_kwh: float) -> None:
@@ -277,7 +306,8 @@ class Controller:
         )
         flex = FlexRange(self.spec.flex_min_kw, self.spec.flex_max_kw)
         costs = costs_from_config(self.config, day_t, measured.flex_kw)
-        e = enforce(measured, schedule, flex, choice.box, costs)
+        e = enforce(measured, schedule, flex, choice.box, costs, self.errors.margin_kw(choice.box))
+        self.errors.predicted_kw = e.compliance.predicted_kw
         return _Enforced(e.set_points, e.compliance)
 
     def _idle(self, t: int) -> SetPoints:

@@ -21,7 +21,9 @@ marginal cost (EUR per kWh moved), so the cheapest kWh are used first:
 - too low (import excess): remove curtailment first (it earns the export price back), then
   discharge more / charge less, then lower the flexible load.
 Ties keep that listed order. The margin keeps measurement noise and the next step's drift from
-crossing the envelope: by default max(0.5 kW, 1 % of the box width), never more than half the width.
+crossing the envelope: by default max(0.5 kW, 1 % of the box width), never more than half the width;
+the real-time controller widens it to two standard deviations of its measured one-step prediction
+error (`p2pdoe.core.realtime.controller.PredictionError`).
 """
 
 from __future__ import annotations

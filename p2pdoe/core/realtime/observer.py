@@ -19,6 +19,7 @@ from p2pdoe.core.schemas.runtime import Doe, MeterReading
 TOLERANCE_FLOOR_KW = 1.0
 TOLERANCE_FRACTION = 0.02
 SUSTAINED_READINGS = 3
+KEPT_OUTSIDE = 500  # single outside readings kept for the report
 _WITHIN_STEP = timedelta(milliseconds=1)  # a reading at ts measured the step just before ts
 
 
@@ -44,6 +45,18 @@ class Violation:
     worst_kw: float
 
 
+@dataclass(frozen=True)
+class Outside:
+    """One reading beyond its tolerance band."""
+
+    site: str
+    ts: datetime
+    p_kw: float
+    lo_kw: float
+    up_kw: float
+    excess_kw: float
+
+
 @dataclass
 class _Run:
     readings: list[tuple[datetime, float]] = field(default_factory=list)
@@ -56,6 +69,7 @@ class ViolationObserver:
     judged: int = 0
     unjudged: int = 0  # readings with no envelope in force
     outside: int = 0  # single readings outside their tolerance
+    outside_readings: list[Outside] = field(default_factory=list)  # the first KEPT_OUTSIDE of them
     _runs: dict[str, _Run] = field(default_factory=lambda: defaultdict(_Run))
     _open: dict[str, Violation] = field(default_factory=dict)
 
@@ -77,6 +91,8 @@ class ViolationObserver:
             self._open.pop(r.site, None)
             return
         self.outside += 1
+        if len(self.outside_readings) < KEPT_OUTSIDE:
+            self.outside_readings.append(Outside(r.site, r.ts, r.p_kw, box.lo_kw, box.up_kw, excess))
         self._outside(r.site, r.ts, excess)
 
     def in_force(self, site: str, moment: datetime) -> Doe | None:
