@@ -18,7 +18,7 @@ from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.errors import InfeasibleError
-from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
+from p2pdoe.services.runner import base_parser, run_service, service_transport, setup
 from p2pdoe.services.settings import ConfigError, read_config_file
 from p2pdoe.services.transport import MqttTransport
 
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             coordinator = Coordinator(cfg, settings, settings.sim_clock(datetime.now(UTC)))
         except InfeasibleError as exc:
             raise ConfigError(f"no safe default envelopes: {exc}") from None
-        async with transport_for(settings, "dso", offline_will()) as transport:
+        async with service_transport(settings, "dso", offline_will()) as transport:
             try:
                 if settings.rolling and coordinator.current_interval() >= 1:  # (re)started mid-day
                     await coordinator.go_online(transport)

@@ -19,7 +19,7 @@ from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
+from p2pdoe.services.runner import base_parser, run_service, service_transport, setup, transport_for
 from p2pdoe.services.settings import ConfigError, read_config_file
 
 PROG = "edge-agent"
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent = build_agent(config, settings)
         async with contextlib.AsyncExitStack() as stack:
             transport = await stack.enter_async_context(
-                transport_for(settings, f"edge-{site}", offline_will(site))
+                service_transport(settings, f"edge-{site}", offline_will(site))
             )
             meter = None
             if settings.meter:

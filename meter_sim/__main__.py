@@ -12,7 +12,7 @@ from meter_sim.service import MeterSim
 from meter_sim.settings import MeterSettings
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.services.runner import base_parser, run_service, setup, transport_for
+from p2pdoe.services.runner import base_parser, run_service, service_transport, setup
 from p2pdoe.services.settings import ConfigError, read_config_file
 
 PROG = "meter-sim"
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sim = MeterSim(config, clock, start, settings.rate_s, seed, lead_in)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        async with transport_for(settings, f"meter-{site}", None) as transport:
+        async with service_transport(settings, f"meter-{site}", None) as transport:
             await sim.run(transport, datetime.now(UTC))
         return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -14,8 +15,10 @@ from p2pdoe.services.broker import (
     BrokerUnavailableError,
     broker_for_tests,
     embedded_available,
+    free_port,
     start_embedded,
     start_mosquitto,
+    start_provisioned,
 )
 
 
@@ -58,3 +61,15 @@ def embedded_broker() -> Iterator[Broker]:
     if not embedded_available():
         _unavailable("amqtt is not installed (pip install 'p2pdoe[demo]')")
     yield from _running(start_embedded)
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path) -> Iterator[Broker]:
+    """Mosquitto running a bundle provisioned for the default scenario (`p2pdoe provision`) as is:
+    TLS, passwords and the ACL. The bundle is `tmp_path / "bundle"`."""
+    from p2pdoe.io.scenarios import load_scenario
+    from p2pdoe.services.provision import site_peers, write_bundle
+
+    s = load_scenario("default")
+    write_bundle(tmp_path / "bundle", site_peers(s.ids, s.market.peers), "127.0.0.1", free_port())
+    yield from _running(lambda: start_provisioned(tmp_path / "bundle"))

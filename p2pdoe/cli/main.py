@@ -115,9 +115,14 @@ def _provision_parser(sub: Any) -> None:
         "provision", help="a deployment bundle: CA and TLS, identities, the broker's ACL and configuration"
     )
     p.add_argument("--scenario", default="default", help="the sites (and their peers) of this scenario")
-    p.add_argument("--out", type=Path, required=True, help="the bundle's folder (secrets inside: mode 0600)")
+    p.add_argument("--out", type=Path, help="a new bundle's folder (secrets inside: mode 0600)")
     p.add_argument("--host", default="127.0.0.1", help="the broker's host name or IP (in its certificate)")
     p.add_argument("--port", type=int, default=8883, help="the broker's TLS port (8883)")
+    change = p.add_argument_group("changing a bundle (then reload the broker: kill -HUP)")
+    change.add_argument("--bundle", type=Path, help="an existing bundle's folder")
+    what = change.add_mutually_exclusive_group()
+    what.add_argument("--rotate", metavar="ID", help="a new password for a site (its id), dso or monitor")
+    what.add_argument("--revoke", metavar="SITE", help="remove a site's identity from the broker")
     p.set_defaults(run=_run_provision)
 
 
@@ -125,6 +130,10 @@ def _run_provision(args: argparse.Namespace) -> int:
     from p2pdoe.io.scenarios import load_scenario
     from p2pdoe.services.provision import site_peers, write_bundle
 
+    if args.bundle is not None or args.rotate is not None or args.revoke is not None:
+        return _change_bundle(args)
+    if args.out is None:
+        raise P2PDoeError("give --out DIR for a new bundle, or --bundle DIR with --rotate or --revoke")
     if not 0 < args.port < 65536:
         raise P2PDoeError(f"--port must lie in 1..65535, not {args.port}")
     if (args.out / "provision.json").exists():
@@ -133,6 +142,25 @@ def _run_provision(args: argparse.Namespace) -> int:
     bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
+    return 0
+
+
+def _change_bundle(args: argparse.Namespace) -> int:
+    from p2pdoe.services.provision import BundleError, revoke, rotate
+
+    if args.bundle is None or args.out is not None or (args.rotate is None) == (args.revoke is None):
+        raise P2PDoeError("changing a bundle takes --bundle DIR and one of --rotate ID or --revoke SITE")
+    try:
+        if args.rotate is not None:
+            username = rotate(args.bundle, args.rotate)
+            done = f"new password for {username} in {args.bundle / 'identities' / f'{username}.password'}"
+        else:
+            username = revoke(args.bundle, args.revoke)
+            done = f"revoked {username}: removed from the broker's password file and ACL"
+    except BundleError as exc:
+        raise P2PDoeError(str(exc)) from None
+    print(done)
+    print("reload the broker to apply it: kill -HUP <mosquitto's pid> (or restart its pod)")
     return 0
 
 

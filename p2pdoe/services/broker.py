@@ -207,6 +207,13 @@ class Broker:
             _stop(self._proc)
             self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is saved on the way out."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_TIMEOUT_S)
+            self._proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

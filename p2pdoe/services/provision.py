@@ -165,8 +165,18 @@ def broker_config(bundle: Path, host: str, port: int, queue_limit: int) -> str:
     )
 
 
+class BundleError(ValueError):
+    """A bundle cannot be changed as asked (no such identity, not a bundle)."""
+
+
+RESERVED_IDS = ("dso", "monitor")
+
+
 def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port: int) -> dict[str, object]:
     """The whole bundle under `out`; returns what `provision.json` says."""
+    clash = sorted(set(peers) & set(RESERVED_IDS))
+    if clash:
+        raise BundleError(f"site ids {', '.join(clash)} are reserved for the coordinator and the monitor")
     for folder in ("ca", "broker", "broker/data", "identities", "env"):
         (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     ids = identities(list(peers))
@@ -205,6 +215,82 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     }
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
     return description
+
+
+def rotate(bundle: Path, name: str) -> str:
+    """A new password for identity `name` (a site's id, `dso` or `monitor`): its password file and
+    its hash in the broker's password file. Returns the identity's username. The broker takes it on
+    its next reload (SIGHUP); the identity's service reads the new file when restarted."""
+    description = _description(bundle)
+    entry = _identity(description, name)
+    username, password = str(entry["username"]), secrets.token_urlsafe(24)
+    lines = _passwd_lines(bundle)
+    lines[username] = password_hash(password)
+    _replace(bundle / "broker" / "passwd", "".join(f"{u}:{h}\n" for u, h in lines.items()), 0o600)
+    _replace(Path(str(entry["password_file"])), password + "\n", 0o600)
+    return username
+
+
+def revoke(bundle: Path, site: str) -> str:
+    """Remove site `site` from the broker: its password-file entry and its ACL block, its password
+    and env files, and its identity in provision.json (listed under `revoked`). The broker refuses
+    it from its next reload (SIGHUP) on; every other identity is untouched. Returns the username."""
+    description = _description(bundle)
+    entry = _identity(description, site)
+    if entry["role"] != "edge":
+        raise BundleError(f"{site!r} is not a site: only a site's identity can be revoked")
+    username = str(entry["username"])
+    lines = _passwd_lines(bundle)
+    lines.pop(username, None)
+    _replace(bundle / "broker" / "passwd", "".join(f"{u}:{h}\n" for u, h in lines.items()), 0o600)
+    blocks = (bundle / "broker" / "acl").read_text(encoding="utf-8").split("\n\n")
+    kept = [b for b in blocks if b.strip().splitlines()[:1] != [f"user {username}"]]
+    _replace(bundle / "broker" / "acl", "\n\n".join(kept), 0o644)
+    for key in ("password_file", "env_file"):
+        if key in entry:
+            Path(str(entry[key])).unlink(missing_ok=True)
+    identities = [i for i in description["identities"] if i is not entry]  # type: ignore[attr-defined]
+    revoked = [*description.get("revoked", []), {"id": site, "username": username, "at": _now()}]  # type: ignore[misc]
+    description |= {"identities": identities, "revoked": revoked}
+    _replace(bundle / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
+    return username
+
+
+def _description(bundle: Path) -> dict[str, object]:
+    try:
+        description = json.loads((bundle / "provision.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{bundle} is not a readable bundle (provision.json: {exc})") from None
+    if not isinstance(description, dict) or description.get("kind") != "p2pdoe_provision":
+        raise BundleError(f"{bundle}/provision.json is not a p2pdoe bundle description")
+    return description
+
+
+def _identity(description: Mapping[str, object], name: str) -> dict[str, object]:
+    entries = description.get("identities")
+    assert isinstance(entries, list)
+    for entry in entries:
+        if entry.get("id") == name:
+            found: dict[str, object] = entry  # the same object, so a caller may remove it from the list
+            return found
+    known = ", ".join(str(e.get("id")) for e in entries)
+    raise BundleError(f"the bundle has no identity {name!r} (it has: {known})")
+
+
+def _passwd_lines(bundle: Path) -> dict[str, str]:
+    text = (bundle / "broker" / "passwd").read_text(encoding="utf-8")
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _replace(path: Path, text: str, mode: int) -> None:
+    """Rewrite `path` atomically, the new file created with `mode` from the start."""
+    tmp = path.with_name(f".{path.name}.new")
+    _write(tmp, text, mode)
+    os.replace(tmp, path)
 
 
 def _edge_env(i: Identity, host: str, port: int, out: Path) -> str:

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.health import heartbeat
 from p2pdoe.services.settings import ServiceSettings, configure_logging, load_settings
 from p2pdoe.services.transport import LastWill, MqttTransport
 
@@ -29,6 +30,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--password-file", type=Path, help="a file holding the broker password")
     p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker")
     p.add_argument("--client-id")
+    p.add_argument("--health-file", type=Path, help="touched every 5 s while connected (health checks)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     clock = p.add_argument_group("the shared simulated clock")
     clock.add_argument("--start", help="the day's first interval: today (default), now, scenario, ISO 8601")
@@ -53,6 +55,22 @@ def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | No
         will=will,
         keepalive_s=settings.keepalive_s,
     )
+
+
+@contextlib.asynccontextmanager
+async def service_transport(
+    settings: ServiceSettings, client_id: str, will: LastWill | None
+) -> AsyncIterator[MqttTransport]:
+    """The service's connected transport, with its heartbeat on `health_file` if one is set."""
+    async with transport_for(settings, client_id, will) as transport:
+        beat = None
+        if settings.health_file is not None:
+            beat = asyncio.create_task(heartbeat(transport, settings.health_file))
+        try:
+            yield transport
+        finally:
+            if beat is not None:
+                beat.cancel()
 
 
 async def until_stopped(work: Awaitable[int]) -> int:

@@ -215,6 +215,18 @@ def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
     return value in _UNSUPPORTED_PROTOCOL_CODES
 
 
+def _refused_us(exc: aiomqtt.MqttError) -> bool:
+    """A failure that retrying will not mend by itself: the broker's certificate failed verification
+    (a wrong --ca-cert, or not our broker), or the broker refused our credentials."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return True
+    if not isinstance(exc, MqttConnectError):
+        return False
+    rc = exc.rc
+    value = rc.value if isinstance(rc, ReasonCode) else rc
+    return value in (4, 5, 0x86, 0x87)  # bad user name or password, not authorized (3.1.1 and v5)
+
+
 def _as_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
@@ -493,7 +505,8 @@ class MqttTransport:
                     self._gave_up = True
                     return
                 delay = self._backoff.delay(failures - 1, self._rng)
-                log.info("%s: connect failed (%s); retrying in %.2f s", self.client_id, exc, delay)
+                level = logging.ERROR if _refused_us(exc) else logging.INFO
+                log.log(level, "%s: connect failed (%s); retrying in %.2f s", self.client_id, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             failures = 0
