@@ -346,3 +346,34 @@ def test_the_demo_runs_under_tls_and_the_acl(tmp_path: Path) -> None:
         text = log.read_text()
         assert "not authori" not in text.lower(), log.name
         assert "sender_not_topic" not in text, log.name
+
+
+def test_the_broker_check_refuses_a_store_the_broker_cannot_write(tmp_path: Path) -> None:
+    """Mosquitto starts with a persistence folder it cannot write and only logs an error at its first
+    save; the check (run before it: systemd, containers, the demo) says so and fails."""
+    from p2pdoe.services.broker import BrokerUnavailableError, start_provisioned
+    from p2pdoe.services.broker_check import main as check
+
+    s = load_scenario("default")
+    bundle = tmp_path / "b"
+    write_bundle(bundle, site_peers(s.ids, s.market.peers), "127.0.0.1", 8883)
+    conf = bundle / "broker" / "mosquitto.conf"
+    assert check([str(conf)]) == 0
+    data = bundle / "broker" / "data"
+    if os.geteuid() == 0:  # root writes anywhere: the broker's own user must be able to
+        text = conf.read_text()
+        conf.write_text(text.replace(f"user {text.split('user ', 1)[1].split()[0]}\n", "user nobody\n", 1))
+        data.chmod(0o700)
+    else:
+        data.chmod(0o500)
+    assert check([str(conf)]) == 1
+    data.rmdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "p2pdoe.services.broker_check", str(conf)], capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith("does not exist: the broker would lose its store on a crash")
+    with pytest.raises(BrokerUnavailableError, match="persistence_location"):
+        start_provisioned(bundle)
+    (bundle / "broker" / "acl").unlink()
+    assert check([str(conf)]) == 1

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Literal
 
 from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.broker_check import problems
 
 __all__ = [
     "MOSQUITTO_ENV",
@@ -289,6 +290,9 @@ def start_provisioned(bundle: Path, *, start_timeout_s: float = START_TIMEOUT_S)
         config, host, port = str(broker["config"]), str(broker["host"]), int(broker["port"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BrokerUnavailableError(f"{bundle} holds no readable provision.json: {exc}") from None
+    found = problems(Path(config))
+    if found:
+        raise BrokerUnavailableError(f"{config}: {found[0]}")
     tmp = tempfile.TemporaryDirectory(prefix="p2pdoe-mosquitto-tls-")
     b = Broker("mosquitto", host, port, [exe, "-c", config], Path(tmp.name), start_timeout_s, True, _tmp=tmp)
     try:
