@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 
 from p2pdoe.services.broker import find_mosquitto, free_port, mosquitto_config
+from p2pdoe.services.broker_check import settings as _settings
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
-
-
-def _settings(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            out.setdefault(key, []).append(value.strip())
-    return out
 
 
 @pytest.mark.parametrize("text", [DEPLOY.read_text(), mosquitto_config(1883)], ids=["deploy", "tests"])
