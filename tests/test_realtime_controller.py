@@ -119,7 +119,8 @@ def test_readings_before_the_day_are_enforced_but_belong_to_no_interval(config: 
     assert ctl.energy is None
     assert [s.judged.kind for s in before if s is not None] == ["fixed_default"] * 5
     first = before[-1]
-    assert first is not None and first.choice.kind == "dynamic"  # the day's first step, set at 00:00
+    assert first is not None
+    assert first.choice.kind == "dynamic"  # the day's first step, set at 00:00
     after = [ctl.on_reading(reading(config, DAY + timedelta(seconds=30 * k), -10.0)) for k in range(1, 32)]
     settled = [s.settled for s in after if s is not None and s.settled is not None]
     assert [s.settlement.interval_start for s in settled] == [DAY]
