@@ -45,5 +45,5 @@ WORKDIR /data
 USER ${UID}:${UID}
 # Healthy while the coordinator is connected to its broker: it touches the file every 5 s.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "p2pdoe.services.health", "/tmp/p2pdoe-health", "60"]
+    CMD ["python", "-m", "p2pdoe.services.health", "/tmp/p2pdoe-health", "60", "--connected"]
 CMD ["dso-coordinator"]

@@ -101,7 +101,8 @@ def check_command(argv: list[str]) -> str:
         assert argv[1] == "-m", argv
         assert importlib.util.find_spec(argv[2]) is not None, f"no module {argv[2]}"
         if argv[2] == "p2pdoe.services.health":
-            assert len(argv) == 5, argv  # FILE MAX_AGE_S
+            assert len(argv) == 5 or argv[5:] == ["--connected"], argv  # FILE MAX_AGE_S [--connected]
+            float(argv[4])
             assert float(argv[4]) > 0, argv
         return argv[2]
     assert program in SCRIPTS, f"{argv[0]} is not an entry point of pyproject.toml"
@@ -340,6 +341,10 @@ def test_p2pdoe_containers_probe_their_health_file() -> None:
                 assert command[:3] == HEALTH, f"{name}: {probe} {command}"
                 assert command[3] == health, f"{name}: {probe} {command}"
         assert float(c["livenessProbe"]["exec"]["command"][4]) >= 60  # 12 beats of 5 s at least
+        # a broker outage is no reason to restart: liveness asks only that the service runs
+        assert "--connected" not in c["livenessProbe"]["exec"]["command"], name
+        if "readinessProbe" in c:
+            assert c["readinessProbe"]["exec"]["command"][-1] == "--connected", name
         _mount_for(spec, c, health)
 
 

@@ -57,7 +57,7 @@ MOSQUITTO_CONF = DOCKER / "mosquitto" / "mosquitto.conf"
 SCHEMA = Path(__file__).parent / "data" / "compose_spec.json"
 DOCKERFILES = {"edge": DOCKER / "edge.Dockerfile", "coordinator": DOCKER / "coordinator.Dockerfile"}
 BASE_IMAGE = "python:3.11-slim-bookworm"
-HEALTH = ["python", "-m", "p2pdoe.services.health", "/tmp/p2pdoe-health", "60"]
+HEALTH = ["python", "-m", "p2pdoe.services.health", "/tmp/p2pdoe-health", "60", "--connected"]
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "edge-agent": EdgeSettings,
     "meter-sim": MeterSettings,

@@ -127,18 +127,21 @@ def test_a_broker_signed_by_another_ca_is_refused(secure_broker: Broker, tmp_pat
 # --- health ----------------------------------------------------------------------------------------
 
 
-def test_the_health_check_reads_the_files_age(tmp_path: Path) -> None:
+def test_the_health_check_reads_the_files_age_and_state(tmp_path: Path) -> None:
     beat = tmp_path / "health"
-    assert health_main([str(beat), "60"]) == 1  # never connected
-    beat.touch()
-    assert health_main([str(beat), "60"]) == 0
+    assert health_main([str(beat), "60"]) == 1  # never ran
+    beat.write_text("disconnected\n")
+    assert health_main([str(beat), "60"]) == 0  # alive
+    assert health_main([str(beat), "60", "--connected"]) == 1  # not ready
+    beat.write_text("connected\n")
+    assert health_main([str(beat), "60", "--connected"]) == 0
     old = time.time() - 120
     os.utime(beat, (old, old))
     assert health_main([str(beat), "60"]) == 1
     assert health_main([str(beat), "soon"]) == 2
 
 
-def test_a_service_touches_its_health_file_while_connected(secure_broker: Broker, tmp_path: Path) -> None:
+def test_a_service_writes_its_health_file(secure_broker: Broker, tmp_path: Path) -> None:
     write_site_configs(load_scenario("default"), tmp_path)
     beat = tmp_path / "run" / "health"
     edge = _access(secure_broker, f"edge-{SITE}")
@@ -151,8 +154,12 @@ def test_a_service_touches_its_health_file_while_connected(secure_broker: Broker
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "no health file within 30 s"
             time.sleep(0.1)
-        check = subprocess.run([sys.executable, "-m", "p2pdoe.services.health", str(beat), "30"], check=False)
-        assert check.returncode == 0
+        health = [sys.executable, "-m", "p2pdoe.services.health", str(beat), "30", "--connected"]
+        deadline = time.monotonic() + 30
+        while subprocess.run(health, check=False, stderr=subprocess.DEVNULL).returncode != 0:
+            assert time.monotonic() < deadline, "not connected within 30 s"
+            time.sleep(0.5)
+        assert beat.read_text() == "connected\n"
     finally:
         proc.kill()
         proc.wait(10)

@@ -124,9 +124,9 @@ spec:
               value: "1"
             - name: OMP_NUM_THREADS
               value: "1"
-          # The health file is touched every 5 s while the DSO's broker is connected. The agent goes on
-          # enforcing its journal's envelopes without the broker, so only a long silence (15 min)
-          # restarts it; readiness (the READY column) shows the connection.
+          # The agent rewrites its health file every 5 s while it runs, saying whether the DSO's broker
+          # is connected. Liveness restarts a stuck agent (no write for 60 s); a broker outage is not
+          # one (the agent goes on enforcing its journal's envelopes): readiness (READY) shows it.
           startupProbe:
             exec:
               command: [python, -m, p2pdoe.services.health, /run/p2pdoe/health, "60"]
@@ -135,13 +135,13 @@ spec:
             failureThreshold: 90
           livenessProbe:
             exec:
-              command: [python, -m, p2pdoe.services.health, /run/p2pdoe/health, "900"]
+              command: [python, -m, p2pdoe.services.health, /run/p2pdoe/health, "60"]
             periodSeconds: 60
             timeoutSeconds: 10
             failureThreshold: 2
           readinessProbe:
             exec:
-              command: [python, -m, p2pdoe.services.health, /run/p2pdoe/health, "30"]
+              command: [python, -m, p2pdoe.services.health, /run/p2pdoe/health, "30", --connected]
             periodSeconds: 30
             timeoutSeconds: 10
           resources:

@@ -1,9 +1,13 @@
-"""A service's liveness, for container and Kubernetes health checks.
+"""A service's liveness and readiness, for container and Kubernetes health checks.
 
-While connected to its broker, a service with `health_file` set touches that file every
-`BEAT_S` seconds (`heartbeat`). `python -m p2pdoe.services.health FILE MAX_AGE_S` exits 0 when
-FILE was touched within MAX_AGE_S seconds, else 1 with one line saying why: a stale file means the
-service lost its broker or its event loop is stuck. Imports nothing heavy, so a check is cheap.
+A service with `health_file` set rewrites that file every `BEAT_S` seconds while its event loop runs
+(`heartbeat`), saying whether it is connected to its broker. Then
+`python -m p2pdoe.services.health FILE MAX_AGE_S [--connected]` exits 0 when FILE was written within
+MAX_AGE_S seconds (and, with --connected, says connected), else 1 with one line saying why.
+- Liveness: without --connected. A stale file means a stuck or dead service: restart it. A broker
+  outage is not one: the edge keeps enforcing and journaling through it.
+- Readiness: with --connected.
+Imports nothing heavy, so a check is cheap.
 """
 
 from __future__ import annotations
@@ -24,18 +28,22 @@ class Connected(Protocol):
     def connected(self) -> bool: ...
 
 
+CONNECTED, DISCONNECTED = "connected", "disconnected"
+
+
 async def heartbeat(transport: Connected, path: Path, every_s: float = BEAT_S) -> None:
-    """Touch `path` every `every_s` while `transport` is connected (until cancelled)."""
+    """Write `path` every `every_s` (until cancelled): whether `transport` is connected."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        if transport.connected:
-            path.touch()
-            os.utime(path)
+        state = CONNECTED if transport.connected else DISCONNECTED
+        tmp = path.with_name(f".{path.name}.new")
+        tmp.write_text(state + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a check never reads a half-written file
         await asyncio.sleep(every_s)
 
 
 def age_s(path: Path, now: float | None = None) -> float | None:
-    """Seconds since `path` was last touched, or None if it does not exist."""
+    """Seconds since `path` was last written, or None if it does not exist."""
     try:
         modified = path.stat().st_mtime
     except FileNotFoundError:
@@ -45,8 +53,10 @@ def age_s(path: Path, now: float | None = None) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    connected = "--connected" in args
+    args = [a for a in args if a != "--connected"]
     if len(args) != 2:
-        print("usage: python -m p2pdoe.services.health FILE MAX_AGE_S", file=sys.stderr)
+        print("usage: python -m p2pdoe.services.health FILE MAX_AGE_S [--connected]", file=sys.stderr)
         return 2
     try:
         limit = float(args[1])
@@ -58,9 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unhealthy: {args[0]} does not exist (never connected)", file=sys.stderr)
         return 1
     if age > limit:
-        print(f"unhealthy: {args[0]} last touched {age:.0f} s ago (limit {limit:g} s)", file=sys.stderr)
+        print(f"unhealthy: {args[0]} last written {age:.0f} s ago (limit {limit:g} s)", file=sys.stderr)
+        return 1
+    if connected and _state(Path(args[0])) != CONNECTED:
+        print(f"not ready: {args[0]} says the service is not connected to its broker", file=sys.stderr)
         return 1
     return 0
+
+
+def _state(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--password-file", type=Path, help="a file holding the broker password")
     p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker")
     p.add_argument("--client-id")
-    p.add_argument("--health-file", type=Path, help="touched every 5 s while connected (health checks)")
+    p.add_argument("--health-file", type=Path, help="rewritten every 5 s: alive, and connected or not")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     clock = p.add_argument_group("the shared simulated clock")
     clock.add_argument("--start", help="the day's first interval: today (default), now, scenario, ISO 8601")

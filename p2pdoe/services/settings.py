@@ -36,7 +36,7 @@ class ServiceSettings(BaseSettings):
     password_file: Path | None = None  # a file holding the password (`p2pdoe provision` writes them)
     ca_cert: Path | None = None  # the CA certificate that signed an mqtts:// broker's (default: the system's)
     client_id: str | None = None  # default: the service's own id
-    health_file: Path | None = None  # touched every few seconds while connected (p2pdoe.services.health)
+    health_file: Path | None = None  # rewritten every 5 s: alive, and connected or not (services.health)
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The shared simulated clock (p2pdoe.core.realtime.clock): every service of a bench gets the
