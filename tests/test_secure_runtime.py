@@ -228,17 +228,30 @@ def test_a_revoked_site_is_refused_and_the_others_keep_working(secure_broker: Br
 
 
 def test_rotating_a_sites_password_refuses_the_old_one(secure_broker: Broker) -> None:
+    """After the rotation and the broker's reload, the old password is refused; the site's running
+    service is dropped by the reload and reconnects with the new file, without a restart."""
     bundle = _bundle_of(secure_broker)
     site = _access(secure_broker, f"edge-{SITE}")
     assert site.password_file is not None
     old = bundle / "old.password"
     old.write_text(site.password_file.read_text())
-    run = run_p2pdoe("provision", "--bundle", str(bundle), "--rotate", SITE)
-    assert run.returncode == 0, run.stderr
-    assert site.password_file.read_text().strip() not in run.stdout + run.stderr
+
+    async def rotate_under_a_running_service() -> int:
+        async with _transport(site, "edge") as t:
+            run = run_p2pdoe("provision", "--bundle", str(bundle), "--rotate", SITE)
+            assert run.returncode == 0, run.stderr
+            assert site.password_file is not None
+            assert site.password_file.read_text().strip() not in run.stdout + run.stderr
+            _reload(secure_broker)
+            async with asyncio.timeout(20):
+                while t.connections < 2 or not t.connected:
+                    await asyncio.sleep(0.1)
+            await t.publish(topics.site(SITE, "telemetry"), b"after the rotation")
+            return t.connections
+
+    assert asyncio.run(rotate_under_a_running_service()) == 2
     assert site.password_file.read_text() != old.read_text()
     assert oct(site.password_file.stat().st_mode & 0o777) == "0o600"
-    _reload(secure_broker)
     assert asyncio.run(_connects(site))
     assert not asyncio.run(_connects(Access(site.url, old, site.ca_cert)))
     assert asyncio.run(_connects(_access(secure_broker, "edge-wind-25")))
@@ -384,3 +397,15 @@ def test_the_broker_check_refuses_a_store_the_broker_cannot_write(tmp_path: Path
         start_provisioned(bundle)
     (bundle / "broker" / "acl").unlink()
     assert check([str(conf)]) == 1
+
+
+def test_the_monitor_reads_the_provisioned_broker(secure_broker: Broker) -> None:
+    """`p2pdoe monitor` with the bundle's monitor identity: its password file and the CA."""
+    monitor = _access(secure_broker, "monitor")
+    run = run_p2pdoe("monitor", "--json", *monitor.args(), timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert isinstance(json.loads(run.stdout), dict)
+    assert monitor.password_file is not None
+    assert monitor.password_file.read_text().strip() not in run.stdout + run.stderr
+    missing = Access(monitor.url, monitor.password_file.with_name("nobody.password"), monitor.ca_cert)
+    assert_one_line_error(run_p2pdoe("monitor", "--json", *missing.args()), "cannot read the password file")

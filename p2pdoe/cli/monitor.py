@@ -19,6 +19,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ from p2pdoe.core.schemas.runtime import (
     decode_runtime,
 )
 from p2pdoe.core.schemas.wire import WireError
+from p2pdoe.services.provision import Access
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -390,7 +392,11 @@ def render(state: MonitorState, now: datetime, broker: str, connected: bool = Tr
 
 
 def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default=DEFAULT_BROKER, help=f"the broker URL (default {DEFAULT_BROKER})")
+    p.add_argument(
+        "--broker", default=DEFAULT_BROKER, help=f"the broker URL, or mqtts:// (default {DEFAULT_BROKER})"
+    )
+    p.add_argument("--password-file", type=Path, help="a file holding the password (the bundle's monitor)")
+    p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker (the bundle's)")
     p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     p.add_argument("--once", action="store_true", help="gather the retained state, print it once and exit")
     p.add_argument(
@@ -427,7 +433,7 @@ def _now() -> datetime:
 
 
 async def _monitor(args: argparse.Namespace) -> None:
-    transport = await _connect(args.broker, args.connect_timeout)
+    transport = await _connect(Access(args.broker, args.password_file, args.ca_cert), args.connect_timeout)
     try:
         await transport.subscribe(SUBSCRIPTION)
         state = MonitorState()
@@ -440,11 +446,12 @@ async def _monitor(args: argparse.Namespace) -> None:
         await transport.close()
 
 
-async def _connect(url: str, timeout_s: float) -> MqttTransport:
+async def _connect(access: Access, timeout_s: float) -> MqttTransport:
     """A connected, read-only transport; P2PDoeError if the broker stays unreachable for `timeout_s`."""
     from p2pdoe.services.transport import connect_within
 
-    return await connect_within(url, f"p2pdoe-monitor-{secrets.token_hex(4)}", timeout_s)
+    name = f"p2pdoe-monitor-{secrets.token_hex(4)}"
+    return await connect_within(access.url, name, timeout_s, **access.transport_options())
 
 
 async def _gather(transport: MqttTransport, state: MonitorState, seconds: float | None) -> None:

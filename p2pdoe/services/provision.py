@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pdoe.core import topics
+from p2pdoe.services.settings import read_password_file
 
 ROOT = topics.ROOT
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
@@ -71,8 +72,7 @@ class Access:
         """Keyword arguments for `MqttTransport` beyond the URL."""
         if self.password_file is None:
             return {"ca_cert": self.ca_cert}
-        password = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-        return {"password": password, "ca_cert": self.ca_cert}
+        return {"password": read_password_file(self.password_file), "ca_cert": self.ca_cert}
 
 
 def access(description: Mapping[str, object], username: str) -> Access:
@@ -188,7 +188,7 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     _write(
         out / "broker" / "passwd", "".join(f"{i.username}:{password_hash(i.password)}\n" for i in ids), 0o600
     )
-    _write(out / "broker" / "acl", acl(peers), 0o644)
+    _write(out / "broker" / "acl", acl(peers), 0o600)  # Mosquitto warns of a world-readable ACL
     queue_limit = max(1000, 200 * len(peers))  # a round's messages to a site that reconnects
     _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
     entries = []
@@ -245,7 +245,7 @@ def revoke(bundle: Path, site: str) -> str:
     _replace(bundle / "broker" / "passwd", "".join(f"{u}:{h}\n" for u, h in lines.items()), 0o600)
     blocks = (bundle / "broker" / "acl").read_text(encoding="utf-8").split("\n\n")
     kept = [b for b in blocks if b.strip().splitlines()[:1] != [f"user {username}"]]
-    _replace(bundle / "broker" / "acl", "\n\n".join(kept), 0o644)
+    _replace(bundle / "broker" / "acl", "\n\n".join(kept), 0o600)
     for key in ("password_file", "env_file"):
         if key in entry:
             Path(str(entry[key])).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,11 +15,18 @@ from typing import TypeVar
 
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.services.health import heartbeat
-from p2pdoe.services.settings import ServiceSettings, configure_logging, load_settings
+from p2pdoe.services.settings import (
+    ConfigError,
+    ServiceSettings,
+    configure_logging,
+    load_settings,
+    read_password_file,
+)
 from p2pdoe.services.transport import LastWill, MqttTransport
 
 S = TypeVar("S", bound=ServiceSettings)
 EXIT_CONFIG = 2
+log = logging.getLogger(__name__)
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -50,11 +58,30 @@ def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | No
         settings.broker,
         settings.client_id or client_id,
         username=settings.username,
-        password=settings.secret(),
+        password=password_source(settings),
         ca_cert=settings.ca_cert,
         will=will,
         keepalive_s=settings.keepalive_s,
     )
+
+
+def password_source(settings: ServiceSettings) -> str | Callable[[], str] | None:
+    """The password, or with a password file a function that reads it again at every connection, so
+    a rotated password is taken on the next reconnect (the broker drops the old one on its reload).
+    An unreadable file at start is a ConfigError; later, the last password read is kept."""
+    path = settings.password_file
+    if path is None:
+        return settings.secret()
+    last = [read_password_file(path)]
+
+    def current() -> str:
+        try:
+            last[0] = read_password_file(path)
+        except ConfigError as exc:
+            log.warning("%s: keeping the password read before", exc)
+        return last[0]
+
+    return current
 
 
 @contextlib.asynccontextmanager

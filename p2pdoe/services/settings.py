@@ -56,15 +56,7 @@ class ServiceSettings(BaseSettings):
         """The password, read from its file if one is named (a ConfigError if it cannot be read)."""
         if self.password_file is None:
             return None if self.password is None else self.password.get_secret_value()
-        try:
-            text = self.password_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read the password file {self.password_file}: {why}") from None
-        password = text.rstrip("\r\n")
-        if not password:
-            raise ConfigError(f"the password file {self.password_file} is empty")
-        return password
+        return read_password_file(self.password_file)
 
     def sim_clock(self, now: datetime) -> SimClock:
         """The shared clock; a bad origin is a ConfigError."""
@@ -73,6 +65,19 @@ class ServiceSettings(BaseSettings):
             _moment(self.wall_origin, "wall_origin", now),
             self.speed,
         )
+
+
+def read_password_file(path: Path) -> str:
+    """The password in `path` (its first line), or a ConfigError naming the file, never its content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read the password file {path}: {why}") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"the password file {path} is empty")
+    return password
 
 
 def _moment(value: str | None, name: str, default: datetime) -> datetime:

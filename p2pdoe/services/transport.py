@@ -21,7 +21,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -248,7 +248,7 @@ class MqttTransport:
         client_id: str,
         *,
         username: str | None = None,
-        password: str | None = None,
+        password: str | Callable[[], str] | None = None,
         ca_cert: Path | None = None,
         will: LastWill | None = None,
         protocol: ProtocolChoice = "auto",
@@ -263,6 +263,7 @@ class MqttTransport:
         self._host = address.host
         self._port = address.port
         self._username = username if username is not None else address.username
+        # a callable is asked at every connection: a rotated password file is taken on reconnecting
         self._password = password if password is not None else address.password
         if ca_cert is not None and not address.tls:
             raise TransportError(f"a CA certificate needs an mqtts:// broker, not {without_password(url)!r}")
@@ -421,7 +422,7 @@ class MqttTransport:
             self._host,
             self._port,
             username=self._username,
-            password=self._password,
+            password=self._password() if callable(self._password) else self._password,
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=last_will,
