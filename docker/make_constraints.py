@@ -73,15 +73,19 @@ def _installed(name: str) -> metadata.Distribution | None:
 
 
 def closure(reqs: list[Requirement], pins: dict[str, str] | None = None) -> dict[str, list[Requirement]]:
-    """Every distribution `reqs` need (canonical name: the requirements on it), following the installed
-    metadata; with `pins`, only through distributions installed at their pinned version."""
+    """Every distribution `reqs` need (canonical name: the requirements on it to check), following the
+    installed metadata. With `pins`, a distribution installed at another version than its pin (a
+    newer release on a fresh install) is still followed, so what it needs counts as needed, but its
+    requirements are not checked against the pins: they are those of another version."""
     needed: dict[str, list[Requirement]] = {}
     extras_of: dict[str, set[str]] = {}
-    todo = [r for r in reqs if _applies(r, set())]
+    todo = [(r, True) for r in reqs if _applies(r, set())]
     while todo:
-        req = todo.pop()
+        req, checked = todo.pop()
         name = canonicalize_name(req.name)
-        needed.setdefault(name, []).append(req)
+        needed.setdefault(name, [])
+        if checked:
+            needed[name].append(req)
         wanted = set(req.extras)
         if name in extras_of and wanted <= extras_of[name]:
             continue
@@ -91,9 +95,9 @@ def closure(reqs: list[Requirement], pins: dict[str, str] | None = None) -> dict
             if pins is None:
                 sys.exit(f"{req.name} is required but not installed here: install the project first")
             continue
-        if pins is not None and dist.version != pins.get(name):
-            continue  # its pinned version's requirements are not known here
-        todo += [sub for sub in map(Requirement, dist.requires or []) if _applies(sub, extras_of[name])]
+        exact = checked and (pins is None or dist.version == pins.get(name))
+        subs = [sub for sub in map(Requirement, dist.requires or []) if _applies(sub, extras_of[name])]
+        todo += [(sub, exact) for sub in subs]
     return needed
 
 

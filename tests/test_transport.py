@@ -357,3 +357,12 @@ def test_the_client_socket_sends_small_packets_at_once(mqtt_broker: Broker) -> N
             return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     assert asyncio.run(scenario()) != 0
+
+
+def test_services_reconnect_within_30_simulated_seconds_on_a_fast_clock() -> None:
+    from p2pdoe.services.runner import reconnect_backoff
+
+    assert reconnect_backoff(1.0).cap_s == 30.0  # wall time: the usual cap
+    assert reconnect_backoff(10.0).cap_s == 3.0  # 30 simulated seconds
+    assert reconnect_backoff(640.0).cap_s == 1.0  # never more often than once a wall second
+    assert reconnect_backoff(640.0).initial_s == 0.5

@@ -22,7 +22,7 @@ from p2pdoe.services.settings import (
     load_settings,
     read_password_file,
 )
-from p2pdoe.services.transport import LastWill, MqttTransport
+from p2pdoe.services.transport import Backoff, LastWill, MqttTransport
 
 S = TypeVar("S", bound=ServiceSettings)
 EXIT_CONFIG = 2
@@ -61,8 +61,17 @@ def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | No
         password=password_source(settings),
         ca_cert=settings.ca_cert,
         will=will,
+        backoff=reconnect_backoff(settings.speed),
         keepalive_s=settings.keepalive_s,
     )
+
+
+def reconnect_backoff(speed: float) -> Backoff:
+    """Reconnection every 30 s at most in wall time, and at most every 30 simulated seconds on a
+    faster clock (but not more often than once a wall second): at 120x a 30 s wall wait would be an
+    hour of the simulated day on stale envelopes."""
+    cap = min(30.0, max(1.0, 30.0 / speed))
+    return Backoff(initial_s=min(0.5, cap), cap_s=cap)
 
 
 def password_source(settings: ServiceSettings) -> str | Callable[[], str] | None:
