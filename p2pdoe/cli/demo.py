@@ -140,17 +140,9 @@ def run_demo(
             ]  # fmt: skip
             procs.start(
                 f"edge-{site}",
-                [
-                    py,
-                    "-m",
-                    "edge_agent",
-                    "--site-config",
-                    site_config,
-                    *reach(f"edge-{site}").args(),
-                    *clock,
-                    *meter,
-                ],
-            )
+                [py, "-m", "edge_agent", "--site-config", site_config, *reach(f"edge-{site}").args(),
+                 *clock, *meter],
+            )  # fmt: skip
             if rt is not None:
                 procs.start(
                     f"meter-{site}",
@@ -192,10 +184,7 @@ def _clock_args(s: Any, rt: RealTime | None) -> list[str]:
 
 
 async def _reachable(monitor: Access) -> None:
-    from p2pdoe.services.transport import connect_within
-
-    opts = monitor.transport_options()
-    await (await connect_within(monitor.url, "p2pdoe-demo-probe", CONNECT_TIMEOUT_S, **opts)).close()
+    await (await monitor.connect("p2pdoe-demo-probe", CONNECT_TIMEOUT_S)).close()
 
 
 def _broker(
@@ -227,10 +216,7 @@ async def _watch(
     """Show the round's progress until results.json is written (or the coordinator fails)."""
     from rich.live import Live
 
-    from p2pdoe.services.transport import connect_within
-
-    name, opts = f"p2pdoe-demo-{id(procs):x}", monitor.transport_options()
-    async with await connect_within(monitor.url, name, CONNECT_TIMEOUT_S, **opts) as transport:
+    async with await monitor.connect(f"p2pdoe-demo-{id(procs):x}", CONNECT_TIMEOUT_S) as transport:
         await transport.subscribe(topics.DSO_PROGRESS, qos=0)
         started = time.monotonic()
         line = ["waiting for every site to register"]

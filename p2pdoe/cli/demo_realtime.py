@@ -76,11 +76,8 @@ async def watch_day(
     """Follow the day from the broker until the coordinator exits (it writes results.json first)."""
     from rich.live import Live
 
-    from p2pdoe.services.transport import connect_within
-
     seen = Observation()
-    name, opts = f"p2pdoe-demo-day-{id(procs):x}", monitor.transport_options()
-    async with await connect_within(monitor.url, name, 10.0, **opts) as transport:
+    async with await monitor.connect(f"p2pdoe-demo-day-{id(procs):x}", 10.0) as transport:
         for kind in ("doe", "doe/default", "status"):
             await transport.subscribe(topics.every_site(kind))
         await transport.subscribe(topics.every_site("meter"), qos=0)

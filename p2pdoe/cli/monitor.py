@@ -448,10 +448,7 @@ async def _monitor(args: argparse.Namespace) -> None:
 
 async def _connect(access: Access, timeout_s: float) -> MqttTransport:
     """A connected, read-only transport; P2PDoeError if the broker stays unreachable for `timeout_s`."""
-    from p2pdoe.services.transport import connect_within
-
-    name = f"p2pdoe-monitor-{secrets.token_hex(4)}"
-    return await connect_within(access.url, name, timeout_s, **access.transport_options())
+    return await access.connect(f"p2pdoe-monitor-{secrets.token_hex(4)}", timeout_s)
 
 
 async def _gather(transport: MqttTransport, state: MonitorState, seconds: float | None) -> None:

@@ -21,9 +21,13 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2pdoe.core import topics
 from p2pdoe.services.settings import read_password_file
+
+if TYPE_CHECKING:
+    from p2pdoe.services.transport import MqttTransport
 
 ROOT = topics.ROOT
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
@@ -67,6 +71,12 @@ class Access:
         if self.ca_cert is not None:
             out += ["--ca-cert", str(self.ca_cert)]
         return out
+
+    async def connect(self, client_id: str, timeout_s: float) -> MqttTransport:
+        """A started transport for a person waiting (a command line): `connect_within`."""
+        from p2pdoe.services.transport import connect_within
+
+        return await connect_within(self.url, client_id, timeout_s, **self.transport_options())
 
     def transport_options(self) -> dict[str, object]:
         """Keyword arguments for `MqttTransport` beyond the URL."""
@@ -186,7 +196,7 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     _write(out / "broker" / "server.crt", server_cert, 0o644)
     _write(out / "broker" / "server.key", server_key, 0o600)
     _write(
-        out / "broker" / "passwd", "".join(f"{i.username}:{password_hash(i.password)}\n" for i in ids), 0o600
+        out / "broker" / "passwd", _passwd_text({i.username: password_hash(i.password) for i in ids}), 0o600
     )
     _write(out / "broker" / "acl", acl(peers), 0o600)  # Mosquitto warns of a world-readable ACL
     queue_limit = max(1000, 200 * len(peers))  # a round's messages to a site that reconnects
@@ -226,7 +236,7 @@ def rotate(bundle: Path, name: str) -> str:
     username, password = str(entry["username"]), secrets.token_urlsafe(24)
     lines = _passwd_lines(bundle)
     lines[username] = password_hash(password)
-    _replace(bundle / "broker" / "passwd", "".join(f"{u}:{h}\n" for u, h in lines.items()), 0o600)
+    _replace(bundle / "broker" / "passwd", _passwd_text(lines), 0o600)
     _replace(Path(str(entry["password_file"])), password + "\n", 0o600)
     return username
 
@@ -242,7 +252,7 @@ def revoke(bundle: Path, site: str) -> str:
     username = str(entry["username"])
     lines = _passwd_lines(bundle)
     lines.pop(username, None)
-    _replace(bundle / "broker" / "passwd", "".join(f"{u}:{h}\n" for u, h in lines.items()), 0o600)
+    _replace(bundle / "broker" / "passwd", _passwd_text(lines), 0o600)
     blocks = (bundle / "broker" / "acl").read_text(encoding="utf-8").split("\n\n")
     kept = [b for b in blocks if b.strip().splitlines()[:1] != [f"user {username}"]]
     _replace(bundle / "broker" / "acl", "\n\n".join(kept), 0o600)
@@ -275,6 +285,11 @@ def _identity(description: Mapping[str, object], name: str) -> dict[str, object]
             return found
     known = ", ".join(str(e.get("id")) for e in entries)
     raise BundleError(f"the bundle has no identity {name!r} (it has: {known})")
+
+
+def _passwd_text(hashes: Mapping[str, str]) -> str:
+    """Mosquitto's password file: a `user:hash` line per identity."""
+    return "".join(f"{user}:{h}\n" for user, h in hashes.items())
 
 
 def _passwd_lines(bundle: Path) -> dict[str, str]:

@@ -207,12 +207,16 @@ def _no_delay(client: aiomqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
+def _connack_code(exc: aiomqtt.MqttError) -> int | None:
+    """The CONNACK's return (3.1.1) or reason (v5) code of a refused connection, else None."""
     if not isinstance(exc, MqttConnectError):
-        return False
+        return None
     rc = exc.rc
-    value = rc.value if isinstance(rc, ReasonCode) else rc
-    return value in _UNSUPPORTED_PROTOCOL_CODES
+    return int(rc.value) if isinstance(rc, ReasonCode) else rc
+
+
+def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
+    return _connack_code(exc) in _UNSUPPORTED_PROTOCOL_CODES
 
 
 def _refused_us(exc: aiomqtt.MqttError) -> bool:
@@ -220,11 +224,7 @@ def _refused_us(exc: aiomqtt.MqttError) -> bool:
     (a wrong --ca-cert, or not our broker), or the broker refused our credentials."""
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return True
-    if not isinstance(exc, MqttConnectError):
-        return False
-    rc = exc.rc
-    value = rc.value if isinstance(rc, ReasonCode) else rc
-    return value in (4, 5, 0x86, 0x87)  # bad user name or password, not authorized (3.1.1 and v5)
+    return _connack_code(exc) in (4, 5, 0x86, 0x87)  # bad user name or password, not authorized
 
 
 def _as_bytes(payload: object) -> bytes:
