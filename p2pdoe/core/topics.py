@@ -14,9 +14,13 @@
     p2pdoe/v1/market/<round>/report/<id>         `SiteReport` of site <id> once the round is over
     p2pdoe/v1/dso/status               retained  online / offline (also the coordinator's last will)
     p2pdoe/v1/dso/progress                       round, iteration, residuals
+    p2pdoe/v1/clock/member/<name>      retained  a lockstep member joined or left (`ClockMember`)
+    p2pdoe/v1/clock/grant              retained  the step and phase granted now (`ClockGrant`)
+    p2pdoe/v1/clock/done/<name>                  a member finished (or still holds) its step (`ClockDone`)
+    p2pdoe/v1/clock/status             retained  the lockstep granter's state (`ClockStatus`)
 
-Site and round ids never contain '/', '+' or '#' (their schemas forbid it), so every topic parses
-back unambiguously.
+Site, round and clock member names never contain '/', '+' or '#' (their schemas forbid it), so every
+topic parses back unambiguously.
 """
 
 from __future__ import annotations
@@ -53,6 +57,20 @@ DSO_STATUS = f"{ROOT}/dso/status"
 DSO_PROGRESS = f"{ROOT}/dso/progress"
 
 
+CLOCK_GRANT = f"{ROOT}/clock/grant"
+CLOCK_STATUS = f"{ROOT}/clock/status"
+
+
+def clock_member(name: str = "+") -> str:
+    """A lockstep member's joined/left message (every member's by default)."""
+    return f"{ROOT}/clock/member/{name}"
+
+
+def clock_done(name: str = "+") -> str:
+    """A lockstep member's done and heartbeat messages (every member's by default)."""
+    return f"{ROOT}/clock/done/{name}"
+
+
 def all_proposals(round_id: str = "+") -> str:
     """Filter for every site's proposals of a round (every round by default)."""
     return f"{ROOT}/market/{round_id}/proposal/+"
@@ -70,12 +88,13 @@ def every_site(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Topic:
-    """A parsed topic: `area` is "site", "market" or "dso"; `kind` the last part(s)."""
+    """A parsed topic: `area` is "site", "market", "dso" or "clock"; `kind` the last part(s)."""
 
     area: str
     kind: str
     site: str | None = None
     round: str | None = None
+    member: str | None = None  # a lockstep clock member's name
 
 
 def parse(topic: str) -> Topic | None:
@@ -91,4 +110,8 @@ def parse(topic: str) -> Topic | None:
         return Topic("market", parts[2], site=parts[3], round=parts[1])
     if parts[0] == "dso" and len(parts) == 2 and parts[1] in ("status", "progress"):
         return Topic("dso", parts[1])
+    if parts[0] == "clock" and len(parts) == 2 and parts[1] in ("grant", "status"):
+        return Topic("clock", parts[1])
+    if parts[0] == "clock" and len(parts) == 3 and parts[1] in ("member", "done"):
+        return Topic("clock", parts[1], member=parts[2])
     return None
