@@ -8,18 +8,19 @@ counted at 0 kW), and both corners of the granted boxes (a site left out at its 
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
 
 import numpy as np
 
-from dso_coordinator.realtime import Day
-from dso_coordinator.service import Agreement, Coordinator
 from p2pdoe.analysis.admm import residual_points, solve_times, summed
 from p2pdoe.analysis.network_check import ac_state
 from p2pdoe.analysis.results import Day as ResultsDay
 from p2pdoe.analysis.results import assemble_results, dlmp_results
 from p2pdoe.core.agreement.coordination import Defaults
 from p2pdoe.core.agreement.outcome import dlmp
+from p2pdoe.core.coordinator.books import DayBooks
+from p2pdoe.core.coordinator.commands import DayReport
+from p2pdoe.core.coordinator.context import Context
+from p2pdoe.core.coordinator.rounds import Agreement
 from p2pdoe.core.envelope import GridView
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.observer import ViolationObserver
@@ -134,15 +135,16 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
     )
 
 
-def realtime_results(c: Coordinator, day: Day, hours: float) -> r.RealtimeInfo:
+def realtime_results(ctx: Context, report: DayReport, clock: str, speed: float) -> r.RealtimeInfo:
     """The real-time day as the coordinator saw it on the broker: its rolling rounds, the sites'
     settlements against its own meter integral, violations and envelope switches, and an AC power
     flow of the measured mean injections."""
+    books = report.books
     settlements = []
     worst = 0.0
-    for (site, start), rec in sorted(c.settlements.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        t = c.metering.interval_of(start)
-        meter = c.metering.energy_kwh(site, t)
+    for (site, start), rec in sorted(books.settlements.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        t = books.metering.interval_of(start)
+        meter = books.metering.energy_kwh(site, t)
         if meter is not None and abs(meter) > 1e-6:
             worst = max(worst, 100.0 * abs(rec.measured_kwh - meter) / abs(meter))
         settlements.append(
@@ -153,16 +155,19 @@ def realtime_results(c: Coordinator, day: Day, hours: float) -> r.RealtimeInfo:
             )
         )
     return r.RealtimeInfo(
-        speed=c.clock.speed,
-        hours=hours,
-        meter_readings=c.metering.readings,
-        intervals=day.intervals,
+        speed=speed,
+        hours=report.hours,
+        meter_readings=books.metering.readings,
+        intervals=report.intervals,
         settlements=settlements,
-        envelope_violations=_violations(c.observer),
-        fallback_events=c.fallback_events,
-        missing_settlements=_missing(c, day),
+        envelope_violations=_violations(books.observer),
+        fallback_events=books.fallback_events,
+        missing_settlements=_missing(ctx, books),
         energy_mismatch_max_pct=worst,
-        measured_ac=_measured_ac(c, day),
+        measured_ac=_measured_ac(ctx, books),
+        clock=clock,
+        day_ahead_late_s=report.day_ahead_late_s,
+        failed_rounds=report.failures,
     )
 
 
@@ -188,31 +193,31 @@ def _violations(o: ViolationObserver) -> r.EnvelopeViolations:
     )  # fmt: skip
 
 
-def _day_intervals(c: Coordinator, day: Day) -> list[int]:
+def _day_intervals(books: DayBooks) -> list[int]:
     """The intervals the real-time day ran through (those with readings)."""
-    return sorted({t for (_, t) in c.metering.cells})
+    return sorted({t for (_, t) in books.metering.cells})
 
 
-def _missing(c: Coordinator, day: Day) -> dict[str, list[str]]:
-    """Per site, the intervals with readings but no settlement (the last one may still be running)."""
+def _missing(ctx: Context, books: DayBooks) -> dict[str, list[str]]:
+    """Per site, the intervals of the day with readings but no settlement."""
     out: dict[str, list[str]] = {}
-    for site, t in sorted(c.metering.cells):
-        start = c.start + timedelta(seconds=c.interval_s * t)
-        if (site, start) not in c.settlements:
+    for site, t in sorted(books.metering.cells):
+        start = ctx.interval_start(t)
+        if 0 <= t < ctx.last_interval() and (site, start) not in books.settlements:
             out.setdefault(site, []).append(start.isoformat().replace("+00:00", "Z"))
     return out
 
 
-def _measured_ac(c: Coordinator, day: Day) -> r.NetworkState | None:
-    intervals = [t for t in _day_intervals(c, day) if 0 <= t < c.cfg.intervals]
+def _measured_ac(ctx: Context, books: DayBooks) -> r.NetworkState | None:
+    intervals = [t for t in _day_intervals(books) if 0 <= t < ctx.cfg.intervals]
     if not intervals:
         return None
-    view = round_view(c)
-    x = np.zeros((len(c.site_ids), len(intervals)))
+    view = round_view(ctx)
+    x = np.zeros((len(ctx.site_ids), len(intervals)))
     q = np.zeros_like(x)
     for k, t in enumerate(intervals):
-        for i, site in enumerate(c.site_ids):
-            mean = c.metering.mean_kw(site, t)
+        for i, site in enumerate(ctx.site_ids):
+            mean = books.metering.mean_kw(site, t)
             if mean is not None:
                 x[i, k], q[i, k] = mean
     cols = np.array(intervals)
@@ -223,11 +228,11 @@ def _measured_ac(c: Coordinator, day: Day) -> r.NetworkState | None:
         q_min_kvar=view.q_min_kvar[:, cols],
         q_max_kvar=view.q_max_kvar[:, cols],
     )
-    return ac_state(sliced, x, q, c.cfg.dt_h)
+    return ac_state(sliced, x, q, ctx.cfg.dt_h)
 
 
-def round_view(c: Coordinator) -> GridView:
+def round_view(ctx: Context) -> GridView:
     from p2pdoe.core.agreement.coordination import connection_facts, network_view
 
-    facts = [connection_facts(s, c.feeder, c.cfg.intervals) for s in c.cfg.sites]
-    return network_view(c.cfg, c.feeder, facts)
+    facts = [connection_facts(s, ctx.feeder, ctx.cfg.intervals) for s in ctx.cfg.sites]
+    return network_view(ctx.cfg, ctx.feeder, facts)

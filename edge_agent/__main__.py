@@ -6,21 +6,31 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from edge_agent.journal import Journal, JournalError
 from edge_agent.meter import MqttMeter
-from edge_agent.service import EdgeAgent, fixed_default, goodbye, offline_will
+from edge_agent.service import EdgeService, fixed_default, goodbye, market_machine, offline_will
 from edge_agent.settings import EdgeSettings
+from p2pdoe.core.edge.realtime import EdgeRealtime
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.services.runner import base_parser, run_service, service_transport, setup, transport_for
+from p2pdoe.services.runner import (
+    base_parser,
+    make_clock,
+    run_service,
+    running_clock,
+    service_transport,
+    setup,
+    transport_for,
+)
 from p2pdoe.services.settings import ConfigError, read_config_file
+from p2pdoe.services.transport import Transport
 
 PROG = "edge-agent"
 
@@ -60,59 +70,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> int:
         config = read_site_config(settings.site_config)
         site = config.community.id
-        agent = build_agent(config, settings)
+        journal = open_journal(config, settings)
         async with contextlib.AsyncExitStack() as stack:
             transport = await stack.enter_async_context(
                 service_transport(settings, f"edge-{site}", offline_will(site))
             )
             meter = None
             if settings.meter:
-                meter_settings = settings
+                meter_transport: Transport = transport
                 if settings.meter_broker is not None:  # the gateway's own: credentials in its URL, if any
                     own = {"username": None, "password": None, "password_file": None, "ca_cert": None}
                     meter_settings = settings.model_copy(update={"broker": settings.meter_broker, **own})
-                meter_transport = await stack.enter_async_context(
-                    transport_for(meter_settings, f"edge-{site}-meter", None)
-                )
+                    meter_transport = await stack.enter_async_context(
+                        transport_for(meter_settings, f"edge-{site}-meter", None)
+                    )
                 meter = MqttMeter(meter_transport, site)
+            clock = make_clock(
+                settings,
+                transport,
+                f"edge-{site}",
+                "control",
+                every_step=True,
+                offset_s=settings.clock_offset_s,
+            )
+            market = market_machine(config, margins(settings))
+            service = EdgeService(
+                market, transport, clock, journal=journal, meter=meter, rounds=settings.rounds
+            )
             try:
-                await agent.run(transport, settings.rounds, settings.report_every_s, meter)
+                async with running_clock(clock, service.shell):
+                    return await service.run(build_realtime(config, settings, clock.now()))
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(transport.publish(*goodbye(site), retain=True), 2.0)
-                if agent.journal is not None:
-                    agent.journal.close()
-        return 0
+                if journal is not None:
+                    journal.close()
 
     return run_service(PROG, serve)
 
 
-def build_agent(config: SiteConfig, settings: EdgeSettings) -> EdgeAgent:
-    """The agent on the shared simulated clock (shifted by `clock_offset_s`), with its controller and,
-    with a meter, its journal."""
-    clock = settings.sim_clock(datetime.now(UTC))
-    offset = timedelta(seconds=settings.clock_offset_s)
+def margins(settings: EdgeSettings) -> tuple[float, float] | None:
+    return (settings.margin_load, settings.margin_res) if settings.meter else None
 
-    def now() -> datetime:
-        return clock.sim_at(datetime.now(UTC)) + offset
 
-    start = day_start(settings.start, config.start, config.dt_h, now())
+def open_journal(config: SiteConfig, settings: EdgeSettings) -> Journal | None:
+    if not settings.meter and settings.journal is None:
+        return None
+    path = settings.journal or Path(f"journal-{config.community.id}.db")
+    try:
+        return Journal(path, config.community.id)
+    except JournalError as exc:
+        raise ConfigError(f"journal {path}: {exc}") from None
+
+
+def build_realtime(config: SiteConfig, settings: EdgeSettings, now: datetime) -> EdgeRealtime:
+    """The real-time machine with its controller, for the day that `settings.start` names at `now`."""
     box = fixed_default(config)
     if settings.fixed_default_lo_kw is not None and settings.fixed_default_up_kw is not None:
         box = Box(settings.fixed_default_lo_kw, settings.fixed_default_up_kw)
-    fallback = FallbackConfig(box, settings.skew_tolerance_s, settings.speed)
+    speed = settings.speed if settings.clock_kind() == "scaled" else 1.0
+    fallback = FallbackConfig(box, settings.skew_tolerance_s, speed)
+    start = day_start(settings.start, config.start, config.dt_h, now)
     controller = Controller(config, plant_spec(config), fallback, start, settings.meter_step_s)
-    journal = None
-    if settings.meter or settings.journal is not None:
-        path = settings.journal or Path(f"journal-{config.community.id}.db")
-        try:
-            journal = Journal(path, config.community.id)
-        except JournalError as exc:
-            raise ConfigError(f"journal {path}: {exc}") from None
-    margins = (settings.margin_load, settings.margin_res) if settings.meter else None
-    return EdgeAgent(
-        config, now, controller=controller, journal=journal, speed=settings.speed, margins=margins
-    )
+    every = max(settings.report_every_s, settings.meter_step_s) if settings.meter else settings.report_every_s
+    return EdgeRealtime(controller, speed=speed, report_every_s=every)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import Protocol
 
 from p2pdoe.core import topics
+from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.plant import SetPoints
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
-from p2pdoe.services.agreement_mqtt import MarketReader
 from p2pdoe.services.transport import Transport
 
 log = logging.getLogger("edge_agent.meter")
@@ -44,19 +44,27 @@ class MqttMeter:
         self.unsent = 0  # set-points not sent because the connection was down
         self._sending: asyncio.Task[None] | None = None
 
+    @property
+    def topic(self) -> str:
+        return topics.site(self.site, "meter")
+
+    def decode(self, payload: bytes) -> MeterReading | None:
+        """A reading of this site's meter, or None (malformed or another's: dropped and counted)."""
+        msg = self.reader.runtime(payload)
+        if msg is None:
+            return None
+        if not isinstance(msg, MeterReading) or msg.site != self.site:
+            self.dropped["sender_not_topic"] += 1
+            return None
+        return msg
+
     async def readings(self) -> AsyncIterator[MeterReading]:
-        topic = topics.site(self.site, "meter")
-        await self.transport.subscribe(topic, qos=0)
+        """Readings from a transport of the meter's own (a site-local broker)."""
+        await self.transport.subscribe(self.topic, qos=0)
         async for m in self.transport.messages():
-            if m.topic != topic:
-                continue
-            msg = self.reader.runtime(m.payload)
-            if msg is None:
-                continue
-            if not isinstance(msg, MeterReading) or msg.site != self.site:
-                self.dropped["sender_not_topic"] += 1
-                continue
-            yield msg
+            msg = self.decode(m.payload) if m.topic == self.topic else None
+            if msg is not None:
+                yield msg
 
     async def command(self, set_points: SetPoints, ts: datetime) -> None:
         """The latest set-points win: one still on its way is replaced, and none is sent while the

@@ -19,12 +19,12 @@ import numpy as np
 
 from p2pdoe.core import topics
 from p2pdoe.core.network import FloatArray
+from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.clock import SimClock
 from p2pdoe.core.realtime.plant import Reading, Resources, SetPoints, plant_spec, step
 from p2pdoe.core.realtime.weather import Actuals, actuals
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.services.agreement_mqtt import MarketReader
 from p2pdoe.services.transport import InboundMessage, Transport
 
 log = logging.getLogger("meter_sim")

@@ -1,84 +1,85 @@
 """Which envelope an edge agent applies as time passes: the dynamic one while valid, then the default
 while valid, then its fixed default (never none); every switch on its retained status, with the
-reason. A recording transport stands in for the
-broker (the broker paths are in test_services.py)."""
+reason. The real-time machine is fed events with the time and its commands are read: no broker, no
+event loop (the broker paths are in test_services.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
-from edge_agent.service import EdgeAgent, fixed_default
+from edge_agent.service import fixed_default
 from p2pdoe.core import topics
+from p2pdoe.core.edge.commands import SaveEnvelope
+from p2pdoe.core.edge.realtime import EdgeRealtime
+from p2pdoe.core.effects import Heard, Send, Woke
+from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.realtime.fallback import FallbackConfig
+from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.runtime import Doe
+from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
+def machine(config: SiteConfig) -> EdgeRealtime:
+    controller = Controller(config, plant_spec(config), FallbackConfig(fixed_default(config)), T0, 5.0)
+    return EdgeRealtime(controller)
 
-    async def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None:
-        self.sent.append((topic, payload))
 
-    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
-        self.sent.append((topic, payload))
+def heard(site: str, kind: str, doe: Doe | bytes) -> Heard:
+    payload = doe if isinstance(doe, bytes) else doe.model_dump_json().encode()
+    return Heard(topics.site(site, kind), payload)
 
-    async def unsubscribe(self, topic_filter: str) -> None:
-        pass
 
-    def statuses(self) -> list[str]:
-        return [json.loads(p)["envelope"] for t, p in self.sent if t.endswith("/status")]
+def statuses(commands: list[object]) -> list[dict[str, object]]:
+    return [json.loads(c.payload) for c in commands if isinstance(c, Send) and c.topic.endswith("/status")]
 
 
 def test_the_dynamic_envelope_then_the_default_then_none() -> None:
     s = load_scenario("default")
     site = s.ids[0]
-    now = [T0]
-    agent = EdgeAgent(site_config(s, 0), clock=lambda: now[0])
-    rec = Recorder()
+    m = machine(site_config(s, 0))
     dynamic = Doe.from_box(site, "day-ahead", T0, 3600, -100.0, 200.0)
     default = Doe.from_box(site, None, T0, 2 * 3600, -10.0, 20.0)
+    sent: list[object] = []
+    sent += m.handle(heard(site, "doe/default", default), T0)
+    sent += m.handle(heard(site, "doe", dynamic), T0)
+    in_force = m.controller.choose_at(T0)
+    assert (in_force.kind, in_force.box) == ("dynamic", Box(-100, 200))
+    sent += m.handle(Woke(), T0 + timedelta(minutes=61))  # the dynamic one expired: never applied again
+    assert m.controller.choose_at(T0 + timedelta(minutes=61)).box == Box(-10, 20)
+    sent += m.handle(Woke(), T0 + timedelta(hours=3))
+    assert m.controller.choose_at(T0 + timedelta(hours=3)).box == fixed_default(m.config)
+    states = statuses(sent)
+    assert [st["envelope"] for st in states] == ["default", "dynamic", "default", "fixed_default"]
+    assert "expired" in str(states[2]["reason"])
+    assert "expired" in str(states[3]["reason"])
+    assert states[1]["envelope_lead_s"] == 0.0  # heard at its start
 
-    async def main() -> None:
-        await agent._on_envelope(rec, "doe/default", default.model_dump_json().encode())  # type: ignore[arg-type]
-        await agent._on_envelope(rec, "doe", dynamic.model_dump_json().encode())  # type: ignore[arg-type]
-        assert (agent.envelope_in_force().kind, agent.envelope_in_force().box) == ("dynamic", Box(-100, 200))
-        now[0] = T0 + timedelta(minutes=61)  # the dynamic one expired: never applied again
-        await agent._report_state(rec)  # type: ignore[arg-type]
-        assert (agent.envelope_in_force().kind, agent.envelope_in_force().box) == ("default", Box(-10, 20))
-        now[0] = T0 + timedelta(hours=3)
-        await agent._report_state(rec)  # type: ignore[arg-type]
-        assert agent.envelope_in_force().kind == "fixed_default"
-        assert agent.envelope_in_force().box == fixed_default(agent.config)
 
-    asyncio.run(main())
-    assert rec.statuses() == ["default", "dynamic", "default", "fixed_default"]
-    reasons = [json.loads(p)["reason"] for t, p in rec.sent]
-    assert "expired" in reasons[2]
-    assert "expired" in reasons[3]
-    assert all(t == topics.site(site, "status") for t, _ in rec.sent)
+def test_each_envelope_heard_is_journaled_and_the_stale_ones_forgotten() -> None:
+    s = load_scenario("default")
+    site = s.ids[0]
+    m = machine(site_config(s, 0))
+    first = Doe.from_box(site, "day-ahead", T0, 3600, -1.0, 1.0)
+    later = Doe.from_box(site, "day-ahead", T0 + timedelta(hours=1), 3600, -2.0, 2.0)
+    saves = [c for c in m.handle(heard(site, "doe", first), T0) if isinstance(c, SaveEnvelope)]
+    saves += [c for c in m.handle(heard(site, "doe", later), T0) if isinstance(c, SaveEnvelope)]
+    assert [c.key for c in saves] == [f"doe@{first.start.isoformat()}", f"doe@{later.start.isoformat()}"]
+    assert saves[-1].keep == {f"doe@{first.start.isoformat()}", f"doe@{later.start.isoformat()}"}
 
 
 def test_an_envelope_for_another_site_or_on_the_wrong_topic_is_dropped() -> None:
     s = load_scenario("default")
-    agent = EdgeAgent(site_config(s, 0), clock=lambda: T0)
-    rec = Recorder()
+    m = machine(site_config(s, 0))
     foreign = Doe.from_box(s.ids[1], "day-ahead", T0, 3600, -1.0, 1.0)
     dynamic_on_default = Doe.from_box(s.ids[0], "day-ahead", T0, 3600, -1.0, 1.0)
-
-    async def main() -> None:
-        await agent._on_envelope(rec, "doe", foreign.model_dump_json().encode())  # type: ignore[arg-type]
-        await agent._on_envelope(rec, "doe/default", dynamic_on_default.model_dump_json().encode())  # type: ignore[arg-type]
-        await agent._on_envelope(rec, "doe", b'{"kind": "doe", "lo_kw": NaN}')  # type: ignore[arg-type]
-
-    asyncio.run(main())
-    assert agent.envelope_in_force().kind == "fixed_default"
-    assert dict(agent.reader.dropped) == {"sender_not_topic": 2, "malformed": 1}
+    m.handle(heard(s.ids[0], "doe", foreign), T0)
+    m.handle(heard(s.ids[0], "doe/default", dynamic_on_default), T0)
+    m.handle(heard(s.ids[0], "doe", b'{"kind": "doe", "lo_kw": NaN}'), T0)
+    assert m.controller.choose_at(T0).kind == "fixed_default"
+    assert dict(m.reader.dropped) == {"sender_not_topic": 2, "malformed": 1}

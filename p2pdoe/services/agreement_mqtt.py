@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
@@ -18,66 +17,13 @@ from p2pdoe.core import topics
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
 from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
-from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen, decode, encode
-from p2pdoe.core.schemas.runtime import Runtime, SiteStatus, decode_runtime
+from p2pdoe.core.reader import MarketReader, Message, sender_matches_topic, topic_of
+from p2pdoe.core.schemas.messages import DSO_ID, RoundOpen, encode
+from p2pdoe.core.schemas.runtime import SiteStatus, decode_runtime
 from p2pdoe.services.transport import InboundMessage, Transport
 
-Message = RoundOpen | Proposal | Grant
+__all__ = ["MarketReader", "Message", "run_community", "run_coordinator", "sender_matches_topic", "topic_of"]
 log = logging.getLogger(__name__)
-
-
-def topic_of(message: Message) -> str:
-    if isinstance(message, RoundOpen):
-        return topics.round_open(message.round)
-    if isinstance(message, Proposal):
-        return topics.proposal(message.round, message.sender)
-    return topics.grant(message.round)
-
-
-def sender_matches_topic(topic: str, message: Message) -> bool:
-    """A proposal only on its sender's own topic; opens and grants only on the DSO's."""
-    parsed = topics.parse(topic)
-    if parsed is None or parsed.area != "market" or parsed.round != message.round:
-        return False
-    if isinstance(message, Proposal):
-        return parsed.kind == "proposal" and parsed.site == message.sender
-    return parsed.kind == ("open" if isinstance(message, RoundOpen) else "grant")
-
-
-class MarketReader:
-    """Decodes market messages strictly; drops and counts what is malformed or sent on another's topic.
-    An empty payload (a retained message withdrawn) is skipped without counting."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.dropped: Counter[str] = Counter()
-
-    def decoded(self, m: InboundMessage) -> Message | None:
-        if not m.payload:
-            return None
-        try:
-            message = decode(m.payload)
-        except ValueError:
-            self.dropped["malformed"] += 1
-            log.debug("%s: dropped a malformed message on %s", self.name, m.topic)
-            return None
-        if not sender_matches_topic(m.topic, message):
-            self.dropped["sender_not_topic"] += 1
-            log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
-            return None
-        return message
-
-    def runtime(self, payload: bytes) -> Runtime | None:
-        """A runtime message (envelope, status, reading...), strictly decoded; an empty payload (a
-        retained message withdrawn) is None uncounted, a malformed one None and counted."""
-        if not payload:
-            return None
-        try:
-            return decode_runtime(payload)
-        except ValueError:
-            self.dropped["malformed"] += 1
-            log.debug("%s: dropped a malformed runtime message", self.name)
-            return None
 
 
 class _Driver(MarketReader):

@@ -10,11 +10,15 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from p2pdoe.core.schemas.lockstep import Phase
 from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.clock import Clock, ScaledClock, WallClock
 from p2pdoe.services.health import heartbeat
+from p2pdoe.services.lockstep_clock import LockstepClock
 from p2pdoe.services.settings import (
     ConfigError,
     ServiceSettings,
@@ -22,7 +26,8 @@ from p2pdoe.services.settings import (
     load_settings,
     read_password_file,
 )
-from p2pdoe.services.transport import Backoff, LastWill, MqttTransport
+from p2pdoe.services.shell import Shell
+from p2pdoe.services.transport import Backoff, LastWill, MqttTransport, Transport
 
 S = TypeVar("S", bound=ServiceSettings)
 EXIT_CONFIG = 2
@@ -40,7 +45,12 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--client-id")
     p.add_argument("--health-file", type=Path, help="rewritten every 5 s: alive, and connected or not")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    clock = p.add_argument_group("the shared simulated clock")
+    clock = p.add_argument_group("the clock")
+    clock.add_argument(
+        "--clock",
+        choices=["wall", "scaled", "lockstep"],
+        help="wall time, scaled wall time (--speed) or lockstep (granted by p2pdoe.services.lockstep)",
+    )
     clock.add_argument("--start", help="the day's first interval: today (default), now, scenario, ISO 8601")
     clock.add_argument("--speed", type=float, help="simulated seconds per wall second (default 1)")
     clock.add_argument("--sim-origin", help="simulated time at --wall-origin (default: now)")
@@ -107,6 +117,46 @@ async def service_transport(
         finally:
             if beat is not None:
                 beat.cancel()
+
+
+def make_clock(
+    settings: ServiceSettings,
+    transport: Transport,
+    member: str,
+    phase: Phase,
+    *,
+    every_step: bool = False,
+    offset_s: float = 0.0,
+) -> Clock:
+    """The service's clock as its settings say; `member` and `phase`: its part in a lockstep day;
+    `offset_s`: a fault-injected shift (wall and scaled clocks)."""
+    kind = settings.clock_kind()
+    if kind == "lockstep":
+        return LockstepClock(transport, member, phase, every_step=every_step)
+    if kind == "wall":
+        return WallClock(offset_s)
+    return ScaledClock(settings.sim_clock(datetime.now(UTC)), offset_s)
+
+
+@contextlib.asynccontextmanager
+async def running_clock(clock: Clock, shell: Shell) -> AsyncIterator[None]:
+    """The shell reading and, on a lockstep clock, the clock joined and its first grant heard (so
+    `now()` is known); on leaving, a lockstep member says it has left."""
+    shell.start_reading()
+    if not isinstance(clock, LockstepClock):
+        yield
+        return
+    await clock.start()
+    task = asyncio.create_task(clock.run(), name="lockstep-clock")
+    try:
+        await clock.ready()
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(clock.leave(), 2.0)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def until_stopped(work: Awaitable[int]) -> int:

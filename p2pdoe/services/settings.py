@@ -42,6 +42,10 @@ class ServiceSettings(BaseSettings):
     # The shared simulated clock (p2pdoe.core.realtime.clock): every service of a bench gets the
     # same values; speed 1 with the default origins is wall time.
     start: str = "today"  # the day's first interval: "today", "now", "scenario", or an ISO 8601 time
+    # wall (deployments), scaled (`speed` x wall time from the origins), lockstep (time granted by
+    # `python -m p2pdoe.services.lockstep` once every participant has finished its step). Default:
+    # scaled when a speed or an origin is given, else wall.
+    clock: Literal["wall", "scaled", "lockstep"] | None = None
     speed: Annotated[float, Field(gt=0, le=100000)] = 1.0  # simulated seconds per wall second
     sim_origin: str | None = None  # simulated time at `wall_origin` (default: the wall time at start)
     wall_origin: str | None = None  # (default: now)
@@ -57,6 +61,12 @@ class ServiceSettings(BaseSettings):
         if self.password_file is None:
             return None if self.password is None else self.password.get_secret_value()
         return read_password_file(self.password_file)
+
+    def clock_kind(self) -> Literal["wall", "scaled", "lockstep"]:
+        if self.clock is not None:
+            return self.clock
+        scaled = self.speed != 1.0 or self.sim_origin is not None or self.wall_origin is not None
+        return "scaled" if scaled else "wall"
 
     def sim_clock(self, now: datetime) -> SimClock:
         """The shared clock; a bad origin is a ConfigError."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -276,6 +276,9 @@ class RealtimeInfo(Model):
     missing_settlements: dict[str, list[str]]  # site -> interval starts never settled
     energy_mismatch_max_pct: float  # journal vs the coordinator's meter integral, worst interval
     measured_ac: NetworkState | None  # AC power flow of the measured mean injections per interval
+    clock: str = "scaled"  # wall, scaled, virtual or lockstep
+    day_ahead_late_s: float = 0.0  # the day-ahead envelopes came this long after the day began
+    failed_rounds: list[str] = Field(default_factory=list)  # rolling rounds that failed, and why
 
 
 class Results(Model):

@@ -128,6 +128,8 @@ class SiteStatus(Message):
     ts: AwareDatetime
     reason: str | None = None  # why this envelope applies (set by the real-time controller)
     alarm: Literal["clock_skew"] | None = None
+    reading_age_s: float | None = None  # how old the last meter reading was when handled (simulated s)
+    envelope_lead_s: float | None = None  # the envelope in force came this long before its start
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -138,6 +140,10 @@ class DsoStatus(Message):
     state: Literal["online", "offline"]
     round: RoundId | None
     ts: AwareDatetime
+    phase: str | None = None  # registering, agreeing, reporting, following, rolling, closing, over
+    envelope_lead_s: float | None = None  # the last interval's envelopes came this far ahead (simulated s)
+    failed_rounds: Annotated[int, Field(ge=0)] = 0  # rolling rounds that failed today
+    last_failure: str | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 

@@ -1,0 +1,1 @@
+"""The coordinator's decisions as pure machines: rounds, the rolling horizon, the day."""

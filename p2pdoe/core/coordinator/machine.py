@@ -1,0 +1,407 @@
+"""The DSO coordinator's lifecycle as a pure machine: `handle(event, now) -> commands`.
+
+1. Online (retained status) with every site's default envelope (retained, valid for the day).
+2. Registering: until every site has registered and is online, at most `registration_timeout_s`;
+   the sites missing then are left out (on their defaults, which every grant accounts for).
+3. Agreeing: the day-ahead round among the ready sites. A site silent past an iteration's patience
+   is left out and the round is opened again without it (`<round>.2`, ...), up to `max_attempts`.
+4. Reporting: the agreed envelopes of the interval in force go out; the sites' reports are awaited
+   (`report_timeout_s`), then the agreement is handed to the shell (results.json).
+5. Then, by the rules: stop; or publish each interval's envelopes as it starts (following); or the
+   rolling horizon (p2pdoe.core.coordinator.rolling) to the day's end, then closing (the last
+   settlements) and the day's results.
+A coordinator restarted mid-day from its checkpoint skips 1-4 (rejoining): it publishes the envelope
+in force from the checkpoint at once, hears the sites for half an interval, and rolls on.
+Meter readings, envelopes, settlements and statuses are booked all along (p2pdoe.core.coordinator.books).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from p2pdoe.core import topics
+from p2pdoe.core.agreement.coordination import round_setup
+from p2pdoe.core.coordinator.books import DayBooks
+from p2pdoe.core.coordinator.commands import Agreed, DayOver, DayReport, Save
+from p2pdoe.core.coordinator.context import Context, doe_send
+from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
+from p2pdoe.core.coordinator.rolling import Rolling
+from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
+from p2pdoe.core.coordinator.sites import SiteRegistry
+from p2pdoe.core.coordinator.standing import Standing, standing_from
+from p2pdoe.core.effects import Exit, Heard, Patience, PatienceOver, Relieve, Send, Unsubscribe, Woke
+from p2pdoe.core.reader import MarketReader
+from p2pdoe.core.realtime.metering import MeterIntegral
+from p2pdoe.core.schemas.messages import DSO_ID, Proposal
+from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.runtime import (
+    Doe,
+    DsoStatus,
+    MeterReading,
+    Registration,
+    SettlementRecord,
+    SiteReport,
+    SiteStatus,
+)
+
+log = logging.getLogger("dso_coordinator")
+REGISTRATION, REPORTS, SETTLEMENTS = "registration", "reports", "settlements"
+Event = Heard | Woke | PatienceOver
+Command = Send | Patience | Relieve | Unsubscribe | Exit | Save | Agreed | DayOver
+SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
+    *((topics.every_site(kind), 1) for kind in ("register", "status", "settlement", "doe", "doe/default")),
+    (topics.every_site("meter"), 0),
+    (topics.all_proposals(), 1),
+    (topics.all_reports(), 1),
+)
+_TYPES: dict[str, type] = {
+    "register": Registration,
+    "status": SiteStatus,
+    "meter": MeterReading,
+    "doe": Doe,
+    "doe/default": Doe,
+    "settlement": SettlementRecord,
+}
+
+
+class Phase(StrEnum):
+    REGISTERING = "registering"
+    AGREEING = "agreeing"
+    REPORTING = "reporting"
+    FOLLOWING = "following"
+    REJOINING = "rejoining"
+    ROLLING = "rolling"
+    CLOSING = "closing"
+    OVER = "over"
+
+
+class CoordinatorMachine:
+    def __init__(self, ctx: Context, stopwatch: Callable[[], float], resume: Standing | None = None):
+        """`resume`: a checkpoint of this day (a coordinator restarted mid-day); `stopwatch`: a wall
+        counter for the timings reported, never decided on."""
+        self.ctx = ctx
+        self.stopwatch = stopwatch
+        self.resume = resume
+        self.registry = SiteRegistry(ctx.cfg)
+        self.reader = MarketReader(DSO_ID)
+        self.books = DayBooks(MeterIntegral(ctx.start, ctx.interval_s, ctx.rules.meter_step_s))
+        self.timings = Timings()
+        self.attempts: list[Attempt] = []
+        self.run: RoundRun | None = None  # the day-ahead round's current opening
+        self.reports: dict[str, SiteReport] = {}
+        self.agreement: Agreement | None = None
+        self.rolling: Rolling | None = None
+        self.phase = Phase.REGISTERING
+        self.day_ahead_late_s = 0.0
+        self._wake: datetime | None = None
+        self._follow_t = ctx.cfg.intervals
+        self._t0 = stopwatch()
+
+    # --- the shell's questions -------------------------------------------------------------------
+
+    def next_wake(self) -> datetime | None:
+        if self.phase in (Phase.FOLLOWING, Phase.REJOINING):
+            return self._wake
+        if self.phase is Phase.ROLLING and self.rolling is not None:
+            wake = self.rolling.next_wake()
+            return self._close_at() if wake is None and self.rolling.over else wake
+        return None
+
+    def holding(self) -> bool:
+        """Whether the current moment must last (a lockstep clock waits): a round, its reports."""
+        if self.phase is Phase.ROLLING:
+            return self.rolling is not None and self.rolling.holding
+        return self.phase in (Phase.REGISTERING, Phase.AGREEING, Phase.REPORTING, Phase.CLOSING)
+
+    def heavy(self, event: Event) -> bool:
+        """Whether handling `event` may solve (a round's setup or step): run it off the event loop."""
+        if not isinstance(event, Heard):
+            return True
+        parsed = topics.parse(event.topic)
+        if parsed is None or parsed.area != "market":
+            return parsed is not None and parsed.kind in ("register", "status")
+        return parsed.kind == "proposal"
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def start(self, now: datetime) -> list[Command]:
+        ctx = self.ctx
+        duration = ctx.interval_s * ctx.cfg.intervals
+        out: list[Command] = [self.status(now)]
+        out += [doe_send("doe/default", ctx.default_envelope(s, ctx.start, duration)) for s in ctx.site_ids]
+        if self.resume is None:
+            return [*out, Patience(REGISTRATION, ctx.rules.registration_timeout_s)]
+        log.info("resumed mid-day from round %s", self.resume.round)
+        self.phase = Phase.REJOINING
+        self.rolling = Rolling(ctx, self.resume, self.stopwatch)
+        self._wake = now + timedelta(seconds=ctx.interval_s / 2)
+        return out + self.rolling.begin(now)
+
+    def handle(self, event: Event, now: datetime) -> list[Command]:
+        if isinstance(event, Heard):
+            return self._heard(event, now)
+        if isinstance(event, Woke):
+            return self._woke(now)
+        return self._patience_over(event.key, now)
+
+    def _heard(self, m: Heard, now: datetime) -> list[Command]:
+        parsed = topics.parse(m.topic)
+        if parsed is None:
+            return []
+        if parsed.area == "site" and parsed.site is not None:
+            return self._site(parsed.kind, parsed.site, m, now)
+        if parsed.area == "market" and parsed.kind == "report":
+            return self._report(parsed.site, parsed.round, m.payload, now)
+        if parsed.area == "market" and parsed.kind == "proposal":
+            return self._proposal(m, now)
+        return []
+
+    def _site(self, kind: str, site: str, m: Heard, now: datetime) -> list[Command]:
+        msg = self.reader.runtime(m.payload)
+        if msg is None or kind not in _TYPES:
+            return []
+        if not isinstance(msg, _TYPES[kind]) or getattr(msg, "site", None) != site:
+            self.reader.dropped["sender_not_topic"] += 1
+            return []
+        if isinstance(msg, MeterReading):
+            self.books.reading(msg)
+        elif isinstance(msg, Doe):
+            self.books.envelope(kind, msg)
+        elif isinstance(msg, SettlementRecord):
+            self.books.settlement(msg)
+            return self._settled(now) if self.phase is Phase.CLOSING else []
+        elif isinstance(msg, Registration) and not self.registry.registered(msg):
+            self.reader.dropped["registration_refused"] += 1
+        elif isinstance(msg, SiteStatus):
+            self.books.status(msg)
+            self.registry.status(msg, m.retained)
+        return self._sites_changed(now)
+
+    def _sites_changed(self, now: datetime) -> list[Command]:
+        if not self.registry.all_ready():
+            return []
+        if self.phase is Phase.REGISTERING:
+            return [Relieve(REGISTRATION), *self._registered(now)]
+        if self.phase is Phase.REJOINING:
+            return self._rejoined(now)
+        return []
+
+    def _patience_over(self, key: str, now: datetime) -> list[Command]:
+        if key == REGISTRATION and self.phase is Phase.REGISTERING:
+            return self._registered(now)
+        if key == ITERATION and self.phase is Phase.AGREEING:
+            return self._attempt_lost(now)
+        if key == REPORTS and self.phase is Phase.REPORTING:
+            missing = sorted(set(self._run().setup.sites) - set(self.reports))
+            log.warning("no report from %s", missing)
+            return self._day_ahead_done(now)
+        if key == SETTLEMENTS and self.phase is Phase.CLOSING:
+            return self._day_over(now)
+        if self.rolling is not None and key == ITERATION:
+            return list(self.rolling.iteration_over(now))
+        if self.rolling is not None and key == ROLLING_REPORTS:
+            return list(self.rolling.reports_over())
+        return []
+
+    def _woke(self, now: datetime) -> list[Command]:
+        if self.phase is Phase.FOLLOWING:
+            return self._follow(now)
+        if self.phase is Phase.REJOINING and self._wake is not None and now >= self._wake:
+            return self._rejoined(now)
+        if self.phase is not Phase.ROLLING or self.rolling is None:
+            return []
+        if self.rolling.over:
+            return self._closing(now) if now >= self._close_at() else []
+        out: list[Command] = []
+        out += self.rolling.woke(now, self.registry.ready(), self.registry.registrations)
+        return [*out, self.status(now)] if self.rolling.intervals else out
+
+    # --- the day-ahead round ---------------------------------------------------------------------
+
+    def _registered(self, now: datetime) -> list[Command]:
+        self.timings.registration_wait_s = self.stopwatch() - self._t0
+        self.registry.exclude_unready()
+        if not self.registry.ready():
+            return [Exit(2, "no site registered before the registration deadline")]
+        self.phase = Phase.AGREEING
+        return self._next_attempt(now)
+
+    def _next_attempt(self, now: datetime) -> list[Command]:
+        ctx, n = self.ctx, len(self.attempts) + 1
+        left_out = self.registry.left_out()
+        if n > ctx.rules.max_attempts or len(left_out) == len(ctx.site_ids):
+            statuses = [a.status for a in self.attempts]
+            return [Exit(2, f"no agreement after {len(self.attempts)} attempts: {statuses}")]
+        round_id = ctx.rules.round if n == 1 else f"{ctx.rules.round}.{n}"
+        try:
+            setup = round_setup(
+                ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id
+            )
+        except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
+            return [Exit(2, f"round {round_id} could not be set up: {exc}")]
+        self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch)
+        log.info("round %s opened: %d sites, %d on defaults", round_id, len(setup.sites), len(setup.excluded))
+        return [self.status(now, round_id), *self.run.open()]
+
+    def _run(self) -> RoundRun:
+        assert self.run is not None
+        return self.run
+
+    def _proposal(self, m: Heard, now: datetime) -> list[Command]:
+        msg = self.reader.decoded(m)
+        if not isinstance(msg, Proposal):
+            return []
+        run = self.run
+        if self.phase is Phase.AGREEING and run is not None and msg.round == run.id:
+            out: list[Command] = list(run.proposal(msg, len(m.payload)))
+            return out + self._round_over(now) if run.outcome is not None else out
+        return [] if self.rolling is None else list(self.rolling.proposal(msg, len(m.payload), now))
+
+    def _attempt_lost(self, now: datetime) -> list[Command]:
+        run = self._run()
+        attempt = run.attempt()
+        self.attempts.append(attempt)
+        for site in attempt.missed_deadline:
+            self.registry.exclude(
+                site, f"missed the deadline of iteration {attempt.iterations} of round {run.id}"
+            )
+            log.warning("%s: no proposal within %.1f s; round %s is opened again without it",
+                        site, self.ctx.rules.iteration_timeout_s, run.id)  # fmt: skip
+        return [run.withdraw(), *self._next_attempt(now)]
+
+    def _round_over(self, now: datetime) -> list[Command]:
+        run, ctx = self._run(), self.ctx
+        assert run.outcome is not None
+        self.attempts.append(run.attempt())
+        t = ctx.current_interval(now)
+        out: list[Command] = [run.withdraw()]
+        out += [doe_send("doe", ctx.envelope(run.setup, run.outcome, s, t)) for s in ctx.site_ids]
+        self.day_ahead_late_s = max(0.0, (now - ctx.start).total_seconds())
+        if self.day_ahead_late_s > 0 and ctx.rules.rolling:
+            log.warning(
+                "the day-ahead round ended %.0f s (simulated) after the day began", self.day_ahead_late_s
+            )
+        self.phase = Phase.REPORTING
+        out.append(Patience(REPORTS, ctx.rules.report_timeout_s))
+        return out + self._reports_in(now)
+
+    def _report(self, site: str | None, round_id: str | None, payload: bytes, now: datetime) -> list[Command]:
+        msg = self.reader.runtime(payload)
+        if msg is None:
+            return []
+        if not isinstance(msg, SiteReport) or msg.site != site or msg.round != round_id:
+            self.reader.dropped["sender_not_topic"] += 1
+            return []
+        if self.run is not None and msg.round == self.run.id:
+            self.reports[msg.site] = msg
+            return self._reports_in(now) if self.phase is Phase.REPORTING else []
+        return [] if self.rolling is None else list(self.rolling.report(msg))
+
+    def _reports_in(self, now: datetime) -> list[Command]:
+        if not set(self._run().setup.sites) <= set(self.reports):
+            return []
+        return [Relieve(REPORTS), *self._day_ahead_done(now)]
+
+    def _day_ahead_done(self, now: datetime) -> list[Command]:
+        run, ctx, rules = self._run(), self.ctx, self.ctx.rules
+        assert run.outcome is not None
+        setup = run.setup
+        left_out = {s: self.registry.why_left_out(s) for s in ctx.site_ids if s not in setup.sites}
+        self.agreement = Agreement(
+            setup, run.outcome, list(self.attempts), left_out, dict(self.registry.registrations),
+            dict(self.reports), self.timings.copy(), dict(self.reader.dropped),
+        )  # fmt: skip
+        out: list[Command] = [Agreed(self.agreement, write=not rules.rolling or rules.exit_after_round)]
+        if rules.exit_after_round:
+            self.phase = Phase.OVER
+            return [*out, self.status(now), Exit(0)]
+        if not rules.rolling:
+            self.phase, self._follow_t = Phase.FOLLOWING, ctx.current_interval(now) + 1
+            self._wake = ctx.interval_start(self._follow_t)
+            return [
+                *out,
+                self.status(now),
+                Unsubscribe(topics.all_proposals()),
+                Unsubscribe(topics.all_reports()),
+            ]
+        standing = standing_from(setup, run.outcome, 0, ctx.start, ctx.interval_s, ctx.cfg.intervals)
+        if rules.checkpoint:
+            out.append(Save(standing))
+        self.phase, self.rolling = Phase.ROLLING, Rolling(ctx, standing, self.stopwatch)
+        return [*out, *self.rolling.begin(now), self.status(now)]
+
+    # --- after the day-ahead round ---------------------------------------------------------------
+
+    def _follow(self, now: datetime) -> list[Command]:
+        """Without rolling rounds: each interval's day-ahead envelopes as it starts."""
+        ctx, a = self.ctx, self.agreement
+        assert a is not None
+        t = self._follow_t
+        if self._wake is None or now < self._wake or t >= ctx.cfg.intervals:
+            return []
+        self._follow_t = t + 1
+        self._wake = ctx.interval_start(t + 1) if t + 1 < ctx.cfg.intervals else None
+        out: list[Command] = [doe_send("doe", ctx.envelope(a.setup, a.outcome, s, t)) for s in ctx.site_ids]
+        return [*out, Exit(0)] if self._wake is None and ctx.rules.exit_after_day else out
+
+    def _rejoined(self, now: datetime) -> list[Command]:
+        assert self.rolling is not None
+        self.phase, self._wake = Phase.ROLLING, None
+        self.rolling.skip_to(now)
+        return []
+
+    def _close_at(self) -> datetime:
+        """The day's end and two meter steps: the last interval's settlements are on their way."""
+        assert self.rolling is not None
+        end = self.ctx.interval_start(self.rolling.last_t)
+        return end + timedelta(seconds=2 * self.ctx.rules.meter_step_s)
+
+    def _closing(self, now: datetime) -> list[Command]:
+        self.phase = Phase.CLOSING
+        out = self._settled(now)
+        return out if out else [Patience(SETTLEMENTS, self.ctx.rules.report_timeout_s)]
+
+    def _settled(self, now: datetime) -> list[Command]:
+        """Once every interval with readings is settled, the day is over."""
+        assert self.rolling is not None
+        last = self.rolling.last_t
+        cells = [(s, t) for s, t in self.books.metering.cells if 0 <= t < last]
+        if any((s, self.ctx.interval_start(t)) not in self.books.settlements for s, t in cells):
+            return []
+        return [Relieve(SETTLEMENTS), *self._day_over(now)]
+
+    def _day_over(self, now: datetime) -> list[Command]:
+        rolling = self.rolling
+        assert rolling is not None
+        self.phase = Phase.OVER
+        report = DayReport(
+            self.agreement, self.books, rolling.intervals, (len(rolling.intervals) + 1) * self.ctx.cfg.dt_h,
+            list(rolling.failures), self.day_ahead_late_s,
+        )  # fmt: skip
+        out: list[Command] = [DayOver(report), self.status(now)]
+        return [*out, Exit(0)] if self.ctx.rules.exit_after_day else out
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def _round_in_force(self) -> str | None:
+        if self.rolling is not None and self.rolling.standing is not None:
+            return self.rolling.standing.round
+        return None if self.agreement is None else self.agreement.outcome.round
+
+    def status(self, now: datetime, round_id: str | None = None, state: str = "online") -> Send:
+        """Online, with the round under way (else the one whose envelopes stand), the phase, how far
+        ahead the envelopes go out and the rounds that failed."""
+        rolling = self.rolling
+        msg = DsoStatus(
+            state=state,  # type: ignore[arg-type]
+            round=round_id or self._round_in_force(),
+            ts=now,
+            phase=self.phase.value,
+            envelope_lead_s=None if rolling is None else rolling.lead_s(),
+            failed_rounds=0 if rolling is None else len(rolling.failures),
+            last_failure=None if rolling is None or not rolling.failures else rolling.failures[-1],
+        )
+        return Send(topics.DSO_STATUS, msg.model_dump_json().encode(), state=True)

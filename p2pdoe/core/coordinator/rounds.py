@@ -1,0 +1,134 @@
+"""One opening of a round at the coordinator: the DSO participant fed with proposals, its grants
+and progress published, the iteration's patience renewed at every grant. Timings are measured, never
+decided on: `stopwatch` is a wall-clock counter passed in for the figures of results.json."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from p2pdoe.core import topics
+from p2pdoe.core.agreement.coordination import RoundSetup
+from p2pdoe.core.agreement.dso import DsoOutcome
+from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.effects import Patience, Relieve, Send
+from p2pdoe.core.reader import topic_of
+from p2pdoe.core.schemas.messages import Grant, Proposal, encode
+from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.runtime import Progress, Registration, SiteReport
+
+ITERATION = "iteration"  # the patience key of an iteration's proposals
+Effect = Send | Patience | Relieve
+
+
+@dataclass
+class Timings:
+    registration_wait_s: float = 0.0
+    round_wall_s: float = 0.0
+    iteration_wall_s: list[float] = field(default_factory=list)
+    dso_step_s: list[float] = field(default_factory=list)
+    proposals: int = 0
+    proposal_bytes: int = 0
+    grant_bytes: int = 0
+
+    def copy(self) -> Timings:
+        return replace(self, iteration_wall_s=list(self.iteration_wall_s), dso_step_s=list(self.dso_step_s))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The coordinator's account of the day-ahead agreement (its timings its own copy)."""
+
+    setup: RoundSetup
+    outcome: DsoOutcome
+    attempts: list[Attempt]
+    excluded: dict[str, str]  # site -> why
+    registrations: dict[str, Registration]
+    reports: dict[str, SiteReport]
+    timings: Timings
+    dropped: dict[str, int]
+    protocol: str = "unknown"
+
+
+class RoundRun:
+    def __init__(
+        self, setup: RoundSetup, timings: Timings, patience_s: float, stopwatch: Callable[[], float]
+    ):
+        self.setup = setup
+        self.dso = setup.dso
+        self.timings = timings
+        self.patience_s = patience_s
+        self.stopwatch = stopwatch
+        self.outcome: DsoOutcome | None = None
+        self._t_round = self._t_iter = stopwatch()
+
+    @property
+    def id(self) -> str:
+        return self.dso.plan.round
+
+    def open(self) -> list[Effect]:
+        """The opening (retained) and the first iteration's patience."""
+        self._t_round = self._t_iter = self.stopwatch()
+        sends: list[Effect] = [
+            Send(topic_of(c.message), encode(c.message), retain=True)
+            for c in self.dso.open_round()
+            if isinstance(c, Publish)
+        ]
+        return [*sends, Patience(ITERATION, self.patience_s)]
+
+    def proposal(self, msg: Proposal, size: int) -> list[Effect]:
+        self.timings.proposals += 1
+        self.timings.proposal_bytes += size
+        t0 = self.stopwatch()
+        out: list[Effect] = []
+        for cmd in self.dso.handle(Received(msg)):
+            if isinstance(cmd, Publish) and isinstance(cmd.message, Grant):
+                out += self._granted(cmd.message, self.stopwatch() - t0)
+            elif isinstance(cmd, Finished) and isinstance(cmd.outcome, DsoOutcome):
+                self.outcome = cmd.outcome
+                self.timings.round_wall_s = self.stopwatch() - self._t_round
+                out.append(Relieve(ITERATION))
+        return out
+
+    def _granted(self, grant: Grant, step_s: float) -> list[Effect]:
+        self.timings.dso_step_s.append(step_s)
+        payload = encode(grant)
+        self.timings.grant_bytes += len(payload)
+        now = self.stopwatch()
+        self.timings.iteration_wall_s.append(now - self._t_iter)
+        self._t_iter = now
+        return [Send(topic_of(grant), payload), self._progress(grant), Patience(ITERATION, self.patience_s)]
+
+    def _progress(self, grant: Grant) -> Send:
+        last = self.dso.last_record
+        msg = Progress(
+            round=grant.round,
+            iteration=grant.iteration,
+            status=grant.status,
+            primal_trade_kw=grant.residuals.primal_trade_kw,
+            dual_trade_kw=grant.residuals.dual_trade_kw,
+            primal_envelope_kw=grant.residuals.primal_envelope_kw,
+            dual_envelope_kw=grant.residuals.dual_envelope_kw,
+            eps_trade_kw=0.0 if last is None else last.trade.eps_primal_kw,
+            eps_envelope_kw=0.0 if last is None else last.envelope.eps_primal_kw,
+            sites=list(self.setup.sites),
+            excluded_sites=list(self.setup.excluded),
+        )
+        return Send(topics.DSO_PROGRESS, msg.model_dump_json().encode(), qos=0, retain=True)
+
+    def missing(self) -> tuple[str, ...]:
+        return self.dso.waiting_for()
+
+    def withdraw(self) -> Send:
+        """Delete the retained opening: the round is over, or opened again under a new id."""
+        return Send(topics.round_open(self.id), b"", retain=True)
+
+    def attempt(self) -> Attempt:
+        out = self.outcome
+        return Attempt(
+            round=self.id,
+            sites=list(self.setup.sites),
+            status="deadline_missed" if out is None else out.status,
+            iterations=self.dso.iteration if out is None else out.iterations,
+            missed_deadline=[] if out is not None else list(self.missing()),
+        )

@@ -1,0 +1,184 @@
+"""An edge agent's part in the rounds, a pure machine: one `CommunityParticipant` per round.
+
+A round that includes the site is opened with the partners it includes, over its horizon: a round
+over the whole day sets the day's start; a shorter one (a rolling round) covers the rest of the day,
+from the site's measured state (p2pdoe.core.site.remaining_config) taken from a snapshot of its
+real-time controller. Messages of a round whose opening has not arrived yet are kept (a few); a
+round that leaves the site out is logged (its default envelope applies). When the participant
+finishes, the machine hands back `RoundDone`: the shell reports it and the real-time machine
+follows its plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
+from p2pdoe.core.agreement.outcome import agreed_schedule
+from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.community import CommunityQP
+from p2pdoe.core.edge.commands import DayStarts
+from p2pdoe.core.effects import Heard, Send
+from p2pdoe.core.network import FloatArray
+from p2pdoe.core.reader import MarketReader, Message, topic_of
+from p2pdoe.core.realtime.controller import Controller, Plan, plan_from
+from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode
+from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.core.site import Recent, remaining_config, site_qp, with_peers
+from p2pdoe.core.solution import Policy
+
+log = logging.getLogger("edge_agent")
+
+
+@dataclass
+class RoundState:
+    id: str
+    start: datetime  # of the round's first interval
+    config: SiteConfig  # with only the peers this round includes
+    qp: CommunityQP
+    participant: CommunityParticipant
+    cpu_at_open: float
+    steps: list[float] = field(default_factory=list)  # seconds per solve-and-propose
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    round: RoundState
+    outcome: CommunityOutcome
+    plan: Plan
+
+
+Command = Send | RoundDone | DayStarts
+
+
+class EdgeMarket:
+    """`stopwatch` and `cpu` measure (solve times, CPU per round) and decide nothing."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        margins: tuple[float, float] | None,
+        stopwatch: Callable[[], float],
+        cpu: Callable[[], float],
+    ):
+        self.config = config
+        self.site = config.community.id
+        self.margins = margins  # kept inside envelopes (real time; p2pdoe.core.community.envelope_margins)
+        self.stopwatch = stopwatch
+        self.cpu = cpu
+        self.reader = MarketReader(self.site)
+        self.round: RoundState | None = None
+        self.settled = 0
+        self._over: set[str] = set()  # rounds finished, superseded or not ours
+        self._early: list[Message] = []
+
+    def read(self, m: Heard) -> Message | None:
+        """The message strictly decoded, or None (dropped and counted)."""
+        return self.reader.decoded(m)
+
+    def heavy(self, msg: Message) -> bool:
+        """Whether handling `msg` may solve (an opening, or the message completing an iteration)."""
+        r = self.round
+        if isinstance(msg, RoundOpen):
+            return True
+        return r is not None and msg.round == r.id and r.participant.may_solve(msg)
+
+    def handle(self, msg: Message, site: Controller | None = None) -> list[Command]:
+        """`site`: a snapshot of the real-time controller (needed for an opening)."""
+        if isinstance(msg, RoundOpen):
+            return self._open(msg, site)
+        r = self.round
+        if r is None or msg.round != r.id:
+            if msg.round not in self._over and len(self._early) < 4 * (len(self.config.peers) + 1):
+                self._early.append(msg)  # its round's opening may still be on its way
+            return []
+        return self._step(r, msg)
+
+    def _open(self, msg: RoundOpen, site: Controller | None) -> list[Command]:
+        if self.round is not None and self.round.id == msg.round:
+            return self._step(self.round, msg)  # a repeated opening: the participant counts it
+        if msg.round in self._over:
+            return []
+        if self.site not in msg.sites:
+            log.warning("%s: left out of round %s; the default envelope applies", self.site, msg.round)
+            self._over.add(msg.round)
+            return []
+        if self.round is not None:
+            log.info("%s: round %s superseded by %s", self.site, self.round.id, msg.round)
+            self._over.add(self.round.id)
+        start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
+        out: list[Command] = []
+        config = self._config(start, msg.intervals, site)
+        if config is self.config:
+            out.append(DayStarts(start))
+        config = with_peers(config, set(msg.sites))
+        qp = site_qp(config, Policy(msg.policy), self.margins)
+        peers = tuple(p.id for p in config.peers)
+        participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
+        r = self.round = RoundState(msg.round, start, config, qp, participant, self.cpu())
+        log.info(
+            "%s: round %s opened with %d sites, %d peers", self.site, msg.round, len(msg.sites), len(peers)
+        )
+        out += self._step(r, msg)
+        early, self._early = [m for m in self._early if m.round == msg.round], []
+        for m in early:
+            out += self._step(r, m)
+        return out
+
+    def _config(self, start: datetime, intervals: int, ctl: Controller | None) -> SiteConfig:
+        """The site's configuration over a round's horizon: the whole day as configured, or the rest
+        of it from the measured state of charge, the flexible energy used so far and the forecasts
+        updated by the last interval."""
+        if ctl is None or ctl.intervals - intervals <= 0:
+            return self.config
+        offset = ctl.intervals - intervals
+        soc = ctl.projected_soc(start)
+        flex_used = ctl.flex_used_kwh + ctl.projected_flex_kwh(start)
+        recent = None
+        if ctl.last_means is not None and ctl.last_means[0] == offset - 1:
+            m = ctl.last_means[1]
+            recent = Recent(pv_kw=m.pv_kw, wind_kw=m.wind_kw, fixed_load_kw=m.fixed_load_kw)
+        return remaining_config(self.config, offset, soc, flex_used, recent)
+
+    def _step(self, r: RoundState, message: Message) -> list[Command]:
+        t0 = self.stopwatch()
+        out: list[Command] = []
+        for cmd in r.participant.handle(Received(message)):
+            if isinstance(cmd, Publish):
+                out.append(Send(topic_of(cmd.message), encode(cmd.message)))
+                if isinstance(cmd.message, Proposal):
+                    r.steps.append(self.stopwatch() - t0)
+            elif isinstance(cmd, Finished) and isinstance(cmd.outcome, CommunityOutcome):
+                out.append(self._finished(r, cmd.outcome))
+        return out
+
+    def _finished(self, r: RoundState, out: CommunityOutcome) -> RoundDone:
+        self._over.add(r.id)
+        self.round = None
+        self.settled += 1
+        return RoundDone(r, out, self.plan(r, out))
+
+    def plan(self, r: RoundState, out: CommunityOutcome) -> Plan:
+        """The agreed schedule as the controller follows it; trades with every peer of the site's
+        configuration (zero with those the round left out)."""
+        c = r.config.community
+        by_peer = {p.id: k for k, p in enumerate(r.config.peers)}
+        peers = [p.id for p in self.config.peers]
+        horizon = len(c.pv_kw)
+
+        def rows(a: FloatArray) -> FloatArray:
+            return np.array([a[by_peer[p]] if p in by_peer else np.zeros(horizon) for p in peers])
+
+        schedule = agreed_schedule(r.qp, out).values
+        net_kw = schedule["pv"] + schedule["wd"] + schedule["dis"] - schedule["lx"] - schedule["ch"]
+        net_kw = np.asarray(net_kw - np.array(c.fixed_load_kw))
+        return plan_from(
+            r.id, r.start, r.config.dt_h, schedule, peers,
+            rows(out.agreed_buy_kw), rows(out.agreed_sell_kw), rows(out.buy_price), rows(out.sell_price),
+            net_kw, np.array(c.pv_kw), np.array(c.wind_kw),
+        )  # fmt: skip

@@ -1,0 +1,80 @@
+"""Reading what arrives: market messages (`RoundOpen`, `Proposal`, `Grant`) and runtime messages
+decoded strictly, what is malformed or sent on another party's topic dropped and counted. Pure: the
+services and the machines share it."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Protocol
+
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, decode
+from p2pdoe.core.schemas.runtime import Runtime, decode_runtime
+
+Message = RoundOpen | Proposal | Grant
+log = logging.getLogger(__name__)
+
+
+class Arrived(Protocol):
+    """A message as it arrived (a transport's `InboundMessage`, a machine's `Heard`)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+def topic_of(message: Message) -> str:
+    if isinstance(message, RoundOpen):
+        return topics.round_open(message.round)
+    if isinstance(message, Proposal):
+        return topics.proposal(message.round, message.sender)
+    return topics.grant(message.round)
+
+
+def sender_matches_topic(topic: str, message: Message) -> bool:
+    """A proposal only on its sender's own topic; opens and grants only on the DSO's."""
+    parsed = topics.parse(topic)
+    if parsed is None or parsed.area != "market" or parsed.round != message.round:
+        return False
+    if isinstance(message, Proposal):
+        return parsed.kind == "proposal" and parsed.site == message.sender
+    return parsed.kind == ("open" if isinstance(message, RoundOpen) else "grant")
+
+
+class MarketReader:
+    """Decodes market messages strictly; drops and counts what is malformed or sent on another's topic.
+    An empty payload (a retained message withdrawn) is skipped without counting."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dropped: Counter[str] = Counter()
+
+    def decoded(self, m: Arrived) -> Message | None:
+        if not m.payload:
+            return None
+        try:
+            message = decode(m.payload)
+        except ValueError:
+            self.dropped["malformed"] += 1
+            log.debug("%s: dropped a malformed message on %s", self.name, m.topic)
+            return None
+        if not sender_matches_topic(m.topic, message):
+            self.dropped["sender_not_topic"] += 1
+            log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
+            return None
+        return message
+
+    def runtime(self, payload: bytes) -> Runtime | None:
+        """A runtime message (envelope, status, reading...), strictly decoded; an empty payload (a
+        retained message withdrawn) is None uncounted, a malformed one None and counted."""
+        if not payload:
+            return None
+        try:
+            return decode_runtime(payload)
+        except ValueError:
+            self.dropped["malformed"] += 1
+            log.debug("%s: dropped a malformed runtime message", self.name)
+            return None
