@@ -17,6 +17,7 @@ from p2pdoe.services.transport import Transport
 
 log = logging.getLogger("edge_agent.outbox")
 MAX_BUFFERED = 20_000
+RETRY_S = 0.5  # with something waiting in the outbox, how often to look for the broker
 
 
 class Outbox:
@@ -28,12 +29,10 @@ class Outbox:
         self.forwarded = 0
         self.dropped = 0  # telemetry dropped beyond `max_buffered`
         self._queue: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-        self._wake.set()  # forward what a previous run left behind
+        self._task = asyncio.create_task(self._run())  # first forwards what a previous run left behind
 
     async def close(self) -> None:
         if self._task is not None:
@@ -47,7 +46,7 @@ class Outbox:
     def durable(self, topic: str, payload: bytes) -> None:
         """Journal first, then deliver (settlements)."""
         self.journal.queue(topic, payload)
-        self._wake.set()
+        self._queue.put_nowait(("", b"", True))  # wake the loop: it forwards what is pending
 
     @property
     def connected(self) -> bool:
@@ -55,12 +54,16 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
-            if self.connected and self.journal.pending(1):
+            backlog = bool(self.journal.pending(1))
+            if self.connected and backlog:
                 await self._forward()
-            try:
-                topic, payload, _ = await asyncio.wait_for(self._queue.get(), 0.5)
+                backlog = bool(self.journal.pending(1))
+            try:  # with a backlog, look again for the broker every RETRY_S; else just wait for work
+                topic, payload, _ = await asyncio.wait_for(self._queue.get(), RETRY_S if backlog else None)
             except TimeoutError:
                 continue
+            if not topic:
+                continue  # a wake-up: the durable record is pending already
             if self.connected and not self.journal.pending(1):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.transport.publish(topic, payload, qos=0), 2.0)

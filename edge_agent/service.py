@@ -154,12 +154,13 @@ class EdgeService:
             self.shell.feed(MeterRead(reading))
 
     def _awaiting_reading(self) -> bool:
-        """On a lockstep clock: the meter takes part, and this step's reading has not come yet."""
+        """On a lockstep clock: the meter takes part and is running (a reading came), and this step's
+        reading has not come yet."""
         takes_part = getattr(self.clock, "takes_part", None)
         if self.meter is None or takes_part is None or not takes_part(f"meter-{self.site}"):
             return False
         last = None if self.realtime is None else self.realtime.last_reading_ts
-        return last is None or last < self.clock.now()
+        return last is not None and last < self.clock.now()
 
     # --- the market lane -------------------------------------------------------------------------
 

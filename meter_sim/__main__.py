@@ -8,11 +8,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from meter_sim.service import MeterSim
+from meter_sim.service import MeterService
 from meter_sim.settings import MeterSettings
 from p2pdoe.core.realtime.clock import day_start
+from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.services.runner import base_parser, run_service, service_transport, setup
+from p2pdoe.services.runner import (
+    base_parser,
+    make_clock,
+    run_service,
+    running_clock,
+    service_transport,
+    setup,
+)
 from p2pdoe.services.settings import ConfigError, read_config_file
 
 PROG = "meter-sim"
@@ -32,21 +40,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def serve() -> int:
         config = read_config_file(SiteConfig, settings.site_config, "site configuration")
-        now = datetime.now(UTC)
-        clock = settings.sim_clock(now)
         site = config.community.id
-        start = day_start(settings.start, config.start, config.dt_h, clock.sim_at(now))
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())
-        try:
-            lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
-            sim = MeterSim(config, clock, start, settings.rate_s, seed, lead_in)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
+        meter = simulated_meter(config, datetime.now(UTC), settings.rate_s, seed, lead_in)  # checked at once
         async with service_transport(settings, f"meter-{site}", None) as transport:
-            await sim.run(transport, datetime.now(UTC))
-        return 0
+            clock = make_clock(settings, transport, f"meter-{site}", "plant")
+            service = MeterService(transport, clock)
+            async with running_clock(clock, service.shell):
+                start = day_start(settings.start, config.start, config.dt_h, clock.now())
+                meter = simulated_meter(config, start, settings.rate_s, seed, lead_in)
+                return await service.run(meter)
 
     return run_service(PROG, serve)
+
+
+def simulated_meter(
+    config: SiteConfig, start: datetime, rate_s: float, seed: int, lead_in_s: float
+) -> SimulatedMeter:
+    try:
+        return SimulatedMeter(config, start, rate_s, seed, lead_in_s)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -421,13 +421,13 @@ def test_the_member_side_reports_dones_heartbeats_and_its_next_time() -> None:
         assert ClockMember.model_validate_json(transport.published[-1][1]).state == "joined"
         sender = asyncio.create_task(clock.run())
         assert clock.on_message(
-            topics.CLOCK_GRANT, grant_message(0, "plant", ["meter-a"], ["meter-a", "dso"])
+            topics.clock_grant("plant"), grant_message(0, "plant", ["meter-a"], ["meter-a", "dso"])
         )
         assert not clock.on_message(READINGS + "meter-a", b"{}")
         assert (clock.now(), clock.step, clock.phase_granted) == (at(0), 0, False)
         assert clock.takes_part("meter-a")
         assert not clock.takes_part("edge-a")
-        clock.on_message(topics.CLOCK_GRANT, grant_message(0, "grid", ["dso"]))
+        clock.on_message(topics.clock_grant("grid"), grant_message(0, "grid", ["dso"]))
         assert clock.phase_granted
         await asyncio.wait_for(clock.sleep_until(at(3)), 1)  # the grant came before: not missed
         with pytest.raises(TimeoutError):
@@ -439,7 +439,7 @@ def test_the_member_side_reports_dones_heartbeats_and_its_next_time() -> None:
         clock.idle(holding=False)  # its `next`: the earliest moment a task waits for
         await asyncio.sleep(0.05)
         assert not any(sleeper.done() for sleeper in sleepers)
-        clock.on_message(topics.CLOCK_GRANT, grant_message(3, "grid", ["dso"]))
+        clock.on_message(topics.clock_grant("grid"), grant_message(3, "grid", ["dso"]))
         await asyncio.wait_for(asyncio.gather(*sleepers), 1)  # both woken (one early)
         assert clock.now() == at(3)
         clock.on_message(topics.CLOCK_STATUS, _status("ended").model_dump_json().encode())
@@ -463,7 +463,7 @@ def test_a_stale_end_of_an_earlier_day_is_not_this_days_end() -> None:
     assert not clock.ended
     with pytest.raises(RuntimeError, match="no lockstep grant"):
         clock.now()
-    assert clock.on_message(topics.CLOCK_GRANT, b"not json")  # a clock topic: consumed, dropped
+    assert clock.on_message(topics.clock_grant("control"), b"not json")  # a clock topic: consumed, dropped
     assert clock.grant is None
 
 

@@ -298,8 +298,23 @@ def test_messages_round_trip_and_are_strict() -> None:
 
 
 def test_clock_topics_parse_back() -> None:
-    assert topics.parse(topics.CLOCK_GRANT) == topics.Topic("clock", "grant")
+    assert topics.parse(topics.clock_grant("plant")) == topics.Topic("clock", "grant")
     assert topics.parse(topics.CLOCK_STATUS) == topics.Topic("clock", "status")
     assert topics.parse(topics.clock_member("dso")) == topics.Topic("clock", "member", member="dso")
     assert topics.parse(topics.clock_done("edge-1")) == topics.Topic("clock", "done", member="edge-1")
     assert topics.parse(topics.ROOT + "/clock/done") is None
+
+
+def test_progress_on_the_status_is_rate_limited_but_state_changes_are_not() -> None:
+    bench = Bench()
+    bench.granter = Granter(
+        GranterConfig(START, STEP_S, at(3), MEMBERS, JOIN_S, SILENCE_S, status_every_s=1.0)
+    )
+    bench.join_all()
+    statuses_before = len([c for c in bench.log if isinstance(c, PublishStatus)])
+    bench.finish_phase()  # progress within the same wall second: no new status
+    assert len([c for c in bench.log if isinstance(c, PublishStatus)]) == statuses_before
+    late = bench.feed(Tick(), after_s=1.5)  # a second later the progress goes out
+    assert last_status(late).status.phase == "control"
+    silent = bench.feed(Tick(), after_s=SILENCE_S)  # a silence is news at once
+    assert last_status(silent).status.silent == ["edge-a"]

@@ -13,26 +13,25 @@ from pathlib import Path
 import pytest
 from service_helpers import assert_service_error, run_module
 
-from meter_sim.service import MeterSim
 from p2pdoe.core import topics
-from p2pdoe.core.realtime.clock import SimClock
+from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, decode_runtime
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
 from p2pdoe.services.broker import Broker
-from p2pdoe.services.transport import InboundMessage, MqttTransport
+from p2pdoe.services.transport import MqttTransport
 
 DAY = datetime(2026, 6, 21, tzinfo=UTC)
 NOON = DAY + timedelta(hours=12)
 
 
-def _sim(rate_s: float = 60.0) -> MeterSim:
+def _sim(rate_s: float = 60.0) -> SimulatedMeter:
     s = load_scenario("default")
-    return MeterSim(site_config(s, 0), SimClock(DAY, DAY, 1.0), DAY, rate_s, seed=7)
+    return SimulatedMeter(site_config(s, 0), DAY, rate_s, seed=7)
 
 
-def _points(sim: MeterSim, battery_kw: float, flex_kw: float) -> bytes:
+def _points(sim: SimulatedMeter, battery_kw: float, flex_kw: float) -> bytes:
     msg = SetPointMessage(
         site=sim.site, ts=NOON, battery_kw=battery_kw, pv_cap_kw=None, wind_cap_kw=None, flex_kw=flex_kw
     )
@@ -49,7 +48,7 @@ def test_readings_step_the_plant_and_follow_set_points() -> None:
     assert idle.flex_kw == pytest.approx(flex)
     parts = (idle.pv_kw or 0) + (idle.wind_kw or 0) + (idle.battery_kw or 0)
     assert idle.p_kw == pytest.approx(parts - (idle.fixed_load_kw or 0) - (idle.flex_kw or 0))
-    sim.apply(InboundMessage(topics.site(sim.site, "setpoints"), _points(sim, 50.0, 10.0), False))
+    sim.apply(_points(sim, 50.0, 10.0))
     soc = sim.soc_kwh
     after = sim.reading(k + 1)
     assert after.battery_kw == pytest.approx(50.0)
@@ -66,8 +65,8 @@ def test_the_same_seed_gives_the_same_readings() -> None:
 def test_set_points_for_another_site_or_malformed_are_dropped() -> None:
     sim = _sim()
     other = json.loads(_points(sim, 50.0, 10.0)) | {"site": "someone-else"}
-    sim.apply(InboundMessage("t", json.dumps(other).encode(), False))
-    sim.apply(InboundMessage("t", b'{"kind": "setpoints", "battery_kw": NaN}', False))
+    sim.apply(json.dumps(other).encode())
+    sim.apply(b'{"kind": "setpoints", "battery_kw": NaN}')
     assert sim.set_points is None
     assert dict(sim.dropped) == {"sender_not_topic": 1, "malformed": 1}
 
@@ -119,7 +118,7 @@ def test_the_simulator_publishes_readings_and_obeys_set_points(mqtt_broker: Brok
 
 
 def test_before_the_day_the_plant_sees_the_days_first_sample() -> None:
-    sim = MeterSim(site_config(load_scenario("default"), 0), SimClock(DAY, DAY, 1.0), DAY, 60.0, 7, 150.0)
+    sim = SimulatedMeter(site_config(load_scenario("default"), 0), DAY, 60.0, 7, 150.0)
     assert sim.first_sample == -3  # 150 s of lead-in at 60 s: three readings, the first at -2 min
     before, first = sim.reading(-1), _sim().reading(0)
     assert before.ts == DAY
@@ -129,7 +128,7 @@ def test_before_the_day_the_plant_sees_the_days_first_sample() -> None:
     )
     assert before.fixed_load_kw == first.fixed_load_kw
     with pytest.raises(ValueError, match="lead-in"):
-        MeterSim(sim.config, sim.clock, DAY, 60.0, 7, -1.0)
+        SimulatedMeter(sim.config, DAY, 60.0, 7, -1.0)
 
 
 @pytest.mark.timeout(60)

@@ -82,12 +82,16 @@ def test_the_acl_gives_each_site_its_own_topics_and_never_its_envelopes() -> Non
     blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in text.split("\n\n") if b.startswith("user ")}
     a = blocks["user edge-a"]
     writes = [line.split()[-1] for line in a if line.startswith("topic write")]
-    assert all(w.startswith(("p2pdoe/v1/site/a/", "p2pdoe/v1/market/+/")) for w in writes), writes
+    own = ("p2pdoe/v1/site/a/", "p2pdoe/v1/market/+/", "p2pdoe/v1/clock/member/", "p2pdoe/v1/clock/done/")
+    assert all(w.startswith(own) for w in writes), writes
+    assert {w.rsplit("/", 1)[1] for w in writes if "/clock/" in w} == {"edge-a", "meter-a"}  # its own steps
     assert not any(w.endswith(("/doe", "/doe/default")) for w in writes)
     assert "topic read p2pdoe/v1/market/+/proposal/b" in a
     assert "topic read p2pdoe/v1/market/+/proposal/c" not in a
     assert blocks["user monitor"] == ["topic read p2pdoe/v1/#"]
     assert "topic write p2pdoe/v1/site/+/doe" in blocks["user dso"]
+    assert "topic write p2pdoe/v1/clock/grant/+" in blocks["user dso"]  # the lockstep granter runs as dso
+    assert not any("clock/grant" in line and "write" in line for line in a)
 
 
 def test_password_hashes_are_salted_pbkdf2() -> None:

@@ -18,8 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -85,12 +86,15 @@ def processes(logs: Path) -> Iterator[Processes]:
 
 @dataclass(frozen=True)
 class RealTime:
-    """The accelerated day after the day-ahead round."""
+    """The simulated day after the day-ahead round: on the lockstep clock (simulated time moves on
+    when every process has finished its step), or on the scaled clock (`speed` x wall time)."""
 
     hours: float = 24.0
-    speed: float = 640.0  # simulated seconds per wall second: 24 h in 2.25 min
-    meter_rate_s: float = 30.0  # simulated seconds between meter readings
-    lead_s: float = 20.0  # wall seconds before the day starts (registration and the day-ahead round)
+    speed: float = 640.0  # scaled: simulated seconds per wall second (24 h in 2.25 min)
+    meter_rate_s: float = 30.0  # simulated seconds between meter readings: the lockstep's step
+    lead_s: float = 20.0  # scaled: wall seconds before the day starts (registration and day-ahead)
+    clock: Literal["lockstep", "scaled"] = "lockstep"
+    silence_timeout_s: float = 60.0  # lockstep: a process silent this long is named and left out
 
 
 def run_demo(
@@ -124,6 +128,10 @@ def run_demo(
             f"logs in {out / 'logs'}"
         )
         py = sys.executable
+        if rt is not None and rt.clock == "lockstep":
+            procs.start(
+                "clock", [py, "-m", "p2pdoe.services.lockstep", *reach("dso").args(), *_granter_args(s, rt)]
+            )
         coordinator = procs.start(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
@@ -160,27 +168,55 @@ def run_demo(
             raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
         results = Results.model_validate_json(results_path.read_bytes())
         _report(s if rt is None else with_margins(s, REALTIME_MARGINS), results, policy, out)
-        if seen is not None:
-            from p2pdoe.cli.demo_realtime import report_day
+        if seen is not None and rt is not None:
+            from p2pdoe.cli.demo_realtime import judge_day, report_day
 
             report_day(results, seen, out, console)
+            judge_day(results, rt.lead_s)
     return results
 
 
-def _clock_args(s: Any, rt: RealTime | None) -> list[str]:
-    """The shared clock: the day starts `lead_s` from now (wall), on today's date at the scenario's
-    time of day; without the real-time day, plain wall time."""
-    from datetime import UTC, datetime, timedelta
-
+def _day_start(s: Any) -> datetime:
+    """Today's date at the scenario's time of day (the latest that has begun)."""
     from p2pdoe.core.realtime.clock import day_start
 
+    return day_start("today", s.start.isoformat(), s.dt_h, datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _clock_args(s: Any, rt: RealTime | None) -> list[str]:
+    """Every process's clock: lockstep (the day starts when the granter says), or the scaled clock on
+    which the day starts `lead_s` from now (wall); without the real-time day, plain wall time."""
     if rt is None:
         return ["--start", "today"]
-    now = datetime.now(UTC)
-    start = day_start("today", s.start.isoformat(), s.dt_h, now)
-    wall = now + timedelta(seconds=rt.lead_s)
-    iso = [x.isoformat().replace("+00:00", "Z") for x in (start, start, wall)]
-    return ["--start", iso[0], "--sim-origin", iso[1], "--wall-origin", iso[2], "--speed", f"{rt.speed:g}"]
+    start = _day_start(s)
+    if rt.clock == "lockstep":
+        return ["--clock", "lockstep", "--start", _iso(start)]
+    wall = datetime.now(UTC) + timedelta(seconds=rt.lead_s)
+    return [
+        "--start",
+        _iso(start),
+        "--sim-origin",
+        _iso(start),
+        "--wall-origin",
+        _iso(wall),
+        "--speed",
+        f"{rt.speed:g}",
+    ]
+
+
+def _granter_args(s: Any, rt: RealTime) -> list[str]:
+    """The lockstep granter: steps of one meter reading from the meters' lead-in (one interval before
+    the day) to two steps past the day's end (the last settlements), every process a member."""
+    start = _day_start(s)
+    first = start - timedelta(hours=s.dt_h)
+    end = start + timedelta(hours=rt.hours) + timedelta(seconds=2 * rt.meter_rate_s)
+    members = ["dso:grid", *(f"edge-{i}:control" for i in s.ids), *(f"meter-{i}:plant" for i in s.ids)]
+    return ["--start", _iso(first), "--end", _iso(end), "--step-s", f"{rt.meter_rate_s:g}",
+            "--members", ",".join(members), "--silence-timeout-s", f"{rt.silence_timeout_s:g}"]  # fmt: skip
 
 
 async def _reachable(monitor: Access) -> None:

@@ -111,8 +111,9 @@ def report_day(results: Results, seen: Observation, out: Path, console: Any) -> 
     for i in rt.intervals:
         statuses[i.status] += 1
     leads = [i.lead_s for i in rt.intervals]
+    clock = "the lockstep clock" if rt.clock == "lockstep" else f"the {rt.clock} clock at {rt.speed:g}x"
     console.print(
-        f"real-time day: {rt.hours:.1f} h simulated at {rt.speed:g}x; {len(rt.intervals)} rolling rounds "
+        f"real-time day: {rt.hours:.1f} h simulated on {clock}; {len(rt.intervals)} rolling rounds "
         f"({', '.join(f'{n} {k}' for k, n in sorted(statuses.items()))}); envelopes published "
         f"{min(leads, default=0) / 60:.1f}-{max(leads, default=0) / 60:.1f} min (simulated) ahead"
     )
@@ -133,6 +134,19 @@ def report_day(results: Results, seen: Observation, out: Path, console: Any) -> 
 
     for path in write_realtime_plots(results, seen.readings, out):
         console.print(f"plot: {path}")
+
+
+def judge_day(results: Results, lead_s: float) -> None:
+    """A day whose timing went wrong is an error with its cause and its fix (the report is written)."""
+    rt = results.realtime
+    assert rt is not None
+    if rt.day_ahead_late_s > 0:
+        raise P2PDoeError(
+            f"the day-ahead round ended {rt.day_ahead_late_s:.0f} s (simulated) after the day began, so the "
+            f"sites ran on default envelopes meanwhile: this machine is slower than the scaled clock at "
+            f"{rt.speed:g}x allows; run without --speed (the lockstep clock) or give --lead-s more than "
+            f"{lead_s:g} s"
+        )
 
 
 def _day_table(results: Results, seen: Observation, console: Any) -> None:

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from p2pdoe.errors import P2PDoeError
 
@@ -45,13 +45,18 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
-    p.add_argument("--speed", type=float, default=640.0, help="simulated seconds per wall second (640)")
+    p.add_argument(
+        "--speed",
+        type=float,
+        help="run on the scaled clock at this many simulated seconds per wall second (real-time pressure; "
+        "default: the lockstep clock, whose outcome does not depend on the machine's speed)",
+    )
     p.add_argument("--meter-rate-s", type=float, default=30.0, help="simulated seconds between readings")
     p.add_argument(
         "--lead-s",
         type=float,
         default=20.0,
-        help="wall seconds from start to the day's start (day-ahead round)",
+        help="with --speed: wall seconds from start to the day's start (the day-ahead round)",
     )
     p.add_argument(
         "--out", type=Path, default=Path("out/demo"), help="output folder (results.json, plots, logs)"
@@ -65,11 +70,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     if not args.day_ahead and args.intervals is None and args.dt_h is None:
         args.intervals, args.dt_h = 96, 0.25  # the real-time day runs on 15-minute intervals
     overrides = _overrides(args)
-    if not 0 < args.hours <= 24 or not args.speed > 0 or not args.meter_rate_s > 0 or not args.lead_s > 0:
+    speed_ok = args.speed is None or args.speed > 0
+    if not 0 < args.hours <= 24 or not speed_ok or not args.meter_rate_s > 0 or not args.lead_s > 0:
         raise P2PDoeError(
             "--hours must lie in (0, 24]; --speed, --meter-rate-s and --lead-s must be positive"
         )
-    rt = RealTime(hours=args.hours, speed=args.speed, meter_rate_s=args.meter_rate_s, lead_s=args.lead_s)
+    clock: Literal["lockstep", "scaled"] = "lockstep" if args.speed is None else "scaled"
+    speed = 640.0 if args.speed is None else args.speed
+    rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock)
     run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure)
     return 0
 

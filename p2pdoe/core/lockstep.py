@@ -11,7 +11,7 @@ Over MQTT (topics in p2pdoe.core.topics, messages in p2pdoe.core.schemas.lockste
 
 - a member announces itself on `clock/member/<name>` (retained `ClockMember`, "joined" or "left";
   an empty retained payload also means gone);
-- the granter publishes `clock/grant` (retained, QoS 1): phase p of step k granted to `members`, the
+- the granter publishes `clock/grant/<phase>` (retained, QoS 1): phase p of step k granted to `members`, the
   live members of p whose `next` is None or <= t_k; a phase nobody needs is skipped;
 - each granted member answers on `clock/done/<name>` (QoS 1): `ClockDone(holding=false)` once it has
   finished, with `next`, the earliest time it next needs a grant (None: every step); while it is
@@ -58,6 +58,7 @@ class GranterConfig:
     expected: Mapping[str, Phase]  # who must have joined before step 0, and in which phase
     join_timeout_s: float = 120.0
     silence_timeout_s: float = 30.0
+    status_every_s: float = 0.0  # progress on the status at most this often (0: every change)
 
     def __post_init__(self) -> None:
         if self.start.utcoffset() is None or self.end.utcoffset() is None:
@@ -150,6 +151,7 @@ class Granter:
     _awaited: set[str] = field(default_factory=set, init=False)  # granted, not done yet
     _origin_s: float | None = field(default=None, init=False)  # the first event's wall time
     _last_status: tuple[object, ...] | None = field(default=None, init=False)
+    _status_wall_s: float = field(default=-math.inf, init=False)
 
     @property
     def phase(self) -> Phase | None:
@@ -318,11 +320,16 @@ class Granter:
     # -- status ------------------------------------------------------------------------------------
 
     def _status_if_changed(self, wall_s: float) -> list[Command]:
+        """The status for people: at once when the state or the silent members change, otherwise at
+        most every `status_every_s` (every member's progress would cost more than the steps)."""
         status = self._status(wall_s)
         key = (status.state, status.step, status.phase, status.waiting_for, status.silent)
         if key == self._last_status:
             return []
-        self._last_status = key
+        urgent = self._last_status is None or key[0] != self._last_status[0] or key[4] != self._last_status[4]
+        if not urgent and wall_s - self._status_wall_s < self.config.status_every_s:
+            return []
+        self._last_status, self._status_wall_s = key, wall_s
         return [PublishStatus(status)]
 
     def _status(self, wall_s: float) -> ClockStatus:

@@ -15,7 +15,7 @@
     p2pdoe/v1/dso/status               retained  online / offline (also the coordinator's last will)
     p2pdoe/v1/dso/progress                       round, iteration, residuals
     p2pdoe/v1/clock/member/<name>      retained  a lockstep member joined or left (`ClockMember`)
-    p2pdoe/v1/clock/grant              retained  the step and phase granted now (`ClockGrant`)
+    p2pdoe/v1/clock/grant/<phase>      retained  the step of that phase granted now (`ClockGrant`)
     p2pdoe/v1/clock/done/<name>                  a member finished (or still holds) its step (`ClockDone`)
     p2pdoe/v1/clock/status             retained  the lockstep granter's state (`ClockStatus`)
 
@@ -57,8 +57,13 @@ DSO_STATUS = f"{ROOT}/dso/status"
 DSO_PROGRESS = f"{ROOT}/dso/progress"
 
 
-CLOCK_GRANT = f"{ROOT}/clock/grant"
+CLOCK_GRANT = f"{ROOT}/clock/grant/+"  # filter: every phase's grant
 CLOCK_STATUS = f"{ROOT}/clock/status"
+
+
+def clock_grant(phase: str) -> str:
+    """The latest grant of one phase (plant, control, grid): its members hear only theirs."""
+    return f"{ROOT}/clock/grant/{phase}"
 
 
 def clock_member(name: str = "+") -> str:
@@ -110,8 +115,10 @@ def parse(topic: str) -> Topic | None:
         return Topic("market", parts[2], site=parts[3], round=parts[1])
     if parts[0] == "dso" and len(parts) == 2 and parts[1] in ("status", "progress"):
         return Topic("dso", parts[1])
-    if parts[0] == "clock" and len(parts) == 2 and parts[1] in ("grant", "status"):
+    if parts[0] == "clock" and len(parts) == 2 and parts[1] == "status":
         return Topic("clock", parts[1])
+    if parts[0] == "clock" and len(parts) == 3 and parts[1] == "grant":
+        return Topic("clock", "grant")
     if parts[0] == "clock" and len(parts) == 3 and parts[1] in ("member", "done"):
         return Topic("clock", parts[1], member=parts[2])
     return None

@@ -89,9 +89,13 @@ def granter_config(settings: LockstepSettings) -> GranterConfig:
             _members(settings.members),
             settings.join_timeout_s,
             settings.silence_timeout_s,
+            STATUS_EVERY_S,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+STATUS_EVERY_S = 1.0  # the status's progress at most once a wall second: people read it, not members
 
 
 def _iso(value: str, name: str) -> datetime:
@@ -119,9 +123,14 @@ def _members(text: str) -> dict[str, Phase]:
 # -- the shell ------------------------------------------------------------------------------------
 
 
+async def clear_grants(transport: Transport) -> None:
+    for phase in PHASES:
+        await transport.publish(topics.clock_grant(phase), b"", qos=1, retain=True)
+
+
 async def run_granter(transport: Transport, granter: Granter, wall: Callable[[], float] = time.time) -> int:
     """Feed `granter` from `transport` until the day has ended (0)."""
-    await transport.publish(topics.CLOCK_GRANT, b"", qos=1, retain=True)  # an earlier run's grant
+    await clear_grants(transport)  # an earlier run's
     await transport.subscribe(topics.clock_member())
     await transport.subscribe(topics.clock_done())
     inbox = transport.messages()
@@ -181,7 +190,7 @@ async def _execute(transport: Transport, commands: list[Command]) -> bool:
     for command in commands:
         if isinstance(command, PublishGrant):
             payload = command.grant.model_dump_json().encode()
-            await transport.publish(topics.CLOCK_GRANT, payload, qos=1, retain=True)
+            await transport.publish(topics.clock_grant(command.grant.phase), payload, qos=1, retain=True)
         elif isinstance(command, PublishStatus):
             payload = command.status.model_dump_json().encode()
             await transport.publish(topics.CLOCK_STATUS, payload, qos=1, retain=True)
@@ -190,7 +199,7 @@ async def _execute(transport: Transport, commands: list[Command]) -> bool:
         elif isinstance(command, Ended):
             ended = True
     if ended:
-        await transport.publish(topics.CLOCK_GRANT, b"", qos=1, retain=True)
+        await clear_grants(transport)
         log.info("the last step is over")
     return ended
 

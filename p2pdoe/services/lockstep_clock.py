@@ -100,7 +100,7 @@ class LockstepClock:
     async def start(self) -> None:
         """Subscribe to the grant and status topics, then say "joined" (retained, and again after
         every reconnect). Reads nothing: feed `on_message`."""
-        await self.transport.subscribe(topics.CLOCK_GRANT)
+        await self.transport.subscribe(topics.clock_grant(self.phase))
         await self.transport.subscribe(topics.CLOCK_STATUS)
         await self._announce("joined")
 
@@ -208,7 +208,7 @@ class LockstepClock:
         except ValueError as exc:  # a WireError or a ValidationError
             log.warning("%s: dropped a bad message on %s: %s", self.member, topic, exc)
             return
-        if isinstance(message, ClockGrant) and topic == topics.CLOCK_GRANT:
+        if isinstance(message, ClockGrant) and topic == topics.clock_grant(message.phase):
             self._granted(message)
         elif isinstance(message, ClockStatus) and topic == topics.CLOCK_STATUS:
             self.status = message

@@ -113,7 +113,8 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
     coordinator writes) and its own protocol messages, and reads its envelopes, set-points and meter,
     the openings and grants, its peers' proposals and the coordinator's status. The coordinator
     writes envelopes, openings, grants and its status and reads everything; the monitor reads
-    everything and writes nothing."""
+    everything and writes nothing. On a lockstep bench the granter runs as `dso` (it writes the clock's
+    grants and status), and each site's edge and meter announce themselves and their steps."""
     lines = [
         "# p2pdoe broker ACL (p2pdoe provision): who may read and write which topic",
         "",
@@ -122,6 +123,7 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
         *(f"topic write {ROOT}/site/+/{k}" for k in ("doe", "doe/default")),
         *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant")),
         *(f"topic write {ROOT}/dso/{k}" for k in ("status", "progress")),
+        *(f"topic write {ROOT}/clock/{k}" for k in ("grant/+", "status", "member/dso", "done/dso")),
         "",
         "user monitor",
         f"topic read {ROOT}/#",
@@ -139,6 +141,12 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
             *(f"topic read {ROOT}/market/+/{k}" for k in ("open", "grant")),
             *(f"topic read {ROOT}/market/+/proposal/{p}" for p in site_peers),
             f"topic read {ROOT}/dso/status",
+            *(
+                f"topic write {ROOT}/clock/{k}/{who}-{site}"
+                for k in ("member", "done")
+                for who in ("edge", "meter")
+            ),
+            *(f"topic read {ROOT}/clock/{k}" for k in ("grant/plant", "grant/control", "status")),
         ]
     return "\n".join(lines) + "\n"
 

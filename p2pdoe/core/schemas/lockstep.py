@@ -5,7 +5,7 @@ strings and times without a time zone are refused; every time is UTC.
 
 - `ClockMember`  p2pdoe/v1/clock/member/<name>, retained: a member joined or left (an empty retained
   payload also means gone).
-- `ClockGrant`   p2pdoe/v1/clock/grant, retained, QoS 1: phase `phase` of step `step` (simulated
+- `ClockGrant`   p2pdoe/v1/clock/grant/<phase>, retained, QoS 1: phase `phase` of step `step` (simulated
   time `time`) is granted to `members`; `live` lists every live member of any phase.
 - `ClockDone`    p2pdoe/v1/clock/done/<name>, QoS 1: `holding` false: the member finished step `step`
   of its phase and next needs a grant at `next` (None: every step); `holding` true: a heartbeat,

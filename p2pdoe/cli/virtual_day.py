@@ -1,0 +1,187 @@
+"""A whole day of every service in one process, on a virtual clock: the coordinator, one edge agent
+and one simulated meter per site, each the same service as in a deployment (its machine and shell),
+talking through an in-memory broker (p2pdoe.services.transport_memory) on a `VirtualTimeLoop`
+(p2pdoe.services.clock): no broker process, no threads, no sleeps. Time jumps to the next timer
+whenever every service waits, so a 24 h day takes seconds, and the outcome is the same every run.
+
+Faults are scheduled at moments of the day (`VirtualDay.at`): kill a process (its connection drops,
+its last will goes out), start it again, stop the broker for a while. Tests use it for the real-time
+behaviour; `benchmarks/virtual_day.py` times it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from dso_coordinator.service import CoordinatorService, build_machine
+from dso_coordinator.service import offline_will as dso_will
+from dso_coordinator.settings import CoordinatorSettings
+from edge_agent.__main__ import build_realtime, margins
+from edge_agent.journal import Journal
+from edge_agent.meter import MqttMeter
+from edge_agent.service import EdgeService, market_machine
+from edge_agent.service import offline_will as edge_will
+from edge_agent.settings import EdgeSettings
+from meter_sim.service import MeterService
+from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.site import coordinator_config, site_config
+from p2pdoe.services.clock import VirtualClock, run_virtual
+from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
+
+Recorder = Callable[[str, bytes, bool], None]
+
+
+@dataclass
+class VirtualDay:
+    """The day of scenario `s` from one interval before its start (the meters' lead-in) to `hours`
+    after it; `root` holds the journals, checkpoint and results."""
+
+    s: Scenario
+    root: Path
+    hours: float = 24.0
+    rate_s: float = 30.0
+    dso_options: dict[str, Any] = field(default_factory=dict)
+    edge_options: dict[str, Any] = field(default_factory=dict)
+    record: Recorder | None = None  # every message the broker accepts, as a plain client would see it
+
+    def __post_init__(self) -> None:
+        self.start = self.s.start
+        self.origin = self.start - timedelta(hours=self.s.dt_h)
+        self.broker = MemoryBroker(self.record)
+        self.sites = {site: site_config(self.s, c) for c, site in enumerate(self.s.ids)}
+        self.coordinator_config = coordinator_config(self.s)
+        self.tasks: dict[str, asyncio.Task[int]] = {}
+        self.transports: dict[str, MemoryTransport] = {}
+        self.exits: dict[str, list[int | BaseException]] = {}
+        self._schedule: list[tuple[datetime, Callable[[], Awaitable[None] | None]]] = []
+        self.wall_s = 0.0
+
+    # --- the day ---------------------------------------------------------------------------------
+
+    def at(self, moment: datetime | timedelta, action: Callable[[], Awaitable[None] | None]) -> None:
+        """Do `action` at a moment of the day (a timedelta: after the day's start)."""
+        when = self.start + moment if isinstance(moment, timedelta) else moment
+        self._schedule.append((when, action))
+
+    def run(self) -> Results:
+        """Run the day to the coordinator's exit; its results.json."""
+        t0 = time.perf_counter()
+        run_virtual(self._day())
+        self.wall_s = time.perf_counter() - t0
+        return Results.model_validate_json((self.root / "results.json").read_bytes())
+
+    async def _day(self) -> None:
+        self.clock = VirtualClock(self.origin)
+        for site in self.s.ids:
+            self.start_meter(site)
+            self.start_edge(site)
+        self.start_coordinator()
+        timers = [asyncio.create_task(self._when(m, a)) for m, a in self._schedule]
+        try:
+            while ("dso" in self.tasks and not self.tasks["dso"].done()) or self._pending("dso"):
+                await asyncio.sleep(self.rate_s)
+        finally:
+            for task in [*timers, *self.tasks.values()]:
+                task.cancel()
+            await asyncio.gather(*timers, *self.tasks.values(), return_exceptions=True)
+
+    def _pending(self, name: str) -> bool:
+        return name not in self.tasks
+
+    async def _when(self, moment: datetime, action: Callable[[], Awaitable[None] | None]) -> None:
+        await self.clock.sleep_until(moment)
+        result = action()
+        if result is not None:
+            await result
+
+    # --- processes -------------------------------------------------------------------------------
+
+    def start_coordinator(self, **options: Any) -> None:
+        settings = CoordinatorSettings(
+            coordinator_config=self.root / "coordinator.json", rolling=True, exit_after_day=True,
+            meter_step_s=self.rate_s, hours=self.hours, out=self.root, start=_iso(self.start),
+            **{**self.dso_options, **options},
+        )  # fmt: skip
+        transport = MemoryTransport(self.broker, "dso", will=dso_will())
+        service = CoordinatorService(transport, self.clock, settings, offload=False)
+
+        async def main() -> int:
+            async with transport:
+                return await service.run(build_machine(self.coordinator_config, settings, self.clock.now()))
+
+        self._launch("dso", transport, main())
+
+    def start_edge(self, site: str, **options: Any) -> None:
+        config = self.sites[site]
+        settings = EdgeSettings(
+            site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
+            journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
+        )  # fmt: skip
+        transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
+        journal = Journal(self.journal(site), site)
+        market = market_machine(config, margins(settings))
+        service = EdgeService(
+            market, transport, self.clock, journal=journal, meter=MqttMeter(transport, site), offload=False
+        )
+
+        async def main() -> int:
+            try:
+                async with transport:
+                    return await service.run(build_realtime(config, settings, self.clock.now()))
+            finally:
+                journal.close()
+
+        self._launch(f"edge-{site}", transport, main())
+
+    def start_meter(self, site: str) -> None:
+        config = self.sites[site]
+        seed = _seed(site)
+        meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600)
+        transport = MemoryTransport(self.broker, f"meter-{site}")
+        service = MeterService(transport, self.clock, offload=False)
+
+        async def main() -> int:
+            async with transport:
+                return await service.run(meter)
+
+        self._launch(f"meter-{site}", transport, main())
+
+    def _launch(self, name: str, transport: MemoryTransport, main: Awaitable[int]) -> None:
+        task: asyncio.Task[int] = asyncio.ensure_future(main)
+        self.tasks[name], self.transports[name] = task, transport
+        task.add_done_callback(lambda t: self.exits.setdefault(name, []).append(_outcome(t)))
+
+    def kill(self, name: str) -> None:
+        """The process dies: its connection drops without a goodbye (its will goes out)."""
+        with contextlib.suppress(Exception):
+            self.broker.kill(self.transports[name].client_id)
+        self.tasks[name].cancel()
+
+    def journal(self, site: str) -> Path:
+        return self.root / "journal" / f"{site}.db"
+
+
+def _outcome(task: asyncio.Task[int]) -> int | BaseException:
+    if task.cancelled():
+        return -1
+    exc = task.exception()
+    return exc if exc is not None else task.result()
+
+
+def _seed(site: str) -> int:
+    import zlib
+
+    return zlib.crc32(site.encode())
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
