@@ -107,9 +107,8 @@ class EdgeService:
     async def run(self, realtime: EdgeRealtime) -> int:
         """Serve until stopped, the transport closes, or `rounds` rounds are reported."""
         self.realtime = realtime
-        first: list[object] = list(realtime.start(self.clock.now()))
-        if self.journal is not None:
-            first += realtime.handle(restored(self.journal), self.clock.now())
+        saved = None if self.journal is None else restored(self.journal)
+        first: list[object] = list(realtime.start(self.clock.now(), saved))
         tasks = [asyncio.create_task(self._market_lane(), name=f"market-{self.site}")]
         if self.meter is not None and self.meter.transport is not self.transport:
             tasks.append(asyncio.create_task(self._own_meter(self.meter), name=f"meter-{self.site}"))

@@ -89,7 +89,11 @@ class EdgeRealtime:
 
     # --- events ----------------------------------------------------------------------------------
 
-    def start(self, now: datetime) -> list[Command]:
+    def start(self, now: datetime, saved: Restored | None = None) -> list[Command]:
+        """Registered, and the envelope that applies on the status; `saved`: what the journal kept of
+        a previous run, taken first (so a restart's first status is its saved default, not nothing)."""
+        if saved is not None:
+            self._restore(saved, now)
         reg = registration(self.config).model_dump_json().encode()
         self._tick = now + timedelta(seconds=self.report_every_s)
         log.info("%s: registered at bus %d; waiting for a round", self.site, self.config.community.bus)
@@ -109,7 +113,8 @@ class EdgeRealtime:
         if isinstance(event, DayStarts):
             self.controller.day_start = event.start
             return []
-        return self._restore(event, now)
+        self._restore(event, now)
+        return self._report_state(now)
 
     def _heard(self, m: Heard, now: datetime) -> list[Command]:
         parsed = topics.parse(m.topic)
@@ -285,7 +290,7 @@ class EdgeRealtime:
 
     # --- a restart -------------------------------------------------------------------------------
 
-    def _restore(self, saved: Restored, now: datetime) -> list[Command]:
+    def _restore(self, saved: Restored, now: datetime) -> None:
         """What a previous run saved: the envelopes heard (so the saved default applies at once) and
         the interval that was under way: the day's latest with readings and no settlement. Resumed
         whether it still runs (its accumulation goes on) or is over (the first reading settles it with
@@ -305,4 +310,3 @@ class EdgeRealtime:
             log.info("%s: resumed interval %s from the journal", self.site, energy.start.isoformat())
         elif saved.flex_used_kwh is not None:
             ctl.flex_used_kwh = saved.flex_used_kwh
-        return self._report_state(now)
