@@ -52,12 +52,15 @@ class VirtualDay:
     dso_options: dict[str, Any] = field(default_factory=dict)
     edge_options: dict[str, Any] = field(default_factory=dict)
     record: Recorder | None = None  # every message the broker accepts, as a plain client would see it
+    coordinator: bool = True  # False: the test plays the coordinator (`client`), and `until` ends the day
+    sites: list[str] | None = None  # the sites with an edge and a meter (default: all)
+    until: datetime | timedelta | None = None  # end the day here (after the day's start) instead
 
     def __post_init__(self) -> None:
         self.start = self.s.start
         self.origin = self.start - timedelta(hours=self.s.dt_h)
         self.broker = MemoryBroker(self.record)
-        self.sites = {site: site_config(self.s, c) for c, site in enumerate(self.s.ids)}
+        self.configs = {site: site_config(self.s, c) for c, site in enumerate(self.s.ids)}
         self.coordinator_config = coordinator_config(self.s)
         self.tasks: dict[str, asyncio.Task[int]] = {}
         self.transports: dict[str, MemoryTransport] = {}
@@ -79,23 +82,50 @@ class VirtualDay:
         self.wall_s = time.perf_counter() - t0
         return Results.model_validate_json((self.root / "results.json").read_bytes())
 
+    def run_until_end(self) -> None:
+        """Run the day without reading results (a day without a coordinator ends at `until`)."""
+        t0 = time.perf_counter()
+        run_virtual(self._day())
+        self.wall_s = time.perf_counter() - t0
+
     async def _day(self) -> None:
         self.clock = VirtualClock(self.origin)
-        for site in self.s.ids:
+        for site in self.s.ids if self.sites is None else self.sites:
             self.start_meter(site)
             self.start_edge(site)
-        self.start_coordinator()
+        if self.coordinator:
+            self.start_coordinator()
         timers = [asyncio.create_task(self._when(m, a)) for m, a in self._schedule]
         try:
-            while ("dso" in self.tasks and not self.tasks["dso"].done()) or self._pending("dso"):
-                await asyncio.sleep(self.rate_s)
+            await self._until_over()
         finally:
             for task in [*timers, *self.tasks.values()]:
                 task.cancel()
             await asyncio.gather(*timers, *self.tasks.values(), return_exceptions=True)
 
-    def _pending(self, name: str) -> bool:
-        return name not in self.tasks
+    async def _until_over(self) -> None:
+        """Until `until`, or until the coordinator exits (a killed one is waited for: it may be
+        started again), at the latest a day after the day's end."""
+        if self.until is not None:
+            end = self.start + self.until if isinstance(self.until, timedelta) else self.until
+            await self.clock.sleep_until(end)
+            return
+        latest = self.start + timedelta(hours=self.hours + 24)
+        while self.clock.now() < latest:
+            task = self.tasks["dso"]
+            if task.done() and not task.cancelled():
+                return
+            await asyncio.sleep(self.rate_s)
+
+    def client(self, name: str) -> MemoryTransport:
+        """A plain client of the broker for the test (not started: `async with` it)."""
+        return MemoryTransport(self.broker, name)
+
+    async def outage(self, seconds: float) -> None:
+        """The broker is away for `seconds` of the day (its retained messages kept)."""
+        self.broker.outage()
+        await asyncio.sleep(seconds)
+        self.broker.restore()
 
     async def _when(self, moment: datetime, action: Callable[[], Awaitable[None] | None]) -> None:
         await self.clock.sleep_until(moment)
@@ -120,8 +150,9 @@ class VirtualDay:
 
         self._launch("dso", transport, main())
 
-    def start_edge(self, site: str, **options: Any) -> None:
-        config = self.sites[site]
+    def start_edge(self, site: str, clock_offset_s: float = 0.0, **options: Any) -> None:
+        """`clock_offset_s`: the edge's clock runs this far ahead of everyone's (a skew)."""
+        config = self.configs[site]
         settings = EdgeSettings(
             site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
@@ -129,21 +160,22 @@ class VirtualDay:
         transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
         journal = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
+        clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s))
         service = EdgeService(
-            market, transport, self.clock, journal=journal, meter=MqttMeter(transport, site), offload=False
+            market, transport, clock, journal=journal, meter=MqttMeter(transport, site), offload=False
         )
 
         async def main() -> int:
             try:
                 async with transport:
-                    return await service.run(build_realtime(config, settings, self.clock.now()))
+                    return await service.run(build_realtime(config, settings, clock.now()))
             finally:
                 journal.close()
 
         self._launch(f"edge-{site}", transport, main())
 
     def start_meter(self, site: str) -> None:
-        config = self.sites[site]
+        config = self.configs[site]
         seed = _seed(site)
         meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600)
         transport = MemoryTransport(self.broker, f"meter-{site}")
@@ -164,6 +196,10 @@ class VirtualDay:
         """The process dies: its connection drops without a goodbye (its will goes out)."""
         with contextlib.suppress(Exception):
             self.broker.kill(self.transports[name].client_id)
+        self.tasks[name].cancel()
+
+    def stop(self, name: str) -> None:
+        """A clean stop (its transport says goodbye; no will)."""
         self.tasks[name].cancel()
 
     def journal(self, site: str) -> Path:
