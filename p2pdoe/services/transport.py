@@ -1,15 +1,11 @@
-"""The transport the services talk through: a small protocol of ours, and its MQTT implementation.
+"""`MqttTransport`: the `Transport` of the services over MQTT, on aiomqtt (paho-mqtt 2.x).
 
-`Transport` is all a service sees: publish bytes to a topic, subscribe to a filter, iterate over what
-arrives. `MqttTransport` implements it on aiomqtt (paho-mqtt 2.x):
-
-- `mqtt://` or `mqtts://` (TLS 1.2 or later, the broker verified against a CA certificate), with a
-  user name and password where the broker asks for them.
-- MQTT v5, falling back to 3.1.1 when the broker refuses v5 (amqtt, the embedded broker, does);
-  v5-only features (message expiry) are used only on a v5 connection and silently left out on 3.1.1.
-- A last will (retained, QoS 1) that the broker publishes if the connection drops without a DISCONNECT.
-- Reconnection in the background with capped, jittered exponential backoff; every subscription made so
-  far is renewed after a reconnect (clean sessions: the broker keeps nothing for us between them).
+`mqtt://` or `mqtts://` (TLS 1.2 or later, the broker verified against a CA certificate), with a user
+name and password where the broker asks for them; MQTT v5, or 3.1.1 where the broker refuses v5 (then
+v5-only features such as message expiry are left out); a retained last will; a background task that
+receives and reconnects. A shell: it moves bytes and timers, and asks a sans-I/O `MqttSession`
+(p2pdoe.services.mqtt_session) every decision: which protocol, when to retry or give up, what to renew
+after a reconnect. `Transport` and its types (p2pdoe.services.transport_api) are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,11 +18,8 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, runtime_checkable
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -35,7 +28,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from p2pdoe.errors import P2PDoeError
+from p2pdoe.services.broker_url import BrokerAddress, parse_broker_url, without_password
+from p2pdoe.services.mqtt_session import (
+    Attempt,
+    Backoff,
+    GiveUp,
+    MqttSession,
+    MqttVersion,
+    ProtocolChoice,
+    Subscribe,
+)
+from p2pdoe.services.transport_api import InboundMessage, LastWill, Transport, TransportError
 
 __all__ = [
     "Backoff",
@@ -43,147 +46,16 @@ __all__ = [
     "InboundMessage",
     "LastWill",
     "MqttTransport",
+    "ProtocolChoice",
     "Transport",
     "TransportError",
+    "connect_within",
     "parse_broker_url",
+    "tls_context",
+    "without_password",
 ]
 
 log = logging.getLogger(__name__)
-
-ProtocolChoice = Literal["auto", "v5", "v311"]
-# CONNACK codes that mean "I do not speak this protocol version": 3.1.1's 1, v5's 0x84.
-_UNSUPPORTED_PROTOCOL_CODES = frozenset({1, 0x84})
-
-
-class TransportError(P2PDoeError):
-    """The transport cannot do what was asked: a bad URL, or the broker stayed unreachable."""
-
-
-@dataclass(frozen=True)
-class InboundMessage:
-    """A message as received: its topic, payload and whether the broker delivered it as retained."""
-
-    topic: str
-    payload: bytes
-    retained: bool
-
-
-@dataclass(frozen=True)
-class LastWill:
-    """What the broker publishes (retained, QoS 1) when the connection drops without a DISCONNECT."""
-
-    topic: str
-    payload: bytes
-
-
-@runtime_checkable
-class Transport(Protocol):
-    """What the services need from a message broker, and nothing more."""
-
-    async def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None:
-        """Publish `payload`; `expiry_s` is a message expiry where the connection supports it."""
-        ...
-
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Receive messages matching `topic_filter` from now on (also across reconnects)."""
-        ...
-
-    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
-        """Publish a retained message now and again after every reconnect (the latest per topic)."""
-        ...
-
-    async def unsubscribe(self, topic_filter: str) -> None:
-        """Stop receiving `topic_filter` (and do not renew it after a reconnect)."""
-        ...
-
-    def messages(self) -> AsyncIterator[InboundMessage]:
-        """Every message received on the subscriptions, in arrival order."""
-        ...
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with jitter: attempt k waits in [(1 - jitter) d_k, d_k],
-    d_k = min(cap_s, initial_s * factor**k). `max_attempts` consecutive failures end the retries
-    (None: retry forever)."""
-
-    initial_s: float = 0.5
-    cap_s: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.5
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (0 < self.initial_s <= self.cap_s):
-            raise ValueError("backoff needs 0 < initial_s <= cap_s")
-        if self.factor < 1:
-            raise ValueError("backoff factor must be >= 1")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError("backoff jitter must be within [0, 1]")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("backoff max_attempts must be >= 1 or None")
-
-    def ceiling(self, attempt: int) -> float:
-        """The un-jittered delay before retry number `attempt` (0-based)."""
-        # Stop growing once past the cap, so a long outage never overflows a float.
-        delay = self.initial_s
-        for _ in range(attempt):
-            if delay >= self.cap_s:
-                break
-            delay *= self.factor
-        return min(self.cap_s, delay)
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        ceiling = self.ceiling(attempt)
-        return ceiling * (1.0 - self.jitter * rng.random())
-
-    def schedule(self, attempts: int, rng: random.Random) -> list[float]:
-        return [self.delay(k, rng) for k in range(attempts)]
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-
-def without_password(url: str) -> str:
-    """The URL with any user and password replaced by `***`: fit for an error message or a log."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"  # up to the last @: even a password with a '/'
-
-
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user[:password]@]host[:port]` (port 1883 by default), or `mqtts://` for TLS (8883)."""
-    parts = urlsplit(url)
-    shown = without_password(url)  # an error message never shows the password
-    if parts.scheme not in _DEFAULT_PORTS:
-        raise TransportError(f"broker URL {shown!r}: only mqtt://host:port or mqtts://host:port is supported")
-    if not parts.hostname:
-        raise TransportError(f"broker URL {shown!r} has no host")
-    try:
-        port = parts.port or _DEFAULT_PORTS[parts.scheme]
-    except ValueError as exc:
-        raise TransportError(f"broker URL {shown!r}: {exc}") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise TransportError(f"broker URL {shown!r}: no path, query or fragment expected")
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=parts.scheme == "mqtts",
-    )
 
 
 def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
@@ -213,18 +85,6 @@ def _connack_code(exc: aiomqtt.MqttError) -> int | None:
         return None
     rc = exc.rc
     return int(rc.value) if isinstance(rc, ReasonCode) else rc
-
-
-def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
-    return _connack_code(exc) in _UNSUPPORTED_PROTOCOL_CODES
-
-
-def _refused_us(exc: aiomqtt.MqttError) -> bool:
-    """A failure that retrying will not mend by itself: the broker's certificate failed verification
-    (a wrong --ca-cert, or not our broker), or the broker refused our credentials."""
-    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return True
-    return _connack_code(exc) in (4, 5, 0x86, 0x87)  # bad user name or password, not authorized
 
 
 def _as_bytes(payload: object) -> bytes:
@@ -257,33 +117,27 @@ class MqttTransport:
         timeout_s: float = 10.0,
         rng: random.Random | None = None,
     ) -> None:
-        address = parse_broker_url(url)
+        self._address = parse_broker_url(url)
         self.url = url
         self.client_id = client_id
-        self._host = address.host
-        self._port = address.port
-        self._username = username if username is not None else address.username
+        self._username = username if username is not None else self._address.username
         # a callable is asked at every connection: a rotated password file is taken on reconnecting
-        self._password = password if password is not None else address.password
-        if ca_cert is not None and not address.tls:
+        self._password = password if password is not None else self._address.password
+        if ca_cert is not None and not self._address.tls:
             raise TransportError(f"a CA certificate needs an mqtts:// broker, not {without_password(url)!r}")
-        self._tls = tls_context(ca_cert) if address.tls else None
+        self._tls = tls_context(ca_cert) if self._address.tls else None
         self._will = will
-        self._choice: ProtocolChoice = protocol
-        self._backoff = backoff or Backoff()
         self._keepalive_s = keepalive_s
         self._timeout_s = timeout_s
-        self._rng = rng or random.Random()
-        self._subscriptions: dict[str, int] = {}
-        self._retained_state: dict[str, tuple[bytes, float | None]] = {}  # topic -> payload, expires at
+        self._session = MqttSession(
+            protocol, has_will=will is not None, backoff=backoff or Backoff(), rng=rng or random.Random()
+        )
         self._inbox: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._failure: BaseException | None = None
         self._gave_up = False
         self._task: asyncio.Task[None] | None = None
-        self.protocol: Literal["v5", "v311"] | None = None
-        self.connections = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -301,14 +155,11 @@ class MqttTransport:
         if self._task is not None:
             return
         self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
-        waiter = asyncio.create_task(self._connected.wait())
         try:
-            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await self._connected_or_ended(self._task)
         except BaseException:  # cancelled while connecting: leave nothing running
             await self.close()
             raise
-        finally:
-            waiter.cancel()
         if not self._connected.is_set():
             failure = self._failure
             await self.close()
@@ -327,8 +178,18 @@ class MqttTransport:
         return self._connected.is_set()
 
     @property
+    def protocol(self) -> MqttVersion | None:
+        """The protocol settled on ("v5" or "v311"), None before the first connection."""
+        return self._session.protocol
+
+    @property
     def is_v5(self) -> bool:
         return self.protocol == "v5"
+
+    @property
+    def connections(self) -> int:
+        """How many connections became ready so far (2 after the first reconnect)."""
+        return self._session.connections
 
     # -- the Transport protocol ---------------------------------------------------------------------
 
@@ -339,12 +200,10 @@ class MqttTransport:
         (QoS 1 is at-least-once anyway). Bound the wait with `asyncio.timeout` if needed."""
         while True:
             client = await self._ready()
-            properties: Properties | None = None
-            if expiry_s is not None and self.is_v5:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.MessageExpiryInterval = int(expiry_s)
+            properties = self._expiry(expiry_s)  # once connected: on 3.1.1 there is no expiry
             try:
                 await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+                return
             except aiomqtt.MqttError as exc:
                 # Let the receive loop notice a lost connection before deciding what this error was.
                 for _ in range(3):
@@ -352,37 +211,23 @@ class MqttTransport:
                 if self._client is client and self._connected.is_set():
                     raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
                 log.info("%s: publish to %s interrupted by a disconnect; retrying", self.client_id, topic)
-                continue
-            return
 
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         """Publish a retained message (QoS 1) and publish it again after every reconnect, so the state
         survives a broker that lost its retained messages. Only the latest per topic is kept."""
-        expires_at = None if expiry_s is None else time.monotonic() + expiry_s
-        self._retained_state[topic] = (payload, expires_at)
+        self._session.keep_state(topic, payload, expiry_s, now_s=time.monotonic())
         await self.publish(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
-
-    async def _republish_state(self, client: aiomqtt.Client) -> None:
-        now = time.monotonic()
-        for topic, (payload, expires_at) in list(self._retained_state.items()):
-            if expires_at is not None and expires_at - now < 1:
-                continue  # expired meanwhile: the broker would drop it anyway
-            properties: Properties | None = None
-            if expires_at is not None and self.is_v5:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.MessageExpiryInterval = int(expires_at - now)
-            await client.publish(topic, payload, qos=1, retain=True, properties=properties)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected; in any case again after every reconnect."""
-        self._subscriptions[topic_filter] = qos
+        self._session.subscribe(topic_filter, qos)
         client = self._client
         if client is not None and self._connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):  # a reconnect will renew it
                 await client.subscribe(topic_filter, qos=qos)
 
     async def unsubscribe(self, topic_filter: str) -> None:
-        self._subscriptions.pop(topic_filter, None)
+        self._session.unsubscribe(topic_filter)
         client = self._client
         if client is not None and self._connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
@@ -400,6 +245,14 @@ class MqttTransport:
                 return
             yield item
 
+    def _expiry(self, expiry_s: int | None) -> Properties | None:
+        """The PUBLISH properties for a message expiry: on v5 only (3.1.1 has no such thing)."""
+        if expiry_s is None or not self.is_v5:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.MessageExpiryInterval = int(expiry_s)
+        return properties
+
     # -- the connection loop ----------------------------------------------------------------------
 
     async def _ready(self) -> aiomqtt.Client:
@@ -409,23 +262,27 @@ class MqttTransport:
             client = self._client
             if client is not None and self._connected.is_set():
                 return client
-            waiter = asyncio.ensure_future(self._connected.wait())
-            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await self._connected_or_ended(self._task)
+
+    async def _connected_or_ended(self, task: asyncio.Task[None]) -> None:
+        """Wait until connected, or until the background task has ended."""
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
             waiter.cancel()
 
-    def _make_client(self, protocol: Literal["v5", "v311"], *, will: bool = True) -> aiomqtt.Client:
-        last_will = None
-        if will and self._will is not None:
-            last_will = aiomqtt.Will(self._will.topic, self._will.payload, qos=1, retain=True)
-        v5 = protocol == "v5"
+    def _make_client(self, attempt: Attempt) -> aiomqtt.Client:
+        will = self._will if attempt.will else None
+        v5 = attempt.protocol == "v5"
         return aiomqtt.Client(
-            self._host,
-            self._port,
+            self._address.host,
+            self._address.port,
             username=self._username,
             password=self._password() if callable(self._password) else self._password,
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=last_will,
+            will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1, retain=True),
             clean_session=None if v5 else True,
             clean_start=True if v5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self._keepalive_s,
@@ -433,54 +290,31 @@ class MqttTransport:
             tls_context=self._tls,
         )
 
-    async def _open(self, protocol: Literal["v5", "v311"], *, will: bool = True) -> aiomqtt.Client:
-        client = self._make_client(protocol, will=will)
+    async def _open(self, attempt: Attempt) -> aiomqtt.Client:
+        client = self._make_client(attempt)
         await client.__aenter__()
         _no_delay(client)
         return client
 
-    async def _negotiate(self) -> Literal["v5", "v311"]:
-        """Does the broker speak v5? Asked without a will: amqtt misreads a v5 CONNECT that carries one
-        and never answers, whereas a plain v5 CONNECT gets a prompt "unsupported protocol version"."""
-        try:
-            probe = await self._open("v5", will=False)
-        except aiomqtt.MqttError as exc:
-            if _refuses_protocol(exc):
-                log.info("%s: broker refused MQTT v5; using 3.1.1", self.client_id)
-                return "v311"
-            raise
-        await probe.__aexit__(None, None, None)
-        return "v5"
-
     async def _connect(self) -> aiomqtt.Client:
-        """One connection attempt. In auto mode the protocol is settled once, on the first connection,
-        and kept for reconnects (falling back to 3.1.1 if a v5 broker is replaced by one that refuses it).
-        """
-        if self._choice != "auto":
-            client = await self._open(self._choice)
-            self.protocol = self._choice
-            return client
-        if self.protocol is None:
-            if self._will is None:  # the connection itself is the probe
-                try:
-                    client = await self._open("v5")
-                except aiomqtt.MqttError as exc:
-                    if not _refuses_protocol(exc):
-                        raise
-                    log.info("%s: broker refused MQTT v5; using 3.1.1", self.client_id)
-                    self.protocol = "v311"
-                else:
-                    self.protocol = "v5"
-                    return client
-            else:
-                self.protocol = await self._negotiate()
-        try:
-            return await self._open(self.protocol)
-        except aiomqtt.MqttError as exc:
-            if self.protocol == "v5" and _refuses_protocol(exc):
-                self.protocol = "v311"
-                return await self._open("v311")
-            raise
+        """One attempt to connect: open what the session asks for (a v5 probe, a fallback to 3.1.1)."""
+        attempt = self._session.next_attempt()
+        while True:
+            try:
+                client = await self._open(attempt)
+            except aiomqtt.MqttError as exc:
+                fallback = self._session.refused(attempt, _connack_code(exc))
+                if fallback is None:
+                    raise
+                log.info("%s: broker refused MQTT v5; using 3.1.1", self.client_id)
+                attempt = fallback
+                continue
+            if attempt.probe:  # it only asked whether the broker speaks v5
+                await client.__aexit__(None, None, None)
+            follow_up = self._session.opened(attempt)
+            if follow_up is None:
+                return client
+            attempt = follow_up
 
     async def _run(self) -> None:
         try:
@@ -493,50 +327,59 @@ class MqttTransport:
             self._inbox.put_nowait(None)
 
     async def _connection_loop(self) -> None:
-        failures = 0
         while True:
             try:
                 client = await self._connect()
             except aiomqtt.MqttError as exc:
-                failures += 1
                 self._failure = exc
-                limit = self._backoff.max_attempts
-                if limit is not None and failures >= limit:
-                    log.warning("%s: giving up after %d attempts: %s", self.client_id, failures, exc)
-                    self._gave_up = True
-                    return
-                delay = self._backoff.delay(failures - 1, self._rng)
-                level = logging.ERROR if _refused_us(exc) else logging.INFO
-                log.log(level, "%s: connect failed (%s); retrying in %.2f s", self.client_id, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
+                if await self._retry_after(exc):
+                    continue
+                return
             try:
-                for topic_filter, qos in list(self._subscriptions.items()):
-                    await client.subscribe(topic_filter, qos=qos)
-                if self.connections:  # a reconnect: the broker may have lost our retained state
-                    await self._republish_state(client)
+                await self._renew(client)
                 self._client = client
-                self.connections += 1
+                self._session.renewed()
                 self._connected.set()
-                async for message in client.messages:
-                    self._inbox.put_nowait(
-                        InboundMessage(
-                            topic=message.topic.value,
-                            payload=_as_bytes(message.payload),
-                            retained=bool(message.retain),
-                        )
-                    )
+                await self._receive(client)
             except aiomqtt.MqttError as exc:
                 self._failure = exc
                 log.info("%s: connection lost (%s); reconnecting", self.client_id, exc)
             finally:
-                self._connected.clear()
-                self._client = None
-                # Clean DISCONNECT when we are closing; a no-op error when the link is already gone.
-                with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
-                    await asyncio.shield(client.__aexit__(None, None, None))
-            await asyncio.sleep(self._backoff.delay(0, self._rng))
+                await self._drop(client)
+            await asyncio.sleep(self._session.lost())
+
+    async def _retry_after(self, exc: aiomqtt.MqttError) -> bool:
+        """Wait as long as the session says after a failed attempt; False when it says to give up."""
+        decision = self._session.connect_failed(_connack_code(exc), str(exc))
+        if isinstance(decision, GiveUp):
+            log.warning("%s: giving up after %d attempts: %s", self.client_id, decision.attempts, exc)
+            self._gave_up = True
+            return False
+        level = logging.ERROR if decision.refused else logging.INFO
+        log.log(level, "%s: connect failed (%s); retrying in %.2f s", self.client_id, exc, decision.delay_s)
+        await asyncio.sleep(decision.delay_s)
+        return True
+
+    async def _renew(self, client: aiomqtt.Client) -> None:
+        """Send what the session renews on a fresh connection: subscriptions, then retained state."""
+        for renewal in self._session.connected(time.monotonic()):
+            if isinstance(renewal, Subscribe):
+                await client.subscribe(renewal.topic_filter, qos=renewal.qos)
+            else:
+                expiry = self._expiry(renewal.expiry_s)
+                await client.publish(renewal.topic, renewal.payload, qos=1, retain=True, properties=expiry)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            message = InboundMessage(m.topic.value, _as_bytes(m.payload), retained=bool(m.retain))
+            self._inbox.put_nowait(message)
+
+    async def _drop(self, client: aiomqtt.Client) -> None:
+        self._connected.clear()
+        self._client = None
+        # Clean DISCONNECT when we are closing; a no-op error when the link is already gone.
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
+            await asyncio.shield(client.__aexit__(None, None, None))
 
 
 async def connect_within(url: str, client_id: str, timeout_s: float, **kwargs: object) -> MqttTransport:
