@@ -38,6 +38,7 @@ from p2pdoe.services.clock import VirtualClock, run_virtual
 from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
 Recorder = Callable[[str, bytes, bool], None]
+CONTROL, GRID = 1, 2  # each instant in the lockstep phases' order: meters, edge agents, coordinator
 
 
 @dataclass
@@ -142,11 +143,12 @@ class VirtualDay:
             **{**self.dso_options, **options},
         )  # fmt: skip
         transport = MemoryTransport(self.broker, "dso", will=dso_will())
-        service = CoordinatorService(transport, self.clock, settings, offload=False)
+        clock = VirtualClock(self.origin, rank=GRID)
+        service = CoordinatorService(transport, clock, settings, offload=False)
 
         async def main() -> int:
             async with transport:
-                return await service.run(build_machine(self.coordinator_config, settings, self.clock.now()))
+                return await service.run(build_machine(self.coordinator_config, settings, clock.now()))
 
         self._launch("dso", transport, main())
 
@@ -160,7 +162,7 @@ class VirtualDay:
         transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
         journal = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
-        clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s))
+        clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s), rank=CONTROL)
         service = EdgeService(
             market, transport, clock, journal=journal, meter=MqttMeter(transport, site), offload=False
         )
@@ -186,6 +188,41 @@ class VirtualDay:
                 return await service.run(meter)
 
         self._launch(f"meter-{site}", transport, main())
+
+    def start_site_on_meter_broker(self, site: str, meter_broker: MemoryBroker, **options: Any) -> None:
+        """The site's meter and edge agent with the meter on a broker of the site's own (the edge's
+        `--meter-broker`, a gateway's): an `outage` of the day's broker then cuts the edge off the
+        coordinator while its meter goes on reading and following its set-points."""
+        config = self.configs[site]
+        meter = SimulatedMeter(config, self.start, self.rate_s, _seed(site), self.s.dt_h * 3600)
+        meter_side = MemoryTransport(meter_broker, f"meter-{site}")
+        meter_service = MeterService(meter_side, self.clock, offload=False)
+
+        async def run_meter() -> int:
+            async with meter_side:
+                return await meter_service.run(meter)
+
+        self._launch(f"meter-{site}", meter_side, run_meter())
+        settings = EdgeSettings(
+            site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
+            journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
+        )  # fmt: skip
+        transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
+        adapter = MemoryTransport(meter_broker, f"edge-{site}-meter")
+        journal = Journal(self.journal(site), site)
+        market = market_machine(config, margins(settings))
+        service = EdgeService(
+            market, transport, self.clock, journal=journal, meter=MqttMeter(adapter, site), offload=False
+        )
+
+        async def run_edge() -> int:
+            try:
+                async with transport, adapter:
+                    return await service.run(build_realtime(config, settings, self.clock.now()))
+            finally:
+                journal.close()
+
+        self._launch(f"edge-{site}", transport, run_edge())
 
     def _launch(self, name: str, transport: MemoryTransport, main: Awaitable[int]) -> None:
         task: asyncio.Task[int] = asyncio.ensure_future(main)

@@ -19,6 +19,7 @@ except on the `VirtualTimeLoop`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import selectors
 from collections.abc import Callable, Coroutine, Mapping
@@ -125,15 +126,32 @@ class _JumpingSelector(selectors.BaseSelector):
         self._real = selectors.DefaultSelector()
         self.now_s = 0.0  # the loop's virtual time
         self.threads = 0  # executor jobs under way
+        self.idle: list[tuple[int, int, Callable[[], object]]] = []  # (rank, order, callback), a heap
+        self.schedule: Callable[[Callable[[], object]], object] | None = None  # the loop's call_soon
+        self._order = 0
+
+    def when_idle(self, rank: int, callback: Callable[[], object]) -> None:
+        self._order += 1
+        heapq.heappush(self.idle, (rank, self._order, callback))
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready = self._real.select(0)  # I/O and the self-pipe (call_soon_threadsafe) first
         if ready or timeout == 0:  # 0: callbacks are ready
             return ready
-        if timeout is None or self.threads > 0:
+        if self.threads > 0:
+            return self._real.select(None)
+        if self.idle and self.schedule is not None:  # this instant is quiet: its next rank goes on
+            self._release_rank(self.schedule)
+            return []
+        if timeout is None:
             return self._real.select(None)
         self.now_s += timeout
         return []
+
+    def _release_rank(self, schedule: Callable[[Callable[[], object]], object]) -> None:
+        rank = self.idle[0][0]
+        while self.idle and self.idle[0][0] == rank:
+            schedule(heapq.heappop(self.idle)[2])
 
     def register(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._real.register(fileobj, events, data)
@@ -167,6 +185,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._jumps = _JumpingSelector()
         super().__init__(self._jumps)
+        self._jumps.schedule = self.call_soon
         # _run_once fires a timer when `when < time() + _clock_resolution` (monotonic's, 1 ns): past 2**24 s
         # floats are > 2 ns apart and a timer landed on exactly would never fire. 1 µs holds to 2**33 s.
         self._clock_resolution = 1e-6
@@ -184,6 +203,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _thread_done(self, _: asyncio.Future[Any]) -> None:
         self._jumps.threads -= 1
+
+    def call_when_quiet(self, rank: int, callback: Callable[[], object]) -> None:
+        """Call `callback` once nothing else is ready at this instant, before time moves on; callbacks
+        of a lower rank first (then whatever they set off), like the phases of a lockstep step."""
+        self._jumps.when_idle(rank, callback)
 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:
@@ -203,16 +227,33 @@ def _virtual_loop() -> VirtualTimeLoop:
     return loop
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class VirtualClock(_ClockOnLoop):
     """The day's time is `origin` plus the running VirtualTimeLoop's time in seconds; using it outside
-    one raises RuntimeError. An in-memory broker on the same loop expires messages on the same clock."""
+    one raises RuntimeError. An in-memory broker on the same loop expires messages on the same clock.
+
+    `rank` orders services woken at the same instant as the lockstep phases do: a clock of rank r
+    returns from `sleep_until` only once everything of a lower rank at that instant, and all it set
+    off, is done (meters 0, edge agents 1, the coordinator 2)."""
 
     kind: ClockKind = "virtual"
 
-    def __init__(self, origin: datetime) -> None:
+    def __init__(self, origin: datetime, rank: int = 0) -> None:
         if origin.utcoffset() is None:
             raise ValueError("a VirtualClock's origin needs a time zone")
         self.origin = origin
+        self.rank = rank
+
+    async def sleep_until(self, moment: datetime) -> None:
+        await super().sleep_until(moment)
+        if self.rank > 0:
+            quiet: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            _virtual_loop().call_when_quiet(self.rank, lambda: _settle(quiet))
+            await quiet
 
     def now(self) -> datetime:
         return self.origin + timedelta(seconds=_virtual_loop().time())

@@ -155,6 +155,7 @@ class Shell:
             return self.inbox.get_nowait()
         wake = machine.next_wake()
         if wake is not None and self.clock.now() >= wake:
+            await self.clock.sleep_until(wake)  # at once; a ranked virtual clock lets this instant settle
             return Woke()
         self.clock.idle(machine.holding() or (self.hold is not None and self.hold()))
         if self._getter is None:

@@ -1,0 +1,79 @@
+"""A whole simulated day of every service in one process on the virtual clock (p2pdoe.cli.virtual_day):
+the wall time it takes, its repeats' median, the load the machine was under, and the day's figures
+(which must be identical in every repeat: the virtual clock makes the outcome independent of speed).
+
+Run from the repository root: `.venv/bin/python benchmarks/virtual_day.py [--hours 24] [--repeats 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+from p2pdoe.cli.virtual_day import VirtualDay  # noqa: E402
+from p2pdoe.io.scenarios import load_scenario  # noqa: E402
+
+QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
+
+
+def one_day(hours: float) -> tuple[float, str, dict[str, object]]:
+    with tempfile.TemporaryDirectory() as root:
+        day = VirtualDay(load_scenario("default", QUARTER_HOURS), Path(root), hours=hours)
+        t0 = time.perf_counter()
+        results = day.run()
+        wall = time.perf_counter() - t0
+    rt = results.realtime
+    assert rt is not None
+    figures = {
+        "rolling rounds": len(rt.intervals),
+        "iterations": sum(i.iterations for i in rt.intervals),
+        "settlements": len(rt.settlements),
+        "readings judged": rt.envelope_violations.judged_readings,
+        "sustained violations": rt.envelope_violations.count,
+        "net EUR": round(sum(s.net_eur for s in rt.settlements), 6),
+    }
+    return (
+        wall,
+        json.dumps(rt.model_dump(exclude={"intervals": {"__all__": {"wall_s"}}}), sort_keys=True),
+        figures,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hours", type=float, default=24.0)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    logging.disable(logging.INFO)
+    load = os.getloadavg()
+    walls, days = [], set()
+    figures: dict[str, object] = {}
+    for _ in range(args.repeats):
+        wall, day, figures = one_day(args.hours)
+        walls.append(wall)
+        days.add(day)
+    print(
+        f"{args.hours:g} h of the default day (6 sites, 15-minute intervals, 30 s meter steps), one process"
+    )
+    print(
+        f"wall time per day: median {statistics.median(walls):.1f} s over {args.repeats} runs "
+        f"({', '.join(f'{w:.1f}' for w in walls)}); "
+        f"load average before: {load[0]:.2f}, {os.cpu_count()} cores"
+    )
+    print(f"identical days: {'yes' if len(days) == 1 else f'NO ({len(days)} different)'}")
+    for name, value in figures.items():
+        print(f"  {name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The real-time day as processes over a real Mosquitto on the lockstep clock (`p2pdoe demo`'s way):
+its outcome does not depend on the machine's speed, so it equals, to the last digit, the same day run
+in one process on the virtual clock (p2pdoe.cli.virtual_day); the violations a plain MQTT client
+counts from the broker equal the coordinator's; and a process that stops answering is named by the
+granter while the others go on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pdoe.cli.demo import RealTime, run_demo
+from p2pdoe.cli.virtual_day import VirtualDay
+from p2pdoe.core.schemas.results import RealtimeInfo, Results
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.services.broker import Broker
+
+pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
+QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
+
+
+def _fingerprint(rt: RealtimeInfo, start: str) -> dict[str, object]:
+    """What the day did, independent of its date: rounds, settlements, violations."""
+    return {
+        "intervals": [(i.interval, i.status, i.iterations, i.lo_kw, i.up_kw) for i in rt.intervals],
+        "settlements": sorted(
+            (s.site, s.interval_start.split("T")[1], s.measured_kwh, s.net_eur, s.readings)
+            for s in rt.settlements
+        ),
+        "violations": rt.envelope_violations.count,
+        "judged": rt.envelope_violations.judged_readings,
+        "missing": rt.missing_settlements,
+        "start": start.split("T")[1],
+    }
+
+
+@pytest.mark.timeout(900)
+def test_the_lockstep_day_over_mosquitto_equals_the_virtual_day(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    rt = RealTime(hours=1.0)
+    processes = run_demo(
+        "default", QUARTER_HOURS, mosquitto_broker.url, tmp_path / "demo", False, "dynamic", rt
+    )
+    assert processes.realtime is not None
+    virtual = VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=1.0).run()
+    assert virtual.realtime is not None
+    assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
+    assert processes.realtime.clock == "lockstep"
+    assert len(processes.realtime.settlements) == 4 * 6  # every interval of the hour settled, the last too
+    observed = json.loads((tmp_path / "demo" / "observed.json").read_text())  # a plain client's count
+    assert observed["sustained_violations"] == processes.realtime.envelope_violations.count
+    assert observed["judged_readings"] == processes.realtime.envelope_violations.judged_readings
+
+
+@pytest.mark.timeout(900)
+def test_a_process_that_stops_answering_is_named_and_the_day_goes_on(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """A meter simulator is killed after the day has begun: the granter names it once it has been
+    silent `silence_timeout_s`, and the coordinator, the other sites and the granter run to the end."""
+    out = tmp_path / "demo"
+    rt = RealTime(hours=1.0, silence_timeout_s=5.0)
+    result: list[Results | BaseException] = []
+
+    def demo() -> None:
+        try:
+            result.append(run_demo("default", QUARTER_HOURS, mosquitto_broker.url, out, False, "dynamic", rt))
+        except BaseException as exc:  # handed to the test's thread
+            result.append(exc)
+
+    runner = threading.Thread(target=demo)
+    runner.start()
+    victim = "wind-25"
+    _wait_for(lambda: "interval 2:" in _log(out, "dso-coordinator"), 600, "the day's second round")
+    pid = _pid_of(f"{out}/config/sites/{victim}.json", "meter_sim")
+    os.kill(pid, signal.SIGKILL)
+    runner.join(600)
+    assert not runner.is_alive()
+    assert result
+    assert isinstance(result[0], Results), result
+    assert f"meter-{victim}" in _log(out, "clock")
+    assert "silent" in _log(out, "clock")
+    day = result[0].realtime
+    assert day is not None
+    others = {s.site for s in day.settlements if s.site != victim}
+    assert len(others) == 5
+    assert all(sum(1 for s in day.settlements if s.site == site) == 4 for site in others)
+
+
+def _log(out: Path, name: str) -> str:
+    path = out / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _wait_for(condition: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} within {timeout_s:g} s")
+
+
+def _pid_of(needle: str, module: str) -> int:
+    """The process this test started whose command line holds `needle` and runs `module`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if module in words and needle in words:
+            return int(entry.name)
+    raise AssertionError(f"no {module} process for {needle}")
