@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-from p2pdoe.services.transport import InboundMessage, LastWill, TransportError
+from p2pdoe.services.transport_api import InboundMessage, LastWill, TransportError
 
 __all__ = ["MemoryBroker", "MemoryTransport", "topic_matches"]
 
