@@ -111,7 +111,7 @@ class EdgeRealtime:
             self.controller.adopt(event.plan)
             return self._report_state(now)
         if isinstance(event, DayStarts):
-            self.controller.day_start = event.start
+            self.controller.start_day(event.start)
             return []
         self._restore(event, now)
         return self._report_state(now)
@@ -164,9 +164,9 @@ class EdgeRealtime:
         if not isinstance(msg, DsoStatus):
             self.reader.dropped["sender_not_topic"] += 1
             return []
-        self.controller.coordinator_online = msg.state == "online"
-        if not m.retained and msg.state == "online":  # live and fresh: its time stamp tells the skew
-            self.controller.skew_s = (now - msg.ts).total_seconds() / self.speed
+        live = not m.retained and msg.state == "online"  # live and fresh: its time stamp tells the skew
+        skew_s = (now - msg.ts).total_seconds() / self.speed if live else None
+        self.controller.heard_coordinator(msg.state == "online", skew_s)
         return self._report_state(now)
 
     def _report_state(self, now: datetime) -> list[Command]:
@@ -235,11 +235,11 @@ class EdgeRealtime:
         """The first reading after a restart counts its own step only, like a fresh agent's first
         reading: the readings the meter gave while the agent was not running are missing from the
         interval's coverage (its settlement's `covered_s` shows it), not estimated from this one."""
-        ctl = self.controller
-        if not self._restarted or ctl.last_ts is None or r.ts <= ctl.last_ts:
+        last = self.controller.last_ts
+        if not self._restarted or last is None or r.ts <= last:
             return  # nothing resumed, or a repeated reading (the controller drops it)
         self._restarted = False
-        ctl.last_ts = max(ctl.last_ts, r.ts - timedelta(seconds=ctl.nominal_step_s))
+        self.controller.count_from(r.ts)
 
     def _journal_step(self, step: Step) -> list[Command]:
         e = self.controller.energy
@@ -309,4 +309,4 @@ class EdgeRealtime:
             self._restarted = True
             log.info("%s: resumed interval %s from the journal", self.site, energy.start.isoformat())
         elif saved.flex_used_kwh is not None:
-            ctl.flex_used_kwh = saved.flex_used_kwh
+            ctl.resume(None, saved.flex_used_kwh)

@@ -199,6 +199,22 @@ class Controller:
     def interval_start(self, t: int) -> datetime:
         return self.day_start + timedelta(seconds=t * self.dt_s)
 
+    def start_day(self, start: datetime) -> None:
+        """A round over the whole day sets the day's start."""
+        self.day_start = start
+
+    def heard_coordinator(self, online: bool, skew_s: float | None = None) -> None:
+        """The coordinator's status: online or not, and (from a live one) the clock skew it shows."""
+        self.coordinator_online = online
+        if skew_s is not None:
+            self.skew_s = skew_s
+
+    def count_from(self, ts: datetime) -> None:
+        """The next reading counts its own step only: after a restart, the readings missed while the
+        agent was not running are a gap in the interval's coverage, not estimated from that reading."""
+        if self.last_ts is not None and ts > self.last_ts:
+            self.last_ts = max(self.last_ts, ts - timedelta(seconds=self.nominal_step_s))
+
     def adopt(self, plan: Plan) -> None:
         """A settled agreement: it governs from its start (later plans win where they overlap)."""
         self.plans = [*[p for p in self.plans if p.start < plan.start][-3:], plan]
@@ -266,9 +282,12 @@ class Controller:
         self.energy = IntervalEnergy(self.interval_start(t), self.interval_start(t + 1)) if in_day else None
         return settled
 
-    def resume(self, energy: IntervalEnergy, flex_used_kwh: float) -> None:
-        """Continue an interval's accumulation saved before a restart."""
-        self.energy, self.last_ts, self.flex_used_kwh = energy, energy.last_ts, flex_used_kwh
+    def resume(self, energy: IntervalEnergy | None, flex_used_kwh: float) -> None:
+        """Continue an interval's accumulation saved before a restart (None: none under way), with the
+        flexible energy used so far."""
+        if energy is not None:
+            self.energy, self.last_ts = energy, energy.last_ts
+        self.flex_used_kwh = flex_used_kwh
 
     def settle(self, e: IntervalEnergy) -> Settled:
         t = self.interval_of(e.start)
