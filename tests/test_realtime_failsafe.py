@@ -1,18 +1,28 @@
-"""The edge agent's CSIP-AUS-style fail-safes, as deployed: one edge agent process (meter adapter and
-journal) and one meter simulator process for one site, over a real broker, on an accelerated shared
-clock. No coordinator process: the test plays it with a plain MQTT client, publishing what the
-coordinator publishes (its retained status, the site's dynamic envelope on `doe` and its default on
-`doe/default`, retained with the broker's expiry at their end), and judges only what travels over
-the broker: the site's status, telemetry, meter readings and set-points.
+"""The edge agent's restart fail-safe as deployed: one edge agent process (meter adapter and journal)
+and one meter simulator process for one site, over a real broker (Mosquitto in CI), on an
+accelerated shared clock. No coordinator process: the test plays it with a plain MQTT client,
+publishing what the coordinator publishes (its retained status, the site's dynamic envelope on
+`doe` and its default on `doe/default`, retained with the broker's expiry at their end), and judges
+only what travels over the broker: the site's status, telemetry, meter readings and set-points.
 
-1. Communications lost (a TCP proxy between the edge and the broker, severed and restored): the
-   cached dynamic envelope until it expires, then the default; telemetry kept and forwarded.
-2. A restart while the coordinator is away: the journal's saved default applies at once.
-3. A clock skewed beyond tolerance: the fallback with alarm clock_skew, not the dynamic envelope.
-4. An exceedance of a new, narrower envelope is back inside within 15 s of simulated time.
+A restart while the coordinator is away: the edge process is killed (SIGKILL, its last will goes
+out), the coordinator goes away with its retained envelopes, and the edge started again on the same
+journal applies the saved default from its first status on. What this adds to the virtual day: real
+processes, a real kill, SQLite journals across processes, Mosquitto's retained messages, expiry and
+wills. It is judged on the order of what it publishes (its first status, its telemetry, its
+set-points) and on the meter coming down into the default, never on how fast: every wait is only a
+generous bound for what must come, so a slow or loaded machine takes longer, never fails. Every
+moment it acts at follows from what it has seen (the dynamic envelope is shortened to end a
+simulated minute on only once the edge has applied it, however long the process took to start).
+
+The other CSIP-AUS cases that ran here (communications lost: the cached envelope until its end, then
+the default; a skewed clock; an exceedance back inside within 15 s), and this one again with every
+moment and every reading exact, run deterministically on a virtual clock in
+tests/test_virtual_failsafe.py. Real reconnects after a broker outage, with the meter on the site's
+own broker and the journal's outbox forwarded, run as processes in tests/test_realtime_recovery.py.
 
 At midday the site (the scenario's first, a large PV plant with a battery) exports about 1.2 MW
-uncurtailed: the dynamic envelopes here allow that, the default ([0, 400] kW) does not, so which one
+uncurtailed: the dynamic envelope here allows that, the default ([0, 400] kW) does not, so which one
 is in force shows in the meter readings. Every process is killed at the end; every wait is bounded.
 """
 
@@ -20,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -62,7 +70,7 @@ M = TypeVar("M", bound=Runtime)
 SPEED = 60.0  # simulated seconds per wall second
 LEAD_S = 6.0  # wall seconds for the processes to start before the clock's origin
 MIDDAY = timedelta(hours=11, minutes=30)  # the simulated time of day at the clock's origin
-WAIT_S = 40.0  # the longest any single wait may take (wall)
+WAIT_S = 90.0  # the longest any single wait may take (wall): a bound for what must come
 DEFAULT = (0.0, 400.0)  # the site's default envelope, kW (export positive)
 WIDE = (-500.0, 1500.0)  # a dynamic envelope the site's uncurtailed midday export fits in
 
@@ -89,9 +97,6 @@ class Clock:
 
     def now(self) -> datetime:
         return self.origin + (datetime.now(UTC) - self.wall) * self.speed
-
-    async def sleep_until(self, moment: datetime) -> None:
-        await asyncio.sleep(max(0.0, (moment - self.now()).total_seconds() / self.speed))
 
     def args(self) -> list[str]:
         return ["--start", _iso(self.start), "--sim-origin", _iso(self.origin), "--wall-origin",
@@ -126,12 +131,12 @@ class Site:
         self.procs.append((log.name, proc))
         return proc
 
-    def edge(self, *extra: str, broker: str | None = None) -> subprocess.Popen[bytes]:
-        """`python -m edge_agent` with its meter (always on the real broker) and its journal."""
+    def edge(self) -> subprocess.Popen[bytes]:
+        """`python -m edge_agent` with its meter (on its own connection) and its journal."""
         return self._start(
-            "edge", "edge_agent", "--site-config", str(self.config), "--broker", broker or self.url,
+            "edge", "edge_agent", "--site-config", str(self.config), "--broker", self.url,
             "--meter", "--meter-broker", self.url, "--meter-step-s", f"{self.rate_s:g}",
-            "--journal", str(self.journal), *extra,
+            "--journal", str(self.journal),
         )  # fmt: skip
 
     def meter(self) -> subprocess.Popen[bytes]:
@@ -283,74 +288,7 @@ class Bench:
         return await self.envelope("doe/default", DEFAULT, start, start + timedelta(days=1))
 
 
-# -- a link that can be cut -----------------------------------------------------------------------
-
-
-class Proxy:
-    """A TCP proxy on 127.0.0.1 to the broker: `sever` closes every connection and stops listening
-    (new ones are refused), `start` listens again on the same port."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[object]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._links |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._links.discard(writer)
-            writer.transport.abort()
-
-    async def sever(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._links):
-            writer.transport.abort()
-        self._links.clear()
-
-    async def close(self) -> None:
-        await self.sever()
-        tasks = [t for t in self._tasks if not t.done()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-
-
-def outbox_size(journal: Path) -> int:
-    """Messages waiting in the edge's journal for the broker (read beside the running agent: WAL)."""
-    db = sqlite3.connect(journal, timeout=5)
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-    finally:
-        db.close()
-
-
-def at_least(n: int, items: list[T]) -> list[T] | None:
-    return items if len(items) >= n else None
+# -- what the meter shows -------------------------------------------------------------------------
 
 
 def outside(r: MeterReading, box: tuple[float, float]) -> bool:
@@ -362,124 +300,35 @@ def exporting_beyond(readings: list[MeterReading], box: tuple[float, float]) -> 
     return bool(readings) and all(r.p_kw > box[1] + tolerance_kw(box[1]) for r in readings)
 
 
-# -- the cases ------------------------------------------------------------------------------------
+# -- the case -------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(150)
-def test_communications_lost_the_cached_envelope_until_its_end_then_the_default(
-    mqtt_broker: Broker, tmp_path: Path
-) -> None:
-    """CSIP-AUS: a control is honoured until its end with communications lost; then the default. The
-    edge's link to the DSO's broker is cut for 7 simulated minutes (its meter, local, keeps working);
-    its cached dynamic envelope ends 3 minutes into the outage."""
-    rate_s = 10.0
-    clock = Clock.midday()
-    sever_at = clock.origin + timedelta(minutes=5)
-    expires = sever_at + timedelta(minutes=3)
-    restore_at = sever_at + timedelta(minutes=7)
-    broker_port = urlsplit(mqtt_broker.url).port
-    assert broker_port is not None
-
-    async def scenario(site: Site) -> None:
-        proxy = Proxy(broker_port)
-        await proxy.start()
-        try:
-            async with Bench(mqtt_broker.url, clock, site.id) as bench:
-                await bench.dso_status("online")
-                await bench.day_default()
-                await bench.envelope("doe", WIDE, clock.start + timedelta(hours=11), expires)
-                edge = site.edge(broker=f"mqtt://127.0.0.1:{proxy.port}")
-                site.meter()
-                await outage(site, edge, proxy, bench)
-        finally:
-            await proxy.close()
-
-    async def outage(site: Site, edge: subprocess.Popen[bytes], proxy: Proxy, bench: Bench) -> None:
-        await bench.until(lambda: any(s.envelope == "dynamic" for s in bench.statuses()), "status dynamic")
-        await clock.sleep_until(sever_at)
-        before = [r for r in bench.readings() if r.ts > sever_at - timedelta(minutes=2)]
-        assert len(before) >= 6, f"too few readings before the outage: {len(before)}"
-        assert exporting_beyond(before, DEFAULT), [r.p_kw for r in before]  # the wide envelope's freedom
-        await proxy.sever()
-        await clock.sleep_until(restore_at)
-        restored = time.monotonic()
-        await proxy.start()
-        await bench.dso_status("online")
-        await bench.envelope("doe", WIDE, clock.now(), clock.now() + timedelta(minutes=30))
-
-        # The telemetry of the outage arrives after it (kept in the journal, forwarded in order on
-        # reconnect), each reading judged against the cached dynamic envelope until its end, then
-        # against the default.
-        last = restore_at - timedelta(seconds=rate_s)
-        await bench.until(lambda: any(last <= t.ts for t in bench.telemetry(restored)), "forwarded telemetry")
-        late = [t for t in bench.telemetry(restored) if sever_at < t.ts <= restore_at]
-        expected = (restore_at - sever_at).total_seconds() / rate_s
-        assert len(late) >= expected - 3, f"{len(late)} of {expected:g} outage readings forwarded"
-        assert [t.ts for t in late] == sorted({t.ts for t in late})
-        cut = sever_at + timedelta(seconds=2 * rate_s)  # readings the cut may have caught in flight before
-        assert not [t for at, t in bench.timed("telemetry", Telemetry) if at < restored and t.ts > cut]
-        for t in late:
-            on_cache = t.ts - timedelta(milliseconds=1) < expires
-            want = ("dynamic", *WIDE) if on_cache else ("default", *DEFAULT)
-            assert (t.envelope, t.lo_kw, t.up_kw) == want, t
-
-        # The meter readings (the site's own broker, all along) show it was done, not just said: no
-        # curtailment while the cached envelope lasted, the default from the reading after its end.
-        readings = bench.readings()
-        cached = [r for r in readings if sever_at < r.ts <= expires]
-        fallback = [r for r in readings if expires + timedelta(seconds=2 * rate_s) <= r.ts <= restore_at]
-        assert len(cached) >= (expires - sever_at).total_seconds() / rate_s - 2
-        assert exporting_beyond(cached, DEFAULT), [r.p_kw for r in cached]
-        assert len(fallback) >= (restore_at - expires).total_seconds() / rate_s - 4
-        assert not [r for r in fallback if outside(r, DEFAULT)], [(r.ts, r.p_kw) for r in fallback]
-        # ... because the control loop kept running: set-points at meter rate all through the outage.
-        live = [sp.ts for at, sp in bench.timed("setpoints", SetPointMessage) if at < restored]
-        assert len([ts for ts in live if expires < ts]) >= len(fallback) - 1, "the control loop stalled"
-
-        # Back (once the edge has reconnected, after its backoff): the fresh dynamic envelope applies
-        # again, in its status, its telemetry and its meter.
-        await bench.until(
-            lambda: bench.statuses(restored) and bench.statuses()[-1].envelope == "dynamic", "status dynamic"
-        )
-        switches = [s.envelope for s in bench.statuses(restored)]
-        assert "default" in switches, switches  # the switch during the outage, published on return
-        settled_in = clock.now() + timedelta(seconds=2 * rate_s)
-        back = await bench.until(
-            lambda: at_least(4, [t for t in bench.telemetry(restored) if t.ts > settled_in]),
-            "telemetry after the return",
-        )
-        assert all((t.envelope, t.lo_kw, t.up_kw) == ("dynamic", *WIDE) for t in back), back
-        again = [r for r in bench.readings() if r.ts > settled_in]
-        assert exporting_beyond(again, DEFAULT), [r.p_kw for r in again]
-        await bench.until(lambda: outbox_size(site.journal) == 0, "the journal's outbox drained")
-        site.assert_healthy(edge)
-
-    with Site(tmp_path, mqtt_broker.url, clock, rate_s) as site:
-        asyncio.run(scenario(site))
-
-
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(450)
 def test_an_edge_restarted_while_the_coordinator_is_away_applies_its_saved_default_at_once(
     mqtt_broker: Broker, tmp_path: Path
 ) -> None:
     """The edge hears a default and a dynamic envelope (which then expires), is killed, the coordinator
-    goes away with its retained envelopes; restarted on the same journal, the edge applies the saved
-    default within 5 s: never its fixed default, never the wide box, and its set-points follow it."""
+    goes away with its retained envelopes; restarted on the same journal, the edge's first status is
+    the saved default (never its fixed default, never the wide box), its telemetry is judged against
+    it and its set-points curtail to it, and the meter comes down into it."""
     rate_s = 10.0
     clock = Clock.midday()
-    expires = clock.origin + timedelta(minutes=2)
 
     async def scenario(site: Site) -> None:
         async with Bench(mqtt_broker.url, clock, site.id) as bench:
             await bench.dso_status("online")
             await bench.day_default()
-            await bench.envelope("doe", WIDE, clock.start + timedelta(hours=11), expires)
+            since = clock.start + timedelta(hours=11)
+            await bench.envelope("doe", WIDE, since, clock.now() + timedelta(hours=1))
             edge = site.edge()
             site.meter()
-            await restart(site, edge, bench)
+            await restart(site, edge, bench, since)
 
-    async def restart(site: Site, edge: subprocess.Popen[bytes], bench: Bench) -> None:
+    async def restart(site: Site, edge: subprocess.Popen[bytes], bench: Bench, since: datetime) -> None:
         await bench.until(lambda: any(s.envelope == "dynamic" for s in bench.statuses()), "status dynamic")
+        # Then the coordinator shortens it to end a simulated minute from now (a later envelope for the
+        # same start replaces it): however late the edge hears it, it switches to the default.
+        await bench.envelope("doe", WIDE, since, clock.now() + timedelta(minutes=1))
         await bench.until(lambda: bench.statuses()[-1].envelope == "default", "status default")
         heard = time.monotonic()
         await bench.until(lambda: len(bench.readings(heard)) >= 3, "readings on the default")
@@ -499,168 +348,35 @@ def test_an_edge_restarted_while_the_coordinator_is_away_applies_its_saved_defau
                                flex_kw=0.0)  # fmt: skip
         await bench.client.publish(topics.site(site.id, "setpoints"), idle.model_dump_json().encode())
         loose = time.monotonic()
-        await bench.until(lambda: exporting_beyond(bench.readings(loose)[1:3], DEFAULT), "uncurtailed export")
+        await bench.until(
+            lambda: len(bench.readings(loose)) >= 3 and exporting_beyond(bench.readings(loose)[-2:], DEFAULT),
+            "uncurtailed export",
+        )
 
+        # Restarted on the same journal, nothing retained to hear: its first status is the saved
+        # default (however long it took to start), and so is every status after it.
         started = time.monotonic()
         edge = site.edge()
         first = await bench.until(
-            lambda: next(
-                ((at, s) for at, s in bench.timed("status", SiteStatus, started) if s.state == "online"), None
-            ),
+            lambda: next((s for s in bench.statuses(started) if s.state == "online"), None),
             "the restarted edge's status",
         )
-        assert first[0] - started <= 5.0, f"status after {first[0] - started:.1f} s"
-        assert (first[1].envelope, first[1].alarm) == ("default", None), first[1]
+        assert (first.envelope, first.alarm) == ("default", None), first
 
-        print(f"the restarted edge's first status after {first[0] - started:.1f} s (wall)")
-
-        # Its telemetry and its meter: the saved default's box, enforced.
-        telemetry = await bench.until(lambda: bench.telemetry(started), "telemetry")
-        resumed = telemetry[0].ts + timedelta(seconds=2 * rate_s)
-        await bench.until(lambda: len([r for r in bench.readings() if r.ts > resumed]) >= 6, "readings")
+        # Its telemetry, its set-points and its meter: the saved default's box, enforced.
+        await bench.until(lambda: len(bench.telemetry(started)) >= 8, "telemetry of the restarted edge")
         telemetry = bench.telemetry(started)
         assert all((t.envelope, t.lo_kw, t.up_kw) == ("default", *DEFAULT) for t in telemetry), telemetry
-        obeyed = [r for r in bench.readings() if r.ts > resumed]
-        assert not [r for r in obeyed if outside(r, DEFAULT)], [r.p_kw for r in obeyed]
         commands = [sp for _, sp in bench.timed("setpoints", SetPointMessage, started)]
         assert commands, "no set-points from the restarted edge"
         assert all(c.pv_cap_kw is not None for c in commands[1:]), commands  # curtailing to the default
+        # The meter comes down from ~1.2 MW into the default. (Each reading's compliance is judged
+        # exactly in the virtual test: here a set-point late on a loaded machine may leave one out.)
+        await bench.until(
+            lambda: len([r for r in bench.readings(started) if not outside(r, DEFAULT)]) >= 6,
+            "readings inside the saved default",
+        )
         assert {s.envelope for s in bench.statuses(started)} == {"default"}, bench.statuses(started)
-        site.assert_healthy(edge)
-
-    with Site(tmp_path, mqtt_broker.url, clock, rate_s) as site:
-        asyncio.run(scenario(site))
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("offset_wall_s", [0.0, 90.0], ids=["in-time", "skewed-90s"])
-def test_a_clock_skewed_beyond_tolerance_never_applies_the_dynamic_envelope(
-    mqtt_broker: Broker, tmp_path: Path, offset_wall_s: float
-) -> None:
-    """The skew is measured in wall seconds from the coordinator's live, time-stamped status: an edge
-    whose clock is 90 wall seconds off (90 x speed simulated seconds) with a 30 s tolerance applies the
-    fallback with alarm clock_skew although a valid dynamic envelope is published; in time, the
-    dynamic envelope."""
-    rate_s = 10.0
-    clock = Clock.midday()
-    tolerance_s = 30.0
-    skewed = offset_wall_s > tolerance_s
-
-    async def scenario(site: Site) -> None:
-        async with Bench(mqtt_broker.url, clock, site.id) as bench:
-            await bench.dso_status("online")
-            await bench.day_default()
-            await bench.envelope(
-                "doe", WIDE, clock.now() - timedelta(minutes=30), clock.now() + timedelta(hours=3)
-            )
-            edge = site.edge(
-                "--skew-tolerance-s",
-                f"{tolerance_s:g}",
-                "--clock-offset-s",
-                f"{offset_wall_s * clock.speed:g}",
-            )
-            site.meter()
-            await bench.until(lambda: bench.telemetry(), "the edge's first telemetry")
-            live = time.monotonic()
-            heartbeat = asyncio.create_task(beat(bench))
-            try:
-                await check(site, edge, bench, live)
-            finally:
-                heartbeat.cancel()
-
-    async def beat(bench: Bench) -> None:
-        """The coordinator's status, live and time-stamped, as it publishes it at every round."""
-        while True:
-            await bench.dso_status("online")
-            await asyncio.sleep(0.5)
-
-    async def check(site: Site, edge: subprocess.Popen[bytes], bench: Bench, live: float) -> None:
-        if skewed:
-            alarm = await bench.until(
-                lambda: next(
-                    ((at, s) for at, s in bench.timed("status", SiteStatus, live) if s.alarm == "clock_skew"),
-                    None,
-                ),
-                "status with alarm clock_skew",
-            )
-            since, status = alarm
-            assert status.envelope in ("default", "fixed_default"), status
-            skew = re.search(r"clock skew \+(\d+) s", status.reason or "")
-            assert skew is not None, status.reason
-            assert abs(int(skew.group(1)) - offset_wall_s) <= 3, status.reason  # in wall seconds
-        else:
-            since = live + 3.0
-            await asyncio.sleep(3.0)
-        telemetry = await bench.until(lambda: at_least(9, bench.telemetry(since)), "telemetry")
-        settled = telemetry[2:]  # readings handled before the status went out may follow it
-        readings = [r for r in bench.readings() if r.ts > settled[0].ts + timedelta(seconds=rate_s)]
-        if skewed:
-            assert all((t.envelope, t.lo_kw, t.up_kw) == ("default", *DEFAULT) for t in settled), settled
-            assert all(s.alarm == "clock_skew" and s.envelope != "dynamic" for s in bench.statuses(since))
-            assert readings
-            assert not [r for r in readings if outside(r, DEFAULT)], [r.p_kw for r in readings]
-        else:
-            assert all((t.envelope, t.lo_kw, t.up_kw) == ("dynamic", *WIDE) for t in telemetry), telemetry
-            assert all(s.alarm is None for s in bench.statuses()), bench.statuses()
-            assert bench.statuses()[-1].envelope == "dynamic"
-            assert exporting_beyond(readings, DEFAULT), [r.p_kw for r in readings]
-        site.assert_healthy(edge)
-
-    with Site(tmp_path, mqtt_broker.url, clock, rate_s) as site:
-        asyncio.run(scenario(site))
-
-
-@pytest.mark.timeout(120)
-def test_an_exceedance_is_back_inside_within_15_simulated_seconds(
-    mqtt_broker: Broker, tmp_path: Path
-) -> None:
-    """At midday, following a wide dynamic envelope, the site exports ~1.2 MW; a new dynamic envelope
-    with up = 600 kW takes effect at once: the first reading judged against it is outside, and the
-    readings are back inside within 15 s of simulated time (battery, flexible load and PV
-    curtailment), and stay inside. A slower clock (30x) leaves the loop reading -> set-points ->
-    plant a sixth of a wall second per 5 s reading."""
-    rate_s = 5.0
-    clock = Clock.midday(speed=30.0)
-    narrow = (-500.0, 600.0)
-
-    async def scenario(site: Site) -> None:
-        async with Bench(mqtt_broker.url, clock, site.id) as bench:
-            await bench.dso_status("online")
-            await bench.day_default()
-            await bench.envelope(
-                "doe", WIDE, clock.start + timedelta(hours=11), clock.origin + timedelta(hours=2)
-            )
-            edge = site.edge()
-            site.meter()
-            await check(site, edge, bench)
-
-    async def check(site: Site, edge: subprocess.Popen[bytes], bench: Bench) -> None:
-        await bench.until(lambda: any(s.envelope == "dynamic" for s in bench.statuses()), "status dynamic")
-        # In force at once, between two readings (they come every 5 s from the day's start): the
-        # set-points of the step under way were chosen for the wide envelope.
-        start = clock.origin + timedelta(minutes=1, seconds=2)
-        await clock.sleep_until(start)
-        steady = bench.readings()[-6:]
-        assert exporting_beyond(steady, narrow), [r.p_kw for r in steady]
-        doe = await bench.envelope("doe", narrow, start, start + timedelta(minutes=30))
-        watch_until = doe.start + timedelta(minutes=1)
-        await bench.until(lambda: bench.readings()[-1].ts > watch_until, "a minute of readings")
-        judged = [r for r in bench.readings() if doe.start <= r.ts - timedelta(milliseconds=1)]
-        first = judged[0]
-        assert outside(first, narrow), f"no exceedance to correct: {first}"
-        inside = next((r for r in judged if not outside(r, narrow)), None)
-        assert inside is not None, [(r.ts, r.p_kw) for r in judged]
-        back_s = (inside.ts - first.ts).total_seconds()
-        assert back_s <= 15.0, [(r.ts, r.p_kw) for r in judged[:6]]
-        after = [r for r in judged if r.ts >= inside.ts]
-        assert not [r for r in after if outside(r, narrow)], [(r.ts, r.p_kw) for r in after]
-        # The edge's own account: the same exceedance, and the levers it moved.
-        telemetry = [t for t in bench.telemetry() if t.ts >= first.ts and t.up_kw == narrow[1]]
-        assert telemetry
-        assert telemetry[0].excess_kw is not None
-        assert telemetry[0].excess_kw > 0
-        assert "pv" in {a for t in telemetry[:4] for a in t.actions}
-        print(f"back inside {back_s:g} s after the first reading judged against the new envelope")
         site.assert_healthy(edge)
 
     with Site(tmp_path, mqtt_broker.url, clock, rate_s) as site:

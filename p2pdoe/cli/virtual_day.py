@@ -211,14 +211,15 @@ class VirtualDay:
         adapter = MemoryTransport(meter_broker, f"edge-{site}-meter")
         journal = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
+        clock = VirtualClock(self.origin, rank=CONTROL)
         service = EdgeService(
-            market, transport, self.clock, journal=journal, meter=MqttMeter(adapter, site), offload=False
+            market, transport, clock, journal=journal, meter=MqttMeter(adapter, site), offload=False
         )
 
         async def run_edge() -> int:
             try:
                 async with transport, adapter:
-                    return await service.run(build_realtime(config, settings, self.clock.now()))
+                    return await service.run(build_realtime(config, settings, clock.now()))
             finally:
                 journal.close()
 
