@@ -346,14 +346,6 @@ def test_communications_lost_the_cached_envelope_until_its_end_then_the_default(
     assert outbox_size(run.day.journal(w.site)) == 0, "the journal's outbox was not drained"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a switch found by the edge's periodic re-check (EdgeRealtime: Woke -> _report_state -> "
-    "_switch(wait=True)) awaits the status publish, which waits for the broker: with communications "
-    "lost the control loop stalls until they are back (no set-points; the site stays at 1.2 MW "
-    "against a 400 kW default). Readings publish their switch in the background (wait=False).",
-)
 def test_an_envelope_ending_between_two_readings_during_an_outage_does_not_stall_control(
     tmp_path: Path,
 ) -> None:

@@ -172,12 +172,12 @@ class EdgeRealtime:
     def _report_state(self, now: datetime) -> list[Command]:
         """Which envelope applies now (status, on a switch) and, without a meter, the telemetry."""
         choice = self.controller.choose_at(now)
-        out = self._switch(choice, now, wait=True)
+        out = self._switch(choice, now)
         return out if self.readings else out + self._schedule_telemetry(choice, now)
 
-    def _switch(self, choice: Choice, now: datetime, wait: bool) -> list[Command]:
-        """`wait=False` (readings): the status goes out in the background, so control never waits for
-        a broker that is away (the transport publishes the latest again on reconnect)."""
+    def _switch(self, choice: Choice, now: datetime) -> list[Command]:
+        """A switch goes out on the status in the background, so control never waits for a broker
+        that is away (the transport publishes the latest again on reconnect)."""
         previous = self._choice
         if not is_switch(previous, choice):
             self._choice = choice
@@ -185,16 +185,16 @@ class EdgeRealtime:
         self._choice = choice
         log.info("%s: envelope %s", self.site, describe_switch(previous, choice))
         self.applied = choice.kind
-        return [self.status(now, wait)]
+        return [self.status(now)]
 
-    def status(self, now: datetime, wait: bool = True, state: str = "online") -> Send:
+    def status(self, now: datetime, state: str = "online") -> Send:
         c = self._choice
         payload = status_payload(
             self.site, state, self.applied if state == "online" else "none", now,
             None if c is None else c.reason, None if c is None else c.alarm,
             self._reading_age_s, self._lead_s(now),
         )  # fmt: skip
-        return Send(topics.site(self.site, "status"), payload, state=True, wait=wait)
+        return Send(topics.site(self.site, "status"), payload, state=True, wait=False)
 
     def _lead_s(self, now: datetime) -> float | None:
         """How far ahead of its start the dynamic envelope in force came (simulated seconds)."""
@@ -213,7 +213,8 @@ class EdgeRealtime:
             site=self.site, ts=now, source="schedule", p_kw=p_kw, envelope=choice.kind, lo_kw=choice.lo_kw,
             up_kw=choice.up_kw, inside=choice.box.excess_kw(p_kw) == 0.0, round=plan.round,
         )  # fmt: skip
-        return [Send(topics.site(self.site, "telemetry"), msg.model_dump_json().encode(), qos=0)]
+        payload = msg.model_dump_json().encode()
+        return [Send(topics.site(self.site, "telemetry"), payload, qos=0, wait=False)]
 
     # --- the meter -------------------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ class EdgeRealtime:
         if step.settled is not None:  # journaled before the next interval's first reading, so a
             out += self._settled(step.settled)  # crash between the two never leaves it unsettled
         out += self._journal_step(step)
-        out += self._switch(step.choice, now, wait=False)
+        out += self._switch(step.choice, now)
         return [*out, self._telemetry(r, step)]
 
     def _after_restart(self, r: MeterReading) -> None:
