@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 market, transport, clock, journal=journal, meter=meter, rounds=settings.rounds
             )
             try:
+                await service.subscribe()
                 async with running_clock(clock, service.shell):
                     return await service.run(build_realtime(config, settings, clock.now()))
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)

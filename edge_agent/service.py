@@ -123,6 +123,11 @@ class EdgeService:
             if self.outbox is not None:
                 await self.outbox.close()
 
+    async def subscribe(self) -> None:
+        """Subscribe before joining a lockstep day, so no reading of the first step is missed."""
+        for topic_filter, qos in self._subscriptions():
+            await self.transport.subscribe(topic_filter, qos)
+
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(topics.round_open("+"), 1), (topics.grant("+"), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
@@ -158,7 +163,10 @@ class EdgeService:
         takes_part = getattr(self.clock, "takes_part", None)
         if self.meter is None or takes_part is None or not takes_part(f"meter-{self.site}"):
             return False
-        last = None if self.realtime is None else self.realtime.last_reading_ts
+        rt = self.realtime
+        if rt is None or rt.readings == 0:  # none seen yet by this process (a restart's journal aside)
+            return False
+        last = rt.last_reading_ts
         return last is not None and last < self.clock.now()
 
     # --- the market lane -------------------------------------------------------------------------

@@ -83,3 +83,17 @@ def test_an_envelope_for_another_site_or_on_the_wrong_topic_is_dropped() -> None
     m.handle(heard(s.ids[0], "doe", b'{"kind": "doe", "lo_kw": NaN}'), T0)
     assert m.controller.choose_at(T0).kind == "fixed_default"
     assert dict(m.reader.dropped) == {"sender_not_topic": 2, "malformed": 1}
+
+
+def test_the_coordinators_default_for_a_site_left_out_of_a_round_is_taken_and_named_default() -> None:
+    """A round that leaves a site out publishes the site's default box on `doe` without a round: it
+    replaces what stood for that interval (the round counted the site at its default)."""
+    s = load_scenario("default")
+    site = s.ids[0]
+    m = machine(site_config(s, 0))
+    m.handle(heard(site, "doe", Doe.from_box(site, "rt002", T0, 900, -50.0, 150.0)), T0)
+    out = m.handle(heard(site, "doe", Doe.from_box(site, None, T0, 900, -118.0, 429.0)), T0)
+    choice = m.controller.choose_at(T0)
+    assert (choice.kind, choice.box) == ("default", Box(-118.0, 429.0))
+    assert [st["envelope"] for st in statuses(out)] == ["default"]
+    assert not m.reader.dropped

@@ -130,12 +130,13 @@ class CoordinatorMachine:
     def start(self, now: datetime) -> list[Command]:
         ctx = self.ctx
         duration = ctx.interval_s * ctx.cfg.intervals
+        if self.resume is not None:
+            self.phase = Phase.REJOINING
         out: list[Command] = [self.status(now)]
         out += [doe_send("doe/default", ctx.default_envelope(s, ctx.start, duration)) for s in ctx.site_ids]
         if self.resume is None:
             return [*out, Patience(REGISTRATION, ctx.rules.registration_timeout_s)]
         log.info("resumed mid-day from round %s", self.resume.round)
-        self.phase = Phase.REJOINING
         self.rolling = Rolling(ctx, self.resume, self.stopwatch)
         self._wake = now + timedelta(seconds=ctx.interval_s / 2)
         return out + self.rolling.begin(now)

@@ -8,6 +8,7 @@ telemetry. Persisting and sending are commands; the shell carries them out.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -33,6 +34,7 @@ from p2pdoe.core.schemas.runtime import Telemetry as TelemetryMessage
 from p2pdoe.core.site import registration
 
 log = logging.getLogger("edge_agent")
+SKEW_STATUSES = 3  # the coordinator's live statuses the clock skew is judged on
 Event = Heard | Woke | MeterRead | PlanAgreed | DayStarts | Restored
 Command = Send | Actuate | SaveInterval | SaveEnvelope | SaveSettlement | Durable | Telemetry
 
@@ -66,6 +68,7 @@ class EdgeRealtime:
         self._tick: datetime | None = None
         self._heard_at: dict[tuple[str, datetime], datetime] = {}  # (kind, start) -> when it came
         self._reading_age_s: float | None = None
+        self._skews: deque[float] = deque(maxlen=SKEW_STATUSES)
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -132,11 +135,8 @@ class EdgeRealtime:
         doe = self.reader.runtime(payload)
         if doe is None:
             return []
-        if (
-            not isinstance(doe, Doe)
-            or doe.site != self.site
-            or (kind == "doe/default") != (doe.round is None)
-        ):
+        # a `doe` without a round is the coordinator's default for a site a round left out: taken
+        if not isinstance(doe, Doe) or doe.site != self.site or (kind == "doe/default" and doe.round):
             self.reader.dropped["sender_not_topic"] += 1
             return []
         self._file(kind, doe)
@@ -164,10 +164,15 @@ class EdgeRealtime:
         if not isinstance(msg, DsoStatus):
             self.reader.dropped["sender_not_topic"] += 1
             return []
-        live = not m.retained and msg.state == "online"  # live and fresh: its time stamp tells the skew
-        skew_s = (now - msg.ts).total_seconds() / self.speed if live else None
-        self.controller.heard_coordinator(msg.state == "online", skew_s)
+        live = not m.retained and msg.state == "online"  # live: its time stamp tells the skew
+        self.controller.heard_coordinator(msg.state == "online", self._skew_s(now, msg) if live else None)
         return self._report_state(now)
+
+    def _skew_s(self, now: datetime, msg: DsoStatus) -> float:
+        """The clock skew (wall seconds): the least of the last few statuses' (now - ts), since a
+        message's delay (an outage, a republished status) only adds to it, whatever the skew's sign."""
+        self._skews.append((now - msg.ts).total_seconds() / self.speed)
+        return min(self._skews)
 
     def _report_state(self, now: datetime) -> list[Command]:
         """Which envelope applies now (status, on a switch) and, without a meter, the telemetry."""

@@ -176,7 +176,8 @@ class Controller:
     coordinator_online: bool = False
     skew_s: float | None = None
     energy: IntervalEnergy | None = None
-    choice: Choice | None = None
+    choice: Choice | None = None  # for the step that starts at the last reading
+    judged: Choice | None = None  # in force over the step that ended at the last reading
     last_ts: datetime | None = None
     soc_kwh: float | None = None
     flex_used_kwh: float = 0.0
@@ -243,7 +244,7 @@ class Controller:
             self.flex_used_kwh += (r.flex_kw or 0.0) * step_s / 3600.0
         self.last_ts, self.soc_kwh = r.ts, r.soc_kwh
         self.errors.measured(r.p_kw)
-        judged = self.choose_at(r.ts - _WITHIN_STEP)
+        judged = self.judged = self.choose_at(r.ts - _WITHIN_STEP)
         choice = self.choose_at(r.ts)
         switch = None
         if is_switch(self.choice, choice):
@@ -304,7 +305,7 @@ class Controller:
             self.config.price_import_eur_per_kwh[day_t],
             self.config.price_export_eur_per_kwh[day_t],
         )
-        return Settled(s, None if plan is None else plan.round, e, self.choice)
+        return Settled(s, None if plan is None else plan.round, e, self.judged or self.choice)
 
     def _enforce(self, r: MeterReading, step_s: float, plan: Plan | None, choice: Choice) -> _Enforced:
         day_t = min(max(self.interval_of(r.ts), 0), self.intervals - 1)
