@@ -124,7 +124,7 @@ class CoordinatorService:
 
     async def _day_over(self, cmd: DayOver) -> None:
         report = cmd.report
-        speed = float(getattr(self.clock, "speed", 1.0))
+        speed = self.settings.speed if self.clock.kind == "scaled" else 1.0
         info = await self._off_loop(realtime_results, self.ctx, report, self.clock.kind, speed)
         if self.agreement is None:  # restarted mid-day: its part of the day only
             out = self.settings.out
