@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--margin-res", type=float, help="... and this share of PV and wind on the import side (0.05)"
     )
     rt.add_argument("--skew-tolerance-s", type=float)
+    rt.add_argument("--meter-silent-s", type=float, help="no reading this long: alarm, run on schedule (120)")
+    rt.add_argument("--reading-ahead-s", type=float, help="reject readings stamped this far ahead (60)")
     rt.add_argument("--clock-offset-s", type=float, help="fault injection: run this agent's clock off")
     settings = setup(PROG, EdgeSettings, p.parse_args(argv))
     if isinstance(settings, int):
@@ -134,7 +136,13 @@ def build_realtime(config: SiteConfig, settings: EdgeSettings, now: datetime) ->
     start = day_start(settings.start, config.start, config.dt_h, now)
     controller = Controller(config, plant_spec(config), fallback, start, settings.meter_step_s)
     every = max(settings.report_every_s, settings.meter_step_s) if settings.meter else settings.report_every_s
-    return EdgeRealtime(controller, speed=speed, report_every_s=every)
+    return EdgeRealtime(
+        controller,
+        speed=speed,
+        report_every_s=every,
+        meter_silent_s=settings.meter_silent_s,
+        reading_ahead_s=settings.reading_ahead_s,
+    )
 
 
 if __name__ == "__main__":

@@ -2,19 +2,29 @@
 per record, so a crash (power cut, SIGKILL) loses nothing that was recorded. It holds each interval's
 measured energy (resumable mid-interval), the envelope in force, the agreed trades, the settlements,
 and an outbox of telemetry waiting for the broker; and the envelopes last heard, so a restart applies the
-saved default at once, before (or without) the broker."""
+saved default at once, before (or without) the broker.
+
+A disk that refuses writes (full, read-only, failing) never stops the agent: what cannot be written is
+kept in memory, in order (bounded: beyond `MAX_DEFERRED` the oldest records are dropped and counted),
+`failing` says why, and every later write first tries to write what was kept. Reads see only what
+reached the disk; telemetry delivered meanwhile is remembered so it is not sent twice."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement
 
+log = logging.getLogger("edge_agent.journal")
 SCHEMA_VERSION = "2"
+MAX_DEFERRED = 20_000  # writes kept in memory while the disk refuses them
+Statement = tuple[str, Sequence[object]]
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS intervals (
@@ -40,7 +50,13 @@ class JournalError(ValueError):
 
 
 class Journal:
-    def __init__(self, path: Path, site: str):
+    def __init__(self, path: Path, site: str, max_deferred: int = MAX_DEFERRED):
+        self.failing: str | None = None  # why the last write was refused; None while writes go through
+        self.failures = 0  # writes refused (each kept for later, or dropped beyond `max_deferred`)
+        self.dropped = 0  # deferred writes dropped, oldest first
+        self._deferred: deque[list[Statement]] = deque()
+        self._max_deferred = max_deferred
+        self._delivered: set[int] = set()  # outbox rows sent while their deletion waits for the disk
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -64,13 +80,65 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite has already rolled back after some errors (a full disk)
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
+        self.flush()
         self._db.close()
+
+    # --- writing, or keeping for later -------------------------------------------------------------
+
+    @property
+    def deferred(self) -> int:
+        """Writes kept in memory, waiting for the disk."""
+        return len(self._deferred)
+
+    def flush(self) -> bool:
+        """Write what was kept, oldest first; True when nothing is left."""
+        while self._deferred:
+            try:
+                self._run(self._deferred[0])
+            except sqlite3.Error as exc:
+                self._refused(exc)
+                return False
+            self._deferred.popleft()
+        self._delivered.clear()  # their deletions are on the disk now
+        if self.failing is not None:
+            log.warning("journal writes go through again")
+            self.failing = None
+        return True
+
+    def _write(self, statements: list[Statement]) -> bool:
+        """Write in one transaction (after what was kept); False if the disk refused and it was kept."""
+        if self.flush():
+            try:
+                self._run(statements)
+                return True
+            except sqlite3.Error as exc:
+                self._refused(exc)
+        self._keep(statements)
+        return False
+
+    def _run(self, statements: list[Statement]) -> None:
+        with self._tx() as db:
+            for sql, params in statements:
+                db.execute(sql, params)
+
+    def _refused(self, exc: sqlite3.Error) -> None:
+        self.failures += 1
+        if self.failing is None:
+            log.error("the journal refuses writes (%s); keeping them in memory", exc)
+        self.failing = str(exc)
+
+    def _keep(self, statements: list[Statement]) -> None:
+        if len(self._deferred) >= self._max_deferred:
+            self._deferred.popleft()
+            self.dropped += 1
+        self._deferred.append(statements)
 
     # --- intervals -------------------------------------------------------------------------------
 
@@ -85,14 +153,15 @@ class Journal:
     ) -> None:
         """The interval's accumulation so far, and any `state` values, in one transaction."""
         last = e.last_ts.isoformat() if e.last_ts is not None else None
-        with self._tx() as db:
-            for key, value in (state or {}).items():
-                db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
-            db.execute(
-                "INSERT OR REPLACE INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.start.isoformat(), e.end.isoformat(), e.energy_kwh, e.readings, e.covered_s, last,
-                 scheduled_kwh, envelope, lo_kw, up_kw),
-            )  # fmt: skip
+        statements: list[Statement] = [
+            ("INSERT OR REPLACE INTO state VALUES (?, ?)", (k, v)) for k, v in (state or {}).items()
+        ]
+        statements.append((
+            "INSERT OR REPLACE INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.start.isoformat(), e.end.isoformat(), e.energy_kwh, e.readings, e.covered_s, last,
+             scheduled_kwh, envelope, lo_kw, up_kw),
+        ))  # fmt: skip
+        self._write(statements)
 
     def load_interval(self, start: datetime) -> IntervalEnergy | None:
         """The interval's accumulation as last saved (a restarted agent resumes from it)."""
@@ -108,21 +177,19 @@ class Journal:
     # --- trades and settlements ------------------------------------------------------------------
 
     def save_trades(self, round_id: str, interval_start: datetime, trades: list[AgreedTrade]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO trades VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(round_id, interval_start.isoformat(), t.peer, t.bought_kwh, t.sold_kwh,
-                  t.buy_price_eur_per_kwh, t.sell_price_eur_per_kwh)
-                 for t in trades],
-            )  # fmt: skip
+        self._write([
+            ("INSERT OR REPLACE INTO trades VALUES (?, ?, ?, ?, ?, ?, ?)",
+             (round_id, interval_start.isoformat(), t.peer, t.bought_kwh, t.sold_kwh,
+              t.buy_price_eur_per_kwh, t.sell_price_eur_per_kwh))
+            for t in trades
+        ])  # fmt: skip
 
     def save_settlement(self, s: Settlement) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (s.interval_start.isoformat(), s.measured_kwh, s.scheduled_kwh, s.deviation_kwh,
-                 s.p2p_paid_eur, s.p2p_received_eur, s.grid_kwh, s.grid_eur),
-            )  # fmt: skip
+        self._write([(
+            "INSERT OR REPLACE INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (s.interval_start.isoformat(), s.measured_kwh, s.scheduled_kwh, s.deviation_kwh,
+             s.p2p_paid_eur, s.p2p_received_eur, s.grid_kwh, s.grid_eur),
+        )])  # fmt: skip
 
     def settlements(self) -> list[Settlement]:
         rows = self._db.execute("SELECT * FROM settlements ORDER BY interval_start").fetchall()
@@ -130,44 +197,42 @@ class Journal:
 
     # --- the telemetry outbox --------------------------------------------------------------------
 
-    def queue(self, topic: str, payload: bytes) -> int:
-        with self._tx() as db:
-            cur = db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))
-        return int(cur.lastrowid or 0)
+    def queue(self, topic: str, payload: bytes) -> bool:
+        """Keep a message for the broker; False if the disk refused it (it is kept in memory until
+        the disk takes it: send it meanwhile some other way)."""
+        return self._write([("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))])
 
     def pending(self, limit: int = 100) -> list[tuple[int, str, bytes]]:
         """The oldest messages not yet delivered, in order."""
         rows = self._db.execute(
-            "SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit + len(self._delivered),)
         ).fetchall()
-        return [(int(i), str(t), bytes(p)) for i, t, p in rows]
+        return [(int(i), str(t), bytes(p)) for i, t, p in rows if int(i) not in self._delivered][:limit]
 
     def pending_count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]) - len(self._delivered)
 
     def delivered(self, ids: list[int]) -> None:
-        with self._tx() as db:
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        if not self._write([("DELETE FROM outbox WHERE id = ?", (i,)) for i in ids]):
+            self._delivered.update(ids)  # not sent again while the deletion waits for the disk
 
     # --- envelopes heard, and small state ---------------------------------------------------------
 
     def save_envelope(self, key: str, payload: bytes) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO envelopes VALUES (?, ?)", (key, payload))
+        self._write([("INSERT OR REPLACE INTO envelopes VALUES (?, ?)", (key, payload))])
 
     def envelopes(self) -> list[tuple[str, bytes]]:
         rows = self._db.execute("SELECT topic, payload FROM envelopes ORDER BY topic").fetchall()
         return [(str(k), bytes(p)) for k, p in rows]
 
     def forget_envelopes(self, keep: set[str]) -> None:
-        with self._tx() as db:
-            for (key,) in db.execute("SELECT topic FROM envelopes").fetchall():
-                if key not in keep:
-                    db.execute("DELETE FROM envelopes WHERE topic = ?", (key,))
+        keys = [str(k) for (k,) in self._db.execute("SELECT topic FROM envelopes").fetchall()]
+        gone = [("DELETE FROM envelopes WHERE topic = ?", (k,)) for k in keys if k not in keep]
+        if gone:
+            self._write(gone)  # type: ignore[arg-type]
 
     def set_value(self, key: str, value: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+        self._write([("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))])
 
     def value(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()

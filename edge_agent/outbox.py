@@ -4,6 +4,9 @@ Telemetry goes straight out (QoS 0) while the broker is there; while it is away 
 journal's outbox (bounded: the oldest telemetry is dropped first, and counted) and forwarded, in
 order and at QoS 1, once the connection is back. Settlements always pass through the journal
 first, so a crash never loses one: they leave the outbox only once the broker has them (QoS 1).
+While the journal refuses writes (a full disk), a settlement it could not take is sent straight away
+at QoS 1 as well (the journal writes it later, and it is sent again then: the coordinator keeps one
+per interval).
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ class Outbox:
         self._queue.put_nowait((topic, payload, False))
 
     def durable(self, topic: str, payload: bytes) -> None:
-        """Journal first, then deliver (settlements)."""
-        self.journal.queue(topic, payload)
-        self._queue.put_nowait(("", b"", True))  # wake the loop: it forwards what is pending
+        """Journal first, then deliver (settlements); straight away if the journal refused it."""
+        if self.journal.queue(topic, payload):
+            self._queue.put_nowait(("", b"", True))  # wake the loop: it forwards what is pending
+        else:
+            self._queue.put_nowait((topic, payload, True))
 
     @property
     def connected(self) -> bool:
@@ -54,20 +59,35 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a journal that cannot even be read, a refused message: go on
+                log.error("outbox: %s; trying again in %g s", exc, RETRY_S)
+                await asyncio.sleep(RETRY_S)
+
+    async def _step(self) -> None:
+        """Forward the backlog if the broker is there, then take one message (or time out)."""
+        backlog = bool(self.journal.pending(1))
+        if self.connected and backlog:
+            await self._forward()
             backlog = bool(self.journal.pending(1))
-            if self.connected and backlog:
-                await self._forward()
-                backlog = bool(self.journal.pending(1))
-            try:  # with a backlog, look again for the broker every RETRY_S; else just wait for work
-                topic, payload, _ = await asyncio.wait_for(self._queue.get(), RETRY_S if backlog else None)
-            except TimeoutError:
-                continue
-            if not topic:
-                continue  # a wake-up: the durable record is pending already
-            if self.connected and not self.journal.pending(1):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.transport.publish(topic, payload, qos=0), 2.0)
-                    continue
+        try:  # with a backlog, look again for the broker every RETRY_S; else just wait for work
+            topic, payload, durable = await asyncio.wait_for(self._queue.get(), RETRY_S if backlog else None)
+        except TimeoutError:
+            return
+        if not topic:
+            return  # a wake-up: the durable record is pending already
+        if durable:  # the journal refused it: straight to the broker, which acknowledges it
+            await self.transport.publish(topic, payload, qos=1)
+            self.forwarded += 1
+        elif self.connected and not self.journal.pending(1):
+            try:
+                await asyncio.wait_for(self.transport.publish(topic, payload, qos=0), 2.0)
+            except Exception:
+                self._buffer(topic, payload)
+        else:
             self._buffer(topic, payload)
 
     def _buffer(self, topic: str, payload: bytes) -> None:

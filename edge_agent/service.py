@@ -35,7 +35,7 @@ from p2pdoe.core.edge.commands import (
 )
 from p2pdoe.core.edge.market import EdgeMarket, RoundDone
 from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
-from p2pdoe.core.effects import Heard, Send
+from p2pdoe.core.effects import Fault, Heard, Send
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.schemas.site import SiteConfig
@@ -103,6 +103,8 @@ class EdgeService:
         self._market_q: asyncio.Queue[InboundMessage] = asyncio.Queue()
         self.shell = Shell(transport, clock, self._carry_out, offload, self._divert, self._awaiting_reading)
         self.reports = 0
+        self._journal_failing: str | None = None
+        self.failed_commands = 0
 
     async def run(self, realtime: EdgeRealtime) -> int:
         """Serve until stopped, the transport closes, or `rounds` rounds are reported."""
@@ -208,9 +210,8 @@ class EdgeService:
         dropped = dict(self.market.reader.dropped)
         report = await self._off_loop(site_report, self.site, done.round, done.outcome, dropped)
         self.shell.feed(PlanAgreed(done.plan))
-        await self.transport.publish(
-            topics.report(done.round.id, self.site), report.model_dump_json().encode()
-        )
+        payload = report.model_dump_json().encode()
+        await self.shell.execute([Send(topics.report(done.round.id, self.site), payload)])
         log.info(
             "%s: round %s %s after %d iterations; cost %.2f EUR",
             self.site, done.round.id, done.outcome.status, done.outcome.iterations, report.community.cost_eur,
@@ -225,9 +226,24 @@ class EdgeService:
     # --- the real-time machine's commands --------------------------------------------------------
 
     async def _carry_out(self, cmd: object) -> None:
+        """Carry out one command; one that fails is logged and counted, and control goes on."""
         handler = self._handlers().get(type(cmd))
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             await handler(cmd)
+        except Exception:
+            self.failed_commands += 1
+            log.exception("%s: could not carry out %s", self.site, type(cmd).__name__)
+        self._watch_journal()
+
+    def _watch_journal(self) -> None:
+        """Tell the machine when the journal starts or stops refusing writes."""
+        failing = None if self.journal is None else self.journal.failing
+        if (failing is None) != (self._journal_failing is None):
+            detail = None if failing is None else f"the journal refuses writes: {failing}"
+            self.shell.feed(Fault("journal_unwritable", detail))
+        self._journal_failing = failing
 
     def _handlers(self) -> dict[type, Callable[[Any], Awaitable[None]]]:
         return {

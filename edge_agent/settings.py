@@ -32,6 +32,10 @@ class EdgeSettings(ServiceSettings):
     margin_load: Annotated[float, Field(ge=0, lt=1)] = REALTIME_MARGINS[0]
     margin_res: Annotated[float, Field(ge=0, lt=1)] = REALTIME_MARGINS[1]
     skew_tolerance_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    # No reading for this long (simulated s): alarm meter_silent, and the site runs on its schedule.
+    meter_silent_s: Annotated[float, Field(gt=0, le=86400)] = 120.0
+    # A reading stamped this far (simulated s) ahead of the clock is rejected (alarm reading_rejected).
+    reading_ahead_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     clock_offset_s: Annotated[float, Field(ge=-86400, le=86400)] = 0.0  # fault injection: a wrong clock
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.journal import Journal, JournalError
-from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, settle
+from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement, settle
 
 T0 = datetime(2026, 6, 21, 12, tzinfo=UTC)
 
@@ -44,9 +44,9 @@ def test_settlements_and_trades_round_trip(tmp_path: Path) -> None:
 
 def test_the_outbox_keeps_order_until_delivered(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db", "a")
-    ids = [j.queue("p2pdoe/v1/site/a/telemetry", f"m{k}".encode()) for k in range(5)]
+    assert all(j.queue("p2pdoe/v1/site/a/telemetry", f"m{k}".encode()) for k in range(5))
     assert [p for _, _, p in j.pending()] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
-    j.delivered(ids[:3])
+    j.delivered([i for i, _, _ in j.pending()][:3])
     assert [p for _, _, p in j.pending()] == [b"m3", b"m4"]
 
 
@@ -85,3 +85,65 @@ def test_nothing_recorded_is_lost_when_the_process_is_killed(tmp_path: Path) -> 
     kept = j.settlements()
     assert len(kept) >= committed + 1  # every record reported committed (and perhaps one more)
     assert [s.measured_kwh for s in kept] == [float(k) for k in range(len(kept))]
+
+
+def _fill_the_disk(j: Journal) -> None:
+    """SQLite's own "database or disk is full" (SQLITE_FULL), as on a full filesystem: the file may
+    not grow past the pages it has."""
+    pages = j._db.execute("PRAGMA page_count").fetchone()[0]
+    j._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    j._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def _free_the_disk(j: Journal) -> None:
+    j._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_a_full_disk_keeps_writes_in_memory_and_writes_them_when_it_can(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", "a")
+    _fill_the_disk(j)
+    day = datetime(2025, 6, 1, tzinfo=UTC)
+    settled = [
+        Settlement(day + timedelta(minutes=15 * k), 1.0 + k, 1.0, float(k), 0.0, 0.0, 1.0 + k, 0.2)
+        for k in range(400)
+    ]
+    for s in settled:  # enough rows to need new pages
+        j.save_settlement(s)
+        j.set_value("flex_used_kwh", "1.5")
+    assert j.failing is not None
+    assert "full" in j.failing
+    assert j.deferred > 0
+    assert j.failures > 0
+    assert len(j.settlements()) < len(settled)  # the disk has not got them all
+    _free_the_disk(j)
+    assert j.flush()
+    assert j.failing is None
+    assert j.deferred == 0
+    assert j.settlements() == settled  # in order, none lost
+    j.close()
+    assert Journal(tmp_path / "j.db", "a").settlements() == settled
+
+
+def test_the_outbox_on_a_full_disk_sends_nothing_twice(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", "a")
+    assert j.queue("t", b"m0")
+    assert j.queue("t", b"m1")
+    _fill_the_disk(j)
+    for k in range(200):
+        j.queue("t", b"x" * 400 + str(k).encode())
+    assert j.failing is not None
+    first = j.pending(1)
+    j.delivered([first[0][0]])  # sent; its deletion may wait for the disk
+    assert [p for _, _, p in j.pending(1)] == [b"m1"]
+    _free_the_disk(j)
+    assert j.flush()
+    assert j.pending_count() == 201  # m1 and every message kept in memory, m0 gone
+
+
+def test_a_bounded_memory_drops_the_oldest_writes_and_counts_them(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", "a", max_deferred=5)
+    _fill_the_disk(j)
+    for k in range(300):
+        j.queue("t", b"y" * 400 + str(k).encode())
+    assert j.deferred == 5
+    assert j.dropped > 0

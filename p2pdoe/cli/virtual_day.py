@@ -66,6 +66,7 @@ class VirtualDay:
         self.tasks: dict[str, asyncio.Task[int]] = {}
         self.transports: dict[str, MemoryTransport] = {}
         self.exits: dict[str, list[int | BaseException]] = {}
+        self.journals: dict[str, Journal] = {}  # each edge agent's open journal (a fault may fill its disk)
         self._schedule: list[tuple[datetime, Callable[[], Awaitable[None] | None]]] = []
         self.wall_s = 0.0
 
@@ -160,7 +161,7 @@ class VirtualDay:
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
         )  # fmt: skip
         transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
-        journal = Journal(self.journal(site), site)
+        journal = self.journals[site] = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
         clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s), rank=CONTROL)
         service = EdgeService(
@@ -209,7 +210,7 @@ class VirtualDay:
         )  # fmt: skip
         transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
         adapter = MemoryTransport(meter_broker, f"edge-{site}-meter")
-        journal = Journal(self.journal(site), site)
+        journal = self.journals[site] = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
         clock = VirtualClock(self.origin, rank=CONTROL)
         service = EdgeService(

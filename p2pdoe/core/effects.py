@@ -38,6 +38,15 @@ class PatienceOver:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """What the shell saw and the machine cannot: alarm `name` raised with `detail` (a disk that
+    refuses writes, say), or cleared (`detail` None)."""
+
+    name: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
 class Send:
     """Publish `payload` on `topic`. `state`: retained, and published again after every reconnect;
     `until`: valid until that moment of the day (the broker's message expiry); `wait`: False sends it

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,7 @@ class Broker:
     def stop(self) -> None:
         """Stop the process (terminate, then kill); the handle can be started again on the same port."""
         if self._proc is not None:
+            self.thaw()  # a frozen broker would not hear the terminate
             _stop(self._proc)
             self._proc = None
 
@@ -214,6 +216,15 @@ class Broker:
             self._proc.kill()
             self._proc.wait(timeout=STOP_TIMEOUT_S)
             self._proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker stalls (connections stay open, nothing is answered) until `thaw`."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()

@@ -80,6 +80,7 @@ class Shell:
         self.hold = hold  # the shell's own reason to hold a lockstep step (beside the machine's)
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.handled = 0
+        self.unsent = 0  # messages the transport failed to publish
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
         self._getter: asyncio.Future[Event] | None = None
@@ -214,16 +215,19 @@ class Shell:
         await self._publish(s, expiry)
 
     async def _publish(self, s: Send, expiry: int | None) -> None:
-        if s.state:
-            await self.transport.publish_state(s.topic, s.payload, expiry_s=expiry)
-        else:
-            await self.transport.publish(s.topic, s.payload, qos=s.qos, retain=s.retain, expiry_s=expiry)
+        """Publish; a failure the transport could not ride through is logged and counted, never fatal
+        (the transport waits through stalls and reconnects by itself)."""
+        try:
+            if s.state:
+                await self.transport.publish_state(s.topic, s.payload, expiry_s=expiry)
+            else:
+                await self.transport.publish(s.topic, s.payload, qos=s.qos, retain=s.retain, expiry_s=expiry)
+        except TransportError as exc:
+            self.unsent += 1
+            log.error("not published on %s: %s", s.topic, exc)
 
     async def _in_background(self, s: Send, expiry: int | None) -> None:
-        try:
-            await self._publish(s, expiry)
-        except TransportError as exc:
-            log.warning("not published on %s: %s", s.topic, exc)
+        await self._publish(s, expiry)
 
     async def _cleanup(self, reader: asyncio.Task[None]) -> None:
         for timer in self._timers.values():

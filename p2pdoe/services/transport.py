@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import socket
 import ssl
@@ -138,6 +139,9 @@ class MqttTransport:
         self._failure: BaseException | None = None
         self._gave_up = False
         self._task: asyncio.Task[None] | None = None
+        self._lost: asyncio.Future[None] | None = None  # set when the current connection drops
+        self.slow_acks = 0  # publishes whose acknowledgement took longer than `timeout_s`
+        self.resent = 0  # publishes sent again after a lost connection
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -196,21 +200,61 @@ class MqttTransport:
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int | None = None
     ) -> None:
-        """Publish once connected; if the connection drops mid-publish, publish again after reconnecting
-        (QoS 1 is at-least-once anyway). Bound the wait with `asyncio.timeout` if needed."""
+        """Publish once connected and, at QoS 1, wait for the broker's acknowledgement: through a broker
+        that stalls (the wait goes on, logged and counted in `slow_acks`) and across reconnects (sent
+        again on the new connection: QoS 1 is at-least-once anyway). Raises `TransportError` only for
+        what waiting cannot mend (a message the client refuses) or once the transport is closed."""
         while True:
             client = await self._ready()
+            lost = self._lost
+            assert lost is not None  # set before the connection counts as ready
             properties = self._expiry(expiry_s)  # once connected: on 3.1.1 there is no expiry
+            sending = asyncio.ensure_future(
+                client.publish(topic, payload, qos, retain, properties, timeout=math.inf)
+            )
             try:
-                await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-                return
-            except aiomqtt.MqttError as exc:
-                # Let the receive loop notice a lost connection before deciding what this error was.
-                for _ in range(3):
-                    await asyncio.sleep(0)
-                if self._client is client and self._connected.is_set():
-                    raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
-                log.info("%s: publish to %s interrupted by a disconnect; retrying", self.client_id, topic)
+                if await self._delivered(client, sending, lost, topic):
+                    return
+            finally:
+                if not sending.done():
+                    sending.cancel()
+            self.resent += 1
+            log.info("%s: publish to %s interrupted by a disconnect; sending again", self.client_id, topic)
+
+    async def _delivered(
+        self, client: aiomqtt.Client, sending: asyncio.Future[None], lost: asyncio.Future[None], topic: str
+    ) -> bool:
+        """True once `sending` is acknowledged, False if the connection was lost first (send again)."""
+        waited_s = 0.0
+        while True:
+            await asyncio.wait({sending, lost}, timeout=self._timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if sending.done() and sending.exception() is None:
+                return True
+            if lost.done():
+                return False
+            if not sending.done():
+                waited_s += self._timeout_s
+                if waited_s == self._timeout_s:
+                    self.slow_acks += 1
+                log.warning(
+                    "%s: no acknowledgement of %s for %g s; still waiting (a stalled broker?)",
+                    self.client_id, topic, waited_s,
+                )  # fmt: skip
+                continue
+            exc = sending.exception()
+            assert exc is not None
+            if client._client.is_connected():  # connected, and the client refused it: no retry mends that
+                raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
+            return await self._lost_within(lost, topic, exc)
+
+    async def _lost_within(self, lost: asyncio.Future[None], topic: str, exc: BaseException) -> bool:
+        """The client says it is not connected (a frozen process resumed, a dead link not yet noticed):
+        wait for the receive loop to see the connection go, then send again."""
+        try:
+            await asyncio.wait_for(asyncio.shield(lost), timeout=2 * self._keepalive_s)
+        except TimeoutError:
+            raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
+        return False
 
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         """Publish a retained message (QoS 1) and publish it again after every reconnect, so the state
@@ -337,6 +381,7 @@ class MqttTransport:
                 return
             try:
                 await self._renew(client)
+                self._lost = asyncio.get_running_loop().create_future()
                 self._client = client
                 self._session.renewed()
                 self._connected.set()
@@ -376,6 +421,8 @@ class MqttTransport:
 
     async def _drop(self, client: aiomqtt.Client) -> None:
         self._connected.clear()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         self._client = None
         # Clean DISCONNECT when we are closing; a no-op error when the link is already gone.
         with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):

@@ -1,14 +1,20 @@
 """An edge agent's real-time side, a pure machine around its controller
 (p2pdoe.core.realtime.controller): the envelopes it hears and keeps, which one applies (the fallback
 rules), the set-points for each meter reading, each interval settled, and what the site reports:
-its registration, its status on every switch of envelope (with how far behind it runs), and
+its registration, its status on every switch of envelope or alarm (with how far behind it runs), and
 telemetry. Persisting and sending are commands; the shell carries them out.
+
+A meter that falls silent for `meter_silent_s` raises the alarm `meter_silent`, and until readings
+return the site is driven blind on its agreed schedule (the set-points the plan gives, whose margins
+kept it inside the envelope against the forecast). A reading stamped more than `reading_ahead_s`
+after the clock is rejected with the alarm `reading_rejected`: one bad time stamp never blinds the
+loop to the readings after it. Faults the shell sees (a journal that refuses writes) come as `Fault`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -25,7 +31,7 @@ from p2pdoe.core.edge.commands import (
     SaveSettlement,
     Telemetry,
 )
-from p2pdoe.core.effects import Heard, Send, Woke
+from p2pdoe.core.effects import Fault, Heard, Send, Woke
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.controller import Controller, Settled, Step
 from p2pdoe.core.realtime.fallback import Choice, describe_switch, is_switch
@@ -35,26 +41,37 @@ from p2pdoe.core.site import registration
 
 log = logging.getLogger("edge_agent")
 SKEW_STATUSES = 3  # the coordinator's live statuses the clock skew is judged on
-Event = Heard | Woke | MeterRead | PlanAgreed | DayStarts | Restored
+Event = Heard | Woke | MeterRead | PlanAgreed | DayStarts | Restored | Fault
 Command = Send | Actuate | SaveInterval | SaveEnvelope | SaveSettlement | Durable | Telemetry
 
 
 def status_payload(
     site: str, state: str, envelope: str, ts: datetime, reason: str | None = None, alarm: str | None = None,
     reading_age_s: float | None = None, envelope_lead_s: float | None = None,
+    alarms: list[str] | None = None, faults: dict[str, int] | None = None,
 ) -> bytes:  # fmt: skip
     msg = SiteStatus(
         site=site, state=state, envelope=envelope, ts=ts, reason=reason, alarm=alarm,  # type: ignore[arg-type]
         reading_age_s=reading_age_s, envelope_lead_s=envelope_lead_s,
+        alarms=alarms or [], faults=faults or {},  # type: ignore[arg-type]
     )  # fmt: skip
     return msg.model_dump_json().encode()
 
 
 class EdgeRealtime:
     """`speed`: of a scaled clock (a clock skew is judged in wall seconds); `report_every_s`:
-    re-check which envelope applies this often (simulated seconds), as envelopes expire."""
+    re-check which envelope applies (and whether the meter is silent) this often, simulated seconds;
+    `meter_silent_s`, `reading_ahead_s`: see the module's docstring."""
 
-    def __init__(self, controller: Controller, *, speed: float = 1.0, report_every_s: float = 10.0):
+    def __init__(
+        self,
+        controller: Controller,
+        *,
+        speed: float = 1.0,
+        report_every_s: float = 10.0,
+        meter_silent_s: float = 120.0,
+        reading_ahead_s: float = 60.0,
+    ):
         self.controller = controller
         self.config = controller.config
         self.site = self.config.community.id
@@ -69,6 +86,11 @@ class EdgeRealtime:
         self._heard_at: dict[tuple[str, datetime], datetime] = {}  # (kind, start) -> when it came
         self._reading_age_s: float | None = None
         self._skews: deque[float] = deque(maxlen=SKEW_STATUSES)
+        self.meter_silent_s = meter_silent_s
+        self.reading_ahead_s = reading_ahead_s
+        self.alarms: dict[str, str] = {}  # raised now: name -> what happened
+        self.faults: Counter[str] = Counter()  # alarms raised since the start
+        self._reading_at: datetime | None = None  # when the last reading was handled
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -109,7 +131,9 @@ class EdgeRealtime:
             return self._heard(event, now)
         if isinstance(event, Woke):
             self._tick = now + timedelta(seconds=self.report_every_s)
-            return self._report_state(now)
+            return self._watch_meter(now) + self._report_state(now)
+        if isinstance(event, Fault):
+            return self._alarm(event.name, event.detail, now)
         if isinstance(event, PlanAgreed):
             self.controller.adopt(event.plan)
             return self._report_state(now)
@@ -194,12 +218,41 @@ class EdgeRealtime:
 
     def status(self, now: datetime, state: str = "online") -> Send:
         c = self._choice
+        skew = None if c is None else c.alarm
+        alarms = sorted({*self.alarms, *([skew] if skew else [])})
         payload = status_payload(
             self.site, state, self.applied if state == "online" else "none", now,
-            None if c is None else c.reason, None if c is None else c.alarm,
-            self._reading_age_s, self._lead_s(now),
+            None if c is None else c.reason, skew, self._reading_age_s, self._lead_s(now),
+            alarms, dict(self.faults),
         )  # fmt: skip
         return Send(topics.site(self.site, "status"), payload, state=True, wait=False)
+
+    # --- alarms ----------------------------------------------------------------------------------
+
+    def _alarm(self, name: str, detail: str | None, now: datetime) -> list[Command]:
+        """Raise (`detail`) or clear (None) an alarm; the status goes out when it changes."""
+        if detail is None:
+            if self.alarms.pop(name, None) is None:
+                return []
+            log.warning("%s: alarm %s cleared", self.site, name)
+        else:
+            if name in self.alarms:
+                self.alarms[name] = detail
+                return []
+            self.alarms[name] = detail
+            self.faults[name] += 1
+            log.error("%s: alarm %s: %s", self.site, name, detail)
+        return [self.status(now)]
+
+    def _watch_meter(self, now: datetime) -> list[Command]:
+        """A meter heard once and silent since `meter_silent_s`: the alarm, and the schedule's
+        set-points while it lasts."""
+        heard = self._reading_at
+        if heard is None or (now - heard).total_seconds() < self.meter_silent_s:
+            return []
+        silent_s = (now - heard).total_seconds()
+        out = self._alarm("meter_silent", f"no meter reading for {silent_s:.0f} s", now)
+        return [*out, Actuate(self.controller.blind_set_points(now), now)]
 
     def _lead_s(self, now: datetime) -> float | None:
         """How far ahead of its start the dynamic envelope in force came (simulated seconds)."""
@@ -224,13 +277,22 @@ class EdgeRealtime:
     # --- the meter -------------------------------------------------------------------------------
 
     def _reading(self, r: MeterReading, now: datetime) -> list[Command]:
+        ahead_s = (r.ts - now).total_seconds()
+        if ahead_s > self.reading_ahead_s:
+            why = f"a reading stamped {r.ts.isoformat()}, {ahead_s:.0f} s ahead of the clock"
+            self.alarms.pop("reading_rejected", None)  # a new one raises it again
+            return self._alarm("reading_rejected", why, now)
         self._after_restart(r)
         step = self.controller.on_reading(r)
         if step is None:
             return []
         self.readings += 1
         self._reading_age_s = (now - r.ts).total_seconds()
-        out: list[Command] = [Actuate(step.set_points, r.ts)]
+        self._reading_at = now
+        out: list[Command] = self._alarm("meter_silent", None, now) + self._alarm(
+            "reading_rejected", None, now
+        )
+        out.append(Actuate(step.set_points, r.ts))
         if step.settled is not None:  # journaled before the next interval's first reading, so a
             out += self._settled(step.settled)  # crash between the two never leaves it unsettled
         out += self._journal_step(step)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -329,6 +329,17 @@ class Controller:
         e = enforce(measured, schedule, flex, choice.box, costs, self.errors.margin_kw(choice.box))
         self.errors.predicted_kw = e.compliance.predicted_kw
         return _Enforced(e.set_points, e.compliance)
+
+    def blind_set_points(self, moment: datetime) -> SetPoints:
+        """Without readings: the plan's set-points at `moment` (its margins kept it inside the
+        envelope against the forecast), else idle."""
+        plan = self.plan_at(moment)
+        k = None if plan is None else plan.index(moment)
+        if plan is None or k is None:
+            return self._idle(min(max(self.interval_of(moment), 0), self.intervals - 1))
+        sp = plan.set_points(k)
+        flex = min(max(sp.flex_kw, self.spec.flex_min_kw), self.spec.flex_max_kw)  # a solver's -1e-7
+        return replace(sp, flex_kw=flex)
 
     def _idle(self, t: int) -> SetPoints:
         """Without an agreement: the battery idles, nothing is curtailed, the flexible load as preferred."""

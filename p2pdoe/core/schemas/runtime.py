@@ -119,6 +119,12 @@ class Registration(Message):
         return self
 
 
+# meter_silent: no reading for the configured time (the site runs on its schedule); reading_rejected:
+# the last reading was stamped beyond the clock tolerance; journal_unwritable: the disk refuses writes.
+SiteAlarm = Literal["clock_skew", "meter_silent", "reading_rejected", "journal_unwritable"]
+SiteFault = Literal["meter_silent", "reading_rejected", "journal_unwritable"]
+
+
 class SiteStatus(Message):
     schema_version: Literal[1] = 1
     kind: Literal["site_status"] = "site_status"
@@ -130,6 +136,8 @@ class SiteStatus(Message):
     alarm: Literal["clock_skew"] | None = None
     reading_age_s: float | None = None  # how old the last meter reading was when handled (simulated s)
     envelope_lead_s: float | None = None  # the envelope in force came this long before its start
+    alarms: list[SiteAlarm] = Field(default_factory=list)  # every alarm raised now, clock_skew included
+    faults: dict[SiteFault, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)  # since the start
 
     _ts_utc = field_validator("ts")(_utc)
 

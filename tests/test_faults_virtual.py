@@ -1,0 +1,129 @@
+"""Faults at a site on the virtual clock (p2pdoe.cli.virtual_day): a meter that dies, a reading stamped
+a day ahead, a disk that refuses the journal's writes. Each ends with every service running, nothing
+lost that the edge recorded, and the fault visible on the site's status (alarms and fault counts) and
+in its log. The table of cases is in docs/reliability.md."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from virtual_helpers import DT_S, S, Tape, day_of
+
+from edge_agent.journal import Journal
+from p2pdoe.cli.virtual_day import VirtualDay
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, SettlementRecord, SiteStatus
+
+pytestmark = pytest.mark.slow
+SITE = S.ids[1]
+HOURS = 2.0
+FAULT_AT = timedelta(minutes=50)
+
+
+def statuses(tape: Tape, site: str) -> list[SiteStatus]:
+    return [h.msg for h in tape.of(SiteStatus, site) if h.msg.state == "online"]
+
+
+def alive(day: VirtualDay, name: str) -> bool:
+    """Ran to the day's end: cancelled by the harness (-1), never ended by itself."""
+    return day.exits.get(name) == [-1]
+
+
+def settled(tape: Tape, site: str) -> set[str]:
+    return {h.msg.interval_start.isoformat() for h in tape.of(SettlementRecord, site)}
+
+
+def intervals(day: VirtualDay, n: int) -> set[str]:
+    return {(day.start + timedelta(seconds=DT_S * t)).isoformat() for t in range(n)}
+
+
+def test_a_dead_meter_raises_an_alarm_and_the_site_runs_on_its_schedule(tmp_path: Path) -> None:
+    day, tape = day_of(tmp_path, HOURS)
+    day.at(FAULT_AT, lambda: day.kill(f"meter-{SITE}"))
+    results = day.run()
+
+    seen = statuses(tape, SITE)
+    raised = [s for s in seen if "meter_silent" in s.alarms]
+    assert raised, [s.alarms for s in seen]
+    assert raised[0].ts - (day.start + FAULT_AT) <= timedelta(seconds=120 + 30 + 10)
+    assert raised[-1].faults["meter_silent"] == 1
+    # driven blind on its schedule: set-points keep coming after the meter died
+    later = [h for h in tape.of(SetPointMessage, SITE) if h.at > day.start + FAULT_AT + timedelta(minutes=3)]
+    assert len(later) >= 10
+    assert alive(day, f"edge-{SITE}")
+    assert day.exits["dso"] == [0]
+    assert results.realtime is not None
+    others = [x for x in results.realtime.settlements if x.site != SITE]
+    assert len(others) == (len(S.ids) - 1) * int(HOURS * 3600 / DT_S)
+
+
+def _forge_a_reading_a_day_ahead(day: VirtualDay) -> asyncio.Task[None]:
+    async def forge() -> None:
+        now = day.clock.now()
+        reading = MeterReading(site=SITE, ts=now + timedelta(days=1), p_kw=0.0)
+        async with day.client("forger") as c:
+            await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
+
+    return asyncio.ensure_future(forge())
+
+
+def test_a_reading_stamped_a_day_ahead_is_rejected_and_blinds_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    day, tape = day_of(tmp_path, HOURS)
+    day.at(FAULT_AT, lambda: _forge_a_reading_a_day_ahead(day))
+    with caplog.at_level(logging.ERROR, logger="edge_agent"):
+        results = day.run()
+
+    assert any(
+        "reading_rejected" in r.getMessage() and "ahead of the clock" in r.getMessage()
+        for r in caplog.records
+    )
+    seen = statuses(tape, SITE)
+    # raised, and cleared by the next good reading at the same instant (the latest status wins)
+    assert seen[-1].faults.get("reading_rejected") == 1
+    assert "reading_rejected" not in seen[-1].alarms
+    rt = results.realtime
+    assert rt is not None
+    n = int(HOURS * 3600 / DT_S)
+    assert rt.missing_settlements == {}
+    assert len([x for x in rt.settlements if x.site == SITE]) == n
+    assert rt.envelope_violations.count == 0, rt.envelope_violations.events
+
+
+def _read_only(j: Journal) -> None:
+    """Every write refused ("attempt to write a readonly database"), as on a disk remounted read-only;
+    a full disk's SQLITE_FULL takes the same path (tests/test_journal.py fills one)."""
+    j._db.execute("PRAGMA query_only = ON")
+
+
+def _writable(j: Journal) -> None:
+    j._db.execute("PRAGMA query_only = OFF")
+
+
+def test_a_disk_that_refuses_writes_keeps_the_site_under_control_and_loses_no_settlement(
+    tmp_path: Path,
+) -> None:
+    day, tape = day_of(tmp_path, HOURS)
+    day.at(FAULT_AT, lambda: _read_only(day.journals[SITE]))
+    day.at(FAULT_AT + timedelta(minutes=40), lambda: _writable(day.journals[SITE]))
+    results = day.run()
+
+    seen = statuses(tape, SITE)
+    raised = [i for i, s in enumerate(seen) if "journal_unwritable" in s.alarms]
+    assert raised, [s.alarms for s in seen]
+    assert "journal_unwritable" not in seen[-1].alarms  # cleared once the disk took the writes
+    assert seen[-1].faults["journal_unwritable"] == 1
+    n = int(HOURS * 3600 / DT_S)
+    assert settled(tape, SITE) == intervals(day, n)  # every settlement reached the broker
+    rt = results.realtime
+    assert rt is not None
+    assert rt.missing_settlements == {}
+    assert rt.envelope_violations.count == 0, rt.envelope_violations.events
+    assert alive(day, f"edge-{SITE}")
+    journal = Journal(day.journal(SITE), SITE)
+    assert {s.interval_start.isoformat() for s in journal.settlements()} == intervals(day, n)

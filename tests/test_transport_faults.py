@@ -1,0 +1,75 @@
+"""The transport rides through what a field network does to it, against a real Mosquitto: a broker that
+stalls (SIGSTOP) longer than the acknowledgement timeout, and a client process that froze longer than
+its keep-alive (the broker dropped it; the client finds out only when it sends). Neither raises: the
+publish completes once the broker answers again, and the message arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from p2pdoe.services.broker import Broker
+from p2pdoe.services.transport import Backoff, InboundMessage, MqttTransport
+
+FAST = Backoff(initial_s=0.05, cap_s=0.3, max_attempts=100)
+
+
+def run(coro: Coroutine[Any, Any, None], timeout_s: float) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+async def next_message(t: MqttTransport, timeout_s: float = 5.0) -> InboundMessage:
+    return await asyncio.wait_for(anext(t.messages()), timeout_s)
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+pytestmark = pytest.mark.mosquitto
+
+
+def test_a_publish_waits_through_a_stalled_broker(mosquitto_broker: Broker) -> None:
+    async def scenario() -> None:
+        async with (
+            MqttTransport(mosquitto_broker.url, "stall-sub", backoff=FAST) as sub,
+            MqttTransport(mosquitto_broker.url, "stall-pub", backoff=FAST, timeout_s=0.5) as pub,
+        ):
+            await sub.subscribe("stall/x")
+            await pub.publish("stall/x", b"before")
+            assert (await next_message(sub)).payload == b"before"
+            mosquitto_broker.freeze()
+            try:
+                sending = asyncio.ensure_future(pub.publish("stall/x", b"during"))
+                await until(lambda: pub.slow_acks >= 1, timeout_s=10)  # waited past its timeout, alive
+                assert not sending.done()
+            finally:
+                mosquitto_broker.thaw()
+            await asyncio.wait_for(sending, 10)  # acknowledged once the broker answers: no error
+            assert (await next_message(sub, 10)).payload == b"during"
+            assert pub.connections == 1  # the connection held through the stall
+
+    run(scenario(), timeout_s=40)
+
+
+def test_a_frozen_client_sends_again_after_the_broker_dropped_it(mosquitto_broker: Broker) -> None:
+    async def scenario() -> None:
+        async with (
+            MqttTransport(mosquitto_broker.url, "frozen-sub", backoff=FAST) as sub,
+            MqttTransport(mosquitto_broker.url, "frozen-pub", backoff=FAST, keepalive_s=1) as pub,
+        ):
+            await sub.subscribe("frozen/x")
+            time.sleep(6.0)  # the whole process stops, as under SIGSTOP: Mosquitto drops it (k = 1 s)
+            await asyncio.wait_for(pub.publish("frozen/x", b"after"), 15)
+            assert (await next_message(sub, 10)).payload == b"after"
+            await until(lambda: pub.connections >= 2, timeout_s=10)
+
+    run(scenario(), timeout_s=40)
