@@ -165,3 +165,52 @@ def test_meter_readings_and_set_points_are_strict() -> None:
         decode_runtime(reading.model_dump_json().replace("-12.5", "NaN").encode())
     with pytest.raises(ValidationError):
         SetPointMessage(site="a", ts=ts, battery_kw=0.0, pv_cap_kw=-1.0, wind_cap_kw=None, flex_kw=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        ("doe", "start"),
+        ("meter", "ts"),
+        ("dso_status", "ts"),
+        ("site_status", "ts"),
+        ("settlement", "interval_start"),
+    ],
+)
+@pytest.mark.parametrize("value", [12, "12", 1.5e9, "1750000000", "June 21"])
+def test_a_time_is_iso_text_never_a_number(kind: str, field: str, value: object) -> None:
+    """pydantic alone reads 12 and "12" as 1970-01-01T00:00:12Z: a forged message could move a time
+    stamp to 1970 without a malformed field."""
+    payload = next(m for m in ALL_MESSAGES if m.model_fields["kind"].default == kind)
+    payload.model_validate_json(_sample(kind))  # as it is, it passes
+    sample = json.loads(_sample(kind))
+    sample[field] = value
+    with pytest.raises(ValidationError, match="ISO 8601"):
+        payload.model_validate_json(json.dumps(sample))
+
+
+def _sample(kind: str) -> str:
+    t0 = "2026-06-21T00:00:00Z"
+    samples = {
+        "doe": {
+            "site": "a",
+            "round": None,
+            "start": t0,
+            "opModImpLimW": 1000,
+            "opModExpLimW": 1000,
+            "duration_s": 900,
+            "lo_kw": -1,
+            "up_kw": 1,
+        },
+        "meter": {"site": "a", "ts": t0, "p_kw": 1.0},
+        "dso_status": {"state": "online", "round": None, "ts": t0},
+        "site_status": {"site": "a", "state": "online", "envelope": "none", "ts": t0},
+    }
+    if kind == "settlement":
+        return json.dumps({
+            "site": "a", "interval_start": t0, "duration_s": 900, "round": None, "measured_kwh": 1.0,
+            "scheduled_kwh": 1.0, "deviation_kwh": 0.0, "p2p_paid_eur": 0.0, "p2p_received_eur": 0.0,
+            "grid_kwh": 1.0, "grid_eur": 0.1, "net_eur": 0.1, "readings": 30, "covered_s": 900.0,
+            "envelope": "dynamic", "lo_kw": -1.0, "up_kw": 1.0,
+        })  # fmt: skip
+    return json.dumps(samples[kind])

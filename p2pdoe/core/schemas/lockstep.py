@@ -18,10 +18,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, TypeAdapter, field_validator
+from pydantic import Field, TypeAdapter, field_validator
 
 from p2pdoe.core.schemas.messages import Message
-from p2pdoe.core.schemas.wire import checked_json
+from p2pdoe.core.schemas.wire import Moment, checked_json
 
 Phase = Literal["plant", "control", "grid"]
 PHASES: tuple[Phase, ...] = ("plant", "control", "grid")  # the order within a step
@@ -49,7 +49,7 @@ class ClockGrant(Message):
     kind: Literal["clock_grant"] = "clock_grant"
     step: Step
     phase: Phase
-    time: AwareDatetime  # t_k = start + step * step_s
+    time: Moment  # t_k = start + step * step_s
     members: list[MemberName]  # the live members of `phase` granted this step
     live: list[MemberName]  # every live member of any phase
 
@@ -62,7 +62,7 @@ class ClockDone(Message):
     member: MemberName
     step: Step
     phase: Phase
-    next: AwareDatetime | None  # the earliest time it next needs a grant; None: every step
+    next: Moment | None  # the earliest time it next needs a grant; None: every step
     holding: bool  # True: a heartbeat, still working on `step`
 
     _next_utc = field_validator("next")(_utc)
@@ -73,11 +73,11 @@ class ClockStatus(Message):
     kind: Literal["clock_status"] = "clock_status"
     state: Literal["waiting", "running", "ended"]
     step: Step
-    time: AwareDatetime
+    time: Moment
     phase: Phase | None  # None while waiting to start or after the end
     waiting_for: list[MemberName]
     silent: list[MemberName]  # reported silent and left out until they speak again
-    ts_wall: AwareDatetime  # wall time of this status, for people
+    ts_wall: Moment  # wall time of this status, for people
 
     _utc_times = field_validator("time", "ts_wall")(_utc)
 

@@ -15,7 +15,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, TypeAdapter, field_validator, model_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from p2pdoe.core.schemas.messages import (
     Grant,
@@ -28,7 +28,7 @@ from p2pdoe.core.schemas.messages import (
     Status,
 )
 from p2pdoe.core.schemas.results import CommunityResult, SolveTimes, Trade
-from p2pdoe.core.schemas.wire import checked_json
+from p2pdoe.core.schemas.wire import Moment, checked_json
 
 Kw = Annotated[float, Field(allow_inf_nan=False)]
 Watts = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -48,7 +48,7 @@ class Doe(Message):
     kind: Literal["doe"] = "doe"
     site: SiteId
     round: RoundId | None  # the round that set it; None for a default envelope
-    start: AwareDatetime
+    start: Moment
     duration_s: Annotated[int, Field(gt=0)]
     lo_kw: Kw
     up_kw: Kw
@@ -131,7 +131,7 @@ class SiteStatus(Message):
     site: SiteId
     state: Literal["online", "offline"]
     envelope: Literal["dynamic", "default", "fixed_default", "none"]  # which envelope is applied
-    ts: AwareDatetime
+    ts: Moment
     reason: str | None = None  # why this envelope applies (set by the real-time controller)
     alarm: Literal["clock_skew"] | None = None
     reading_age_s: float | None = None  # how old the last meter reading was when handled (simulated s)
@@ -147,7 +147,7 @@ class DsoStatus(Message):
     kind: Literal["dso_status"] = "dso_status"
     state: Literal["online", "offline"]
     round: RoundId | None
-    ts: AwareDatetime
+    ts: Moment
     phase: str | None = None  # registering, agreeing, reporting, following, rolling, closing, over
     envelope_lead_s: float | None = None  # the last interval's envelopes came this far ahead (simulated s)
     failed_rounds: Annotated[int, Field(ge=0)] = 0  # rolling rounds that failed today
@@ -182,7 +182,7 @@ class Telemetry(Message):
     schema_version: Literal[1] = 1
     kind: Literal["telemetry"] = "telemetry"
     site: SiteId
-    ts: AwareDatetime
+    ts: Moment
     source: Literal["schedule", "meter"]
     p_kw: Kw  # net injection, export positive
     envelope: Literal["dynamic", "default", "fixed_default", "none"]
@@ -209,7 +209,7 @@ class MeterReading(Message):
     schema_version: Literal[1] = 1
     kind: Literal["meter"] = "meter"
     site: SiteId
-    ts: AwareDatetime
+    ts: Moment
     p_kw: Kw  # net injection, export positive
     q_kvar: Kw | None = None
     pv_kw: Kw | None = None
@@ -230,7 +230,7 @@ class SetPointMessage(Message):
     schema_version: Literal[1] = 1
     kind: Literal["setpoints"] = "setpoints"
     site: SiteId
-    ts: AwareDatetime
+    ts: Moment
     battery_kw: Kw  # discharge positive, charge negative
     pv_cap_kw: Watts | None  # curtailment cap; None: no cap
     wind_cap_kw: Watts | None
@@ -272,7 +272,7 @@ class SettlementRecord(Message):
     schema_version: Literal[1] = 1
     kind: Literal["settlement"] = "settlement"
     site: SiteId
-    interval_start: AwareDatetime
+    interval_start: Moment
     duration_s: Annotated[int, Field(gt=0)]
     round: RoundId | None  # the agreement in force (None: no agreement, everything with the grid)
     measured_kwh: Kw
