@@ -8,6 +8,7 @@ counted at 0 kW), and both corners of the granted boxes (a site left out at its 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 
@@ -163,6 +164,7 @@ def realtime_results(ctx: Context, report: DayReport, clock: str, speed: float) 
         envelope_violations=_violations(books.observer),
         fallback_events=books.fallback_events,
         missing_settlements=_missing(ctx, books),
+        unsettled=_unsettled(ctx, books),
         energy_mismatch_max_pct=worst,
         measured_ac=_measured_ac(ctx, books),
         clock=clock,
@@ -199,12 +201,32 @@ def _day_intervals(books: DayBooks) -> list[int]:
 
 
 def _missing(ctx: Context, books: DayBooks) -> dict[str, list[str]]:
-    """Per site, the intervals of the day with readings but no settlement."""
+    """Per site, the intervals of the day without a settlement."""
     out: dict[str, list[str]] = {}
-    for site, t in sorted(books.metering.cells):
-        start = ctx.interval_start(t)
-        if 0 <= t < ctx.last_interval() and (site, start) not in books.settlements:
-            out.setdefault(site, []).append(start.isoformat().replace("+00:00", "Z"))
+    for u in _unsettled(ctx, books):
+        out.setdefault(u.site, []).append(u.interval_start)
+    return out
+
+
+def _unsettled(ctx: Context, books: DayBooks) -> list[r.Unsettled]:
+    """Every interval the coordinator saw the real-time day run through (from its first reading to its
+    last) without a settlement from a site that took part (a reading or a settlement heard), each with
+    its cause."""
+    cells = books.metering.cells
+    present = {site for site, _ in cells} | {site for site, _ in books.settlements}
+    heard = [t for _, t in cells]  # a coordinator started mid-day judges from its first reading on
+    ran = range(max(min(heard, default=0), 0), min(max(heard, default=-1) + 1, ctx.last_interval()))
+    out = []
+    for site in sorted(present):
+        for t in ran:
+            start = ctx.interval_start(t)
+            if (site, start) in books.settlements:
+                continue
+            end = start + timedelta(seconds=ctx.interval_s)
+            cause = books.why_unsettled(site, start, end)
+            out.append(
+                r.Unsettled(site=site, interval_start=start.isoformat().replace("+00:00", "Z"), cause=cause)
+            )
     return out
 
 

@@ -5,7 +5,6 @@ in its log. The table of cases is in docs/reliability.md."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -59,16 +58,21 @@ def test_a_dead_meter_raises_an_alarm_and_the_site_runs_on_its_schedule(tmp_path
     assert results.realtime is not None
     others = [x for x in results.realtime.settlements if x.site != SITE]
     assert len(others) == (len(S.ids) - 1) * int(HOURS * 3600 / DT_S)
+    # every interval the dead meter left unsettled is listed, with its cause
+    n = int(HOURS * 3600 / DT_S)
+    unsettled = {u.interval_start: u.cause for u in results.realtime.unsettled}
+    assert {u.site for u in results.realtime.unsettled} == {SITE}
+    assert set(results.realtime.missing_settlements[SITE]) == set(unsettled)
+    died = int(FAULT_AT.total_seconds() // DT_S)
+    assert len(unsettled) == n - died
+    assert all("meter_silent" in cause for cause in unsettled.values()), unsettled
+    assert sum("no meter readings" in cause for cause in unsettled.values()) == n - died - 1
 
 
-def _forge_a_reading_a_day_ahead(day: VirtualDay) -> asyncio.Task[None]:
-    async def forge() -> None:
-        now = day.clock.now()
-        reading = MeterReading(site=SITE, ts=now + timedelta(days=1), p_kw=0.0)
-        async with day.client("forger") as c:
-            await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
-
-    return asyncio.ensure_future(forge())
+async def _forge_a_reading_a_day_ahead(day: VirtualDay) -> None:
+    reading = MeterReading(site=SITE, ts=day.clock.now() + timedelta(days=1), p_kw=0.0)
+    async with day.client("forger") as c:
+        await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
 
 
 def test_a_reading_stamped_a_day_ahead_is_rejected_and_blinds_nothing(
@@ -127,3 +131,19 @@ def test_a_disk_that_refuses_writes_keeps_the_site_under_control_and_loses_no_se
     assert alive(day, f"edge-{SITE}")
     journal = Journal(day.journal(SITE), SITE)
     assert {s.interval_start.isoformat() for s in journal.settlements()} == intervals(day, n)
+
+
+@pytest.mark.parametrize("killed", [5, 6])
+def test_the_coordinator_goes_on_when_all_but_one_or_every_edge_dies(tmp_path: Path, killed: int) -> None:
+    """Five of six edge agents killed mid-day crashed the coordinator ("at least 2 items"), and none
+    left an IndexError: it goes on, every site on the envelopes that stand, and ends its day."""
+    day, _ = day_of(tmp_path, HOURS)
+    for site in S.ids[:killed]:
+        day.at(FAULT_AT + timedelta(seconds=7), lambda site=site: day.kill(f"edge-{site}"))
+    results = day.run()
+    assert day.exits["dso"] == [0]
+    rt = results.realtime
+    assert rt is not None
+    failed = rt.failed_rounds
+    assert failed, "the rounds after the deaths cannot agree"
+    assert all("at least 2 needed" in f or "no proposal" in f for f in failed), failed

@@ -177,7 +177,7 @@ class CoordinatorMachine:
         elif isinstance(msg, Registration) and not self.registry.registered(msg):
             self.reader.dropped["registration_refused"] += 1
         elif isinstance(msg, SiteStatus):
-            self.books.status(msg)
+            self.books.status(msg, now)
             self.registry.status(msg, m.retained)
         return self._sites_changed(now)
 

@@ -125,12 +125,13 @@ class Rolling:
         guard = 0.3 * ctx.interval_s
         if left - guard <= 0.25 * budget:
             return out + self._record(now, "skipped")  # too little time left
+        taking_part = [s for s in ctx.site_ids if s in ready and s in registrations]
+        if len(taking_part) < 2:  # no trade without two; the standing envelopes hold
+            return out + self._failed(now, f"{len(taking_part)} site(s) ready, at least 2 needed")
         try:
             cur.setup = self._setup(t, cur.round_id, ready, registrations)
         except Exception as exc:  # an infeasible or broken round never ends the service
             return out + self._failed(now, f"its round could not be set up: {exc}")
-        if len(cur.setup.sites) < 2:
-            return out + self._failed(now, f"{len(cur.setup.sites)} site(s) ready, at least 2 needed")
         cur.stop_at = now + timedelta(seconds=min(budget, left - guard))
         cur.run = RoundRun(cur.setup, Timings(), ctx.rules.iteration_timeout_s, self.stopwatch)
         return out + list(cur.run.open())

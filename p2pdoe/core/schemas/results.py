@@ -263,6 +263,16 @@ class FallbackEvent(Model):
     envelope: str
     reason: str | None
     alarm: str | None
+    alarms: list[str] = Field(default_factory=list)  # every alarm the site raised then
+
+
+class Unsettled(Model):
+    """An interval of a site's real-time day without a settlement, and why, as far as the
+    coordinator can tell."""
+
+    site: str
+    interval_start: str
+    cause: str
 
 
 class RealtimeInfo(Model):
@@ -274,6 +284,7 @@ class RealtimeInfo(Model):
     envelope_violations: EnvelopeViolations
     fallback_events: list[FallbackEvent]
     missing_settlements: dict[str, list[str]]  # site -> interval starts never settled
+    unsettled: list[Unsettled] = Field(default_factory=list)  # the same, each with its cause
     energy_mismatch_max_pct: float  # journal vs the coordinator's meter integral, worst interval
     measured_ac: NetworkState | None  # AC power flow of the measured mean injections per interval
     clock: str = "scaled"  # wall, scaled, virtual or lockstep
