@@ -72,7 +72,7 @@ def run(name: str, inject: Callable[[VirtualDay], None]) -> str:
         parsed = topics.parse(topic)
         if payload and parsed is not None and parsed.area == "site" and parsed.kind == "status":
             msg = SiteStatus.model_validate_json(payload)
-            for a in msg.alarms:
+            for a in [*msg.alarms, *msg.faults]:  # an alarm raised and cleared at once is only counted
                 if (msg.site, a) not in seen:
                     seen.add((msg.site, a))
                     alarms[a] += 1

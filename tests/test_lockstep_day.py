@@ -94,6 +94,44 @@ def test_a_process_that_stops_answering_is_named_and_the_day_goes_on(
     assert all(sum(1 for s in day.settlements if s.site == site) == 4 for site in others)
 
 
+@pytest.mark.timeout(900)
+def test_a_broker_stalled_for_15_seconds_mid_day_changes_nothing(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """Mosquitto SIGSTOPped for 15 s, longer than every service's acknowledgement timeout (10 s), once
+    the day's second round has run: before, every service exited ("publish ... failed: Operation timed
+    out") and the plants ran uncontrolled. Now each waits through it, and the day is the virtual day's
+    to the last digit."""
+    out = tmp_path / "demo"
+    rt = RealTime(hours=1.0)
+    result: list[Results | BaseException] = []
+
+    def demo() -> None:
+        try:
+            result.append(run_demo("default", QUARTER_HOURS, mosquitto_broker.url, out, False, "dynamic", rt))
+        except BaseException as exc:  # handed to the test's thread
+            result.append(exc)
+
+    runner = threading.Thread(target=demo)
+    runner.start()
+    _wait_for(lambda: "interval 2:" in _log(out, "dso-coordinator"), 600, "the day's second round")
+    mosquitto_broker.freeze()
+    try:
+        time.sleep(15.0)
+    finally:
+        mosquitto_broker.thaw()
+    runner.join(600)
+    assert not runner.is_alive()
+    assert isinstance(result[0], Results), result
+    processes = result[0]
+    assert processes.realtime is not None
+    virtual = VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=1.0).run()
+    assert virtual.realtime is not None
+    assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
+    logs = " ".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.log"))
+    assert "still waiting" in logs  # the stall was seen, and ridden through
+
+
 def _log(out: Path, name: str) -> str:
     path = out / "logs" / f"{name}.log"
     return path.read_text(errors="replace") if path.exists() else ""
