@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pdoe.services.broker_url import BrokerAddress, parse_broker_url, without_password
+from p2pdoe.services.mqtt_delivery import Delivery
 from p2pdoe.services.mqtt_session import (
     Attempt,
     Backoff,
@@ -212,8 +213,9 @@ class MqttTransport:
             sending = asyncio.ensure_future(
                 client.publish(topic, payload, qos, retain, properties, timeout=math.inf)
             )
+            delivery = Delivery(self.client_id, topic, self._timeout_s, 2 * self._keepalive_s, self._slow_ack)
             try:
-                if await self._delivered(client, sending, lost, topic):
+                if await delivery.acknowledged(sending, lost, client._client.is_connected):
                     return
             finally:
                 if not sending.done():
@@ -221,40 +223,8 @@ class MqttTransport:
             self.resent += 1
             log.info("%s: publish to %s interrupted by a disconnect; sending again", self.client_id, topic)
 
-    async def _delivered(
-        self, client: aiomqtt.Client, sending: asyncio.Future[None], lost: asyncio.Future[None], topic: str
-    ) -> bool:
-        """True once `sending` is acknowledged, False if the connection was lost first (send again)."""
-        waited_s = 0.0
-        while True:
-            await asyncio.wait({sending, lost}, timeout=self._timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if sending.done() and sending.exception() is None:
-                return True
-            if lost.done():
-                return False
-            if not sending.done():
-                waited_s += self._timeout_s
-                if waited_s == self._timeout_s:
-                    self.slow_acks += 1
-                log.warning(
-                    "%s: no acknowledgement of %s for %g s; still waiting (a stalled broker?)",
-                    self.client_id, topic, waited_s,
-                )  # fmt: skip
-                continue
-            exc = sending.exception()
-            assert exc is not None
-            if client._client.is_connected():  # connected, and the client refused it: no retry mends that
-                raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
-            return await self._lost_within(lost, topic, exc)
-
-    async def _lost_within(self, lost: asyncio.Future[None], topic: str, exc: BaseException) -> bool:
-        """The client says it is not connected (a frozen process resumed, a dead link not yet noticed):
-        wait for the receive loop to see the connection go, then send again."""
-        try:
-            await asyncio.wait_for(asyncio.shield(lost), timeout=2 * self._keepalive_s)
-        except TimeoutError:
-            raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
-        return False
+    def _slow_ack(self) -> None:
+        self.slow_acks += 1
 
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         """Publish a retained message (QoS 1) and publish it again after every reconnect, so the state
