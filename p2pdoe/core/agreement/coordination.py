@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan, with_rho
+from p2pdoe.core.agreement.dso import DsoParticipant, Ranges, RoundPlan, with_rho
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
 from p2pdoe.core.network import Feeder, FloatArray
@@ -214,7 +214,10 @@ def round_setup(
         initial_trade_price=tuple(float(v) for v in prices),
         warm=warm,
     )
-    dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid)
+    ranges = Ranges(
+        np.array([facts[i].x_min for i in taking_part]), np.array([facts[i].x_max for i in taking_part])
+    )
+    dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid, ranges)
     left_out = tuple(sid for sid in ids if sid not in sites)
     return RoundSetup(dso, sites, left_out, view, safe)
 

@@ -8,6 +8,7 @@ onto the safe set for iteration k + 1. Every grant is network-safe, converged or
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -45,6 +46,10 @@ from p2pdoe.core.schemas.messages import (
     WarmStart,
     warm_start_problem,
 )
+
+log = logging.getLogger(__name__)
+PLAUSIBLE_SLACK_KW = 1.0  # what a solver's tolerance may add to a registered range, plus ...
+PLAUSIBLE_SLACK_REL = 0.01  # ... this share of it
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,51 @@ class _State:
         self.finished = False
 
 
+@dataclass(frozen=True)
+class Ranges:
+    """What each site registered: its technical range of net injection per interval, (C, T) in the
+    plan's site order. A proposal beyond it (`implausible`) is refused before it reaches the ADMM."""
+
+    x_min: FloatArray
+    x_max: FloatArray
+
+    def implausible(self, c: int, p: Proposal) -> str | None:
+        """Why site c's proposal cannot come from its registered assets, or None. Envelope requests lie
+        in [x_min, x_max] of its own range; each trade in [0, the sum of every site's range] (a site
+        may pass on what it buys, so its own range does not bound its trades, but no trade carries
+        more than all the sites could inject); both with a solver's slack."""
+        span = np.maximum(np.abs(self.x_min[c]), np.abs(self.x_max[c]))
+        slack = PLAUSIBLE_SLACK_KW + PLAUSIBLE_SLACK_REL * span
+        everyone = np.maximum(np.abs(self.x_min), np.abs(self.x_max)).sum(axis=0)
+        for e in p.trades:
+            for side, values in (("buy", e.buy_kw), ("sell", e.sell_kw)):
+                v = np.asarray(values)
+                bad = np.flatnonzero((v < -slack) | (v > everyone * (1 + PLAUSIBLE_SLACK_REL) + slack))
+                if bad.size:
+                    t = int(bad[0])
+                    return f"{side}_kw[{t}] with {e.peer} = {v[t]:.6g} kW, beyond its registered range"
+        if p.envelope is not None:
+            for side, values in (("lo", p.envelope.lo_kw), ("up", p.envelope.up_kw)):
+                v = np.asarray(values)
+                bad = np.flatnonzero((v < self.x_min[c] - slack) | (v > self.x_max[c] + slack))
+                if bad.size:
+                    t = int(bad[0])
+                    lo, hi = self.x_min[c, t], self.x_max[c, t]
+                    return f"envelope {side}_kw[{t}] = {v[t]:.6g} kW outside its range [{lo:.6g}, {hi:.6g}]"
+        return None
+
+
 class DsoParticipant:
-    def __init__(self, plan: RoundPlan, horizon: int, settings: AdmmSettings, grid: GridSolver | None):
+    """`ranges`: what the sites registered, to refuse implausible proposals (None: no such check)."""
+
+    def __init__(
+        self,
+        plan: RoundPlan,
+        horizon: int,
+        settings: AdmmSettings,
+        grid: GridSolver | None,
+        ranges: Ranges | None = None,
+    ):
         if (grid is None) != (plan.policy == "none"):
             raise ValueError("a grid solver is needed exactly when the round has envelopes")
         problem = warm_plan_problem(plan, horizon)
@@ -176,7 +224,9 @@ class DsoParticipant:
         self.horizon = horizon
         self.settings = settings
         self.grid = grid
+        self.ranges = ranges
         self.rejected = 0
+        self.implausible: dict[str, str] = {}  # site -> why its last refused proposal was implausible
         self._s = _State(plan, settings, horizon)
         self._stop_requested = False
 
@@ -253,6 +303,14 @@ class DsoParticipant:
             return []
         if msg.sender not in self.plan.sites:
             st.inbox.ignored[UNKNOWN_SENDER] += 1
+            return []
+        why = None if self.ranges is None else self.ranges.implausible(self.plan.sites.index(msg.sender), msg)
+        if why is not None:
+            self.rejected += 1
+            self.implausible[msg.sender] = why
+            log.warning(
+                "round %s: implausible proposal from %s refused: %s", self.plan.round, msg.sender, why
+            )
             return []
         st.inbox.offer(msg.sender, msg.iteration, self._parse(msg))
         if not st.inbox.complete:

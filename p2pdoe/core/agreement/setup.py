@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2pdoe.core.agreement.community import CommunityParticipant
-from p2pdoe.core.agreement.dso import DsoParticipant, RoundPlan, with_rho
+from p2pdoe.core.agreement.dso import DsoParticipant, Ranges, RoundPlan, with_rho
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import SafeSet, safe_set
@@ -68,5 +68,7 @@ def participants(
         initial_trade_price=tuple(float(v) for v in 0.5 * (s.price_import + s.price_export)),
         warm=warm,
     )
-    dso = DsoParticipant(plan, s.horizon, with_rho(s.admm, rho), grid)
+    bounds = envelope_bounds_of(qps)
+    ranges = Ranges(bounds.lo_min, bounds.up_max)
+    dso = DsoParticipant(plan, s.horizon, with_rho(s.admm, rho), grid, ranges)
     return Participants(dso, communities, qps, safe)
