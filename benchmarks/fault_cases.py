@@ -59,6 +59,9 @@ CASES: dict[str, Callable[[VirtualDay], None]] = {
         AT, lambda: forge_future_reading(day)
     ),
     f"the journal of {SITE} refuses writes 00:50-01:30": read_only_journal,
+    f"a second edge agent for {SITE} started at 00:50": lambda day: day.at(
+        AT, lambda: day.start_edge(SITE, name=f"edge-{SITE}-twin")
+    ),
     "five of six edge agents killed at 00:50": lambda day: day.at(AT, lambda: kill_edges(day, 5)),
     "every edge agent killed at 00:50": lambda day: day.at(AT, lambda: kill_edges(day, 6)),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -56,9 +57,12 @@ def rules_from(settings: CoordinatorSettings) -> Rules:
     return Rules(**{n: getattr(settings, n) for n in names}, checkpoint=settings.checkpoint is not None)
 
 
-def build_machine(cfg: CoordinatorConfig, settings: CoordinatorSettings, now: datetime) -> CoordinatorMachine:
+def build_machine(
+    cfg: CoordinatorConfig, settings: CoordinatorSettings, now: datetime, epoch: str | None = None
+) -> CoordinatorMachine:
     """The machine for the day that `settings.start` names at `now`; resumed from the checkpoint if
-    one of this very day exists (a restart), never otherwise (a first start, however late)."""
+    one of this very day exists (a restart), never otherwise (a first start, however late). `epoch`:
+    this run's token on its openings (default: a fresh random one)."""
     policy = settings.policy or cfg.policy
     start = day_start(settings.start, cfg.start, cfg.dt_h, now)
     cfg = cfg.model_copy(update={"policy": policy, "start": iso(start)})
@@ -67,7 +71,7 @@ def build_machine(cfg: CoordinatorConfig, settings: CoordinatorSettings, now: da
         defaults = default_envelopes(cfg, feeder)
     except InfeasibleError as exc:
         raise ConfigError(f"no safe default envelopes: {exc}") from None
-    ctx = Context(cfg, feeder, defaults, start, rules_from(settings))
+    ctx = Context(cfg, feeder, defaults, start, rules_from(settings), epoch or secrets.token_hex(4))
     resume = None
     if settings.rolling and settings.checkpoint is not None:
         resume = load(settings.checkpoint, start, ctx.interval_s, cfg.intervals)

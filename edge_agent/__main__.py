@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -126,8 +127,11 @@ def open_journal(config: SiteConfig, settings: EdgeSettings) -> Journal | None:
         raise ConfigError(f"journal {path}: {exc}") from None
 
 
-def build_realtime(config: SiteConfig, settings: EdgeSettings, now: datetime) -> EdgeRealtime:
-    """The real-time machine with its controller, for the day that `settings.start` names at `now`."""
+def build_realtime(
+    config: SiteConfig, settings: EdgeSettings, now: datetime, instance: str | None = None
+) -> EdgeRealtime:
+    """The real-time machine with its controller, for the day that `settings.start` names at `now`;
+    `instance`: this run's token on its status (default: a fresh random one)."""
     box = fixed_default(config)
     if settings.fixed_default_lo_kw is not None and settings.fixed_default_up_kw is not None:
         box = Box(settings.fixed_default_lo_kw, settings.fixed_default_up_kw)
@@ -142,6 +146,7 @@ def build_realtime(config: SiteConfig, settings: EdgeSettings, now: datetime) ->
         report_every_s=every,
         meter_silent_s=settings.meter_silent_s,
         reading_ahead_s=settings.reading_ahead_s,
+        instance=instance or secrets.token_hex(4),
     )
 
 

@@ -133,7 +133,9 @@ class EdgeService:
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(topics.round_open("+"), 1), (topics.grant("+"), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
-        subs += [(topics.site(self.site, k), 1) for k in ("doe", "doe/default")] + [(topics.DSO_STATUS, 1)]
+        subs += [(topics.site(self.site, k), 1) for k in ("doe", "doe/default", "status")] + [
+            (topics.DSO_STATUS, 1)
+        ]
         if self.meter is not None and self.meter.transport is self.transport:
             subs.append((self.meter.topic, 0))
         return subs

@@ -5,6 +5,7 @@ in its log. The table of cases is in docs/reliability.md."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,8 @@ from virtual_helpers import DT_S, S, Tape, day_of
 from edge_agent.journal import Journal
 from p2pdoe.cli.virtual_day import VirtualDay
 from p2pdoe.core import topics
+from p2pdoe.core.schemas.messages import RoundOpen
+from p2pdoe.core.schemas.results import RealtimeInfo
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, SettlementRecord, SiteStatus
 
 pytestmark = pytest.mark.slow
@@ -147,3 +150,65 @@ def test_the_coordinator_goes_on_when_all_but_one_or_every_edge_dies(tmp_path: P
     failed = rt.failed_rounds
     assert failed, "the rounds after the deaths cannot agree"
     assert all("at least 2 needed" in f or "no proposal" in f for f in failed), failed
+
+
+def test_a_second_edge_agent_for_one_site_is_detected_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second gateway started with the same site's configuration: each agent hears the other's live
+    status and raises duplicate_process, naming both runs (before: 48 takeovers in 25 s, the site
+    excluded, and no log line naming the clash)."""
+    day, tape = day_of(tmp_path, 1.5)
+    day.at(FAULT_AT, lambda: day.start_edge(SITE, name=f"edge-{SITE}-twin"))
+    with caplog.at_level(logging.ERROR, logger="edge_agent"):
+        day.run()
+    by_instance = {s.instance: s for s in statuses(tape, SITE)}  # the last status of each run
+    assert set(by_instance) == {f"{SITE}.1", f"{SITE}.2"}
+    assert all("duplicate_process" in s.alarms for s in by_instance.values()), by_instance
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"another edge agent for {SITE} runs (instance {SITE}.2; this one: {SITE}.1)" in logged
+    assert f"another edge agent for {SITE} runs (instance {SITE}.1; this one: {SITE}.2)" in logged
+
+
+def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed as soon as it has opened a rolling round, and started again 2 s later from its
+    checkpoint: it opens the same round id under a new epoch, every edge leaves the dead run's round
+    for it, and the opening the dead run left retained is deleted. Before: the edges ignored the new
+    opening as a repeat, and no agreement was reached until every edge restarted."""
+    checkpoint = tmp_path / "state" / "checkpoint.json"
+    day, tape = day_of(tmp_path, HOURS, dso_options={"checkpoint": checkpoint})
+    opened: list[tuple[str, str | None]] = []
+    target = asyncio.Event()
+
+    def watch(topic: str, payload: bytes) -> None:
+        if not (topic.endswith("/open") and payload):
+            return
+        msg = RoundOpen.model_validate_json(payload)
+        opened.append((msg.round, msg.epoch))
+        if msg.round.endswith("-rt004") and msg.epoch == "dso.1":
+            target.set()
+
+    async def kill_then_restart() -> None:
+        await target.wait()  # woken as the opening goes out, before the round can finish
+        day.kill("dso")
+        await asyncio.sleep(2.0)
+        day.start_coordinator()
+
+    tape.then = watch
+    day.at(timedelta(0), kill_then_restart)
+    with caplog.at_level(logging.INFO):
+        day.run_until_end()
+
+    assert {e for _, e in opened} == {"dso.1", "dso.2"}
+    after = [r for r, e in opened if e == "dso.2"]
+    assert after[0].endswith("-rt004"), opened  # the same round id, opened again
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("opened again by a restarted coordinator" in m for m in logged) == len(S.ids), logged
+    rt = RealtimeInfo.model_validate_json((tmp_path / "realtime.json").read_bytes())
+    assert rt.failed_rounds == []
+    assert rt.intervals[0].interval == 4
+    assert rt.intervals[0].status == "converged", rt.intervals
+    for topic in day.broker.retained_topics():
+        assert not topic.endswith("/open"), topic  # no opening left behind

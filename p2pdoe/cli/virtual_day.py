@@ -66,6 +66,7 @@ class VirtualDay:
         self.tasks: dict[str, asyncio.Task[int]] = {}
         self.transports: dict[str, MemoryTransport] = {}
         self.exits: dict[str, list[int | BaseException]] = {}
+        self._starts: dict[str, int] = {}
         self.journals: dict[str, Journal] = {}  # each edge agent's open journal (a fault may fill its disk)
         self._schedule: list[tuple[datetime, Callable[[], Awaitable[None] | None]]] = []
         self.wall_s = 0.0
@@ -149,19 +150,28 @@ class VirtualDay:
 
         async def main() -> int:
             async with transport:
-                return await service.run(build_machine(self.coordinator_config, settings, clock.now()))
+                return await service.run(
+                    build_machine(self.coordinator_config, settings, clock.now(), self._instance("dso"))
+                )
 
         self._launch("dso", transport, main())
 
-    def start_edge(self, site: str, clock_offset_s: float = 0.0, **options: Any) -> None:
-        """`clock_offset_s`: the edge's clock runs this far ahead of everyone's (a skew)."""
+    def start_edge(
+        self, site: str, clock_offset_s: float = 0.0, name: str | None = None, **options: Any
+    ) -> None:
+        """`clock_offset_s`: the edge's clock runs this far ahead of everyone's (a skew); `name`: the
+        process's name and client id (default `edge-<site>`; another one is a second process)."""
+        name = name or f"edge-{site}"
         config = self.configs[site]
         settings = EdgeSettings(
             site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
         )  # fmt: skip
-        transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
-        journal = self.journals[site] = Journal(self.journal(site), site)
+        transport = MemoryTransport(self.broker, name, will=edge_will(site))
+        main_one = name == f"edge-{site}"
+        journal = Journal(self.journal(site) if main_one else self.root / "journal" / f"{name}.db", site)
+        if main_one:
+            self.journals[site] = journal
         market = market_machine(config, margins(settings))
         clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s), rank=CONTROL)
         service = EdgeService(
@@ -171,11 +181,13 @@ class VirtualDay:
         async def main() -> int:
             try:
                 async with transport:
-                    return await service.run(build_realtime(config, settings, clock.now()))
+                    return await service.run(
+                        build_realtime(config, settings, clock.now(), self._instance(site))
+                    )
             finally:
                 journal.close()
 
-        self._launch(f"edge-{site}", transport, main())
+        self._launch(name, transport, main())
 
     def start_meter(self, site: str) -> None:
         config = self.configs[site]
@@ -220,7 +232,9 @@ class VirtualDay:
         async def run_edge() -> int:
             try:
                 async with transport, adapter:
-                    return await service.run(build_realtime(config, settings, clock.now()))
+                    return await service.run(
+                        build_realtime(config, settings, clock.now(), self._instance(site))
+                    )
             finally:
                 journal.close()
 
@@ -240,6 +254,11 @@ class VirtualDay:
     def stop(self, name: str) -> None:
         """A clean stop (its transport says goodbye; no will)."""
         self.tasks[name].cancel()
+
+    def _instance(self, site: str) -> str:
+        """A token per start of the site's edge agent, the same on every run of the day."""
+        self._starts[site] = self._starts.get(site, 0) + 1
+        return f"{site}.{self._starts[site]}"
 
     def journal(self, site: str) -> Path:
         return self.root / "journal" / f"{site}.db"

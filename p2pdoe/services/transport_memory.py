@@ -83,6 +83,11 @@ class MemoryBroker:
         kept = self._live_retained().get(topic)
         return None if kept is None else kept[0]
 
+    def retained_topics(self) -> list[str]:
+        """Every topic with a retained message kept (one expired but not yet dropped too), in the order
+        last published; callable after the day's loop has ended."""
+        return list(self._retained)
+
     # -- faults ----------------------------------------------------------------------------------------
 
     def outage(self) -> None:

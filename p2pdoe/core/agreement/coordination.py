@@ -177,6 +177,7 @@ def round_setup(
     *,
     warm: WarmStart | None = None,
     rho: tuple[float, float] | None = None,
+    epoch: str | None = None,
 ) -> RoundSetup:
     """The DSO participant of a round among every registered site not in `excluded`, in config order.
     `warm`: where the couplings start (`warm.warm_start_from`); `rho`: (rho_trade, rho_envelope) to
@@ -213,6 +214,7 @@ def round_setup(
         peers=peers,
         initial_trade_price=tuple(float(v) for v in prices),
         warm=warm,
+        epoch=epoch,
     )
     ranges = Ranges(
         np.array([facts[i].x_min for i in taking_part]), np.array([facts[i].x_max for i in taking_part])

@@ -91,6 +91,7 @@ class RoundPlan:
     peers: tuple[tuple[int, ...], ...]  # trading graph, by site index
     initial_trade_price: tuple[float, ...]  # EUR/kWh per interval, public (from the retail tariffs)
     warm: WarmStart | None = None  # where the couplings start (announced in the opening); None: cold
+    epoch: str | None = None  # the coordinator's run (a restarted one opens the same ids anew)
 
 
 def with_rho(settings: AdmmSettings, rho: tuple[float, float] | None) -> AdmmSettings:
@@ -285,6 +286,7 @@ class DsoParticipant:
                     ),
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
                     warm_start=self.plan.warm,
+                    epoch=self.plan.epoch,
                 )
             )
         ]

@@ -42,6 +42,7 @@ class Context:
     defaults: Defaults
     start: datetime
     rules: Rules
+    epoch: str | None = None  # this run of the coordinator, on every opening
 
     @property
     def site_ids(self) -> list[str]:

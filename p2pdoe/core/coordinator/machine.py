@@ -35,7 +35,7 @@ from p2pdoe.core.coordinator.standing import Standing, standing_from
 from p2pdoe.core.effects import Exit, Heard, Patience, PatienceOver, Relieve, Send, Unsubscribe, Woke
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.metering import MeterIntegral
-from p2pdoe.core.schemas.messages import DSO_ID, Proposal
+from p2pdoe.core.schemas.messages import DSO_ID, Proposal, RoundOpen
 from p2pdoe.core.schemas.results import Attempt
 from p2pdoe.core.schemas.runtime import (
     Doe,
@@ -56,6 +56,7 @@ SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
     (topics.every_site("meter"), 0),
     (topics.all_proposals(), 1),
     (topics.all_reports(), 1),
+    (topics.round_open("+"), 1),  # retained openings another run left behind are cleared
 )
 _TYPES: dict[str, type] = {
     "register": Registration,
@@ -158,7 +159,18 @@ class CoordinatorMachine:
             return self._report(parsed.site, parsed.round, m.payload, now)
         if parsed.area == "market" and parsed.kind == "proposal":
             return self._proposal(m, now)
+        if parsed.area == "market" and parsed.kind == "open" and m.retained and m.payload:
+            return self._stale_opening(m)
         return []
+
+    def _stale_opening(self, m: Heard) -> list[Command]:
+        """A retained opening from another run of the coordinator (killed before it could delete it):
+        deleted, so no edge agent ever joins a round nobody runs."""
+        msg = self.reader.decoded(m)
+        if isinstance(msg, RoundOpen) and msg.epoch == self.ctx.epoch:
+            return []  # our own, heard back after a reconnect
+        log.info("deleted the retained opening of %s left by another run of the coordinator", m.topic)
+        return [Send(m.topic, b"", retain=True)]
 
     def _site(self, kind: str, site: str, m: Heard, now: datetime) -> list[Command]:
         msg = self.reader.runtime(m.payload)
@@ -239,8 +251,9 @@ class CoordinatorMachine:
         round_id = ctx.rules.round if n == 1 else f"{ctx.rules.round}.{n}"
         try:
             setup = round_setup(
-                ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id
-            )
+                ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id,
+                epoch=ctx.epoch,
+            )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return [Exit(2, f"round {round_id} could not be set up: {exc}")]
         self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch)

@@ -146,8 +146,9 @@ class Rolling:
         warm = None if prev is None else prev.warm_for(t, sites)
         rho = None if prev is None else prev.rho
         return round_setup(
-            cfg, ctx.feeder, registrations, left_out, ctx.defaults, round_id, warm=warm, rho=rho
-        )
+            cfg, ctx.feeder, registrations, left_out, ctx.defaults, round_id, warm=warm, rho=rho,
+            epoch=ctx.epoch,
+        )  # fmt: skip
 
     def _cap(self) -> int:
         return min(self.ctx.rules.rolling_max_iterations, self.ctx.cfg.admm.max_iterations)

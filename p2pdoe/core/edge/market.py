@@ -38,6 +38,7 @@ log = logging.getLogger("edge_agent")
 @dataclass
 class RoundState:
     id: str
+    epoch: str | None  # the coordinator's run that opened it
     start: datetime  # of the round's first interval
     config: SiteConfig  # with only the peers this round includes
     qp: CommunityQP
@@ -74,7 +75,7 @@ class EdgeMarket:
         self.reader = MarketReader(self.site)
         self.round: RoundState | None = None
         self.settled = 0
-        self._over: set[str] = set()  # rounds finished, superseded or not ours
+        self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self._early: list[Message] = []
 
     def read(self, m: Heard) -> Message | None:
@@ -94,23 +95,27 @@ class EdgeMarket:
             return self._open(msg, site)
         r = self.round
         if r is None or msg.round != r.id:
-            if msg.round not in self._over and len(self._early) < 4 * (len(self.config.peers) + 1):
+            if msg.round not in {rid for rid, _ in self._over} and len(self._early) < 4 * (
+                len(self.config.peers) + 1
+            ):
                 self._early.append(msg)  # its round's opening may still be on its way
             return []
         return self._step(r, msg)
 
     def _open(self, msg: RoundOpen, site: Controller | None) -> list[Command]:
-        if self.round is not None and self.round.id == msg.round:
-            return self._step(self.round, msg)  # a repeated opening: the participant counts it
-        if msg.round in self._over:
+        r = self.round
+        if r is not None and (r.id, r.epoch) == (msg.round, msg.epoch):
+            return self._step(r, msg)  # a repeated opening: the participant counts it
+        if (msg.round, msg.epoch) in self._over:
             return []
         if self.site not in msg.sites:
             log.warning("%s: left out of round %s; the default envelope applies", self.site, msg.round)
-            self._over.add(msg.round)
+            self._over.add((msg.round, msg.epoch))
             return []
-        if self.round is not None:
-            log.info("%s: round %s superseded by %s", self.site, self.round.id, msg.round)
-            self._over.add(self.round.id)
+        if r is not None:
+            again = " (opened again by a restarted coordinator)" if r.id == msg.round else ""
+            log.info("%s: round %s superseded by %s%s", self.site, r.id, msg.round, again)
+            self._over.add((r.id, r.epoch))
         start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
         out: list[Command] = []
         config = self._config(start, msg.intervals, site)
@@ -120,7 +125,7 @@ class EdgeMarket:
         qp = site_qp(config, Policy(msg.policy), self.margins)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
-        r = self.round = RoundState(msg.round, start, config, qp, participant, self.cpu())
+        r = self.round = RoundState(msg.round, msg.epoch, start, config, qp, participant, self.cpu())
         log.info(
             "%s: round %s opened with %d sites, %d peers", self.site, msg.round, len(msg.sites), len(peers)
         )
@@ -158,7 +163,7 @@ class EdgeMarket:
         return out
 
     def _finished(self, r: RoundState, out: CommunityOutcome) -> RoundDone:
-        self._over.add(r.id)
+        self._over.add((r.id, r.epoch))
         self.round = None
         self.settled += 1
         return RoundDone(r, out, self.plan(r, out))

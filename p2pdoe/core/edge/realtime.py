@@ -48,12 +48,12 @@ Command = Send | Actuate | SaveInterval | SaveEnvelope | SaveSettlement | Durabl
 def status_payload(
     site: str, state: str, envelope: str, ts: datetime, reason: str | None = None, alarm: str | None = None,
     reading_age_s: float | None = None, envelope_lead_s: float | None = None,
-    alarms: list[str] | None = None, faults: dict[str, int] | None = None,
+    alarms: list[str] | None = None, faults: dict[str, int] | None = None, instance: str | None = None,
 ) -> bytes:  # fmt: skip
     msg = SiteStatus(
         site=site, state=state, envelope=envelope, ts=ts, reason=reason, alarm=alarm,  # type: ignore[arg-type]
         reading_age_s=reading_age_s, envelope_lead_s=envelope_lead_s,
-        alarms=alarms or [], faults=faults or {},  # type: ignore[arg-type]
+        alarms=alarms or [], faults=faults or {}, instance=instance,  # type: ignore[arg-type]
     )  # fmt: skip
     return msg.model_dump_json().encode()
 
@@ -71,6 +71,7 @@ class EdgeRealtime:
         report_every_s: float = 10.0,
         meter_silent_s: float = 120.0,
         reading_ahead_s: float = 60.0,
+        instance: str | None = None,
     ):
         self.controller = controller
         self.config = controller.config
@@ -91,6 +92,7 @@ class EdgeRealtime:
         self.alarms: dict[str, str] = {}  # raised now: name -> what happened
         self.faults: Counter[str] = Counter()  # alarms raised since the start
         self._reading_at: datetime | None = None  # when the last reading was handled
+        self.instance = instance  # this run's token on its status: another one live is another process
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -149,7 +151,19 @@ class EdgeRealtime:
             return self._envelope(parsed.kind, m.payload, now)
         if parsed is not None and parsed.area == "dso" and parsed.kind == "status":
             return self._dso_status(m, now)
+        if parsed is not None and parsed.area == "site" and parsed.kind == "status" and not m.retained:
+            return self._own_status(m, now)
         return []
+
+    def _own_status(self, m: Heard, now: datetime) -> list[Command]:
+        """A live status of this site from another run: two edge agents for one site."""
+        msg = self.reader.runtime(m.payload)
+        if not isinstance(msg, SiteStatus) or msg.site != self.site or msg.state != "online":
+            return []
+        if self.instance is None or msg.instance in (None, self.instance):
+            return []
+        why = f"another edge agent for {self.site} runs (instance {msg.instance}; this one: {self.instance})"
+        return self._alarm("duplicate_process", why, now)
 
     # --- envelopes and the coordinator -----------------------------------------------------------
 
@@ -223,7 +237,7 @@ class EdgeRealtime:
         payload = status_payload(
             self.site, state, self.applied if state == "online" else "none", now,
             None if c is None else c.reason, skew, self._reading_age_s, self._lead_s(now),
-            alarms, dict(self.faults),
+            alarms, dict(self.faults), self.instance,
         )  # fmt: skip
         return Send(topics.site(self.site, "status"), payload, state=True, wait=False)
 

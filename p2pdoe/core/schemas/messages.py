@@ -104,6 +104,7 @@ class RoundOpen(Message):
     admm: AdmmParameters
     initial_trade_price_eur_per_kwh: Series  # every pair starts from this price (a warm start)
     warm_start: WarmStart | None = None  # where the couplings start; None: cold (zero, the price above)
+    epoch: RoundId | None = None  # the coordinator's run that opened it: another run's is a new round
 
     @field_validator("start")
     @classmethod

@@ -121,8 +121,12 @@ class Registration(Message):
 
 # meter_silent: no reading for the configured time (the site runs on its schedule); reading_rejected:
 # the last reading was stamped beyond the clock tolerance; journal_unwritable: the disk refuses writes.
-SiteAlarm = Literal["clock_skew", "meter_silent", "reading_rejected", "journal_unwritable"]
-SiteFault = Literal["meter_silent", "reading_rejected", "journal_unwritable"]
+# duplicate_process: another running edge agent publishes this site's status.
+SiteAlarm = Literal[
+    "clock_skew", "meter_silent", "reading_rejected", "journal_unwritable", "duplicate_process"
+]
+SiteFault = Literal["meter_silent", "reading_rejected", "journal_unwritable", "duplicate_process"]
+Instance = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
 class SiteStatus(Message):
@@ -138,6 +142,7 @@ class SiteStatus(Message):
     envelope_lead_s: float | None = None  # the envelope in force came this long before its start
     alarms: list[SiteAlarm] = Field(default_factory=list)  # every alarm raised now, clock_skew included
     faults: dict[SiteFault, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)  # since the start
+    instance: Instance | None = None  # this run of the edge agent (a fresh token at every start)
 
     _ts_utc = field_validator("ts")(_utc)
 
