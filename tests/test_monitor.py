@@ -119,6 +119,9 @@ def test_every_kind_of_message_lands_in_the_view() -> None:
         "alarm": None,
         "reading_age_s": None,
         "envelope_lead_s": None,
+        "alarms": [],
+        "faults": {},
+        "instance": None,
     }
     assert (site["doe"]["lo_kw"], site["doe"]["up_kw"], site["doe"]["round"]) == (-4.0, 2.5, "r1")
     assert (site["doe"]["opModImpLimW"], site["doe"]["opModExpLimW"]) == (4000.0, 2500.0)
