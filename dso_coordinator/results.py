@@ -170,6 +170,7 @@ def realtime_results(ctx: Context, report: DayReport, clock: str, speed: float) 
         clock=clock,
         day_ahead_late_s=report.day_ahead_late_s,
         failed_rounds=report.failures,
+        dropped_messages=report.dropped,
     )
 
 

@@ -34,6 +34,7 @@ class DayReport:
     hours: float
     failures: list[str] = field(default_factory=list)  # rounds that failed, and why
     day_ahead_late_s: float = 0.0  # how long after the day's start the day-ahead envelopes came
+    dropped: dict[str, int] = field(default_factory=dict)  # messages dropped all day, by reason
 
 
 @dataclass(frozen=True)

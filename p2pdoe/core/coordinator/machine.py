@@ -27,6 +27,7 @@ from p2pdoe.core.agreement.coordination import round_setup
 from p2pdoe.core.coordinator.books import DayBooks
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, DayReport, Save
 from p2pdoe.core.coordinator.context import Context, doe_send
+from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
 from p2pdoe.core.coordinator.rolling import Rolling
 from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
@@ -179,6 +180,11 @@ class CoordinatorMachine:
         if not isinstance(msg, _TYPES[kind]) or getattr(msg, "site", None) != site:
             self.reader.dropped["sender_not_topic"] += 1
             return []
+        why = self._implausible(msg)
+        if why is not None:
+            self.reader.dropped["implausible"] += 1
+            log.warning("dropped an implausible %s from %s: %s", kind, site, why)
+            return []
         if isinstance(msg, MeterReading):
             self.books.reading(msg)
         elif isinstance(msg, Doe):
@@ -192,6 +198,19 @@ class CoordinatorMachine:
             self.books.status(msg, now)
             self.registry.status(msg, m.retained)
         return self._sites_changed(now)
+
+    def _implausible(self, msg: object) -> str | None:
+        """Why a site's reading, settlement or report cannot come from what it registered, or None."""
+        reg = self.registry.registrations.get(str(getattr(msg, "site", "")))
+        if reg is None:
+            return None
+        if isinstance(msg, MeterReading):
+            return reading_problem(msg, reg)
+        if isinstance(msg, SettlementRecord):
+            return settlement_problem(msg, reg)
+        if isinstance(msg, SiteReport):
+            return report_problem(msg, reg, self.ctx.cfg)
+        return None
 
     def _sites_changed(self, now: datetime) -> list[Command]:
         if not self.registry.all_ready():
@@ -309,6 +328,11 @@ class CoordinatorMachine:
         if not isinstance(msg, SiteReport) or msg.site != site or msg.round != round_id:
             self.reader.dropped["sender_not_topic"] += 1
             return []
+        why = self._implausible(msg)
+        if why is not None:
+            self.reader.dropped["implausible"] += 1
+            log.warning("dropped an implausible report of %s for round %s: %s", site, round_id, why)
+            return []
         if self.run is not None and msg.round == self.run.id:
             self.reports[msg.site] = msg
             return self._reports_in(now) if self.phase is Phase.REPORTING else []
@@ -393,7 +417,7 @@ class CoordinatorMachine:
         self.phase = Phase.OVER
         report = DayReport(
             self.agreement, self.books, rolling.intervals, (len(rolling.intervals) + 1) * self.ctx.cfg.dt_h,
-            list(rolling.failures), self.day_ahead_late_s,
+            list(rolling.failures), self.day_ahead_late_s, dict(self.reader.dropped),
         )  # fmt: skip
         out: list[Command] = [DayOver(report), self.status(now)]
         return [*out, Exit(0)] if self.ctx.rules.exit_after_day else out

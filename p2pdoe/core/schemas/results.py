@@ -290,6 +290,7 @@ class RealtimeInfo(Model):
     clock: str = "scaled"  # wall, scaled, virtual or lockstep
     day_ahead_late_s: float = 0.0  # the day-ahead envelopes came this long after the day began
     failed_rounds: list[str] = Field(default_factory=list)  # rolling rounds that failed, and why
+    dropped_messages: dict[str, int] = Field(default_factory=dict)  # by the coordinator all day, by reason
 
 
 class Results(Model):

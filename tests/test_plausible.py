@@ -1,0 +1,103 @@
+"""Plausibility at the coordinator's door (p2pdoe.core.coordinator.plausible): what an honest site
+sends passes; a report, settlement or reading scaled by 1000 (valid-looking numbers no assets could
+produce) is caught with a reason; and on the virtual day the coordinator drops and counts it, so no
+absurd figure reaches results.json."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from virtual_helpers import S, day_of
+
+from p2pdoe.core import topics
+from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
+from p2pdoe.core.schemas.runtime import MeterReading, SettlementRecord, SiteReport
+from p2pdoe.core.site import coordinator_config, registration, site_config
+
+SITE = 1
+REG = registration(site_config(S, SITE))
+CFG = coordinator_config(S)
+T0 = "2026-06-21T00:00:00Z"
+
+
+def _settlement(kwh: float) -> SettlementRecord:
+    return SettlementRecord.model_validate({
+        "site": S.ids[SITE], "interval_start": T0, "duration_s": 900, "round": None, "measured_kwh": kwh,
+        "scheduled_kwh": kwh, "deviation_kwh": 0.0, "p2p_paid_eur": 0.0, "p2p_received_eur": 0.0,
+        "grid_kwh": kwh, "grid_eur": 0.1, "net_eur": 0.1, "readings": 30, "covered_s": 900.0,
+        "envelope": "dynamic", "lo_kw": -1.0, "up_kw": 1.0,
+    })  # fmt: skip
+
+
+def test_honest_readings_and_settlements_pass_and_scaled_ones_do_not() -> None:
+    top = max(abs(v) for v in REG.technical_max_kw + REG.technical_min_kw)
+    honest = MeterReading(site=S.ids[SITE], ts=T0, p_kw=0.9 * top)
+    assert reading_problem(honest, REG) is None
+    assert settlement_problem(_settlement(0.9 * top / 4), REG) is None
+    why = reading_problem(honest.model_copy(update={"p_kw": 1000 * top}), REG)
+    assert why is not None
+    assert "registered range" in why
+    assert settlement_problem(_settlement(1000 * top / 4), REG) is not None
+
+
+@pytest.fixture(scope="module")
+def honest_day(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SiteReport]]:
+    root = tmp_path_factory.mktemp("honest")
+    reports: list[SiteReport] = []
+    day, tape = day_of(root, 0.5)
+
+    def keep(topic: str, payload: bytes) -> None:
+        parsed = topics.parse(topic)
+        if payload and parsed is not None and parsed.area == "market" and parsed.kind == "report":
+            reports.append(SiteReport.model_validate_json(payload))
+
+    tape.then = keep
+    day.run()
+    return root, reports
+
+
+def test_every_honest_report_of_a_day_passes(honest_day: tuple[Path, list[SiteReport]]) -> None:
+    _, reports = honest_day
+    assert len(reports) >= len(S.ids)
+    for r in reports:
+        reg = registration(site_config(S, S.ids.index(r.site)))
+        assert report_problem(r, reg, CFG) is None, r.site
+
+
+def test_a_report_scaled_by_1000_is_caught(honest_day: tuple[Path, list[SiteReport]]) -> None:
+    _, reports = honest_day
+    r = next(x for x in reports if x.site == S.ids[SITE])
+    c = r.community
+    liar = r.model_copy(
+        update={
+            "community": c.model_copy(update={"cost_eur": c.cost_eur * 1000 - 1e6}),
+            "objective_eur": -1.9e23,
+        }
+    )
+    why = report_problem(liar, REG, CFG)
+    assert why is not None
+    assert "EUR" in why
+
+
+def test_the_coordinator_drops_an_implausible_settlement_and_counts_it(tmp_path: Path) -> None:
+    """A forged settlement of 1000 times what the site could measure: the coordinator keeps the
+    site's own, counts the forgery as implausible, and results.json holds no absurd figure."""
+    day, _ = day_of(tmp_path, 1.0)
+    top = max(abs(v) for v in REG.technical_max_kw + REG.technical_min_kw)
+
+    async def forge() -> None:
+        async with day.client("forger") as c:
+            record = _settlement(1000 * top / 4).model_copy(
+                update={"interval_start": day.start + timedelta(minutes=15)}
+            )
+            await c.publish(topics.site(S.ids[SITE], "settlement"), record.model_dump_json().encode())
+
+    day.at(timedelta(minutes=40), forge)
+    results = day.run()
+    rt = results.realtime
+    assert rt is not None
+    worst = max(abs(x.measured_kwh) for x in rt.settlements)
+    assert worst < top
+    assert rt.dropped_messages.get("implausible", 0) == 1, rt.dropped_messages
