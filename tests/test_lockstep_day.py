@@ -67,16 +67,7 @@ def test_a_process_that_stops_answering_is_named_and_the_day_goes_on(
     silent `silence_timeout_s`, and the coordinator, the other sites and the granter run to the end."""
     out = tmp_path / "demo"
     rt = RealTime(hours=1.0, silence_timeout_s=5.0)
-    result: list[Results | BaseException] = []
-
-    def demo() -> None:
-        try:
-            result.append(run_demo("default", QUARTER_HOURS, mosquitto_broker.url, out, False, "dynamic", rt))
-        except BaseException as exc:  # handed to the test's thread
-            result.append(exc)
-
-    runner = threading.Thread(target=demo)
-    runner.start()
+    runner, result = _demo_in_background(mosquitto_broker, out, rt)
     victim = "wind-25"
     _wait_for(lambda: "interval 2:" in _log(out, "dso-coordinator"), 600, "the day's second round")
     pid = _pid_of(f"{out}/config/sites/{victim}.json", "meter_sim")
@@ -104,16 +95,7 @@ def test_a_broker_stalled_for_15_seconds_mid_day_changes_nothing(
     to the last digit."""
     out = tmp_path / "demo"
     rt = RealTime(hours=1.0)
-    result: list[Results | BaseException] = []
-
-    def demo() -> None:
-        try:
-            result.append(run_demo("default", QUARTER_HOURS, mosquitto_broker.url, out, False, "dynamic", rt))
-        except BaseException as exc:  # handed to the test's thread
-            result.append(exc)
-
-    runner = threading.Thread(target=demo)
-    runner.start()
+    runner, result = _demo_in_background(mosquitto_broker, out, rt)
     _wait_for(lambda: "interval 2:" in _log(out, "dso-coordinator"), 600, "the day's second round")
     mosquitto_broker.freeze()
     try:
@@ -130,6 +112,24 @@ def test_a_broker_stalled_for_15_seconds_mid_day_changes_nothing(
     assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
     logs = " ".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.log"))
     assert "still waiting" in logs  # the stall was seen, and ridden through
+
+
+def _demo_in_background(
+    broker: Broker, out: Path, rt: RealTime
+) -> tuple[threading.Thread, list[Results | BaseException]]:
+    """`p2pdoe demo` of the default quarter-hour day running in a thread; its result (or what it
+    raised) lands in the list once the thread ends."""
+    result: list[Results | BaseException] = []
+
+    def demo() -> None:
+        try:
+            result.append(run_demo("default", QUARTER_HOURS, broker.url, out, False, "dynamic", rt))
+        except BaseException as exc:  # handed to the test's thread
+            result.append(exc)
+
+    runner = threading.Thread(target=demo)
+    runner.start()
+    return runner, result
 
 
 def _log(out: Path, name: str) -> str:
