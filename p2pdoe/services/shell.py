@@ -210,7 +210,7 @@ class Shell:
             previous = self._background.pop(s.topic, None)
             if previous is not None and not previous.done():
                 previous.cancel()  # superseded: the latest wins
-            self._background[s.topic] = asyncio.create_task(self._in_background(s, expiry))
+            self._background[s.topic] = asyncio.create_task(self._publish(s, expiry))
             return
         await self._publish(s, expiry)
 
@@ -225,9 +225,6 @@ class Shell:
         except TransportError as exc:
             self.unsent += 1
             log.error("not published on %s: %s", s.topic, exc)
-
-    async def _in_background(self, s: Send, expiry: int | None) -> None:
-        await self._publish(s, expiry)
 
     async def _cleanup(self, reader: asyncio.Task[None]) -> None:
         for timer in self._timers.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -179,14 +180,25 @@ class Ranges:
     x_min: FloatArray
     x_max: FloatArray
 
+    @cached_property
+    def _spans(self) -> FloatArray:
+        """(C, T): each site's largest magnitude per interval."""
+        return np.maximum(np.abs(self.x_min), np.abs(self.x_max))
+
+    @cached_property
+    def _everyone(self) -> FloatArray:
+        """(T,): all the sites' spans together, the most any trade could carry."""
+        everyone: FloatArray = self._spans.sum(axis=0)
+        return everyone
+
     def implausible(self, c: int, p: Proposal) -> str | None:
         """Why site c's proposal cannot come from its registered assets, or None. Envelope requests lie
         in [x_min, x_max] of its own range; each trade in [0, the sum of every site's range] (a site
         may pass on what it buys, so its own range does not bound its trades, but no trade carries
         more than all the sites could inject); both with a solver's slack."""
-        span = np.maximum(np.abs(self.x_min[c]), np.abs(self.x_max[c]))
+        span = self._spans[c]
         slack = PLAUSIBLE_SLACK_KW + PLAUSIBLE_SLACK_REL * span
-        everyone = np.maximum(np.abs(self.x_min), np.abs(self.x_max)).sum(axis=0)
+        everyone = self._everyone
         for e in p.trades:
             for side, values in (("buy", e.buy_kw), ("sell", e.sell_kw)):
                 v = np.asarray(values)
