@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT)]
 from p2pdoe.cli.virtual_day import VirtualDay  # noqa: E402
 from p2pdoe.core import topics  # noqa: E402
 from p2pdoe.core.schemas.runtime import MeterReading, SiteStatus  # noqa: E402
+from p2pdoe.core.signing import edge_identity  # noqa: E402
 from p2pdoe.io.scenarios import load_scenario  # noqa: E402
 
 QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
@@ -34,7 +35,7 @@ HOURS = 2.0
 
 async def forge_future_reading(day: VirtualDay) -> None:
     reading = MeterReading(site=SITE, ts=day.clock.now() + timedelta(days=1), p_kw=0.0)
-    async with day.client("forger") as c:
+    async with day.client("meter-with-a-bad-clock", edge_identity(SITE)) as c:
         await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
 
 

@@ -13,8 +13,10 @@ from dso_coordinator.service import write_results as write_results
 from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
+from p2pdoe.core.signing import DSO
 from p2pdoe.services.runner import (
     base_parser,
+    count_refusals,
     make_clock,
     run_service,
     running_clock,
@@ -63,12 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def serve() -> int:
         cfg = read_coordinator_config(settings.coordinator_config)
-        async with service_transport(settings, "dso", offline_will()) as transport:
+        async with service_transport(settings, "dso", offline_will(), DSO) as transport:
             clock = make_clock(settings, transport, "dso", "grid")
             service = CoordinatorService(transport, clock, settings)
             try:
                 async with running_clock(clock, service.shell):
-                    return await service.run(build_machine(cfg, settings, clock.now()))
+                    machine = build_machine(cfg, settings, clock.now())
+                    count_refusals(transport, machine.reader.dropped)
+                    return await service.run(machine)
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)
                 with contextlib.suppress(Exception):
                     goodbye = dso_status("offline")

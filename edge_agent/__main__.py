@@ -21,8 +21,10 @@ from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.core.signing import edge_identity
 from p2pdoe.services.runner import (
     base_parser,
+    count_refusals,
     make_clock,
     run_service,
     running_clock,
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         journal = open_journal(config, settings)
         async with contextlib.AsyncExitStack() as stack:
             transport = await stack.enter_async_context(
-                service_transport(settings, f"edge-{site}", offline_will(site))
+                service_transport(settings, f"edge-{site}", offline_will(site), edge_identity(site))
             )
             meter = None
             if settings.meter:
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     own = {"username": None, "password": None, "password_file": None, "ca_cert": None}
                     meter_settings = settings.model_copy(update={"broker": settings.meter_broker, **own})
                     meter_transport = await stack.enter_async_context(
-                        transport_for(meter_settings, f"edge-{site}-meter", None)
+                        transport_for(meter_settings, f"edge-{site}-meter", None, edge_identity(site))  # type: ignore[arg-type]
                     )
                 meter = MqttMeter(meter_transport, site)
             clock = make_clock(
@@ -97,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 offset_s=settings.clock_offset_s,
             )
             market = market_machine(config, margins(settings))
+            count_refusals(transport, market.reader.dropped)
             service = EdgeService(
                 market, transport, clock, journal=journal, meter=meter, rounds=settings.rounds
             )

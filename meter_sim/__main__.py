@@ -13,6 +13,7 @@ from meter_sim.settings import MeterSettings
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
 from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.core.signing import edge_identity
 from p2pdoe.services.runner import (
     base_parser,
     make_clock,
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())
         lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
         meter = simulated_meter(config, datetime.now(UTC), settings.rate_s, seed, lead_in)  # checked at once
-        async with service_transport(settings, f"meter-{site}", None) as transport:
+        async with service_transport(settings, f"meter-{site}", None, edge_identity(site)) as transport:
             clock = make_clock(settings, transport, f"meter-{site}", "plant")
             service = MeterService(transport, clock)
             async with running_clock(clock, service.shell):

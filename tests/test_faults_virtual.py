@@ -19,6 +19,7 @@ from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import RoundOpen
 from p2pdoe.core.schemas.results import RealtimeInfo
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, SettlementRecord, SiteStatus
+from p2pdoe.core.signing import edge_identity
 
 pytestmark = pytest.mark.slow
 SITE = S.ids[1]
@@ -74,7 +75,7 @@ def test_a_dead_meter_raises_an_alarm_and_the_site_runs_on_its_schedule(tmp_path
 
 async def _forge_a_reading_a_day_ahead(day: VirtualDay) -> None:
     reading = MeterReading(site=SITE, ts=day.clock.now() + timedelta(days=1), p_kw=0.0)
-    async with day.client("forger") as c:
+    async with day.client("meter-with-a-bad-clock", edge_identity(SITE)) as c:
         await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
 
 

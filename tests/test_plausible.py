@@ -14,6 +14,7 @@ from virtual_helpers import S, day_of
 from p2pdoe.core import topics
 from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
 from p2pdoe.core.schemas.runtime import MeterReading, SettlementRecord, SiteReport
+from p2pdoe.core.signing import edge_identity
 from p2pdoe.core.site import coordinator_config, registration, site_config
 
 SITE = 1
@@ -88,7 +89,7 @@ def test_the_coordinator_drops_an_implausible_settlement_and_counts_it(tmp_path:
     top = max(abs(v) for v in REG.technical_max_kw + REG.technical_min_kw)
 
     async def forge() -> None:
-        async with day.client("forger") as c:
+        async with day.client("misbehaving-site", edge_identity(S.ids[SITE])) as c:
             record = _settlement(1000 * top / 4).model_copy(
                 update={"interval_start": day.start + timedelta(minutes=15)}
             )

@@ -41,7 +41,7 @@ import pytest
 from realtime_helpers import JournalRows, kwh, read_journal
 from virtual_helpers import DT_S, PER_INTERVAL, RATE_S, WITHIN_STEP, S, Tape, day_of
 
-from p2pdoe.cli.virtual_day import VirtualDay
+from p2pdoe.cli.virtual_day import VirtualDay, unsigned
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.realtime.observer import ViolationObserver
@@ -500,7 +500,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Outage:
     others = [s for s in S.ids if s != GATEWAY_SITE]
     day, tape = day_of(root, OUTAGE_HOURS, sites=others)
     local = Tape(day)
-    gateway = MemoryBroker(local)
+    gateway = MemoryBroker(unsigned(local))
     day.at(day.origin, lambda: day.start_site_on_meter_broker(GATEWAY_SITE, gateway))
 
     async def away() -> None:

@@ -45,7 +45,7 @@ from typing import Literal, TypeVar
 
 import pytest
 
-from p2pdoe.cli.virtual_day import VirtualDay
+from p2pdoe.cli.virtual_day import VirtualDay, unsigned
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.observer import tolerance_kw
 from p2pdoe.core.scenario import Scenario
@@ -59,6 +59,7 @@ from p2pdoe.core.schemas.runtime import (
     Telemetry,
     decode_runtime,
 )
+from p2pdoe.core.signing import edge_identity
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
@@ -235,7 +236,7 @@ def play(run: Run, script: Script) -> Run:
 
     async def coordinator() -> None:
         try:
-            async with run.day.client("test-dso") as client:
+            async with run.day.client("test-dso", "dso") as client:
                 await script(Coordinator(run.day, client, run.wire.site))
             finished.append(True)
         except Exception as exc:
@@ -268,7 +269,7 @@ LOST_END = hms("11:50:05")
 def communications_lost(tmp: Path, ends: timedelta) -> Run:
     run = midday(tmp, STEP.total_seconds(), LOST_END)
     day, site = run.day, run.wire.site
-    gateway = MemoryBroker(run.wire)  # the site's own broker: its meter and the edge's meter adapter
+    gateway = MemoryBroker(unsigned(run.wire))  # the site's own: its meter and the edge's meter adapter
 
     async def script(dso: Coordinator) -> None:
         await dso.status("online")
@@ -393,7 +394,8 @@ def restarted(tmp: Path) -> Run:
         idle = SetPointMessage(
             site=site, ts=dso.now(), battery_kw=0.0, pv_cap_kw=None, wind_cap_kw=None, flex_kw=0.0
         )
-        await dso.client.publish(topics.site(site, "setpoints"), idle.model_dump_json().encode(), qos=0)
+        async with day.client("plant-reset", edge_identity(site)) as plant:  # the assets' own reset
+            await plant.publish(topics.site(site, "setpoints"), idle.model_dump_json().encode(), qos=0)
         await dso.at(RESTART)
         day.start_edge(site)
 

@@ -233,7 +233,7 @@ def _broker(
 
     if not secure:
         url = broker or stack.enter_context(start_embedded()).url
-        return lambda _username: Access(url)
+        return signed_access(url, out / "keys", ["dso", "monitor", *(f"edge-{site}" for site in s.ids)])
     if broker is not None:
         raise P2PDoeError("--secure starts its own provisioned Mosquitto: leave out --broker")
     bundle = out / "bundle"
@@ -244,6 +244,16 @@ def _broker(
         raise P2PDoeError("--secure needs the provisioning extra: pip install 'p2pdoe[provision]'") from None
     stack.enter_context(start_provisioned(bundle))
     return lambda username: access(description, username)
+
+
+def signed_access(url: str, keys: Path, identities: list[str]) -> Callable[[str], Access]:
+    """Every identity on one plain broker, each with a fresh signing key (in `keys`) and every
+    identity's public key: signatures on by default, even without TLS and ACLs."""
+    from p2pdoe.services.signing import write_keys
+
+    shutil.rmtree(keys, ignore_errors=True)
+    trusted = write_keys(keys, identities)
+    return lambda username: Access(url, None, None, username, keys / f"{username}.key", trusted)
 
 
 async def _watch(

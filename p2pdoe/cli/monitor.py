@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
+    from p2pdoe.services.signing import SignedTransport
     from p2pdoe.services.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -397,6 +398,9 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--password-file", type=Path, help="a file holding the password (the bundle's monitor)")
     p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker (the bundle's)")
+    p.add_argument(
+        "--trusted-keys", type=Path, help="public-keys.json: show only messages their owners signed"
+    )
     p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     p.add_argument("--once", action="store_true", help="gather the retained state, print it once and exit")
     p.add_argument(
@@ -433,7 +437,8 @@ def _now() -> datetime:
 
 
 async def _monitor(args: argparse.Namespace) -> None:
-    transport = await _connect(Access(args.broker, args.password_file, args.ca_cert), args.connect_timeout)
+    access = Access(args.broker, args.password_file, args.ca_cert, trusted_keys=args.trusted_keys)
+    transport = await _connect(access, args.connect_timeout)
     try:
         await transport.subscribe(SUBSCRIPTION)
         state = MonitorState()
@@ -446,12 +451,14 @@ async def _monitor(args: argparse.Namespace) -> None:
         await transport.close()
 
 
-async def _connect(access: Access, timeout_s: float) -> MqttTransport:
+async def _connect(access: Access, timeout_s: float) -> MqttTransport | SignedTransport:
     """A connected, read-only transport; P2PDoeError if the broker stays unreachable for `timeout_s`."""
     return await access.connect(f"p2pdoe-monitor-{secrets.token_hex(4)}", timeout_s)
 
 
-async def _gather(transport: MqttTransport, state: MonitorState, seconds: float | None) -> None:
+async def _gather(
+    transport: MqttTransport | SignedTransport, state: MonitorState, seconds: float | None
+) -> None:
     """Apply every message for `seconds` (None: until the transport closes)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
@@ -475,7 +482,9 @@ def _console() -> Console:
     return console
 
 
-async def _watch(transport: MqttTransport, state: MonitorState, args: argparse.Namespace) -> None:
+async def _watch(
+    transport: MqttTransport | SignedTransport, state: MonitorState, args: argparse.Namespace
+) -> None:
     from rich.live import Live
 
     def view() -> RenderableType:

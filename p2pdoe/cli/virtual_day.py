@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from dso_coordinator.service import CoordinatorService, build_machine
 from dso_coordinator.service import offline_will as dso_will
 from dso_coordinator.settings import CoordinatorSettings
@@ -33,8 +35,12 @@ from meter_sim.service import MeterService
 from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.signing import SignatureError, edge_identity, unframe
 from p2pdoe.core.site import coordinator_config, site_config
 from p2pdoe.services.clock import VirtualClock, run_virtual
+from p2pdoe.services.runner import count_refusals
+from p2pdoe.services.signing import SignedTransport, Signer
+from p2pdoe.services.transport_api import LastWill
 from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
 Recorder = Callable[[str, bytes, bool], None]
@@ -56,15 +62,19 @@ class VirtualDay:
     coordinator: bool = True  # False: the test plays the coordinator (`client`), and `until` ends the day
     sites: list[str] | None = None  # the sites with an edge and a meter (default: all)
     until: datetime | timedelta | None = None  # end the day here (after the day's start) instead
+    signed: bool = True  # every service signs and believes only signed messages (as `p2pdoe demo`)
 
     def __post_init__(self) -> None:
         self.start = self.s.start
         self.origin = self.start - timedelta(hours=self.s.dt_h)
-        self.broker = MemoryBroker(self.record)
+        self.broker = MemoryBroker(None if self.record is None else unsigned(self.record))
+        identities = ["dso", *(edge_identity(site) for site in self.s.ids)]
+        self.keys = {i: Ed25519PrivateKey.generate() for i in identities}
+        self.trusted = {i: key.public_key() for i, key in self.keys.items()}
         self.configs = {site: site_config(self.s, c) for c, site in enumerate(self.s.ids)}
         self.coordinator_config = coordinator_config(self.s)
         self.tasks: dict[str, asyncio.Task[int]] = {}
-        self.transports: dict[str, MemoryTransport] = {}
+        self.transports: dict[str, Any] = {}  # MemoryTransport, or SignedTransport around one
         self.exits: dict[str, list[int | BaseException]] = {}
         self._starts: dict[str, int] = {}
         self.journals: dict[str, Journal] = {}  # each edge agent's open journal (a fault may fill its disk)
@@ -120,9 +130,23 @@ class VirtualDay:
                 return
             await asyncio.sleep(self.rate_s)
 
-    def client(self, name: str) -> MemoryTransport:
-        """A plain client of the broker for the test (not started: `async with` it)."""
-        return MemoryTransport(self.broker, name)
+    def client(self, name: str, identity: str | None = None) -> Any:
+        """A client of the broker for the test (not started: `async with` it): plain, or signing as
+        `identity` with its real key (a site that misbehaves)."""
+        transport = self._transport(self.broker, name, identity)
+        _use_clock(transport, self.clock)
+        return transport
+
+    def _transport(
+        self, broker: MemoryBroker, name: str, identity: str | None, will: LastWill | None = None
+    ) -> Any:
+        """A service's transport: with `signed`, signing as `identity` and believing only the
+        signed messages of the day's identities."""
+        if not self.signed or identity is None:
+            return MemoryTransport(broker, name, will=will)
+        signer = Signer(identity, self.keys[identity])
+        inner = MemoryTransport(broker, name, will=signer.signed_will(will))
+        return SignedTransport(inner, signer, self.trusted)
 
     async def outage(self, seconds: float) -> None:
         """The broker is away for `seconds` of the day (its retained messages kept)."""
@@ -144,15 +168,16 @@ class VirtualDay:
             meter_step_s=self.rate_s, hours=self.hours, out=self.root, start=_iso(self.start),
             **{**self.dso_options, **options},
         )  # fmt: skip
-        transport = MemoryTransport(self.broker, "dso", will=dso_will())
+        transport = self._transport(self.broker, "dso", "dso", dso_will())
         clock = VirtualClock(self.origin, rank=GRID)
+        _use_clock(transport, clock)
         service = CoordinatorService(transport, clock, settings, offload=False)
 
         async def main() -> int:
             async with transport:
-                return await service.run(
-                    build_machine(self.coordinator_config, settings, clock.now(), self._instance("dso"))
-                )
+                machine = build_machine(self.coordinator_config, settings, clock.now(), self._instance("dso"))
+                count_refusals(transport, machine.reader.dropped)
+                return await service.run(machine)
 
         self._launch("dso", transport, main())
 
@@ -167,13 +192,15 @@ class VirtualDay:
             site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
         )  # fmt: skip
-        transport = MemoryTransport(self.broker, name, will=edge_will(site))
+        transport = self._transport(self.broker, name, edge_identity(site), edge_will(site))
         main_one = name == f"edge-{site}"
         journal = Journal(self.journal(site) if main_one else self.root / "journal" / f"{name}.db", site)
         if main_one:
             self.journals[site] = journal
         market = market_machine(config, margins(settings))
         clock = VirtualClock(self.origin + timedelta(seconds=clock_offset_s), rank=CONTROL)
+        _use_clock(transport, clock)
+        count_refusals(transport, market.reader.dropped)
         service = EdgeService(
             market, transport, clock, journal=journal, meter=MqttMeter(transport, site), offload=False
         )
@@ -193,7 +220,8 @@ class VirtualDay:
         config = self.configs[site]
         seed = _seed(site)
         meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600)
-        transport = MemoryTransport(self.broker, f"meter-{site}")
+        transport = self._transport(self.broker, f"meter-{site}", edge_identity(site))
+        _use_clock(transport, self.clock)
         service = MeterService(transport, self.clock, offload=False)
 
         async def main() -> int:
@@ -208,7 +236,8 @@ class VirtualDay:
         coordinator while its meter goes on reading and following its set-points."""
         config = self.configs[site]
         meter = SimulatedMeter(config, self.start, self.rate_s, _seed(site), self.s.dt_h * 3600)
-        meter_side = MemoryTransport(meter_broker, f"meter-{site}")
+        meter_side = self._transport(meter_broker, f"meter-{site}", edge_identity(site))
+        _use_clock(meter_side, self.clock)
         meter_service = MeterService(meter_side, self.clock, offload=False)
 
         async def run_meter() -> int:
@@ -220,11 +249,14 @@ class VirtualDay:
             site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
         )  # fmt: skip
-        transport = MemoryTransport(self.broker, f"edge-{site}", will=edge_will(site))
-        adapter = MemoryTransport(meter_broker, f"edge-{site}-meter")
+        transport = self._transport(self.broker, f"edge-{site}", edge_identity(site), edge_will(site))
+        adapter = self._transport(meter_broker, f"edge-{site}-meter", edge_identity(site))
         journal = self.journals[site] = Journal(self.journal(site), site)
         market = market_machine(config, margins(settings))
         clock = VirtualClock(self.origin, rank=CONTROL)
+        for t in (transport, adapter):
+            _use_clock(t, clock)
+        count_refusals(transport, market.reader.dropped)
         service = EdgeService(
             market, transport, clock, journal=journal, meter=MqttMeter(adapter, site), offload=False
         )
@@ -240,7 +272,7 @@ class VirtualDay:
 
         self._launch(f"edge-{site}", transport, run_edge())
 
-    def _launch(self, name: str, transport: MemoryTransport, main: Awaitable[int]) -> None:
+    def _launch(self, name: str, transport: Any, main: Awaitable[int]) -> None:
         task: asyncio.Task[int] = asyncio.ensure_future(main)
         self.tasks[name], self.transports[name] = task, transport
         task.add_done_callback(lambda t: self.exits.setdefault(name, []).append(_outcome(t)))
@@ -262,6 +294,24 @@ class VirtualDay:
 
     def journal(self, site: str) -> Path:
         return self.root / "journal" / f"{site}.db"
+
+
+def _use_clock(transport: object, clock: VirtualClock) -> None:
+    if isinstance(transport, SignedTransport):
+        transport.signer.use_clock(clock.now)
+
+
+def unsigned(record: Recorder) -> Recorder:
+    """`record` given each message without its signature line (as a service believes it)."""
+
+    def strip(topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            body = unframe(payload)[1]
+        except SignatureError:
+            body = payload
+        record(topic, body, retained)
+
+    return strip
 
 
 def _outcome(task: asyncio.Task[int]) -> int | BaseException:

@@ -3,9 +3,10 @@
 It writes a CA and a server certificate (TLS), one identity per site (`edge-<id>`, also used by the
 site's meter), one for the coordinator (`dso`) and one read-only monitor identity (`monitor`): each
 a random password in its own file (mode 0600) and its PBKDF2-SHA512 hash in the broker's password
-file; an ACL (who may read and write which topic); a Mosquitto configuration (TLS listener only, no
-anonymous access, persistent QoS 1 sessions); an env file per site; and `provision.json`. Secrets
-are never printed.
+file, and an Ed25519 key that signs its messages end to end (`keys/`, public keys in
+`keys/public-keys.json`); an ACL (who may read and write which topic); a Mosquitto configuration
+(TLS listener only, no anonymous access, persistent QoS 1 sessions); an env file per site; and
+`provision.json`. Secrets are never printed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import TYPE_CHECKING
 
 from p2pdoe.core import topics
 from p2pdoe.services.settings import read_password_file
+from p2pdoe.services.signing import PUBLIC_KEYS, forget_key, write_keys
 
 if TYPE_CHECKING:
-    from p2pdoe.services.transport import MqttTransport
+    from p2pdoe.services.signing import SignedTransport
 
 ROOT = topics.ROOT
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
@@ -56,27 +58,41 @@ def identities(site_ids: Sequence[str]) -> list[Identity]:
 
 @dataclass(frozen=True)
 class Access:
-    """How one process reaches the broker: its URL (with its user name) and, on a provisioned
-    broker, its password file and the CA certificate."""
+    """How one process reaches the broker: its URL (with its user name), on a provisioned broker its
+    password file and the CA certificate, and its signing key and the trusted public keys
+    (`identity` signs with `signing_key`: p2pdoe.services.signing)."""
 
     url: str
     password_file: Path | None = None
     ca_cert: Path | None = None
+    identity: str = "monitor"
+    signing_key: Path | None = None
+    trusted_keys: Path | None = None
 
     def args(self) -> list[str]:
-        """The service options (`--broker`, `--password-file`, `--ca-cert`)."""
+        """The service options (`--broker`, `--password-file`, `--ca-cert`, `--signing-key`,
+        `--trusted-keys`)."""
         out = ["--broker", self.url]
-        if self.password_file is not None:
-            out += ["--password-file", str(self.password_file)]
-        if self.ca_cert is not None:
-            out += ["--ca-cert", str(self.ca_cert)]
+        for flag, path in (
+            ("--password-file", self.password_file),
+            ("--ca-cert", self.ca_cert),
+            ("--signing-key", self.signing_key),
+            ("--trusted-keys", self.trusted_keys),
+        ):
+            if path is not None:
+                out += [flag, str(path)]
         return out
 
-    async def connect(self, client_id: str, timeout_s: float) -> MqttTransport:
-        """A started transport for a person waiting (a command line): `connect_within`."""
+    async def connect(self, client_id: str, timeout_s: float) -> SignedTransport:
+        """A started transport for a person waiting (a command line): `connect_within`; with trusted
+        keys, one that believes only authentic messages (without, signatures are read past)."""
+        from p2pdoe.services.signing import SignedTransport, Signer, read_private_key, read_public_keys
         from p2pdoe.services.transport import connect_within
 
-        return await connect_within(self.url, client_id, timeout_s, **self.transport_options())
+        key = None if self.signing_key is None else read_private_key(self.signing_key)
+        trusted = None if self.trusted_keys is None else read_public_keys(self.trusted_keys)
+        inner = await connect_within(self.url, client_id, timeout_s, **self.transport_options())
+        return SignedTransport(inner, Signer(self.identity, key), trusted)
 
     def transport_options(self) -> dict[str, object]:
         """Keyword arguments for `MqttTransport` beyond the URL."""
@@ -89,10 +105,14 @@ def access(description: Mapping[str, object], username: str) -> Access:
     """How identity `username` of a bundle (its `provision.json`) reaches the broker."""
     broker = description["broker"]
     assert isinstance(broker, dict)
+    signing = description.get("signing") or {}
+    assert isinstance(signing, dict)
+    trusted = Path(signing["public_keys"]) if "public_keys" in signing else None
     for entry in description["identities"]:  # type: ignore[attr-defined]
         if entry["username"] == username:
             url = f"mqtts://{username}@{broker['host']}:{broker['port']}"
-            return Access(url, Path(entry["password_file"]), Path(broker["ca_cert"]))
+            key = Path(entry["signing_key"]) if "signing_key" in entry else None
+            return Access(url, Path(entry["password_file"]), Path(broker["ca_cert"]), username, key, trusted)
     raise KeyError(f"the bundle has no identity {username!r}")
 
 
@@ -195,7 +215,7 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     clash = sorted(set(peers) & set(RESERVED_IDS))
     if clash:
         raise BundleError(f"site ids {', '.join(clash)} are reserved for the coordinator and the monitor")
-    for folder in ("ca", "broker", "broker/data", "identities", "env"):
+    for folder in ("ca", "broker", "broker/data", "identities", "env", "keys"):
         (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     ids = identities(list(peers))
     ca_cert, ca_key, server_cert, server_key = _certificates(host)
@@ -209,11 +229,13 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     _write(out / "broker" / "acl", acl(peers), 0o600)  # Mosquitto warns of a world-readable ACL
     queue_limit = max(1000, 200 * len(peers))  # a round's messages to a site that reconnects
     _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
+    public_keys = write_keys(out / "keys", [i.username for i in ids]).resolve()
     entries = []
     for i in ids:
         secret = out / "identities" / f"{i.username}.password"
         _write(secret, i.password + "\n", 0o600)
         entry = {"role": i.role, "id": i.id, "username": i.username, "password_file": str(secret.resolve())}
+        entry["signing_key"] = str((out / "keys" / f"{i.username}.key").resolve())
         if i.role == "edge":
             env = out / "env" / f"{i.id}.env"
             _write(env, _edge_env(i, host, port, out), 0o600)
@@ -229,6 +251,7 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
             "port": port,
             "tls": True,
         },
+        "signing": {"algorithm": "ed25519", "public_keys": str(public_keys)},
         "identities": entries,
     }
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
@@ -264,9 +287,10 @@ def revoke(bundle: Path, site: str) -> str:
     blocks = (bundle / "broker" / "acl").read_text(encoding="utf-8").split("\n\n")
     kept = [b for b in blocks if b.strip().splitlines()[:1] != [f"user {username}"]]
     _replace(bundle / "broker" / "acl", "\n\n".join(kept), 0o600)
-    for key in ("password_file", "env_file"):
+    for key in ("password_file", "env_file", "signing_key"):
         if key in entry:
             Path(str(entry[key])).unlink(missing_ok=True)
+    forget_key(bundle / "keys" / PUBLIC_KEYS, username)
     identities = [i for i in description["identities"] if i is not entry]  # type: ignore[attr-defined]
     revoked = [*description.get("revoked", []), {"id": site, "username": username, "at": _now()}]  # type: ignore[misc]
     description |= {"identities": identities, "revoked": revoked}
@@ -323,6 +347,8 @@ def _edge_env(i: Identity, host: str, port: int, out: Path) -> str:
             f"P2PDOE_EDGE_BROKER=mqtts://{i.username}@{host}:{port}",
             f"P2PDOE_EDGE_PASSWORD_FILE={(out / 'identities' / f'{i.username}.password').resolve()}",
             f"P2PDOE_EDGE_CA_CERT={(out / 'ca' / 'ca.crt').resolve()}",
+            f"P2PDOE_EDGE_SIGNING_KEY={(out / 'keys' / f'{i.username}.key').resolve()}",
+            f"P2PDOE_EDGE_TRUSTED_KEYS={(out / 'keys' / PUBLIC_KEYS).resolve()}",
             "",
         ]
     )

@@ -9,10 +9,13 @@ import contextlib
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from p2pdoe.core.schemas.lockstep import Phase
 from p2pdoe.errors import P2PDoeError
@@ -27,6 +30,7 @@ from p2pdoe.services.settings import (
     read_password_file,
 )
 from p2pdoe.services.shell import Shell
+from p2pdoe.services.signing import SignedTransport, Signer, read_private_key, read_public_keys
 from p2pdoe.services.transport import Backoff, LastWill, MqttTransport, Transport
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -43,6 +47,10 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--password-file", type=Path, help="a file holding the broker password")
     p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker")
     p.add_argument("--client-id")
+    p.add_argument("--signing-key", type=Path, help="this identity's Ed25519 key (p2pdoe provision)")
+    p.add_argument(
+        "--trusted-keys", type=Path, help="public-keys.json: believe only messages their owners signed"
+    )
     p.add_argument("--health-file", type=Path, help="rewritten every 5 s: alive, and connected or not")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     clock = p.add_argument_group("the clock")
@@ -63,17 +71,42 @@ def settings_from(kind: type[S], args: argparse.Namespace, skip: Sequence[str] =
     return load_settings(kind, options, args.config, args.secrets_dir)
 
 
-def transport_for(settings: ServiceSettings, client_id: str, will: LastWill | None) -> MqttTransport:
-    return MqttTransport(
+def transport_for(
+    settings: ServiceSettings, client_id: str, will: LastWill | None, identity: str | None = None
+) -> Transport:
+    """The service's transport; with a signing key or trusted keys in `settings`, signed as
+    `identity` and believing only authentic messages (`SignedTransport`)."""
+    signer, trusted = signing_for(settings, identity)
+    inner = MqttTransport(
         settings.broker,
         settings.client_id or client_id,
         username=settings.username,
         password=password_source(settings),
         ca_cert=settings.ca_cert,
-        will=will,
+        will=will if signer is None else signer.signed_will(will),
         backoff=reconnect_backoff(settings.speed),
         keepalive_s=settings.keepalive_s,
     )
+    return inner if signer is None else SignedTransport(inner, signer, trusted)
+
+
+def signing_for(
+    settings: ServiceSettings, identity: str | None
+) -> tuple[Signer | None, dict[str, Ed25519PublicKey] | None]:
+    """The signer and trusted keys `settings` name (None, None without either)."""
+    if settings.signing_key is None and settings.trusted_keys is None:
+        return None, None
+    if identity is None:
+        raise ConfigError("this process takes no signing key and no trusted keys")
+    key = None if settings.signing_key is None else read_private_key(settings.signing_key)
+    trusted = None if settings.trusted_keys is None else read_public_keys(settings.trusted_keys)
+    return Signer(identity, key), trusted
+
+
+def count_refusals(transport: Transport, counter: Counter[str]) -> None:
+    """Messages refused for their signatures are also counted in `counter` (a machine's reader)."""
+    if isinstance(transport, SignedTransport):
+        transport.count_into(counter)
 
 
 def reconnect_backoff(speed: float) -> Backoff:
@@ -105,10 +138,10 @@ def password_source(settings: ServiceSettings) -> str | Callable[[], str] | None
 
 @contextlib.asynccontextmanager
 async def service_transport(
-    settings: ServiceSettings, client_id: str, will: LastWill | None
-) -> AsyncIterator[MqttTransport]:
+    settings: ServiceSettings, client_id: str, will: LastWill | None, identity: str | None = None
+) -> AsyncIterator[Transport]:
     """The service's connected transport, with its heartbeat on `health_file` if one is set."""
-    async with transport_for(settings, client_id, will) as transport:
+    async with transport_for(settings, client_id, will, identity) as transport:  # type: ignore[attr-defined]
         beat = None
         if settings.health_file is not None:
             beat = asyncio.create_task(heartbeat(transport, settings.health_file))
@@ -130,6 +163,20 @@ def make_clock(
 ) -> Clock:
     """The service's clock as its settings say; `member` and `phase`: its part in a lockstep day;
     `offset_s`: a fault-injected shift (wall and scaled clocks)."""
+    clock = _clock(settings, transport, member, phase, every_step, offset_s)
+    if isinstance(transport, SignedTransport):
+        transport.signer.use_clock(clock.now)
+    return clock
+
+
+def _clock(
+    settings: ServiceSettings,
+    transport: Transport,
+    member: str,
+    phase: Phase,
+    every_step: bool,
+    offset_s: float,
+) -> Clock:
     kind = settings.clock_kind()
     if kind == "lockstep":
         return LockstepClock(transport, member, phase, every_step=every_step)

@@ -38,6 +38,10 @@ class ServiceSettings(BaseSettings):
     client_id: str | None = None  # default: the service's own id
     health_file: Path | None = None  # rewritten every 5 s: alive, and connected or not (services.health)
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    # End-to-end signatures (p2pdoe.services.signing): this identity's Ed25519 key, and the public
+    # keys of every identity; with them, only authentic messages are believed.
+    signing_key: Path | None = None
+    trusted_keys: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The shared simulated clock (p2pdoe.core.realtime.clock): every service of a bench gets the
     # same values; speed 1 with the default origins is wall time.
