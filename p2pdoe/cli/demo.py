@@ -130,7 +130,14 @@ def run_demo(
         py = sys.executable
         if rt is not None and rt.clock == "lockstep":
             procs.start(
-                "clock", [py, "-m", "p2pdoe.services.lockstep", *reach("dso").args(), *_granter_args(s, rt)]
+                "clock",
+                [
+                    py,
+                    "-m",
+                    "p2pdoe.services.lockstep",
+                    *reach("dso").unsigned().args(),
+                    *_granter_args(s, rt),
+                ],
             )
         coordinator = procs.start(
             "dso-coordinator",

@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def serve() -> int:
         granter = Granter(granter_config(settings))
-        async with service_transport(settings, "clock", None, "dso") as transport:
+        async with service_transport(settings, "clock", None) as transport:
             return await run_granter(transport, granter)
 
     return run_service(PROG, serve)

@@ -12,6 +12,7 @@ file, and an Ed25519 key that signs its messages end to end (`keys/`, public key
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import getpass
 import hashlib
@@ -82,6 +83,10 @@ class Access:
             if path is not None:
                 out += [flag, str(path)]
         return out
+
+    def unsigned(self) -> Access:
+        """The same without keys: a process on topics nobody signs (the lockstep clock's)."""
+        return dataclasses.replace(self, signing_key=None, trusted_keys=None)
 
     async def connect(self, client_id: str, timeout_s: float) -> SignedTransport:
         """A started transport for a person waiting (a command line): `connect_within`; with trusted
