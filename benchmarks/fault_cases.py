@@ -22,7 +22,8 @@ sys.path[:0] = [str(ROOT)]
 
 from p2pdoe.cli.virtual_day import VirtualDay  # noqa: E402
 from p2pdoe.core import topics  # noqa: E402
-from p2pdoe.core.schemas.runtime import MeterReading, SiteStatus  # noqa: E402
+from p2pdoe.core.schemas.messages import RoundOpen, decode  # noqa: E402
+from p2pdoe.core.schemas.runtime import Doe, DsoStatus, MeterReading, SiteStatus  # noqa: E402
 from p2pdoe.core.signing import edge_identity  # noqa: E402
 from p2pdoe.io.scenarios import load_scenario  # noqa: E402
 
@@ -37,6 +38,24 @@ async def forge_future_reading(day: VirtualDay) -> None:
     reading = MeterReading(site=SITE, ts=day.clock.now() + timedelta(days=1), p_kw=0.0)
     async with day.client("meter-with-a-bad-clock", edge_identity(SITE)) as c:
         await c.publish(topics.site(SITE, "meter"), reading.model_dump_json().encode(), qos=0)
+
+
+OPENINGS: list[bytes] = []  # the round openings the broker accepted in this run (their bodies)
+
+
+async def forge_on_a_plain_broker(day: VirtualDay) -> None:
+    """A forged round opening under another id, a forged ±100 MW envelope, a coordinator status
+    stamped a day back: none signed."""
+    opening = decode(OPENINGS[-1])
+    assert isinstance(opening, RoundOpen)
+    now, fake = day.clock.now(), f"{opening.round}-forged"
+    doe = Doe.from_box(SITE, opening.round, now, 900, -100_000.0, 100_000.0)
+    stale = DsoStatus(state="online", round=None, ts=now - timedelta(hours=24))
+    async with day.client("forger") as c:
+        forged = opening.model_copy(update={"round": fake}).model_dump_json().encode()
+        await c.publish(topics.round_open(fake), forged, retain=True)
+        await c.publish(topics.site(SITE, "doe"), doe.model_dump_json().encode(), retain=True)
+        await c.publish(topics.DSO_STATUS, stale.model_dump_json().encode(), retain=True)
 
 
 def refuse_writes(day: VirtualDay, refuse: bool) -> None:
@@ -65,6 +84,9 @@ CASES: dict[str, Callable[[VirtualDay], None]] = {
     ),
     "five of six edge agents killed at 00:50": lambda day: day.at(AT, lambda: kill_edges(day, 5)),
     "every edge agent killed at 00:50": lambda day: day.at(AT, lambda: kill_edges(day, 6)),
+    "a forged round opening, a ±100 MW envelope and a day-old coordinator status at 00:50": lambda day: (
+        day.at(AT, lambda: forge_on_a_plain_broker(day))
+    ),
 }
 
 
@@ -74,6 +96,8 @@ def run(name: str, inject: Callable[[VirtualDay], None]) -> str:
 
     def record(topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse(topic)
+        if payload and parsed is not None and parsed.kind == "open":
+            OPENINGS.append(payload)
         if payload and parsed is not None and parsed.area == "site" and parsed.kind == "status":
             msg = SiteStatus.model_validate_json(payload)
             for a in [*msg.alarms, *msg.faults]:  # an alarm raised and cleared at once is only counted
@@ -98,6 +122,7 @@ def run(name: str, inject: Callable[[VirtualDay], None]) -> str:
         "; ".join(f"{k} ({v})" for k, v in causes.items()) or "-",
         ", ".join(f"{a} ({v} sites)" for a, v in sorted(alarms.items())) or "none",
         str(len(rt.failed_rounds)),
+        ", ".join(f"{k} ({v})" for k, v in sorted(rt.dropped_messages.items())) or "none",
     ])  # fmt: skip
 
 
@@ -105,9 +130,10 @@ def main() -> None:
     logging.basicConfig(level=logging.CRITICAL)
     print(
         "| fault | coordinator | services that ended by themselves | sustained violations "
-        "| settlements missing | causes | alarms raised | rolling rounds failed |"
+        "| settlements missing | causes | alarms raised | rolling rounds failed "
+        "| messages the coordinator dropped |"
     )
-    print("|---|---|---|--:|--:|---|---|--:|")
+    print("|---|---|---|--:|--:|---|---|--:|---|")
     for name, inject in CASES.items():
         print(f"| {run(name, inject)} |", flush=True)
 

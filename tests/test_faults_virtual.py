@@ -213,3 +213,25 @@ def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
     assert rt.intervals[0].status == "converged", rt.intervals
     for topic in day.broker.retained_topics():
         assert not topic.endswith("/open"), topic  # no opening left behind
+
+
+@pytest.mark.parametrize("n_sites", [0, 1])
+def test_a_day_ahead_round_with_fewer_than_two_sites_leaves_the_defaults_and_runs_the_day(
+    tmp_path: Path, n_sites: int
+) -> None:
+    """No trade without two: the coordinator says why, the defaults stand, the rolling rounds go on
+    (each failing with its reason), and the day ends with its real-time results (realtime.json, as
+    after a restart mid-day: there is no day-ahead agreement to report)."""
+    day, tape = day_of(tmp_path, 1.0, sites=S.ids[:n_sites])
+    day.run_until_end()
+
+    assert day.exits["dso"] == [0]
+    rt = RealtimeInfo.model_validate_json((tmp_path / "realtime.json").read_bytes())
+    assert rt.failed_rounds[0] == f"day-ahead: {n_sites} site(s) registered and online, at least 2 needed"
+    assert all("at least 2 needed" in f for f in rt.failed_rounds[1:])
+    assert rt.envelope_violations.count == 0
+    for site in S.ids[:n_sites]:
+        envelopes = tape.dynamic(site)
+        assert envelopes
+        assert all(h.msg.round is None for h in envelopes)  # its default, interval by interval
+        assert alive(day, f"edge-{site}")

@@ -256,17 +256,17 @@ class CoordinatorMachine:
     def _registered(self, now: datetime) -> list[Command]:
         self.timings.registration_wait_s = self.stopwatch() - self._t0
         self.registry.exclude_unready()
-        if not self.registry.ready():
-            return [Exit(2, "no site registered before the registration deadline")]
         self.phase = Phase.AGREEING
         return self._next_attempt(now)
 
     def _next_attempt(self, now: datetime) -> list[Command]:
         ctx, n = self.ctx, len(self.attempts) + 1
         left_out = self.registry.left_out()
-        if n > ctx.rules.max_attempts or len(left_out) == len(ctx.site_ids):
-            statuses = [a.status for a in self.attempts]
-            return [Exit(2, f"no agreement after {len(self.attempts)} attempts: {statuses}")]
+        taking_part = len(ctx.site_ids) - len(left_out)
+        if n > ctx.rules.max_attempts:
+            return self._no_day_ahead(now, f"no agreement after {n - 1} attempts: {self._statuses()}")
+        if taking_part < 2:  # no trade without two
+            return self._no_day_ahead(now, f"{taking_part} site(s) registered and online, at least 2 needed")
         round_id = ctx.rules.round if n == 1 else f"{ctx.rules.round}.{n}"
         try:
             setup = round_setup(
@@ -274,10 +274,24 @@ class CoordinatorMachine:
                 epoch=ctx.epoch,
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
-            return [Exit(2, f"round {round_id} could not be set up: {exc}")]
+            return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
         self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch)
         log.info("round %s opened: %d sites, %d on defaults", round_id, len(setup.sites), len(setup.excluded))
         return [self.status(now, round_id), *self.run.open()]
+
+    def _statuses(self) -> list[str]:
+        return [a.status for a in self.attempts]
+
+    def _no_day_ahead(self, now: datetime, why: str) -> list[Command]:
+        """No day-ahead agreement: the default envelopes (published at the start) stand. A real-time
+        day goes on with rolling rounds, which open as soon as two sites are ready; a day-ahead-only
+        coordinator stops with the reason."""
+        if not self.ctx.rules.rolling:
+            return [Exit(2, f"no day-ahead agreement ({why}); the default envelopes stand")]
+        log.error("no day-ahead agreement (%s): the default envelopes stand; rolling rounds go on", why)
+        self.phase, self.rolling = Phase.ROLLING, Rolling(self.ctx, None, self.stopwatch)
+        self.rolling.failures.append(f"day-ahead: {why}")
+        return [*self.rolling.begin(now), self.status(now)]
 
     def _run(self) -> RoundRun:
         assert self.run is not None
