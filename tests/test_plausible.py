@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from virtual_helpers import S, day_of
 
+from p2pdoe.cli import virtual_day
 from p2pdoe.core import topics
 from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
+from p2pdoe.core.edge.market import EdgeMarket
+from p2pdoe.core.effects import Send
+from p2pdoe.core.schemas.messages import Proposal, decode, encode
 from p2pdoe.core.schemas.runtime import MeterReading, SettlementRecord, SiteReport
 from p2pdoe.core.signing import edge_identity
 from p2pdoe.core.site import coordinator_config, registration, site_config
@@ -102,3 +107,64 @@ def test_the_coordinator_drops_an_implausible_settlement_and_counts_it(tmp_path:
     worst = max(abs(x.measured_kwh) for x in rt.settlements)
     assert worst < top
     assert rt.dropped_messages.get("implausible", 0) == 1, rt.dropped_messages
+
+
+class _Lying:
+    """A site's market whose every proposal is scaled by `factor` (valid-looking, not from assets)."""
+
+    def __init__(self, inner: EdgeMarket, factor: float):
+        self.inner, self.factor = inner, factor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def handle(self, msg: Any, site: Any = None) -> list[Any]:
+        out = []
+        for cmd in self.inner.handle(msg, site):
+            if isinstance(cmd, Send) and "/proposal/" in cmd.topic:
+                p = decode(cmd.payload)
+                assert isinstance(p, Proposal)
+                cmd = Send(cmd.topic, encode(_scaled(p, self.factor)))
+            out.append(cmd)
+        return out
+
+
+def _scaled(p: Proposal, factor: float) -> Proposal:
+    trades = [
+        t.model_copy(
+            update={"buy_kw": [v * factor for v in t.buy_kw], "sell_kw": [v * factor for v in t.sell_kw]}
+        )
+        for t in p.trades
+    ]
+    env = p.envelope
+    assert env is not None
+    env = env.model_copy(
+        update={"lo_kw": [v * factor for v in env.lo_kw], "up_kw": [v * factor for v in env.up_kw]}
+    )
+    return p.model_copy(update={"trades": trades, "envelope": env})
+
+
+def test_a_site_whose_proposals_keep_failing_the_checks_is_excluded_with_that_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site proposing 1000 times what it registered: the day-ahead round goes on without it at the
+    deadline, its exclusion names the checks it failed, and the others agree."""
+    liar = S.ids[SITE]
+    honest = virtual_day.market_machine
+
+    def machine(config: Any, margins: Any) -> Any:
+        inner = honest(config, margins)
+        return _Lying(inner, 1000.0) if config.community.id == liar else inner
+
+    monkeypatch.setattr(virtual_day, "market_machine", machine)
+    day, _ = day_of(tmp_path, 0.5, dso_options={"iteration_timeout_s": 5.0})
+    results = day.run()
+
+    assert results.runtime is not None
+    sites = {s.id: s for s in results.runtime.sites}
+    assert sites[liar].state == "excluded"
+    assert sites[liar].reason is not None
+    assert "implausible" in sites[liar].reason
+    assert "beyond its registered range" in sites[liar].reason or "outside its range" in sites[liar].reason
+    assert all(s.state == "agreed" for site, s in sites.items() if site != liar)
+    assert results.runtime.attempts[0].missed_deadline == [liar]

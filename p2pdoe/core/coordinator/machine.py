@@ -312,12 +312,18 @@ class CoordinatorMachine:
         attempt = run.attempt()
         self.attempts.append(attempt)
         for site in attempt.missed_deadline:
-            self.registry.exclude(
-                site, f"missed the deadline of iteration {attempt.iterations} of round {run.id}"
-            )
-            log.warning("%s: no proposal within %.1f s; round %s is opened again without it",
+            self.registry.exclude(site, self._why_missed(site, attempt.iterations))
+            log.warning("%s: no valid proposal within %.1f s; round %s is opened again without it",
                         site, self.ctx.rules.iteration_timeout_s, run.id)  # fmt: skip
         return [run.withdraw(), *self._next_attempt(now)]
+
+    def _why_missed(self, site: str, iteration: int) -> str:
+        """A site silent at the deadline, or one whose proposals were refused as implausible."""
+        run = self._run()
+        implausible = run.dso.implausible.get(site)
+        if implausible is not None:
+            return f"its proposals in round {run.id} were implausible ({implausible})"
+        return f"missed the deadline of iteration {iteration} of round {run.id}"
 
     def _round_over(self, now: datetime) -> list[Command]:
         run, ctx = self._run(), self.ctx
