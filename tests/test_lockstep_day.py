@@ -114,6 +114,34 @@ def test_a_broker_stalled_for_15_seconds_mid_day_changes_nothing(
     assert "still waiting" in logs  # the stall was seen, and ridden through
 
 
+@pytest.mark.timeout(900)
+def test_a_broker_restarted_during_the_day_ahead_round_excludes_nobody(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """Mosquitto killed (nothing persisted) and started again 2 s later while the day-ahead round
+    runs: before, three sites back online before the deadline stayed excluded (+324 EUR on the
+    objective). Now each service resends what the broker had not acknowledged and publishes its state
+    again, every site takes part, and the day is the virtual day's to the last digit."""
+    out = tmp_path / "demo"
+    runner, result = _demo_in_background(mosquitto_broker, out, RealTime(hours=0.5))
+    _wait_for(lambda: "round day-ahead opened" in _log(out, "dso-coordinator"), 600, "the day-ahead round")
+    time.sleep(0.5)
+    mosquitto_broker.kill()
+    time.sleep(2.0)
+    mosquitto_broker.start()
+    runner.join(600)
+    assert not runner.is_alive()
+    assert isinstance(result[0], Results), result
+    processes = result[0]
+    assert processes.runtime is not None
+    assert [s.id for s in processes.runtime.sites if s.state != "agreed"] == []
+    assert processes.realtime is not None
+    virtual = VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=0.5).run()
+    assert virtual.realtime is not None
+    assert processes.objective_eur == pytest.approx(virtual.objective_eur, abs=1e-6)
+    assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
+
+
 def _demo_in_background(
     broker: Broker, out: Path, rt: RealTime
 ) -> tuple[threading.Thread, list[Results | BaseException]]:

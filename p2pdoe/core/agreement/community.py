@@ -164,7 +164,10 @@ class CommunityParticipant:
         if isinstance(msg, Grant) and (r.lo is None) != (not msg.envelopes):
             self._ignored[INVALID] += 1
             return []
+        repeated = isinstance(msg, Grant) and _seen(r.inbox, msg.iteration)
         r.inbox.offer(msg.sender, msg.iteration, msg)
+        if repeated:  # the coordinator repeats itself when a proposal is missing: send ours again
+            return self._again(r)
         return self._step_while_complete(r)
 
     # --- round lifecycle -------------------------------------------------------------------------
@@ -181,7 +184,10 @@ class CommunityParticipant:
         return []
 
     def _open(self, msg: RoundOpen) -> list[Command]:
-        if msg.round in self._finished or (self._round is not None and msg.round == self._round.id):
+        if self._round is not None and msg.round == self._round.id:
+            self._ignored[DUPLICATE] += 1
+            return self._again(self._round)  # repeated: a proposal went missing somewhere
+        if msg.round in self._finished:
             self._ignored[DUPLICATE] += 1
             return []
         if not self._accepts(msg):
@@ -198,6 +204,11 @@ class CommunityParticipant:
         for m in early:
             r.inbox.offer(m.sender, m.iteration, m)
         return out + self._step_while_complete(r)
+
+    def _again(self, r: _Round) -> list[Command]:
+        """The latest proposal once more (the same numbers: no solve), for a coordinator or a peer
+        that lost it (a broker that restarted without persistence loses what it had not delivered)."""
+        return [] if r.z is None else [Publish(self._proposal(r, r.inbox.iteration))]
 
     def _accepts(self, msg: RoundOpen) -> bool:
         return (
@@ -375,3 +386,8 @@ def _entry(p: Proposal, site: str) -> TradeProposal:
 
 def _own_entry(g: Grant, site: str) -> GrantedEnvelope:
     return next(e for e in g.envelopes if e.site == site)
+
+
+def _seen(inbox: Inbox[Proposal | Grant], iteration: int) -> bool:
+    """Whether the grant of `iteration` was already taken (handled, or waiting in this iteration)."""
+    return iteration < inbox.iteration or (iteration == inbox.iteration and DSO_ID in inbox.current)

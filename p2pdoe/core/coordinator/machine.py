@@ -228,6 +228,10 @@ class CoordinatorMachine:
             return self._attempt_lost(now)
         if key == REPORTS and self.phase is Phase.REPORTING:
             missing = sorted(set(self._run().setup.sites) - set(self.reports))
+            again = self._run().repeat()  # the final grant once more: a site may not have had it
+            if again:
+                log.warning("no report from %s; the final grant sent again", missing)
+                return [again[0], Patience(REPORTS, self.ctx.rules.report_timeout_s)]
             log.warning("no report from %s", missing)
             return self._day_ahead_done(now)
         if key == SETTLEMENTS and self.phase is Phase.CLOSING:
@@ -309,6 +313,11 @@ class CoordinatorMachine:
 
     def _attempt_lost(self, now: datetime) -> list[Command]:
         run = self._run()
+        again = run.repeat()
+        if again:
+            log.warning("round %s: no proposal from %s in %.1f s; its last message sent again",
+                        run.id, list(run.missing()), self.ctx.rules.iteration_timeout_s)  # fmt: skip
+            return list(again)
         attempt = run.attempt()
         self.attempts.append(attempt)
         for site in attempt.missed_deadline:

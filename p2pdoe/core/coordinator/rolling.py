@@ -171,6 +171,11 @@ class Rolling:
         if cur is None or cur.run is None or cur.run.outcome is not None:
             return []
         missing = list(cur.run.missing())
+        again = cur.run.repeat()
+        if again:
+            log.warning("interval %d: round %s: no proposal from %s; its last message sent again",
+                        cur.t, cur.round_id, missing)  # fmt: skip
+            return list(again)
         log.warning("interval %d: round %s lost %s; the last agreement stands", cur.t, cur.round_id, missing)
         return [cur.run.withdraw(), *self._failed(now, f"no proposal from {missing} in time")]
 

@@ -61,6 +61,8 @@ class RoundRun:
         self.stopwatch = stopwatch
         self.outcome: DsoOutcome | None = None
         self._t_round = self._t_iter = stopwatch()
+        self._last: Send | None = None  # the opening or the latest grant
+        self._repeated: Send | None = None  # the one already sent a second time
 
     @property
     def id(self) -> str:
@@ -69,12 +71,23 @@ class RoundRun:
     def open(self) -> list[Effect]:
         """The opening (retained) and the first iteration's patience."""
         self._t_round = self._t_iter = self.stopwatch()
-        sends: list[Effect] = [
+        sends = [
             Send(topic_of(c.message), encode(c.message), retain=True)
             for c in self.dso.open_round()
             if isinstance(c, Publish)
         ]
+        self._last = sends[-1]
         return [*sends, Patience(ITERATION, self.patience_s)]
+
+    def repeat(self) -> list[Effect]:
+        """At an iteration's deadline: the opening or the latest grant once more, with one more
+        patience, so a site whose proposal (or a peer's, or this grant) a broker lost sends it again
+        (its participant answers a repeat with its latest proposal). Empty if already repeated: then
+        the missing sites are left out."""
+        if self._last is None or self._repeated is self._last:
+            return []
+        self._repeated = self._last
+        return [self._last, Patience(ITERATION, self.patience_s)]
 
     def proposal(self, msg: Proposal, size: int) -> list[Effect]:
         self.timings.proposals += 1
@@ -97,7 +110,8 @@ class RoundRun:
         now = self.stopwatch()
         self.timings.iteration_wall_s.append(now - self._t_iter)
         self._t_iter = now
-        return [Send(topic_of(grant), payload), self._progress(grant), Patience(ITERATION, self.patience_s)]
+        self._last = Send(topic_of(grant), payload)
+        return [self._last, self._progress(grant), Patience(ITERATION, self.patience_s)]
 
     def _progress(self, grant: Grant) -> Send:
         last = self.dso.last_record
