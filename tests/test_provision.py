@@ -21,8 +21,10 @@ from cli_helpers import assert_one_line_error, run_p2pdoe
 from p2pdoe.core import topics
 from p2pdoe.services.broker import REQUIRE_MOSQUITTO_ENV, find_mosquitto, free_port
 from p2pdoe.services.provision import acl, password_hash
+from p2pdoe.services.signing import read_private_key, read_public_keys
 
 HOST = "127.0.0.1"
+SITES = ["solar-18", "solar-wind-33", "wind-25", "town-14", "campus-30", "village-22"]
 QUIET_S = 1.0
 
 
@@ -45,6 +47,25 @@ def test_secrets_are_private_and_never_printed(bundle: tuple[Path, int, str]) ->
     for path in (out / "identities").iterdir():
         assert path.read_text().strip() not in printed
     assert "PRIVATE KEY" not in printed
+
+
+def test_every_identity_that_publishes_gets_a_private_signing_key(bundle: tuple[Path, int, str]) -> None:
+    out, _, printed = bundle
+    d = json.loads((out / "provision.json").read_text())
+    trusted = read_public_keys(Path(d["signing"]["public_keys"]))
+    assert set(trusted) == {"dso", *(f"edge-{s}" for s in SITES)}  # the monitor publishes nothing
+    for i in d["identities"]:
+        if i["role"] == "monitor":
+            assert "signing_key" not in i
+            continue
+        path = Path(i["signing_key"])
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        key = read_private_key(path)
+        trusted[i["username"]].verify(key.sign(b"x"), b"x")  # its public key is the trusted one
+        assert path.read_text() not in printed
+    env = (out / "env" / f"{SITES[0]}.env").read_text()
+    assert f"P2PDOE_EDGE_SIGNING_KEY={(out / 'keys' / f'edge-{SITES[0]}.key').resolve()}" in env
+    assert f"P2PDOE_EDGE_TRUSTED_KEYS={Path(d['signing']['public_keys'])}" in env
 
 
 def test_provision_json_describes_the_bundle(bundle: tuple[Path, int, str]) -> None:

@@ -224,6 +224,8 @@ def test_a_revoked_site_is_refused_and_the_others_keep_working(secure_broker: Br
     assert f"edge-{SITE}" not in (bundle / "broker" / "passwd").read_text()
     assert f"user edge-{SITE}\n" not in (bundle / "broker" / "acl").read_text()
     assert not (bundle / "env" / f"{SITE}.env").exists()
+    assert not (bundle / "keys" / f"edge-{SITE}.key").exists()
+    assert f"edge-{SITE}" not in json.loads((bundle / "keys" / "public-keys.json").read_text())["ed25519"]
     assert asyncio.run(_connects(other))
 
 

@@ -240,7 +240,7 @@ def _broker(
 
     if not secure:
         url = broker or stack.enter_context(start_embedded()).url
-        return signed_access(url, out / "keys", ["dso", "monitor", *(f"edge-{site}" for site in s.ids)])
+        return signed_access(url, out / "keys", ["dso", *(f"edge-{site}" for site in s.ids)])
     if broker is not None:
         raise P2PDoeError("--secure starts its own provisioned Mosquitto: leave out --broker")
     bundle = out / "bundle"
@@ -260,7 +260,12 @@ def signed_access(url: str, keys: Path, identities: list[str]) -> Callable[[str]
 
     shutil.rmtree(keys, ignore_errors=True)
     trusted = write_keys(keys, identities)
-    return lambda username: Access(url, None, None, username, keys / f"{username}.key", trusted)
+
+    def reach(username: str) -> Access:
+        key = keys / f"{username}.key" if username in identities else None  # the monitor: none
+        return Access(url, None, None, username, key, trusted)
+
+    return reach
 
 
 async def _watch(

@@ -234,13 +234,15 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     _write(out / "broker" / "acl", acl(peers), 0o600)  # Mosquitto warns of a world-readable ACL
     queue_limit = max(1000, 200 * len(peers))  # a round's messages to a site that reconnects
     _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
-    public_keys = write_keys(out / "keys", [i.username for i in ids]).resolve()
+    signers = [i.username for i in ids if i.role != "monitor"]  # the monitor publishes nothing
+    public_keys = write_keys(out / "keys", signers).resolve()
     entries = []
     for i in ids:
         secret = out / "identities" / f"{i.username}.password"
         _write(secret, i.password + "\n", 0o600)
         entry = {"role": i.role, "id": i.id, "username": i.username, "password_file": str(secret.resolve())}
-        entry["signing_key"] = str((out / "keys" / f"{i.username}.key").resolve())
+        if i.username in signers:
+            entry["signing_key"] = str((out / "keys" / f"{i.username}.key").resolve())
         if i.role == "edge":
             env = out / "env" / f"{i.id}.env"
             _write(env, _edge_env(i, host, port, out), 0o600)
