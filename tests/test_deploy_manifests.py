@@ -8,6 +8,7 @@ import base64
 import functools
 import getpass
 import importlib.util
+import json
 import os
 import pty
 import re
@@ -272,6 +273,11 @@ def test_each_default_site_has_its_own_edge_agent_and_credentials() -> None:
         _, volume = _mount_for(spec, c, str(_setting(c, "--password-file")))
         secrets.add(volume["secret"]["secretName"])
         assert volume["secret"]["secretName"] == f"edge-{site}"
+        _, volume = _mount_for(spec, c, str(_setting(c, "--signing-key")))
+        assert volume["secret"]["secretName"] == f"edge-{site}"  # the site's own key, beside its password
+        _, volume = _mount_for(spec, c, str(_setting(c, "--trusted-keys")))
+        sources = volume["projected"]["sources"]
+        assert "p2pdoe-public-keys" in [s.get("configMap", {}).get("name") for s in sources]
         _, volume = _mount_for(spec, c, str(_setting(c, "--site-config")))
         assert f"site-{site}" in [s.get("configMap", {}).get("name") for s in volume["projected"]["sources"]]
         mount, volume = _mount_for(spec, c, str(_setting(c, "--journal")))
@@ -475,8 +481,24 @@ def test_the_script_makes_each_sites_secret_from_the_bundle_and_never_the_ca_key
         assert kind in ("Secret", "ConfigMap")
         assert NAME.match(name)
     everything = generated + "".join(_decoded(o, k) for o in objects.values() for k in o["data"])
-    for secret in ("ca/ca.key", "identities/monitor.password"):  # never in the cluster
-        assert (bundle / secret).read_text().strip() not in everything, secret
+    for secret in ("ca/ca.key", "identities/monitor.password", "keys/monitor.key"):  # never in the cluster
+        if (bundle / secret).exists():
+            assert (bundle / secret).read_text().strip() not in everything, secret
+    # each identity's signing key is in its own Secret, beside its password, and in no other object
+    keys = {path.stem: path.read_text() for path in (bundle / "keys").glob("*.key")}
+    holders = {}
+    for (kind, _, name), obj in objects.items():
+        for identity, key in keys.items():
+            if any(key.strip() in _decoded(obj, k) for k in obj["data"]):
+                assert kind == "Secret", f"{identity}'s signing key is in {kind} {name}"
+                assert identity not in holders, f"{identity}'s key is in {holders[identity]} and {name}"
+                holders[identity] = name
+                password = (bundle / "identities" / f"{identity}.password").read_text()
+                assert _decoded(obj, "signing-key") == key, name
+                assert _decoded(obj, "password") == password, name
+    assert holders == {"dso": "p2pdoe-dso", **{f"edge-{s}": f"edge-{s}" for s in SITES}}
+    public = objects[("ConfigMap", NAMESPACE, "p2pdoe-public-keys")]
+    assert _decoded(public, "public-keys.json") == (bundle / "keys" / "public-keys.json").read_text()
     override = _decoded(objects[("ConfigMap", "kube-system", "coredns-custom")], "p2pdoe.override")
     assert re.escape(HOST) + r"\.$" in override
     assert "mosquitto.p2pdoe.svc.cluster.local." in override
@@ -517,6 +539,69 @@ def test_every_referenced_secret_configmap_and_claim_exists(bundle: Path, genera
     assert (broker["host"], int(broker["port"])) == (HOST, PORT)
 
 
+def _identity(container: dict[str, Any]) -> str:
+    """The identity a container connects as: the user name of its broker URL."""
+    match = re.match(r"mqtts://([a-z0-9-]+)@", str(_setting(container, "--broker")))
+    assert match, f"{container['name']}: no user name in its broker URL"
+    return match.group(1)
+
+
+def _mounted(
+    objects: dict[tuple[str, str, str], dict[str, Any]], spec: dict[str, Any], c: dict[str, Any], path: str
+) -> tuple[str, str, str]:
+    """(kind, name, content) of the Secret or ConfigMap item the container sees at `path`."""
+    mount, volume = _mount_for(spec, c, path)
+    relative = path[len(mount["mountPath"]) + 1 :]
+    for source in volume.get("projected", {}).get("sources", [volume]):
+        for kind, field in (("Secret", "secret"), ("ConfigMap", "configMap")):
+            ref = source.get(field)
+            if ref is None:
+                continue
+            for item in ref["items"]:
+                if item["path"] == relative:
+                    name = ref.get("secretName") or ref["name"]
+                    return kind, name, _decoded(objects[(kind, NAMESPACE, name)], item["key"])
+    raise AssertionError(f"{c['name']}: nothing is mounted at {path}")
+
+
+def test_every_service_signs_with_its_own_key_and_trusts_the_bundles_public_keys(
+    bundle: Path, generated: str
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    objects = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for _, d in _manifests()}
+    objects |= _generated_objects(generated)
+    public = json.loads((bundle / "keys" / "public-keys.json").read_text())["ed25519"]
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    seen = set()
+    for name, spec, c in _containers():
+        if not _is_p2pdoe(c):
+            continue
+        identity = _identity(c)
+        key_path, trusted_path = _setting(c, "--signing-key"), _setting(c, "--trusted-keys")
+        assert key_path, f"{name}: signs nothing"
+        assert trusted_path, f"{name}: believes unsigned messages"
+        kind, secret, pem = _mounted(objects, spec, c, key_path)
+        assert kind == "Secret", f"{name}: its signing key is not in a Secret"
+        assert pem == (bundle / "keys" / f"{identity}.key").read_text(), f"{name}: not {identity}'s key"
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+        assert base64.b64encode(key.public_key().public_bytes(*raw)).decode() == public[identity], name
+        _, password_secret, _ = _mounted(objects, spec, c, str(_setting(c, "--password-file")))
+        assert password_secret == secret, f"{name}: the key and the password of one identity, in one Secret"
+        kind, _, trusted = _mounted(objects, spec, c, trusted_path)
+        assert kind == "ConfigMap"  # public keys only
+        assert trusted == (bundle / "keys" / "public-keys.json").read_text(), name
+        mounted_secrets = {
+            s["secret"].get("secretName") or s["secret"]["name"]
+            for v in spec["volumes"]
+            for s in v.get("projected", {}).get("sources", [v])
+            if "secret" in s
+        }
+        assert mounted_secrets == {secret}, f"{name}: another identity's Secret is mounted"
+        seen.add(identity)
+    assert seen == {"dso", *(f"edge-{s}" for s in SITES)}
+
+
 def test_the_script_refuses_a_terminal_and_what_is_not_a_bundle(bundle: Path, tmp_path: Path) -> None:
     script, env = str(K3S / "secrets-from-bundle.sh"), _script_env(tmp_path)
     leader, follower = pty.openpty()
@@ -536,6 +621,17 @@ def test_the_script_refuses_a_terminal_and_what_is_not_a_bundle(bundle: Path, tm
     usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert usage.returncode == 2
     assert "usage" in usage.stderr
+    # a bundle without signing keys (or without a site's key) gets no Secrets: signing is never off
+    keyless = tmp_path / "keyless"
+    shutil.copytree(bundle, keyless)
+    for remove, expected in ((f"edge-{SITES[-1]}.key", f"keys/edge-{SITES[-1]}.key is missing"),
+                             ("public-keys.json", "no signing keys")):  # fmt: skip
+        (keyless / "keys" / remove).unlink()
+        run = subprocess.run(["bash", script, str(keyless)], capture_output=True, text=True, env=env)
+        assert run.returncode == 2
+        assert not run.stdout  # nothing for kubectl to apply in part
+        assert expected in run.stderr
+        assert run.stderr.count("\n") == 1
 
 
 def test_the_shell_scripts_parse_and_pass_shellcheck() -> None:
@@ -727,6 +823,22 @@ def test_the_systemd_units_run_real_entry_points_hardened(name: str, bundle: Pat
     if program in ("edge-agent", "meter-sim"):
         assert _values(unit, "Service", "LoadCredential")[0] == "password:/etc/p2pdoe/edge-%i.password"
         assert argv[argv.index("--site-config") + 1] == "/etc/p2pdoe/sites/%i.json"
+    # signing on: the identity's own key (the one of its broker URL's user) and every public key,
+    # as credentials named by options
+    loaded = dict(v.split(":", 1) for v in _values(unit, "Service", "LoadCredential"))
+    assert len(loaded) == len(_values(unit, "Service", "LoadCredential")), f"{name}: a credential twice"
+    assert argv[argv.index("--signing-key") + 1] == "%d/signing-key"
+    assert argv[argv.index("--trusted-keys") + 1] == "%d/public-keys.json"
+    identity = "edge-%i" if program in ("edge-agent", "meter-sim") else "dso"
+    assert loaded == {
+        "password": f"/etc/p2pdoe/{identity}.password",
+        "signing-key": f"/etc/p2pdoe/{identity}.key",
+        "ca.crt": "/etc/p2pdoe/ca.crt",
+        "public-keys.json": "/etc/p2pdoe/public-keys.json",
+    }
+    broker = argv[argv.index("--broker") + 1] if "--broker" in argv else env[f"{_env_prefix(program)}BROKER"]
+    broker = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], broker)
+    assert broker.startswith(f"mqtts://{identity.replace('%i', SITES[0])}@"), f"{name}: {broker}"
     if program == "edge-agent":
         journal = argv[argv.index("--journal") + 1]
         (state,) = _values(unit, "Service", "StateDirectory")
@@ -777,6 +889,84 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert not run.stderr.strip(), run.stderr
+
+
+def _unit_files(name: str) -> set[str]:
+    """The files under /etc/p2pdoe a unit reads: its environment file, credentials, configuration."""
+    unit = _unit(SYSTEMD / name)
+    (exec_start,) = _values(unit, "Service", "ExecStart")
+    files = {v.split(":", 1)[1] for v in _values(unit, "Service", "LoadCredential")}
+    files |= set(_values(unit, "Service", "EnvironmentFile"))
+    files |= {w for w in shlex.split(exec_start) if w.startswith("/etc/p2pdoe/")}
+    return files
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_each_units_header_lists_the_files_it_reads(name: str) -> None:
+    header = "".join(line for line in (SYSTEMD / name).read_text().splitlines(True) if line.startswith("#"))
+    if name == "p2pdoe-meter-sim@.service":
+        assert "Same files as p2pdoe-edge@.service" in header
+        header += (SYSTEMD / "p2pdoe-edge@.service").read_text()
+    listed = set(re.findall(r"/etc/p2pdoe/[\w./-]*\w", header))
+    for path in _unit_files(name):
+        assert path.replace("%i", "SITE") in listed, f"{name} reads {path}, its header does not list it"
+
+
+def _installed_by_the_guide(site: str) -> dict[str, set[str]]:
+    """What deploy/README.md's install commands put under /etc/p2pdoe: on the DSO's host with
+    `install`, on the site's gateway with `tar` (the site's files, after its --transform)."""
+    out: dict[str, set[str]] = {"dso": set(), "gateway": set()}
+    for block in _shell_blocks(GUIDE.read_text()):
+        for words in _commands(block):
+            words = [w.replace("$site", site) for w in words]
+            if words[0] == "install" and "-d" not in words:
+                args, i = [], 1
+                while i < len(words):
+                    if words[i] in ("-m", "-o", "-g"):
+                        i += 2
+                        continue
+                    if not words[i].startswith("-"):
+                        args.append(words[i])
+                    i += 1
+                *sources, target = args
+                if target.startswith("/etc/p2pdoe/"):
+                    if target.endswith("/"):
+                        out["dso"] |= {target + Path(s).name for s in sources}
+                    else:
+                        out["dso"].add(target)
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():  # tar: its quoted '|' is no pipe
+            if not line.startswith("tar -cf "):
+                continue
+            lexer = shlex.shlex(line.replace("$site", site), posix=True, punctuation_chars="|")
+            lexer.wordchars += "$-=/.@"
+            words = list(lexer)
+            words = words[: words.index("|")] if "|" in words else words
+            if f"env/{site}.env" not in words:
+                continue
+            rules = words[words.index("--transform") + 1].split(";")
+            skip = {words.index("--transform") + 1} | {i + 1 for i, w in enumerate(words) if w == "-C"}
+            for i, word in enumerate(words[3:], start=3):
+                if i in skip or word.startswith("-"):
+                    continue
+                for rule in rules:  # s|PATTERN|REPLACEMENT|
+                    _, pattern, replacement, _ = rule.split("|")
+                    word = re.sub(pattern, replacement, word)
+                out["gateway"].add(f"/etc/p2pdoe/{word}")
+    return out
+
+
+def test_the_guide_installs_every_file_the_units_read() -> None:
+    installed = _installed_by_the_guide(SITES[0])
+    for name in UNITS:
+        machine = "dso" if name == "p2pdoe-coordinator.service" else "gateway"
+        for path in _unit_files(name):
+            path = path.replace("%i", SITES[0])
+            assert path in installed[machine], f"{name} reads {path}, which deploy/README.md does not install"
+    # each machine gets its own identity's key and no other
+    keys = {
+        machine: {Path(p).name for p in paths if p.endswith(".key")} for machine, paths in installed.items()
+    }
+    assert keys == {"dso": {"dso.key"}, "gateway": {f"edge-{SITES[0]}.key"}}
 
 
 def test_the_broker_drop_in_runs_the_p2pdoe_config_unprivileged() -> None:

@@ -10,6 +10,7 @@ where installed, runs the bench's broker configuration.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import getpass
 import importlib
@@ -37,6 +38,7 @@ import aiomqtt
 import jsonschema
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from dso_coordinator.settings import CoordinatorSettings
 from edge_agent.settings import EdgeSettings
@@ -200,6 +202,12 @@ def mounts(service: dict[str, Any], c: dict[str, Any]) -> dict[str, Path]:
                 source if source.is_absolute() else DOCKER / source
             )
     return out
+
+
+def secret_targets(service: dict[str, Any]) -> set[str]:
+    """The container paths of the service's secrets."""
+    refs = [item if isinstance(item, dict) else {"source": item} for item in service.get("secrets", [])]
+    return {ref.get("target") or f"/run/secrets/{ref['source']}" for ref in refs}
 
 
 def volume_targets(service: dict[str, Any]) -> dict[str, str]:
@@ -439,7 +447,9 @@ def test_every_service_loads_its_settings_on_one_shared_clock(
         steps.add(getattr(settings, "rate_s", None) or getattr(settings, "meter_step_s", None))
         assert settings.health_file == Path(HEALTH[3]), name
         mounted = mounts(service, c)
-        for path in (settings.password_file, settings.ca_cert):
+        assert settings.signing_key is not None, f"{name}: signs nothing"
+        assert settings.trusted_keys is not None, f"{name}: believes unsigned messages"
+        for path in (settings.password_file, settings.ca_cert, settings.signing_key, settings.trusted_keys):
             assert str(path) in mounted, f"{name}: {path} is not mounted"
         provisioned = settings.model_copy(update={"password_file": mounted[str(settings.password_file)]})
         assert provisioned.secret(), name  # the bundle's file, as the service reads it
@@ -475,6 +485,8 @@ def test_every_site_has_its_edge_and_meter(bench: Path) -> None:
 def test_every_identity_is_provisioned_and_its_own(bench: Path, provisioned: dict[str, Any]) -> None:
     c = compose({"P2PDOE_BENCH_DIR": str(bench)})
     identities = {i["username"]: i for i in provisioned["identities"]}
+    public_keys = json.loads(Path(provisioned["signing"]["public_keys"]).read_text(encoding="utf-8"))
+    public_keys = public_keys["ed25519"]
     aliases = c["services"]["broker"]["networks"]["default"]["aliases"]
     for name, service in p2pdoe_services(c).items():
         options = command_options(service["command"])
@@ -489,6 +501,21 @@ def test_every_identity_is_provisioned_and_its_own(bench: Path, provisioned: dic
         assert secret == Path(identities[address.username]["password_file"]), name
         ca_cert = next(v for k, v in service["environment"].items() if k.endswith("_CA_CERT"))
         assert mounts(service, c)[ca_cert] == Path(provisioned["broker"]["ca_cert"]), name
+        # signing: the identity's own key (a secret), every identity's public key (a config)
+        key = mounts(service, c)[str(options["signing_key"])]
+        assert key == Path(identities[address.username]["signing_key"]), f"{name}: not its own signing key"
+        assert str(options["signing_key"]) in secret_targets(service), f"{name}: its key is not a secret"
+        trusted = next(v for k, v in service["environment"].items() if k.endswith("_TRUSTED_KEYS"))
+        assert mounts(service, c)[trusted] == Path(provisioned["signing"]["public_keys"]), name
+        assert trusted not in secret_targets(service), f"{name}: the public keys are a config"
+        # the key signs as the identity: its public half is the one everybody trusts for it
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert base64.b64encode(raw).decode() == public_keys[address.username], name
+        # and no other identity's key (nor password) is mounted into it
+        others = {Path(i[k]) for u, i in identities.items() if u != address.username for k in i if k in
+                  ("signing_key", "password_file")}  # fmt: skip
+        assert not others & set(mounts(service, c).values()), f"{name}: holds another identity's secret"
     healthcheck = shlex.split(c["services"]["broker"]["healthcheck"]["test"][1])
     assert healthcheck[healthcheck.index("-u") + 1] in identities
 

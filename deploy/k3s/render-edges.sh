@@ -2,8 +2,9 @@
 # The edge agents' manifests, one journal PVC and one Deployment per site, on stdout.
 #   render-edges.sh SITE... > edges.yaml
 # Each site runs on the node labelled node-restriction.kubernetes.io/p2pdoe-site=<site>, with its
-# own Secret (edge-<site>) and configuration (site-<site>) from secrets-from-bundle.sh. edges.yaml
-# is this script's output for the default scenario's six sites.
+# own Secret (edge-<site>: its password and signing key) and configuration (site-<site>), and the
+# shared CA certificate (p2pdoe-ca) and public keys (p2pdoe-public-keys), from secrets-from-bundle.sh.
+# edges.yaml is this script's output for the default scenario's six sites.
 set -euo pipefail
 
 die() {
@@ -111,6 +112,11 @@ spec:
               value: /run/secrets/p2pdoe/password
             - name: P2PDOE_EDGE_CA_CERT
               value: /etc/p2pdoe/ca.crt
+            # signs what it publishes; believes only messages signed by their topic's owner
+            - name: P2PDOE_EDGE_SIGNING_KEY
+              value: /run/secrets/p2pdoe/signing-key
+            - name: P2PDOE_EDGE_TRUSTED_KEYS
+              value: /etc/p2pdoe/public-keys.json
             - name: P2PDOE_EDGE_HEALTH_FILE
               value: /run/p2pdoe/health
             - name: HOME
@@ -184,6 +190,11 @@ spec:
                   items:
                     - key: ca.crt
                       path: ca.crt
+              - configMap:
+                  name: p2pdoe-public-keys
+                  items:
+                    - key: public-keys.json
+                      path: public-keys.json
         - name: credentials
           secret:
             secretName: edge-${site}
@@ -191,6 +202,8 @@ spec:
             items:
               - key: password
                 path: password
+              - key: signing-key
+                path: signing-key
         - name: journal
           persistentVolumeClaim:
             claimName: journal-${site}

@@ -3,7 +3,9 @@
 # the configurations of `p2pdoe site-config`; YAML on stdout, for kubectl:
 #   secrets-from-bundle.sh BUNDLE_DIR [CONFIG_DIR] | kubectl apply -f -
 # Writes nothing else and refuses to write to a terminal. The CA's private key never leaves the
-# bundle. Sites revoked from the bundle (`p2pdoe provision --revoke`) get nothing.
+# bundle, nor does the monitor's password. Each identity's Secret holds its password and its signing
+# key (keys/<username>.key); the public keys of all (keys/public-keys.json) are a ConfigMap. Sites
+# revoked from the bundle (`p2pdoe provision --revoke`) get nothing.
 set -euo pipefail
 
 NAMESPACE=p2pdoe
@@ -27,6 +29,8 @@ emit() {
 bundle=$1
 config=${2:-}
 [[ -f $bundle/provision.json ]] || die "$bundle is not a p2pdoe bundle (no provision.json)"
+[[ -f $bundle/keys/public-keys.json && -f $bundle/keys/dso.key ]] ||
+    die "$bundle has no signing keys (keys/): provision a new bundle with this version of p2pdoe"
 [[ -z $config || -f $config/coordinator.json ]] || die "$config holds no coordinator.json (p2pdoe site-config --out)"
 [[ ! -t 1 ]] || die "refusing to print secrets to a terminal: pipe into 'kubectl apply -f -' or redirect to a file"
 command -v kubectl >/dev/null || die "kubectl is not on PATH"
@@ -40,32 +44,39 @@ while read -r key value rest; do
 done <"$bundle/broker/mosquitto.conf"
 [[ -n $host && -n $port ]] || die "$bundle/broker/mosquitto.conf has no 'listener PORT HOST' line"
 
+# The sites, each one's files checked before anything is printed (kubectl would apply a part).
+sites=()
+for file in "$bundle"/identities/edge-*.password; do
+    [[ -f $file ]] || continue
+    site=${file##*/edge-}
+    site=${site%.password}
+    [[ $site =~ ^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$ ]] || die "site id '$site' cannot name Kubernetes objects"
+    [[ -f $bundle/keys/edge-$site.key ]] || die "$bundle/keys/edge-$site.key is missing"
+    [[ -z $config || -f $config/sites/$site.json ]] || die "$config/sites/$site.json is missing"
+    sites+=("$site")
+done
+((${#sites[@]} > 0)) || die "$bundle/identities holds no site (edge-*.password)"
+
 emit "$NAMESPACE" secret generic mosquitto-auth \
     --from-file=passwd="$bundle/broker/passwd" --from-file=acl="$bundle/broker/acl"
 emit "$NAMESPACE" secret generic mosquitto-tls --from-file=ca.crt="$bundle/ca/ca.crt" \
     --from-file=server.crt="$bundle/broker/server.crt" --from-file=server.key="$bundle/broker/server.key"
 emit "$NAMESPACE" configmap p2pdoe-ca --from-file=ca.crt="$bundle/ca/ca.crt"
+emit "$NAMESPACE" configmap p2pdoe-public-keys --from-file=public-keys.json="$bundle/keys/public-keys.json"
 emit "$NAMESPACE" configmap p2pdoe-broker --from-literal=host="$host" --from-literal=port="$port"
-emit "$NAMESPACE" secret generic p2pdoe-dso --from-file=password="$bundle/identities/dso.password"
+emit "$NAMESPACE" secret generic p2pdoe-dso --from-file=password="$bundle/identities/dso.password" \
+    --from-file=signing-key="$bundle/keys/dso.key"
 if [[ -n $config ]]; then
     emit "$NAMESPACE" configmap coordinator-config --from-file=coordinator.json="$config/coordinator.json"
 fi
 
-found=0
-for file in "$bundle"/identities/edge-*.password; do
-    [[ -f $file ]] || continue
-    name=${file##*/}
-    name=${name%.password} # edge-<site>
-    site=${name#edge-}
-    [[ $site =~ ^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$ ]] || die "site id '$site' cannot name Kubernetes objects"
-    emit "$NAMESPACE" secret generic "$name" --from-file=password="$file"
+for site in "${sites[@]}"; do
+    emit "$NAMESPACE" secret generic "edge-$site" --from-file=password="$bundle/identities/edge-$site.password" \
+        --from-file=signing-key="$bundle/keys/edge-$site.key"
     if [[ -n $config ]]; then
-        [[ -f $config/sites/$site.json ]] || die "$config/sites/$site.json is missing"
         emit "$NAMESPACE" configmap "site-$site" --from-file=site.json="$config/sites/$site.json"
     fi
-    found=$((found + 1))
 done
-((found > 0)) || die "$bundle/identities holds no site (edge-*.password)"
 
 # Pods resolve the certificate's name to the broker's Service (k3s imports coredns-custom's
 # *.override into CoreDNS), so in-cluster clients and outside ones use one name. Not needed for an
