@@ -134,18 +134,22 @@ def test_community_ignores_and_counts_a_duplicate_proposal(opened: Opened) -> No
     assert c.ignored == {"duplicate": 1}
 
 
-def test_community_ignores_and_counts_a_duplicate_grant(opened: Opened) -> None:
+def test_a_repeated_grant_is_answered_with_the_latest_proposal_and_counted(opened: Opened) -> None:
+    """The coordinator repeats its grant at a deadline when a proposal is missing (a broker may have
+    lost it): the community sends its latest proposal again, the same numbers, without a solve."""
     c, grant = opened.community(), opened.grant0()
-    assert give(c, grant, grant) == []
+    assert give(c, grant) == []
+    again = only(give(c, grant))
+    assert again == opened.first[c.site]
     assert c.ignored == {"duplicate": 1}
-    nxt = only(give(c, *[opened.first[p] for p in c.peer_ids]))  # the duplicate did no harm
+    nxt = only(give(c, *[opened.first[p] for p in c.peer_ids]))  # the repeat did no harm
     assert isinstance(nxt, Proposal)
     assert nxt.iteration == 1
 
 
-def test_community_ignores_and_counts_a_duplicate_round_open(opened: Opened) -> None:
+def test_a_repeated_round_open_is_answered_with_the_latest_proposal(opened: Opened) -> None:
     c = opened.community()
-    assert give(c, opened.opening) == []
+    assert only(give(c, opened.opening)) == opened.first[c.site]
     assert c.ignored == {"duplicate": 1}
 
 
@@ -155,7 +159,8 @@ def test_community_ignores_and_counts_stale_messages(opened: Opened) -> None:
     assert isinstance(nxt, Proposal)
     assert nxt.iteration == 1
     assert c.ignored == {}
-    assert give(c, opened.first[opened.peer_of()], grant) == []
+    assert give(c, opened.first[opened.peer_of()]) == []
+    assert only(give(c, grant)) == nxt  # a stale grant is a repeat: the latest proposal again
     assert c.ignored == {"stale_iteration": 2}
 
 
@@ -229,13 +234,14 @@ def test_noise_does_not_change_what_a_community_proposes(scenario: Scenario) -> 
         p.model_copy(update={"round": "r2"}),
         p.model_copy(update={"iteration": 5}),
         p.model_copy(update={"iteration": 1}),  # kept for iteration 1, not used in iteration 0
-        noisy.opening,
         p,
         grant,
+        p,
     ]
     assert give(c, *noise) == []
+    assert only(give(c, noisy.opening)) == noisy.first[c.site]  # a repeat: the same proposal again
     rest = [noisy.first[q] for q in c.peer_ids[1:]]
-    assert only(give(c, p, grant, *rest)) == expected
+    assert only(give(c, *rest)) == expected
 
 
 # --- the DSO ----------------------------------------------------------------------------------
