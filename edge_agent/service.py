@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from edge_agent.journal import Journal
@@ -59,8 +60,6 @@ def offline_will(site: str) -> LastWill:
 
 
 def _offline(site: str) -> bytes:
-    from datetime import UTC, datetime
-
     return status_payload(site, "offline", "none", datetime.now(UTC))
 
 
@@ -104,6 +103,8 @@ class EdgeService:
         self.shell = Shell(transport, clock, self._carry_out, offload, self._divert, self._awaiting_reading)
         self.reports = 0
         self._journal_failing: str | None = None
+        self._connections: int | None = None  # the meter's transport's, when last looked at
+        self._reconnected_at: datetime | None = None  # the step in which it last reconnected
         self.failed_commands = 0
 
     async def run(self, realtime: EdgeRealtime) -> int:
@@ -163,15 +164,23 @@ class EdgeService:
 
     def _awaiting_reading(self) -> bool:
         """On a lockstep clock: the meter takes part and is running (a reading came), and this step's
-        reading has not come yet."""
+        reading has not come yet, and cannot have been lost: a reading published while the meter's
+        connection was down never comes (the broker keeps nothing for a clean session), so a step in
+        which it reconnected is not held (else the day would wait for it for ever)."""
         takes_part = getattr(self.clock, "takes_part", None)
         if self.meter is None or takes_part is None or not takes_part(f"meter-{self.site}"):
             return False
         rt = self.realtime
         if rt is None or rt.readings == 0:  # none seen yet by this process (a restart's journal aside)
             return False
+        now = self.clock.now()
+        connections = getattr(self.meter.transport, "connections", None)
+        if connections != self._connections:
+            if self._connections is not None:
+                self._reconnected_at = now
+            self._connections = connections
         last = rt.last_reading_ts
-        return last is not None and last < self.clock.now()
+        return last is not None and last < now and self._reconnected_at != now
 
     # --- the market lane -------------------------------------------------------------------------
 
