@@ -176,3 +176,19 @@ def grant_box(grant: Grant) -> tuple[np.ndarray, np.ndarray]:
     lo = np.array([e.lo_kw for e in grant.envelopes], dtype=float)
     up = np.array([e.up_kw for e in grant.envelopes], dtype=float)
     return lo, up
+
+
+def scaled(p: Proposal, factor: float) -> Proposal:
+    """The same proposal with every quantity times `factor`: valid-looking numbers, not from assets."""
+    trades = [
+        t.model_copy(
+            update={"buy_kw": [v * factor for v in t.buy_kw], "sell_kw": [v * factor for v in t.sell_kw]}
+        )
+        for t in p.trades
+    ]
+    env = p.envelope
+    assert env is not None
+    scaled = env.model_copy(
+        update={"lo_kw": [v * factor for v in env.lo_kw], "up_kw": [v * factor for v in env.up_kw]}
+    )
+    return p.model_copy(update={"trades": trades, "envelope": scaled})

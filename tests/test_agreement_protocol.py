@@ -17,6 +17,7 @@ from agreement_helpers import (
     fifo,
     grants_last,
     newest_first,
+    scaled,
     scenario_from_spec,
     shuffled,
     trace_solution,
@@ -433,29 +434,13 @@ def test_a_community_named_like_the_dso_is_refused() -> None:
 # --- plausibility: what a site registered bounds what it may propose ----------------------------
 
 
-def _scaled(p: Proposal, factor: float) -> Proposal:
-    """The same proposal with every quantity times `factor`: valid-looking numbers, not from assets."""
-    trades = [
-        t.model_copy(
-            update={"buy_kw": [v * factor for v in t.buy_kw], "sell_kw": [v * factor for v in t.sell_kw]}
-        )
-        for t in p.trades
-    ]
-    env = p.envelope
-    assert env is not None
-    scaled = env.model_copy(
-        update={"lo_kw": [v * factor for v in env.lo_kw], "up_kw": [v * factor for v in env.up_kw]}
-    )
-    return p.model_copy(update={"trades": trades, "envelope": scaled})
-
-
 @pytest.mark.parametrize("factor", [1000.0, 1e300])
 def test_the_dso_refuses_a_proposal_beyond_what_the_site_registered(opened: Opened, factor: float) -> None:
     """Scaled by 1000, a site's proposals once "converged" with +97,328 EUR on the objective and costs
     of -1.9e23 EUR; scaled by 1e300 they crashed the coordinator. Refused and counted, with a reason."""
     dso = opened.parts.dso
     liar = opened.community(0).site
-    assert give(dso, _scaled(opened.first[liar], factor)) == []
+    assert give(dso, scaled(opened.first[liar], factor)) == []
     assert dso.rejected == 1
     assert (
         "outside its range" in dso.implausible[liar] or "beyond its registered range" in dso.implausible[liar]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agreement_helpers import scaled
 from virtual_helpers import S, day_of
 
 from p2pdoe.cli import virtual_day
@@ -124,24 +125,9 @@ class _Lying:
             if isinstance(cmd, Send) and "/proposal/" in cmd.topic:
                 p = decode(cmd.payload)
                 assert isinstance(p, Proposal)
-                cmd = Send(cmd.topic, encode(_scaled(p, self.factor)))
+                cmd = Send(cmd.topic, encode(scaled(p, self.factor)))
             out.append(cmd)
         return out
-
-
-def _scaled(p: Proposal, factor: float) -> Proposal:
-    trades = [
-        t.model_copy(
-            update={"buy_kw": [v * factor for v in t.buy_kw], "sell_kw": [v * factor for v in t.sell_kw]}
-        )
-        for t in p.trades
-    ]
-    env = p.envelope
-    assert env is not None
-    env = env.model_copy(
-        update={"lo_kw": [v * factor for v in env.lo_kw], "up_kw": [v * factor for v in env.up_kw]}
-    )
-    return p.model_copy(update={"trades": trades, "envelope": env})
 
 
 def test_a_site_whose_proposals_keep_failing_the_checks_is_excluded_with_that_reason(
