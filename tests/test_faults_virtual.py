@@ -14,6 +14,7 @@ import pytest
 from virtual_helpers import DT_S, S, Tape, day_of
 
 from edge_agent.journal import Journal
+from p2pdoe.cli.demo import Processes, _without_results
 from p2pdoe.cli.virtual_day import VirtualDay
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import RoundOpen
@@ -230,6 +231,9 @@ def test_a_day_ahead_round_with_fewer_than_two_sites_leaves_the_defaults_and_run
     assert rt.failed_rounds[0] == f"day-ahead: {n_sites} site(s) registered and online, at least 2 needed"
     assert all("at least 2 needed" in f for f in rt.failed_rounds[1:])
     assert rt.envelope_violations.count == 0
+    said = _without_results(tmp_path, Processes(tmp_path / "logs"))  # what `p2pdoe demo` says then
+    assert said.startswith(f"no day-ahead agreement (day-ahead: {n_sites} site(s) registered")
+    assert "the real-time day ran on the default envelopes" in said
     for site in S.ids[:n_sites]:
         envelopes = tape.dynamic(site)
         assert envelopes

@@ -28,7 +28,7 @@ from rich.table import Table
 from p2pdoe.core import topics
 from p2pdoe.core.community import REALTIME_MARGINS
 from p2pdoe.core.market import with_margins
-from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.results import RealtimeInfo, Results
 from p2pdoe.core.schemas.runtime import Progress, decode_runtime
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.scenarios import load_scenario
@@ -112,6 +112,7 @@ def run_demo(
     write_site_configs(s, config)
     results_path = out / "results.json"
     results_path.unlink(missing_ok=True)
+    (out / "realtime.json").unlink(missing_ok=True)  # written instead when no day-ahead agreement came
     shutil.rmtree(out / "journal", ignore_errors=True)  # each demo is a new day: no journal of the last
     rt = None if day_ahead else (realtime or RealTime())
     with contextlib.ExitStack() as stack:
@@ -172,7 +173,7 @@ def run_demo(
 
             seen = asyncio.run(watch_day(monitor, coordinator, procs, console))
         if not results_path.exists():
-            raise P2PDoeError(f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}")
+            raise P2PDoeError(_without_results(out, procs))
         results = Results.model_validate_json(results_path.read_bytes())
         _report(s if rt is None else with_margins(s, REALTIME_MARGINS), results, policy, out)
         if seen is not None and rt is not None:
@@ -181,6 +182,21 @@ def run_demo(
             report_day(results, seen, out, console)
             judge_day(results, rt.lead_s)
     return results
+
+
+def _without_results(out: Path, procs: Processes) -> str:
+    """Why there is no results.json: a real-time day without a day-ahead agreement (the coordinator
+    ran it on the defaults and wrote realtime.json), or the coordinator's last lines."""
+    realtime = out / "realtime.json"
+    if realtime.exists():
+        info = RealtimeInfo.model_validate_json(realtime.read_bytes())
+        why = info.failed_rounds[0] if info.failed_rounds else "no day-ahead agreement"
+        return (
+            f"no day-ahead agreement ({why}); the real-time day ran on the default envelopes: "
+            f"{realtime} ({info.envelope_violations.count} sustained violations, "
+            f"{len(info.settlements)} settlements)"
+        )
+    return f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}"
 
 
 def _day_start(s: Any) -> datetime:
