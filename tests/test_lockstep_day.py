@@ -102,12 +102,9 @@ def test_a_broker_stalled_for_15_seconds_mid_day_changes_nothing(
         time.sleep(15.0)
     finally:
         mosquitto_broker.thaw()
-    runner.join(600)
-    assert not runner.is_alive()
-    assert isinstance(result[0], Results), result
-    processes = result[0]
+    processes = _finished(runner, result)
     assert processes.realtime is not None
-    virtual = VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=1.0).run()
+    virtual = _virtual_day(tmp_path, 1.0)
     assert virtual.realtime is not None
     assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
     logs = " ".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.log"))
@@ -120,8 +117,8 @@ def test_a_broker_restarted_during_the_day_ahead_round_excludes_nobody(
 ) -> None:
     """Mosquitto killed (nothing persisted) and started again 2 s later while the day-ahead round
     runs: before, three sites back online before the deadline stayed excluded (+324 EUR on the
-    objective). Now each service resends what the broker had not acknowledged and publishes its state
-    again, every site takes part, and the day is the virtual day's to the last digit."""
+    objective). Now the coordinator repeats its last grant at the deadline, the sites answer with
+    their proposals, every site takes part, and the day is the virtual day's to the last digit."""
     out = tmp_path / "demo"
     runner, result = _demo_in_background(mosquitto_broker, out, RealTime(hours=0.5))
     _wait_for(lambda: "round day-ahead opened" in _log(out, "dso-coordinator"), 600, "the day-ahead round")
@@ -129,14 +126,11 @@ def test_a_broker_restarted_during_the_day_ahead_round_excludes_nobody(
     mosquitto_broker.kill()
     time.sleep(2.0)
     mosquitto_broker.start()
-    runner.join(600)
-    assert not runner.is_alive()
-    assert isinstance(result[0], Results), result
-    processes = result[0]
+    processes = _finished(runner, result)
     assert processes.runtime is not None
     assert [s.id for s in processes.runtime.sites if s.state != "agreed"] == []
     assert processes.realtime is not None
-    virtual = VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=0.5).run()
+    virtual = _virtual_day(tmp_path, 0.5)
     assert virtual.realtime is not None
     assert processes.objective_eur == pytest.approx(virtual.objective_eur, abs=1e-6)
     assert _fingerprint(processes.realtime, processes.start) == _fingerprint(virtual.realtime, virtual.start)
@@ -158,6 +152,19 @@ def _demo_in_background(
     runner = threading.Thread(target=demo)
     runner.start()
     return runner, result
+
+
+def _finished(runner: threading.Thread, result: list[Results | BaseException]) -> Results:
+    """The demo's results once its thread has ended (what it raised, if anything, fails the test)."""
+    runner.join(600)
+    assert not runner.is_alive()
+    assert isinstance(result[0], Results), result
+    return result[0]
+
+
+def _virtual_day(tmp_path: Path, hours: float) -> Results:
+    """The same day in one process on the virtual clock."""
+    return VirtualDay(load_scenario("default", QUARTER_HOURS), tmp_path / "virtual", hours=hours).run()
 
 
 def _log(out: Path, name: str) -> str:
