@@ -161,8 +161,30 @@ def test_community_ignores_and_counts_stale_messages(opened: Opened) -> None:
     assert nxt.iteration == 1
     assert c.ignored == {}
     assert give(c, opened.first[opened.peer_of()]) == []
-    assert only(give(c, grant)) == nxt  # a stale grant is a repeat: the latest proposal again
+    again = give(c, grant)  # a stale grant is a repeat: the last two proposals again
+    assert [cmd.message for cmd in again if isinstance(cmd, Publish)] == [opened.first[c.site], nxt]
     assert c.ignored == {"stale_iteration": 2}
+
+
+def test_a_repeated_grant_lets_a_site_one_iteration_behind_catch_up(
+    scenario: Scenario, opened: Opened
+) -> None:
+    """A broker that restarted lost one peer's first proposal on its way to `behind` only: the DSO
+    granted iteration 0, the peer went on to iteration 1, and `behind` waits for what it lost. At the
+    deadline the DSO repeats its grant; the peer answers with its last two proposals, and `behind`
+    proposes for iteration 1 exactly as it would have without the loss."""
+    grant = opened.grant0()
+    behind, ahead = opened.community(0), opened.community(1)
+    assert ahead.site in behind.peer_ids
+    assert behind.site in ahead.peer_ids
+    clean = opened_round(scenario)
+    expected = only(give(clean.community(0), *rest_of_iteration_0(clean, 0, clean.grant0())))
+    only(give(ahead, *rest_of_iteration_0(opened, 1, grant)))
+    lost = [opened.first[p] for p in behind.peer_ids if p != ahead.site]
+    assert give(behind, *lost, grant) == []  # stuck: the peer's proposal 0 never came
+    answers = [cmd.message for cmd in give(ahead, grant) if isinstance(cmd, Publish)]
+    assert [m.iteration for m in answers] == [0, 1]
+    assert only(give(behind, *answers)) == expected
 
 
 def test_community_ignores_and_counts_an_unknown_sender(opened: Opened) -> None:

@@ -105,6 +105,7 @@ class _Round:
         self.final_solve = ""
         self.osqp_iterations: list[int] = []
         self.inbox: Inbox[Proposal | Grant] = Inbox(frozenset())
+        self.sent: list[Proposal] = []  # the last two proposals, sent again when the DSO repeats itself
 
 
 SETTLED = ("solved", "solved inaccurate")
@@ -126,6 +127,7 @@ class CommunityParticipant:
         self._solver: LocalSolver | None = None
         self._round: _Round | None = None
         self._finished: set[str] = set()
+        self.repeats_answered = 0  # openings and grants the coordinator repeated at a deadline
         self._early: list[Proposal | Grant] = []  # arrived before their round opened (bounded)
         self._ignored: Counter[str] = Counter()  # of rounds already over, and outside any round
 
@@ -206,9 +208,11 @@ class CommunityParticipant:
         return out + self._step_while_complete(r)
 
     def _again(self, r: _Round) -> list[Command]:
-        """The latest proposal once more (the same numbers: no solve), for a coordinator or a peer
-        that lost it (a broker that restarted without persistence loses what it had not delivered)."""
-        return [] if r.z is None else [Publish(self._proposal(r, r.inbox.iteration))]
+        """The last two proposals once more (the same numbers: no solve), for a coordinator or a peer
+        that lost one (a broker that restarted without persistence loses what it had not delivered).
+        Two, because a peer one iteration behind still needs the previous one to catch up."""
+        self.repeats_answered += 1
+        return [Publish(p) for p in r.sent]
 
     def _accepts(self, msg: RoundOpen) -> bool:
         return (
@@ -273,7 +277,9 @@ class CommunityParticipant:
         result = self._solver.solve(self._linear_term(r))
         r.z = result.z
         r.osqp_iterations.append(result.iterations)
-        return Publish(self._proposal(r, r.inbox.iteration))
+        proposal = self._proposal(r, r.inbox.iteration)
+        r.sent = [*r.sent[-1:], proposal]
+        return Publish(proposal)
 
     def _proposal(self, r: _Round, iteration: int) -> Proposal:
         assert r.z is not None

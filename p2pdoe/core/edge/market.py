@@ -153,7 +153,21 @@ class EdgeMarket:
     def _step(self, r: RoundState, message: Message) -> list[Command]:
         t0 = self.stopwatch()
         out: list[Command] = []
-        for cmd in r.participant.handle(Received(message)):
+        repeats = r.participant.repeats_answered
+        commands = r.participant.handle(Received(message))
+        if r.participant.repeats_answered > repeats:
+            sent = [
+                c.message.iteration
+                for c in commands
+                if isinstance(c, Publish) and isinstance(c.message, Proposal)
+            ]
+            log.info(
+                "%s: round %s: the coordinator repeated itself; proposals %s sent again",
+                self.site,
+                r.id,
+                sent,
+            )
+        for cmd in commands:
             if isinstance(cmd, Publish):
                 out.append(Send(topic_of(cmd.message), encode(cmd.message)))
                 if isinstance(cmd.message, Proposal):
