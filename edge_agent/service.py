@@ -35,10 +35,12 @@ from p2pdoe.core.edge.commands import (
     Telemetry,
 )
 from p2pdoe.core.edge.market import EdgeMarket, RoundDone
+from p2pdoe.core.edge.reading_wait import ReadingWait
 from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
 from p2pdoe.core.effects import Fault, Heard, Send
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.schemas.runtime import MeterReading
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.clock import Clock
 from p2pdoe.services.shell import Shell, clock_divert
@@ -103,8 +105,7 @@ class EdgeService:
         self.shell = Shell(transport, clock, self._carry_out, offload, self._divert, self._awaiting_reading)
         self.reports = 0
         self._journal_failing: str | None = None
-        self._connections: int | None = None  # the meter's transport's, when last looked at
-        self._reconnected_at: datetime | None = None  # the step in which it last reconnected
+        self._reading_wait = ReadingWait()
         self.failed_commands = 0
 
     async def run(self, realtime: EdgeRealtime) -> int:
@@ -154,33 +155,28 @@ class EdgeService:
         if self.meter is not None and m.topic == self.meter.topic:
             reading = self.meter.decode(m.payload)
             if reading is not None:
-                self.shell.feed(MeterRead(reading))
+                self._reading(reading)
             return True
         return False
 
     async def _own_meter(self, meter: MqttMeter) -> None:
         async for reading in meter.readings():
-            self.shell.feed(MeterRead(reading))
+            self._reading(reading)
+
+    def _reading(self, reading: MeterReading) -> None:
+        assert self.meter is not None
+        self._reading_wait.reading_arrived(getattr(self.meter.transport, "connections", None))
+        self.shell.feed(MeterRead(reading))
 
     def _awaiting_reading(self) -> bool:
-        """On a lockstep clock: the meter takes part and is running (a reading came), and this step's
-        reading has not come yet, and cannot have been lost: a reading published while the meter's
-        connection was down never comes (the broker keeps nothing for a clean session), so a step in
-        which it reconnected is not held (else the day would wait for it for ever)."""
+        """On a lockstep clock, with the meter taking part: whether this step's reading can still come
+        (`ReadingWait`)."""
         takes_part = getattr(self.clock, "takes_part", None)
         if self.meter is None or takes_part is None or not takes_part(f"meter-{self.site}"):
             return False
-        rt = self.realtime
-        if rt is None or rt.readings == 0:  # none seen yet by this process (a restart's journal aside)
-            return False
-        now = self.clock.now()
+        last = None if self.realtime is None else self.realtime.last_reading_ts
         connections = getattr(self.meter.transport, "connections", None)
-        if connections != self._connections:
-            if self._connections is not None:
-                self._reconnected_at = now
-            self._connections = connections
-        last = rt.last_reading_ts
-        return last is not None and last < now and self._reconnected_at != now
+        return self._reading_wait.holds(last, self.clock.now(), connections)
 
     # --- the market lane -------------------------------------------------------------------------
 
