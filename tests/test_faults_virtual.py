@@ -172,15 +172,13 @@ def test_a_second_edge_agent_for_one_site_is_detected_and_named(
     assert f"another edge agent for {SITE} runs (instance {SITE}.1; this one: {SITE}.2)" in logged
 
 
-def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Killed as soon as it has opened a rolling round, and started again 2 s later from its
-    checkpoint: it opens the same round id under a new epoch, every edge leaves the dead run's round
-    for it, and the opening the dead run left retained is deleted. Before: the edges ignored the new
-    opening as a repeat, and no agreement was reached until every edge restarted."""
+def _killed_and_restarted(
+    tmp_path: Path, hours: float, round_id: str, when: timedelta
+) -> tuple[VirtualDay, list[tuple[str, str | None]]]:
+    """A day whose coordinator is killed as soon as it has opened `round_id` (before the round can
+    finish) and started again 2 s later from its checkpoint; the openings seen, as (round, epoch)."""
     checkpoint = tmp_path / "state" / "checkpoint.json"
-    day, tape = day_of(tmp_path, HOURS, dso_options={"checkpoint": checkpoint})
+    day, tape = day_of(tmp_path, hours, dso_options={"checkpoint": checkpoint})
     opened: list[tuple[str, str | None]] = []
     target = asyncio.Event()
 
@@ -189,7 +187,7 @@ def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
             return
         msg = RoundOpen.model_validate_json(payload)
         opened.append((msg.round, msg.epoch))
-        if msg.round.endswith("-rt004") and msg.epoch == "dso.1":
+        if msg.round == round_id and msg.epoch == "dso.1":
             target.set()
 
     async def kill_then_restart() -> None:
@@ -199,21 +197,56 @@ def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
         day.start_coordinator()
 
     tape.then = watch
-    day.at(timedelta(0), kill_then_restart)
+    day.at(when, kill_then_restart)
+    return day, opened
+
+
+def _joined_again(caplog: pytest.LogCaptureFixture, day: VirtualDay) -> None:
+    """Every edge left the dead run's round for the new one, and no opening is left retained."""
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("opened again by a restarted coordinator" in m for m in logged) == len(S.ids), logged
+    for topic in day.broker.retained_topics():
+        assert not topic.endswith("/open"), topic
+
+
+def test_a_coordinator_restarted_mid_round_opens_a_round_the_edges_join(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed as soon as it has opened a rolling round, and started again 2 s later from its
+    checkpoint: it opens the same round id under a new epoch, every edge leaves the dead run's round
+    for it, and the opening the dead run left retained is deleted. Before: the edges ignored the new
+    opening as a repeat, and no agreement was reached until every edge restarted."""
+    day, opened = _killed_and_restarted(tmp_path, HOURS, "day-ahead-rt004", timedelta(0))
     with caplog.at_level(logging.INFO):
         day.run_until_end()
 
     assert {e for _, e in opened} == {"dso.1", "dso.2"}
     after = [r for r, e in opened if e == "dso.2"]
     assert after[0].endswith("-rt004"), opened  # the same round id, opened again
-    logged = [r.getMessage() for r in caplog.records]
-    assert sum("opened again by a restarted coordinator" in m for m in logged) == len(S.ids), logged
+    _joined_again(caplog, day)
     rt = RealtimeInfo.model_validate_json((tmp_path / "realtime.json").read_bytes())
     assert rt.failed_rounds == []
     assert rt.intervals[0].interval == 4
     assert rt.intervals[0].status == "converged", rt.intervals
-    for topic in day.broker.retained_topics():
-        assert not topic.endswith("/open"), topic  # no opening left behind
+
+
+def test_a_coordinator_restarted_during_the_day_ahead_round_agrees_it_with_every_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same before the day: killed as soon as it has opened the day-ahead round. The restarted
+    coordinator opens the day-ahead round again under its new epoch, every site joins it and agrees,
+    and the day runs on it."""
+    day, opened = _killed_and_restarted(tmp_path, 1.0, "day-ahead", -timedelta(seconds=DT_S))
+    with caplog.at_level(logging.INFO):
+        results = day.run()
+
+    assert opened[:2] == [("day-ahead", "dso.1"), ("day-ahead", "dso.2")], opened
+    _joined_again(caplog, day)
+    assert results.runtime is not None
+    assert [s.state for s in results.runtime.sites] == ["agreed"] * len(S.ids)
+    assert results.realtime is not None
+    assert results.realtime.failed_rounds == []
+    assert results.realtime.envelope_violations.count == 0
 
 
 @pytest.mark.parametrize("n_sites", [0, 1])
