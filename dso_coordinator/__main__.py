@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def serve() -> int:
         cfg = read_coordinator_config(settings.coordinator_config)
-        async with service_transport(settings, "dso", offline_will(), DSO) as transport:
+        async with service_transport(settings, "dso", offline_will(), DSO, sweep_retained=True) as transport:
             clock = make_clock(settings, transport, "dso", "grid")
             service = CoordinatorService(transport, clock, settings)
             try:

@@ -210,13 +210,13 @@ def _missing(ctx: Context, books: DayBooks) -> dict[str, list[str]]:
 
 
 def _unsettled(ctx: Context, books: DayBooks) -> list[r.Unsettled]:
-    """Every interval the coordinator saw the real-time day run through (from its first reading to its
-    last) without a settlement from a site that took part (a reading or a settlement heard), each with
-    its cause."""
+    """Every interval of the real-time day from the coordinator's first reading to the day's end
+    without a settlement from a site that took part (a reading or a settlement heard), each with its
+    cause. To the day's end: a coordinator away at the end (frozen, cut off) lists what it missed."""
     cells = books.metering.cells
     present = {site for site, _ in cells} | {site for site, _ in books.settlements}
     heard = [t for _, t in cells]  # a coordinator started mid-day judges from its first reading on
-    ran = range(max(min(heard, default=0), 0), min(max(heard, default=-1) + 1, ctx.last_interval()))
+    ran = range(max(min(heard, default=0), 0), ctx.last_interval() if heard else 0)
     out = []
     for site in sorted(present):
         for t in ran:

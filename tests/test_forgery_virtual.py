@@ -6,6 +6,7 @@ counter judges a reading against a forged envelope. The table of cases is in doc
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import RoundOpen, decode
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.runtime import Doe, DsoStatus, SiteStatus
+from p2pdoe.core.signing import edge_identity
 
 pytestmark = pytest.mark.slow
 SITE = S.ids[1]
@@ -80,3 +82,32 @@ def test_forgeries_on_a_plain_broker_change_nothing(tmp_path: Path, clean: Resul
     assert after
     assert all(s.envelope != "fixed_default" for s in after), [s.envelope for s in after]
     assert all(day.exits.get(f"edge-{site}") == [-1] for site in S.ids)  # every edge ran on
+
+
+async def hoard(day: VirtualDay, count: int) -> None:
+    """A logged-in site that leaves `count` large retained messages under ever new round ids on its
+    own proposal and report topics (signed with its real key: the broker's ACL lets it)."""
+    async with day.client("hoarder", edge_identity(SITE)) as c:
+        for k in range(count):
+            kind = topics.proposal if k % 2 else topics.report
+            await c.publish(kind(f"hoard-{k}", SITE), b"x" * 50_000, retain=True)
+
+
+def test_what_a_site_leaves_retained_on_its_proposal_topics_is_deleted_by_the_next_round(
+    tmp_path: Path, clean: Results, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mosquitto's ACL cannot forbid retained publishes; the coordinator deletes them instead: the
+    next round's opening sweeps the proposal and report topics, every hoarded message is gone from
+    the broker, counted and logged with the site's name, and the day is the day without them."""
+    day, tape = day_of(tmp_path, HOURS)
+    day.at(FORGED_AT, lambda: hoard(day, 20))
+    with caplog.at_level(logging.WARNING):
+        results = day.run()
+
+    assert not [t for t in day.broker.retained_topics() if "/hoard-" in t]
+    assert results.realtime is not None
+    assert results.realtime.dropped_messages.get("retained_misuse") == 20
+    assert f"deleted a message {SITE} left retained on" in caplog.text
+    assert comparable(results) == comparable(clean)
+    hoarded = [t for t, p in tape.raw if "/hoard-" in t and p]
+    assert len(hoarded) == 20  # they did reach the broker

@@ -467,7 +467,39 @@ def test_a_stale_end_of_an_earlier_day_is_not_this_days_end() -> None:
     assert clock.grant is None
 
 
-def _status(state: Literal["waiting", "running", "ended"]) -> ClockStatus:
+def test_a_member_left_out_until_the_end_jumps_to_the_last_step() -> None:
+    """A coordinator frozen past the granter's silence timeout misses the last steps: when it hears
+    the day ended, its time is the last step's and its service's sleepers wake (before, it waited for
+    ever for a grant that no longer comes)."""
+
+    async def scenario() -> None:
+        clock = LockstepClock(Recorder(), "dso", "grid")
+        clock.on_message(topics.clock_grant("grid"), grant_message(3, "grid", ["dso"]))
+
+        async def until(moment: datetime) -> None:  # how a service waits: sleep_until may wake early
+            while clock.now() < moment:
+                await clock.sleep_until(moment)
+
+        due, beyond = asyncio.create_task(until(at(10))), asyncio.create_task(until(at(12)))
+        await asyncio.sleep(0.01)
+        clock.on_message(topics.CLOCK_STATUS, _status("ended", step=10).model_dump_json().encode())
+        await asyncio.wait_for(due, 1)
+        assert clock.ended
+        assert clock.now() == at(10)
+        await asyncio.sleep(0.05)
+        assert not beyond.done()  # past the end: nothing comes
+        beyond.cancel()
+
+    run(scenario())
+
+
+def _status(state: Literal["waiting", "running", "ended"], step: int = 0) -> ClockStatus:
     return ClockStatus(
-        state=state, step=0, time=at(0), phase=None, waiting_for=[], silent=[], ts_wall=datetime.now(UTC)
+        state=state,
+        step=step,
+        time=at(step),
+        phase=None,
+        waiting_for=[],
+        silent=[],
+        ts_wall=datetime.now(UTC),
     )

@@ -112,6 +112,7 @@ def test_the_acl_gives_each_site_its_own_topics_and_never_its_envelopes() -> Non
     assert blocks["user monitor"] == ["topic read p2pdoe/v1/#"]
     assert "topic write p2pdoe/v1/site/+/doe" in blocks["user dso"]
     assert "topic write p2pdoe/v1/clock/grant/+" in blocks["user dso"]  # the lockstep granter runs as dso
+    assert "topic write p2pdoe/v1/market/+/proposal/+" in blocks["user dso"]  # to delete a retained one
     assert not any("clock/grant" in line and "write" in line for line in a)
 
 

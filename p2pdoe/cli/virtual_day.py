@@ -38,6 +38,7 @@ from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.signing import SignatureError, edge_identity, unframe
 from p2pdoe.core.site import coordinator_config, site_config
 from p2pdoe.services.clock import VirtualClock, run_virtual
+from p2pdoe.services.retained_sweep import RetainedSweep
 from p2pdoe.services.runner import count_refusals
 from p2pdoe.services.signing import SignedTransport, Signer
 from p2pdoe.services.transport_api import LastWill
@@ -138,15 +139,19 @@ class VirtualDay:
         return transport
 
     def _transport(
-        self, broker: MemoryBroker, name: str, identity: str | None, will: LastWill | None = None
+        self,
+        broker: MemoryBroker,
+        name: str,
+        identity: str | None,
+        will: LastWill | None = None,
+        sweep_retained: bool = False,
     ) -> Any:
         """A service's transport: with `signed`, signing as `identity` and believing only the
-        signed messages of the day's identities."""
-        if not self.signed or identity is None:
-            return MemoryTransport(broker, name, will=will)
-        signer = Signer(identity, self.keys[identity])
-        inner = MemoryTransport(broker, name, will=signer.signed_will(will))
-        return SignedTransport(inner, signer, self.trusted)
+        signed messages of the day's identities; `sweep_retained` as the coordinator's."""
+        signer = None if not self.signed or identity is None else Signer(identity, self.keys[identity])
+        mqtt = MemoryTransport(broker, name, will=will if signer is None else signer.signed_will(will))
+        inner = RetainedSweep(mqtt) if sweep_retained else mqtt
+        return inner if signer is None else SignedTransport(inner, signer, self.trusted)
 
     async def outage(self, seconds: float) -> None:
         """The broker is away for `seconds` of the day (its retained messages kept)."""
@@ -168,7 +173,7 @@ class VirtualDay:
             meter_step_s=self.rate_s, hours=self.hours, out=self.root, start=_iso(self.start),
             **{**self.dso_options, **options},
         )  # fmt: skip
-        transport = self._transport(self.broker, "dso", "dso", dso_will())
+        transport = self._transport(self.broker, "dso", "dso", dso_will(), sweep_retained=True)
         clock = VirtualClock(self.origin, rank=GRID)
         _use_clock(transport, clock)
         service = CoordinatorService(transport, clock, settings, offload=False)

@@ -33,7 +33,9 @@ only reads what the service hands it and publishes through the service's transpo
   when the meter takes part; the granter grants again without a member it dropped).
 - `ended` / `until_ended()`: the granter said the day is over (after this, no grant comes and
   `sleep_until` keeps waiting); a status "ended" counts only once a grant has been seen, so a stale
-  retained status of an earlier day is not taken for this one's end.
+  retained status of an earlier day is not taken for this one's end. A member that missed the last
+  steps (left out while frozen or cut off) jumps to the last step's time then: `now()` is it, and
+  the tasks in `sleep_until` wake.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class LockstepClock:
         self._done_step: int | None = None
         self._holding_step: int | None = None
         self._undelivered = False  # a grant to this member came while no task was in sleep_until
+        self._end: datetime | None = None  # the last step's time, once the day ended past this member
         self._asked: datetime | None = None  # the latest sleep_until moment
         self._sleeping: list[datetime] = []  # the moments sleep_until calls are waiting for now
         self._wake = asyncio.Event()
@@ -140,7 +143,7 @@ class LockstepClock:
     def now(self) -> datetime:
         if self.grant is None:
             raise RuntimeError("no lockstep grant heard yet: await ready() first")
-        return self.grant.time
+        return self.grant.time if self._end is None else max(self.grant.time, self._end)
 
     async def sleep_until(self, moment: datetime) -> None:
         """Return at once if now() >= moment or a grant to this member came while no task waited
@@ -213,9 +216,20 @@ class LockstepClock:
         elif isinstance(message, ClockStatus) and topic == topics.CLOCK_STATUS:
             self.status = message
             if message.state == "ended" and self.grants_seen:
-                self._ended.set()
+                self._day_over(message.time)
         else:
             log.warning("%s: dropped a %s message on %s", self.member, message.kind, topic)
+
+    def _day_over(self, last: datetime) -> None:
+        """The granter ended the day. A member it had left out (frozen, cut off) and that missed the
+        last steps jumps to the last one, so its service sees the day out rather than wait for ever
+        for a grant that will not come."""
+        assert self.grant is not None
+        if last > self.grant.time:
+            self._end = last
+            self._wake.set()
+            self._wake = asyncio.Event()
+        self._ended.set()
 
     def _granted(self, grant: ClockGrant) -> None:
         self.grant = grant

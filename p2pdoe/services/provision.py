@@ -137,7 +137,8 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
     """The broker's ACL. A site writes only its own topics (never its `doe` ones, which only the
     coordinator writes) and its own protocol messages, and reads its envelopes, set-points and meter,
     the openings and grants, its peers' proposals and the coordinator's status. The coordinator
-    writes envelopes, openings, grants and its status and reads everything; the monitor reads
+    writes envelopes, openings, grants and its status, deletes what a site left retained on its
+    proposal and report topics, and reads everything; the monitor reads
     everything and writes nothing. On a lockstep bench the granter runs as `dso` (it writes the clock's
     grants and status), and each site's edge and meter announce themselves and their steps."""
     lines = [
@@ -147,6 +148,9 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
         f"topic read {ROOT}/#",
         *(f"topic write {ROOT}/site/+/{k}" for k in ("doe", "doe/default")),
         *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant")),
+        # only to delete what a site left retained there (p2pdoe.core.coordinator.retained); what it
+        # would write there is never believed: a site's proposals and reports are signed by the site
+        *(f"topic write {ROOT}/market/+/{k}/+" for k in ("proposal", "report")),
         *(f"topic write {ROOT}/dso/{k}" for k in ("status", "progress")),
         *(f"topic write {ROOT}/clock/{k}" for k in ("grant/+", "status", "member/dso", "done/dso")),
         "",

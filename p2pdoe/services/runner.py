@@ -22,6 +22,7 @@ from p2pdoe.errors import P2PDoeError
 from p2pdoe.services.clock import Clock, ScaledClock, WallClock
 from p2pdoe.services.health import heartbeat
 from p2pdoe.services.lockstep_clock import LockstepClock
+from p2pdoe.services.retained_sweep import RetainedSweep
 from p2pdoe.services.settings import (
     ConfigError,
     ServiceSettings,
@@ -72,12 +73,17 @@ def settings_from(kind: type[S], args: argparse.Namespace, skip: Sequence[str] =
 
 
 def transport_for(
-    settings: ServiceSettings, client_id: str, will: LastWill | None, identity: str | None = None
+    settings: ServiceSettings,
+    client_id: str,
+    will: LastWill | None,
+    identity: str | None = None,
+    sweep_retained: bool = False,
 ) -> Transport:
     """The service's transport; with a signing key or trusted keys in `settings`, signed as
-    `identity` and believing only authentic messages (`SignedTransport`)."""
+    `identity` and believing only authentic messages (`SignedTransport`); with `sweep_retained` (the
+    coordinator), deleting what sites leave retained where nothing belongs (`RetainedSweep`)."""
     signer, trusted = signing_for(settings, identity)
-    inner = MqttTransport(
+    mqtt = MqttTransport(
         settings.broker,
         settings.client_id or client_id,
         username=settings.username,
@@ -87,6 +93,7 @@ def transport_for(
         backoff=reconnect_backoff(settings.speed),
         keepalive_s=settings.keepalive_s,
     )
+    inner: Transport = RetainedSweep(mqtt) if sweep_retained else mqtt
     return inner if signer is None else SignedTransport(inner, signer, trusted)
 
 
@@ -104,9 +111,12 @@ def signing_for(
 
 
 def count_refusals(transport: Transport, counter: Counter[str]) -> None:
-    """Messages refused for their signatures are also counted in `counter` (a machine's reader)."""
-    if isinstance(transport, SignedTransport):
-        transport.count_into(counter)
+    """Messages refused for their signatures, and retained ones deleted, are also counted in `counter`
+    (a machine's reader)."""
+    layer: object = transport
+    while isinstance(layer, SignedTransport | RetainedSweep):
+        layer.count_into(counter)
+        layer = layer.inner
 
 
 def reconnect_backoff(speed: float) -> Backoff:
@@ -138,10 +148,14 @@ def password_source(settings: ServiceSettings) -> str | Callable[[], str] | None
 
 @contextlib.asynccontextmanager
 async def service_transport(
-    settings: ServiceSettings, client_id: str, will: LastWill | None, identity: str | None = None
+    settings: ServiceSettings,
+    client_id: str,
+    will: LastWill | None,
+    identity: str | None = None,
+    sweep_retained: bool = False,
 ) -> AsyncIterator[Transport]:
     """The service's connected transport, with its heartbeat on `health_file` if one is set."""
-    async with transport_for(settings, client_id, will, identity) as transport:  # type: ignore[attr-defined]
+    async with transport_for(settings, client_id, will, identity, sweep_retained) as transport:  # type: ignore[attr-defined]
         beat = None
         if settings.health_file is not None:
             beat = asyncio.create_task(heartbeat(transport, settings.health_file))

@@ -355,6 +355,8 @@ class MqttTransport:
                 self._client = client
                 self._session.renewed()
                 self._connected.set()
+                if self._session.connections > 1:
+                    log.info("%s: connected again (connection %d)", self.client_id, self._session.connections)
                 await self._receive(client)
             except aiomqtt.MqttError as exc:
                 self._failure = exc

@@ -28,12 +28,23 @@ from p2pdoe.core.coordinator.books import DayBooks
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, DayReport, Save
 from p2pdoe.core.coordinator.context import Context, doe_send
 from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
+from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
 from p2pdoe.core.coordinator.rolling import Rolling
 from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
 from p2pdoe.core.coordinator.sites import SiteRegistry
 from p2pdoe.core.coordinator.standing import Standing, standing_from
-from p2pdoe.core.effects import Exit, Heard, Patience, PatienceOver, Relieve, Send, Unsubscribe, Woke
+from p2pdoe.core.effects import (
+    Exit,
+    Heard,
+    Patience,
+    PatienceOver,
+    Relieve,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    Woke,
+)
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.schemas.messages import DSO_ID, Proposal, RoundOpen
@@ -51,7 +62,7 @@ from p2pdoe.core.schemas.runtime import (
 log = logging.getLogger("dso_coordinator")
 REGISTRATION, REPORTS, SETTLEMENTS = "registration", "reports", "settlements"
 Event = Heard | Woke | PatienceOver
-Command = Send | Patience | Relieve | Unsubscribe | Exit | Save | Agreed | DayOver
+Command = Send | Patience | Relieve | Subscribe | Unsubscribe | Exit | Save | Agreed | DayOver
 SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
     *((topics.every_site(kind), 1) for kind in ("register", "status", "settlement", "doe", "doe/default")),
     (topics.every_site("meter"), 0),
@@ -281,7 +292,7 @@ class CoordinatorMachine:
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
         self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch)
         log.info("round %s opened: %d sites, %d on defaults", round_id, len(setup.sites), len(setup.excluded))
-        return [self.status(now, round_id), *self.run.open()]
+        return [self.status(now, round_id), *self.run.open(), *sweep()]
 
     def _statuses(self) -> list[str]:
         return [a.status for a in self.attempts]

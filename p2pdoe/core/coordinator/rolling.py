@@ -28,9 +28,10 @@ from p2pdoe.core.agreement.coordination import (
 from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.coordinator.commands import Save
 from p2pdoe.core.coordinator.context import Context, doe_send
+from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rounds import ITERATION, RoundRun, Timings
 from p2pdoe.core.coordinator.standing import Standing, standing_from
-from p2pdoe.core.effects import Patience, Relieve, Send
+from p2pdoe.core.effects import Patience, Relieve, Send, Subscribe
 from p2pdoe.core.schemas.messages import Proposal
 from p2pdoe.core.schemas.results import RealtimeInterval
 from p2pdoe.core.schemas.runtime import Doe, Registration, SiteReport
@@ -38,7 +39,7 @@ from p2pdoe.core.schemas.runtime import Doe, Registration, SiteReport
 log = logging.getLogger("dso_coordinator.realtime")
 BOX_TOLERANCE_KW = 1e-6
 REPORTS = "rolling-reports"
-Effect = Send | Patience | Relieve | Save
+Effect = Send | Patience | Relieve | Save | Subscribe
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Rolling:
             return out + self._failed(now, f"its round could not be set up: {exc}")
         cur.stop_at = now + timedelta(seconds=min(budget, left - guard))
         cur.run = RoundRun(cur.setup, Timings(), ctx.rules.iteration_timeout_s, self.stopwatch)
-        return out + list(cur.run.open())
+        return out + list(cur.run.open()) + sweep()
 
     def _setup(self, t: int, round_id: str, ready: set[str], regs: dict[str, Registration]) -> RoundSetup:
         ctx, prev = self.ctx, self.standing
