@@ -58,6 +58,15 @@ async def forge_on_a_plain_broker(day: VirtualDay) -> None:
         await c.publish(topics.DSO_STATUS, stale.model_dump_json().encode(), retain=True)
 
 
+async def hoard_retained(day: VirtualDay) -> None:
+    """The site leaves 20 retained messages of 50 kB under new round ids on its own proposal and
+    report topics, signed with its own key (the ACL lets it; the coordinator deletes them)."""
+    async with day.client("hoarder", edge_identity(SITE)) as c:
+        for k in range(20):
+            kind = topics.proposal if k % 2 else topics.report
+            await c.publish(kind(f"hoard-{k}", SITE), b"x" * 50_000, retain=True)
+
+
 def refuse_writes(day: VirtualDay, refuse: bool) -> None:
     day.journals[SITE]._db.execute(f"PRAGMA query_only = {'ON' if refuse else 'OFF'}")
 
@@ -86,6 +95,9 @@ CASES: dict[str, Callable[[VirtualDay], None]] = {
     "every edge agent killed at 00:50": lambda day: day.at(AT, lambda: kill_edges(day, 6)),
     "a forged round opening, a ±100 MW envelope and a day-old coordinator status at 00:50": lambda day: (
         day.at(AT, lambda: forge_on_a_plain_broker(day))
+    ),
+    f"{SITE} leaves 20 retained messages of 50 kB on its proposal and report topics at 00:50": lambda day: (
+        day.at(AT, lambda: hoard_retained(day))
     ),
 }
 
@@ -120,7 +132,7 @@ def run(name: str, inject: Callable[[VirtualDay], None]) -> str:
         str(rt.envelope_violations.count),
         f"{len(rt.unsettled)} of {len(S.ids) * int(HOURS * 4)}",
         "; ".join(f"{k} ({v})" for k, v in causes.items()) or "-",
-        ", ".join(f"{a} ({v} sites)" for a, v in sorted(alarms.items())) or "none",
+        ", ".join(f"{a} ({v} site{'' if v == 1 else 's'})" for a, v in sorted(alarms.items())) or "none",
         str(len(rt.failed_rounds)),
         ", ".join(f"{k} ({v})" for k, v in sorted(rt.dropped_messages.items())) or "none",
     ])  # fmt: skip

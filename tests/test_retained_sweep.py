@@ -64,3 +64,9 @@ def test_retained_proposals_are_deleted_at_every_sweep_and_live_ones_pass(mosqui
                 await next_message(probe, 1.0)  # nothing left on the proposal topics
 
     run(scenario(), timeout_s=60)
+
+
+def test_nothing_deleted_adds_no_count() -> None:
+    counted: Counter[str] = Counter()
+    RetainedSweep(MqttTransport("mqtt://127.0.0.1:1", "dso")).count_into(counted)
+    assert counted == {}  # results.json lists only what happened

@@ -29,7 +29,8 @@ class RetainedSweep:
         self._deleting: set[asyncio.Task[None]] = set()
 
     def count_into(self, counter: Counter[str]) -> None:
-        counter[REASON] += sum(self.deleted.values())
+        if self.deleted:
+            counter[REASON] += sum(self.deleted.values())
         self.also_count.append(counter)
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
