@@ -16,6 +16,7 @@ import p2pdoe.services.mqtt_session as mqtt_session
 import p2pdoe.services.transport as transport
 import p2pdoe.services.transport_api as transport_api
 from p2pdoe.services.mqtt_session import (
+    STABLE_S,
     Attempt,
     Backoff,
     GiveUp,
@@ -161,10 +162,32 @@ def test_a_lost_connection_waits_the_first_delay() -> None:
     s = session()
     for _ in range(4):
         s.connect_failed(None, "timed out")
-    assert s.lost() == 0.5
+    assert s.lost(now_s=0.0) == 0.5
     jittered = session(backoff=Backoff(initial_s=1.0, cap_s=8.0, jitter=0.5), seed=3)
-    assert jittered.lost() == Backoff(initial_s=1.0, cap_s=8.0, jitter=0.5).delay(0, random.Random(3))
-    assert 0.5 <= jittered.lost() <= 1.0
+    assert jittered.lost(now_s=0.0) == Backoff(initial_s=1.0, cap_s=8.0, jitter=0.5).delay(
+        0, random.Random(3)
+    )
+    assert 0.5 <= jittered.lost(now_s=0.0) <= 1.0
+
+
+def test_connections_that_end_as_soon_as_they_are_made_back_off_further() -> None:
+    """Two processes with one client id take the broker session from each other: each connection
+    ends within a second of being ready. Waits grow to the cap (48 takeovers in 25 s before); one
+    connection that lasted brings the first delay back."""
+    s = session(backoff=Backoff(initial_s=0.5, cap_s=8.0, jitter=0.0))
+    waits = []
+    for k in range(6):
+        connect(s)
+        s.connected(now_s=100.0 * k)
+        s.renewed(now_s=100.0 * k)
+        waits.append(s.lost(now_s=100.0 * k + 1.0))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert s.flapping == 6
+    connect(s)
+    s.connected(now_s=1000.0)
+    s.renewed(now_s=1000.0)
+    assert s.lost(now_s=1000.0 + STABLE_S) == 0.5  # it lasted: reconnect promptly
+    assert s.flapping == 0
 
 
 def test_gives_up_after_max_attempts_in_a_row() -> None:
@@ -233,7 +256,7 @@ def test_every_subscription_is_renewed_on_every_connection() -> None:
     connect(s)
     expected = [Subscribe("b/+", 1), Subscribe("c", 1)]
     assert s.connected(now_s=0.0) == expected
-    s.renewed()
+    s.renewed(now_s=0.0)
     assert s.connected(now_s=5.0) == expected
 
 
@@ -242,7 +265,7 @@ def test_connections_count_only_renewed_connections() -> None:
     connect(s)
     s.connected(now_s=0.0)
     assert s.connections == 0  # the renewals have not gone through yet
-    s.renewed()
+    s.renewed(now_s=0.0)
     assert s.connections == 1
 
 
@@ -262,7 +285,7 @@ def test_state_is_republished_after_the_subscriptions_with_its_remaining_expiry(
     s.keep_state("doe", b"envelope", 60, now_s=100.0)
     connect(s)
     s.connected(now_s=100.0)
-    s.renewed()
+    s.renewed(now_s=0.0)
     assert s.connected(now_s=130.5) == [
         Subscribe("x", 1),
         Republish("status", b"v2", None),
@@ -276,7 +299,7 @@ def test_expired_state_is_dropped() -> None:
     s.keep_state("doe", b"short", 10, now_s=0.0)
     connect(s)
     s.connected(now_s=0.0)
-    s.renewed()
+    s.renewed(now_s=0.0)
     assert s.connected(now_s=8.0) == [Republish("status", b"online", None), Republish("doe", b"short", 2)]
     assert s.connected(now_s=9.5) == [Republish("status", b"online", None)]  # under a second left
     assert s.connected(now_s=20.0) == [Republish("status", b"online", None)]

@@ -18,7 +18,8 @@ session what happened and does what the session answers. The session decides:
   `max_attempts` failures in a row;
 - what a fresh connection sends before it counts (`connected`): every subscription made so far and,
   on a reconnect, the retained state with the expiry it has left (state expired meanwhile is dropped);
-- how long to wait before reconnecting after a lost connection (`lost`).
+- how long to wait before reconnecting after a lost connection (`lost`): longer and longer while
+  connections keep ending as soon as they are made.
 
 Time is an argument (`now_s`: seconds of a monotonic clock); the jitter draws from the
 `random.Random` the session is given.
@@ -62,6 +63,9 @@ def refused_us(code: int | None, detail: str) -> bool:
     (a wrong --ca-cert, or not our broker), or the broker refused our credentials. `code` is the
     CONNACK code (None if there was none), `detail` the error's text."""
     return "CERTIFICATE_VERIFY_FAILED" in detail or code in NOT_AUTHORIZED
+
+
+STABLE_S = 10.0  # a connection that ends sooner after it was ready counts as flapping
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ class MqttSession:
         self.protocol: MqttVersion | None = None
         self.connections = 0
         self._failures = 0  # in a row
+        self._ready_at_s: float | None = None  # when the latest connection became ready
+        self.flapping = 0  # connections in a row that ended within STABLE_S of being ready
         self._subscriptions: dict[str, int] = {}
         self._states: dict[str, _State] = {}
 
@@ -234,13 +240,20 @@ class MqttSession:
             renewals += self._republish(now_s)
         return renewals
 
-    def renewed(self) -> None:
+    def renewed(self, now_s: float) -> None:
         """The renewals went through: the connection is ready and counts."""
         self.connections += 1
+        self._ready_at_s = now_s
 
-    def lost(self) -> float:
-        """The connection is gone: the delay in seconds before reconnecting."""
-        return self.backoff.delay(0, self._rng)
+    def lost(self, now_s: float) -> float:
+        """The connection is gone: the delay in seconds before reconnecting. The first delay after a
+        connection that lasted; a growing one (up to the cap) while connections keep ending within
+        `STABLE_S` of being ready (`flapping` in a row): another process with this client id taking
+        the session over, or a broker that drops it at once. Mosquitto 2.0 closes a taken-over
+        connection without a reason code, so this is what slows a duel over one id down."""
+        short = self._ready_at_s is not None and now_s - self._ready_at_s < STABLE_S
+        self.flapping = self.flapping + 1 if short else 0
+        return self.backoff.delay(self.flapping, self._rng)
 
     def _republish(self, now_s: float) -> list[Republish]:
         """The retained state with the expiry each has left; state with less than a second left is

@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from p2pdoe.services.broker_url import BrokerAddress, parse_broker_url, without_password
 from p2pdoe.services.mqtt_delivery import Delivery
 from p2pdoe.services.mqtt_session import (
+    STABLE_S,
     Attempt,
     Backoff,
     GiveUp,
@@ -353,7 +354,7 @@ class MqttTransport:
                 await self._renew(client)
                 self._lost = asyncio.get_running_loop().create_future()
                 self._client = client
-                self._session.renewed()
+                self._session.renewed(time.monotonic())
                 self._connected.set()
                 if self._session.connections > 1:
                     log.info("%s: connected again (connection %d)", self.client_id, self._session.connections)
@@ -363,7 +364,18 @@ class MqttTransport:
                 log.info("%s: connection lost (%s); reconnecting", self.client_id, exc)
             finally:
                 await self._drop(client)
-            await asyncio.sleep(self._session.lost())
+            await asyncio.sleep(self._lost_for())
+
+    def _lost_for(self) -> float:
+        """The wait before reconnecting; said loudly while connections end as soon as they are made."""
+        delay_s = self._session.lost(time.monotonic())
+        if self._session.flapping >= 2:
+            log.warning(
+                "%s: %d connections in a row ended within %g s (another process with this client id?); "
+                "reconnecting in %.1f s",
+                self.client_id, self._session.flapping, STABLE_S, delay_s,
+            )  # fmt: skip
+        return delay_s
 
     async def _retry_after(self, exc: aiomqtt.MqttError) -> bool:
         """Wait as long as the session says after a failed attempt; False when it says to give up."""
