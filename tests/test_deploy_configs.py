@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pdoe.core.schemas.wire import MAX_PACKET_BYTES
 from p2pdoe.services.broker import find_mosquitto, free_port, mosquitto_config
 from p2pdoe.services.broker_check import settings as _settings
 
@@ -23,7 +24,7 @@ def test_the_deploy_config_keeps_retained_state_and_bounds_packets() -> None:
     s = _settings(DEPLOY.read_text())
     assert s["persistence"] == ["true"]
     assert s["autosave_on_changes"] == ["true"]
-    assert int(s["max_packet_size"][0]) == 4 * 1024 * 1024
+    assert int(s["max_packet_size"][0]) == MAX_PACKET_BYTES
 
 
 @pytest.mark.timeout(60)

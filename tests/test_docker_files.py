@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from dso_coordinator.settings import CoordinatorSettings
 from edge_agent.settings import EdgeSettings
 from meter_sim.settings import MeterSettings
+from p2pdoe.core.schemas.wire import MAX_PACKET_BYTES
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
 from p2pdoe.services.broker import REQUIRE_MOSQUITTO_ENV, find_mosquitto, free_port
@@ -554,7 +555,7 @@ def test_the_broker_config_is_the_provisioned_one_on_the_mounted_files(bench: Pa
     expected = {
         "tls_version": "tlsv1.2", "allow_anonymous": "false", "per_listener_settings": "false",
         "persistence": "true", "autosave_on_changes": "true", "autosave_interval": "1",
-        "max_packet_size": "1048576",
+        "max_packet_size": str(MAX_PACKET_BYTES),
     }  # fmt: skip
     assert {k: settings[k] for k in expected} == expected
     assert broker["image"] == "eclipse-mosquitto:2.0.22"

@@ -5,6 +5,7 @@ never its envelopes; the monitor reads everything and writes nothing)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -19,6 +20,7 @@ import pytest
 from cli_helpers import assert_one_line_error, run_p2pdoe
 
 from p2pdoe.core import topics
+from p2pdoe.core.schemas.wire import MAX_PACKET_BYTES
 from p2pdoe.services.broker import REQUIRE_MOSQUITTO_ENV, find_mosquitto, free_port
 from p2pdoe.services.provision import acl, password_hash
 from p2pdoe.services.signing import read_private_key, read_public_keys
@@ -259,3 +261,30 @@ def test_the_acl_holds_on_the_broker(broker: tuple[Path, int]) -> None:
     assert (topics.site(a, "status"), b"forged by the monitor") not in got[
         "dso"
     ]  # the monitor writes nothing
+
+
+def test_the_broker_takes_what_a_service_takes_and_nothing_larger(broker: tuple[Path, int]) -> None:
+    """A grant of 200 sites x 96 intervals is about 1.2 MB: the provisioned broker passes a message
+    of 1.5 MB (with 1 MiB as its cap before, such a grant never arrived), and drops one above
+    `MAX_PACKET_BYTES` (Mosquitto closes the sender's connection) rather than store it."""
+    out, port = broker
+
+    async def scenario() -> list[int]:
+        got: list[int] = []
+        async with _client(out, port, "monitor") as monitor, _client(out, port, "dso") as dso:
+            await monitor.subscribe(topics.grant("r-big"), qos=1)
+
+            async def collect() -> None:
+                async for m in monitor.messages:
+                    got.append(len(bytes(m.payload)))  # type: ignore[arg-type,unused-ignore]
+
+            task = asyncio.create_task(collect())
+            await asyncio.sleep(0.2)
+            await dso.publish(topics.grant("r-big"), b"x" * 1_500_000, qos=1)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await dso.publish(topics.grant("r-big"), b"x" * (MAX_PACKET_BYTES + 1), qos=1, timeout=5)
+            await asyncio.sleep(1.0)
+            task.cancel()
+        return got
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [1_500_000]

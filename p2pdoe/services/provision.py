@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from p2pdoe.core import topics
+from p2pdoe.core.schemas.wire import MAX_PACKET_BYTES
 from p2pdoe.services.settings import read_password_file
 from p2pdoe.services.signing import PUBLIC_KEYS, forget_key, write_keys
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 ROOT = topics.ROOT
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
-MAX_PACKET_BYTES = 1_048_576  # a warm-started opening of a 96-interval round is some 100 kB
 CERT_DAYS = 825
 
 

@@ -17,6 +17,10 @@ import jiter
 from pydantic import AwareDatetime, BeforeValidator
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a proposal of 50 peers x 96 intervals is about 0.2 MB
+# A broker's cap on a packet: the largest message any service accepts, with its signature line (about
+# 200 bytes), its topic and the MQTT header. So the broker refuses nothing a service would take (a
+# grant of 200 sites x 96 intervals is 1.2 MB), and stores nothing larger.
+MAX_PACKET_BYTES = MAX_MESSAGE_BYTES + 4096
 _DUPLICATE = re.compile(r'duplicate key "(.*)" at')
 
 
