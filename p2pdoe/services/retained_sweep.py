@@ -9,21 +9,21 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
 
 from p2pdoe.core.coordinator.retained import REASON, misused
 from p2pdoe.services.transport_api import InboundMessage, Transport, TransportError
+from p2pdoe.services.transport_layer import TransportLayer
 
 log = logging.getLogger("dso_coordinator")
 _LOUD = 5  # warnings per site before only one in a hundred is logged
 
 
-class RetainedSweep:
+class RetainedSweep(TransportLayer):
     """`inner` whose inbound retained proposals and reports are deleted (an empty retained message),
     counted per site in `deleted` (and in the counters of `count_into`) and logged, not passed on."""
 
     def __init__(self, inner: Transport):
-        self.inner = inner
+        super().__init__(inner)
         self.deleted: Counter[str] = Counter()
         self.also_count: list[Counter[str]] = []
         self._deleting: set[asyncio.Task[None]] = set()
@@ -58,32 +58,9 @@ class RetainedSweep:
         except TransportError as exc:  # the next sweep finds it again
             log.warning("could not delete the retained message on %s: %s", topic, exc)
 
-    # --- the rest of the transport ---------------------------------------------------------------
-
-    async def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None:
-        await self.inner.publish(topic, payload, qos, retain, expiry_s)
-
-    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
-        await self.inner.publish_state(topic, payload, expiry_s)
-
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        await self.inner.subscribe(topic_filter, qos)
-
-    async def unsubscribe(self, topic_filter: str) -> None:
-        await self.inner.unsubscribe(topic_filter)
-
-    async def __aenter__(self) -> RetainedSweep:
-        await self.inner.__aenter__()  # type: ignore[attr-defined]
-        return self
-
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         for task in list(self._deleting):
             task.cancel()
-        await self.inner.__aexit__(kind, exc, tb)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        await super().__aexit__(kind, exc, tb)

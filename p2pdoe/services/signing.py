@@ -19,8 +19,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from p2pdoe.core.signing import Freshness, Header, SignatureError, frame, signer_of, unframe
 from p2pdoe.services.settings import ConfigError
 from p2pdoe.services.transport_api import InboundMessage, LastWill, Transport
+from p2pdoe.services.transport_layer import TransportLayer
 
 log = logging.getLogger(__name__)
 PUBLIC_KEYS = "public-keys.json"
@@ -137,13 +136,13 @@ class Signer:
         return None if will is None else LastWill(will.topic, self.sign(will.topic, will.payload, will=True))
 
 
-class SignedTransport:
+class SignedTransport(TransportLayer):
     """`inner` with signatures: what is published is signed by `signer`; with `trusted` keys only
     authentic, fresh messages are received (the others dropped, counted in `refused`, logged);
     `trusted` None believes unsigned messages too (and strips the signatures of signed ones)."""
 
     def __init__(self, inner: Transport, signer: Signer, trusted: Mapping[str, Ed25519PublicKey] | None):
-        self.inner = inner
+        super().__init__(inner)
         self.signer = signer
         self.trusted = trusted
         self.freshness = Freshness()
@@ -163,12 +162,6 @@ class SignedTransport:
 
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         await self.inner.publish_state(topic, self.signer.sign(topic, payload), expiry_s)
-
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        await self.inner.subscribe(topic_filter, qos)
-
-    async def unsubscribe(self, topic_filter: str) -> None:
-        await self.inner.unsubscribe(topic_filter)
 
     # --- receiving -------------------------------------------------------------------------------
 
@@ -228,20 +221,3 @@ class SignedTransport:
                 n,
             )
         return None
-
-    # --- the rest of the transport ---------------------------------------------------------------
-
-    async def close(self) -> None:
-        await self.inner.close()  # type: ignore[attr-defined]
-
-    async def __aenter__(self) -> SignedTransport:
-        await self.inner.__aenter__()  # type: ignore[attr-defined]
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.inner.__aexit__(kind, exc, tb)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
