@@ -12,6 +12,7 @@ from dso_coordinator.service import CoordinatorService, build_machine, dso_statu
 from dso_coordinator.service import write_results as write_results
 from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core import topics
+from p2pdoe.core.allocation import SHARINGS
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.signing import DSO
 from p2pdoe.services.runner import (
@@ -39,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--round", help="the day-ahead round's id (default day-ahead)")
     p.add_argument("--policy", choices=["dynamic", "static", "none"])
+    p.add_argument(
+        "--default-sharing",
+        choices=list(SHARINGS),
+        help="how the default envelopes share the network (default: the configuration's, max-min)",
+    )
     p.add_argument("--registration-timeout-s", type=float)
     p.add_argument("--iteration-timeout-s", type=float)
     p.add_argument("--report-timeout-s", type=float)

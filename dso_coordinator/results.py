@@ -124,7 +124,12 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
             for site in ids
         ],
         default_envelopes=[
-            r.DefaultEnvelope(id=site, lo_kw=float(defaults.lo_kw[c]), up_kw=float(defaults.up_kw[c]))
+            r.DefaultEnvelope(
+                id=site,
+                lo_kw=float(defaults.lo_kw[c]),
+                up_kw=float(defaults.up_kw[c]),
+                need_kw=float(defaults.need_kw[c]) if defaults.need_kw.size else None,
+            )
             for c, site in enumerate(defaults.sites)
         ],
         iteration_wall_ms={

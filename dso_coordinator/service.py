@@ -20,7 +20,7 @@ from dso_coordinator.checkpoint import load, save
 from dso_coordinator.results import distributed_results, realtime_results
 from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core import topics
-from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of
+from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
 from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
@@ -64,14 +64,17 @@ def build_machine(
     one of this very day exists (a restart), never otherwise (a first start, however late). `epoch`:
     this run's token on its openings (default: a fresh random one)."""
     policy = settings.policy or cfg.policy
+    sharing = settings.default_sharing or cfg.default_sharing
     start = day_start(settings.start, cfg.start, cfg.dt_h, now)
-    cfg = cfg.model_copy(update={"policy": policy, "start": iso(start)})
+    cfg = cfg.model_copy(update={"policy": policy, "default_sharing": sharing, "start": iso(start)})
     feeder = feeder_of(cfg.feeder)
     try:
         defaults = default_envelopes(cfg, feeder)
     except InfeasibleError as exc:
         raise ConfigError(f"no safe default envelopes: {exc}") from None
     ctx = Context(cfg, feeder, defaults, start, rules_from(settings), epoch or secrets.token_hex(4))
+    for line in shortfall_lines(defaults, feeder, start, ctx.interval_s):
+        log.warning(line)
     resume = None
     if settings.rolling and settings.checkpoint is not None:
         resume = load(settings.checkpoint, start, ctx.interval_s, cfg.intervals)

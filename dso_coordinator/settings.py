@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from p2pdoe.core.schemas.coordinator import DefaultSharing
 from p2pdoe.services.settings import ServiceSettings
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
@@ -19,6 +20,7 @@ class CoordinatorSettings(ServiceSettings):
     coordinator_config: Path  # the network and the connected sites (`p2pdoe site-config`)
     round: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = "day-ahead"
     policy: Literal["dynamic", "static", "none"] | None = None  # default: the configuration's
+    default_sharing: DefaultSharing | None = None  # default: the configuration's
     registration_timeout_s: Seconds = 30.0  # wait this long for every site, then go on without the rest
     iteration_timeout_s: Seconds = 10.0  # a site silent this long in an iteration is left out
     report_timeout_s: Seconds = 10.0  # wait this long for the sites' reports after the round

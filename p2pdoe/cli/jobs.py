@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +12,14 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pdoe.analysis.defaults import RuleDefaults, compare_sharing
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.results import write_results
 from p2pdoe.io.scenarios import load_scenario
-from p2pdoe.report.table import comparison_rows, p2p_gain_pct, to_markdown
+from p2pdoe.report.table import comparison_rows, p2p_gain_pct, sharing_markdown, sharing_rows, to_markdown
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
@@ -84,16 +87,34 @@ def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = T
 
             figures = write_plots(results, out)
             progress.advance(task)
-    _write_summary(results, out)
+    rules = compare_sharing(s)
+    _write_summary(results, out, rules)
     _print_summary(results, out, figures)
+    _print_sharing(rules)
     return results
 
 
-def _write_summary(results: dict[str, Results], out: Path) -> None:
-    (out / "comparison.md").write_text(to_markdown(results), encoding="utf-8")
+def _write_summary(results: dict[str, Results], out: Path, rules: Sequence[RuleDefaults]) -> None:
+    sharing = "\n## Default envelopes by sharing rule\n\n" + sharing_markdown(rules)
+    (out / "comparison.md").write_text(to_markdown(results) + sharing, encoding="utf-8")
     names, rows = comparison_rows(results)
     table = {row.label: dict(zip(names, row.values, strict=True)) for row in rows}
     (out / "comparison.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
+    defaults = {r.sharing: {"jain_index": r.jain, "sites": [asdict(x) for x in r.sites]} for r in rules}
+    (out / "defaults.json").write_text(json.dumps(defaults, indent=1), encoding="utf-8")
+
+
+def _print_sharing(rules: Sequence[RuleDefaults]) -> None:
+    names, rows = sharing_rows(rules)
+    table = Table(
+        title="Default envelopes by sharing rule: usable width (kW, day mean) / hours short of need"
+    )
+    table.add_column("site")
+    for name in names:
+        table.add_column(name.replace("-", "-\n", 1) if len(name) > 8 else name, justify="right")
+    for row in rows:
+        table.add_row(row.label, *row.values)
+    console.print(table)
 
 
 def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) -> None:

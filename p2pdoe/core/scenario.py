@@ -76,6 +76,12 @@ class CommunityData:
         high = self.pv_kw + self.wind_kw + self.battery.power_kw - self.fixed_load_kw - self.flex.min_kw
         return low, high
 
+    def stay_whole_import_kw(self) -> FloatArray:
+        """(T,) the import the site needs to keep its fixed load and its flexible load's minimum with
+        its own generation alone: its battery is not counted, as a site may fall back on its default
+        with the battery flat."""
+        return np.maximum(0.0, self.fixed_load_kw + self.flex.min_kw - self.pv_kw - self.wind_kw)
+
     def reactive_range_kvar(self) -> tuple[FloatArray, FloatArray]:
         """(q_min, q_max) per interval of the reactive injection q = -tan(phi) (fixed + flexible load)."""
         q_min = -self.tan_phi * (self.fixed_load_kw + self.flex.max_kw)

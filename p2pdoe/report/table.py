@@ -1,12 +1,14 @@
-"""The none / static / dynamic comparison as rows of numbers, rendered as Markdown or a rich table."""
+"""The none / static / dynamic comparison, and the default envelopes' sharing rules, as rows of numbers
+rendered as Markdown or a rich table."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from p2pdoe.analysis.defaults import RuleDefaults
 from p2pdoe.core.schemas.results import Results
 
 POLICY_ORDER = ("none", "static", "dynamic", "admm")
@@ -98,3 +100,24 @@ def p2p_gain_pct(results: Mapping[str, Results]) -> float:
         if static > 0
         else float(np.inf)
     )
+
+
+def sharing_rows(rules: Sequence[RuleDefaults]) -> tuple[list[str], list[Row]]:
+    """Per site and sharing rule: usable default width (kW, mean over the day) / hours short of its
+    need to stay whole; then Jain's fairness index of the widths."""
+    names = [r.sharing for r in rules]
+    sites = [x.site for x in rules[0].sites] if rules else []
+    rows = [
+        Row(site, [f"{_fmt(r.sites[c].usable_kw, 0)} / {r.sites[c].short_h:g}" for r in rules])
+        for c, site in enumerate(sites)
+    ]
+    rows.append(Row("Jain index", [f"{r.jain:.3f}" for r in rules]))
+    return names, rows
+
+
+def sharing_markdown(rules: Sequence[RuleDefaults]) -> str:
+    names, rows = sharing_rows(rules)
+    head = "| site: usable kW / hours short | " + " | ".join(names) + " |"
+    lines = [head, "|---|" + "---:|" * len(names)]
+    lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -4,19 +4,21 @@ network view, the default envelopes, and each round's DSO participant.
 A site left out of a round (late, missing, or gone mid-round) sits on its default envelope: its box is
 fixed in the safe set (`with_sites_fixed`), so whatever the others are granted stays safe with it
 anywhere inside its default. The defaults themselves are one static box per site, safe with every
-site anywhere inside its own, nearest to the connection capacities.
+site anywhere inside its own, each holding the site's need to stay whole where the network allows,
+the rest of the room shared by the DSO's rule (`allocation`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
 
 from p2pdoe.core.agreement.dso import DsoParticipant, Ranges, RoundPlan, with_rho
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
+from p2pdoe.core.allocation import Shortfall, allocate_defaults
 from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import admm_settings
@@ -44,6 +46,8 @@ class Defaults:
     sites: tuple[str, ...]
     lo_kw: FloatArray  # (C,)
     up_kw: FloatArray
+    need_kw: FloatArray = field(default_factory=lambda: np.zeros(0))  # (C,) import to stay whole
+    shortfalls: tuple[Shortfall, ...] = ()  # sites whose default cannot hold that need
 
 
 @dataclass(frozen=True)
@@ -157,14 +161,18 @@ def bounds_from_ranges(x_min: FloatArray, x_max: FloatArray, static: bool) -> Bo
 
 
 def default_envelopes(cfg: CoordinatorConfig, feeder: Feeder) -> Defaults:
-    """One static box per site, safe with every site anywhere in its own, nearest to its capacities."""
+    """One static box per site, safe with every site anywhere in its own: its need to stay whole
+    where the network allows it, the rest shared by `cfg.default_sharing`."""
     facts = [connection_facts(s, feeder, cfg.intervals) for s in cfg.sites]
-    view = network_view(cfg, feeder, facts)
-    x_min = np.array([f.x_min for f in facts])
-    x_max = np.array([f.x_max for f in facts])
-    grid = GridSolver(safe_set(view), bounds_from_ranges(x_min, x_max, static=True), static=True)
-    box = grid.solve(x_min, x_max, accurate=True)
-    return Defaults(tuple(s.id for s in cfg.sites), box.lo[:, 0], box.up[:, 0])
+    need = np.array([s.stay_whole_import_kw for s in cfg.sites])
+    a = allocate_defaults(
+        safe_set(network_view(cfg, feeder, facts)),
+        import_cap_kw=np.array([s.import_capacity_kw for s in cfg.sites]),
+        export_cap_kw=np.array([s.export_capacity_kw for s in cfg.sites]),
+        need_kw=need,
+        sharing=cfg.default_sharing,
+    )
+    return Defaults(tuple(s.id for s in cfg.sites), a.lo_kw, a.up_kw, need, a.shortfalls)
 
 
 def round_setup(
@@ -261,3 +269,37 @@ def remaining_registration(reg: Registration, offset: int) -> Registration:
     check_offset(offset, len(reg.technical_min_kw))
     names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
     return reg.model_copy(update={name: getattr(reg, name)[offset:] for name in names})
+
+
+def shortfall_lines(defaults: Defaults, feeder: Feeder, start: datetime, interval_s: int) -> list[str]:
+    """One line per site whose default envelope cannot hold its need to stay whole, and why."""
+
+    def at(t: int) -> str:
+        return (start + timedelta(seconds=t * interval_s)).strftime("%H:%M")
+
+    lines = []
+    for x in defaults.shortfalls:
+        kind, element = x.limit
+        where = (
+            f"bus {int(feeder.bus_ids[element])}"
+            if kind.startswith("v")
+            else f"branch {feeder.branch_label(element)}"
+        )
+        spans = ", ".join(f"{at(a)}-{at(b)}" for a, b in _runs(x.intervals))
+        lines.append(
+            f"default envelope of {defaults.sites[x.site]}: import up to {x.granted_kw:.1f} kW of the "
+            f"{x.need_kw:.1f} kW it needs to stay whole; every site's need together breaks the {kind} "
+            f"limit at {where} at {spans} UTC"
+        )
+    return lines
+
+
+def _runs(intervals: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Consecutive intervals as [first, last + 1) runs."""
+    runs: list[tuple[int, int]] = []
+    for t in intervals:
+        if runs and runs[-1][1] == t:
+            runs[-1] = (runs[-1][0], t + 1)
+        else:
+            runs.append((t, t + 1))
+    return runs

@@ -48,6 +48,10 @@ class FeederConfig(Model):
         return self
 
 
+# how the default envelopes share the network's room (p2pdoe.core.allocation, docs/formulation.md)
+DefaultSharing = Literal["max-min", "equal", "proportional-capacity", "proportional-need"]
+
+
 class ConnectedSite(Model):
     """What the DSO knows of a site without its registration: its connection agreement."""
 
@@ -56,6 +60,9 @@ class ConnectedSite(Model):
     peers: list[SiteId]  # its trading partners (the market's public graph)
     import_capacity_kw: NonNeg
     export_capacity_kw: NonNeg
+    # the import it needs to stay whole with its own generation (battery not counted), the day's peak:
+    # every default envelope allows it where the network can
+    stay_whole_import_kw: NonNeg = 0.0
     reactive_min_kvar: Number  # the worst cases over the day
     reactive_max_kvar: Number
 
@@ -68,6 +75,8 @@ class CoordinatorConfig(Model):
     dt_h: Annotated[float, Field(gt=0)]
     intervals: Annotated[int, Field(ge=1)]
     policy: Literal["dynamic", "static", "none"] = "dynamic"
+    # how the default envelopes share the network's room (docs/formulation.md)
+    default_sharing: DefaultSharing = "max-min"
     feeder: FeederConfig
     v0_pu: NonNeg
     vmin_pu: NonNeg

@@ -190,6 +190,7 @@ class DefaultEnvelope(Model):
     id: str
     lo_kw: float
     up_kw: float
+    need_kw: float | None = None  # the import the site needs to stay whole (the default holds it if it can)
 
 
 class RuntimeInfo(Model):

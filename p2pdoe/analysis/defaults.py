@@ -1,0 +1,53 @@
+"""The default envelopes under each sharing rule, side by side (`p2pdoe compare`).
+
+Per site: the usable width (the mean over the day of the part of its default box its assets can
+reach) and the hours on which the box does not hold its need to stay whole; per rule, Jain's fairness
+index of the usable widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.agreement.coordination import Defaults, default_envelopes, feeder_of
+from p2pdoe.core.allocation import SHARINGS, TOL_KW, jain_index
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.site import coordinator_config
+
+
+@dataclass(frozen=True)
+class SiteDefault:
+    site: str
+    lo_kw: float
+    up_kw: float
+    usable_kw: float  # mean over the day of |[lo, up] intersected with the technical range|
+    short_h: float  # hours whose need to stay whole lies outside the box
+
+
+@dataclass(frozen=True)
+class RuleDefaults:
+    sharing: str
+    sites: tuple[SiteDefault, ...]
+    jain: float  # of the usable widths
+
+
+def compare_sharing(s: Scenario) -> tuple[RuleDefaults, ...]:
+    cfg = coordinator_config(s)
+    feeder = feeder_of(cfg.feeder)
+    out = []
+    for sharing in SHARINGS:
+        d = default_envelopes(cfg.model_copy(update={"default_sharing": sharing}), feeder)
+        sites = tuple(_site(s, d, c) for c in range(len(s.communities)))
+        out.append(RuleDefaults(sharing, sites, jain_index(np.array([x.usable_kw for x in sites]))))
+    return tuple(out)
+
+
+def _site(s: Scenario, d: Defaults, c: int) -> SiteDefault:
+    data = s.communities[c]
+    lo, up = float(d.lo_kw[c]), float(d.up_kw[c])
+    x_min, x_max = data.technical_range_kw()
+    usable = np.clip(np.minimum(up, x_max) - np.maximum(lo, x_min), 0.0, None)
+    short = lo > -data.stay_whole_import_kw() + TOL_KW
+    return SiteDefault(data.id, lo, up, float(usable.mean()), float(short.sum() * s.dt_h))
