@@ -71,8 +71,7 @@ def _boxes(
     granted_up: FloatArray | None,
     horizon: int,
 ) -> tuple[FloatArray, FloatArray]:
-    lo = np.repeat(defaults.lo_kw[:, None], horizon, axis=1)
-    up = np.repeat(defaults.up_kw[:, None], horizon, axis=1)
+    lo, up = defaults.lo_kw[:, :horizon].copy(), defaults.up_kw[:, :horizon].copy()
     if granted_lo is not None and granted_up is not None:
         for c, site in enumerate(sites):
             lo[ids.index(site)], up[ids.index(site)] = granted_lo[c], granted_up[c]
@@ -126,9 +125,12 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
         default_envelopes=[
             r.DefaultEnvelope(
                 id=site,
-                lo_kw=float(defaults.lo_kw[c]),
-                up_kw=float(defaults.up_kw[c]),
-                need_kw=float(defaults.need_kw[c]) if defaults.need_kw.size else None,
+                lo_kw=float(defaults.lo_kw[c].max()),
+                up_kw=float(defaults.up_kw[c].min()),
+                need_kw=float(defaults.need_kw[c].max()),
+                lo_profile_kw=defaults.lo_kw[c].tolist(),
+                up_profile_kw=defaults.up_kw[c].tolist(),
+                need_profile_kw=defaults.need_kw[c].tolist(),
             )
             for c, site in enumerate(defaults.sites)
         ],

@@ -103,8 +103,11 @@ def test_jain_index_closed_forms() -> None:
     assert jain_index(np.array([6.0, 0.0, 0.0])) == pytest.approx(1 / 3)
 
 
-def _defaults(s: Scenario, sharing: str) -> tuple[CoordinatorConfig, Defaults, GridView]:
-    cfg = coordinator_config(s).model_copy(update={"default_sharing": sharing})
+def _defaults(
+    s: Scenario, sharing: str, profile: bool = True
+) -> tuple[CoordinatorConfig, Defaults, GridView]:
+    update = {"default_sharing": sharing, "default_profile": profile}
+    cfg = coordinator_config(s).model_copy(update=update)
     feeder = feeder_of(cfg.feeder)
     view = network_view(cfg, feeder, [connection_facts(x, feeder, cfg.intervals) for x in cfg.sites])
     return cfg, default_envelopes(cfg, feeder), view
@@ -115,44 +118,64 @@ def scenario(request: pytest.FixtureRequest) -> Scenario:
     return load_scenario(request.param)
 
 
+@pytest.mark.parametrize("profile", [True, False], ids=["profile", "static"])
 @pytest.mark.parametrize("sharing", SHARINGS)
 def test_every_default_holds_the_need_to_stay_whole_or_is_named_and_is_safe_in_ac(
-    scenario: Scenario, sharing: str
+    scenario: Scenario, sharing: str, profile: bool
 ) -> None:
-    cfg, d, view = _defaults(scenario, sharing)
-    need = np.array([x.stay_whole_import_kw for x in cfg.sites])
-    short = {x.site for x in d.shortfalls}
+    cfg, d, view = _defaults(scenario, sharing, profile)
+    need = np.array([x.stay_whole_import_kw for x in cfg.sites])  # (C, T)
+    if not profile:
+        assert np.ptp(d.lo_kw, axis=1).max() == 0.0  # one box all day
+        need = np.repeat(need.max(axis=1, keepdims=True), cfg.intervals, axis=1)
+    assert np.all(d.lo_kw <= 1e-9)  # a site may always do nothing
+    assert np.all(d.up_kw >= -1e-9)
+    short = {x.site: x for x in d.shortfalls}
     for c in range(len(cfg.sites)):
-        assert d.lo_kw[c] <= 1e-9 <= d.up_kw[c] + 1e-9  # a site may always do nothing
-        assert c in short or d.lo_kw[c] <= -need[c] + TOL_KW
-    t = cfg.intervals
+        missing = np.flatnonzero(d.lo_kw[c] > -need[c] + TOL_KW)
+        assert missing.size == 0 or c in short
+        if profile and missing.size:
+            assert set(missing.tolist()) == set(short[c].intervals)  # named where it falls short
     for corner, x, q in (("lower", d.lo_kw, view.q_min_kvar), ("upper", d.up_kw, view.q_max_kvar)):
-        state = ac_state(view, np.repeat(x[:, None], t, axis=1), q, cfg.dt_h)
+        state = ac_state(view, x, q, cfg.dt_h)
         assert state.voltage_violations == 0, corner
         assert state.thermal_violations == 0, corner
 
 
-def test_where_the_needs_cannot_all_be_met_the_ac_power_flow_agrees(scenario: Scenario) -> None:
-    cfg, d, view = _defaults(scenario, "max-min")
+@pytest.mark.parametrize("profile", [True, False], ids=["profile", "static"])
+def test_where_the_needs_cannot_all_be_met_the_ac_power_flow_agrees(
+    scenario: Scenario, profile: bool
+) -> None:
+    cfg, d, view = _defaults(scenario, "max-min", profile)
     need = np.array([x.stay_whole_import_kw for x in cfg.sites])
-    all_needs = np.repeat(-need[:, None], cfg.intervals, axis=1)
-    v = np.array(ac_state(view, all_needs, view.q_min_kvar, cfg.dt_h).voltage_pu).T  # (N, T)
-    feeder = view.feeder
+    if not profile:
+        need = np.repeat(need.max(axis=1, keepdims=True), cfg.intervals, axis=1)
+    v = np.array(ac_state(view, -need, view.q_min_kvar, cfg.dt_h).voltage_pu).T  # (N, T)
     for x in d.shortfalls:
         kind, element = x.limit
         assert kind == "vmin"  # the default scenarios' binding limit
         assert x.granted_kw < x.need_kw
         for t in x.intervals:  # every need at once takes the bus below its limit plus margin, in AC
-            assert v[element, t] < cfg.vmin_pu + cfg.vmin_margin_pu, (feeder.bus_ids[element], t)
+            assert v[element, t] < cfg.vmin_pu + cfg.vmin_margin_pu, (view.feeder.bus_ids[element], t)
 
 
-def test_the_default_scenarios_evening_peak_is_named(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_profile_holds_every_need_outside_the_evening_peak() -> None:
     s = load_scenario("default")
-    _, d, view = _defaults(s, "max-min")
+    _, d, _ = _defaults(s, "max-min")
+    evening = {18, 19, 20}
+    assert d.shortfalls
+    assert all(set(x.intervals) <= evening for x in d.shortfalls)
+    _, static, _ = _defaults(s, "max-min", profile=False)
+    assert np.all(d.lo_kw[:, :6] < static.lo_kw[:, :6] - 1.0)  # the night allows more import
+
+
+def test_the_default_scenarios_evening_peak_is_named() -> None:
+    s = load_scenario("default")
+    _, d, view = _defaults(s, "max-min", profile=False)
     lines = shortfall_lines(d, view.feeder, datetime(2025, 6, 21, tzinfo=UTC), 3600)
     assert len(lines) == len(d.shortfalls) >= 1
-    assert any("campus-30" in line and "vmin limit at bus 18" in line for line in lines)
-    assert all("18:00-21:00 UTC" in line for line in lines)
+    assert any(line.startswith("the default envelope of campus-30 falls short") for line in lines)
+    assert all("at 18:00-21:00 UTC" in line and "vmin limit at bus 18" in line for line in lines)
 
 
 def test_the_fixed_default_has_the_sense_of_the_retained_one_and_holds_the_need() -> None:
@@ -165,7 +188,7 @@ def test_the_fixed_default_has_the_sense_of_the_retained_one_and_holds_the_need(
         need = float(data.stay_whole_import_kw().max())
         assert box.lo_kw <= -need  # it may import what it needs to stay whole
         assert box.up_kw == 0.0
-        assert d.lo_kw[c] < 0  # both allow import: the same sense
+        assert d.lo_kw[c].min() < 0  # both allow import: the same sense
         assert box.lo_kw < 0
 
 

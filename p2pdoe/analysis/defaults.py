@@ -20,7 +20,7 @@ from p2pdoe.core.site import coordinator_config
 @dataclass(frozen=True)
 class SiteDefault:
     site: str
-    lo_kw: float
+    lo_kw: float  # the box inside its default all day
     up_kw: float
     usable_kw: float  # mean over the day of |[lo, up] intersected with the technical range|
     short_h: float  # hours whose need to stay whole lies outside the box
@@ -33,12 +33,14 @@ class RuleDefaults:
     jain: float  # of the usable widths
 
 
-def compare_sharing(s: Scenario) -> tuple[RuleDefaults, ...]:
+def compare_sharing(s: Scenario, profile: bool = True) -> tuple[RuleDefaults, ...]:
+    """Every sharing rule on the same day; `profile`: a default box per interval, else one a day."""
     cfg = coordinator_config(s)
     feeder = feeder_of(cfg.feeder)
     out = []
     for sharing in SHARINGS:
-        d = default_envelopes(cfg.model_copy(update={"default_sharing": sharing}), feeder)
+        update = {"default_sharing": sharing, "default_profile": profile}
+        d = default_envelopes(cfg.model_copy(update=update), feeder)
         sites = tuple(_site(s, d, c) for c in range(len(s.communities)))
         out.append(RuleDefaults(sharing, sites, jain_index(np.array([x.usable_kw for x in sites]))))
     return tuple(out)
@@ -46,8 +48,10 @@ def compare_sharing(s: Scenario) -> tuple[RuleDefaults, ...]:
 
 def _site(s: Scenario, d: Defaults, c: int) -> SiteDefault:
     data = s.communities[c]
-    lo, up = float(d.lo_kw[c]), float(d.up_kw[c])
+    lo, up = d.lo_kw[c], d.up_kw[c]
     x_min, x_max = data.technical_range_kw()
     usable = np.clip(np.minimum(up, x_max) - np.maximum(lo, x_min), 0.0, None)
     short = lo > -data.stay_whole_import_kw() + TOL_KW
-    return SiteDefault(data.id, lo, up, float(usable.mean()), float(short.sum() * s.dt_h))
+    return SiteDefault(
+        data.id, float(lo.max()), float(up.min()), float(usable.mean()), float(short.sum() * s.dt_h)
+    )

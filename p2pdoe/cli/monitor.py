@@ -294,7 +294,11 @@ def _doe_cells(doe: Doe | None, now: datetime) -> list[str]:
 
 
 def _default_cell(doe: Doe | None, now: datetime) -> str:
-    return "-" if doe is None else _box(doe) + VALIDITY_MARKS[validity(doe, now)]
+    """The default's box in force now (a profile's step then)."""
+    if doe is None:
+        return "-"
+    lo, up = doe.box_at(now)
+    return f"{_kw(lo)}…{_kw(up)}" + VALIDITY_MARKS[validity(doe, now)]
 
 
 def _telemetry_cells(telemetry: Telemetry | None, now: datetime) -> list[str]:

@@ -1,13 +1,14 @@
 """How the DSO shares the network's room among the sites' default envelopes (no I/O).
 
-A default envelope is one box [LO, UP] per site for the whole day, and a box is safe iff its two
-corners are (see `envelope`). The corners do not interact: UP only meets the upper-corner rows, LO
-only the lower-corner ones. So each side is a packing problem on its own, in the room r >= 0 a site
-gets (export: r = UP; import: r = -LO):
+A default envelope is one box [LO, UP] per site and interval (a daily profile), or one box for the
+whole day (static), and a box is safe iff its two corners are (see `envelope`). The corners do not
+interact: UP only meets the upper-corner rows, LO only the lower-corner ones. So each side of each
+interval is a packing problem on its own, in the room r >= 0 a site gets (export: r = UP; import:
+r = -LO):
 
     G r <= h,   floor <= r <= cap,   G >= 0 elementwise,
 
-with one row per limit (h the tightest over the day's intervals, a static box being safe in all).
+with one row per limit (h that interval's, or for a static box the tightest over the day).
 A sharing rule raises every site's room together, r_c(s) = min(floor_c + s w_c, cap_c), as far as
 the rows allow; each row is concave and non-decreasing in s, so the largest s is exact (`_level`):
 - `equal`: w = 1, one level for all (capped by each site's capacity);
@@ -42,16 +43,16 @@ class Shortfall:
     """A site whose default cannot hold its need to stay whole, and where the network stops it."""
 
     site: int
-    granted_kw: float  # import allowed
-    need_kw: float
-    intervals: tuple[int, ...]  # where every site's full need breaks a limit this site is under
-    limit: tuple[str, int]  # (row kind, bus or branch index) of the tightest such limit
+    granted_kw: float  # import allowed, at the interval where it falls furthest short
+    need_kw: float  # the need there
+    intervals: tuple[int, ...]  # where it falls short (static: where every need together breaks a limit)
+    limit: tuple[str, int]  # (row kind, bus or branch index) of the limit every need breaks most
 
 
 @dataclass(frozen=True)
 class Allocation:
-    lo_kw: FloatArray  # (C,)
-    up_kw: FloatArray  # (C,)
+    lo_kw: FloatArray  # (C, T)
+    up_kw: FloatArray  # (C, T)
     shortfalls: tuple[Shortfall, ...]
 
 
@@ -61,21 +62,40 @@ def allocate_defaults(
     export_cap_kw: FloatArray,
     need_kw: FloatArray,
     sharing: Sharing,
+    profile: bool = True,
 ) -> Allocation:
-    """One static box per site, safe with every site anywhere in its own (see the module)."""
-    need = np.minimum(need_kw, import_cap_kw)
+    """Default boxes for every site (C, T), safe with every site anywhere in its own: one box per
+    interval (`profile`), or one for the whole day (safe in every interval, holding the day's largest
+    need); `need_kw` (C, T)."""
     g_lo, h_lo = safe.lower.g, -safe.lower.h  # G LO >= h  <=>  G (-LO) <= -h
     g_up, h_up = safe.upper.g, safe.upper.h
     _check_zero_fits(g_lo, h_lo, safe.lower)
     _check_zero_fits(g_up, h_up, safe.upper)
-    zero = np.zeros_like(need)
-    lo_rows, up_rows = h_lo.min(axis=1), h_up.min(axis=1)
-    import_basis = import_cap_kw if sharing == "proportional-capacity" else need
-    import_w = _weights(sharing, import_basis)
-    needs_met = share(g_lo, lo_rows, zero, need, import_w, sharing)
-    imported = share(g_lo, lo_rows, needs_met, import_cap_kw, import_w, sharing)
-    exported = share(g_up, up_rows, zero, export_cap_kw, _weights(sharing, export_cap_kw), sharing)
-    return Allocation(-imported, exported, _shortfalls(g_lo, h_lo, safe.lower, needs_met, need))
+    need = np.minimum(need_kw, import_cap_kw[:, None])
+    horizon = need.shape[1]
+    if not profile:
+        need = np.repeat(need.max(axis=1, keepdims=True), horizon, axis=1)
+    cols = range(horizon) if profile else [0]
+    lo, up, met = np.zeros_like(need), np.zeros_like(need), np.zeros_like(need)
+    for t in cols:
+        h_imp = h_lo[:, t] if profile else h_lo.min(axis=1)
+        h_exp = h_up[:, t] if profile else h_up.min(axis=1)
+        imp, met[:, t] = _import_side(g_lo, h_imp, import_cap_kw, need[:, t], sharing)
+        lo[:, t] = -imp
+        w = _weights(sharing, export_cap_kw)
+        up[:, t] = share(g_up, h_exp, np.zeros_like(w), export_cap_kw, w, sharing)
+    if not profile:
+        lo, up, met = (np.repeat(a[:, :1], horizon, axis=1) for a in (lo, up, met))
+    return Allocation(lo, up, _shortfalls(g_lo, h_lo, safe.lower, met, need, profile))
+
+
+def _import_side(
+    g: FloatArray, h: FloatArray, cap: FloatArray, need: FloatArray, sharing: Sharing
+) -> tuple[FloatArray, FloatArray]:
+    """(import room, the part of the need it holds): the needs first, then the rest, by one rule."""
+    w = _weights(sharing, cap if sharing == "proportional-capacity" else need)
+    met = share(g, h, np.zeros_like(need), need, w, sharing)
+    return share(g, h, met, cap, w, sharing), met
 
 
 def share(
@@ -132,22 +152,25 @@ def _check_zero_fits(g: FloatArray, h: FloatArray, corner: Corner) -> None:
 
 
 def _shortfalls(
-    g: FloatArray, h: FloatArray, corner: Corner, met: FloatArray, need: FloatArray
+    g: FloatArray, h: FloatArray, corner: Corner, met: FloatArray, need: FloatArray, profile: bool
 ) -> tuple[Shortfall, ...]:
-    over = g @ need[:, None] > h + TOL_KW  # (K, T): rows the full needs break, per interval
+    """Per short site: where it falls short and the limit every site's need together breaks most."""
+    excess = g @ need - h  # (K, T): > 0 where every need together breaks a row
     out = []
-    for c in np.flatnonzero(met < need - TOL_KW):
-        rows = over & (g[:, c] > 0)[:, None]
+    for c in np.flatnonzero((met < need - TOL_KW).any(axis=1)):
+        rows = (excess > TOL_KW) & (g[:, c] > 0)[:, None]
+        if profile:
+            rows &= (met[c] < need[c] - TOL_KW)[None, :]
         ks, ts = np.nonzero(rows)
-        excess = (g @ need)[ks] - h[ks, ts]
-        k = int(ks[np.argmax(excess)])
+        worst = int(np.argmax(excess[ks, ts]))
+        gap = int(np.argmax(need[c] - met[c]))
         out.append(
             Shortfall(
                 site=int(c),
-                granted_kw=float(met[c]),
-                need_kw=float(need[c]),
+                granted_kw=float(met[c, gap]),
+                need_kw=float(need[c, gap]),
                 intervals=tuple(sorted({int(t) for t in ts})),
-                limit=(corner.kind[k], corner.element[k]),
+                limit=(corner.kind[ks[worst]], corner.element[ks[worst]]),
             )
         )
     return tuple(out)

@@ -165,7 +165,7 @@ def _connected(s: Scenario, c: int) -> ConnectedSite:
         peers=[s.communities[m].id for m in s.market.peers[c]],
         import_capacity_kw=max(0.0, -float(x_min.min())),
         export_capacity_kw=max(0.0, float(x_max.max())),
-        stay_whole_import_kw=float(data.stay_whole_import_kw().max()),
+        stay_whole_import_kw=data.stay_whole_import_kw().tolist(),
         reactive_min_kvar=float(q_min.min()),
         reactive_max_kvar=float(q_max.max()),
     )

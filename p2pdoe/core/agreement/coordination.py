@@ -3,15 +3,15 @@ network view, the default envelopes, and each round's DSO participant.
 
 A site left out of a round (late, missing, or gone mid-round) sits on its default envelope: its box is
 fixed in the safe set (`with_sites_fixed`), so whatever the others are granted stays safe with it
-anywhere inside its default. The defaults themselves are one static box per site, safe with every
-site anywhere inside its own, each holding the site's need to stay whole where the network allows,
-the rest of the room shared by the DSO's rule (`allocation`).
+anywhere inside its default. The defaults themselves are a box per site and interval (or one for the
+whole day), safe with every site anywhere inside its own, each holding the site's need to stay whole
+where the network allows, the rest of the room shared by the DSO's rule (`allocation`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -41,12 +41,12 @@ class SiteFacts:
 
 @dataclass(frozen=True)
 class Defaults:
-    """The default envelope of every connected site (config order), one box for the whole day."""
+    """The default envelope of every connected site (config order): a profile of boxes, or one box."""
 
     sites: tuple[str, ...]
-    lo_kw: FloatArray  # (C,)
+    lo_kw: FloatArray  # (C, T): a box per interval (the same in every interval if static)
     up_kw: FloatArray
-    need_kw: FloatArray = field(default_factory=lambda: np.zeros(0))  # (C,) import to stay whole
+    need_kw: FloatArray  # (C, T) import to stay whole
     shortfalls: tuple[Shortfall, ...] = ()  # sites whose default cannot hold that need
 
 
@@ -161,16 +161,18 @@ def bounds_from_ranges(x_min: FloatArray, x_max: FloatArray, static: bool) -> Bo
 
 
 def default_envelopes(cfg: CoordinatorConfig, feeder: Feeder) -> Defaults:
-    """One static box per site, safe with every site anywhere in its own: its need to stay whole
-    where the network allows it, the rest shared by `cfg.default_sharing`."""
+    """A box per site and interval (or one for the day), safe with every site anywhere in its own: its
+    need to stay whole where the network allows it, the rest shared by `cfg.default_sharing`."""
     facts = [connection_facts(s, feeder, cfg.intervals) for s in cfg.sites]
-    need = np.array([s.stay_whole_import_kw for s in cfg.sites])
+    zero = [0.0] * cfg.intervals
+    need = np.array([s.stay_whole_import_kw or zero for s in cfg.sites])
     a = allocate_defaults(
         safe_set(network_view(cfg, feeder, facts)),
         import_cap_kw=np.array([s.import_capacity_kw for s in cfg.sites]),
         export_cap_kw=np.array([s.export_capacity_kw for s in cfg.sites]),
         need_kw=need,
         sharing=cfg.default_sharing,
+        profile=cfg.default_profile,
     )
     return Defaults(tuple(s.id for s in cfg.sites), a.lo_kw, a.up_kw, need, a.shortfalls)
 
@@ -198,10 +200,7 @@ def round_setup(
     if cfg.policy != "none":
         safe = safe_set(view)
         if len(taking_part) < len(ids):
-            horizon = cfg.intervals
-            lo = np.repeat(defaults.lo_kw[:, None], horizon, axis=1)
-            up = np.repeat(defaults.up_kw[:, None], horizon, axis=1)
-            safe = with_sites_fixed(safe, view, np.array(taking_part), lo, up)
+            safe = with_sites_fixed(safe, view, np.array(taking_part), defaults.lo_kw, defaults.up_kw)
         x_min = np.array([facts[i].x_min for i in taking_part])
         x_max = np.array([facts[i].x_max for i in taking_part])
         static = cfg.policy == "static"
@@ -287,9 +286,9 @@ def shortfall_lines(defaults: Defaults, feeder: Feeder, start: datetime, interva
         )
         spans = ", ".join(f"{at(a)}-{at(b)}" for a, b in _runs(x.intervals))
         lines.append(
-            f"default envelope of {defaults.sites[x.site]}: import up to {x.granted_kw:.1f} kW of the "
-            f"{x.need_kw:.1f} kW it needs to stay whole; every site's need together breaks the {kind} "
-            f"limit at {where} at {spans} UTC"
+            f"the default envelope of {defaults.sites[x.site]} falls short of what it needs to stay whole "
+            f"at {spans} UTC (import up to {x.granted_kw:.1f} of {x.need_kw:.1f} kW): every site's need "
+            f"together breaks the {kind} limit at {where}"
         )
     return lines
 

@@ -66,10 +66,21 @@ class Context:
         n = self.cfg.intervals
         return n if hours is None else min(n, round(hours * 3600 / self.interval_s))
 
-    def default_envelope(self, site: str, start: datetime, duration_s: int) -> Doe:
+    def default_envelope(self, site: str) -> Doe:
+        """The site's default for the whole day (retained): a profile of boxes, or one box."""
         c = self.defaults.sites.index(site)
-        lo, up = float(self.defaults.lo_kw[c]), float(self.defaults.up_kw[c])
-        return Doe.from_box(site, None, start, duration_s, lo, up)
+        lo, up = self.defaults.lo_kw[c], self.defaults.up_kw[c]
+        if self.cfg.default_profile:
+            return Doe.from_profile(site, self.start, self.interval_s, lo.tolist(), up.tolist())
+        return Doe.from_box(
+            site, None, self.start, self.interval_s * self.cfg.intervals, float(lo[0]), float(up[0])
+        )
+
+    def default_at(self, site: str, t: int) -> Doe:
+        """The site's default box of interval t, as that interval's envelope."""
+        c = self.defaults.sites.index(site)
+        lo, up = float(self.defaults.lo_kw[c, t]), float(self.defaults.up_kw[c, t])
+        return Doe.from_box(site, None, self.interval_start(t), self.interval_s, lo, up)
 
     def envelope(self, setup: RoundSetup, outcome: DsoOutcome, site: str, t: int) -> Doe:
         """Interval t's envelope of `site`: its grant (column t of a day-long round), or its default if
@@ -79,7 +90,7 @@ class Context:
             c = setup.sites.index(site)
             lo, up = float(lo_kw[c, t]), float(up_kw[c, t])
             return Doe.from_box(site, outcome.round, self.interval_start(t), self.interval_s, lo, up)
-        return self.default_envelope(site, self.interval_start(t), self.interval_s)
+        return self.default_at(site, t)
 
 
 def doe_send(kind: str, doe: Doe) -> Send:

@@ -142,11 +142,10 @@ class CoordinatorMachine:
 
     def start(self, now: datetime) -> list[Command]:
         ctx = self.ctx
-        duration = ctx.interval_s * ctx.cfg.intervals
         if self.resume is not None:
             self.phase = Phase.REJOINING
         out: list[Command] = [self.status(now)]
-        out += [doe_send("doe/default", ctx.default_envelope(s, ctx.start, duration)) for s in ctx.site_ids]
+        out += [doe_send("doe/default", ctx.default_envelope(s)) for s in ctx.site_ids]
         if self.resume is None:
             return [*out, Patience(REGISTRATION, ctx.rules.registration_timeout_s)]
         log.info("resumed mid-day from round %s", self.resume.round)

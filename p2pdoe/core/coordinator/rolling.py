@@ -264,7 +264,7 @@ class Rolling:
         box = None if st is None else st.box(site, t)
         start = ctx.interval_start(t)
         if st is None or box is None:
-            return ctx.default_envelope(site, start, ctx.interval_s)
+            return ctx.default_at(site, t)
         lo, up = box
         if lo > up:  # round-off of a box the network pins to a point (within BOX_TOLERANCE_KW)
             lo = up = (lo + up) / 2

@@ -84,10 +84,10 @@ def choose(heard: Heard, config: FallbackConfig, now: datetime) -> Choice:
         return _skewed(heard, config, now, heard.skew_s)
     dynamic, default = heard.dynamic, heard.default
     if dynamic is not None and dynamic.valid_at(now):
-        return _from_dynamic(dynamic, heard.coordinator_online)
+        return _from_dynamic(dynamic, heard.coordinator_online, now)
     missing = f"{_not_in_force('dynamic envelope', dynamic, now)}{_offline(heard.coordinator_online)}"
     if default is not None and default.valid_at(now):
-        return _from_doe("default", default, f"{missing}: the retained default until {_at(default.end)}")
+        return _from_doe("default", default, now, f"{missing}: the retained default until {_at(default.end)}")
     why = f"{missing}, {_not_in_force('default', default, now)}: the fixed default"
     return _fixed(config, why)
 
@@ -109,21 +109,22 @@ def _skewed(heard: Heard, config: FallbackConfig, now: datetime, skew_s: float) 
     coordinator_now = now - timedelta(seconds=skew_s * config.speed)
     default = heard.default
     if default is not None and default.valid_at(coordinator_now):
-        return _from_doe("default", default, f"{skew}: the retained default", CLOCK_SKEW)
+        return _from_doe("default", default, coordinator_now, f"{skew}: the retained default", CLOCK_SKEW)
     return _fixed(config, f"{skew}, {_not_in_force('default', default, coordinator_now)}", CLOCK_SKEW)
 
 
-def _from_dynamic(doe: Doe, online: bool) -> Choice:
+def _from_dynamic(doe: Doe, online: bool, now: datetime) -> Choice:
     until = f"until {_at(doe.end)}"
     if not online:
         until = f"cached {until}, coordinator offline"
     if doe.round is None:
-        return _from_doe("default", doe, f"the coordinator's default for this interval ({until})")
-    return _from_doe("dynamic", doe, f"the envelope of round {doe.round} ({until})")
+        return _from_doe("default", doe, now, f"the coordinator's default for this interval ({until})")
+    return _from_doe("dynamic", doe, now, f"the envelope of round {doe.round} ({until})")
 
 
-def _from_doe(kind: Kind, doe: Doe, reason: str, alarm: str | None = None) -> Choice:
-    return Choice(kind, doe.lo_kw, doe.up_kw, reason, alarm)
+def _from_doe(kind: Kind, doe: Doe, moment: datetime, reason: str, alarm: str | None = None) -> Choice:
+    """The box of `doe` in force at `moment` (a default may be a profile of boxes)."""
+    return Choice(kind, *doe.box_at(moment), reason, alarm)
 
 
 def _fixed(config: FallbackConfig, reason: str, alarm: str | None = None) -> Choice:

@@ -85,14 +85,15 @@ class ViolationObserver:
             self.unjudged += 1
             return
         self.judged += 1
-        excess = outside_by_kw(r.p_kw, box.lo_kw, box.up_kw)
+        lo, up = box.box_at(r.ts - _WITHIN_STEP)
+        excess = outside_by_kw(r.p_kw, lo, up)
         if excess == 0.0:
             self._runs[r.site].readings.clear()
             self._open.pop(r.site, None)
             return
         self.outside += 1
         if len(self.outside_readings) < KEPT_OUTSIDE:
-            self.outside_readings.append(Outside(r.site, r.ts, r.p_kw, box.lo_kw, box.up_kw, excess))
+            self.outside_readings.append(Outside(r.site, r.ts, r.p_kw, lo, up, excess))
         self._outside(r.site, r.ts, excess)
 
     def in_force(self, site: str, moment: datetime) -> Doe | None:

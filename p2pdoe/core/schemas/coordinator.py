@@ -60,9 +60,9 @@ class ConnectedSite(Model):
     peers: list[SiteId]  # its trading partners (the market's public graph)
     import_capacity_kw: NonNeg
     export_capacity_kw: NonNeg
-    # the import it needs to stay whole with its own generation (battery not counted), the day's peak:
-    # every default envelope allows it where the network can
-    stay_whole_import_kw: NonNeg = 0.0
+    # the import it needs to stay whole with its own generation (battery not counted), per interval:
+    # every default envelope allows it where the network can (None: none)
+    stay_whole_import_kw: list[NonNeg] | None = None
     reactive_min_kvar: Number  # the worst cases over the day
     reactive_max_kvar: Number
 
@@ -77,6 +77,7 @@ class CoordinatorConfig(Model):
     policy: Literal["dynamic", "static", "none"] = "dynamic"
     # how the default envelopes share the network's room (docs/formulation.md)
     default_sharing: DefaultSharing = "max-min"
+    default_profile: bool = True  # a default box per interval (else one box for the whole day)
     feeder: FeederConfig
     v0_pu: NonNeg
     vmin_pu: NonNeg
@@ -98,6 +99,9 @@ class CoordinatorConfig(Model):
             rows = getattr(self, name)
             if len(rows) != n or any(len(r) != t for r in rows):
                 raise ValueError(f"{name} needs one row per bus of {t} intervals")
+        for site in self.sites:
+            if site.stay_whole_import_kw is not None and len(site.stay_whole_import_kw) != t:
+                raise ValueError(f"sites: {site.id}: stay_whole_import_kw needs {t} intervals")
         if len(self.price_import_eur_per_kwh) != t or len(self.price_export_eur_per_kwh) != t:
             raise ValueError(f"the tariffs need {t} intervals")
         ids = [s.id for s in self.sites]

@@ -187,10 +187,15 @@ class SiteRuntime(Model):
 
 
 class DefaultEnvelope(Model):
+    """A site's default envelope: the box inside it all day, and per interval (a profile)."""
+
     id: str
     lo_kw: float
     up_kw: float
-    need_kw: float | None = None  # the import the site needs to stay whole (the default holds it if it can)
+    need_kw: float | None = None  # the most import it needs to stay whole (held where the network can)
+    lo_profile_kw: list[float] | None = None
+    up_profile_kw: list[float] | None = None
+    need_profile_kw: list[float] | None = None
 
 
 class RuntimeInfo(Model):

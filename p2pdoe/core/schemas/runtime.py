@@ -12,6 +12,7 @@ generation: up < 0) keeps its exact bounds in `lo_kw` / `up_kw`; the CSIP limits
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -42,7 +43,10 @@ def _utc(value: datetime) -> datetime:
 
 
 class Doe(Message):
-    """The dynamic operating envelope of one site for one interval."""
+    """The dynamic operating envelope of one site for one interval; or a default envelope, one box
+    for its whole validity or a profile of boxes (`steps_kw`, each `step_s` long). With a profile,
+    lo_kw/up_kw (and the CSIP-AUS limits) are the box inside every step: safe for a reader that
+    ignores the profile."""
 
     schema_version: Literal[1] = 1
     kind: Literal["doe"] = "doe"
@@ -54,6 +58,8 @@ class Doe(Message):
     up_kw: Kw
     opModImpLimW: Watts  # noqa: N815 (CSIP-AUS name)
     opModExpLimW: Watts  # noqa: N815 (CSIP-AUS name)
+    steps_kw: list[tuple[Kw, Kw]] | None = None  # a profile: (lo_kw, up_kw) per step
+    step_s: Annotated[int, Field(gt=0)] | None = None
 
     _start_utc = field_validator("start")(_utc)
 
@@ -61,6 +67,10 @@ class Doe(Message):
     def _consistent(self) -> Doe:
         if self.lo_kw > self.up_kw:
             raise ValueError("lo_kw exceeds up_kw")
+        if (self.steps_kw is None) != (self.step_s is None):
+            raise ValueError("steps_kw and step_s go together")
+        if self.steps_kw is not None and self.step_s is not None:
+            _check_profile(self.steps_kw, self.step_s, self.duration_s, self.lo_kw, self.up_kw)
         if abs(self.opModImpLimW - max(0.0, -self.lo_kw) * 1e3) > WATT_TOLERANCE:
             raise ValueError("opModImpLimW must equal max(0, -lo_kw) in W")
         if abs(self.opModExpLimW - max(0.0, self.up_kw) * 1e3) > WATT_TOLERANCE:
@@ -82,6 +92,16 @@ class Doe(Message):
             opModExpLimW=max(0.0, up_kw) * 1e3,
         )
 
+    @classmethod
+    def from_profile(
+        cls, site: str, start: datetime, step_s: int, lo_kw: Sequence[float], up_kw: Sequence[float]
+    ) -> Doe:
+        """A default envelope of one box per step (lo_kw[k] <= 0 <= up_kw[k])."""
+        firm_lo, firm_up = max(lo_kw), min(up_kw)
+        doe = cls.from_box(site, None, start, step_s * len(lo_kw), firm_lo, firm_up)
+        steps = [(float(lo), float(up)) for lo, up in zip(lo_kw, up_kw, strict=True)]
+        return doe.model_copy(update={"steps_kw": steps, "step_s": step_s})
+
     @property
     def end(self) -> datetime:
         return self.start + timedelta(seconds=self.duration_s)
@@ -89,6 +109,24 @@ class Doe(Message):
     def valid_at(self, moment: datetime) -> bool:
         """In force at `moment` (UTC): an envelope past its validity is never applied."""
         return self.start <= moment.astimezone(UTC) < self.end
+
+    def box_at(self, moment: datetime) -> tuple[float, float]:
+        """(lo_kw, up_kw) in force at `moment`: its profile's step then, or its one box."""
+        if self.steps_kw is None or self.step_s is None:
+            return self.lo_kw, self.up_kw
+        k = int((moment.astimezone(UTC) - self.start).total_seconds() // self.step_s)
+        return self.steps_kw[min(max(k, 0), len(self.steps_kw) - 1)]
+
+
+def _check_profile(
+    steps: list[tuple[float, float]], step_s: int, duration_s: int, lo: float, up: float
+) -> None:
+    if len(steps) * step_s != duration_s:
+        raise ValueError("the profile's steps must cover duration_s exactly")
+    if any(a > b for a, b in steps):
+        raise ValueError("a step's lo exceeds its up")
+    if any(lo < a - WATT_TOLERANCE / 1e3 or up > b + WATT_TOLERANCE / 1e3 for a, b in steps):
+        raise ValueError("lo_kw/up_kw must lie inside every step of the profile")
 
 
 class Registration(Message):
