@@ -45,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=list(SHARINGS),
         help="how the default envelopes share the network (default: the configuration's, max-min)",
     )
+    p.add_argument(
+        "--static-default",
+        dest="default_profile",
+        action="store_false",
+        default=None,
+        help="one default box per site for the whole day (default: a box per interval)",
+    )
     p.add_argument("--registration-timeout-s", type=float)
     p.add_argument("--iteration-timeout-s", type=float)
     p.add_argument("--report-timeout-s", type=float)

@@ -21,6 +21,9 @@ class CoordinatorSettings(ServiceSettings):
     round: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = "day-ahead"
     policy: Literal["dynamic", "static", "none"] | None = None  # default: the configuration's
     default_sharing: DefaultSharing | None = None  # default: the configuration's
+    default_profile: bool | None = (
+        None  # a default box per interval, or one a day (default: the configuration's)
+    )
     registration_timeout_s: Seconds = 30.0  # wait this long for every site, then go on without the rest
     iteration_timeout_s: Seconds = 10.0  # a site silent this long in an iteration is left out
     report_timeout_s: Seconds = 10.0  # wait this long for the sites' reports after the round
