@@ -64,10 +64,11 @@ def build_machine(
     one of this very day exists (a restart), never otherwise (a first start, however late). `epoch`:
     this run's token on its openings (default: a fresh random one)."""
     policy = settings.policy or cfg.policy
+    profile = settings.default_profile
     chosen = {
         "default_sharing": settings.default_sharing or cfg.default_sharing,
-        "default_profile": cfg.default_profile if settings.default_profile is None else settings.default_profile,
-    }  # fmt: skip
+        "default_profile": cfg.default_profile if profile is None else profile,
+    }
     start = day_start(settings.start, cfg.start, cfg.dt_h, now)
     cfg = cfg.model_copy(update={"policy": policy, "start": iso(start), **chosen})
     feeder = feeder_of(cfg.feeder)
