@@ -83,9 +83,8 @@ def test_default_envelopes_are_safe_together_and_contain_zero(cfg: CoordinatorCo
     from p2pdoe.core.agreement.coordination import connection_facts
 
     view = network_view(cfg, feeder, [connection_facts(s, feeder, cfg.intervals) for s in cfg.sites])
-    lo = np.repeat(d.lo_kw[:, None], cfg.intervals, axis=1)
-    up = np.repeat(d.up_kw[:, None], cfg.intervals, axis=1)
-    assert is_safe(safe_set(view), lo, up)
+    assert d.lo_kw.shape == d.up_kw.shape == (len(cfg.sites), cfg.intervals)
+    assert is_safe(safe_set(view), d.lo_kw, d.up_kw)
     assert np.all(d.lo_kw <= 1e-6)
     assert np.all(d.up_kw >= -1e-6)
     assert np.all(d.up_kw - d.lo_kw > 1.0)  # every site gets a usable box
@@ -107,8 +106,7 @@ def test_a_round_without_a_site_grants_boxes_safe_with_it_anywhere_in_its_defaul
     big = np.full((len(setup.sites), horizon), 1e4)
     grant = grid.solve(-big, big)  # every participant asks for everything
     ids = [s.id for s in cfg.sites]
-    lo = np.repeat(d.lo_kw[:, None], horizon, axis=1)
-    up = np.repeat(d.up_kw[:, None], horizon, axis=1)
+    lo, up = d.lo_kw.copy(), d.up_kw.copy()
     for c, site in enumerate(setup.sites):
         lo[ids.index(site)], up[ids.index(site)] = grant.lo[c], grant.up[c]
     assert is_safe(safe_set(setup.view), lo, up)

@@ -98,7 +98,7 @@ def test_sites_fall_back_as_their_envelopes_expire_and_resume_when_the_coordinat
                 doe = next(d for d in reversed(cached) if d.start < m.ts <= d.end)
                 assert (m.envelope, m.lo_kw, m.up_kw) == ("dynamic", doe.lo_kw, doe.up_kw), m
             elif expires < m.ts <= restarted:
-                assert (m.envelope, m.lo_kw, m.up_kw) == ("default", default.lo_kw, default.up_kw), m
+                assert (m.envelope, m.lo_kw, m.up_kw) == ("default", *default.box_at(m.ts)), m
             elif m.ts > restarted:
                 assert m.envelope == "dynamic", m
         # Its status said so as it switched: default within a reading of the expiry, dynamic again

@@ -288,8 +288,14 @@ def test_a_site_that_never_starts_is_left_on_its_default_envelope(
     assert_safe(results)
 
     default = next(e for e in runtime.default_envelopes if e.id == absent)
+    assert default.lo_profile_kw is not None
+    assert default.up_profile_kw is not None
     for kind in ("doe", "doe/default"):
         doe = decode_runtime(retained[topics.site(absent, kind)])
         assert isinstance(doe, Doe)
         assert (doe.site, doe.round) == (absent, None)
-        assert (doe.lo_kw, doe.up_kw) == pytest.approx((default.lo_kw, default.up_kw))
+        t = round((doe.start - datetime.fromisoformat(results.start)).total_seconds() / 3600 / results.dt_h)
+        steps = doe.steps_kw or [(doe.lo_kw, doe.up_kw)]  # the day's profile, or one interval's box
+        boxes = list(zip(default.lo_profile_kw, default.up_profile_kw, strict=True))[t : t + len(steps)]
+        assert len(boxes) == len(steps)
+        assert all(a == pytest.approx(b) for a, b in zip(steps, boxes, strict=True))

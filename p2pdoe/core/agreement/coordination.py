@@ -11,7 +11,7 @@ where the network allows, the rest of the room shared by the DSO's rule (`alloca
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -48,6 +48,11 @@ class Defaults:
     up_kw: FloatArray
     need_kw: FloatArray  # (C, T) import to stay whole
     shortfalls: tuple[Shortfall, ...] = ()  # sites whose default cannot hold that need
+
+    def from_interval(self, offset: int) -> Defaults:
+        """The defaults over intervals offset..T-1 (a rolling round's remaining horizon)."""
+        cut = {name: getattr(self, name)[:, offset:] for name in ("lo_kw", "up_kw", "need_kw")}
+        return replace(self, **cut)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,10 @@ def round_setup(
     if cfg.policy != "none":
         safe = safe_set(view)
         if len(taking_part) < len(ids):
+            if defaults.lo_kw.shape[1] != cfg.intervals:
+                raise ValueError(
+                    f"defaults of {defaults.lo_kw.shape[1]} intervals, a round of {cfg.intervals}"
+                )
             safe = with_sites_fixed(safe, view, np.array(taking_part), defaults.lo_kw, defaults.up_kw)
         x_min = np.array([facts[i].x_min for i in taking_part])
         x_max = np.array([facts[i].x_max for i in taking_part])
@@ -259,8 +268,14 @@ def remaining_coordinator_config(cfg: CoordinatorConfig, offset: int) -> Coordin
             "background_kvar": [row[offset:] for row in cfg.background_kvar],
             "price_import_eur_per_kwh": cfg.price_import_eur_per_kwh[offset:],
             "price_export_eur_per_kwh": cfg.price_export_eur_per_kwh[offset:],
+            "sites": [_remaining_site(s, offset) for s in cfg.sites],
         }
     )
+
+
+def _remaining_site(site: ConnectedSite, offset: int) -> ConnectedSite:
+    need = site.stay_whole_import_kw
+    return site if need is None else site.model_copy(update={"stay_whole_import_kw": need[offset:]})
 
 
 def remaining_registration(reg: Registration, offset: int) -> Registration:

@@ -146,8 +146,9 @@ class Rolling:
         sites = tuple(s for s in ctx.site_ids if s not in left_out and s in registrations)
         warm = None if prev is None else prev.warm_for(t, sites)
         rho = None if prev is None else prev.rho
+        defaults = ctx.defaults.from_interval(t)
         return round_setup(
-            cfg, ctx.feeder, registrations, left_out, ctx.defaults, round_id, warm=warm, rho=rho,
+            cfg, ctx.feeder, registrations, left_out, defaults, round_id, warm=warm, rho=rho,
             epoch=ctx.epoch,
         )  # fmt: skip
 
