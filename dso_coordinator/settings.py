@@ -18,6 +18,7 @@ class CoordinatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="P2PDOE_DSO_", extra="forbid")
 
     coordinator_config: Path  # the network and the connected sites (`p2pdoe site-config`)
+    session_expiry_s: Annotated[int, Field(ge=0, le=7 * 86_400)] = 86_400
     round: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = "day-ahead"
     policy: Literal["dynamic", "static", "none"] | None = None  # default: the configuration's
     default_sharing: DefaultSharing | None = None  # default: the configuration's

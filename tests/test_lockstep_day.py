@@ -143,9 +143,9 @@ def test_a_coordinator_frozen_for_60_seconds_mid_day_goes_on(
     """The coordinator SIGSTOPped for 60 s once the day's second round has run: longer than the
     broker's keepalive (its session is dropped and its will published) and the granter's silence
     timeout (the day steps on without it). Before, it exited on resume ("not currently connected").
-    Now it reconnects and ends the day: results written, no sustained violation, and what it missed
-    while away listed with its cause (settlements sent while its session was gone: a clean session
-    keeps nothing; persistent sessions are issue 16's)."""
+    Now it reconnects and ends the day: results written, no sustained violation, and every
+    settlement sent while it was away is delivered when it is back (its persistent session; with a
+    clean one they were lost and listed as missing)."""
     out = tmp_path / "demo"
     runner, result = _demo_in_background(mosquitto_broker, out, RealTime(hours=1.0, silence_timeout_s=30.0))
     _wait_for(lambda: "interval 2:" in _log(out, "dso-coordinator"), 600, "the day's second round")
@@ -164,9 +164,8 @@ def test_a_coordinator_frozen_for_60_seconds_mid_day_goes_on(
     assert "Traceback" not in coordinator
     assert "dso: silent" in _log(out, "clock")  # the granter named it and stepped on without it
     settled = {(s.site, s.interval_start) for s in day.settlements}
-    missing = sum(len(starts) for starts in day.missing_settlements.values())
-    assert len(settled) + missing == 4 * 6  # every interval settled or listed
-    assert len(day.unsettled) == missing  # each with its cause
+    assert len(settled) == 4 * 6  # queued by the broker for its persistent session while it was away
+    assert day.missing_settlements == {}
 
 
 def _demo_in_background(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from p2pdoe.services.broker import Broker
-from p2pdoe.services.transport import Backoff, InboundMessage, MqttTransport
+from p2pdoe.services.transport import Backoff, InboundMessage, LastWill, MqttTransport
 
 FAST = Backoff(initial_s=0.05, cap_s=0.3, max_attempts=100)
 
@@ -92,3 +92,31 @@ def test_two_clients_with_one_id_slow_their_duel_down(mosquitto_broker: Broker) 
             assert max(a._session.flapping, b._session.flapping) >= 3
 
     run(scenario(), timeout_s=40)
+
+
+@pytest.mark.parametrize("expiry_s", [60, 0])
+def test_a_persistent_session_gets_what_was_sent_while_it_was_away(
+    mosquitto_broker: Broker, expiry_s: int
+) -> None:
+    """A service with a session expiry (the coordinator's and the edge agents' default) finds, when
+    it is back (here a new process: it opens with a v5 probe), the QoS 1 messages sent while it was
+    away; with a clean session (0) they are gone."""
+    url = mosquitto_broker.url
+    will = LastWill("away/status", b"offline")
+
+    def keeper() -> MqttTransport:
+        return MqttTransport(url, "keeper", backoff=FAST, will=will, session_expiry_s=expiry_s)
+
+    async def scenario() -> None:
+        async with keeper() as away:
+            await away.subscribe("away/x")
+        async with MqttTransport(url, "sender", backoff=FAST) as sender:
+            await sender.publish("away/x", b"while away", qos=1)
+        async with keeper() as back:
+            if expiry_s:
+                assert (await next_message(back)).payload == b"while away"
+            else:
+                with pytest.raises(TimeoutError):
+                    await next_message(back, 1.0)
+
+    run(scenario(), timeout_s=30)

@@ -103,8 +103,10 @@ class LockstepClock:
     async def start(self) -> None:
         """Subscribe to the grant and status topics, then say "joined" (retained, and again after
         every reconnect). Reads nothing: feed `on_message`."""
-        await self.transport.subscribe(topics.clock_grant(self.phase))
-        await self.transport.subscribe(topics.CLOCK_STATUS)
+        # QoS 0: a persistent session queues nothing of the clock while the member is away (only
+        # the latest grant counts: it is retained, and sent again at every subscription)
+        await self.transport.subscribe(topics.clock_grant(self.phase), qos=0)
+        await self.transport.subscribe(topics.CLOCK_STATUS, qos=0)
         await self._announce("joined")
 
     async def ready(self) -> None:

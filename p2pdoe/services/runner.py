@@ -92,6 +92,7 @@ def transport_for(
         will=will if signer is None else signer.signed_will(will),
         backoff=reconnect_backoff(settings.speed),
         keepalive_s=settings.keepalive_s,
+        session_expiry_s=settings.session_expiry_s,
     )
     inner: Transport = RetainedSweep(mqtt) if sweep_retained else mqtt
     return inner if signer is None else SignedTransport(inner, signer, trusted)

@@ -38,6 +38,9 @@ class ServiceSettings(BaseSettings):
     client_id: str | None = None  # default: the service's own id
     health_file: Path | None = None  # rewritten every 5 s: alive, and connected or not (services.health)
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    # > 0: a persistent MQTT session the broker keeps this long after a disconnect, queueing the QoS 1
+    # messages meant for this client meanwhile (the coordinator and the edge agents keep a day's)
+    session_expiry_s: Annotated[int, Field(ge=0, le=7 * 86_400)] = 0
     # End-to-end signatures (p2pdoe.services.signing): this identity's Ed25519 key, and the public
     # keys of every identity; with them, only authentic messages are believed.
     signing_key: Path | None = None

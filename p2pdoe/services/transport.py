@@ -119,6 +119,7 @@ class MqttTransport:
         keepalive_s: int = 30,
         timeout_s: float = 10.0,
         rng: random.Random | None = None,
+        session_expiry_s: int = 0,
     ) -> None:
         self._address = parse_broker_url(url)
         self.url = url
@@ -132,6 +133,7 @@ class MqttTransport:
         self._will = will
         self._keepalive_s = keepalive_s
         self._timeout_s = timeout_s
+        self._session_expiry_s = session_expiry_s  # > 0: the broker keeps the session this long
         self._session = MqttSession(
             protocol, has_will=will is not None, backoff=backoff or Backoff(), rng=rng or random.Random()
         )
@@ -260,6 +262,13 @@ class MqttTransport:
                 return
             yield item
 
+    def _connect_properties(self) -> Properties:
+        """A v5 CONNECT that asks the broker to keep the session (and queue QoS 1 messages) for
+        `session_expiry_s` after a disconnect."""
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self._session_expiry_s
+        return properties
+
     def _expiry(self, expiry_s: int | None) -> Properties | None:
         """The PUBLISH properties for a message expiry: on v5 only (3.1.1 has no such thing)."""
         if expiry_s is None or not self.is_v5:
@@ -290,16 +299,20 @@ class MqttTransport:
     def _make_client(self, attempt: Attempt) -> aiomqtt.Client:
         will = self._will if attempt.will else None
         v5 = attempt.protocol == "v5"
+        keep = self._session_expiry_s > 0 and not attempt.probe
         return aiomqtt.Client(
             self._address.host,
             self._address.port,
             username=self._username,
             password=self._password() if callable(self._password) else self._password,
-            identifier=self.client_id,
+            # a probe only asks whether the broker speaks v5: under an id of its own, so it neither
+            # takes over nor resumes (nor, being clean, wipes) this client's session
+            identifier=f"{self.client_id}-probe" if attempt.probe else self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1, retain=True),
-            clean_session=None if v5 else True,
-            clean_start=True if v5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_session=None if v5 else not keep,
+            clean_start=(not keep) if v5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties() if v5 and keep else None,
             keepalive=self._keepalive_s,
             timeout=self._timeout_s,
             tls_context=self._tls,
