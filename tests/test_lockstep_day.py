@@ -11,9 +11,11 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from realtime_helpers import read_journal
 
 from p2pdoe.cli.demo import RealTime, run_demo
 from p2pdoe.cli.virtual_day import VirtualDay
@@ -166,6 +168,23 @@ def test_a_coordinator_frozen_for_60_seconds_mid_day_goes_on(
     settled = {(s.site, s.interval_start) for s in day.settlements}
     assert len(settled) == 4 * 6  # queued by the broker for its persistent session while it was away
     assert day.missing_settlements == {}
+    # ... and each is the one its site journaled, to the cent, counted once
+    assert len(day.settlements) == len(settled)
+    for site in {x.site for x in day.settlements}:
+        journal = read_journal(out / "journal" / f"{site}.db").settlements
+        mine = {datetime.fromisoformat(x.interval_start): x for x in day.settlements if x.site == site}
+        assert {datetime.fromisoformat(k) for k in journal} == set(mine)
+        for start, row in journal.items():
+            x = mine[datetime.fromisoformat(start)]
+            _, measured_kwh, _, _, paid_eur, received_eur, grid_kwh, grid_eur = row
+            assert x.measured_kwh == pytest.approx(measured_kwh, abs=1e-9)
+            assert x.grid_kwh == pytest.approx(grid_kwh, abs=1e-9)
+            for theirs, ours in (
+                (x.p2p_paid_eur, paid_eur),
+                (x.p2p_received_eur, received_eur),
+                (x.grid_eur, grid_eur),
+            ):
+                assert round(theirs, 2) == round(ours, 2)
 
 
 def _demo_in_background(
