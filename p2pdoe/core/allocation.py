@@ -154,23 +154,26 @@ def _check_zero_fits(g: FloatArray, h: FloatArray, corner: Corner) -> None:
 def _shortfalls(
     g: FloatArray, h: FloatArray, corner: Corner, met: FloatArray, need: FloatArray, profile: bool
 ) -> tuple[Shortfall, ...]:
-    """Per short site: where it falls short and the limit every site's need together breaks most."""
+    """Per short site: where it falls short (static: where every need together breaks a limit it is
+    under) and the limit that every site's need together breaks most there."""
     excess = g @ need - h  # (K, T): > 0 where every need together breaks a row
     out = []
     for c in np.flatnonzero((met < need - TOL_KW).any(axis=1)):
-        rows = (excess > TOL_KW) & (g[:, c] > 0)[:, None]
-        if profile:
-            rows &= (met[c] < need[c] - TOL_KW)[None, :]
-        ks, ts = np.nonzero(rows)
-        worst = int(np.argmax(excess[ks, ts]))
+        under = g[:, c] > 0
+        when = met[c] < need[c] - TOL_KW if profile else (excess[under] > TOL_KW).any(axis=0)
+        if not when.any():  # a row met to within round-off: its tightest interval
+            when = excess[under].max(axis=0) >= excess[under].max()
+        k, _ = np.unravel_index(
+            int(np.argmax(np.where(under[:, None] & when, excess, -np.inf))), excess.shape
+        )
         gap = int(np.argmax(need[c] - met[c]))
         out.append(
             Shortfall(
                 site=int(c),
                 granted_kw=float(met[c, gap]),
                 need_kw=float(need[c, gap]),
-                intervals=tuple(sorted({int(t) for t in ts})),
-                limit=(corner.kind[ks[worst]], corner.element[ks[worst]]),
+                intervals=tuple(int(t) for t in np.flatnonzero(when)),
+                limit=(corner.kind[int(k)], corner.element[int(k)]),
             )
         )
     return tuple(out)
