@@ -174,7 +174,7 @@ def test_the_default_scenarios_evening_peak_is_named() -> None:
     _, d, view = _defaults(s, "max-min", profile=False)
     lines = shortfall_lines(d, view.feeder, datetime(2025, 6, 21, tzinfo=UTC), 3600)
     assert len(lines) == len(d.shortfalls) >= 1
-    assert any(line.startswith("the default envelope of campus-30 falls short") for line in lines)
+    assert any(line.startswith("the default envelope of campus-30 cannot hold") for line in lines)
     assert all("at 18:00-21:00 UTC" in line and "vmin limit at bus 18" in line for line in lines)
 
 

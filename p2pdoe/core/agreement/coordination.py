@@ -301,9 +301,9 @@ def shortfall_lines(defaults: Defaults, feeder: Feeder, start: datetime, interva
         )
         spans = ", ".join(f"{at(a)}-{at(b)}" for a, b in _runs(x.intervals))
         lines.append(
-            f"the default envelope of {defaults.sites[x.site]} falls short of what it needs to stay whole "
-            f"at {spans} UTC (import up to {x.granted_kw:.1f} of {x.need_kw:.1f} kW): every site's need "
-            f"together breaks the {kind} limit at {where}"
+            f"the default envelope of {defaults.sites[x.site]} cannot hold what it needs to stay whole "
+            f"(import up to {x.granted_kw:.1f} of {x.need_kw:.1f} kW): every site's need together breaks "
+            f"the {kind} limit at {where} at {spans} UTC"
         )
     return lines
 
