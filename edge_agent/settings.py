@@ -18,7 +18,9 @@ class EdgeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="P2PDOE_EDGE_", extra="forbid")
 
     site_config: Path  # this site's configuration (`p2pdoe site-config`): its own data only
-    session_expiry_s: Annotated[int, Field(ge=0, le=7 * 86_400)] = 86_400
+    # a clean session by default: what an edge hears is retained state or live, and a message queued
+    # while it was away is stale (a coordinator status queued for a restarted edge read as clock skew)
+    session_expiry_s: Annotated[int, Field(ge=0, le=7 * 86_400)] = 0
     rounds: Annotated[int, Field(ge=0)] = 0  # stop after this many finished rounds (0: run until stopped)
     report_every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # re-check the envelope, send telemetry
     # The real-time controller (see docs/realtime.md).
