@@ -269,8 +269,15 @@ def test_an_observer_of_the_broker_counts_what_the_coordinator_counts(four_hours
 @pytest.mark.slow
 def test_an_observer_of_the_broker_counts_the_violations_of_an_uncontrolled_site(tmp_path: Path) -> None:
     """solar-18's edge agent is killed for an hour: its plant keeps the last set-points while the
-    night's load and its battery move on, and it leaves its envelope for good. Both counts see it."""
+    night's load and its battery move on, and it leaves its envelope for good. Both counts see it.
+    (Its default is made to forbid import: recorded with no need to stay whole, the rest shared in
+    proportion to need. With a default that holds its need it would stay inside.)"""
     day, tape = day_of(tmp_path, 2.0)
+    c = S.ids.index("solar-18")
+    sites = [x.model_copy() for x in day.coordinator_config.sites]
+    sites[c] = sites[c].model_copy(update={"stay_whole_import_kw": [0.0] * S.horizon})
+    update = {"sites": sites, "default_sharing": "proportional-need"}
+    day.coordinator_config = day.coordinator_config.model_copy(update=update)
     day.at(timedelta(minutes=20), lambda: day.kill("edge-solar-18"))
     day.at(timedelta(minutes=80), lambda: day.start_edge("solar-18"))
     rt = realtime(day.run())
@@ -331,7 +338,7 @@ def test_sites_follow_their_cached_envelopes_then_the_default_and_resume_when_th
                 assert (h.msg.envelope, h.msg.lo_kw, h.msg.up_kw) == ("dynamic", doe.lo_kw, doe.up_kw), h.msg
             else:
                 assert (h.msg.envelope, h.msg.lo_kw, h.msg.up_kw) == (
-                    "default", default[site].lo_kw, default[site].up_kw
+                    "default", *default[site].box_at(ts)
                 ), h.msg  # fmt: skip
 
         # The restarted coordinator published the interval in force from its checkpoint at once.
