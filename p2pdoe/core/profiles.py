@@ -136,6 +136,14 @@ def resample(values: FloatArray, intervals: int) -> FloatArray:
     return np.repeat(values, intervals // n)
 
 
+def by_clock_hour(values: FloatArray, hours: FloatArray) -> FloatArray:
+    """`values` spread evenly over a 24 h day, read at local clock `hours` (a repeated hour repeats
+    its values, a skipped one is skipped). On a 24 h day this is `resample` to len(hours)."""
+    n = values.shape[0]
+    k = np.minimum((np.asarray(hours) * n / 24.0).astype(int), n - 1)
+    return np.asarray(values[k])
+
+
 def _cyclic_interp(hours: FloatArray, knots: FloatArray) -> FloatArray:
     x = np.arange(len(knots) + 1) + 0.5
     y = np.append(knots, knots[0])

@@ -6,13 +6,14 @@ frozen dataclasses. Shapes: T intervals, N buses, C communities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import numpy as np
 
 from p2pdoe.core import profiles
+from p2pdoe.core.calendar import Calendar, CalendarError, day_seed
 from p2pdoe.core.network import Feeder, FloatArray, electrical_distance_ohm
 from p2pdoe.core.powerflow import run_power_flow
 from p2pdoe.core.schemas import scenario as spec
@@ -146,12 +147,24 @@ class Scenario:
 
 
 def build_scenario(
-    s: spec.ScenarioSpec, feeder: Feeder, columns: Mapping[tuple[str, str], FloatArray]
+    s: spec.ScenarioSpec,
+    feeder: Feeder,
+    columns: Mapping[tuple[str, str], FloatArray],
+    day: date | None = None,
 ) -> Scenario:
-    """Resolve a spec against its feeder; `columns` maps (csv path, column) to values."""
+    """Resolve a spec against its feeder; `columns` maps (csv path, column) to values. `day`: the
+    scenario of that local date in the horizon's time zone instead of its own horizon: local midnight
+    to midnight (23 or 25 hours across a daylight-saving change), each generated profile under a seed
+    of that date (the horizon's own date keeps its seeds), fixed profiles read by local clock hour."""
     start = _parse_start(s.horizon.start)
-    hours = profiles.interval_hours(start.hour + start.minute / 60.0, s.horizon.intervals, s.horizon.dt_h)
-    shape = _ProfileResolver(hours, s.horizon.intervals, columns)
+    if day is None:
+        hours = profiles.interval_hours(start.hour + start.minute / 60.0, s.horizon.intervals, s.horizon.dt_h)
+        shape = _ProfileResolver(hours, s.horizon.intervals, columns)
+    else:
+        calendar = _calendar(s.horizon)
+        start, hours = calendar.start(day), calendar.local_hours(day)
+        anchor = calendar.day_of(_parse_start(s.horizon.start))
+        shape = _ProfileResolver(hours, len(hours), columns, lambda seed: day_seed(seed, day, anchor))
     fs = s.feeder
     rated = feeder.with_ratings(_ratings(feeder, fs.line_ratings, fs.v0_pu))
     bg = shape(fs.background_load.profile) * fs.background_load.peak_factor
@@ -177,18 +190,39 @@ def build_scenario(
     )
 
 
+def _calendar(h: spec.Horizon) -> Calendar:
+    if h.intervals * h.dt_h != 24:
+        raise ScenarioError(f"a day of its own needs a horizon of 24 hours, not {h.intervals} x {h.dt_h} h")
+    try:
+        return Calendar(h.timezone, round(h.dt_h * 3600))
+    except CalendarError as exc:
+        raise ScenarioError(f"horizon: {exc}") from None
+
+
 class _ProfileResolver:
-    def __init__(self, hours: FloatArray, intervals: int, columns: Mapping[tuple[str, str], FloatArray]):
+    """`seed_of`: a generated profile's seed on the day resolved (None: its own; by clock hour, then)."""
+
+    def __init__(
+        self,
+        hours: FloatArray,
+        intervals: int,
+        columns: Mapping[tuple[str, str], FloatArray],
+        seed_of: Callable[[int], int] | None = None,
+    ):
         self.hours, self.intervals, self.columns = hours, intervals, columns
+        self.seed_of = seed_of
 
     def __call__(self, p: spec.Profile) -> FloatArray:
+        seed = getattr(p, "seed", 0) if self.seed_of is None else self.seed_of(getattr(p, "seed", 0))
         if isinstance(p, spec.PvProfile):
-            return profiles.pv_shape(self.hours, p.sunrise_h, p.sunset_h, p.cloudiness, p.seed)
+            return profiles.pv_shape(self.hours, p.sunrise_h, p.sunset_h, p.cloudiness, seed)
         if isinstance(p, spec.WindProfile):
-            return profiles.wind_shape(self.hours, p.mean_speed_m_s, p.seed)
+            return profiles.wind_shape(self.hours, p.mean_speed_m_s, seed)
         if isinstance(p, spec.LoadProfile):
-            return profiles.load_shape(p.shape, self.hours, p.noise, p.seed)
+            return profiles.load_shape(p.shape, self.hours, p.noise, seed)
         values = np.asarray(p.values, dtype=float) if isinstance(p, spec.ValuesProfile) else self._csv(p)
+        if self.seed_of is not None:
+            return profiles.by_clock_hour(values, self.hours)
         try:
             return profiles.resample(values, self.intervals)
         except ValueError as exc:

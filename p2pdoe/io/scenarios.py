@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import replace
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,21 +72,24 @@ def _validate(raw: dict[str, Any], overrides: dict[str, Any] | None, where: str)
         raise ScenarioError(f"{where}: {first_error(exc, '(top level)')}") from exc
 
 
-def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> Scenario:
-    """A named scenario (`default`, `synthetic-N[-peersK][-seedS]`) or a scenario file."""
+def load_scenario(
+    name_or_path: str, overrides: dict[str, Any] | None = None, day: date | None = None
+) -> Scenario:
+    """A named scenario (`default`, `synthetic-N[-peersK][-seedS]`) or a scenario file; `day`: its
+    day of that local date instead of its own horizon (p2pdoe.core.scenario.build_scenario)."""
     if name_or_path not in NAMED_SCENARIOS and not Path(name_or_path).exists():
         generated = synthetic_from_name(name_or_path)
         if generated is not None:
             spec = _validate(generated, overrides, name_or_path)
             try:
-                return build_scenario(spec, load_feeder(spec.feeder.source), {})
+                return build_scenario(spec, load_feeder(spec.feeder.source), {}, day)
             except ScenarioError as exc:
                 raise ScenarioError(f"{name_or_path}: {exc}") from exc
     path = scenario_path(name_or_path)
     spec = read_spec(path, overrides)
     try:
         feeder = load_feeder(spec.feeder.source, relative_to=path.parent)
-        return build_scenario(spec, feeder, _csv_columns(spec, path.parent))
+        return build_scenario(spec, feeder, _csv_columns(spec, path.parent), day)
     except ScenarioError as exc:
         message = str(exc)
         raise ScenarioError(message if str(path) in message else f"{path}: {message}") from exc

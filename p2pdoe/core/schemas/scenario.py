@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from p2pdoe.core.calendar import zone
 
 SCENARIO_SCHEMA_VERSION = 1
 
@@ -105,6 +107,15 @@ class Horizon(Model):
     intervals: Annotated[int, Field(ge=1, le=2880)] = 24
     dt_h: Annotated[float, Field(gt=0, le=24)] = 1.0
     start: str = "2026-06-21T00:00:00Z"
+    # The DSO's local time (IANA name): where its days begin, and the clock its profiles follow on a
+    # day of their own (p2pdoe.core.calendar); the scenario's own horizon starts at `start` anyway.
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        zone(name)  # a CalendarError (a ValueError to pydantic) names it
+        return name
 
 
 class TimeOfUse(Model):
