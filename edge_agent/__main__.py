@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--report-every-s", type=float, help="re-check the envelope and send telemetry (default 10)"
     )
+    p.add_argument(
+        "--forecast-file", type=Path, help="the integrator's forecast for the next rounds (a SiteForecast)"
+    )
     rt = p.add_argument_group("the real-time controller")
     rt.add_argument("--meter", action="store_true", default=None, help="read the meter and enforce envelopes")
     rt.add_argument("--meter-broker", help="the meter's broker (default: --broker)")
@@ -101,7 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             market = market_machine(config, margins(settings))
             count_refusals(transport, market.reader.dropped)
             service = EdgeService(
-                market, transport, clock, journal=journal, meter=meter, rounds=settings.rounds
+                market,
+                transport,
+                clock,
+                journal=journal,
+                meter=meter,
+                rounds=settings.rounds,
+                forecast_file=settings.forecast_file,
             )
             try:
                 await service.subscribe()

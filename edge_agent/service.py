@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.journal import Journal
@@ -40,7 +41,7 @@ from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
 from p2pdoe.core.effects import Fault, Heard, Send
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
-from p2pdoe.core.schemas.runtime import MeterReading
+from p2pdoe.core.schemas.runtime import MeterReading, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.clock import Clock
 from p2pdoe.services.shell import Shell, clock_divert
@@ -92,6 +93,7 @@ class EdgeService:
         meter: MqttMeter | None = None,
         rounds: int = 0,
         offload: bool = True,
+        forecast_file: Path | None = None,
     ):
         self.market = market
         self.realtime: EdgeRealtime | None = None
@@ -107,6 +109,8 @@ class EdgeService:
         self._journal_failing: str | None = None
         self._reading_wait = ReadingWait()
         self.failed_commands = 0
+        self.forecast_file = forecast_file  # read again at each opening when it changed
+        self._forecast_stamp: int | None = None
 
     async def run(self, realtime: EdgeRealtime) -> int:
         """Serve until stopped, the transport closes, or `rounds` rounds are reported."""
@@ -135,7 +139,7 @@ class EdgeService:
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(topics.round_open("+"), 1), (topics.grant("+"), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
-        subs += [(topics.site(self.site, k), 1) for k in ("doe", "doe/default", "status")] + [
+        subs += [(topics.site(self.site, k), 1) for k in ("doe", "doe/default", "status", "forecast")] + [
             (topics.DSO_STATUS, 1)
         ]
         if self.meter is not None and self.meter.transport is self.transport:
@@ -150,6 +154,9 @@ class EdgeService:
             return True
         parsed = topics.parse(m.topic)
         if parsed is not None and parsed.area == "market" and parsed.kind in _MARKET:
+            self._market_q.put_nowait(m)
+            return True
+        if m.topic == topics.site(self.site, "forecast"):  # in order with the openings it precedes
             self._market_q.put_nowait(m)
             return True
         if self.meter is not None and m.topic == self.meter.topic:
@@ -184,6 +191,11 @@ class EdgeService:
         try:
             while True:
                 m = await self._market_q.get()
+                if m.topic == topics.site(self.site, "forecast"):
+                    self._forecast(m.payload)
+                    continue
+                if self.forecast_file is not None and m.topic.endswith("/open"):
+                    self._forecast_from_file(self.forecast_file)
                 msg = self.market.read(Heard(m.topic, m.payload, m.retained))
                 if msg is None:
                     continue
@@ -201,6 +213,24 @@ class EdgeService:
         except Exception as exc:
             log.exception("%s: the market lane failed", self.site)
             self.shell.stop(error=exc)
+
+    def _forecast(self, payload: bytes) -> None:
+        msg = self.market.reader.runtime(payload)
+        if msg is not None and not isinstance(msg, SiteForecast):
+            self.market.reader.dropped["sender_not_topic"] += 1
+        elif isinstance(msg, SiteForecast):
+            self.market.feed_forecast(msg)
+
+    def _forecast_from_file(self, path: Path) -> None:
+        """The forecast file, read again whenever it changed (an integrator's job rewrites it)."""
+        try:
+            stamp = path.stat().st_mtime_ns
+            if stamp == self._forecast_stamp:
+                return
+            self._forecast_stamp = stamp
+            self._forecast(path.read_bytes())
+        except OSError as exc:
+            log.warning("%s: forecast file %s unreadable: %s", self.site, path, exc)
 
     def _snapshot(self) -> Controller | None:
         return None if self.realtime is None else self.realtime.snapshot()

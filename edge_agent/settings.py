@@ -23,6 +23,9 @@ class EdgeSettings(ServiceSettings):
     session_expiry_s: Annotated[int, Field(ge=0, le=7 * 86_400)] = 0
     rounds: Annotated[int, Field(ge=0)] = 0  # stop after this many finished rounds (0: run until stopped)
     report_every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # re-check the envelope, send telemetry
+    # The integrator's forecast (a SiteForecast as JSON), read again at each opening when it changed;
+    # the topic site/<id>/forecast carries the same (docs/runtime.md, "Forecasts").
+    forecast_file: Path | None = None
     # The real-time controller (see docs/realtime.md).
     meter: bool = False  # read the site's meter and enforce the envelope (else: agreement only)
     meter_broker: str | None = None  # the meter's MQTT broker (default: `broker`)

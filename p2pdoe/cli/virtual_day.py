@@ -207,8 +207,9 @@ class VirtualDay:
         _use_clock(transport, clock)
         count_refusals(transport, market.reader.dropped)
         service = EdgeService(
-            market, transport, clock, journal=journal, meter=MqttMeter(transport, site), offload=False
-        )
+            market, transport, clock, journal=journal, meter=MqttMeter(transport, site), offload=False,
+            forecast_file=settings.forecast_file,
+        )  # fmt: skip
 
         async def main() -> int:
             try:

@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROOT = "p2pdoe/v1"
-SITE_KINDS = ("doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints", "settlement")
+SITE_KINDS = (
+    "doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints", "settlement", "forecast",
+)  # fmt: skip
 
 
 def site(site_id: str, kind: str) -> str:

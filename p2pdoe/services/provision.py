@@ -163,10 +163,12 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
             "",
             f"user edge-{site}",
             *(f"topic write {own}/{k}" for k in ("status", "register", "telemetry", "meter", "setpoints")),
+            f"topic write {own}/forecast",  # the site's integrator, with the site's identity
             f"topic write {own}/settlement",
             f"topic write {ROOT}/market/+/proposal/{site}",
             f"topic write {ROOT}/market/+/report/{site}",
             *(f"topic read {own}/{k}" for k in ("doe", "doe/default", "setpoints", "meter", "status")),
+            f"topic read {own}/forecast",
             *(f"topic read {ROOT}/market/+/{k}" for k in ("open", "grant")),
             *(f"topic read {ROOT}/market/+/proposal/{p}" for p in site_peers),
             f"topic read {ROOT}/dso/status",

@@ -23,11 +23,13 @@ from p2pdoe.core.agreement.outcome import agreed_schedule
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.edge.commands import DayStarts
+from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.effects import Heard, Send
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.reader import MarketReader, Message, topic_of
 from p2pdoe.core.realtime.controller import Controller, Plan, plan_from
 from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode
+from p2pdoe.core.schemas.runtime import SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import Recent, remaining_config, site_qp, with_peers
 from p2pdoe.core.solution import Policy
@@ -77,6 +79,21 @@ class EdgeMarket:
         self.settled = 0
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self._early: list[Message] = []
+        self.forecast: SiteForecast | None = None  # the latest the integrator fed, for the next round
+
+    def feed_forecast(self, f: SiteForecast) -> bool:
+        """Keep `f` for the next round's opening, unless it is older than the one kept or cannot be
+        this site's (dropped, counted and logged)."""
+        why = forecast_problem(self.config, f)
+        if why is not None:
+            self.reader.dropped["implausible"] += 1
+            log.warning("%s: dropped a forecast issued %s: %s", self.site, f.issued.isoformat(), why)
+            return False
+        if self.forecast is not None and f.issued < self.forecast.issued:
+            log.info("%s: dropped a forecast issued %s, older than the one kept", self.site, f.issued)
+            return False
+        self.forecast = f
+        return True
 
     def read(self, m: Heard) -> Message | None:
         """The message strictly decoded, or None (dropped and counted)."""
@@ -118,8 +135,8 @@ class EdgeMarket:
             self._over.add((r.id, r.epoch))
         start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
         out: list[Command] = []
-        config = self._config(start, msg.intervals, site)
-        if config is self.config:
+        config, whole_day = self._config(start, msg.intervals, site)
+        if whole_day:
             out.append(DayStarts(start))
         config = with_peers(config, set(msg.sites))
         qp = site_qp(config, Policy(msg.policy), self.margins)
@@ -135,12 +152,14 @@ class EdgeMarket:
             out += self._step(r, m)
         return out
 
-    def _config(self, start: datetime, intervals: int, ctl: Controller | None) -> SiteConfig:
-        """The site's configuration over a round's horizon: the whole day as configured, or the rest
-        of it from the measured state of charge, the flexible energy used so far and the forecasts
+    def _config(self, start: datetime, intervals: int, ctl: Controller | None) -> tuple[SiteConfig, bool]:
+        """The site's configuration over a round's horizon, and whether that is the whole day: the
+        whole day as configured (with the integrator's forecast where it covers it), or the rest of
+        it from the measured state of charge, the flexible energy used so far and the forecasts
         updated by the last interval."""
+        day = self._forecast_day()
         if ctl is None or ctl.intervals - intervals <= 0:
-            return self.config
+            return day, True
         offset = ctl.intervals - intervals
         soc = ctl.projected_soc(start)
         flex_used = ctl.flex_used_kwh + ctl.projected_flex_kwh(start)
@@ -148,7 +167,15 @@ class EdgeMarket:
         if ctl.last_means is not None and ctl.last_means[0] == offset - 1:
             m = ctl.last_means[1]
             recent = Recent(pv_kw=m.pv_kw, wind_kw=m.wind_kw, fixed_load_kw=m.fixed_load_kw)
-        return remaining_config(self.config, offset, soc, flex_used, recent)
+        return remaining_config(day, offset, soc, flex_used, recent), False
+
+    def _forecast_day(self) -> SiteConfig:
+        if self.forecast is None:
+            return self.config
+        day, covered = with_forecast(self.config, self.forecast)
+        f = self.forecast
+        log.info("%s: the forecast issued %s covers %d intervals", self.site, f.issued.isoformat(), covered)
+        return day
 
     def _step(self, r: RoundState, message: Message) -> list[Command]:
         t0 = self.stopwatch()

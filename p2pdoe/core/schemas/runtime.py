@@ -335,6 +335,37 @@ class SettlementRecord(Message):
     _ts_utc = field_validator("interval_start")(_utc)
 
 
+class SiteForecast(Message):
+    """A site's own forecast, fed by its integrator (topic site/<id>/forecast, retained, or a file):
+    `step_s`-long steps from `start`, each series optional (None: the configured profile stays).
+    The edge agent uses it in its next round, for the intervals it covers (docs/runtime.md)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["forecast"] = "forecast"
+    site: SiteId
+    issued: Moment
+    start: Moment
+    step_s: Annotated[int, Field(gt=0, le=86_400)]
+    pv_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
+    wind_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
+    fixed_load_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
+
+    _utc_times = field_validator("issued", "start")(_utc)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> SiteForecast:
+        lengths = {len(s) for s in (self.pv_kw, self.wind_kw, self.fixed_load_kw) if s is not None}
+        if not lengths:
+            raise ValueError("a forecast carries at least one of pv_kw, wind_kw, fixed_load_kw")
+        if len(lengths) > 1:
+            raise ValueError("every series of a forecast has one value per step")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return len(next(s for s in (self.pv_kw, self.wind_kw, self.fixed_load_kw) if s is not None))
+
+
 Runtime = (
     Doe
     | Registration
@@ -346,6 +377,7 @@ Runtime = (
     | MeterReading
     | SetPointMessage
     | SettlementRecord
+    | SiteForecast
 )
 RuntimeMessage = Annotated[Runtime, Field(discriminator="kind")]
 RUNTIME_ADAPTER: TypeAdapter[Runtime] = TypeAdapter(RuntimeMessage)
@@ -363,6 +395,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     MeterReading,
     SetPointMessage,
     SettlementRecord,
+    SiteForecast,
 )
 
 

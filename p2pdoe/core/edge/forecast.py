@@ -1,0 +1,83 @@
+"""A site's own forecast over its configured profiles: pure. Each interval the forecast covers whole
+gets the time-weighted mean of the steps over it; the others keep their configured values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from p2pdoe.core.schemas.runtime import SiteForecast
+from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.core.site import registration
+
+SERIES = ("pv_kw", "wind_kw", "fixed_load_kw")
+PEAK_FACTOR = 10.0  # a forecast above this many times the configured peak is refused
+TOLERANCE_KW = 1e-6
+
+
+def forecast_problem(config: SiteConfig, f: SiteForecast) -> str | None:
+    """Why `f` cannot be this site's forecast, or None."""
+    c = config.community
+    if f.site != c.id:
+        return f"it is {f.site}'s forecast"
+    for name in SERIES:
+        values, configured = getattr(f, name), getattr(c, name)
+        if values is None:
+            continue
+        peak = max(configured, default=0.0)
+        if peak == 0.0 and max(values) > 0.0:
+            return f"{name} forecasts a generator or load the site's configuration does not have"
+        if max(values) > PEAK_FACTOR * peak:
+            over = f"over {PEAK_FACTOR:g} x its configured peak {peak:.1f} kW"
+            return f"{name} reaches {max(values):.1f} kW, {over}"
+    return _beyond_registration(config, f)
+
+
+def _beyond_registration(config: SiteConfig, f: SiteForecast) -> str | None:
+    """The coordinator checks every proposal against the ranges the site registered (from its
+    configuration): a forecast that widens them would get the site's proposals refused."""
+    before, after = registration(config), registration(with_forecast(config, f)[0])
+    low = np.asarray(after.technical_min_kw) < np.asarray(before.technical_min_kw) - TOLERANCE_KW
+    high = np.asarray(after.technical_max_kw) > np.asarray(before.technical_max_kw) + TOLERANCE_KW
+    bad = np.flatnonzero(low | high)
+    if bad.size == 0:
+        return None
+    t = int(bad[0])
+    now = f"[{after.technical_min_kw[t]:.1f}, {after.technical_max_kw[t]:.1f}]"
+    was = f"[{before.technical_min_kw[t]:.1f}, {before.technical_max_kw[t]:.1f}]"
+    return f"it widens the site's range in interval {t} to {now} kW beyond the {was} it registered"
+
+
+def with_forecast(config: SiteConfig, f: SiteForecast) -> tuple[SiteConfig, int]:
+    """`config` with `f` over the intervals it covers whole, and how many those are."""
+    c = config.community
+    start = datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC)
+    dt = timedelta(hours=config.dt_h)
+    covered = [t for t in range(len(c.pv_kw)) if _covers(f, start + t * dt, start + (t + 1) * dt)]
+    update: dict[str, list[float]] = {}
+    for name in SERIES:
+        values = getattr(f, name)
+        if values is None or not covered:
+            continue
+        series = list(getattr(c, name))
+        for t in covered:
+            series[t] = _mean(f, values, start + t * dt, start + (t + 1) * dt)
+        update[name] = series
+    if not update:
+        return config, 0
+    return config.model_copy(update={"community": c.model_copy(update=update)}), len(covered)
+
+
+def _covers(f: SiteForecast, a: datetime, b: datetime) -> bool:
+    return f.start <= a and b <= f.start + timedelta(seconds=f.steps * f.step_s)
+
+
+def _mean(f: SiteForecast, values: list[float], a: datetime, b: datetime) -> float:
+    """The time-weighted mean of the steps over [a, b)."""
+    lo, hi = (a - f.start).total_seconds(), (b - f.start).total_seconds()
+    total = 0.0
+    for j in range(int(lo // f.step_s), min(int(-(-hi // f.step_s)), f.steps)):
+        overlap = min(hi, (j + 1) * f.step_s) - max(lo, j * f.step_s)
+        total += values[j] * max(overlap, 0.0)
+    return total / (hi - lo)
