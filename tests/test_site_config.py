@@ -52,7 +52,7 @@ def test_a_site_file_holds_no_other_communitys_data(written: Path) -> None:
         doc = json.loads((written / "sites" / f"{site_id}.json").read_text())
         assert doc["community"]["id"] == site_id
         assert set(doc) == {
-            "schema_version", "kind", "scenario", "start", "dt_h", "price_import_eur_per_kwh",
+            "schema_version", "kind", "scenario", "start", "timezone", "dt_h", "price_import_eur_per_kwh",
             "price_export_eur_per_kwh", "community", "peers", "market",
         }  # fmt: skip
         assert all(set(p) == {"id", "fee_eur_per_kwh"} for p in doc["peers"])

@@ -82,10 +82,10 @@ class Calendar:
     def local_hours(self, day: date) -> np.ndarray:
         """The local clock hour (0-24) at the middle of each interval of `day`: profiles follow the
         local clock, so on a 25 h day the hour after 02:00 repeats."""
-        half = timedelta(seconds=self.dt_s / 2)
-        mids = (self.interval_start(day, t) + half for t in range(self.intervals(day)))
-        local = (m.astimezone(self.tz) for m in mids)
-        return np.array([m.hour + m.minute / 60.0 + m.second / 3600.0 for m in local])
+        return self.clock_hours(self.start(day), self.intervals(day))
+
+    def clock_hours(self, start: datetime, intervals: int) -> np.ndarray:
+        return clock_hours(self.tz, start, self.dt_s, intervals)
 
     def day_of(self, moment: datetime) -> date:
         """The local date in force at `moment`."""
@@ -100,6 +100,16 @@ class Calendar:
         """The first day whose day-ahead round has not yet opened at `now`."""
         day = self.day_of(now) + timedelta(days=1)
         return day if now < self.gate_closure_at(day) else day + timedelta(days=1)
+
+
+def clock_hours(tz: ZoneInfo, start: datetime, step_s: float, intervals: int) -> np.ndarray:
+    """The local clock hour (0-24) at the middle of each of `intervals` steps from `start`."""
+    hours = []
+    for t in range(intervals):
+        local = (start + timedelta(seconds=(t + 0.5) * step_s)).astimezone(tz).replace(tzinfo=None)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        hours.append((local - midnight).total_seconds() / 3600.0)
+    return np.array(hours)
 
 
 def round_id(day: date, kind: str = DAY_AHEAD) -> str:

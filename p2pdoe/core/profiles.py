@@ -94,11 +94,6 @@ _SHAPES: dict[str, list[float]] = {
 }
 
 
-def interval_hours(start_hour: float, intervals: int, dt_h: float) -> FloatArray:
-    """Clock hour (mod 24) at the middle of each interval, shape (T,)."""
-    return np.asarray((start_hour + (np.arange(intervals) + 0.5) * dt_h) % 24.0)
-
-
 def load_shape(name: str, hours: FloatArray, noise: float = 0.0, seed: int = 0) -> FloatArray:
     knots = np.asarray(_SHAPES[name])
     base = _cyclic_interp(hours, knots)

@@ -13,7 +13,7 @@ from datetime import date, datetime
 import numpy as np
 
 from p2pdoe.core import profiles
-from p2pdoe.core.calendar import Calendar, CalendarError, day_seed
+from p2pdoe.core.calendar import Calendar, CalendarError, clock_hours, day_seed, zone
 from p2pdoe.core.network import Feeder, FloatArray, electrical_distance_ohm
 from p2pdoe.core.powerflow import run_power_flow
 from p2pdoe.core.schemas import scenario as spec
@@ -136,6 +136,7 @@ class Scenario:
     communities: tuple[CommunityData, ...]
     market: MarketData
     admm: AdmmSettings
+    timezone: str = "UTC"  # the DSO's local time: where its days begin (p2pdoe.core.calendar)
 
     @property
     def horizon(self) -> int:
@@ -157,9 +158,10 @@ def build_scenario(
     to midnight (23 or 25 hours across a daylight-saving change), each generated profile under a seed
     of that date (the horizon's own date keeps its seeds), fixed profiles read by local clock hour."""
     start = _parse_start(s.horizon.start)
-    if day is None:
-        hours = profiles.interval_hours(start.hour + start.minute / 60.0, s.horizon.intervals, s.horizon.dt_h)
-        shape = _ProfileResolver(hours, s.horizon.intervals, columns)
+    if day is None:  # its own horizon, on the local clock
+        h = s.horizon
+        hours = clock_hours(zone(h.timezone), start, h.dt_h * 3600.0, h.intervals)
+        shape = _ProfileResolver(hours, h.intervals, columns)
     else:
         calendar = _calendar(s.horizon)
         start, hours = calendar.start(day), calendar.local_hours(day)
@@ -187,6 +189,7 @@ def build_scenario(
         communities=communities,
         market=_market(s.market, communities, rated),
         admm=admm_settings(s.admm),
+        timezone=s.horizon.timezone,
     )
 
 

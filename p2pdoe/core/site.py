@@ -27,6 +27,7 @@ def site_config(s: Scenario, c: int) -> cfg.SiteConfig:
     return cfg.SiteConfig(
         scenario=s.name,
         start=s.start.isoformat().replace("+00:00", "Z"),
+        timezone=s.timezone,
         dt_h=s.dt_h,
         price_import_eur_per_kwh=s.price_import.tolist(),
         price_export_eur_per_kwh=s.price_export.tolist(),
@@ -136,6 +137,7 @@ def coordinator_config(s: Scenario, policy: Policy = Policy.DYNAMIC) -> Coordina
     return CoordinatorConfig(
         scenario=s.name,
         start=s.start.isoformat().replace("+00:00", "Z"),
+        timezone=s.timezone,
         dt_h=s.dt_h,
         intervals=s.horizon,
         policy=policy.value,

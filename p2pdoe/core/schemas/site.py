@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from p2pdoe.core.calendar import zone
 
 Series = list[Annotated[float, Field(allow_inf_nan=False)]]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -68,6 +70,14 @@ class SiteConfig(Model):
     kind: Literal["site_config"] = "site_config"
     scenario: str
     start: str
+    timezone: str = "UTC"  # the DSO's local time: its days run from local midnight (core.calendar)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        zone(name)
+        return name
+
     dt_h: Annotated[float, Field(gt=0)]
     price_import_eur_per_kwh: Series
     price_export_eur_per_kwh: Series

@@ -1,0 +1,95 @@
+"""The configurations of any date, from those of one day: pure.
+
+A site's or the coordinator's configuration describes one typical day. For another date each series
+is read by local clock hour (the interval of the typical day at the nearest clock hour), so the day
+has its own 23, 24 or 25 hours of intervals (p2pdoe.core.calendar); the flexible load's daily energy
+scales with the day's hours. The date's own forecasts then come on top: a site's integrator feeds
+them (p2pdoe.core.edge.forecast), a simulated bench draws them from the scenario of that date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+
+import numpy as np
+
+from p2pdoe.core.calendar import Calendar
+from p2pdoe.core.schemas.coordinator import CoordinatorConfig
+from p2pdoe.core.schemas.site import SiteConfig
+
+
+def calendar_of(config: SiteConfig | CoordinatorConfig, gate_closure: str = "12:00") -> Calendar:
+    return Calendar(config.timezone, round(config.dt_h * 3600), gate_closure)
+
+
+def clock_hour_map(calendar: Calendar, start: str, intervals: int, day: date) -> np.ndarray:
+    """For each interval of `day`, the interval of the typical day (from `start`) at the nearest local
+    clock hour (cyclic; the earlier on a tie)."""
+    own = datetime.fromisoformat(start.replace("Z", "+00:00")).astimezone(UTC)
+    source = calendar.clock_hours(own, intervals)
+    target = calendar.local_hours(day)
+    gap = np.abs(target[:, None] - source[None, :])
+    return np.asarray(np.argmin(np.minimum(gap, 24.0 - gap), axis=1))
+
+
+def _pick(values: Sequence[float], k: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=float)[k]]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def site_config_on(config: SiteConfig, day: date, calendar: Calendar | None = None) -> SiteConfig:
+    """`config`'s typical day on `day`: series by local clock hour, the flexible energy scaled."""
+    cal = calendar or calendar_of(config)
+    c = config.community
+    k = clock_hour_map(cal, config.start, len(c.pv_kw), day)
+    f = c.flexible_load
+    flex = f.model_copy(
+        update={
+            "preferred_kw": _pick(f.preferred_kw, k),
+            "energy_kwh": f.energy_kwh * len(k) / len(c.pv_kw),
+        }
+    )
+    community = c.model_copy(
+        update={
+            "pv_kw": _pick(c.pv_kw, k),
+            "wind_kw": _pick(c.wind_kw, k),
+            "fixed_load_kw": _pick(c.fixed_load_kw, k),
+            "flexible_load": flex,
+        }
+    )
+    return config.model_copy(
+        update={
+            "start": _iso(cal.start(day)),
+            "price_import_eur_per_kwh": _pick(config.price_import_eur_per_kwh, k),
+            "price_export_eur_per_kwh": _pick(config.price_export_eur_per_kwh, k),
+            "community": community,
+        }
+    )
+
+
+def coordinator_config_on(
+    cfg: CoordinatorConfig, day: date, calendar: Calendar | None = None
+) -> CoordinatorConfig:
+    """`cfg`'s typical day on `day`: background load, tariffs and needs by local clock hour."""
+    cal = calendar or calendar_of(cfg)
+    k = clock_hour_map(cal, cfg.start, cfg.intervals, day)
+    sites = [
+        s
+        if s.stay_whole_import_kw is None
+        else s.model_copy(update={"stay_whole_import_kw": _pick(s.stay_whole_import_kw, k)})
+        for s in cfg.sites
+    ]
+    update = {
+        "start": _iso(cal.start(day)),
+        "intervals": len(k),
+        "background_kw": [_pick(row, k) for row in cfg.background_kw],
+        "background_kvar": [_pick(row, k) for row in cfg.background_kvar],
+        "price_import_eur_per_kwh": _pick(cfg.price_import_eur_per_kwh, k),
+        "price_export_eur_per_kwh": _pick(cfg.price_export_eur_per_kwh, k),
+        "sites": sites,
+    }
+    return CoordinatorConfig.model_validate({**cfg.model_dump(), **update})
