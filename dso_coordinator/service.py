@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from dso_coordinator.checkpoint import load, save
 from dso_coordinator.results import distributed_results, realtime_results
 from dso_coordinator.settings import CoordinatorSettings
+from p2pdoe.analysis.summary import day_summary
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
@@ -27,7 +28,7 @@ from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
 from p2pdoe.core.coordinator.rounds import Agreement
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
-from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.results import DaySummary, Results
 from p2pdoe.core.schemas.runtime import DsoStatus
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.services.clock import Clock
@@ -156,17 +157,40 @@ class CoordinatorService:
 
     async def _write(self, results: Results) -> None:
         if self.settings.out is not None:
-            self.written = write_results(results, self.settings.out)
-            log.info("wrote %s", self.written)
+            summary = day_summary(results, self.ctx.cfg.timezone)
+            self.written = await self._off_loop(write_results, results, self.settings.out, summary)
+            log.info("wrote %s and results/%s.json", self.written, summary.date)
+            if results.realtime is not None:
+                log.info("%s", summary_line(summary))
 
 
-def write_results(results: Results, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(results.model_dump_json(indent=1), encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a file
+def write_results(results: Results, out: Path, summary: DaySummary | None = None) -> Path:
+    """OUT/results.json (the latest day); with its summary also OUT/results/<date>.json and
+    OUT/results/<date>.summary.json (a file per day, kept)."""
+    text = results.model_dump_json(indent=1)
+    if summary is not None:
+        _replace(out / "results" / f"{summary.date}.json", text)
+        _replace(out / "results" / f"{summary.date}.summary.json", summary.model_dump_json(indent=1))
+    return _replace(out / "results.json", text)
+
+
+def _replace(path: Path, text: str) -> Path:
+    """Written whole: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
     return path
+
+
+def summary_line(s: DaySummary) -> str:
+    worst = "" if s.worst_violation_kw is None else f" (worst {s.worst_violation_kw:.1f} kW)"
+    return (
+        f"{s.date}: {s.intervals} intervals, day-ahead {s.day_ahead_status or 'none'} "
+        f"({s.sites_agreed} sites agreed), {s.rolling_rounds} rolling rounds ({s.failed_rounds} failed), "
+        f"{s.settlements} settlements ({s.missing_settlements} missing), "
+        f"{s.sustained_violations} sustained violations{worst}"
+    )
 
 
 def log_round(agreement: Agreement, results: Results) -> None:

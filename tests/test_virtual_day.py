@@ -45,7 +45,7 @@ from p2pdoe.cli.virtual_day import VirtualDay, unsigned
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.realtime.observer import ViolationObserver
-from p2pdoe.core.schemas.results import RealtimeInfo, Results
+from p2pdoe.core.schemas.results import DaySummary, RealtimeInfo, Results
 from p2pdoe.core.schemas.runtime import (
     Doe,
     DsoStatus,
@@ -126,6 +126,29 @@ class Ran:
 def four_hours(tmp_path_factory: pytest.TempPathFactory) -> Ran:
     day, tape = day_of(tmp_path_factory.mktemp("four-hours"), HOURS)
     return Ran(day, tape, day.run())
+
+
+@pytest.mark.slow
+def test_the_day_is_kept_under_its_date_with_a_summary_that_agrees_with_the_journals(four_hours: Ran) -> None:
+    """OUT/results/<date>.json is the day's results.json; its summary's settled energy and money
+    are the edge journals' own sums, to the cent."""
+    root, results = four_hours.day.root, four_hours.results
+    kept = Results.model_validate_json((root / "results" / "2026-06-21.json").read_bytes())
+    assert kept == results
+    summary = DaySummary.model_validate_json((root / "results" / "2026-06-21.summary.json").read_bytes())
+    rt = realtime(results)
+    assert (summary.date, summary.start, summary.intervals) == ("2026-06-21", results.start, S.horizon)
+    assert (summary.settlements, summary.missing_settlements) == (len(rt.settlements), 0)
+    assert summary.sustained_violations == rt.envelope_violations.count == 0
+    assert summary.sites_agreed == len(S.ids)
+    assert summary.rolling_rounds == len(rt.intervals) > 0
+    rows = [r for site in S.ids for r in read_journal(four_hours.day.journal(site)).settlements.values()]
+    assert len(rows) == summary.settlements
+    grid = [float(r[6]) for r in rows]  # grid_kwh: exported (+), imported (-)
+    assert summary.measured_grid_import_kwh == pytest.approx(-sum(g for g in grid if g < 0), abs=0.005)
+    assert summary.measured_grid_export_kwh == pytest.approx(sum(g for g in grid if g > 0), abs=0.005)
+    net = sum(float(r[4]) - float(r[5]) + float(r[7]) for r in rows)  # paid - received + grid
+    assert summary.net_cost_eur == pytest.approx(net, abs=0.01)
 
 
 @pytest.mark.slow

@@ -321,3 +321,36 @@ class Results(Model):
     solver: SolverResult
     runtime: RuntimeInfo | None = None
     realtime: RealtimeInfo | None = None
+
+
+class DaySummary(Model):
+    """A day in a few numbers, beside its results (results/<date>.json): what an operator reads
+    first each morning. Energies in kWh, money in EUR; measured figures None without a real-time day."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["day_summary"] = "day_summary"
+    date: str  # the DSO's local date
+    timezone: str
+    start: str  # UTC
+    end: str
+    intervals: int
+    day_ahead_round: str | None  # the agreement the day began with (None: the defaults stood)
+    day_ahead_status: str | None
+    day_ahead_iterations: int
+    sites_agreed: int
+    sites_excluded: int
+    objective_eur: float  # the day-ahead agreement's
+    p2p_traded_kwh: float  # scheduled
+    rolling_rounds: int
+    failed_rounds: int
+    settlements: int
+    missing_settlements: int
+    sustained_violations: int | None
+    worst_violation_kw: float | None
+    envelope_switches: int | None
+    measured_grid_import_kwh: float | None  # from the settlements
+    measured_grid_export_kwh: float | None
+    net_cost_eur: float | None  # every site's settled net cost together
+    measured_vmin_pu: float | None  # AC power flow of the measured injections
+    measured_vmax_pu: float | None
+    measured_max_loading_pct: float | None
