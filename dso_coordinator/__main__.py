@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dso_coordinator.service import CoordinatorService, build_machine, dso_status, offline_will
+from dso_coordinator.service import CoordinatorService, coordinator_machine, dso_status, offline_will
 from dso_coordinator.service import write_results as write_results
 from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.core import topics
@@ -83,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             service = CoordinatorService(transport, clock, settings)
             try:
                 async with running_clock(clock, service.shell):
-                    machine = build_machine(cfg, settings, clock.now())
-                    count_refusals(transport, machine.reader.dropped)
+                    machine = coordinator_machine(
+                        cfg,
+                        settings,
+                        clock.now(),
+                        built=lambda m: count_refusals(transport, m.reader.dropped),
+                    )
                     return await service.run(machine)
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)
                 with contextlib.suppress(Exception):

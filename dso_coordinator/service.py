@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,10 +22,13 @@ from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.analysis.summary import day_summary
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
+from p2pdoe.core.calendar import round_id
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
+from p2pdoe.core.coordinator.days import CoordinatorDays
 from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
 from p2pdoe.core.coordinator.rounds import Agreement
+from p2pdoe.core.day_configs import calendar_of, coordinator_config_on
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import DaySummary, Results
@@ -86,6 +89,53 @@ def build_machine(
     return CoordinatorMachine(ctx, time.perf_counter, resume)
 
 
+def coordinator_machine(
+    cfg: CoordinatorConfig,
+    settings: CoordinatorSettings,
+    now: datetime,
+    epoch: str | None = None,
+    built: Callable[[CoordinatorMachine], None] | None = None,
+    *,
+    days: int = 1,
+    gate_closure: str = "12:00",
+) -> CoordinatorMachine | CoordinatorDays:
+    """One day's machine, or with `days` other than 1 the days one after another (0: until
+    stopped), each day's machine built from its date's configuration (`built` is told of each),
+    the next day's opening at `gate_closure` (local time) the day before. Not yet a service option:
+    edge agents do not roll over to the next day yet."""
+    if days == 1:
+        machine = build_machine(cfg, settings, now, epoch)
+        if built is not None:
+            built(machine)
+        return machine
+    if not settings.rolling or settings.hours is not None:
+        raise ConfigError("running day after day needs rolling real-time days and no hours limit")
+    calendar = calendar_of(cfg, gate_closure)
+    first = calendar.day_of(day_start(settings.start, cfg.start, cfg.dt_h, now))
+    shared_epoch = epoch or secrets.token_hex(4)  # one run: no day deletes another's openings
+
+    def build(day: date, at: datetime) -> CoordinatorMachine:
+        update = {
+            "start": iso(calendar.start(day)),
+            "round": round_id(day, settings.round),
+            "exit_after_day": False,
+            "exit_after_round": False,
+            "checkpoint": None if settings.checkpoint is None else dated(settings.checkpoint, day),
+        }
+        day_settings = settings.model_copy(update=update)
+        machine = build_machine(coordinator_config_on(cfg, day, calendar), day_settings, at, shared_epoch)
+        if built is not None:
+            built(machine)
+        return machine
+
+    return CoordinatorDays(calendar, build, first, days or None)
+
+
+def dated(path: Path, day: date) -> Path:
+    """A day's own file beside `path`: checkpoint.json -> checkpoint-2026-06-21.json."""
+    return path.with_name(f"{path.stem}-{day.isoformat()}{path.suffix}")
+
+
 class CoordinatorService:
     def __init__(
         self,
@@ -96,57 +146,53 @@ class CoordinatorService:
         offload: bool = True,
         divert: Callable[[InboundMessage], bool] | None = None,
     ):
-        self.machine: CoordinatorMachine | None = None
         self.transport = transport
         self.clock = clock
         self.settings = settings
         self.offload = offload
         self.shell = Shell(transport, clock, self._carry_out, offload, divert or clock_divert(clock))
-        self.agreement: Agreement | None = None
+        self.agreements: dict[datetime, Agreement] = {}  # by the day's start
         self.written: Path | None = None
 
-    async def run(self, machine: CoordinatorMachine) -> int:
-        self.machine = machine
+    async def run(self, machine: CoordinatorMachine | CoordinatorDays) -> int:
         return await self.shell.run(machine, machine.start(self.clock.now()), SUBSCRIPTIONS)
-
-    @property
-    def ctx(self) -> Context:
-        assert self.machine is not None
-        return self.machine.ctx
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)
 
     async def _carry_out(self, cmd: object) -> None:
         if isinstance(cmd, Save) and self.settings.checkpoint is not None:
-            await self._off_loop(save, self.settings.checkpoint, cmd.standing)  # fsync: off the loop
+            path = self.settings.checkpoint
+            if cmd.day is not None:  # a file per day: tomorrow's round must not replace today's
+                path = dated(path, cmd.day)
+            await self._off_loop(save, path, cmd.standing)  # fsync: off the loop
         elif isinstance(cmd, Agreed):
             protocol = str(getattr(self.transport, "protocol", "unknown"))
-            self.agreement = replace(cmd.agreement, protocol=protocol)
+            agreement = self.agreements[cmd.ctx.start] = replace(cmd.agreement, protocol=protocol)
             if cmd.write:
-                await self._write(await self._off_loop(self._day_ahead, self.agreement))
+                await self._write(await self._off_loop(self._day_ahead, cmd.ctx, agreement), cmd.ctx)
         elif isinstance(cmd, DayOver):
             await self._day_over(cmd)
 
-    def _day_ahead(self, agreement: Agreement) -> Results:
-        ctx = self.ctx
+    def _day_ahead(self, ctx: Context, agreement: Agreement) -> Results:
         results = distributed_results(ctx.cfg, ctx.defaults, agreement)
         log_round(agreement, results)
         return results
 
     async def _day_over(self, cmd: DayOver) -> None:
-        report = cmd.report
+        report, ctx = cmd.report, cmd.ctx
         speed = self.settings.speed if self.clock.kind == "scaled" else 1.0
-        info = await self._off_loop(realtime_results, self.ctx, report, self.clock.kind, speed)
-        if self.agreement is None:  # restarted mid-day: its part of the day only
+        info = await self._off_loop(realtime_results, ctx, report, self.clock.kind, speed)
+        agreement = self.agreements.pop(ctx.start, None)
+        if agreement is None:  # restarted mid-day: its part of the day only
             out = self.settings.out
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "realtime.json").write_text(info.model_dump_json(indent=1), encoding="utf-8")
                 log.info("wrote %s", out / "realtime.json")
         else:
-            day_ahead = await self._off_loop(self._day_ahead, self.agreement)
-            await self._write(day_ahead.model_copy(update={"realtime": info}))
+            day_ahead = await self._off_loop(self._day_ahead, ctx, agreement)
+            await self._write(day_ahead.model_copy(update={"realtime": info}), ctx)
         v = info.envelope_violations
         log.info(
             "the day is over: %d intervals, %d settlements, %d sustained violations, %d envelope switches, "
@@ -155,9 +201,9 @@ class CoordinatorService:
             len(report.failures),
         )  # fmt: skip
 
-    async def _write(self, results: Results) -> None:
+    async def _write(self, results: Results, ctx: Context) -> None:
         if self.settings.out is not None:
-            summary = day_summary(results, self.ctx.cfg.timezone)
+            summary = day_summary(results, ctx.cfg.timezone)
             self.written = await self._off_loop(write_results, results, self.settings.out, summary)
             log.info("wrote %s and results/%s.json", self.written, summary.date)
             if results.realtime is not None:

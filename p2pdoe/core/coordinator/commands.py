@@ -4,8 +4,10 @@ writes. The shell computes results (AC power flows) off the event loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 
 from p2pdoe.core.coordinator.books import DayBooks
+from p2pdoe.core.coordinator.context import Context
 from p2pdoe.core.coordinator.rounds import Agreement
 from p2pdoe.core.coordinator.standing import Standing
 from p2pdoe.core.schemas.results import RealtimeInterval
@@ -13,17 +15,21 @@ from p2pdoe.core.schemas.results import RealtimeInterval
 
 @dataclass(frozen=True)
 class Save:
-    """Save the standing agreement (the checkpoint a restarted coordinator resumes from)."""
+    """Save the standing agreement (the checkpoint a restarted coordinator resumes from); `day`: the
+    day's own file, when a coordinator runs day after day."""
 
     standing: Standing
+    day: date | None = None
 
 
 @dataclass(frozen=True)
 class Agreed:
-    """The day-ahead agreement, reports in; `write`: write results.json now (no real-time day)."""
+    """The day-ahead agreement, reports in; `write`: write results.json now (no real-time day).
+    `ctx`: the day's (a coordinator running day after day has two at a time)."""
 
     agreement: Agreement
     write: bool
+    ctx: Context
 
 
 @dataclass(frozen=True)
@@ -42,3 +48,4 @@ class DayOver:
     """The real-time day is over: write its results."""
 
     report: DayReport
+    ctx: Context

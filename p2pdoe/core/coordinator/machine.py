@@ -391,7 +391,7 @@ class CoordinatorMachine:
             setup, run.outcome, list(self.attempts), left_out, dict(self.registry.registrations),
             dict(self.reports), self.timings.copy(), dict(self.reader.dropped),
         )  # fmt: skip
-        out: list[Command] = [Agreed(self.agreement, write=not rules.rolling or rules.exit_after_round)]
+        out: list[Command] = [Agreed(self.agreement, not rules.rolling or rules.exit_after_round, ctx)]
         if rules.exit_after_round:
             self.phase = Phase.OVER
             return [*out, self.status(now), Exit(0)]
@@ -458,7 +458,7 @@ class CoordinatorMachine:
             self.agreement, self.books, rolling.intervals, (len(rolling.intervals) + 1) * self.ctx.cfg.dt_h,
             list(rolling.failures), self.day_ahead_late_s, dict(self.reader.dropped),
         )  # fmt: skip
-        out: list[Command] = [DayOver(report), self.status(now)]
+        out: list[Command] = [DayOver(report, self.ctx), self.status(now)]
         return [*out, Exit(0)] if self.ctx.rules.exit_after_day else out
 
     # --- status ----------------------------------------------------------------------------------

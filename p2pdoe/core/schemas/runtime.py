@@ -12,6 +12,7 @@ generation: up < 0) keeps its exact bounds in `lo_kw` / `up_kw`; the CSIP limits
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
@@ -106,6 +107,15 @@ class Doe(Message):
     def end(self) -> datetime:
         return self.start + timedelta(seconds=self.duration_s)
 
+    def joined(self, after: Doe) -> Doe:
+        """This default followed by `after`, which starts where this one ends: one default over both
+        (a profile on the steps both share), so a reader holding only the latest has both days."""
+        if after.site != self.site or after.start != self.end:
+            raise ValueError("a default is joined only to the same site's next one, from its end")
+        step = math.gcd(self.step_s or self.duration_s, after.step_s or after.duration_s)
+        steps = _split(self, step) + _split(after, step)
+        return Doe.from_profile(self.site, self.start, step, [a for a, _ in steps], [b for _, b in steps])
+
     def valid_at(self, moment: datetime) -> bool:
         """In force at `moment` (UTC): an envelope past its validity is never applied."""
         return self.start <= moment.astimezone(UTC) < self.end
@@ -116,6 +126,12 @@ class Doe(Message):
             return self.lo_kw, self.up_kw
         k = int((moment.astimezone(UTC) - self.start).total_seconds() // self.step_s)
         return self.steps_kw[min(max(k, 0), len(self.steps_kw) - 1)]
+
+
+def _split(doe: Doe, step: int) -> list[tuple[float, float]]:
+    if doe.steps_kw is None or doe.step_s is None:
+        return [(doe.lo_kw, doe.up_kw)] * (doe.duration_s // step)
+    return [box for box in doe.steps_kw for _ in range(doe.step_s // step)]
 
 
 def _check_profile(
