@@ -153,3 +153,53 @@ def test_the_safety_margin_widens_with_the_measured_prediction_error(config: Sit
         margins.append(ctl.errors.margin_kw(envelope))
     assert margins[0] == pytest.approx(1.0)  # max(0.5 kW, 1 % of 100 kW)
     assert 4.0 < margins[1] < 12.0  # about 2 x 4 kW, early in its running mean
+
+
+def test_the_next_day_agreed_ahead_waits_for_its_start_and_the_last_interval_is_settled_first(
+    config: SiteConfig,
+) -> None:
+    """The day-ahead round for tomorrow ends at noon today: today runs to its end, its last interval
+    is settled by the first reading after midnight, and that reading begins tomorrow's first."""
+    ctl = controller(config, step_s=30.0)
+    tomorrow = DAY + timedelta(days=1)
+    ctl.flex_used_kwh = 12.0
+    ctl.start_day(tomorrow, config.model_copy(update={"start": "2026-06-22T00:00:00Z"}))
+    assert (ctl.day_start, ctl.next_day is not None) == (DAY, True)
+    last = DAY + timedelta(hours=23, minutes=45)
+    settled = []
+    for k in range(1, 32):  # 23:45:30 .. 00:00:30 and on
+        step = ctl.on_reading(reading(config, last + timedelta(seconds=30 * k), -10.0))
+        assert step is not None
+        if step.settled is not None:
+            settled.append(step.settled.settlement.interval_start)
+        if last + timedelta(seconds=30 * k) <= tomorrow:
+            assert ctl.day_start == DAY  # a reading at midnight closes today's last step
+    assert settled == [last]
+    assert (ctl.day_start, ctl.next_day, ctl.flex_used_kwh) == (tomorrow, None, 0.0)
+    assert ctl.energy is not None
+    assert ctl.energy.start == tomorrow
+    assert ctl.energy.energy_kwh == pytest.approx(-10.0 * 30 / 3600)  # 00:00 .. 00:00:30 so far
+
+
+def test_a_day_that_began_already_is_taken_at_once(config: SiteConfig) -> None:
+    ctl = controller(config)
+    later = DAY + timedelta(hours=1)
+    ctl.start_day(later)
+    assert (ctl.day_start, ctl.next_day) == (later, None)
+
+
+def test_a_23_hour_day_brings_its_own_intervals(config: SiteConfig) -> None:
+    from datetime import date
+
+    from p2pdoe.core.calendar import Calendar
+    from p2pdoe.core.day_configs import site_config_on
+
+    cal = Calendar("Europe/Amsterdam", 900)
+    local = config.model_copy(update={"timezone": "Europe/Amsterdam", "start": "2026-03-27T23:00:00Z"})
+    ctl = Controller(
+        local, plant_spec(local), FallbackConfig(FIXED, 60.0), cal.start(date(2026, 3, 28)), 30.0
+    )
+    spring = date(2026, 3, 29)
+    ctl.start_day(cal.start(spring), site_config_on(local, spring, cal))
+    ctl.on_reading(reading(local, cal.start(spring) + timedelta(seconds=30), -10.0))
+    assert (ctl.day_start, ctl.intervals) == (cal.start(spring), 92)

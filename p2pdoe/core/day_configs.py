@@ -23,6 +23,15 @@ def calendar_of(config: SiteConfig | CoordinatorConfig, gate_closure: str = "12:
     return Calendar(config.timezone, round(config.dt_h * 3600), gate_closure)
 
 
+def daily_calendar(config: SiteConfig) -> Calendar | None:
+    """The calendar `config`'s days follow, if it describes one whole day on intervals that divide an
+    hour (else None: it holds for its own horizon only)."""
+    dt_s = round(config.dt_h * 3600)
+    if len(config.price_import_eur_per_kwh) * dt_s != 86_400 or 3600 % dt_s:
+        return None
+    return calendar_of(config)
+
+
 def clock_hour_map(calendar: Calendar, start: str, intervals: int, day: date) -> np.ndarray:
     """For each interval of `day`, the interval of the typical day (from `start`) at the nearest local
     clock hour (cyclic; the earlier on a tie)."""
@@ -50,7 +59,7 @@ def site_config_on(config: SiteConfig, day: date, calendar: Calendar | None = No
     flex = f.model_copy(
         update={
             "preferred_kw": _pick(f.preferred_kw, k),
-            "energy_kwh": f.energy_kwh * len(k) / len(c.pv_kw),
+            "energy_kwh": f.energy_kwh if len(k) == len(c.pv_kw) else f.energy_kwh * len(k) / len(c.pv_kw),
         }
     )
     community = c.model_copy(

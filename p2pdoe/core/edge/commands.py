@@ -10,6 +10,7 @@ from p2pdoe.core.realtime.controller import Plan
 from p2pdoe.core.realtime.plant import SetPoints
 from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement
 from p2pdoe.core.schemas.runtime import MeterReading
+from p2pdoe.core.schemas.site import SiteConfig
 
 # --- events of the real-time machine ---
 
@@ -28,9 +29,11 @@ class PlanAgreed:
 
 @dataclass(frozen=True)
 class DayStarts:
-    """A round over the whole day sets the day's start."""
+    """A round over a whole day sets that day's start and configuration (the day after the one
+    under way waits for its start: p2pdoe.core.realtime.controller)."""
 
     start: datetime
+    config: SiteConfig | None = None
 
 
 @dataclass(frozen=True)

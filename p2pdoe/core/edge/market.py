@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipa
 from p2pdoe.core.agreement.outcome import agreed_schedule
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.community import CommunityQP
+from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.edge.commands import DayStarts
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.effects import Heard, Send
@@ -80,6 +81,8 @@ class EdgeMarket:
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self._early: list[Message] = []
         self.forecast: SiteForecast | None = None  # the latest the integrator fed, for the next round
+        self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
+        self.own_start = datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC)
 
     def feed_forecast(self, f: SiteForecast) -> bool:
         """Keep `f` for the next round's opening, unless it is older than the one kept or cannot be
@@ -137,7 +140,7 @@ class EdgeMarket:
         out: list[Command] = []
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
-            out.append(DayStarts(start))
+            out.append(DayStarts(start, config))
         config = with_peers(config, set(msg.sites))
         qp = site_qp(config, Policy(msg.policy), self.margins)
         peers = tuple(p.id for p in config.peers)
@@ -153,26 +156,38 @@ class EdgeMarket:
         return out
 
     def _config(self, start: datetime, intervals: int, ctl: Controller | None) -> tuple[SiteConfig, bool]:
-        """The site's configuration over a round's horizon, and whether that is the whole day: the
-        whole day as configured (with the integrator's forecast where it covers it), or the rest of
-        it from the measured state of charge, the flexible energy used so far and the forecasts
-        updated by the last interval."""
-        day = self._forecast_day()
-        if ctl is None or ctl.intervals - intervals <= 0:
+        """The site's configuration over a round's horizon, and whether that is a whole day: the
+        configuration of the day `start` falls in (its date's, with the integrator's forecast where it
+        covers it), whole, or the rest of it from the measured state of charge, the flexible energy
+        used so far that day and the forecasts updated by the last interval."""
+        day = self._day_config(start)
+        n = len(day.price_import_eur_per_kwh)
+        if ctl is None or intervals >= n:
             return day, True
-        offset = ctl.intervals - intervals
+        offset = n - intervals
+        day_start = start - timedelta(hours=offset * day.dt_h)
         soc = ctl.projected_soc(start)
-        flex_used = ctl.flex_used_kwh + ctl.projected_flex_kwh(start)
         recent = None
-        if ctl.last_means is not None and ctl.last_means[0] == offset - 1:
-            m = ctl.last_means[1]
-            recent = Recent(pv_kw=m.pv_kw, wind_kw=m.wind_kw, fixed_load_kw=m.fixed_load_kw)
+        if ctl.day_start < day_start:  # the controller's last reading was the day before
+            flex_used = ctl.projected_flex_kwh(start) - ctl.projected_flex_kwh(day_start)
+        else:
+            flex_used = ctl.flex_used_kwh + ctl.projected_flex_kwh(start)
+            if ctl.last_means is not None and ctl.last_means[0] == offset - 1:
+                m = ctl.last_means[1]
+                recent = Recent(pv_kw=m.pv_kw, wind_kw=m.wind_kw, fixed_load_kw=m.fixed_load_kw)
         return remaining_config(day, offset, soc, flex_used, recent), False
 
-    def _forecast_day(self) -> SiteConfig:
+    def _day_config(self, start: datetime) -> SiteConfig:
+        """The configuration of the day `start` falls in (the configured day, on its own date or
+        read by local clock hour on another), with the integrator's forecast where it covers it."""
+        cal = self.calendar
+        if cal is None or cal.day_of(start) == cal.day_of(self.own_start):
+            day = self.config
+        else:
+            day = site_config_on(self.config, cal.day_of(start), cal)
         if self.forecast is None:
-            return self.config
-        day, covered = with_forecast(self.config, self.forecast)
+            return day
+        day, covered = with_forecast(day, self.forecast)
         f = self.forecast
         log.info("%s: the forecast issued %s covers %d intervals", self.site, f.issued.isoformat(), covered)
         return day

@@ -140,7 +140,7 @@ class EdgeRealtime:
             self.controller.adopt(event.plan)
             return self._report_state(now)
         if isinstance(event, DayStarts):
-            self.controller.start_day(event.start)
+            self.controller.start_day(event.start, event.config)
             return []
         self._restore(event, now)
         return self._report_state(now)

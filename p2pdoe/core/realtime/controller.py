@@ -185,6 +185,7 @@ class Controller:
     last_means: tuple[int, Means] | None = None  # (interval, its means) of the last complete one
     duplicates: int = 0
     errors: PredictionError = field(default_factory=PredictionError)
+    next_day: tuple[datetime, SiteConfig] | None = None  # agreed ahead; it begins at its start
 
     @property
     def dt_s(self) -> int:
@@ -200,9 +201,24 @@ class Controller:
     def interval_start(self, t: int) -> datetime:
         return self.day_start + timedelta(seconds=t * self.dt_s)
 
-    def start_day(self, start: datetime) -> None:
-        """A round over the whole day sets the day's start."""
+    def start_day(self, start: datetime, config: SiteConfig | None = None) -> None:
+        """A round over a whole day sets that day's start (and configuration: its own intervals and
+        series). The day after the one under way waits: this day runs to its end, its last interval
+        is settled, and the first reading from `start` on begins the next (`on_reading`)."""
+        if start >= self.interval_start(self.intervals):
+            self.next_day = (start, config or self.config)
+            return
         self.day_start = start
+        if config is not None:
+            self.config = config
+
+    def _day_turns(self, moment: datetime) -> bool:
+        """The next day begins at `moment` if it was agreed and has started: the daily counts reset."""
+        if self.next_day is None or moment < self.next_day[0]:
+            return False
+        (self.day_start, self.config), self.next_day = self.next_day, None
+        self.flex_used_kwh, self.last_means = 0.0, None
+        return True
 
     def heard_coordinator(self, online: bool, skew_s: float | None = None) -> None:
         """The coordinator's status: online or not, and (from a live one) the clock skew it shows."""
@@ -236,7 +252,9 @@ class Controller:
             self.duplicates += 1
             return None
         t = self.interval_of(r.ts - _WITHIN_STEP)
-        settled = self._roll_to(t)
+        settled = self._roll_to(t)  # past the day's end: its last interval is settled here
+        if self._day_turns(r.ts - _WITHIN_STEP):
+            self._roll_to(self.interval_of(r.ts - _WITHIN_STEP))
         step_s = self._step_s(r.ts, None if self.energy is None else self.energy.start)
         if self.energy is not None:
             self.energy.add(r.ts, r.p_kw, step_s)

@@ -1,0 +1,82 @@
+"""An edge agent's rounds for the next day: the configuration of that date (its own intervals on a
+23-hour day), the day's start handed to the controller to wait for midnight, and a rolling round
+just after midnight counting none of yesterday's flexible energy."""
+
+from __future__ import annotations
+
+import time
+from datetime import date, datetime, timedelta
+
+from p2pdoe.core.calendar import Calendar
+from p2pdoe.core.edge.commands import DayStarts
+from p2pdoe.core.edge.market import EdgeMarket
+from p2pdoe.core.effects import Heard
+from p2pdoe.core.realtime.controller import Controller
+from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.realtime.fallback import FallbackConfig
+from p2pdoe.core.realtime.plant import plant_spec
+from p2pdoe.core.schemas.messages import AdmmParameters, RoundOpen, encode
+from p2pdoe.core.site import site_config
+from p2pdoe.io.scenarios import load_scenario
+
+AMS = {"horizon": {"timezone": "Europe/Amsterdam", "start": "2026-03-27T23:00:00Z"}}
+S = load_scenario("default", AMS)
+CAL = Calendar("Europe/Amsterdam", 3600)
+SITE = S.ids.index("town-14")  # 600 kWh of flexible load a day, at most 150 kW
+CONFIG = site_config(S, SITE)
+SATURDAY, SPRING = date(2026, 3, 28), date(2026, 3, 29)
+
+
+def opening(start: datetime, intervals: int, name: str) -> Heard:
+    a = S.admm
+    msg = RoundOpen(
+        round=name, policy="dynamic", start=start.isoformat().replace("+00:00", "Z"), dt_h=1.0,
+        intervals=intervals, sites=S.ids,
+        admm=AdmmParameters(
+            rho_trade_eur_per_kw2h=a.rho_trade, rho_envelope_eur_per_kw2h=a.rho_envelope,
+            over_relaxation=a.over_relaxation, max_iterations=a.max_iterations,
+        ),
+        initial_trade_price_eur_per_kwh=[0.1] * intervals,
+    )  # fmt: skip
+    return Heard(f"p2pdoe/v1/market/{name}/open", encode(msg), False)
+
+
+def on_saturday() -> Controller:
+    return Controller(
+        CONFIG, plant_spec(CONFIG), FallbackConfig(Box(-50, 0), 60.0), CAL.start(SATURDAY), 30.0
+    )
+
+
+def open_round(market: EdgeMarket, heard: Heard, ctl: Controller) -> list[object]:
+    msg = market.read(heard)
+    assert msg is not None
+    return list(market.handle(msg, ctl))
+
+
+def test_tomorrows_day_ahead_round_takes_its_dates_23_hours_and_hands_its_start_on() -> None:
+    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    ctl = on_saturday()
+    out = open_round(market, opening(CAL.start(SPRING), 23, "day-ahead-2026-03-29"), ctl)
+    (starts,) = [c for c in out if isinstance(c, DayStarts)]
+    assert starts.start == CAL.start(SPRING)
+    assert starts.config is not None
+    assert len(starts.config.community.fixed_load_kw) == 23
+    assert market.round is not None
+    assert len(market.round.config.community.fixed_load_kw) == 23  # a whole day, not the rest of one
+    load = CONFIG.community.fixed_load_kw
+    assert market.round.config.community.fixed_load_kw == [*load[:2], *load[3:]]  # no 02:00 that day
+    ctl.start_day(starts.start, starts.config)
+    assert ctl.day_start == CAL.start(SATURDAY)  # today runs on to midnight
+
+
+def test_a_rolling_round_just_after_midnight_counts_none_of_yesterdays_flexible_energy() -> None:
+    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    ctl = on_saturday()
+    ctl.flex_used_kwh = 300.0  # Saturday's
+    ctl.last_ts = CAL.start(SPRING) - timedelta(seconds=30)  # the last reading was Saturday's
+    open_round(market, opening(CAL.start(SPRING) + timedelta(hours=1), 22, "day-ahead-2026-03-29-rt001"), ctl)
+    assert market.round is not None
+    # Sunday's energy (600 kWh for 24 h, so 575 for its 23) less what its first hour draws as
+    # projected (at most 150 kWh); Saturday's 300 kWh do not count (that would leave at most 275).
+    energy = market.round.config.community.flexible_load.energy_kwh
+    assert 600.0 * 23 / 24 - 150.0 <= energy <= 600.0 * 23 / 24 + 1e-6
