@@ -78,3 +78,23 @@ def test_the_nearest_clock_hour_wraps_around_midnight() -> None:
     assert k.tolist() == list(range(24))
     shifted = clock_hour_map(cal, "2026-06-21T01:00:00Z", 24, date(2026, 6, 22))
     assert shifted.tolist() == [23, *range(23)]  # 00:30 is the typical day's last interval
+
+
+def test_a_sites_registration_read_on_another_date_is_that_dates_own() -> None:
+    """The coordinator maps a site's registration (its configured day) onto its day by clock hour;
+    the site's configuration of that date gives the same ranges, computed from its series."""
+    from p2pdoe.core.coordinator.sites import SiteRegistry
+    from p2pdoe.core.day_configs import registration_on
+
+    typical = load_scenario("default", QUARTERS)
+    cfg = coordinator_config(typical)
+    for day in (SPRING, AUTUMN, SUMMER):
+        day_cfg = coordinator_config_on(cfg, day)
+        for c in range(len(typical.ids)):
+            mapped = registration_on(registration(site_config(typical, c)), day_cfg)
+            own = registration(site_config_on(site_config(typical, c), day))
+            assert mapped == own
+        registry = SiteRegistry(day_cfg)
+        assert registry.registered(registration(site_config(typical, 0)))  # 96 ranges, read on its day
+        unplaced = registration(site_config(typical, 0)).model_copy(update={"start": None})
+        assert registry.registered(unplaced) == (day == SUMMER)  # 96 ranges for a 92 or 100 day: refused

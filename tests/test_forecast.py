@@ -167,3 +167,14 @@ def test_the_edge_agents_read_the_forecast_file_at_each_opening(
     assert all(f"{s}: dropped a forecast issued" in caplog.text for s in others)
     assert results.runtime is not None
     assert {x.id: x.state for x in results.runtime.sites} == dict.fromkeys(DAY.ids, "agreed")
+
+
+def test_a_forecast_for_tomorrow_is_checked_against_tomorrows_registration() -> None:
+    m = market()
+    more = forecast(
+        start=T0 + timedelta(days=1),
+        step_s=3600,
+        fixed_load_kw=[1.2 * v for v in CONFIG.community.fixed_load_kw],
+    )
+    assert not m.feed_forecast(more)
+    assert m.reader.dropped["implausible"] == 1

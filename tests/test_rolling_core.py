@@ -87,7 +87,7 @@ def test_every_series_is_sliced_and_the_start_moves_on(configs: tuple[SiteConfig
 def test_the_remaining_ranges_are_the_registrations_sliced(configs: tuple[SiteConfig, ...]) -> None:
     for day in configs:
         rest = remaining_config(day, 7, 0.0, 0.0)
-        assert registration(rest) == remaining_registration(registration(day), 7)
+        assert registration(rest) == remaining_registration(registration(day), 7, round(day.dt_h * 3600))
 
 
 @pytest.mark.parametrize("offset", [-1, 24])
@@ -256,7 +256,7 @@ def test_the_remaining_safe_set_is_the_days_sliced(
     regs = [registration(c) for c in configs]
     day = safe_set(network_view(cfg, feeder, [facts_of(r, feeder) for r in regs]))
     rest_cfg = remaining_coordinator_config(cfg, 9)
-    facts = [facts_of(remaining_registration(r, 9), feeder) for r in regs]
+    facts = [facts_of(remaining_registration(r, 9, 3600), feeder) for r in regs]
     rest = safe_set(network_view(rest_cfg, feeder, facts))
     for corner in ("upper", "lower"):
         np.testing.assert_array_equal(getattr(rest, corner).g, getattr(day, corner).g)

@@ -16,6 +16,7 @@ import numpy as np
 
 from p2pdoe.core.calendar import Calendar
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
+from p2pdoe.core.schemas.runtime import Registration
 from p2pdoe.core.schemas.site import SiteConfig
 
 
@@ -30,6 +31,30 @@ def daily_calendar(config: SiteConfig) -> Calendar | None:
     if len(config.price_import_eur_per_kwh) * dt_s != 86_400 or 3600 % dt_s:
         return None
     return calendar_of(config)
+
+
+def registration_on(reg: Registration, cfg: CoordinatorConfig) -> Registration:
+    """`reg` (the ranges of the site's configured day) on the coordinator's day, read by local clock
+    hour: as the site's configuration of that date gives them. Unchanged where it is already that
+    day's, says no start, or either is not one whole day."""
+    cal = _whole_day_calendar(cfg, len(reg.technical_min_kw))
+    start = datetime.fromisoformat(cfg.start.replace("Z", "+00:00")).astimezone(UTC)
+    if reg.start is None or reg.start == start or cal is None:
+        return reg
+    day = cal.day_of(start)
+    if cal.intervals(day) != cfg.intervals or cal.start(day) != start:
+        return reg
+    k = clock_hour_map(cal, _iso(reg.start), len(reg.technical_min_kw), day)
+    names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
+    update: dict[str, object] = {n: _pick(getattr(reg, n), k) for n in names}
+    return reg.model_copy(update={**update, "start": start})
+
+
+def _whole_day_calendar(cfg: CoordinatorConfig, intervals: int) -> Calendar | None:
+    dt_s = round(cfg.dt_h * 3600)
+    if intervals * dt_s != 86_400 or 3600 % dt_s:
+        return None
+    return calendar_of(cfg)
 
 
 def clock_hour_map(calendar: Calendar, start: str, intervals: int, day: date) -> np.ndarray:

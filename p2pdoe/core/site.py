@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -130,6 +131,7 @@ def registration(config: cfg.SiteConfig) -> Registration:
         technical_max_kw=x_max.tolist(),
         reactive_min_kvar=q_min.tolist(),
         reactive_max_kvar=q_max.tolist(),
+        start=datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC),
     )
 
 

@@ -278,11 +278,14 @@ def _remaining_site(site: ConnectedSite, offset: int) -> ConnectedSite:
     return site if need is None else site.model_copy(update={"stay_whole_import_kw": need[offset:]})
 
 
-def remaining_registration(reg: Registration, offset: int) -> Registration:
-    """The registration's ranges over intervals offset..T-1 of the day."""
+def remaining_registration(reg: Registration, offset: int, interval_s: int) -> Registration:
+    """The registration's ranges over intervals offset..T-1 of the day (`interval_s` long each)."""
     check_offset(offset, len(reg.technical_min_kw))
     names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
-    return reg.model_copy(update={name: getattr(reg, name)[offset:] for name in names})
+    update: dict[str, object] = {name: getattr(reg, name)[offset:] for name in names}
+    if reg.start is not None:
+        update["start"] = reg.start + timedelta(seconds=offset * interval_s)
+    return reg.model_copy(update=update)
 
 
 def shortfall_lines(defaults: Defaults, feeder: Feeder, start: datetime, interval_s: int) -> list[str]:

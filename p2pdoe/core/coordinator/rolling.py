@@ -141,7 +141,7 @@ class Rolling:
         ctx, prev = self.ctx, self.standing
         cfg = remaining_coordinator_config(ctx.cfg, t)
         cfg = cfg.model_copy(update={"admm": cfg.admm.model_copy(update={"max_iterations": self._cap()})})
-        registrations = {s: remaining_registration(r, t) for s, r in regs.items()}
+        registrations = {s: remaining_registration(r, t, ctx.interval_s) for s, r in regs.items()}
         left_out = set(ctx.site_ids) - ready
         sites = tuple(s for s in ctx.site_ids if s not in left_out and s in registrations)
         warm = None if prev is None else prev.warm_for(t, sites)

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from p2pdoe.core.agreement.coordination import registration_problem
+from p2pdoe.core.day_configs import registration_on
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.runtime import Registration, SiteStatus
 
@@ -34,7 +35,9 @@ class SiteRegistry:
         return len(self.ready()) == len(self.ids)
 
     def registered(self, msg: Registration) -> bool:
-        """Keep a registration that matches the coordinator's records; False if refused."""
+        """Keep a registration that matches the coordinator's records (read on its day, p2pdoe.core.
+        day_configs.registration_on); False if refused."""
+        msg = registration_on(msg, self.cfg)
         problem = registration_problem(self.cfg, msg)
         if problem is not None:
             log.warning("refused the registration of %s: %s", msg.site, problem)

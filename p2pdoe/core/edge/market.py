@@ -87,7 +87,7 @@ class EdgeMarket:
     def feed_forecast(self, f: SiteForecast) -> bool:
         """Keep `f` for the next round's opening, unless it is older than the one kept or cannot be
         this site's (dropped, counted and logged)."""
-        why = forecast_problem(self.config, f)
+        why = forecast_problem(self._date_config(f.start), f)
         if why is not None:
             self.reader.dropped["implausible"] += 1
             log.warning("%s: dropped a forecast issued %s: %s", self.site, f.issued.isoformat(), why)
@@ -180,17 +180,20 @@ class EdgeMarket:
     def _day_config(self, start: datetime) -> SiteConfig:
         """The configuration of the day `start` falls in (the configured day, on its own date or
         read by local clock hour on another), with the integrator's forecast where it covers it."""
-        cal = self.calendar
-        if cal is None or cal.day_of(start) == cal.day_of(self.own_start):
-            day = self.config
-        else:
-            day = site_config_on(self.config, cal.day_of(start), cal)
+        day = self._date_config(start)
         if self.forecast is None:
             return day
         day, covered = with_forecast(day, self.forecast)
         f = self.forecast
         log.info("%s: the forecast issued %s covers %d intervals", self.site, f.issued.isoformat(), covered)
         return day
+
+    def _date_config(self, start: datetime) -> SiteConfig:
+        """The configured day, on its own date or read by local clock hour on the date of `start`."""
+        cal = self.calendar
+        if cal is None or cal.day_of(start) == cal.day_of(self.own_start):
+            return self.config
+        return site_config_on(self.config, cal.day_of(start), cal)
 
     def _step(self, r: RoundState, message: Message) -> list[Command]:
         t0 = self.stopwatch()

@@ -43,6 +43,10 @@ def _utc(value: datetime) -> datetime:
     return value
 
 
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
 class Doe(Message):
     """The dynamic operating envelope of one site for one interval; or a default envelope, one box
     for its whole validity or a profile of boxes (`steps_kw`, each `step_s` long). With a profile,
@@ -157,6 +161,11 @@ class Registration(Message):
     technical_max_kw: Series  # X_max
     reactive_min_kvar: Series  # q_min: the reactive injection's worst cases per interval
     reactive_max_kvar: Series  # q_max
+    # the ranges' first interval: the site's configured day, which the coordinator reads by local
+    # clock hour on any other date (None: the coordinator's own day)
+    start: Moment | None = None
+
+    _start_utc = field_validator("start")(_utc_or_none)
 
     @model_validator(mode="after")
     def _ranges(self) -> Registration:
