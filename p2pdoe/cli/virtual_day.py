@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dso_coordinator.service import CoordinatorService, build_machine
+from dso_coordinator.service import CoordinatorService, coordinator_machine
 from dso_coordinator.service import offline_will as dso_will
 from dso_coordinator.settings import CoordinatorSettings
 from edge_agent.__main__ import build_realtime, margins
@@ -64,6 +64,7 @@ class VirtualDay:
     sites: list[str] | None = None  # the sites with an edge and a meter (default: all)
     until: datetime | timedelta | None = None  # end the day here (after the day's start) instead
     signed: bool = True  # every service signs and believes only signed messages (as `p2pdoe demo`)
+    days: int = 1  # whole days one after another (then `hours` is not used)
 
     def __post_init__(self) -> None:
         self.start = self.s.start
@@ -124,7 +125,7 @@ class VirtualDay:
             end = self.start + self.until if isinstance(self.until, timedelta) else self.until
             await self.clock.sleep_until(end)
             return
-        latest = self.start + timedelta(hours=self.hours + 24)
+        latest = self.start + timedelta(hours=(self.hours if self.days == 1 else 24 * self.days) + 24)
         while self.clock.now() < latest:
             task = self.tasks["dso"]
             if task.done() and not task.cancelled():
@@ -170,8 +171,8 @@ class VirtualDay:
     def start_coordinator(self, **options: Any) -> None:
         settings = CoordinatorSettings(
             coordinator_config=self.root / "coordinator.json", rolling=True, exit_after_day=True,
-            meter_step_s=self.rate_s, hours=self.hours, out=self.root, start=_iso(self.start),
-            **{**self.dso_options, **options},
+            meter_step_s=self.rate_s, hours=self.hours if self.days == 1 else None, out=self.root,
+            start=_iso(self.start), **{**self.dso_options, **options},
         )  # fmt: skip
         transport = self._transport(self.broker, "dso", "dso", dso_will(), sweep_retained=True)
         clock = VirtualClock(self.origin, rank=GRID)
@@ -180,8 +181,10 @@ class VirtualDay:
 
         async def main() -> int:
             async with transport:
-                machine = build_machine(self.coordinator_config, settings, clock.now(), self._instance("dso"))
-                count_refusals(transport, machine.reader.dropped)
+                machine = coordinator_machine(
+                    self.coordinator_config, settings, clock.now(), self._instance("dso"),
+                    lambda m: count_refusals(transport, m.reader.dropped), days=self.days,
+                )  # fmt: skip
                 return await service.run(machine)
 
         self._launch("dso", transport, main())
@@ -225,7 +228,7 @@ class VirtualDay:
     def start_meter(self, site: str) -> None:
         config = self.configs[site]
         seed = _seed(site)
-        meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600)
+        meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600, days=self.days)
         transport = self._transport(self.broker, f"meter-{site}", edge_identity(site))
         _use_clock(transport, self.clock)
         service = MeterService(transport, self.clock, offload=False)

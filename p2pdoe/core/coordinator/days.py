@@ -8,6 +8,7 @@ start its rolling rounds take over. The days share one connection, so here:
 - each message goes to the day it belongs to: a round's messages by the round id (which carries
   the date), a reading, settlement or envelope by its time, registrations and statuses to both;
 - each day's patience keys carry its date, so the two days' deadlines never replace each other;
+- a day built later first hears every site's latest registration and status, as retained;
 - D+1's default envelopes are published joined to D's (`Doe.joined`): the one retained default a
   site holds covers the rest of today and all of tomorrow;
 - a day's request to unsubscribe is dropped (the other day still listens);
@@ -44,6 +45,7 @@ class CoordinatorDays:
         self.machines: dict[date, CoordinatorMachine] = {}
         self.built: date | None = None  # the latest day built
         self.finished: list[date] = []
+        self.kept: dict[str, Heard] = {}  # the latest registration and status of each site, by topic
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -76,6 +78,8 @@ class CoordinatorDays:
             owner = date.fromisoformat(text)
             m = self.machines.get(owner)
             return [] if m is None else self._wrap(owner, m.handle(PatienceOver(key), now))
+        if isinstance(event, Heard) and _is_state(event.topic):
+            self.kept[event.topic] = event
         out = self._gates(now) if isinstance(event, Woke) else []
         for day in self.days_in_hand if isinstance(event, Woke) else self._route(event):
             out += self._wrap(day, self.machines[day].handle(event, now))
@@ -99,11 +103,16 @@ class CoordinatorDays:
         return out
 
     def _open(self, day: date, now: datetime) -> list[Command]:
+        """The day's machine starts and hears every site's registration and status so far, as a
+        new subscriber hears them retained."""
         log.info("day %s: its machine starts (day-ahead round, then its real-time day)", day)
         machine = self.build(day, now)
         self.machines[day] = machine
         self.built = day
-        return self._wrap(day, machine.start(now))
+        out = self._wrap(day, machine.start(now))
+        for heard in list(self.kept.values()):
+            out += self._wrap(day, machine.handle(Heard(heard.topic, heard.payload, retained=True), now))
+        return out
 
     def _wrap(self, day: date, commands: Iterable[Command]) -> list[Command]:
         out: list[Command] = []
@@ -192,3 +201,9 @@ class CoordinatorDays:
 def _is_default(topic: str) -> bool:
     parsed = topics.parse(topic)
     return parsed is not None and parsed.area == "site" and parsed.kind == "doe/default"
+
+
+def _is_state(topic: str) -> bool:
+    """A site's registration or status: what a day built later must hear too."""
+    parsed = topics.parse(topic)
+    return parsed is not None and parsed.area == "site" and parsed.kind in ("register", "status")

@@ -76,7 +76,8 @@ class EdgeMarket:
         self.stopwatch = stopwatch
         self.cpu = cpu
         self.reader = MarketReader(self.site)
-        self.round: RoundState | None = None
+        self.rounds: dict[str, RoundState] = {}  # under way: at most one per day (today's, tomorrow's)
+        self._latest: str | None = None
         self.settled = 0
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self._early: list[Message] = []
@@ -102,19 +103,24 @@ class EdgeMarket:
         """The message strictly decoded, or None (dropped and counted)."""
         return self.reader.decoded(m)
 
+    @property
+    def round(self) -> RoundState | None:
+        """The round opened last, if it is still under way."""
+        return None if self._latest is None else self.rounds.get(self._latest)
+
     def heavy(self, msg: Message) -> bool:
         """Whether handling `msg` may solve (an opening, or the message completing an iteration)."""
-        r = self.round
+        r = self.rounds.get(msg.round)
         if isinstance(msg, RoundOpen):
             return True
-        return r is not None and msg.round == r.id and r.participant.may_solve(msg)
+        return r is not None and r.participant.may_solve(msg)
 
     def handle(self, msg: Message, site: Controller | None = None) -> list[Command]:
         """`site`: a snapshot of the real-time controller (needed for an opening)."""
         if isinstance(msg, RoundOpen):
             return self._open(msg, site)
-        r = self.round
-        if r is None or msg.round != r.id:
+        r = self.rounds.get(msg.round)
+        if r is None:
             if msg.round not in {rid for rid, _ in self._over} and len(self._early) < 4 * (
                 len(self.config.peers) + 1
             ):
@@ -123,8 +129,8 @@ class EdgeMarket:
         return self._step(r, msg)
 
     def _open(self, msg: RoundOpen, site: Controller | None) -> list[Command]:
-        r = self.round
-        if r is not None and (r.id, r.epoch) == (msg.round, msg.epoch):
+        r = self.rounds.get(msg.round)
+        if r is not None and r.epoch == msg.epoch:
             return self._step(r, msg)  # a repeated opening: the participant counts it
         if (msg.round, msg.epoch) in self._over:
             return []
@@ -132,11 +138,12 @@ class EdgeMarket:
             log.warning("%s: left out of round %s; the default envelope applies", self.site, msg.round)
             self._over.add((msg.round, msg.epoch))
             return []
-        if r is not None:
-            again = " (opened again by a restarted coordinator)" if r.id == msg.round else ""
-            log.info("%s: round %s superseded by %s%s", self.site, r.id, msg.round, again)
-            self._over.add((r.id, r.epoch))
         start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
+        for old in self._superseded(msg.round, start):
+            again = " (opened again by a restarted coordinator)" if old.id == msg.round else ""
+            log.info("%s: round %s superseded by %s%s", self.site, old.id, msg.round, again)
+            self._over.add((old.id, old.epoch))
+            del self.rounds[old.id]
         out: list[Command] = []
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
@@ -145,12 +152,16 @@ class EdgeMarket:
         qp = site_qp(config, Policy(msg.policy), self.margins)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
-        r = self.round = RoundState(msg.round, msg.epoch, start, config, qp, participant, self.cpu())
+        r = self.rounds[msg.round] = RoundState(
+            msg.round, msg.epoch, start, config, qp, participant, self.cpu()
+        )
+        self._latest = msg.round
         log.info(
             "%s: round %s opened with %d sites, %d peers", self.site, msg.round, len(msg.sites), len(peers)
         )
         out += self._step(r, msg)
-        early, self._early = [m for m in self._early if m.round == msg.round], []
+        early = [m for m in self._early if m.round == msg.round]
+        self._early = [m for m in self._early if m.round != msg.round]
         for m in early:
             out += self._step(r, m)
         return out
@@ -221,9 +232,19 @@ class EdgeMarket:
                 out.append(self._finished(r, cmd.outcome))
         return out
 
+    def _superseded(self, round_id: str, start: datetime) -> list[RoundState]:
+        """The rounds a new opening ends: one of the same id (a coordinator restarted), and those
+        of the same day (today's next rolling round; without whole days, every round). Tomorrow's
+        day-ahead round and today's rolling rounds run side by side."""
+        cal = self.calendar
+        day = None if cal is None else cal.day_of(start)
+        return [
+            r for r in self.rounds.values() if r.id == round_id or cal is None or cal.day_of(r.start) == day
+        ]
+
     def _finished(self, r: RoundState, out: CommunityOutcome) -> RoundDone:
         self._over.add((r.id, r.epoch))
-        self.round = None
+        self.rounds.pop(r.id, None)
         self.settled += 1
         return RoundDone(r, out, self.plan(r, out))
 

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
+from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.book import EnvelopeBook
 from p2pdoe.core.realtime.enforcement import (
@@ -186,6 +187,11 @@ class Controller:
     duplicates: int = 0
     errors: PredictionError = field(default_factory=PredictionError)
     next_day: tuple[datetime, SiteConfig] | None = None  # agreed ahead; it begins at its start
+    base: SiteConfig | None = None  # the configured day, which every date reads by clock hour
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            self.base = self.config
 
     @property
     def dt_s(self) -> int:
@@ -213,12 +219,25 @@ class Controller:
             self.config = config
 
     def _day_turns(self, moment: datetime) -> bool:
-        """The next day begins at `moment` if it was agreed and has started: the daily counts reset."""
+        """The next day begins at `moment` if it has started: the one agreed ahead, else (no round
+        reached this site in time) the configured day on the next date. The daily counts reset."""
+        if self.next_day is None and moment >= self.interval_start(self.intervals):
+            self.next_day = self._following_day()
         if self.next_day is None or moment < self.next_day[0]:
             return False
         (self.day_start, self.config), self.next_day = self.next_day, None
         self.flex_used_kwh, self.last_means = 0.0, None
         return True
+
+    def _following_day(self) -> tuple[datetime, SiteConfig] | None:
+        """The day after this one, if the configuration describes whole days and this one ends at
+        local midnight (else readings after the day belong to no interval)."""
+        base = self.base or self.config
+        calendar = daily_calendar(base)
+        end = self.interval_start(self.intervals)
+        if calendar is None or calendar.start(calendar.day_of(end)) != end:
+            return None
+        return end, site_config_on(base, calendar.day_of(end), calendar)
 
     def heard_coordinator(self, online: bool, skew_s: float | None = None) -> None:
         """The coordinator's status: online or not, and (from a live one) the clock skew it shows."""

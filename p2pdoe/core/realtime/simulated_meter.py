@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from p2pdoe.core import topics
+from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.effects import Exit, Heard, Send, Woke
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.reader import MarketReader
@@ -36,7 +37,10 @@ class SimulatedMeter:
         seed: int,
         lead_in_s: float = 0.0,
         trail: int = 1,
+        days: int = 1,
     ):
+        """`days`: the day from `day_start` and the days after it, each its date's configuration
+        (p2pdoe.core.day_configs), one after another."""
         c = config.community
         if not (math.isfinite(lead_in_s) and lead_in_s >= 0):
             raise ValueError(f"the lead-in must be a finite number of seconds >= 0, not {lead_in_s}")
@@ -46,8 +50,10 @@ class SimulatedMeter:
         self.rate_s = rate_s
         self.spec = plant_spec(config)
         self.soc_kwh = self.spec.soc_init_kwh
+        series = _days(config, day_start, days)
+        self.preferred_kw = series["preferred_kw"]
         self.actuals: Actuals = actuals(
-            _array(c.pv_kw), _array(c.wind_kw), _array(c.fixed_load_kw), config.dt_h, rate_s, seed
+            series["pv_kw"], series["wind_kw"], series["fixed_load_kw"], config.dt_h, rate_s, seed
         )
         self.first_sample = -math.ceil(lead_in_s / rate_s - 1e-9)
         self.last_sample = self.actuals.samples - 1 + trail
@@ -72,8 +78,8 @@ class SimulatedMeter:
         return self.day_start + timedelta(seconds=(k + 1) * self.rate_s)
 
     def _idle(self, t_s: float) -> SetPoints:
-        t = min(max(int(t_s // (self.config.dt_h * 3600)), 0), len(self.config.community.fixed_load_kw) - 1)
-        return SetPoints(0.0, None, None, self.config.community.flexible_load.preferred_kw[t])
+        t = min(max(int(t_s // (self.config.dt_h * 3600)), 0), len(self.preferred_kw) - 1)
+        return SetPoints(0.0, None, None, float(self.preferred_kw[t]))
 
     def apply(self, payload: bytes) -> None:
         msg = self.reader.runtime(payload)
@@ -116,6 +122,24 @@ class SimulatedMeter:
 
 def _array(values: list[float]) -> FloatArray:
     return np.array(values, dtype=float)
+
+
+def _days(config: SiteConfig, day_start: datetime, days: int) -> dict[str, FloatArray]:
+    """The series of `days` days from `day_start`, each its date's (one day: the configuration's)."""
+    names = ("pv_kw", "wind_kw", "fixed_load_kw")
+    if days == 1:
+        c = config.community
+        return {
+            **{n: _array(getattr(c, n)) for n in names},
+            "preferred_kw": _array(c.flexible_load.preferred_kw),
+        }
+    calendar = daily_calendar(config)
+    if calendar is None:
+        raise ValueError("a meter runs several days only on a configuration of one whole day")
+    first = calendar.day_of(day_start)
+    dated = [site_config_on(config, first + timedelta(days=k), calendar).community for k in range(days)]
+    out = {n: np.concatenate([_array(getattr(c, n)) for c in dated]) for n in names}
+    return {**out, "preferred_kw": np.concatenate([_array(c.flexible_load.preferred_kw) for c in dated])}
 
 
 def _message(site: str, ts: datetime, r: Reading, res: Resources) -> MeterReading:
