@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--checkpoint", type=Path, help="save the standing agreement here; resume from it mid-day"
     )
     rt.add_argument("--exit-after-day", action="store_true", default=None, help="stop when the day ends")
+    rt.add_argument("--days", type=int, help="real-time days one after another (default 1; 0: until stopped)")
+    rt.add_argument(
+        "--gate-closure", help="the next day's day-ahead round opens then, the day before (12:00)"
+    )
     settings = setup(PROG, CoordinatorSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -88,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         settings,
                         clock.now(),
                         built=lambda m: count_refusals(transport, m.reader.dropped),
+                        days=settings.days,
+                        gate_closure=settings.gate_closure,
                     )
                     return await service.run(machine)
             finally:  # a clean stop says goodbye (the last will covers the unclean ones)

@@ -101,15 +101,12 @@ def coordinator_machine(
 ) -> CoordinatorMachine | CoordinatorDays:
     """One day's machine, or with `days` other than 1 the days one after another (0: until
     stopped), each day's machine built from its date's configuration (`built` is told of each),
-    the next day's opening at `gate_closure` (local time) the day before. Not yet a service option:
-    edge agents do not roll over to the next day yet."""
+    the next day's opening at `gate_closure` (local time) the day before."""
     if days == 1:
         machine = build_machine(cfg, settings, now, epoch)
         if built is not None:
             built(machine)
         return machine
-    if not settings.rolling or settings.hours is not None:
-        raise ConfigError("running day after day needs rolling real-time days and no hours limit")
     calendar = calendar_of(cfg, gate_closure)
     first = calendar.day_of(day_start(settings.start, cfg.start, cfg.dt_h, now))
     shared_epoch = epoch or secrets.token_hex(4)  # one run: no day deletes another's openings

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from p2pdoe.core.calendar import clock_time
 from p2pdoe.core.schemas.coordinator import DefaultSharing
 from p2pdoe.services.settings import ServiceSettings
 
@@ -41,3 +42,18 @@ class CoordinatorSettings(ServiceSettings):
     )
     checkpoint: Path | None = None  # save the standing agreement here; a restart mid-day resumes from it
     exit_after_day: bool = False  # stop (after writing results.json) once the day is over
+    # Day after day: this many real-time days one after another (0: until stopped; docs/runtime.md).
+    days: Annotated[int, Field(ge=0, le=3660)] = 1
+    gate_closure: str = "12:00"  # local time on the day before: the next day's day-ahead round opens
+
+    @field_validator("gate_closure")
+    @classmethod
+    def _time_of_day(cls, text: str) -> str:
+        clock_time(text)  # a CalendarError (a ValueError) names it
+        return text
+
+    @model_validator(mode="after")
+    def _days_are_real_time(self) -> CoordinatorSettings:
+        if self.days != 1 and (not self.rolling or self.hours is not None):
+            raise ValueError("days other than 1 run whole real-time days: they need rolling and no hours")
+        return self

@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lead-in-s", type=float, help="simulated seconds of readings before the day starts (one interval)"
     )
     p.add_argument("--seed", type=int, help="forecast errors (default: from the site's id)")
+    p.add_argument("--days", type=int, help="whole days one after another (default 1)")
     settings = setup(PROG, MeterSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -44,23 +45,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         site = config.community.id
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())
         lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
-        meter = simulated_meter(config, datetime.now(UTC), settings.rate_s, seed, lead_in)  # checked at once
+        days = settings.days
+        meter = simulated_meter(
+            config, datetime.now(UTC), settings.rate_s, seed, lead_in, days
+        )  # checked now
         async with service_transport(settings, f"meter-{site}", None, edge_identity(site)) as transport:
             clock = make_clock(settings, transport, f"meter-{site}", "plant")
             service = MeterService(transport, clock)
             async with running_clock(clock, service.shell):
                 start = day_start(settings.start, config.start, config.dt_h, clock.now())
-                meter = simulated_meter(config, start, settings.rate_s, seed, lead_in)
+                meter = simulated_meter(config, start, settings.rate_s, seed, lead_in, days)
                 return await service.run(meter)
 
     return run_service(PROG, serve)
 
 
 def simulated_meter(
-    config: SiteConfig, start: datetime, rate_s: float, seed: int, lead_in_s: float
+    config: SiteConfig, start: datetime, rate_s: float, seed: int, lead_in_s: float, days: int = 1
 ) -> SimulatedMeter:
     try:
-        return SimulatedMeter(config, start, rate_s, seed, lead_in_s)
+        return SimulatedMeter(config, start, rate_s, seed, lead_in_s, days=days)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -20,3 +20,4 @@ class MeterSettings(ServiceSettings):
         None  # readings before the day (default: one interval)
     )
     seed: int | None = None  # forecast errors (default: derived from the site's id)
+    days: Annotated[int, Field(ge=1, le=3660)] = 1  # whole days one after another, each its date's

@@ -209,3 +209,22 @@ def test_the_coordinators_days_are_real_machines_each_on_its_dates_configuration
         assert doe.box_at(start + timedelta(hours=20)) == today.ctx.default_envelope(doe.site).box_at(
             start + timedelta(hours=20)
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"days": 2}, "need rolling"),
+        ({"days": 2, "rolling": True, "hours": 4.0}, "no hours"),
+        ({"days": 2, "rolling": True, "gate_closure": "noon"}, "HH:MM"),
+    ],
+)
+def test_running_day_after_day_refuses_settings_it_cannot_keep(options: dict[str, Any], match: str) -> None:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from dso_coordinator.settings import CoordinatorSettings
+
+    with pytest.raises(ValidationError, match=match):
+        CoordinatorSettings(coordinator_config=Path("unused.json"), **options)
