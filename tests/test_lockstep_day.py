@@ -245,3 +245,39 @@ def _pid_of(needle: str, module: str) -> int:
         if module in words and needle in words:
             return int(entry.name)
     raise AssertionError(f"no {module} process for {needle}")
+
+
+@pytest.mark.timeout(1500)
+def test_two_days_of_processes_over_mosquitto_equal_two_virtual_days(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """`p2pdoe demo --days 2` (hourly intervals, a reading a minute): day after day without a
+    restart, the second day's round at noon of the first; each day equals the virtual one, every
+    interval is settled, and the coordinator's settlements are the journals'."""
+    hourly = {"horizon": {"intervals": 24, "dt_h": 1.0}}
+    out = tmp_path / "demo"
+    run_demo(
+        "default", hourly, mosquitto_broker.url, out, False, "dynamic", RealTime(meter_rate_s=60.0, days=2)
+    )
+    virtual = VirtualDay(load_scenario("default", hourly), tmp_path / "virtual", rate_s=60.0, days=2)
+    virtual.run_until_end()
+    days = sorted((out / "results").glob("????-??-??.json"))
+    assert len(days) == 2
+    held = {}
+    for mine, theirs in zip(days, sorted((virtual.root / "results").glob("????-??-??.json")), strict=True):
+        a = Results.model_validate_json(mine.read_bytes())
+        b = Results.model_validate_json(theirs.read_bytes())
+        assert a.realtime is not None
+        assert b.realtime is not None
+        assert _fingerprint(a.realtime, a.start) == _fingerprint(b.realtime, b.start)
+        assert a.realtime.envelope_violations.count == 0
+        assert len(a.realtime.settlements) == 24 * 6
+        assert a.runtime is not None
+        assert a.runtime.attempts[-1].round == f"day-ahead-{mine.stem}"
+        held |= {(s.site, s.interval_start): s for s in a.realtime.settlements}
+    for site in load_scenario("default").ids:
+        rows = read_journal(out / "journal" / f"{site}.db").settlements
+        assert len(rows) == 48
+        for start, row in rows.items():
+            x = held[site, start.replace("+00:00", "Z")]
+            assert x.net_eur == pytest.approx(float(row[4]) - float(row[5]) + float(row[7]), abs=0.005)

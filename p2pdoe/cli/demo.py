@@ -95,6 +95,17 @@ class RealTime:
     lead_s: float = 20.0  # scaled: wall seconds before the day starts (registration and day-ahead)
     clock: Literal["lockstep", "scaled"] = "lockstep"
     silence_timeout_s: float = 60.0  # lockstep: a process silent this long is named and left out
+    days: int = 1  # whole days one after another (then `hours` is not used)
+
+    @property
+    def span_h(self) -> float:
+        """How long the real-time run lasts (simulated hours)."""
+        return self.hours if self.days == 1 else 24.0 * self.days
+
+    def coordinator_args(self) -> list[str]:
+        one_day = ["--exit-after-day", "--hours", f"{self.hours:g}"]
+        days = one_day if self.days == 1 else ["--days", str(self.days)]
+        return ["--rolling", *days, "--meter-step-s", f"{self.meter_rate_s:g}"]
 
 
 def run_demo(
@@ -114,6 +125,7 @@ def run_demo(
     results_path.unlink(missing_ok=True)
     (out / "realtime.json").unlink(missing_ok=True)  # written instead when no day-ahead agreement came
     shutil.rmtree(out / "journal", ignore_errors=True)  # each demo is a new day: no journal of the last
+    shutil.rmtree(out / "results", ignore_errors=True)  # nor the days of the last
     rt = None if day_ahead else (realtime or RealTime())
     with contextlib.ExitStack() as stack:
         from p2pdoe.services.transport import without_password
@@ -144,9 +156,7 @@ def run_demo(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
              *reach("dso").args(), "--out", str(out), "--policy", policy, "--registration-timeout-s", "120",
-             *clock, *(["--exit-after-round"] if rt is None else
-                       ["--rolling", "--exit-after-day", "--hours", f"{rt.hours:g}",
-                        "--meter-step-s", f"{rt.meter_rate_s:g}"])],
+             *clock, *(["--exit-after-round"] if rt is None else rt.coordinator_args())],
         )  # fmt: skip
         for site in s.ids:
             site_config = str(config / "sites" / f"{site}.json")
@@ -163,7 +173,7 @@ def run_demo(
                 procs.start(
                     f"meter-{site}",
                     [py, "-m", "meter_sim", "--site-config", site_config, *reach(f"edge-{site}").args(),
-                     *clock, "--rate-s", f"{rt.meter_rate_s:g}"],
+                     *clock, "--rate-s", f"{rt.meter_rate_s:g}", "--days", str(rt.days)],
                 )  # fmt: skip
         seen = None
         if rt is None:
@@ -177,9 +187,10 @@ def run_demo(
         results = Results.model_validate_json(results_path.read_bytes())
         _report(s if rt is None else with_margins(s, REALTIME_MARGINS), results, policy, out)
         if seen is not None and rt is not None:
-            from p2pdoe.cli.demo_realtime import judge_day, report_day
+            from p2pdoe.cli.demo_realtime import judge_day, report_day, report_days
 
             report_day(results, seen, out, console)
+            report_days(out, console)
             judge_day(results, rt.lead_s)
     return results
 
@@ -236,7 +247,7 @@ def _granter_args(s: Any, rt: RealTime) -> list[str]:
     the day) to two steps past the day's end (the last settlements), every process a member."""
     start = _day_start(s)
     first = start - timedelta(hours=s.dt_h)
-    end = start + timedelta(hours=rt.hours) + timedelta(seconds=2 * rt.meter_rate_s)
+    end = start + timedelta(hours=rt.span_h) + timedelta(seconds=2 * rt.meter_rate_s)
     members = ["dso:grid", *(f"edge-{i}:control" for i in s.ids), *(f"meter-{i}:plant" for i in s.ids)]
     return ["--start", _iso(first), "--end", _iso(end), "--step-s", f"{rt.meter_rate_s:g}",
             "--members", ",".join(members), "--silence-timeout-s", f"{rt.silence_timeout_s:g}"]  # fmt: skip

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.observer import ViolationObserver
-from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.results import DaySummary, Results
 from p2pdoe.core.schemas.runtime import Doe, MeterReading, Progress, SiteStatus, decode_runtime
 from p2pdoe.errors import P2PDoeError
 
@@ -132,7 +132,9 @@ def report_day(results: Results, seen: Observation, out: Path, console: Any) -> 
     (out / "observed.json").write_text(json.dumps(_observed(seen)), encoding="utf-8")
     from p2pdoe.report.realtime_plots import write_realtime_plots
 
-    for path in write_realtime_plots(results, seen.readings, out):
+    first = datetime.fromisoformat(results.start.replace("Z", "+00:00")) - timedelta(hours=results.dt_h)
+    readings = {site: [r for r in rs if r[0] >= first] for site, rs in seen.readings.items()}  # its day's
+    for path in write_realtime_plots(results, readings, out):
         console.print(f"plot: {path}")
 
 
@@ -207,3 +209,11 @@ def _observed(seen: Observation) -> dict[str, Any]:
             for x in o.outside_readings
         ],
     }
+
+
+def report_days(out: Path, console: Any) -> None:
+    """One line per day the coordinator kept (OUT/results/<date>.summary.json)."""
+    from dso_coordinator.service import summary_line
+
+    for path in sorted((out / "results").glob("*.summary.json")):
+        console.print(summary_line(DaySummary.model_validate_json(path.read_bytes())))

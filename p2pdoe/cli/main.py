@@ -45,6 +45,7 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
+    p.add_argument("--days", type=int, default=1, help="whole real-time days one after another (1)")
     p.add_argument(
         "--speed",
         type=float,
@@ -75,9 +76,13 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise P2PDoeError(
             "--hours must lie in (0, 24]; --speed, --meter-rate-s and --lead-s must be positive"
         )
+    if args.days < 1 or (args.days > 1 and (args.day_ahead or args.hours != 24.0)):
+        raise P2PDoeError(
+            "--days must be at least 1, and several days run whole days: no --hours or --day-ahead"
+        )
     clock: Literal["lockstep", "scaled"] = "lockstep" if args.speed is None else "scaled"
     speed = 640.0 if args.speed is None else args.speed
-    rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock)
+    rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock, days=args.days)
     run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure)
     return 0
 
