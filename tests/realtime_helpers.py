@@ -314,3 +314,21 @@ class Harness:
         later = self.faults[0][0] if self.faults else grant.time + timedelta(days=2)
         done = ClockDone(member=HARNESS, step=grant.step, phase="grid", next=later, holding=holding)
         await client.publish(topics.clock_done(HARNESS), done.model_dump_json(), qos=1)
+
+
+def opening_heard(s: Scenario, name: str, start: datetime, intervals: int) -> Any:
+    """A round's opening over `intervals` of scenario `s` from `start`, as an edge agent hears it."""
+    from p2pdoe.core.effects import Heard
+    from p2pdoe.core.schemas.messages import AdmmParameters, RoundOpen, encode
+
+    a = s.admm
+    msg = RoundOpen(
+        round=name, policy="dynamic", start=start.isoformat().replace("+00:00", "Z"), dt_h=s.dt_h,
+        intervals=intervals, sites=s.ids,
+        admm=AdmmParameters(
+            rho_trade_eur_per_kw2h=a.rho_trade, rho_envelope_eur_per_kw2h=a.rho_envelope,
+            over_relaxation=a.over_relaxation, max_iterations=a.max_iterations,
+        ),
+        initial_trade_price_eur_per_kwh=[0.1] * intervals,
+    )  # fmt: skip
+    return Heard(topics.round_open(name), encode(msg), False)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import time
 from datetime import date, datetime, timedelta
+from typing import cast
+
+from realtime_helpers import opening_heard
 
 from p2pdoe.core.calendar import Calendar
 from p2pdoe.core.edge.commands import DayStarts
@@ -15,7 +18,6 @@ from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
-from p2pdoe.core.schemas.messages import AdmmParameters, RoundOpen, encode
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
 
@@ -28,17 +30,7 @@ SATURDAY, SPRING = date(2026, 3, 28), date(2026, 3, 29)
 
 
 def opening(start: datetime, intervals: int, name: str) -> Heard:
-    a = S.admm
-    msg = RoundOpen(
-        round=name, policy="dynamic", start=start.isoformat().replace("+00:00", "Z"), dt_h=1.0,
-        intervals=intervals, sites=S.ids,
-        admm=AdmmParameters(
-            rho_trade_eur_per_kw2h=a.rho_trade, rho_envelope_eur_per_kw2h=a.rho_envelope,
-            over_relaxation=a.over_relaxation, max_iterations=a.max_iterations,
-        ),
-        initial_trade_price_eur_per_kwh=[0.1] * intervals,
-    )  # fmt: skip
-    return Heard(f"p2pdoe/v1/market/{name}/open", encode(msg), False)
+    return cast(Heard, opening_heard(S, name, start, intervals))
 
 
 def on_saturday() -> Controller:

@@ -9,16 +9,16 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from realtime_helpers import opening_heard
 
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard
-from p2pdoe.core.schemas.messages import AdmmParameters, RoundOpen, encode
 from p2pdoe.core.schemas.runtime import SiteForecast, decode_runtime
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
@@ -107,23 +107,7 @@ def market() -> EdgeMarket:
 
 
 def opening() -> Heard:
-    a = S.admm
-    msg = RoundOpen(
-        round="day-ahead-2026-06-21",
-        policy="dynamic",
-        start="2026-06-21T00:00:00Z",
-        dt_h=S.dt_h,
-        intervals=S.horizon,
-        sites=S.ids,
-        admm=AdmmParameters(
-            rho_trade_eur_per_kw2h=a.rho_trade,
-            rho_envelope_eur_per_kw2h=a.rho_envelope,
-            over_relaxation=a.over_relaxation,
-            max_iterations=a.max_iterations,
-        ),
-        initial_trade_price_eur_per_kwh=[float(v) for v in 0.5 * (S.price_import + S.price_export)],
-    )
-    return Heard("p2pdoe/v1/market/day-ahead-2026-06-21/open", encode(msg), False)
+    return cast(Heard, opening_heard(S, "day-ahead-2026-06-21", T0, S.horizon))
 
 
 def test_the_next_round_solves_with_the_newest_plausible_forecast() -> None:

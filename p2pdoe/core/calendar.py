@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+from pydantic import AfterValidator
 
 from p2pdoe.errors import P2PDoeError
 
@@ -31,6 +33,15 @@ def zone(name: str) -> ZoneInfo:
     except (ZoneInfoNotFoundError, ValueError):
         example = "e.g. Europe/Amsterdam"
         raise CalendarError(f"time zone {name!r} is not an IANA time zone name ({example})") from None
+
+
+def known_zone(name: str) -> str:
+    zone(name)
+    return name
+
+
+# An IANA time zone name, checked where a configuration is read.
+ZoneName = Annotated[str, AfterValidator(known_zone)]
 
 
 def clock_time(text: str) -> time:

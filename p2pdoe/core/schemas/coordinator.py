@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from p2pdoe.core.calendar import zone
+from p2pdoe.core.calendar import ZoneName
 from p2pdoe.core.schemas.scenario import Admm
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -73,13 +73,7 @@ class CoordinatorConfig(Model):
     kind: Literal["coordinator_config"] = "coordinator_config"
     scenario: str
     start: str
-    timezone: str = "UTC"  # the DSO's local time: its days run from local midnight (core.calendar)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, name: str) -> str:
-        zone(name)
-        return name
+    timezone: ZoneName = "UTC"  # the DSO's local time: its days run from local midnight (core.calendar)
 
     dt_h: Annotated[float, Field(gt=0)]
     intervals: Annotated[int, Field(ge=1)]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from p2pdoe.core.calendar import zone
+from p2pdoe.core.calendar import ZoneName
 
 SCENARIO_SCHEMA_VERSION = 1
 
@@ -109,13 +109,7 @@ class Horizon(Model):
     start: str = "2026-06-21T00:00:00Z"
     # The DSO's local time (IANA name): where its days begin, and the clock its profiles follow on a
     # day of their own (p2pdoe.core.calendar); the scenario's own horizon starts at `start` anyway.
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, name: str) -> str:
-        zone(name)  # a CalendarError (a ValueError to pydantic) names it
-        return name
+    timezone: ZoneName = "UTC"
 
 
 class TimeOfUse(Model):

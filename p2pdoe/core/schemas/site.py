@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from p2pdoe.core.calendar import zone
+from p2pdoe.core.calendar import ZoneName
 
 Series = list[Annotated[float, Field(allow_inf_nan=False)]]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -70,13 +70,7 @@ class SiteConfig(Model):
     kind: Literal["site_config"] = "site_config"
     scenario: str
     start: str
-    timezone: str = "UTC"  # the DSO's local time: its days run from local midnight (core.calendar)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, name: str) -> str:
-        zone(name)
-        return name
+    timezone: ZoneName = "UTC"  # the DSO's local time: its days run from local midnight (core.calendar)
 
     dt_h: Annotated[float, Field(gt=0)]
     price_import_eur_per_kwh: Series
