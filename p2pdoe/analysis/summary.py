@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from p2pdoe.core.calendar import zone
+from p2pdoe.core.calendar import utc_moment, zone
 from p2pdoe.core.schemas.results import DaySummary, RealtimeInfo, Results
 
 
 def day_summary(results: Results, timezone: str = "UTC") -> DaySummary:
-    start = datetime.fromisoformat(results.start.replace("Z", "+00:00")).astimezone(UTC)
+    start = utc_moment(results.start)
     end = start + timedelta(hours=results.dt_h * results.intervals)
     runtime = results.runtime
     final = runtime.attempts[-1] if runtime is not None and runtime.attempts else None

@@ -123,6 +123,16 @@ def clock_hours(tz: ZoneInfo, start: datetime, step_s: float, intervals: int) ->
     return np.array(hours)
 
 
+def utc_moment(text: str) -> datetime:
+    """An ISO 8601 time of a configuration (UTC written with Z), as an aware UTC datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def utc_text(moment: datetime) -> str:
+    """`moment` as configurations write it: ISO 8601, UTC with Z."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def round_id(day: date, kind: str = DAY_AHEAD) -> str:
     """A round id that carries its day, e.g. day-ahead-2026-06-22."""
     return f"{kind}-{day.isoformat()}"

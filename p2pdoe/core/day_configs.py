@@ -10,11 +10,11 @@ them (p2pdoe.core.edge.forecast), a simulated bench draws them from the scenario
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 
 import numpy as np
 
-from p2pdoe.core.calendar import Calendar
+from p2pdoe.core.calendar import Calendar, utc_moment, utc_text
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.runtime import Registration
 from p2pdoe.core.schemas.site import SiteConfig
@@ -24,11 +24,12 @@ def calendar_of(config: SiteConfig | CoordinatorConfig, gate_closure: str = "12:
     return Calendar(config.timezone, round(config.dt_h * 3600), gate_closure)
 
 
-def daily_calendar(config: SiteConfig) -> Calendar | None:
-    """The calendar `config`'s days follow, if it describes one whole day on intervals that divide an
-    hour (else None: it holds for its own horizon only)."""
+def daily_calendar(config: SiteConfig | CoordinatorConfig, intervals: int | None = None) -> Calendar | None:
+    """The calendar `config`'s days follow, if `intervals` of it (default: its own) make one whole
+    day on intervals that divide an hour (else None: it holds for its own horizon only)."""
     dt_s = round(config.dt_h * 3600)
-    if len(config.price_import_eur_per_kwh) * dt_s != 86_400 or 3600 % dt_s:
+    n = len(config.price_import_eur_per_kwh) if intervals is None else intervals
+    if n * dt_s != 86_400 or 3600 % dt_s:
         return None
     return calendar_of(config)
 
@@ -37,30 +38,23 @@ def registration_on(reg: Registration, cfg: CoordinatorConfig) -> Registration:
     """`reg` (the ranges of the site's configured day) on the coordinator's day, read by local clock
     hour: as the site's configuration of that date gives them. Unchanged where it is already that
     day's, says no start, or either is not one whole day."""
-    cal = _whole_day_calendar(cfg, len(reg.technical_min_kw))
-    start = datetime.fromisoformat(cfg.start.replace("Z", "+00:00")).astimezone(UTC)
+    cal = daily_calendar(cfg, len(reg.technical_min_kw))
+    start = utc_moment(cfg.start)
     if reg.start is None or reg.start == start or cal is None:
         return reg
     day = cal.day_of(start)
     if cal.intervals(day) != cfg.intervals or cal.start(day) != start:
         return reg
-    k = clock_hour_map(cal, _iso(reg.start), len(reg.technical_min_kw), day)
+    k = clock_hour_map(cal, utc_text(reg.start), len(reg.technical_min_kw), day)
     names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
     update: dict[str, object] = {n: _pick(getattr(reg, n), k) for n in names}
     return reg.model_copy(update={**update, "start": start})
 
 
-def _whole_day_calendar(cfg: CoordinatorConfig, intervals: int) -> Calendar | None:
-    dt_s = round(cfg.dt_h * 3600)
-    if intervals * dt_s != 86_400 or 3600 % dt_s:
-        return None
-    return calendar_of(cfg)
-
-
 def clock_hour_map(calendar: Calendar, start: str, intervals: int, day: date) -> np.ndarray:
     """For each interval of `day`, the interval of the typical day (from `start`) at the nearest local
     clock hour (cyclic; the earlier on a tie)."""
-    own = datetime.fromisoformat(start.replace("Z", "+00:00")).astimezone(UTC)
+    own = utc_moment(start)
     source = calendar.clock_hours(own, intervals)
     target = calendar.local_hours(day)
     gap = np.abs(target[:, None] - source[None, :])
@@ -69,10 +63,6 @@ def clock_hour_map(calendar: Calendar, start: str, intervals: int, day: date) ->
 
 def _pick(values: Sequence[float], k: np.ndarray) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=float)[k]]
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def site_config_on(config: SiteConfig, day: date, calendar: Calendar | None = None) -> SiteConfig:
@@ -97,7 +87,7 @@ def site_config_on(config: SiteConfig, day: date, calendar: Calendar | None = No
     )
     return config.model_copy(
         update={
-            "start": _iso(cal.start(day)),
+            "start": utc_text(cal.start(day)),
             "price_import_eur_per_kwh": _pick(config.price_import_eur_per_kwh, k),
             "price_export_eur_per_kwh": _pick(config.price_export_eur_per_kwh, k),
             "community": community,
@@ -118,7 +108,7 @@ def coordinator_config_on(
         for s in cfg.sites
     ]
     update = {
-        "start": _iso(cal.start(day)),
+        "start": utc_text(cal.start(day)),
         "intervals": len(k),
         "background_kw": [_pick(row, k) for row in cfg.background_kw],
         "background_kvar": [_pick(row, k) for row in cfg.background_kvar],

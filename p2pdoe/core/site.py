@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 import numpy as np
 
 from p2pdoe.core.agreement.coordination import check_offset, feeder_config, shifted_start
+from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP, build_community_qp, envelope_margins
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleLoad, MarketData, Scenario
@@ -131,7 +131,7 @@ def registration(config: cfg.SiteConfig) -> Registration:
         technical_max_kw=x_max.tolist(),
         reactive_min_kvar=q_min.tolist(),
         reactive_max_kvar=q_max.tolist(),
-        start=datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC),
+        start=utc_moment(config.start),
     )
 
 

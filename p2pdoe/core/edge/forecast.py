@@ -3,10 +3,11 @@ gets the time-weighted mean of the steps over it; the others keep their configur
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 
+from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.schemas.runtime import SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import registration
@@ -52,7 +53,7 @@ def _beyond_registration(config: SiteConfig, f: SiteForecast) -> str | None:
 def with_forecast(config: SiteConfig, f: SiteForecast) -> tuple[SiteConfig, int]:
     """`config` with `f` over the intervals it covers whole, and how many those are."""
     c = config.community
-    start = datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC)
+    start = utc_moment(config.start)
     dt = timedelta(hours=config.dt_h)
     covered = [t for t in range(len(c.pv_kw)) if _covers(f, start + t * dt, start + (t + 1) * dt)]
     update: dict[str, list[float]] = {}

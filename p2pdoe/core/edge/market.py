@@ -21,6 +21,7 @@ import numpy as np
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.outcome import agreed_schedule
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.edge.commands import DayStarts
@@ -83,7 +84,7 @@ class EdgeMarket:
         self._early: list[Message] = []
         self.forecast: SiteForecast | None = None  # the latest the integrator fed, for the next round
         self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
-        self.own_start = datetime.fromisoformat(config.start.replace("Z", "+00:00")).astimezone(UTC)
+        self.own_start = utc_moment(config.start)
 
     def feed_forecast(self, f: SiteForecast) -> bool:
         """Keep `f` for the next round's opening, unless it is older than the one kept or cannot be
