@@ -22,7 +22,7 @@ from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.analysis.summary import day_summary
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
-from p2pdoe.core.calendar import round_id
+from p2pdoe.core.calendar import round_id, zone
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
 from p2pdoe.core.coordinator.days import CoordinatorDays
@@ -108,7 +108,11 @@ def coordinator_machine(
             built(machine)
         return machine
     calendar = calendar_of(cfg, gate_closure)
-    first = calendar.day_of(day_start(settings.start, cfg.start, cfg.dt_h, now))
+    anchor = calendar.day_of(day_start(settings.start, cfg.start, cfg.dt_h, now))
+    first = max(anchor, calendar.day_of(now))  # restarted on a later day: from the day in force
+    left = days - (first - anchor).days if days else None  # the run's days counted from `anchor`
+    if left is not None and left <= 0:
+        raise ConfigError(f"the {days} day(s) from {anchor} are over: nothing left to run")
     shared_epoch = epoch or secrets.token_hex(4)  # one run: no day deletes another's openings
 
     def build(day: date, at: datetime) -> CoordinatorMachine:
@@ -125,7 +129,7 @@ def coordinator_machine(
             built(machine)
         return machine
 
-    return CoordinatorDays(calendar, build, first, days or None)
+    return CoordinatorDays(calendar, build, first, left)
 
 
 def dated(path: Path, day: date) -> Path:
@@ -149,9 +153,12 @@ class CoordinatorService:
         self.offload = offload
         self.shell = Shell(transport, clock, self._carry_out, offload, divert or clock_divert(clock))
         self.agreements: dict[datetime, Agreement] = {}  # by the day's start
+        self.day_ahead: dict[datetime, Results] = {}  # day after day: each day's, written at agreement
+        self.daily = False  # day after day: each day's results are written at its agreement too
         self.written: Path | None = None
 
     async def run(self, machine: CoordinatorMachine | CoordinatorDays) -> int:
+        self.daily = isinstance(machine, CoordinatorDays)
         return await self.shell.run(machine, machine.start(self.clock.now()), SUBSCRIPTIONS)
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
@@ -168,6 +175,10 @@ class CoordinatorService:
             agreement = self.agreements[cmd.ctx.start] = replace(cmd.agreement, protocol=protocol)
             if cmd.write:
                 await self._write(await self._off_loop(self._day_ahead, cmd.ctx, agreement), cmd.ctx)
+            elif self.daily:  # kept on disk at once: a restart before the day's end finds it
+                results = await self._off_loop(self._day_ahead, cmd.ctx, agreement)
+                self.day_ahead[cmd.ctx.start] = results
+                await self._write(results, cmd.ctx)
         elif isinstance(cmd, DayOver):
             await self._day_over(cmd)
 
@@ -181,7 +192,10 @@ class CoordinatorService:
         speed = self.settings.speed if self.clock.kind == "scaled" else 1.0
         info = await self._off_loop(realtime_results, ctx, report, self.clock.kind, speed)
         agreement = self.agreements.pop(ctx.start, None)
-        if agreement is None:  # restarted mid-day: its part of the day only
+        day_ahead = self.day_ahead.pop(ctx.start, None) or self._kept_day_ahead(ctx)
+        if day_ahead is not None:  # day after day: agreed the day before (by this run or another)
+            await self._write(day_ahead.model_copy(update={"realtime": info}), ctx)
+        elif agreement is None:  # restarted mid-day: its part of the day only
             out = self.settings.out
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +211,23 @@ class CoordinatorService:
             len(info.intervals), len(info.settlements), v.count, len(info.fallback_events),
             len(report.failures),
         )  # fmt: skip
+
+    def _kept_day_ahead(self, ctx: Context) -> Results | None:
+        """The day's day-ahead results another run of a coordinator running day after day wrote."""
+        if not self.daily or self.settings.out is None:
+            return None
+        date = ctx.start.astimezone(zone(ctx.cfg.timezone)).date().isoformat()
+        path = self.settings.out / "results" / f"{date}.json"
+        try:
+            kept = Results.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("no day-ahead results of %s to complete (%s)", date, str(exc).splitlines()[0])
+            return None
+        if kept.start != iso(ctx.start):
+            log.warning("no day-ahead results of %s to complete (%s is of %s)", date, path, kept.start)
+            return None
+        log.info("completing the day-ahead results of %s another run wrote (%s)", date, path)
+        return kept
 
     async def _write(self, results: Results, ctx: Context) -> None:
         if self.settings.out is not None:

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS settlements (
     interval_start TEXT PRIMARY KEY, measured_kwh REAL NOT NULL, scheduled_kwh REAL NOT NULL,
     deviation_kwh REAL NOT NULL, p2p_paid_eur REAL NOT NULL, p2p_received_eur REAL NOT NULL,
     grid_kwh REAL NOT NULL, grid_eur REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS settlement_messages (interval_start TEXT PRIMARY KEY, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS envelopes (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -184,12 +185,24 @@ class Journal:
             for t in trades
         ])  # fmt: skip
 
-    def save_settlement(self, s: Settlement) -> None:
-        self._write([(
+    def save_settlement(self, s: Settlement, message: bytes = b"") -> None:
+        """The settlement, and the message that sent it (to send it again), in one transaction."""
+        start = s.interval_start.isoformat()
+        rows: list[Statement] = [(
             "INSERT OR REPLACE INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (s.interval_start.isoformat(), s.measured_kwh, s.scheduled_kwh, s.deviation_kwh,
+            (start, s.measured_kwh, s.scheduled_kwh, s.deviation_kwh,
              s.p2p_paid_eur, s.p2p_received_eur, s.grid_kwh, s.grid_eur),
-        )])  # fmt: skip
+        )]  # fmt: skip
+        if message:
+            rows.append(("INSERT OR REPLACE INTO settlement_messages VALUES (?, ?)", (start, message)))
+        self._write(rows)
+
+    def settlement_messages(self, since: datetime | None = None) -> list[bytes]:
+        """The settlement messages sent for intervals from `since` on (None: all), oldest first."""
+        rows = self._db.execute(
+            "SELECT interval_start, payload FROM settlement_messages ORDER BY interval_start"
+        ).fetchall()
+        return [bytes(r[1]) for r in rows if since is None or datetime.fromisoformat(r[0]) >= since]
 
     def settlements(self) -> list[Settlement]:
         rows = self._db.execute("SELECT * FROM settlements ORDER BY interval_start").fetchall()

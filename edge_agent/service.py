@@ -33,6 +33,7 @@ from p2pdoe.core.edge.commands import (
     SaveEnvelope,
     SaveInterval,
     SaveSettlement,
+    SettlementsAgain,
     Telemetry,
 )
 from p2pdoe.core.edge.market import EdgeMarket, RoundDone
@@ -242,6 +243,16 @@ class EdgeService:
             self.shell.feed(cmd)
         elif isinstance(cmd, RoundDone):
             await self._round_done(cmd)
+        elif isinstance(cmd, SettlementsAgain):
+            self._settlements_again(cmd)
+
+    def _settlements_again(self, cmd: SettlementsAgain) -> None:
+        if self.journal is None or self.outbox is None:
+            return
+        sent = self.journal.settlement_messages(cmd.since)
+        for payload in sent:
+            self.outbox.durable(topics.site(self.site, "settlement"), payload)
+        log.info("%s: %d settlements sent again for a new coordinator run", self.site, len(sent))
 
     async def _round_done(self, done: RoundDone) -> None:
         dropped = dict(self.market.reader.dropped)
@@ -312,7 +323,7 @@ class EdgeService:
             return
         if cmd.round is not None and cmd.trades:
             self.journal.save_trades(cmd.round, cmd.settlement.interval_start, cmd.trades)
-        self.journal.save_settlement(cmd.settlement)
+        self.journal.save_settlement(cmd.settlement, cmd.message)
 
     async def _durable(self, cmd: Durable) -> None:
         if self.outbox is not None:

@@ -200,6 +200,8 @@ class CoordinatorMachine:
         elif isinstance(msg, Doe):
             self.books.envelope(kind, msg)
         elif isinstance(msg, SettlementRecord):
+            if not self._within_day(msg.interval_start):
+                return []  # another day's (one sent again after a restart): booked by that day or not at all
             self.books.settlement(msg)
             return self._settled(now) if self.phase is Phase.CLOSING else []
         elif isinstance(msg, Registration) and not self.registry.registered(msg):
@@ -208,6 +210,10 @@ class CoordinatorMachine:
             self.books.status(msg, now)
             self.registry.status(msg, m.retained)
         return self._sites_changed(now)
+
+    def _within_day(self, moment: datetime) -> bool:
+        ctx = self.ctx
+        return ctx.start <= moment < ctx.interval_start(ctx.cfg.intervals)
 
     def _implausible(self, msg: object) -> str | None:
         """Why a site's reading, settlement or report cannot come from what it registered, or None."""

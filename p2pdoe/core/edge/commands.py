@@ -80,6 +80,16 @@ class SaveSettlement:
     settlement: Settlement
     round: str | None
     trades: list[AgreedTrade]
+    message: bytes = b""  # the settlement as sent, kept to send again (`SettlementsAgain`)
+
+
+@dataclass(frozen=True)
+class SettlementsAgain:
+    """A coordinator run other than the one heard last opened a round: it may have lost what was
+    sent before it started, so the settlements journaled since `since` (None: all) go out again
+    (the coordinator keeps one per site and interval, so a repeat changes nothing)."""
+
+    since: datetime | None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
-from p2pdoe.core.edge.commands import DayStarts
+from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.effects import Heard, Send
 from p2pdoe.core.network import FloatArray
@@ -58,7 +58,7 @@ class RoundDone:
     plan: Plan
 
 
-Command = Send | RoundDone | DayStarts
+Command = Send | RoundDone | DayStarts | SettlementsAgain
 
 
 class EdgeMarket:
@@ -81,6 +81,7 @@ class EdgeMarket:
         self._latest: str | None = None
         self.settled = 0
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
+        self.epoch: str | None = None  # the coordinator run that opened the latest round heard
         self._early: list[Message] = []
         self.forecast: SiteForecast | None = None  # the latest the integrator fed, for the next round
         self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
@@ -135,17 +136,18 @@ class EdgeMarket:
             return self._step(r, msg)  # a repeated opening: the participant counts it
         if (msg.round, msg.epoch) in self._over:
             return []
+        start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
+        resend = self._another_run(msg.epoch, start)
         if self.site not in msg.sites:
             log.warning("%s: left out of round %s; the default envelope applies", self.site, msg.round)
             self._over.add((msg.round, msg.epoch))
-            return []
-        start = datetime.fromisoformat(msg.start.replace("Z", "+00:00")).astimezone(UTC)
+            return resend
         for old in self._superseded(msg.round, start):
             again = " (opened again by a restarted coordinator)" if old.id == msg.round else ""
             log.info("%s: round %s superseded by %s%s", self.site, old.id, msg.round, again)
             self._over.add((old.id, old.epoch))
             del self.rounds[old.id]
-        out: list[Command] = []
+        out: list[Command] = list(resend)
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
             out.append(DayStarts(start, config))
@@ -166,6 +168,18 @@ class EdgeMarket:
         for m in early:
             out += self._step(r, m)
         return out
+
+    def _another_run(self, epoch: str | None, start: datetime) -> list[Command]:
+        """An opening of a coordinator run other than the one heard last (a restart): it may have
+        lost the settlements sent before, so those of the day before the round's and later go again."""
+        previous = self.epoch
+        self.epoch = epoch or previous
+        if previous is None or epoch is None or epoch == previous:
+            return []
+        cal = self.calendar
+        since = None if cal is None else cal.start(cal.day_of(start) - timedelta(days=1))
+        log.info("%s: a new coordinator run (%s after %s): settlements go again", self.site, epoch, previous)
+        return [SettlementsAgain(since)]
 
     def _config(self, start: datetime, intervals: int, ctl: Controller | None) -> tuple[SiteConfig, bool]:
         """The site's configuration over a round's horizon, and whether that is a whole day: the

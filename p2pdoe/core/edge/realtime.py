@@ -355,9 +355,10 @@ class EdgeRealtime:
         plan = self.controller.plan_at(e.start)
         k = None if plan is None else plan.index(e.start)
         trades = [] if plan is None or k is None else plan.trades(k)
+        payload = record.model_dump_json().encode()
         return [
-            Durable(topics.site(self.site, "settlement"), record.model_dump_json().encode()),
-            SaveSettlement(s, None if plan is None else plan.round, trades),
+            Durable(topics.site(self.site, "settlement"), payload),
+            SaveSettlement(s, None if plan is None else plan.round, trades, payload),
         ]
 
     def _telemetry(self, r: MeterReading, step: Step) -> Telemetry:
