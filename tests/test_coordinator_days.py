@@ -211,6 +211,31 @@ def test_the_coordinators_days_are_real_machines_each_on_its_dates_configuration
         )
 
 
+def test_a_coordinator_restarted_on_a_later_day_runs_from_the_day_in_force_to_the_runs_last_day() -> None:
+    from pathlib import Path
+
+    from dso_coordinator.service import coordinator_machine
+    from dso_coordinator.settings import CoordinatorSettings
+    from p2pdoe.core.site import coordinator_config
+    from p2pdoe.io.scenarios import load_scenario
+    from p2pdoe.services.settings import ConfigError
+
+    cfg = coordinator_config(load_scenario("default"))
+    start = datetime(2026, 6, 21, tzinfo=UTC)
+    settings = CoordinatorSettings(
+        coordinator_config=Path("unused.json"), rolling=True, start="2026-06-21T00:00:00Z"
+    )
+    restarted = start + timedelta(days=2, hours=9)
+    ops = coordinator_machine(cfg, settings, restarted, days=7)
+    assert isinstance(ops, CoordinatorDays)
+    ops.start(restarted)
+    (today,) = ops.machines.values()
+    assert today.ctx.start == start + timedelta(days=2)
+    assert ops.last == date(2026, 6, 27)  # the seventh day from the first, not from the restart
+    with pytest.raises(ConfigError, match="7 day.* from 2026-06-21 are over"):
+        coordinator_machine(cfg, settings, start + timedelta(days=7, hours=1), days=7)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -11,13 +11,14 @@ from typing import cast
 from realtime_helpers import opening_heard
 
 from p2pdoe.core.calendar import Calendar
-from p2pdoe.core.edge.commands import DayStarts
+from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
 from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
+from p2pdoe.core.schemas.messages import RoundOpen, encode
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
 
@@ -72,3 +73,26 @@ def test_a_rolling_round_just_after_midnight_counts_none_of_yesterdays_flexible_
     # projected (at most 150 kWh); Saturday's 300 kWh do not count (that would leave at most 275).
     energy = market.round.config.community.flexible_load.energy_kwh
     assert 600.0 * 23 / 24 - 150.0 <= energy <= 600.0 * 23 / 24 + 1e-6
+
+
+def _of_run(heard: Heard, epoch: str) -> Heard:
+    msg = RoundOpen.model_validate_json(heard.payload).model_copy(update={"epoch": epoch})
+    return Heard(heard.topic, encode(msg), False)
+
+
+def test_a_round_opened_by_another_coordinator_run_sends_the_journaled_settlements_again() -> None:
+    """A restarted coordinator may have lost the settlements sent before it started: the first
+    opening of its run asks for those of the day before the round's day and later; its own later
+    openings ask for nothing more."""
+    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    ctl = on_saturday()
+    hour = CAL.start(SATURDAY) + timedelta(hours=9)
+
+    def again(k: int, epoch: str) -> list[SettlementsAgain]:
+        heard = _of_run(opening(hour + timedelta(hours=k), 23 - k, f"day-ahead-2026-03-28-rt{k:03}"), epoch)
+        return [c for c in open_round(market, heard, ctl) if isinstance(c, SettlementsAgain)]
+
+    assert again(0, "run-1") == []  # the first run this agent hears of
+    assert again(1, "run-1") == []
+    assert again(2, "run-2") == [SettlementsAgain(CAL.start(date(2026, 3, 27)))]
+    assert again(3, "run-2") == []

@@ -42,6 +42,18 @@ def test_settlements_and_trades_round_trip(tmp_path: Path) -> None:
     assert j.settlements() == [s]
 
 
+def test_the_settlement_messages_are_kept_to_send_again_from_a_moment_on(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", "a")
+    for h in range(3):
+        start = T0 + timedelta(hours=h)
+        j.save_settlement(settle(start, 1.0, 1.0, [], 0.25, 0.05), f"sent {h}".encode())
+    j.save_settlement(settle(T0 + timedelta(hours=1), 2.0, 1.0, [], 0.25, 0.05), b"sent 1 again")
+    assert j.settlement_messages() == [b"sent 0", b"sent 1 again", b"sent 2"]
+    assert j.settlement_messages(T0 + timedelta(hours=1)) == [b"sent 1 again", b"sent 2"]
+    j.close()
+    assert Journal(tmp_path / "j.db", "a").settlement_messages(T0 + timedelta(hours=2)) == [b"sent 2"]
+
+
 def test_the_outbox_keeps_order_until_delivered(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db", "a")
     assert all(j.queue("p2pdoe/v1/site/a/telemetry", f"m{k}".encode()) for k in range(5))
