@@ -204,6 +204,7 @@ class CoordinatorService:
         else:
             day_ahead = await self._off_loop(self._day_ahead, ctx, agreement)
             await self._write(day_ahead.model_copy(update={"realtime": info}), ctx)
+        self._forget_checkpoint(ctx)
         v = info.envelope_violations
         log.info(
             "the day is over: %d intervals, %d settlements, %d sustained violations, %d envelope switches, "
@@ -212,11 +213,16 @@ class CoordinatorService:
             len(report.failures),
         )  # fmt: skip
 
+    def _forget_checkpoint(self, ctx: Context) -> None:
+        """Day after day: a day over needs its checkpoint no more (a restart runs from the day in force)."""
+        if self.daily and self.settings.checkpoint is not None:
+            dated(self.settings.checkpoint, local_date(ctx)).unlink(missing_ok=True)
+
     def _kept_day_ahead(self, ctx: Context) -> Results | None:
         """The day's day-ahead results another run of a coordinator running day after day wrote."""
         if not self.daily or self.settings.out is None:
             return None
-        date = ctx.start.astimezone(zone(ctx.cfg.timezone)).date().isoformat()
+        date = local_date(ctx).isoformat()
         path = self.settings.out / "results" / f"{date}.json"
         try:
             kept = Results.model_validate_json(path.read_bytes())
@@ -236,6 +242,11 @@ class CoordinatorService:
             log.info("wrote %s and results/%s.json", self.written, summary.date)
             if results.realtime is not None:
                 log.info("%s", summary_line(summary))
+
+
+def local_date(ctx: Context) -> date:
+    """The day's date on the DSO's clock."""
+    return ctx.start.astimezone(zone(ctx.cfg.timezone)).date()
 
 
 def write_results(results: Results, out: Path, summary: DaySummary | None = None) -> Path:

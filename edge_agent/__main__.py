@@ -134,7 +134,7 @@ def open_journal(config: SiteConfig, settings: EdgeSettings) -> Journal | None:
         return None
     path = settings.journal or Path(f"journal-{config.community.id}.db")
     try:
-        return Journal(path, config.community.id)
+        return Journal(path, config.community.id, retention_days=settings.journal_retention_days)
     except JournalError as exc:
         raise ConfigError(f"journal {path}: {exc}") from None
 

@@ -16,7 +16,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlement
@@ -24,6 +24,9 @@ from p2pdoe.core.realtime.settlement import AgreedTrade, IntervalEnergy, Settlem
 log = logging.getLogger("edge_agent.journal")
 SCHEMA_VERSION = "2"
 MAX_DEFERRED = 20_000  # writes kept in memory while the disk refuses them
+RETENTION_DAYS = 35  # the days of intervals, trades and settlements kept (`roll_over`)
+_DATED = {"intervals": "start", "trades": "interval_start", "settlements": "interval_start",
+          "settlement_messages": "interval_start"}  # fmt: skip
 Statement = tuple[str, Sequence[object]]
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +54,10 @@ class JournalError(ValueError):
 
 
 class Journal:
-    def __init__(self, path: Path, site: str, max_deferred: int = MAX_DEFERRED):
+    def __init__(
+        self, path: Path, site: str, max_deferred: int = MAX_DEFERRED, retention_days: int = RETENTION_DAYS
+    ):
+        self.retention_days = retention_days
         self.failing: str | None = None  # why the last write was refused; None while writes go through
         self.failures = 0  # writes refused (each kept for later, or dropped beyond `max_deferred`)
         self.dropped = 0  # deferred writes dropped, oldest first
@@ -243,6 +249,14 @@ class Journal:
         gone = [("DELETE FROM envelopes WHERE topic = ?", (k,)) for k in keys if k not in keep]
         if gone:
             self._write(gone)  # type: ignore[arg-type]
+
+    def roll_over(self, day_start: datetime) -> None:
+        """A new day: forget the intervals, trades and settlements that started more than
+        `retention_days` before it (SQLite reuses the freed pages, so the file stops growing)."""
+        before = (day_start - timedelta(days=self.retention_days)).astimezone(UTC).isoformat()
+        self._write(
+            [(f"DELETE FROM {table} WHERE {column} < ?", (before,)) for table, column in _DATED.items()]
+        )
 
     def set_value(self, key: str, value: str) -> None:
         self._write([("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))])

@@ -241,6 +241,8 @@ class EdgeService:
             await self.shell.execute([cmd])
         elif isinstance(cmd, DayStarts):
             self.shell.feed(cmd)
+            if self.journal is not None:
+                self.journal.roll_over(cmd.start)
         elif isinstance(cmd, RoundDone):
             await self._round_done(cmd)
         elif isinstance(cmd, SettlementsAgain):

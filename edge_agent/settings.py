@@ -31,6 +31,7 @@ class EdgeSettings(ServiceSettings):
     meter_broker: str | None = None  # the meter's MQTT broker (default: `broker`)
     meter_step_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # the meter's nominal reading period
     journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
+    journal_retention_days: Annotated[int, Field(ge=1, le=3660)] = 35  # days of records the journal keeps
     fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to
     fixed_default_up_kw: Kw | None = None  # the largest preferred consumption)
     # With a meter, every schedule stays inside its envelope by these shares of its forecast load

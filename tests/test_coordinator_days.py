@@ -16,7 +16,7 @@ from p2pdoe.core.calendar import Calendar, round_id
 from p2pdoe.core.coordinator.commands import DayOver, Save
 from p2pdoe.core.coordinator.days import CoordinatorDays
 from p2pdoe.core.effects import Exit, Heard, Patience, PatienceOver, Relieve, Send, Unsubscribe, Woke
-from p2pdoe.core.schemas.runtime import Doe, MeterReading, decode_runtime
+from p2pdoe.core.schemas.runtime import Doe, DsoStatus, MeterReading, decode_runtime
 
 CAL = Calendar("Europe/Amsterdam", 3600, "12:00")
 D1, D2, D3 = date(2026, 6, 21), date(2026, 6, 22), date(2026, 6, 23)
@@ -201,6 +201,17 @@ def test_the_coordinators_days_are_real_machines_each_on_its_dates_configuration
         start + timedelta(days=1),
     )
     assert tomorrow.ctx.epoch == today.ctx.epoch  # one run: neither deletes the other's openings
+    statuses = [
+        decode_runtime(c.payload) for c in opened if isinstance(c, Send) and c.topic == topics.DSO_STATUS
+    ]
+    assert statuses, opened
+    said = statuses[-1]
+    assert isinstance(said, DsoStatus)  # one status for both days: today's, naming tomorrow's round
+    assert (said.day, said.next_round, said.next_phase) == (
+        date(2026, 6, 21),
+        "day-ahead-2026-06-22",
+        "registering",
+    )
     defaults = [decode_runtime(c.payload) for c in opened if isinstance(c, Send) and "doe/default" in c.topic]
     assert len(defaults) == len(cfg.sites)
     for doe in defaults:

@@ -54,6 +54,23 @@ def test_the_settlement_messages_are_kept_to_send_again_from_a_moment_on(tmp_pat
     assert Journal(tmp_path / "j.db", "a").settlement_messages(T0 + timedelta(hours=2)) == [b"sent 2"]
 
 
+def test_a_new_day_forgets_what_is_older_than_the_retention(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", "a", retention_days=2)
+    for d in range(5):
+        start = T0 + timedelta(days=d)
+        j.save_interval(
+            IntervalEnergy(start, start + timedelta(hours=1), 1.0, 1, 3600.0, None), 1.0, "dynamic", 0, 1, {}
+        )
+        j.save_trades("day-ahead", start, [AgreedTrade("b", 1.0, 0.0, 0.1, 0.09)])
+        j.save_settlement(settle(start, 1.0, 1.0, [], 0.25, 0.05), b"sent")
+    j.roll_over(T0 + timedelta(days=4))  # keeps days 2 and 3 before it, and day 4
+    kept = [T0 + timedelta(days=d) for d in (2, 3, 4)]
+    assert [s.interval_start for s in j.settlements()] == kept
+    assert [e.start for e in j.intervals()] == kept
+    assert len(j.settlement_messages()) == 3
+    assert j._db.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 3
+
+
 def test_the_outbox_keeps_order_until_delivered(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.db", "a")
     assert all(j.queue("p2pdoe/v1/site/a/telemetry", f"m{k}".encode()) for k in range(5))

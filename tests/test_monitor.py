@@ -355,3 +355,18 @@ def test_an_unreachable_broker_is_one_line_and_exit_2() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_p2pdoe("monitor", "--broker", url, "--once", "--connect-timeout", "1", timeout=30)
     assert_one_line_error(proc, "cannot reach the broker", url)
+
+
+def test_the_coordinator_line_shows_the_day_in_force_and_the_next_days_round() -> None:
+    from datetime import date
+
+    from p2pdoe.cli.monitor import CoordinatorView, coordinator_line
+
+    running = dso_status(round_id="day-ahead-2026-06-21-rt013").model_copy(
+        update={"day": date(2026, 6, 21), "next_round": "day-ahead-2026-06-22", "next_phase": "agreeing"}
+    )
+    line = coordinator_line(CoordinatorView(status=running))
+    assert "round day-ahead-2026-06-21-rt013" in line
+    assert "day 2026-06-21" in line
+    assert "next day: day-ahead-2026-06-22 (agreeing)" in line
+    assert "next day" not in coordinator_line(CoordinatorView(status=dso_status()))

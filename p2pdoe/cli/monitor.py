@@ -347,6 +347,10 @@ def coordinator_line(view: CoordinatorView) -> str:
     else:
         colour = "green" if status.state == "online" else "red"
         head = f"coordinator [{colour}]{status.state}[/] (round {status.round or '-'})"
+        if status.day is not None:
+            head += f" · day {status.day.isoformat()}"
+        if status.next_round is not None:
+            head += f" · next day: {status.next_round} ({status.next_phase or '-'})"
     if view.progress is None:
         return head
     return f"{head} · {_progress_line(view.progress)}"

@@ -12,6 +12,7 @@ start its rolling rounds take over. The days share one connection, so here:
 - D+1's default envelopes are published joined to D's (`Doe.joined`): the one retained default a
   site holds covers the rest of today and all of tomorrow;
 - a day's request to unsubscribe is dropped (the other day still listens);
+- the days' statuses go out as one: the day in force's, naming the next day's round and phase;
 - when a day is over it is dropped, and after `days` days (None: never) the machine stops.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 
 from p2pdoe.core import topics
@@ -26,7 +28,7 @@ from p2pdoe.core.calendar import Calendar
 from p2pdoe.core.coordinator.commands import DayOver, Save
 from p2pdoe.core.coordinator.machine import Command, CoordinatorMachine, Event
 from p2pdoe.core.effects import Exit, Heard, Patience, PatienceOver, Relieve, Send, Unsubscribe, Woke
-from p2pdoe.core.schemas.runtime import Doe, MeterReading, SettlementRecord, decode_runtime
+from p2pdoe.core.schemas.runtime import Doe, DsoStatus, MeterReading, SettlementRecord, decode_runtime
 
 log = logging.getLogger("dso_coordinator")
 Build = Callable[[date, datetime], CoordinatorMachine]
@@ -46,6 +48,7 @@ class CoordinatorDays:
         self.built: date | None = None  # the latest day built
         self.finished: list[date] = []
         self.kept: dict[str, Heard] = {}  # the latest registration and status of each site, by topic
+        self.statuses: dict[date, DsoStatus] = {}  # each day's latest status, joined into one
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -129,9 +132,33 @@ class CoordinatorDays:
                 out.append(Save(cmd.standing, day))
             elif isinstance(cmd, DayOver):
                 out += [cmd, *self._over(day)]
+            elif isinstance(cmd, Send) and cmd.topic == topics.DSO_STATUS:
+                out.append(self._status(day, cmd))
             else:
                 out.append(cmd)
         return out
+
+    def _status(self, day: date, cmd: Send) -> Send:
+        """One status for the days in hand: the day in force's, with the next day's round and phase."""
+        msg = decode_runtime(cmd.payload)
+        assert isinstance(msg, DsoStatus)
+        self.statuses[day] = msg
+        days = [d for d in self.days_in_hand if d in self.statuses]
+        if msg.state != "online" or not days:
+            return cmd
+        today = self.statuses[days[0]]
+        later = self.statuses[days[-1]] if len(days) > 1 else None
+        joined = today.model_copy(
+            update={
+                "ts": msg.ts,
+                "day": days[0],
+                "next_round": None
+                if later is None
+                else later.round or self.machines[days[-1]].ctx.rules.round,
+                "next_phase": None if later is None else later.phase,
+            }
+        )
+        return replace(cmd, payload=joined.model_dump_json().encode())
 
     def _joined_default(self, day: date, cmd: Send) -> Send:
         """A later day's default joined to the earlier day's in force, when both are in hand."""
@@ -148,6 +175,7 @@ class CoordinatorDays:
 
     def _over(self, day: date) -> list[Command]:
         self.machines.pop(day, None)
+        self.statuses.pop(day, None)
         self.finished.append(day)
         log.info("day %s is over; days in hand: %s", day, [d.isoformat() for d in self.days_in_hand])
         if not self.machines and self._next_gate() is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
@@ -220,6 +220,11 @@ class DsoStatus(Message):
     envelope_lead_s: float | None = None  # the last interval's envelopes came this far ahead (simulated s)
     failed_rounds: Annotated[int, Field(ge=0)] = 0  # rolling rounds that failed today
     last_failure: str | None = None
+    # Running day after day: the day in force (its local date), and the next day's round and phase
+    # while that day is agreed ahead (from its gate closure to its start).
+    day: date | None = None
+    next_round: RoundId | None = None
+    next_phase: str | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
