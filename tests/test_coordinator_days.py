@@ -243,7 +243,7 @@ def test_a_coordinator_restarted_on_a_later_day_runs_from_the_day_in_force_to_th
     (today,) = ops.machines.values()
     assert today.ctx.start == start + timedelta(days=2)
     assert ops.last == date(2026, 6, 27)  # the seventh day from the first, not from the restart
-    with pytest.raises(ConfigError, match="7 day.* from 2026-06-21 are over"):
+    with pytest.raises(ConfigError, match=r"7 day.* from 2026-06-21 are over"):
         coordinator_machine(cfg, settings, start + timedelta(days=7, hours=1), days=7)
 
 
