@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from dso_coordinator.checkpoint import load, save
 from dso_coordinator.results import distributed_results, realtime_results
 from dso_coordinator.settings import CoordinatorSettings
+from p2pdoe.analysis.defaults import default_fairness
 from p2pdoe.analysis.summary import day_summary
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
@@ -237,7 +238,10 @@ class CoordinatorService:
 
     async def _write(self, results: Results, ctx: Context) -> None:
         if self.settings.out is not None:
-            summary = day_summary(results, ctx.cfg.timezone)
+            fairness = default_fairness(ctx.cfg, ctx.defaults)
+            summary = day_summary(results, ctx.cfg.timezone).model_copy(
+                update={"default_sharing": ctx.cfg.default_sharing, "default_fairness": fairness}
+            )
             self.written = await self._off_loop(write_results, results, self.settings.out, summary)
             log.info("wrote %s and results/%s.json", self.written, summary.date)
             if results.realtime is not None:
@@ -274,8 +278,14 @@ def summary_line(s: DaySummary) -> str:
         f"{s.date}: {s.intervals} intervals, day-ahead {s.day_ahead_status or 'none'} "
         f"({s.sites_agreed} sites agreed), {s.rolling_rounds} rolling rounds ({s.failed_rounds} failed), "
         f"{s.settlements} settlements ({s.missing_settlements} missing), "
-        f"{s.sustained_violations} sustained violations{worst}"
+        f"{s.sustained_violations} sustained violations{worst}{_fairness(s)}"
     )
+
+
+def _fairness(s: DaySummary) -> str:
+    if s.default_fairness is None:
+        return ""
+    return f", default envelopes {s.default_sharing} (Jain {s.default_fairness:.3f})"
 
 
 def log_round(agreement: Agreement, results: Results) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from p2pdoe.core.agreement.coordination import Defaults, default_envelopes, feeder_of
 from p2pdoe.core.allocation import SHARINGS, TOL_KW, jain_index
 from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.site import coordinator_config
 
 
@@ -55,3 +56,16 @@ def _site(s: Scenario, d: Defaults, c: int) -> SiteDefault:
     return SiteDefault(
         data.id, float(lo.max()), float(up.min()), float(usable.mean()), float(short.sum() * s.dt_h)
     )
+
+
+def default_fairness(cfg: CoordinatorConfig, d: Defaults) -> float:
+    """Jain's index of the sites' mean default widths, each within its connection capacity (the
+    coordinator's view: it knows the capacities, not the sites' assets)."""
+    by_id = {site.id: site for site in cfg.sites}
+    widths = []
+    for c, site_id in enumerate(d.sites):
+        site = by_id[site_id]
+        up = np.minimum(d.up_kw[c], site.export_capacity_kw)
+        lo = np.maximum(d.lo_kw[c], -site.import_capacity_kw)
+        widths.append(float(np.clip(up - lo, 0.0, None).mean()))
+    return jain_index(np.array(widths))

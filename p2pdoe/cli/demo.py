@@ -117,6 +117,7 @@ def run_demo(
     policy: str,
     realtime: RealTime | None = None,
     secure: bool = False,
+    sharing: str | None = None,
 ) -> Results:
     s = load_scenario(scenario, overrides)
     config = out / "config"
@@ -156,7 +157,8 @@ def run_demo(
             "dso-coordinator",
             [py, "-m", "dso_coordinator", "--coordinator-config", str(config / "coordinator.json"),
              *reach("dso").args(), "--out", str(out), "--policy", policy, "--registration-timeout-s", "120",
-             *clock, *(["--exit-after-round"] if rt is None else rt.coordinator_args())],
+             *clock, *(["--exit-after-round"] if rt is None else rt.coordinator_args()),
+             *([] if sharing is None else ["--default-sharing", sharing])],
         )  # fmt: skip
         for site in s.ids:
             site_config = str(config / "sites" / f"{site}.json")

@@ -44,6 +44,11 @@ def _demo_parser(sub: Any) -> None:
     )
     p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
+    p.add_argument(
+        "--default-sharing",
+        choices=["max-min", "equal", "proportional-capacity", "proportional-need"],
+        help="how the default envelopes share the network's room (default: the scenario's, max-min)",
+    )
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
     p.add_argument("--days", type=int, default=1, help="whole real-time days one after another (1)")
     p.add_argument(
@@ -83,7 +88,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     clock: Literal["lockstep", "scaled"] = "lockstep" if args.speed is None else "scaled"
     speed = 640.0 if args.speed is None else args.speed
     rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock, days=args.days)
-    run_demo(args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure)
+    run_demo(
+        args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure,
+        args.default_sharing,
+    )  # fmt: skip
     return 0
 
 

@@ -354,3 +354,7 @@ class DaySummary(Model):
     measured_vmin_pu: float | None  # AC power flow of the measured injections
     measured_vmax_pu: float | None
     measured_max_loading_pct: float | None
+    # the day's default envelopes: the sharing rule, and Jain's fairness index of each site's mean
+    # default width within its connection capacity (1: all equal; 1/n: one site holds all the room)
+    default_sharing: str | None = None
+    default_fairness: float | None = None
