@@ -214,3 +214,22 @@ def test_the_coordinator_names_the_short_sites_at_start(caplog: pytest.LogCaptur
     assert machine.ctx.cfg.default_sharing == "equal"
     named = [r.getMessage() for r in caplog.records if "needs to stay whole" in r.getMessage()]
     assert len(named) == len(machine.ctx.defaults.shortfalls) >= 1
+
+
+def test_the_days_default_fairness_is_jains_index_of_the_widths_within_each_connection() -> None:
+    """By hand on the default scenario's defaults: each site's box clipped to its connection
+    capacity, its mean width over the day, Jain's index of those (as each day's summary gives it)."""
+    from p2pdoe.analysis.defaults import default_fairness
+
+    cfg, d, _ = _defaults(load_scenario("default"), "max-min")
+    widths = []
+    for c, site in enumerate(cfg.sites):
+        up = np.minimum(d.up_kw[c], site.export_capacity_kw)
+        lo = np.maximum(d.lo_kw[c], -site.import_capacity_kw)
+        widths.append(float(np.clip(up - lo, 0.0, None).mean()))
+    x = np.array(widths)
+    assert default_fairness(cfg, d) == pytest.approx(x.sum() ** 2 / (len(x) * (x**2).sum()))
+    imports = d.__class__(d.sites, np.full_like(d.lo_kw, -100.0), np.zeros_like(d.up_kw), d.need_kw)
+    assert default_fairness(cfg, imports) == pytest.approx(1.0)  # every import capacity is over 100 kW
+    one_way = d.__class__(d.sites, np.zeros_like(d.lo_kw), np.full_like(d.up_kw, 100.0), d.need_kw)
+    assert default_fairness(cfg, one_way) == pytest.approx(5 / 6)  # campus-30 may not export: 0 kW
