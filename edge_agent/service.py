@@ -196,7 +196,7 @@ class EdgeService:
                     self._forecast(m.payload)
                     continue
                 if self.forecast_file is not None and m.topic.endswith("/open"):
-                    self._forecast_from_file(self.forecast_file)
+                    await self._forecast_from_file(self.forecast_file)
                 msg = self.market.read(Heard(m.topic, m.payload, m.retained))
                 if msg is None:
                     continue
@@ -222,14 +222,15 @@ class EdgeService:
         elif isinstance(msg, SiteForecast):
             self.market.feed_forecast(msg)
 
-    def _forecast_from_file(self, path: Path) -> None:
-        """The forecast file, read again whenever it changed (an integrator's job rewrites it)."""
+    async def _forecast_from_file(self, path: Path) -> None:
+        """The forecast file, read again (off the loop) whenever it changed (an integrator's job
+        rewrites it)."""
         try:
             stamp = path.stat().st_mtime_ns
             if stamp == self._forecast_stamp:
                 return
             self._forecast_stamp = stamp
-            self._forecast(path.read_bytes())
+            self._forecast(await self._off_loop(path.read_bytes))
         except OSError as exc:
             log.warning("%s: forecast file %s unreadable: %s", self.site, path, exc)
 

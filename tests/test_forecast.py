@@ -132,8 +132,8 @@ def test_the_edge_agents_read_the_forecast_file_at_each_opening(
     """solar-18's integrator writes its forecast file (a cloudy day): its edge agent solves the
     day-ahead round with it; every other edge reading the same file drops it as not its own, and the
     day goes on with every site agreed."""
-    from tests.virtual_helpers import S as DAY
-    from tests.virtual_helpers import day_of
+    from virtual_helpers import S as DAY
+    from virtual_helpers import day_of
 
     steps = DAY.horizon
     config = site_config(DAY, DAY.ids.index("solar-18"))
