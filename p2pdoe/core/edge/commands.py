@@ -86,10 +86,10 @@ class SaveSettlement:
 @dataclass(frozen=True)
 class SettlementsAgain:
     """A coordinator run other than the one heard last opened a round: it may have lost what was
-    sent before it started, so the settlements journaled since `since` (None: all) go out again
+    sent before it started, so the settlements journaled since `since` go out again
     (the coordinator keeps one per site and interval, so a repeat changes nothing)."""
 
-    since: datetime | None
+    since: datetime
 
 
 @dataclass(frozen=True)

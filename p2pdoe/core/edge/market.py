@@ -177,7 +177,7 @@ class EdgeMarket:
         if previous is None or epoch is None or epoch == previous:
             return []
         cal = self.calendar
-        since = None if cal is None else cal.start(cal.day_of(start) - timedelta(days=1))
+        since = start - timedelta(days=2) if cal is None else cal.start(cal.day_of(start) - timedelta(days=1))
         log.info("%s: a new coordinator run (%s after %s): settlements go again", self.site, epoch, previous)
         return [SettlementsAgain(since)]
 
