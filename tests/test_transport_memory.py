@@ -432,3 +432,46 @@ def test_state_is_republished_with_what_is_left_of_its_expiry() -> None:
             assert broker.retained("s/long") is None
 
     run_virtual(main())
+
+
+@pytest.mark.parametrize("expiry_s", [0, 60])
+def test_a_session_with_an_expiry_gets_the_qos_1_messages_sent_while_it_was_away(expiry_s: int) -> None:
+    """As with Mosquitto (tests/test_transport_faults.py): killed or closed, a client with a session
+    expiry finds on its return, before anything else, what matched its QoS 1 subscriptions at QoS 1
+    meanwhile, and is subscribed again; with a clean session (0) nothing was kept."""
+
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with MemoryTransport(broker, "pub") as pub:
+            keeper = MemoryTransport(broker, "keeper", session_expiry_s=expiry_s)
+            await keeper.start()
+            await keeper.subscribe("s/+/settlement")
+            await keeper.subscribe("s/+/meter", qos=0)
+            broker.kill("keeper")
+            await pub.publish("s/a/settlement", b"1")
+            await pub.publish("s/a/settlement", b"qos 0", qos=0)
+            await pub.publish("s/a/meter", b"at qos 0 subscription")
+            await pub.publish("s/b/settlement", b"2", retain=True)
+            async with MemoryTransport(broker, "keeper", session_expiry_s=expiry_s) as back:
+                await pub.publish("s/c/settlement", b"3")
+                got = await received(back)
+            kept = [("s/a/settlement", b"1", False), ("s/b/settlement", b"2", False)]
+            renewed = [("s/b/settlement", b"2", True)]  # its subscriptions renewed, as MqttTransport's
+            assert got == ([*kept, *renewed, ("s/c/settlement", b"3", False)] if expiry_s else [])
+
+    run(main())
+
+
+def test_a_session_expires_on_the_loops_clock() -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with MemoryTransport(broker, "pub") as pub:
+            async with MemoryTransport(broker, "keeper", session_expiry_s=10) as keeper:
+                await keeper.subscribe("s/#")
+            await pub.publish("s/early", b"kept")
+            await asyncio.sleep(11)
+            await pub.publish("s/late", b"no session to keep it")
+            async with MemoryTransport(broker, "keeper", session_expiry_s=10) as back:
+                assert await received(back) == []
+
+    run_virtual(main())

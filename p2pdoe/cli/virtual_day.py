@@ -1,6 +1,7 @@
 """A whole day of every service in one process, on a virtual clock: the coordinator, one edge agent
 and one simulated meter per site, each the same service as in a deployment (its machine and shell),
-talking through an in-memory broker (p2pdoe.services.transport_memory) on a `VirtualTimeLoop`
+talking through an in-memory broker (p2pdoe.services.transport_memory; each service's session as
+its settings say: the coordinator's persistent, the edges' clean) on a `VirtualTimeLoop`
 (p2pdoe.services.clock): no broker process, no threads, no sleeps. Time jumps to the next timer
 whenever every service waits, so a 24 h day takes seconds, and the outcome is the same every run.
 
@@ -146,11 +147,14 @@ class VirtualDay:
         identity: str | None,
         will: LastWill | None = None,
         sweep_retained: bool = False,
+        session_expiry_s: int = 0,
     ) -> Any:
         """A service's transport: with `signed`, signing as `identity` and believing only the
-        signed messages of the day's identities; `sweep_retained` as the coordinator's."""
+        signed messages of the day's identities; `sweep_retained` as the coordinator's; a session
+        the broker keeps `session_expiry_s` after a disconnect (0: clean)."""
         signer = None if not self.signed or identity is None else Signer(identity, self.keys[identity])
-        mqtt = MemoryTransport(broker, name, will=will if signer is None else signer.signed_will(will))
+        signed_will = will if signer is None else signer.signed_will(will)
+        mqtt = MemoryTransport(broker, name, will=signed_will, session_expiry_s=session_expiry_s)
         inner = RetainedSweep(mqtt) if sweep_retained else mqtt
         return inner if signer is None else SignedTransport(inner, signer, self.trusted)
 
@@ -174,7 +178,8 @@ class VirtualDay:
             meter_step_s=self.rate_s, hours=self.hours if self.days == 1 else None, out=self.root,
             start=_iso(self.start), **{**self.dso_options, **options},
         )  # fmt: skip
-        transport = self._transport(self.broker, "dso", "dso", dso_will(), sweep_retained=True)
+        expiry = settings.session_expiry_s
+        transport = self._transport(self.broker, "dso", "dso", dso_will(), True, expiry)
         clock = VirtualClock(self.origin, rank=GRID)
         _use_clock(transport, clock)
         service = CoordinatorService(transport, clock, settings, offload=False)
@@ -200,7 +205,8 @@ class VirtualDay:
             site_config=self.root / f"{site}.json", meter=True, meter_step_s=self.rate_s,
             journal=self.journal(site), start=_iso(self.start), **{**self.edge_options, **options},
         )  # fmt: skip
-        transport = self._transport(self.broker, name, edge_identity(site), edge_will(site))
+        expiry = settings.session_expiry_s
+        transport = self._transport(self.broker, name, edge_identity(site), edge_will(site), False, expiry)
         main_one = name == f"edge-{site}"
         journal = Journal(self.journal(site) if main_one else self.root / "journal" / f"{name}.db", site)
         if main_one:

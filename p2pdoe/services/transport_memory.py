@@ -9,8 +9,13 @@ Order: the broker accepts publishes in call order (publishes waiting out an outa
 puts each accepted message at once into every matching subscriber's FIFO inbox. Every subscriber thus
 sees messages in the order the broker accepted them, whoever published them: callers rely on this.
 
-It does not do: persistence, authentication or ACLs, QoS 2 (refused), sessions that outlive a
-connection (clean sessions only: nothing is queued for a disconnected subscriber), shared subscriptions.
+Sessions: a client with a session expiry (`session_expiry_s` > 0, as MqttTransport's clean start off)
+keeps its subscriptions when it goes away (killed or closed), and the broker queues for it every QoS 1
+message matching a QoS 1 subscription until a client with its id comes back within the expiry: the
+queue is delivered first, in the broker's order. A client without one starts clean and ends its
+session when it goes. (Sessions, like retained messages, survive `outage`: a broker with persistence.)
+
+It does not do: persistence to disk, authentication or ACLs, QoS 2 (refused), shared subscriptions.
 """
 
 from __future__ import annotations
@@ -62,6 +67,19 @@ class _Message:
     payload: bytes
     retain: bool
     expiry_s: float | None
+    qos: int = 1
+
+
+@dataclass
+class _Session:
+    """What the broker keeps of a client that went away with a session expiry."""
+
+    subscriptions: dict[str, int]
+    expires_at: float  # the loop's clock
+    queue: deque[InboundMessage]
+
+
+MAX_QUEUED = 100_000  # messages queued per session (the oldest dropped beyond), as max_queued_messages
 
 
 class MemoryBroker:
@@ -70,6 +88,7 @@ class MemoryBroker:
     def __init__(self, on_publish: Recorder | None = None) -> None:
         self.on_publish = on_publish
         self._clients: dict[str, MemoryTransport] = {}  # open clients by id, connected while `up`
+        self._sessions: dict[str, _Session] = {}  # clients away with their session kept, by id
         self._retained: dict[str, _Kept] = {}  # in the order last published
         self._waiting: deque[tuple[MemoryTransport, _Message, asyncio.Future[None]]] = deque()
         self._up = True
@@ -124,6 +143,10 @@ class MemoryBroker:
         old = self._clients.get(client.client_id)
         if old is not None:
             self._drop(old, will=True)
+        session = self._live_sessions().pop(client.client_id, None)
+        if session is not None and client.session_expiry_s > 0:  # resumed: subscriptions and queue
+            client._subscriptions = {**session.subscriptions, **client._subscriptions}
+            client._resumed = session.queue
         self._clients[client.client_id] = client
         if self._up:
             self._connect(client)
@@ -153,6 +176,8 @@ class MemoryBroker:
 
     def _connect(self, client: MemoryTransport) -> None:
         client._link_up()
+        while client._resumed:
+            client._deliver(client._resumed.popleft())
         for topic_filter in list(client._subscriptions):
             self._subscribed(client, topic_filter)
         for message in client._state_to_republish(self._now()):
@@ -161,6 +186,9 @@ class MemoryBroker:
     def _drop(self, client: MemoryTransport, *, will: bool) -> None:
         was_connected = client.connected
         del self._clients[client.client_id]
+        if client.session_expiry_s > 0:
+            expires_at = self._now() + client.session_expiry_s
+            self._sessions[client.client_id] = _Session(dict(client._subscriptions), expires_at, deque())
         client._end()
         self._fail_waiting(client)
         if will and was_connected and client.will is not None:
@@ -175,12 +203,24 @@ class MemoryBroker:
         for client in self._clients.values():
             if client.connected and any(topic_matches(f, message.topic) for f in client._subscriptions):
                 client._deliver(live)
+        if message.qos >= 1:
+            for session in self._live_sessions().values():
+                if any(q >= 1 and topic_matches(f, message.topic) for f, q in session.subscriptions.items()):
+                    if len(session.queue) >= MAX_QUEUED:
+                        session.queue.popleft()
+                    session.queue.append(live)
 
     def _retain(self, message: _Message) -> None:
         self._retained.pop(message.topic, None)  # re-inserted last: retained order is publish order
         if message.payload:
             expires_at = None if message.expiry_s is None else self._now() + message.expiry_s
             self._retained[message.topic] = (message.payload, expires_at)
+
+    def _live_sessions(self) -> dict[str, _Session]:
+        now = self._now()
+        for client_id in [i for i, x in self._sessions.items() if x.expires_at <= now]:
+            del self._sessions[client_id]
+        return self._sessions
 
     def _live_retained(self) -> dict[str, _Kept]:
         now = self._now()
@@ -218,9 +258,13 @@ class MemoryTransport:
     protocol: Literal["memory"] = "memory"
     is_v5 = True  # message expiry is honoured
 
-    def __init__(self, broker: MemoryBroker, client_id: str, *, will: LastWill | None = None) -> None:
+    def __init__(
+        self, broker: MemoryBroker, client_id: str, *, will: LastWill | None = None, session_expiry_s: int = 0
+    ) -> None:
         self.client_id = client_id
         self.will = will
+        self.session_expiry_s = session_expiry_s  # > 0: the broker keeps the session this long when away
+        self._resumed: deque[InboundMessage] = deque()  # what the session queued, delivered on connect
         self.connections = 0
         self._broker = broker
         self._subscriptions: dict[str, int] = {}
@@ -269,7 +313,7 @@ class MemoryTransport:
             raise ValueError(f"QoS {qos}: the memory broker does QoS 0 and 1 only")
         if not self._started or self._closed:
             raise TransportError(f"{self.client_id}: transport not running")
-        await self._broker._submit(self, _Message(topic, bytes(payload), retain, expiry_s))
+        await self._broker._submit(self, _Message(topic, bytes(payload), retain, expiry_s, qos))
 
     async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
         """Publish retained (QoS 1) now and again after every reconnect; the latest per topic is kept."""
