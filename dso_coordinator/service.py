@@ -193,7 +193,7 @@ class CoordinatorService:
         speed = self.settings.speed if self.clock.kind == "scaled" else 1.0
         info = await self._off_loop(realtime_results, ctx, report, self.clock.kind, speed)
         agreement = self.agreements.pop(ctx.start, None)
-        day_ahead = self.day_ahead.pop(ctx.start, None) or self._kept_day_ahead(ctx)
+        day_ahead = self.day_ahead.pop(ctx.start, None) or await self._kept_day_ahead(ctx)
         if day_ahead is not None:  # day after day: agreed the day before (by this run or another)
             await self._write(day_ahead.model_copy(update={"realtime": info}), ctx)
         elif agreement is None:  # restarted mid-day: its part of the day only
@@ -219,14 +219,15 @@ class CoordinatorService:
         if self.daily and self.settings.checkpoint is not None:
             dated(self.settings.checkpoint, local_date(ctx)).unlink(missing_ok=True)
 
-    def _kept_day_ahead(self, ctx: Context) -> Results | None:
-        """The day's day-ahead results another run of a coordinator running day after day wrote."""
+    async def _kept_day_ahead(self, ctx: Context) -> Results | None:
+        """The day's day-ahead results another run of a coordinator running day after day wrote
+        (read off the loop: a results file is large)."""
         if not self.daily or self.settings.out is None:
             return None
         date = local_date(ctx).isoformat()
         path = self.settings.out / "results" / f"{date}.json"
         try:
-            kept = Results.model_validate_json(path.read_bytes())
+            kept = await self._off_loop(_read_results, path)
         except (OSError, ValueError) as exc:
             log.warning("no day-ahead results of %s to complete (%s)", date, str(exc).splitlines()[0])
             return None
@@ -246,6 +247,10 @@ class CoordinatorService:
             log.info("wrote %s and results/%s.json", self.written, summary.date)
             if results.realtime is not None:
                 log.info("%s", summary_line(summary))
+
+
+def _read_results(path: Path) -> Results:
+    return Results.model_validate_json(path.read_bytes())
 
 
 def local_date(ctx: Context) -> date:

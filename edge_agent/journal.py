@@ -205,10 +205,12 @@ class Journal:
 
     def settlement_messages(self, since: datetime | None = None) -> list[bytes]:
         """The settlement messages sent for intervals from `since` on (None: all), oldest first."""
+        first = "" if since is None else since.astimezone(UTC).isoformat()  # stored as UTC ISO text
         rows = self._db.execute(
-            "SELECT interval_start, payload FROM settlement_messages ORDER BY interval_start"
+            "SELECT payload FROM settlement_messages WHERE interval_start >= ? ORDER BY interval_start",
+            (first,),
         ).fetchall()
-        return [bytes(r[1]) for r in rows if since is None or datetime.fromisoformat(r[0]) >= since]
+        return [bytes(r[0]) for r in rows]
 
     def settlements(self) -> list[Settlement]:
         rows = self._db.execute("SELECT * FROM settlements ORDER BY interval_start").fetchall()
