@@ -117,7 +117,9 @@ class EdgeService:
         """Serve until stopped, the transport closes, or `rounds` rounds are reported."""
         self.realtime = realtime
         saved = None if self.journal is None else restored(self.journal)
-        first: list[object] = list(realtime.start(self.clock.now(), saved))
+        if self.forecast_file is not None:  # registered with the site's first registration
+            await self._forecast_from_file(self.forecast_file, publish=False)
+        first: list[object] = list(realtime.start(self.clock.now(), saved, self.market.registration()))
         tasks = [asyncio.create_task(self._market_lane(), name=f"market-{self.site}")]
         if self.meter is not None and self.meter.transport is not self.transport:
             tasks.append(asyncio.create_task(self._own_meter(self.meter), name=f"meter-{self.site}"))
@@ -193,7 +195,7 @@ class EdgeService:
             while True:
                 m = await self._market_q.get()
                 if m.topic == topics.site(self.site, "forecast"):
-                    self._forecast(m.payload)
+                    await self._forecast(m.payload)
                     continue
                 if self.forecast_file is not None and m.topic.endswith("/open"):
                     await self._forecast_from_file(self.forecast_file)
@@ -215,14 +217,17 @@ class EdgeService:
             log.exception("%s: the market lane failed", self.site)
             self.shell.stop(error=exc)
 
-    def _forecast(self, payload: bytes) -> None:
+    async def _forecast(self, payload: bytes, publish: bool = True) -> None:
+        """Keep a forecast for the next rounds; its ranges are registered at once (`publish`)."""
         msg = self.market.reader.runtime(payload)
         if msg is not None and not isinstance(msg, SiteForecast):
             self.market.reader.dropped["sender_not_topic"] += 1
         elif isinstance(msg, SiteForecast):
-            self.market.feed_forecast(msg)
+            commands = await self._off_loop(self.market.feed_forecast, msg)
+            for cmd in commands if publish else ():
+                await self._market_command(cmd)
 
-    async def _forecast_from_file(self, path: Path) -> None:
+    async def _forecast_from_file(self, path: Path, publish: bool = True) -> None:
         """The forecast file, read again (off the loop) whenever it changed (an integrator's job
         rewrites it)."""
         try:
@@ -230,7 +235,7 @@ class EdgeService:
             if stamp == self._forecast_stamp:
                 return
             self._forecast_stamp = stamp
-            self._forecast(await self._off_loop(path.read_bytes))
+            await self._forecast(await self._off_loop(path.read_bytes), publish)
         except OSError as exc:
             log.warning("%s: forecast file %s unreadable: %s", self.site, path, exc)
 

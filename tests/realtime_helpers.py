@@ -316,8 +316,11 @@ class Harness:
         await client.publish(topics.clock_done(HARNESS), done.model_dump_json(), qos=1)
 
 
-def opening_heard(s: Scenario, name: str, start: datetime, intervals: int) -> Any:
-    """A round's opening over `intervals` of scenario `s` from `start`, as an edge agent hears it."""
+def opening_heard(
+    s: Scenario, name: str, start: datetime, intervals: int, ranges: dict[str, str] | None = None
+) -> Any:
+    """A round's opening over `intervals` of scenario `s` from `start`, as an edge agent hears it;
+    `ranges`: the digests of the ranges it names per site."""
     from p2pdoe.core.effects import Heard
     from p2pdoe.core.schemas.messages import AdmmParameters, RoundOpen, encode
 
@@ -329,6 +332,6 @@ def opening_heard(s: Scenario, name: str, start: datetime, intervals: int) -> An
             rho_trade_eur_per_kw2h=a.rho_trade, rho_envelope_eur_per_kw2h=a.rho_envelope,
             over_relaxation=a.over_relaxation, max_iterations=a.max_iterations,
         ),
-        initial_trade_price_eur_per_kwh=[0.1] * intervals,
+        initial_trade_price_eur_per_kwh=[0.1] * intervals, ranges=ranges or {},
     )  # fmt: skip
     return Heard(topics.round_open(name), encode(msg), False)

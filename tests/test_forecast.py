@@ -16,11 +16,14 @@ import pytest
 from pydantic import ValidationError
 from realtime_helpers import opening_heard
 
+from p2pdoe.core import topics
+from p2pdoe.core.day_configs import coordinator_config_on, registration_on, site_config_on
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard
-from p2pdoe.core.schemas.runtime import SiteForecast, decode_runtime
-from p2pdoe.core.site import site_config
+from p2pdoe.core.schemas.messages import ranges_digest
+from p2pdoe.core.schemas.runtime import Registration, SiteForecast, decode_runtime
+from p2pdoe.core.site import coordinator_config, registration, site_config
 from p2pdoe.io.scenarios import load_scenario
 
 S = load_scenario("default")
@@ -70,8 +73,6 @@ def test_a_forecast_outside_the_day_changes_nothing() -> None:
         ({"site": "town-14", "pv_kw": [1.0]}, "town-14's forecast"),
         ({"wind_kw": [5.0]}, "does not have"),  # solar-18 has no wind turbine
         ({"pv_kw": [1e6]}, "over 10 x its configured peak"),
-        # More load than configured: a range beyond the registration the coordinator checks against.
-        ({"step_s": 3600, "fixed_load_kw": [1.2 * v for v in CONFIG.community.fixed_load_kw]}, "registered"),
     ],
 )
 def test_a_forecast_that_cannot_be_the_sites_is_named(fields: dict[str, Any], match: str) -> None:
@@ -153,12 +154,138 @@ def test_the_edge_agents_read_the_forecast_file_at_each_opening(
     assert {x.id: x.state for x in results.runtime.sites} == dict.fromkeys(DAY.ids, "agreed")
 
 
-def test_a_forecast_for_tomorrow_is_checked_against_tomorrows_registration() -> None:
+TOMORROW = T0 + timedelta(days=1)
+MORE_LOAD = [1.2 * v for v in CONFIG.community.fixed_load_kw]  # wider than the configured day's ranges
+
+
+def registered(commands: list[Any]) -> Registration:
+    [send] = commands
+    assert (send.topic, send.state) == (topics.site("solar-18", "register"), True)
+    return Registration.model_validate_json(send.payload)
+
+
+def test_a_forecast_registers_the_ranges_it_gives_each_day_it_reaches() -> None:
+    """More load than configured tomorrow: the site registers tomorrow's own ranges (wider than the
+    configured day's), and the coordinator's day machines each take their date's."""
     m = market()
-    more = forecast(
-        start=T0 + timedelta(days=1),
-        step_s=3600,
-        fixed_load_kw=[1.2 * v for v in CONFIG.community.fixed_load_kw],
-    )
-    assert not m.feed_forecast(more)
-    assert m.reader.dropped["implausible"] == 1
+    f = forecast(start=TOMORROW, step_s=3600, fixed_load_kw=MORE_LOAD)
+    reg = registered(m.feed_forecast(f))
+    typical = registration(CONFIG)
+    assert reg.technical_min_kw == typical.technical_min_kw
+    [day] = reg.days
+    assert day.start == TOMORROW
+    tomorrow = registration(with_forecast(site_config_on(CONFIG, TOMORROW.date()), f)[0])
+    assert day.technical_min_kw == tomorrow.technical_min_kw
+    assert min(day.technical_min_kw) < min(typical.technical_min_kw)  # wider: more load to import for
+    cfg = coordinator_config(S)
+    on_tomorrow = registration_on(reg, coordinator_config_on(cfg, TOMORROW.date()))
+    assert (on_tomorrow.technical_min_kw, on_tomorrow.days) == (tomorrow.technical_min_kw, [])
+    assert registration_on(reg, cfg).technical_min_kw == typical.technical_min_kw  # today: configured
+
+
+def test_a_registration_with_two_entries_for_one_day_is_refused() -> None:
+    reg = registration(CONFIG)
+    day = registered(market().feed_forecast(forecast(step_s=3600, fixed_load_kw=MORE_LOAD))).days[0]
+    with pytest.raises(ValidationError, match="one entry per day"):
+        Registration.model_validate({**reg.model_dump(), "days": [day.model_dump(), day.model_dump()]})
+
+
+def envelope_bounds_of(m: EdgeMarket) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest lo, highest up) the open round lets the site request."""
+    assert m.round is not None
+    qp = m.round.qp
+    rows = qp.a.shape[0] - qp.layout.size
+    lo, up = qp.layout.block("lo"), qp.layout.block("up")
+    return qp.lower[rows + lo.start : rows + lo.stop], qp.upper[rows + up.start : rows + up.stop]
+
+
+@pytest.mark.parametrize("coordinator_has", ["configured", "forecast"])
+def test_a_round_requests_envelopes_within_the_ranges_its_opening_names(coordinator_has: str) -> None:
+    """The forecast came after the coordinator set the round up: the opening names the configured
+    day's ranges, and the site requests nothing beyond them (the coordinator would refuse it). Once
+    the coordinator holds the forecast's, the site requests within those."""
+    m = market()
+    reg = registered(m.feed_forecast(forecast(step_s=3600, fixed_load_kw=MORE_LOAD)))
+    held = registration(CONFIG) if coordinator_has == "configured" else reg.days[0]
+    digest = ranges_digest(held.technical_min_kw, held.technical_max_kw)
+    msg = m.read(cast(Heard, opening_heard(S, "day-ahead-2026-06-21", T0, S.horizon, {"solar-18": digest})))
+    assert msg is not None
+    m.handle(msg)
+    lowest, highest = envelope_bounds_of(m)
+    np.testing.assert_allclose(lowest, held.technical_min_kw)
+    assert np.all(highest <= np.asarray(held.technical_max_kw) + 1e-9)
+    np.testing.assert_allclose(m.round.config.community.fixed_load_kw, MORE_LOAD)  # type: ignore[union-attr]
+
+
+def test_an_opening_naming_ranges_this_run_never_registered_keeps_to_the_configured_days(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = market()
+    m.feed_forecast(forecast(step_s=3600, fixed_load_kw=MORE_LOAD))
+    heard = opening_heard(S, "day-ahead-2026-06-21", T0, S.horizon, {"solar-18": "0" * 16})
+    with caplog.at_level(logging.WARNING, logger="edge_agent"):
+        m.handle(m.read(cast(Heard, heard)))  # type: ignore[arg-type]
+    assert "checks ranges this run did not register" in caplog.text
+    lowest, _ = envelope_bounds_of(m)
+    np.testing.assert_allclose(lowest, registration(CONFIG).technical_min_kw)
+
+
+@pytest.mark.slow
+def test_a_forecast_wider_than_the_configured_day_is_registered_and_agreed_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """solar-18's integrator forecasts 30 % more sun than configured: the edge registers the day's
+    own ranges with it, the coordinator checks the day-ahead round against them (named in the
+    opening), every site agrees, and solar-18's envelope reaches beyond what its configured day
+    could have been granted."""
+    from virtual_helpers import S as DAY
+    from virtual_helpers import day_of
+
+    from p2pdoe.core.schemas.messages import RoundOpen, decode
+
+    config = site_config(DAY, DAY.ids.index("solar-18"))
+    f = SiteForecast(
+        site="solar-18", issued=DAY.start - timedelta(hours=12), start=DAY.start,
+        step_s=round(DAY.dt_h * 3600), pv_kw=[1.3 * v for v in config.community.pv_kw],
+    )  # fmt: skip
+    path = tmp_path / "forecast.json"
+    path.write_text(f.model_dump_json(), encoding="utf-8")
+    day, tape = day_of(tmp_path / "day", 1.0, edge_options={"forecast_file": path})
+    with caplog.at_level(logging.INFO, logger="edge_agent"):
+        results = day.run()
+    assert "did not register" not in caplog.text
+    [reg] = [h.msg for h in tape.of(Registration, "solar-18")]
+    [own] = reg.days
+    assert own.start == DAY.start
+    assert max(own.technical_max_kw) > max(registration(config).technical_max_kw)
+    openings = [decode(p) for t, p in tape.raw if t.endswith("/open") and p]
+    day_ahead = [m for m in openings if isinstance(m, RoundOpen) and m.intervals == DAY.horizon]
+    assert day_ahead
+    rounds = [m for m in openings if isinstance(m, RoundOpen)]
+    assert len(rounds) > len(day_ahead)  # rolling rounds too, each over the rest of the day
+    for m in rounds:
+        k = DAY.horizon - m.intervals
+        assert m.ranges["solar-18"] == ranges_digest(own.technical_min_kw[k:], own.technical_max_kw[k:])
+    assert results.runtime is not None
+    assert {x.id: x.state for x in results.runtime.sites} == dict.fromkeys(DAY.ids, "agreed")
+    solar = next(c for c in results.communities if c.id == "solar-18")
+    assert np.any(np.asarray(solar.envelope_up_kw) > np.asarray(registration(config).technical_max_kw) + 1.0)
+
+
+def test_each_day_keeps_its_own_newest_forecast() -> None:
+    """Tomorrow's forecast leaves today's rounds on today's; both days are registered, and at most
+    a week of days is kept (the earliest dropped)."""
+    m = market()
+    cloudy = [0.5 * v for v in CONFIG.community.pv_kw]
+    m.feed_forecast(forecast(step_s=3600, pv_kw=cloudy))
+    reg = registered(m.feed_forecast(forecast(start=TOMORROW, step_s=3600, fixed_load_kw=MORE_LOAD)))
+    assert [d.start for d in reg.days] == [T0, TOMORROW]
+    msg = m.read(opening())
+    assert msg is not None
+    m.handle(msg)
+    assert m.round is not None
+    np.testing.assert_allclose(m.round.config.community.pv_kw, cloudy)
+    assert m.round.config.community.fixed_load_kw == CONFIG.community.fixed_load_kw
+    for k in range(2, 9):
+        m.feed_forecast(forecast(start=T0 + timedelta(days=k), step_s=3600, pv_kw=cloudy))
+    assert sorted(m.forecasts) == [(T0 + timedelta(days=k)).date() for k in range(2, 9)]

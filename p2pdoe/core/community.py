@@ -10,7 +10,7 @@ All powers in kW, energy in kWh, money in EUR; every cost term is multiplied by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -106,6 +106,25 @@ def build_community_qp(
     lower = np.concatenate([r[1] for r in rows])
     upper = np.concatenate([r[2] for r in rows])
     return CommunityQP(lay, p_diag, q, constant, a, lower, upper, _injection(lay))
+
+
+def within_ranges(
+    qp: CommunityQP, x_min: FloatArray, x_max: FloatArray, bounds: EnvelopeBounds
+) -> CommunityQP:
+    """`qp` with its envelope requests inside the bounds another view of the site's ranges gives
+    them (what the coordinator registered, p2pdoe.core.agreement.coordination.bounds_from_ranges):
+    the intersection of both, or where they do not meet the bound of the other nearest its own."""
+    lay = qp.layout
+    if bounds is EnvelopeBounds.HULL:
+        x_min, x_max = np.full(lay.horizon, x_min.min()), np.full(lay.horizon, x_max.max())
+    middle = np.minimum(0.0, x_max)
+    rows = qp.a.shape[0] - lay.size  # the bounds are the last rows (an identity)
+    lower, upper = qp.lower.copy(), qp.upper.copy()
+    for name, (lo, hi) in {"lo": (x_min, middle), "up": (middle, x_max)}.items():
+        sl = lay.block(name)
+        at = slice(rows + sl.start, rows + sl.stop)
+        lower[at], upper[at] = np.clip(lower[at], lo, hi), np.clip(upper[at], lo, hi)
+    return replace(qp, lower=lower, upper=upper)
 
 
 def _eye(lay: Layout, name: str, coef: float = 1.0) -> sp.csr_matrix:

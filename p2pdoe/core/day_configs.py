@@ -35,11 +35,16 @@ def daily_calendar(config: SiteConfig | CoordinatorConfig, intervals: int | None
 
 
 def registration_on(reg: Registration, cfg: CoordinatorConfig) -> Registration:
-    """`reg` (the ranges of the site's configured day) on the coordinator's day, read by local clock
-    hour: as the site's configuration of that date gives them. Unchanged where it is already that
-    day's, says no start, or either is not one whole day."""
-    cal = daily_calendar(cfg, len(reg.technical_min_kw))
+    """`reg` on the coordinator's day: the ranges it gives that date of its own if it does, else those
+    of the site's configured day read by local clock hour (as the site's configuration of that date
+    gives them). Unchanged where it is already that day's, says no start, or either is not one whole
+    day. The entries of other dates are dropped."""
     start = utc_moment(cfg.start)
+    own = next((d for d in reg.days if d.start == start and len(d.technical_min_kw) == cfg.intervals), None)
+    if own is not None:
+        return reg.model_copy(update={**own.model_dump(), "days": []})
+    reg = reg.model_copy(update={"days": []})
+    cal = daily_calendar(cfg, len(reg.technical_min_kw))
     if reg.start is None or reg.start == start or cal is None:
         return reg
     day = cal.day_of(start)

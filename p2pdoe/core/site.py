@@ -17,7 +17,7 @@ from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleLoad, MarketData, Scenario
 from p2pdoe.core.schemas import site as cfg
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig
-from p2pdoe.core.schemas.runtime import Registration
+from p2pdoe.core.schemas.runtime import DayRanges, Registration
 from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm
 from p2pdoe.core.solution import Policy
 
@@ -133,6 +133,13 @@ def registration(config: cfg.SiteConfig) -> Registration:
         reactive_max_kvar=q_max.tolist(),
         start=utc_moment(config.start),
     )
+
+
+def day_ranges(config: cfg.SiteConfig) -> DayRanges:
+    """The ranges of `config`'s day, as a registration's entry for that date."""
+    reg = registration(config)
+    names = ("technical_min_kw", "technical_max_kw", "reactive_min_kvar", "reactive_max_kvar")
+    return DayRanges(start=utc_moment(config.start), **{n: getattr(reg, n) for n in names})
 
 
 def coordinator_config(s: Scenario, policy: Policy = Policy.DYNAMIC) -> CoordinatorConfig:

@@ -23,7 +23,7 @@ from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import admm_settings
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig, FeederConfig
-from p2pdoe.core.schemas.messages import WarmStart
+from p2pdoe.core.schemas.messages import WarmStart, ranges_digest
 from p2pdoe.core.schemas.runtime import Registration
 
 
@@ -221,6 +221,9 @@ def round_setup(
     )
     prices = 0.5 * (np.array(cfg.price_import_eur_per_kwh) + np.array(cfg.price_export_eur_per_kwh))
     sites = tuple(ids[i] for i in taking_part)
+    ranges = Ranges(
+        np.array([facts[i].x_min for i in taking_part]), np.array([facts[i].x_max for i in taking_part])
+    )
     plan = RoundPlan(
         round=round_id,
         policy=cfg.policy,
@@ -231,9 +234,7 @@ def round_setup(
         initial_trade_price=tuple(float(v) for v in prices),
         warm=warm,
         epoch=epoch,
-    )
-    ranges = Ranges(
-        np.array([facts[i].x_min for i in taking_part]), np.array([facts[i].x_max for i in taking_part])
+        ranges=tuple(ranges_digest(lo, hi) for lo, hi in zip(ranges.x_min, ranges.x_max, strict=True)),
     )
     dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid, ranges)
     left_out = tuple(sid for sid in ids if sid not in sites)

@@ -93,6 +93,7 @@ class RoundPlan:
     initial_trade_price: tuple[float, ...]  # EUR/kWh per interval, public (from the retail tariffs)
     warm: WarmStart | None = None  # where the couplings start (announced in the opening); None: cold
     epoch: str | None = None  # the coordinator's run (a restarted one opens the same ids anew)
+    ranges: tuple[str, ...] = ()  # per site, the digest of the ranges its requests are checked against
 
 
 def with_rho(settings: AdmmSettings, rho: tuple[float, float] | None) -> AdmmSettings:
@@ -299,6 +300,7 @@ class DsoParticipant:
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
                     warm_start=self.plan.warm,
                     epoch=self.plan.epoch,
+                    ranges=dict(zip(self.plan.sites, self.plan.ranges, strict=False)),
                 )
             )
         ]

@@ -1,20 +1,17 @@
 """A site's own forecast over its configured profiles: pure. Each interval the forecast covers whole
-gets the time-weighted mean of the steps over it; the others keep their configured values."""
+gets the time-weighted mean of the steps over it; the others keep their configured values. The
+ranges a forecast gives its days are registered (p2pdoe.core.edge.market.EdgeMarket.registration)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import numpy as np
-
 from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.schemas.runtime import SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.core.site import registration
 
 SERIES = ("pv_kw", "wind_kw", "fixed_load_kw")
 PEAK_FACTOR = 10.0  # a forecast above this many times the configured peak is refused
-TOLERANCE_KW = 1e-6
 
 
 def forecast_problem(config: SiteConfig, f: SiteForecast) -> str | None:
@@ -32,22 +29,7 @@ def forecast_problem(config: SiteConfig, f: SiteForecast) -> str | None:
         if max(values) > PEAK_FACTOR * peak:
             over = f"over {PEAK_FACTOR:g} x its configured peak {peak:.1f} kW"
             return f"{name} reaches {max(values):.1f} kW, {over}"
-    return _beyond_registration(config, f)
-
-
-def _beyond_registration(config: SiteConfig, f: SiteForecast) -> str | None:
-    """The coordinator checks every proposal against the ranges the site registered (from its
-    configuration): a forecast that widens them would get the site's proposals refused."""
-    before, after = registration(config), registration(with_forecast(config, f)[0])
-    low = np.asarray(after.technical_min_kw) < np.asarray(before.technical_min_kw) - TOLERANCE_KW
-    high = np.asarray(after.technical_max_kw) > np.asarray(before.technical_max_kw) + TOLERANCE_KW
-    bad = np.flatnonzero(low | high)
-    if bad.size == 0:
-        return None
-    t = int(bad[0])
-    now = f"[{after.technical_min_kw[t]:.1f}, {after.technical_max_kw[t]:.1f}]"
-    was = f"[{before.technical_min_kw[t]:.1f}, {before.technical_max_kw[t]:.1f}]"
-    return f"it widens the site's range in interval {t} to {now} kW beyond the {was} it registered"
+    return None
 
 
 def with_forecast(config: SiteConfig, f: SiteForecast) -> tuple[SiteConfig, int]:

@@ -12,31 +12,35 @@ follows its plan.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 
+from p2pdoe.core import topics
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.outcome import agreed_schedule
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.calendar import utc_moment
-from p2pdoe.core.community import CommunityQP
+from p2pdoe.core.community import CommunityQP, within_ranges
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.effects import Heard, Send
+from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.reader import MarketReader, Message, topic_of
 from p2pdoe.core.realtime.controller import Controller, Plan, plan_from
-from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode
-from p2pdoe.core.schemas.runtime import SiteForecast
+from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode, ranges_digest
+from p2pdoe.core.schemas.runtime import MAX_DAYS_REGISTERED, Registration, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
-from p2pdoe.core.site import Recent, remaining_config, site_qp, with_peers
+from p2pdoe.core.site import Recent, day_ranges, registration, remaining_config, site_qp, with_peers
 from p2pdoe.core.solution import Policy
 
 log = logging.getLogger("edge_agent")
+REGISTRATIONS_KEPT = 8
 
 
 @dataclass
@@ -83,23 +87,59 @@ class EdgeMarket:
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self.epoch: str | None = None  # the coordinator run that opened the latest round heard
         self._early: list[Message] = []
-        self.forecast: SiteForecast | None = None  # the latest the integrator fed, for the next round
+        self.forecasts: dict[date | None, SiteForecast] = {}  # the newest per day, for its next rounds
         self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
         self.own_start = utc_moment(config.start)
+        # what this run registered with forecasts (the newest last): a round meets the one it names
+        self.registered: deque[Registration] = deque(maxlen=REGISTRATIONS_KEPT)
 
-    def feed_forecast(self, f: SiteForecast) -> bool:
-        """Keep `f` for the next round's opening, unless it is older than the one kept or cannot be
-        this site's (dropped, counted and logged)."""
+    def feed_forecast(self, f: SiteForecast) -> list[Command]:
+        """Keep `f` for the next rounds of each day it reaches (up to `MAX_DAYS_REGISTERED` days, the
+        earliest dropped first) and register the ranges it gives them; a day keeps a forecast issued
+        later. One that cannot be this site's is dropped, counted and logged; either way, nothing."""
         why = forecast_problem(self._date_config(f.start), f)
         if why is not None:
             self.reader.dropped["implausible"] += 1
             log.warning("%s: dropped a forecast issued %s: %s", self.site, f.issued.isoformat(), why)
-            return False
-        if self.forecast is not None and f.issued < self.forecast.issued:
+            return []
+        days = [
+            d for d in self._days_of(f) if d not in self.forecasts or self.forecasts[d].issued <= f.issued
+        ]
+        if not days:
             log.info("%s: dropped a forecast issued %s, older than the one kept", self.site, f.issued)
-            return False
-        self.forecast = f
-        return True
+            return []
+        for d in days:
+            self.forecasts[d] = f
+        for d in sorted(self.forecasts, key=str)[:-MAX_DAYS_REGISTERED]:
+            del self.forecasts[d]
+        reg = self.registration()
+        self.registered.append(reg)
+        dates = ", ".join(d.start.isoformat() for d in reg.days) or "its configured day"
+        log.info("%s: registered the ranges of its forecasts for %s", self.site, dates)
+        return [Send(topics.site(self.site, "register"), reg.model_dump_json().encode(), state=True)]
+
+    def _days_of(self, f: SiteForecast) -> Sequence[date | None]:
+        """The days `f` reaches (None: the configured horizon, without whole days)."""
+        cal = self.calendar
+        if cal is None:
+            return [None]
+        first, last = cal.day_of(f.start), cal.day_of(f.start + timedelta(seconds=f.steps * f.step_s - 1))
+        return [first + timedelta(days=k) for k in range((last - first).days + 1)][:MAX_DAYS_REGISTERED]
+
+    def registration(self) -> Registration:
+        """What the site registers: its configured day's ranges, and with forecasts, those of each day
+        they reach (its configured day's own when it has no whole days)."""
+        cal = self.calendar
+        if not self.forecasts:
+            return registration(self.config)
+        if cal is None:
+            return registration(with_forecast(self.config, self.forecasts[None])[0])
+        days = [
+            day_ranges(with_forecast(self._date_config(cal.start(d)), f)[0])
+            for d, f in sorted(self.forecasts.items(), key=lambda kv: str(kv[0]))
+            if d is not None
+        ]
+        return registration(self.config).model_copy(update={"days": days})
 
     def read(self, m: Heard) -> Message | None:
         """The message strictly decoded, or None (dropped and counted)."""
@@ -152,7 +192,7 @@ class EdgeMarket:
         if whole_day:
             out.append(DayStarts(start, config))
         config = with_peers(config, set(msg.sites))
-        qp = site_qp(config, Policy(msg.policy), self.margins)
+        qp = self._within_registered(site_qp(config, Policy(msg.policy), self.margins), msg, start)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
         r = self.rounds[msg.round] = RoundState(
@@ -168,6 +208,37 @@ class EdgeMarket:
         for m in early:
             out += self._step(r, m)
         return out
+
+    def _within_registered(self, qp: CommunityQP, msg: RoundOpen, start: datetime) -> CommunityQP:
+        """`qp` requesting envelopes inside the ranges the coordinator checks them against: those of
+        the registration the opening names by digest (its forecast may have come after the coordinator
+        set the round up), or where none matches, the configured day's."""
+        digest = msg.ranges.get(self.site)
+        if digest is None or msg.policy == "none":
+            return qp
+        candidates = self._registered_ranges(start, msg.intervals)
+        chosen = next((r for r in candidates if ranges_digest(*r) == digest), None)
+        if chosen is None:
+            log.warning("%s: round %s checks ranges this run did not register", self.site, msg.round)
+            chosen = candidates[0]
+        bounds = envelope_bounds(Policy(msg.policy))
+        return within_ranges(qp, np.asarray(chosen[0]), np.asarray(chosen[1]), bounds)
+
+    def _registered_ranges(self, start: datetime, intervals: int) -> list[tuple[list[float], list[float]]]:
+        """Every technical range this run registered over the round (from `start`, `intervals`
+        long): the configured day's first, then those of its forecasts, the newest first."""
+        day = self._date_config(start)
+        n = len(day.price_import_eur_per_kwh)
+        own = utc_moment(day.start)
+        base = registration(day)
+        found = [(base.technical_min_kw, base.technical_max_kw)]
+        for reg in reversed(self.registered):
+            if self.calendar is None:
+                found.append((reg.technical_min_kw, reg.technical_max_kw))
+            else:
+                found += [(d.technical_min_kw, d.technical_max_kw) for d in reg.days if d.start == own]
+        offset = n - intervals
+        return [(lo[offset:], hi[offset:]) for lo, hi in found]
 
     def _another_run(self, epoch: str | None, start: datetime) -> list[Command]:
         """An opening of a coordinator run other than the one heard last (a restart): it may have
@@ -207,10 +278,10 @@ class EdgeMarket:
         """The configuration of the day `start` falls in (the configured day, on its own date or
         read by local clock hour on another), with the integrator's forecast where it covers it."""
         day = self._date_config(start)
-        if self.forecast is None:
+        f = self.forecasts.get(None if self.calendar is None else self.calendar.day_of(start))
+        if f is None:
             return day
-        day, covered = with_forecast(day, self.forecast)
-        f = self.forecast
+        day, covered = with_forecast(day, f)
         log.info("%s: the forecast issued %s covers %d intervals", self.site, f.issued.isoformat(), covered)
         return day
 

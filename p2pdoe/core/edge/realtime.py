@@ -35,7 +35,14 @@ from p2pdoe.core.effects import Fault, Heard, Send, Woke
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.controller import Controller, Settled, Step
 from p2pdoe.core.realtime.fallback import Choice, describe_switch, is_switch
-from p2pdoe.core.schemas.runtime import Doe, DsoStatus, MeterReading, SettlementRecord, SiteStatus
+from p2pdoe.core.schemas.runtime import (
+    Doe,
+    DsoStatus,
+    MeterReading,
+    Registration,
+    SettlementRecord,
+    SiteStatus,
+)
 from p2pdoe.core.schemas.runtime import Telemetry as TelemetryMessage
 from p2pdoe.core.site import registration
 
@@ -116,12 +123,15 @@ class EdgeRealtime:
 
     # --- events ----------------------------------------------------------------------------------
 
-    def start(self, now: datetime, saved: Restored | None = None) -> list[Command]:
-        """Registered, and the envelope that applies on the status; `saved`: what the journal kept of
-        a previous run, taken first (so a restart's first status is its saved default, not nothing)."""
+    def start(
+        self, now: datetime, saved: Restored | None = None, registered: Registration | None = None
+    ) -> list[Command]:
+        """Registered (`registered`, default: the configured day's ranges), and the envelope that
+        applies on the status; `saved`: what the journal kept of a previous run, taken first (so a
+        restart's first status is its saved default, not nothing)."""
         if saved is not None:
             self._restore(saved, now)
-        reg = registration(self.config).model_dump_json().encode()
+        reg = (registered or registration(self.config)).model_dump_json().encode()
         self._tick = now + timedelta(seconds=self.report_every_s)
         log.info("%s: registered at bus %d; waiting for a round", self.site, self.config.community.bus)
         return [Send(topics.site(self.site, "register"), reg, state=True), *self._report_state(now)]

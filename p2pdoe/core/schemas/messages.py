@@ -7,6 +7,8 @@ message carries proposals, grants and prices only, never a party's costs, assets
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -89,6 +91,15 @@ def warm_start_problem(warm: WarmStart, sites: list[str] | tuple[str, ...], inte
     return None
 
 
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+
+
+def ranges_digest(x_min: Sequence[float], x_max: Sequence[float]) -> str:
+    """A short digest of a site's technical ranges over a round, to the watt's thousandth."""
+    text = ";".join(f"{v:.6f}" for v in (*x_min, *x_max))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class RoundOpen(Message):
     """The DSO opens a round: who takes part, the horizon, the envelope policy, the ADMM settings."""
 
@@ -105,6 +116,9 @@ class RoundOpen(Message):
     initial_trade_price_eur_per_kwh: Series  # every pair starts from this price (a warm start)
     warm_start: WarmStart | None = None  # where the couplings start; None: cold (zero, the price above)
     epoch: RoundId | None = None  # the coordinator's run that opened it: another run's is a new round
+    # per site, the digest of the technical ranges its envelope requests are checked against
+    # (`ranges_digest`): the registration the coordinator holds, which the site meets
+    ranges: dict[SiteId, Digest] = Field(default_factory=dict)
 
     @field_validator("start")
     @classmethod
@@ -129,6 +143,8 @@ class RoundOpen(Message):
                 raise ValueError(problem)
             if self.policy == "none" and self.warm_start.envelopes:
                 raise ValueError("a round without envelopes has no warm envelopes")
+        if not set(self.ranges) <= set(self.sites):
+            raise ValueError("ranges are given only for the round's sites")
         return self
 
 

@@ -149,6 +149,43 @@ def _check_profile(
         raise ValueError("lo_kw/up_kw must lie inside every step of the profile")
 
 
+def _ranges_problem(low_high: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> str | None:
+    n = len(low_high[0][1])
+    for name, low, high in low_high:
+        if len(low) != n or len(high) != n:
+            return "every range needs one value per interval, the same for all four"
+        if any(lo > hi for lo, hi in zip(low, high, strict=True)):
+            return f"{name} minimum exceeds its maximum"
+    return None
+
+
+class DayRanges(Message):
+    """A site's ranges over one day of its own (its forecast for that date), from `start`."""
+
+    start: Moment
+    technical_min_kw: Series
+    technical_max_kw: Series
+    reactive_min_kvar: Series
+    reactive_max_kvar: Series
+
+    _start_utc = field_validator("start")(_utc)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DayRanges:
+        problem = _ranges_problem(
+            (
+                ("technical", self.technical_min_kw, self.technical_max_kw),
+                ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
+            )
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+MAX_DAYS_REGISTERED = 7
+
+
 class Registration(Message):
     """What a site tells the coordinator about itself: public facts only."""
 
@@ -164,21 +201,24 @@ class Registration(Message):
     # the ranges' first interval: the site's configured day, which the coordinator reads by local
     # clock hour on any other date (None: the coordinator's own day)
     start: Moment | None = None
+    # dates of their own (the site's forecast for them): the coordinator takes a day's entry, by its
+    # start, over the typical day read by clock hour
+    days: list[DayRanges] = Field(default_factory=list, max_length=MAX_DAYS_REGISTERED)
 
     _start_utc = field_validator("start")(_utc_or_none)
 
     @model_validator(mode="after")
     def _ranges(self) -> Registration:
-        pairs = (
-            ("technical", self.technical_min_kw, self.technical_max_kw),
-            ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
+        problem = _ranges_problem(
+            (
+                ("technical", self.technical_min_kw, self.technical_max_kw),
+                ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
+            )
         )
-        n = len(self.technical_min_kw)
-        for name, low, high in pairs:
-            if len(low) != n or len(high) != n:
-                raise ValueError("every range needs one value per interval, the same for all four")
-            if any(lo > hi for lo, hi in zip(low, high, strict=True)):
-                raise ValueError(f"{name} minimum exceeds its maximum")
+        if problem is not None:
+            raise ValueError(problem)
+        if len({d.start for d in self.days}) != len(self.days):
+            raise ValueError("one entry per day")
         return self
 
 
