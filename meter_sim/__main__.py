@@ -12,6 +12,7 @@ from meter_sim.service import MeterService
 from meter_sim.settings import MeterSettings
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
+from p2pdoe.core.schemas.runtime import SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.signing import edge_identity
 from p2pdoe.services.runner import (
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, help="forecast errors (default: from the site's id)")
     p.add_argument("--days", type=int, help="whole days one after another (default 1)")
+    p.add_argument(
+        "--profile-file", type=Path, help="the weather and load the plant sees (a forecast message, JSON)"
+    )
     settings = setup(PROG, MeterSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -46,25 +50,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed = settings.seed if settings.seed is not None else zlib.crc32(site.encode())
         lead_in = settings.lead_in_s if settings.lead_in_s is not None else config.dt_h * 3600
         days = settings.days
+        truth = None
+        if settings.profile_file is not None:
+            truth = read_config_file(SiteForecast, settings.profile_file, "profile file")
         meter = simulated_meter(
-            config, datetime.now(UTC), settings.rate_s, seed, lead_in, days
+            config, datetime.now(UTC), settings.rate_s, seed, lead_in, days, truth
         )  # checked now
         async with service_transport(settings, f"meter-{site}", None, edge_identity(site)) as transport:
             clock = make_clock(settings, transport, f"meter-{site}", "plant")
             service = MeterService(transport, clock)
             async with running_clock(clock, service.shell):
                 start = day_start(settings.start, config.start, config.dt_h, clock.now())
-                meter = simulated_meter(config, start, settings.rate_s, seed, lead_in, days)
+                meter = simulated_meter(config, start, settings.rate_s, seed, lead_in, days, truth)
                 return await service.run(meter)
 
     return run_service(PROG, serve)
 
 
 def simulated_meter(
-    config: SiteConfig, start: datetime, rate_s: float, seed: int, lead_in_s: float, days: int = 1
+    config: SiteConfig,
+    start: datetime,
+    rate_s: float,
+    seed: int,
+    lead_in_s: float,
+    days: int = 1,
+    truth: SiteForecast | None = None,
 ) -> SimulatedMeter:
     try:
-        return SimulatedMeter(config, start, rate_s, seed, lead_in_s, days=days)
+        if truth is not None and truth.site != config.community.id:
+            raise ValueError(f"the profile file is {truth.site}'s, not {config.community.id}'s")
+        return SimulatedMeter(config, start, rate_s, seed, lead_in_s, days=days, truth=truth)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -21,3 +21,6 @@ class MeterSettings(ServiceSettings):
     )
     seed: int | None = None  # forecast errors (default: derived from the site's id)
     days: Annotated[int, Field(ge=1, le=3660)] = 1  # whole days one after another, each its date's
+    # the weather and load the plant sees (a SiteForecast of the days, e.g. each date's scenario from
+    # `p2pdoe demo --dated`) over the intervals it covers, before the seeded errors
+    profile_file: Path | None = None

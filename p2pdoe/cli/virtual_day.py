@@ -17,7 +17,8 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ from edge_agent.service import EdgeService, market_machine
 from edge_agent.service import offline_will as edge_will
 from edge_agent.settings import EdgeSettings
 from meter_sim.service import MeterService
+from p2pdoe.core import topics
+from p2pdoe.core.day_configs import scenario_forecast
 from p2pdoe.core.realtime.simulated_meter import SimulatedMeter
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.runtime import SiteForecast
 from p2pdoe.core.signing import SignatureError, edge_identity, unframe
 from p2pdoe.core.site import coordinator_config, site_config
 from p2pdoe.services.clock import VirtualClock, run_virtual
@@ -46,6 +50,7 @@ from p2pdoe.services.transport_api import LastWill
 from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
 Recorder = Callable[[str, bytes, bool], None]
+FORECAST_LEAD = timedelta(hours=14)  # a day's forecast comes at 10:00 the day before
 CONTROL, GRID = 1, 2  # each instant in the lockstep phases' order: meters, edge agents, coordinator
 
 
@@ -66,6 +71,9 @@ class VirtualDay:
     until: datetime | timedelta | None = None  # end the day here (after the day's start) instead
     signed: bool = True  # every service signs and believes only signed messages (as `p2pdoe demo`)
     days: int = 1  # whole days one after another (then `hours` is not used)
+    # each date's own scenario (its seeded profiles; p2pdoe.io.scenarios.load_scenario with `day`): its
+    # meters' truth, and each site's forecast of it, published retained the day before at 10:00
+    dated: Callable[[date], Scenario] | None = None
 
     def __post_init__(self) -> None:
         self.start = self.s.start
@@ -106,6 +114,10 @@ class VirtualDay:
 
     async def _day(self) -> None:
         self.clock = VirtualClock(self.origin)
+        if self.dated is not None:
+            await self._forecasts(0)
+            for k in range(1, self.days):
+                self.at(self._day_start(k) - FORECAST_LEAD, lambda k=k: self._forecasts(k))  # type: ignore[misc]
         for site in self.s.ids if self.sites is None else self.sites:
             self.start_meter(site)
             self.start_edge(site)
@@ -132,6 +144,26 @@ class VirtualDay:
             if task.done() and not task.cancelled():
                 return
             await asyncio.sleep(self.rate_s)
+
+    def _day_start(self, k: int) -> datetime:
+        return self.start + timedelta(days=k) if self.dated is None else self.dated_days[k].start
+
+    @cached_property
+    def dated_days(self) -> list[Scenario]:
+        assert self.dated is not None
+        first = self.start.date()
+        return [self.dated(first + timedelta(days=k)) for k in range(self.days)]
+
+    def forecast(self, site: str, k: int, issued: datetime) -> SiteForecast:
+        """Site's forecast of day k (from 0): its date's scenario."""
+        return scenario_forecast([self.dated_days[k]], site, issued)
+
+    async def _forecasts(self, k: int) -> None:
+        """Every site's integrator publishes its forecast of day k (retained, signed as the site)."""
+        for site in self.s.ids:
+            payload = self.forecast(site, k, self.clock.now()).model_dump_json().encode()
+            async with self.client(f"forecaster-{site}", edge_identity(site)) as c:
+                await c.publish(topics.site(site, "forecast"), payload, qos=1, retain=True)
 
     def client(self, name: str, identity: str | None = None) -> Any:
         """A client of the broker for the test (not started: `async with` it): plain, or signing as
@@ -234,7 +266,12 @@ class VirtualDay:
     def start_meter(self, site: str) -> None:
         config = self.configs[site]
         seed = _seed(site)
-        meter = SimulatedMeter(config, self.start, self.rate_s, seed, self.s.dt_h * 3600, days=self.days)
+        truth = None
+        if self.dated is not None:
+            truth = scenario_forecast(self.dated_days, site, self.start)
+        meter = SimulatedMeter(
+            config, self.start, self.rate_s, seed, self.s.dt_h * 3600, days=self.days, truth=truth
+        )
         transport = self._transport(self.broker, f"meter-{site}", edge_identity(site))
         _use_clock(transport, self.clock)
         service = MeterService(transport, self.clock, offload=False)

@@ -10,13 +10,15 @@ them (p2pdoe.core.edge.forecast), a simulated bench draws them from the scenario
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime, timedelta
+from itertools import pairwise
 
 import numpy as np
 
 from p2pdoe.core.calendar import Calendar, utc_moment, utc_text
+from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
-from p2pdoe.core.schemas.runtime import Registration
+from p2pdoe.core.schemas.runtime import Registration, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 
 
@@ -122,3 +124,21 @@ def coordinator_config_on(
         "sites": sites,
     }
     return CoordinatorConfig.model_validate({**cfg.model_dump(), **update})
+
+
+def scenario_forecast(days: Sequence[Scenario], site: str, issued: datetime) -> SiteForecast:
+    """`site`'s forecast over consecutive `days`, each its date's scenario (its own seeded profiles):
+    what a simulated bench feeds the site as its integrator's forecast and its meter as the truth."""
+    if not days:
+        raise ValueError("a forecast of no day")
+    step_s = round(days[0].dt_h * 3600)
+    for a, b in pairwise(days):
+        if b.start != a.start + timedelta(seconds=a.horizon * step_s) or round(b.dt_h * 3600) != step_s:
+            raise ValueError(f"the days {a.start.date()} and {b.start.date()} do not follow one another")
+    series = [next(c for c in s.communities if c.id == site) for s in days]
+    return SiteForecast(
+        site=site, issued=issued, start=days[0].start, step_s=step_s,
+        pv_kw=[float(v) for c in series for v in c.pv_kw],
+        wind_kw=[float(v) for c in series for v in c.wind_kw],
+        fixed_load_kw=[float(v) for c in series for v in c.fixed_load_kw],
+    )  # fmt: skip

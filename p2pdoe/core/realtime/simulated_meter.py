@@ -19,12 +19,13 @@ import numpy as np
 
 from p2pdoe.core import topics
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
+from p2pdoe.core.edge.forecast import with_forecast
 from p2pdoe.core.effects import Exit, Heard, Send, Woke
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.plant import Reading, Resources, SetPoints, plant_spec, step
 from p2pdoe.core.realtime.weather import Actuals, actuals
-from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage
+from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 
 
@@ -38,9 +39,12 @@ class SimulatedMeter:
         lead_in_s: float = 0.0,
         trail: int = 1,
         days: int = 1,
+        truth: SiteForecast | None = None,
     ):
         """`days`: the day from `day_start` and the days after it, each its date's configuration
-        (p2pdoe.core.day_configs), one after another."""
+        (p2pdoe.core.day_configs), one after another; `truth`: the weather and load of the intervals
+        it covers instead (before the seeded errors), e.g. each date's scenario
+        (p2pdoe.core.day_configs.scenario_forecast)."""
         c = config.community
         if not (math.isfinite(lead_in_s) and lead_in_s >= 0):
             raise ValueError(f"the lead-in must be a finite number of seconds >= 0, not {lead_in_s}")
@@ -50,7 +54,7 @@ class SimulatedMeter:
         self.rate_s = rate_s
         self.spec = plant_spec(config)
         self.soc_kwh = self.spec.soc_init_kwh
-        series = _days(config, day_start, days)
+        series = _days(config, day_start, days, truth)
         self.preferred_kw = series["preferred_kw"]
         self.actuals: Actuals = actuals(
             series["pv_kw"], series["wind_kw"], series["fixed_load_kw"], config.dt_h, rate_s, seed
@@ -124,20 +128,21 @@ def _array(values: list[float]) -> FloatArray:
     return np.array(values, dtype=float)
 
 
-def _days(config: SiteConfig, day_start: datetime, days: int) -> dict[str, FloatArray]:
-    """The series of `days` days from `day_start`, each its date's (one day: the configuration's)."""
+def _days(
+    config: SiteConfig, day_start: datetime, days: int, truth: SiteForecast | None = None
+) -> dict[str, FloatArray]:
+    """The series of `days` days from `day_start`, each its date's (one day: the configuration's),
+    with `truth` over the intervals it covers."""
     names = ("pv_kw", "wind_kw", "fixed_load_kw")
     if days == 1:
-        c = config.community
-        return {
-            **{n: _array(getattr(c, n)) for n in names},
-            "preferred_kw": _array(c.flexible_load.preferred_kw),
-        }
-    calendar = daily_calendar(config)
-    if calendar is None:
-        raise ValueError("a meter runs several days only on a configuration of one whole day")
-    first = calendar.day_of(day_start)
-    dated = [site_config_on(config, first + timedelta(days=k), calendar).community for k in range(days)]
+        dated = [config.community if truth is None else with_forecast(config, truth)[0].community]
+    else:
+        calendar = daily_calendar(config)
+        if calendar is None:
+            raise ValueError("a meter runs several days only on a configuration of one whole day")
+        first = calendar.day_of(day_start)
+        configs = [site_config_on(config, first + timedelta(days=k), calendar) for k in range(days)]
+        dated = [(c if truth is None else with_forecast(c, truth)[0]).community for c in configs]
     out = {n: np.concatenate([_array(getattr(c, n)) for c in dated]) for n in names}
     return {**out, "preferred_kw": np.concatenate([_array(c.flexible_load.preferred_kw) for c in dated])}
 
