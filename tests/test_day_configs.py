@@ -98,3 +98,20 @@ def test_a_sites_registration_read_on_another_date_is_that_dates_own() -> None:
         assert registry.registered(registration(site_config(typical, 0)))  # 96 ranges, read on its day
         unplaced = registration(site_config(typical, 0)).model_copy(update={"start": None})
         assert registry.registered(unplaced) == (day == SUMMER)  # 96 ranges for a 92 or 100 day: refused
+
+
+def test_a_scenario_forecast_strings_each_dates_own_profiles_together() -> None:
+    from datetime import timedelta
+
+    from p2pdoe.core.day_configs import scenario_forecast
+
+    days = [load_scenario("default", day=date(2026, 6, 21 + k)) for k in range(3)]
+    site = days[0].ids[1]
+    issued = days[0].start - timedelta(hours=12)
+    f = scenario_forecast(days, site, issued)
+    assert (f.start, f.step_s, f.steps, f.issued) == (days[0].start, 3600, 72, issued)
+    for k, d in enumerate(days):
+        np.testing.assert_allclose(f.fixed_load_kw[24 * k : 24 * (k + 1)], d.communities[1].fixed_load_kw)  # type: ignore[index]
+    assert f.fixed_load_kw[:24] != f.fixed_load_kw[24:48]  # type: ignore[index]  # each date its own seeds
+    with pytest.raises(ValueError, match="do not follow one another"):
+        scenario_forecast([days[0], days[2]], site, issued)

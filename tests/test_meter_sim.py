@@ -165,3 +165,53 @@ def test_the_simulator_starts_publishing_its_lead_in_before_the_day(
 
     readings = asyncio.run(watch())
     assert [r.ts - start for r in readings] == [timedelta(minutes=m) for m in (-1, 0, 1, 2)]
+
+
+def test_the_plants_truth_is_the_profile_given_with_the_same_seeded_errors() -> None:
+    """Two days whose weather and load are each date's own scenario: the meter's actual values are
+    those of the dated series under its seeded errors (to rounding); the configured day read by clock
+    hour gives the same first day (its own date keeps its seeds) and repeats it."""
+    import numpy as np
+
+    from p2pdoe.core.day_configs import scenario_forecast
+    from p2pdoe.core.realtime.weather import actuals
+
+    s = load_scenario("default")
+    days = [load_scenario("default", day=(DAY + timedelta(days=k)).date()) for k in range(2)]
+    config = site_config(s, 0)
+    truth = scenario_forecast(days, config.community.id, DAY)
+    sim = SimulatedMeter(config, DAY, 60.0, seed=7, days=2, truth=truth)
+    expected = actuals(
+        np.array(truth.pv_kw), np.array(truth.wind_kw), np.array(truth.fixed_load_kw), 1.0, 60.0, 7
+    )
+    np.testing.assert_allclose(sim.actuals.fixed_load_kw, expected.fixed_load_kw, rtol=1e-12)
+    np.testing.assert_allclose(sim.actuals.pv_kw, expected.pv_kw, rtol=1e-12, atol=1e-12)
+    same = SimulatedMeter(config, DAY, 60.0, seed=7, days=2)
+    assert not np.array_equal(same.actuals.fixed_load_kw, sim.actuals.fixed_load_kw)
+    one_day = 24 * 60
+    np.testing.assert_allclose(
+        same.actuals.fixed_load_kw[:one_day], sim.actuals.fixed_load_kw[:one_day], rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ('{"kind": "forecast"}', ("profile file", "is invalid")),
+        (None, ("town-14's, not solar-18's",)),
+    ],
+)
+def test_a_profile_file_that_cannot_be_the_sites_is_one_line(
+    tmp_path: Path, content: str | None, needles: tuple[str, ...]
+) -> None:
+    from p2pdoe.core.schemas.runtime import SiteForecast
+
+    write_site_configs(load_scenario("default"), tmp_path)
+    profile = tmp_path / "profile.json"
+    other = SiteForecast(site="town-14", issued=DAY, start=DAY, step_s=3600, pv_kw=[0.0] * 24)
+    profile.write_text(content or other.model_dump_json(), encoding="utf-8")
+    run = run_module(
+        "meter_sim", "--site-config", str(tmp_path / "sites" / "solar-18.json"),
+        "--profile-file", str(profile), "--broker", "mqtt://127.0.0.1:1",
+    )  # fmt: skip
+    assert_service_error(run, "meter-sim", *needles)

@@ -96,6 +96,7 @@ class RealTime:
     clock: Literal["lockstep", "scaled"] = "lockstep"
     silence_timeout_s: float = 60.0  # lockstep: a process silent this long is named and left out
     days: int = 1  # whole days one after another (then `hours` is not used)
+    dated: bool = False  # each date its own scenario: the meters' truth and the sites' forecasts
 
     @property
     def span_h(self) -> float:
@@ -160,22 +161,25 @@ def run_demo(
              *clock, *(["--exit-after-round"] if rt is None else rt.coordinator_args()),
              *([] if sharing is None else ["--default-sharing", sharing])],
         )  # fmt: skip
+        forecasts = _dated_forecasts(scenario, overrides, s, rt, out)
         for site in s.ids:
             site_config = str(config / "sites" / f"{site}.json")
             meter = [] if rt is None else [
                 "--meter", "--meter-step-s", f"{rt.meter_rate_s:g}",
                 "--journal", str(out / "journal" / f"{site}.db"),
             ]  # fmt: skip
+            dated = [] if site not in forecasts else ["--forecast-file", str(forecasts[site])]
             procs.start(
                 f"edge-{site}",
                 [py, "-m", "edge_agent", "--site-config", site_config, *reach(f"edge-{site}").args(),
-                 *clock, *meter],
+                 *clock, *meter, *dated],
             )  # fmt: skip
             if rt is not None:
+                truth = [] if site not in forecasts else ["--profile-file", str(forecasts[site])]
                 procs.start(
                     f"meter-{site}",
                     [py, "-m", "meter_sim", "--site-config", site_config, *reach(f"edge-{site}").args(),
-                     *clock, "--rate-s", f"{rt.meter_rate_s:g}", "--days", str(rt.days)],
+                     *clock, "--rate-s", f"{rt.meter_rate_s:g}", "--days", str(rt.days), *truth],
                 )  # fmt: skip
         seen = None
         if rt is None:
@@ -195,6 +199,28 @@ def run_demo(
             report_days(out, console)
             judge_day(results, rt.lead_s)
     return results
+
+
+def _dated_forecasts(
+    scenario: str, overrides: dict[str, Any], s: Any, rt: RealTime | None, out: Path
+) -> dict[str, Path]:
+    """With `rt.dated`: every site's forecast of the run's days, each date its own scenario, written
+    to out/forecasts/<site>.json (its edge's forecast file and its meter's truth)."""
+    folder = out / "forecasts"
+    shutil.rmtree(folder, ignore_errors=True)
+    if rt is None or not rt.dated:
+        return {}
+    from p2pdoe.core.day_configs import scenario_forecast
+
+    first = _day_start(s).date()
+    days = [load_scenario(scenario, overrides, day=first + timedelta(days=k)) for k in range(rt.days)]
+    folder.mkdir(parents=True)
+    paths = {}
+    for site in s.ids:
+        f = scenario_forecast(days, site, days[0].start - timedelta(hours=12))
+        paths[site] = folder / f"{site}.json"
+        paths[site].write_text(f.model_dump_json(), encoding="utf-8")
+    return paths
 
 
 def _without_results(out: Path, procs: Processes) -> str:

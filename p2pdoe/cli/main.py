@@ -52,6 +52,12 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours of the real-time day (24)")
     p.add_argument("--days", type=int, default=1, help="whole real-time days one after another (1)")
     p.add_argument(
+        "--dated",
+        action="store_true",
+        help="each date its own scenario (its seeded profiles): the meters follow it and every site "
+        "gets it as its forecast (out/forecasts); without it every date reads the configured day",
+    )
+    p.add_argument(
         "--speed",
         type=float,
         help="run on the scaled clock at this many simulated seconds per wall second (real-time pressure; "
@@ -87,7 +93,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     clock: Literal["lockstep", "scaled"] = "lockstep" if args.speed is None else "scaled"
     speed = 640.0 if args.speed is None else args.speed
-    rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock, days=args.days)
+    if args.dated and args.day_ahead:
+        raise P2PDoeError("--dated is for the real-time days: leave out --day-ahead")
+    rt = RealTime(args.hours, speed, args.meter_rate_s, args.lead_s, clock, days=args.days, dated=args.dated)
     run_demo(
         args.scenario, overrides, args.broker, args.out, args.day_ahead, args.envelope, rt, args.secure,
         args.default_sharing,
