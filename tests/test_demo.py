@@ -43,6 +43,27 @@ def test_demo_over_a_given_mosquitto(mosquitto_broker: Broker, tmp_path: Path) -
     assert results["runtime"]["protocol"] == "v5"
 
 
+def test_the_standalone_market_over_mosquitto_matches_its_in_process_answer(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """No peer-to-peer trade: the sites agree on envelopes alone, as the in-process ADMM does."""
+    run = run_p2pdoe(
+        "demo",
+        "--day-ahead",
+        "--market",
+        "standalone",
+        "--broker",
+        mosquitto_broker.url,
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = _check(run.stdout, tmp_path)
+    assert results["trades"] == []
+    coordinator = json.loads((tmp_path / "config" / "coordinator.json").read_text())
+    assert all(site["peers"] == [] for site in coordinator["sites"])
+
+
 def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     run = run_p2pdoe("demo", "--day-ahead", "--broker", url, "--out", str(tmp_path), timeout=60)

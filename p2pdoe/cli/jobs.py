@@ -13,13 +13,21 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from p2pdoe.analysis.defaults import RuleDefaults, compare_sharing
+from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.results import write_results
 from p2pdoe.io.scenarios import load_scenario
-from p2pdoe.report.table import comparison_rows, p2p_gain_pct, sharing_markdown, sharing_rows, to_markdown
+from p2pdoe.report.table import (
+    Row,
+    comparison_rows,
+    p2p_gain_pct,
+    sharing_markdown,
+    sharing_rows,
+    to_markdown,
+)
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
@@ -156,3 +164,52 @@ def _progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+def compare_markets(
+    scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True
+) -> dict[str, DesignMetrics]:
+    """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
+    each checked against its centralized optimum; a table of the gains over standalone."""
+    from p2pdoe.analysis.markets import DESIGNS, design_metrics
+    from p2pdoe.report.table import market_rows, rows_markdown
+
+    solved: dict[str, Results] = {}
+    gaps: dict[str, float] = {}
+    with _progress() as progress:
+        task = progress.add_task("solving", total=len(DESIGNS))
+        for design in DESIGNS:
+            progress.update(task, description=f"agreeing on the {design} design by ADMM")
+            s = load_scenario(scenario, {**overrides, "market": {"design": design}})
+            solved[design] = run_policy(s, Policy.DYNAMIC, "admm")
+            central = run_policy(s, Policy.DYNAMIC)
+            gaps[design] = _objective_gap_pct(solved[design], central)
+            write_results(solved[design], out / design)
+            progress.advance(task)
+    metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
+    names, rows = market_rows(list(metrics.values()))
+    rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in DESIGNS]))
+    (out / "markets.md").write_text(rows_markdown("metric", names, rows), encoding="utf-8")
+    (out / "markets.json").write_text(
+        json.dumps({d: asdict(m) | {"objective_gap_pct": gaps[d]} for d, m in metrics.items()}, indent=1),
+        encoding="utf-8",
+    )
+    table = Table(title="Market designs (dynamic envelopes, decentralized): gains over standalone")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(row.label, *row.values)
+    console.print(table)
+    figures = []
+    if plots:
+        from p2pdoe.report.plots import plot_market_gains
+
+        figures.append(plot_market_gains(list(metrics.values()), out))
+    shown = ", ".join(str(f) for f in figures)
+    console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {shown}")
+    return metrics
+
+
+def _objective_gap_pct(admm: Results, central: Results) -> float:
+    return 100.0 * abs(admm.objective_eur - central.objective_eur) / max(abs(central.objective_eur), 1.0)

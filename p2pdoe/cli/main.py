@@ -223,6 +223,8 @@ def _powerflow_parser(sub: Any) -> None:
 
 
 def _scenario_args(p: argparse.ArgumentParser) -> None:
+    from p2pdoe.core.schemas.scenario import DESIGNS
+
     p.add_argument(
         "--scenario",
         default="default",
@@ -230,6 +232,11 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
     p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
+    p.add_argument(
+        "--market",
+        choices=DESIGNS,
+        help="the market design (default: the scenario's, welfare): docs/markets.md",
+    )
 
 
 def _solve_parser(sub: Any) -> None:
@@ -254,6 +261,11 @@ def _compare_parser(sub: Any) -> None:
     _scenario_args(p)
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument(
+        "--markets",
+        action="store_true",
+        help="compare the market designs instead (dynamic envelopes, decentralized): docs/markets.md",
+    )
     p.set_defaults(run=_run_compare)
 
 
@@ -276,7 +288,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         horizon["intervals"] = args.intervals
     if args.dt_h is not None:
         horizon["dt_h"] = args.dt_h
-    return {"horizon": horizon} if horizon else {}
+    out: dict[str, Any] = {"horizon": horizon} if horizon else {}
+    if getattr(args, "market", None) is not None:
+        out["market"] = {"design": args.market}
+    return out
 
 
 def _run_solve(args: argparse.Namespace) -> int:
@@ -287,8 +302,13 @@ def _run_solve(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from p2pdoe.cli.jobs import compare
+    from p2pdoe.cli.jobs import compare, compare_markets
 
+    if args.markets:
+        if args.market is not None:
+            raise P2PDoeError("--markets compares every design: leave out --market")
+        compare_markets(args.scenario, _overrides(args), args.out, plots=not args.no_plots)
+        return 0
     compare(args.scenario, _overrides(args), args.out, plots=not args.no_plots)
     return 0
 

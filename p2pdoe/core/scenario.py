@@ -305,7 +305,7 @@ def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feed
     return MarketData(
         trade_limit_kw=m.trade_limit_kw,
         fee_eur_per_kwh=fee,
-        peers=_trading_graph(dist, m.max_peers),
+        peers=tuple(() for _ in range(c)) if m.design == "standalone" else _trading_graph(dist, m.max_peers),
         trade_quadratic_eur_per_kw2h=m.trade_quadratic_eur_per_kw2h,
         regularization_eur_per_kw2h=m.regularization_eur_per_kw2h,
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,

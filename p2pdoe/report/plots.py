@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.schemas.results import CommunityResult, Results
 from p2pdoe.report.table import POLICY_ORDER
@@ -434,3 +435,28 @@ def _residuals_figure(ordered: Mapping[str, Results]) -> Figure | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     return fig
+
+
+def plot_market_gains(designs: Sequence[DesignMetrics], out_dir: Path) -> Path:
+    """Each community's gain over standalone, one group of bars per community, a bar per design
+    (standalone itself gains nothing by definition and is left out)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites = list(designs[0].gains_eur)
+    designs = [d for d in designs if d.design != "standalone"]
+    x = np.arange(len(sites))
+    width = 0.8 / max(len(designs), 1)
+    fig, ax = plt.subplots(figsize=(8.0, 4.0), layout="constrained")
+    try:
+        for k, d in enumerate(designs):
+            gains = [d.gains_eur[s] for s in sites]
+            ax.bar(x + (k - (len(designs) - 1) / 2) * width, gains, width, label=d.design)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, sites)
+        ax.set_ylabel("gain over standalone (EUR per day)")
+        ax.set_title("Each community's gain by market design")
+        ax.legend(frameon=False)
+        path = out_dir / "market_gains.png"
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+    return path

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2pdoe.analysis.defaults import RuleDefaults
+from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.core.schemas.results import Results
 
 POLICY_ORDER = ("none", "static", "dynamic", "admm")
@@ -119,5 +120,40 @@ def sharing_markdown(rules: Sequence[RuleDefaults]) -> str:
     names, rows = sharing_rows(rules)
     head = "| site: usable kW / hours short | " + " | ".join(names) + " |"
     lines = [head, "|---|" + "---:|" * len(names)]
+    lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def market_rows(designs: Sequence[DesignMetrics]) -> tuple[list[str], list[Row]]:
+    """Per market design: its total cost and saving against standalone, each community's gain, whether
+    every community gains, how evenly (Jain, Gini), and what agreeing on it took."""
+
+    def opt(value: float | None, digits: int) -> str:
+        return "-" if value is None else _fmt(value, digits)
+
+    names = [d.design for d in designs]
+    sites = list(designs[0].gains_eur) if designs else []
+    rows = [
+        Row("Total cost (EUR)", [_fmt(d.total_cost_eur, 2) for d in designs]),
+        Row("Saving against standalone (EUR)", [_fmt(d.saving_eur, 2) for d in designs]),
+        Row("P2P energy traded (kWh)", [_fmt(d.p2p_traded_kwh, 0) for d in designs]),
+        Row("Mean P2P price (EUR/kWh)", [opt(d.mean_p2p_price_eur_per_kwh, 3) for d in designs]),
+        *(Row(f"Gain of {site} (EUR)", [_fmt(d.gains_eur[site], 2) for d in designs]) for site in sites),
+        Row("Every community gains", ["yes" if d.individually_rational else "no" for d in designs]),
+        Row("Jain index of the gains", [opt(d.jain, 3) for d in designs]),
+        Row("Gini coefficient of the gains", [opt(d.gini, 3) for d in designs]),
+        Row("ADMM status", [d.status for d in designs]),
+        Row("ADMM rounds (iterations)", [str(d.iterations) for d in designs]),
+        Row("Messages per iteration", [opt(d.messages_per_iteration, 0) for d in designs]),
+        Row(
+            "kB per iteration",
+            [opt(None if d.bytes_per_iteration is None else d.bytes_per_iteration / 1e3, 1) for d in designs],
+        ),
+    ]
+    return names, rows
+
+
+def rows_markdown(first: str, names: Sequence[str], rows: Sequence[Row]) -> str:
+    lines = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
     return "\n".join(lines) + "\n"

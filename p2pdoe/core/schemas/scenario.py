@@ -6,7 +6,7 @@ at load time with the key's path instead of being silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -138,6 +138,10 @@ class Prices(Model):
         return self
 
 
+MarketDesign = Literal["standalone", "welfare"]
+DESIGNS: tuple[str, ...] = get_args(MarketDesign)
+
+
 class Market(Model):
     trade_limit_kw: Pos = 1000.0
     fee_base_eur_per_kwh: NonNeg = 0.004
@@ -146,6 +150,9 @@ class Market(Model):
     regularization_eur_per_kw2h: NonNeg = 1e-6
     envelope_proximal_eur_per_kw2h: NonNeg = 1e-7
     max_peers: Annotated[int, Field(ge=1)] | None = None  # None: everyone trades with everyone
+    # the market design (docs/markets.md): `welfare`, the social optimum with bilateral trades;
+    # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes
+    design: MarketDesign = "welfare"
 
 
 class AdaptiveRho(Model):

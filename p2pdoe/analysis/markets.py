@@ -1,0 +1,82 @@
+"""Market designs side by side on one day (docs/markets.md): each community's gain over trading
+alone, whether every community is better off (individual rationality), how evenly the gains fall
+(Jain's index and the Gini coefficient), and what the agreement cost in rounds and bytes.
+
+A community's cost is its money: grid energy, payments to and from peers, network fees, discomfort
+and battery wear (`CommunityResult.cost_eur`); the value it puts on its envelope's width is not
+money and is left out. Its gain under a design is Delta_i = C0_i - C_i, with C0_i its cost under
+`standalone` (the same envelope policy, no peer-to-peer trade).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pdoe.core.allocation import jain_index
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.schemas.scenario import DESIGNS
+
+__all__ = ["DESIGNS", "DesignMetrics", "design_metrics", "gini_coefficient", "mean_trade_price"]
+RATIONAL_TOLERANCE_EUR = 0.01  # a gain above minus a cent counts as no loss
+
+
+@dataclass(frozen=True)
+class DesignMetrics:
+    design: str
+    total_cost_eur: float
+    saving_eur: float  # against standalone
+    gains_eur: dict[str, float]  # per community: C0_i - C_i
+    individually_rational: bool  # no community loses by taking part
+    jain: float | None  # of the gains, where every gain is >= 0 and one is > 0
+    gini: float | None  # likewise
+    p2p_traded_kwh: float
+    mean_p2p_price_eur_per_kwh: float | None  # weighted by energy; None without trade
+    status: str
+    iterations: int | None
+    messages_per_iteration: float | None
+    bytes_per_iteration: float | None
+
+
+def design_metrics(design: str, results: Results, standalone: Results) -> DesignMetrics:
+    """`results` of `design` measured against `standalone`'s, community by community."""
+    alone = {c.id: c.cost_eur for c in standalone.communities}
+    if set(alone) != {c.id for c in results.communities}:
+        raise ValueError("the designs were solved for different communities")
+    gains = {c.id: alone[c.id] - c.cost_eur for c in results.communities}
+    values = np.array(list(gains.values()))
+    even = bool(np.all(values >= 0) and np.any(values > 0))
+    sv = results.solver
+    return DesignMetrics(
+        design=design,
+        total_cost_eur=results.totals.cost_eur,
+        saving_eur=standalone.totals.cost_eur - results.totals.cost_eur,
+        gains_eur=gains,
+        individually_rational=bool(np.all(values >= -RATIONAL_TOLERANCE_EUR)),
+        jain=jain_index(values) if even else None,
+        gini=gini_coefficient(values) if even else None,
+        p2p_traded_kwh=results.totals.p2p_traded_kwh,
+        mean_p2p_price_eur_per_kwh=mean_trade_price(results),
+        status=sv.status,
+        iterations=sv.iterations,
+        messages_per_iteration=sv.messages_per_iteration,
+        bytes_per_iteration=sv.bytes_per_iteration,
+    )
+
+
+def gini_coefficient(values: np.ndarray) -> float:
+    """Mean absolute difference over twice the mean: 0 when all equal, (n - 1) / n when one takes
+    all (non-negative values, not all zero)."""
+    x = np.asarray(values, dtype=float)
+    if np.any(x < 0) or not np.any(x > 0):
+        raise ValueError("the Gini coefficient needs non-negative values, not all zero")
+    return float(np.abs(x[:, None] - x[None, :]).sum() / (2 * x.size**2 * x.mean()))
+
+
+def mean_trade_price(results: Results) -> float | None:
+    """The energy-weighted mean price of the day's peer-to-peer trades (EUR/kWh), or None."""
+    kw = np.array([t.kw for t in results.trades])
+    if kw.sum() <= 0:
+        return None
+    return float(np.dot(kw, [t.price_eur_per_kwh for t in results.trades]) / kw.sum())

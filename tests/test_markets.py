@@ -1,0 +1,102 @@
+"""Market designs side by side (docs/markets.md): `standalone`, each community against the grid under
+the same envelopes, is the baseline every gain is measured against; `welfare` is the social optimum.
+The decentralized answers equal the centralized ones, the welfare optimum is no worse than trading
+alone (its feasible set holds the no-trade point), and the fairness measures meet their closed forms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run_p2pdoe
+
+from p2pdoe.analysis.markets import design_metrics, gini_coefficient
+from p2pdoe.cli.jobs import run_policy
+from p2pdoe.core.allocation import jain_index
+from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.site import site_config
+from p2pdoe.core.solution import Policy
+from p2pdoe.io.scenarios import load_scenario
+
+STANDALONE = load_scenario("default", {"market": {"design": "standalone"}})
+WELFARE = load_scenario("default")
+
+
+@pytest.fixture(scope="module")
+def solved() -> dict[str, Results]:
+    return {
+        "standalone": run_policy(STANDALONE, Policy.DYNAMIC, "admm"),
+        "standalone-central": run_policy(STANDALONE, Policy.DYNAMIC),
+        "welfare": run_policy(WELFARE, Policy.DYNAMIC, "admm"),
+        "welfare-central": run_policy(WELFARE, Policy.DYNAMIC),
+    }
+
+
+def test_standalone_has_no_trading_partner_and_no_trade(solved: dict[str, Results]) -> None:
+    assert all(peers == () for peers in STANDALONE.market.peers)
+    assert all(site_config(STANDALONE, c).peers == [] for c in range(len(STANDALONE.ids)))
+    for name in ("standalone", "standalone-central"):
+        assert solved[name].totals.p2p_traded_kwh == 0.0
+        assert solved[name].trades == []
+
+
+@pytest.mark.parametrize("design", ["standalone", "welfare"])
+def test_the_decentralized_design_equals_its_centralized_optimum(
+    solved: dict[str, Results], design: str
+) -> None:
+    admm, central = solved[design], solved[f"{design}-central"]
+    assert admm.solver.status == "converged"
+    gross = central.totals.gross_energy_eur
+    assert abs(admm.objective_eur - central.objective_eur) <= 1e-3 * abs(gross)
+    for a, c in zip(admm.communities, central.communities, strict=True):
+        assert a.cost_eur == pytest.approx(c.cost_eur, abs=1.0), a.id
+
+
+def test_trading_is_no_worse_than_trading_alone_and_every_community_gains(solved: dict[str, Results]) -> None:
+    central = design_metrics("welfare", solved["welfare-central"], solved["standalone-central"])
+    assert solved["welfare-central"].objective_eur <= solved["standalone-central"].objective_eur
+    assert central.saving_eur > 0
+    assert central.individually_rational, central.gains_eur
+    m = design_metrics("welfare", solved["welfare"], solved["standalone"])
+    assert m.saving_eur == pytest.approx(sum(m.gains_eur.values()))
+    assert m.individually_rational
+    assert m.jain == pytest.approx(jain_index(np.array(list(m.gains_eur.values()))))
+    baseline = design_metrics("standalone", solved["standalone"], solved["standalone"])
+    assert (baseline.saving_eur, baseline.jain, baseline.gini) == (0.0, None, None)
+
+
+@pytest.mark.parametrize(
+    ("values", "gini", "jain"),
+    [([5.0, 5.0, 5.0], 0.0, 1.0), ([0.0, 0.0, 9.0], 2 / 3, 1 / 3), ([1.0, 3.0], 0.25, 0.8)],
+)
+def test_the_fairness_of_the_gains_meets_its_closed_forms(
+    values: list[float], gini: float, jain: float
+) -> None:
+    assert gini_coefficient(np.array(values)) == pytest.approx(gini)
+    assert jain_index(np.array(values)) == pytest.approx(jain)
+    with pytest.raises(ValueError, match="non-negative"):
+        gini_coefficient(np.array([-1.0, 2.0]))
+
+
+def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> None:
+    run = run_p2pdoe("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = (tmp_path / "markets.md").read_text()
+    assert "| metric | standalone | welfare |" in table
+    assert "| Every community gains | yes | yes |" in table
+    data = json.loads((tmp_path / "markets.json").read_text())
+    assert set(data) == {"standalone", "welfare"}
+    assert data["welfare"]["saving_eur"] > 0
+    assert data["welfare"]["objective_gap_pct"] < 0.1
+    assert (tmp_path / "market_gains.png").stat().st_size > 10_000
+    for design in data:
+        assert (tmp_path / design / "results.json").exists()
+
+
+def test_compare_markets_refuses_a_single_market(tmp_path: Path) -> None:
+    run = run_p2pdoe("compare", "--markets", "--market", "welfare", "--out", str(tmp_path))
+    assert run.returncode != 0
+    assert "leave out --market" in run.stderr
