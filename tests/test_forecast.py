@@ -126,6 +126,22 @@ def test_the_next_round_solves_with_the_newest_plausible_forecast() -> None:
     assert m.config.community.pv_kw == CONFIG.community.pv_kw  # the configuration itself stays
 
 
+def solar_day_with_forecast(tmp_path: Path, pv_factor: float) -> tuple[SiteForecast, Any, Any]:
+    """An hour of the virtual day with solar-18's forecast file: its configured PV times `pv_factor`."""
+    from virtual_helpers import S as DAY
+    from virtual_helpers import day_of
+
+    config = site_config(DAY, DAY.ids.index("solar-18"))
+    f = SiteForecast(
+        site="solar-18", issued=DAY.start - timedelta(hours=12), start=DAY.start,
+        step_s=round(DAY.dt_h * 3600), pv_kw=[pv_factor * v for v in config.community.pv_kw],
+    )  # fmt: skip
+    path = tmp_path / "forecast.json"
+    path.write_text(f.model_dump_json(), encoding="utf-8")
+    day, tape = day_of(tmp_path / "day", 1.0, edge_options={"forecast_file": path})
+    return f, day, tape
+
+
 @pytest.mark.slow
 def test_the_edge_agents_read_the_forecast_file_at_each_opening(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -134,17 +150,9 @@ def test_the_edge_agents_read_the_forecast_file_at_each_opening(
     day-ahead round with it; every other edge reading the same file drops it as not its own, and the
     day goes on with every site agreed."""
     from virtual_helpers import S as DAY
-    from virtual_helpers import day_of
 
     steps = DAY.horizon
-    config = site_config(DAY, DAY.ids.index("solar-18"))
-    f = SiteForecast(
-        site="solar-18", issued=DAY.start - timedelta(hours=12), start=DAY.start,
-        step_s=round(DAY.dt_h * 3600), pv_kw=[0.5 * v for v in config.community.pv_kw],
-    )  # fmt: skip
-    path = tmp_path / "forecast.json"
-    path.write_text(f.model_dump_json(), encoding="utf-8")
-    day, _ = day_of(tmp_path / "day", 1.0, edge_options={"forecast_file": path})
+    f, day, _ = solar_day_with_forecast(tmp_path, 0.5)
     with caplog.at_level(logging.INFO, logger="edge_agent"):
         results = day.run()
     assert f"solar-18: the forecast issued {f.issued.isoformat()} covers {steps} intervals" in caplog.text
@@ -239,18 +247,11 @@ def test_a_forecast_wider_than_the_configured_day_is_registered_and_agreed_on(
     opening), every site agrees, and solar-18's envelope reaches beyond what its configured day
     could have been granted."""
     from virtual_helpers import S as DAY
-    from virtual_helpers import day_of
 
     from p2pdoe.core.schemas.messages import RoundOpen, decode
 
     config = site_config(DAY, DAY.ids.index("solar-18"))
-    f = SiteForecast(
-        site="solar-18", issued=DAY.start - timedelta(hours=12), start=DAY.start,
-        step_s=round(DAY.dt_h * 3600), pv_kw=[1.3 * v for v in config.community.pv_kw],
-    )  # fmt: skip
-    path = tmp_path / "forecast.json"
-    path.write_text(f.model_dump_json(), encoding="utf-8")
-    day, tape = day_of(tmp_path / "day", 1.0, edge_options={"forecast_file": path})
+    _, day, tape = solar_day_with_forecast(tmp_path, 1.3)
     with caplog.at_level(logging.INFO, logger="edge_agent"):
         results = day.run()
     assert "did not register" not in caplog.text

@@ -127,13 +127,7 @@ def _print_sharing(rules: Sequence[RuleDefaults]) -> None:
 
 def _print_summary(results: dict[str, Results], out: Path, figures: list[Path]) -> None:
     names, rows = comparison_rows(results)
-    table = Table(title="Envelope policies compared (centralized optimum; admm: dynamic, decentralized)")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(row.label, *row.values)
-    console.print(table)
+    _print_rows("Envelope policies compared (centralized optimum; admm: dynamic, decentralized)", names, rows)
     gain = p2p_gain_pct(results)
     dyn = results["dynamic"].ac_check
     safe = all(
@@ -194,13 +188,7 @@ def compare_markets(
         json.dumps({d: asdict(m) | {"objective_gap_pct": gaps[d]} for d, m in metrics.items()}, indent=1),
         encoding="utf-8",
     )
-    table = Table(title="Market designs (dynamic envelopes, decentralized): gains over standalone")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(row.label, *row.values)
-    console.print(table)
+    _print_rows("Market designs (dynamic envelopes, decentralized): gains over standalone", names, rows)
     figures = []
     if plots:
         from p2pdoe.report.plots import plot_market_gains
@@ -213,3 +201,13 @@ def compare_markets(
 
 def _objective_gap_pct(admm: Results, central: Results) -> float:
     return 100.0 * abs(admm.objective_eur - central.objective_eur) / max(abs(central.objective_eur), 1.0)
+
+
+def _print_rows(title: str, names: Sequence[str], rows: Sequence[Row]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(row.label, *row.values)
+    console.print(table)

@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
@@ -149,14 +149,25 @@ def _check_profile(
         raise ValueError("lo_kw/up_kw must lie inside every step of the profile")
 
 
-def _ranges_problem(low_high: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> str | None:
-    n = len(low_high[0][1])
-    for name, low, high in low_high:
+class _FourRanges(Protocol):
+    technical_min_kw: list[float]
+    technical_max_kw: list[float]
+    reactive_min_kvar: list[float]
+    reactive_max_kvar: list[float]
+
+
+def _check_ranges(r: _FourRanges) -> None:
+    """Four series of one length, each minimum at most its maximum."""
+    n = len(r.technical_min_kw)
+    pairs = (
+        ("technical", r.technical_min_kw, r.technical_max_kw),
+        ("reactive", r.reactive_min_kvar, r.reactive_max_kvar),
+    )
+    for name, low, high in pairs:
         if len(low) != n or len(high) != n:
-            return "every range needs one value per interval, the same for all four"
+            raise ValueError("every range needs one value per interval, the same for all four")
         if any(lo > hi for lo, hi in zip(low, high, strict=True)):
-            return f"{name} minimum exceeds its maximum"
-    return None
+            raise ValueError(f"{name} minimum exceeds its maximum")
 
 
 class DayRanges(Message):
@@ -172,14 +183,7 @@ class DayRanges(Message):
 
     @model_validator(mode="after")
     def _ranges(self) -> DayRanges:
-        problem = _ranges_problem(
-            (
-                ("technical", self.technical_min_kw, self.technical_max_kw),
-                ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
-            )
-        )
-        if problem is not None:
-            raise ValueError(problem)
+        _check_ranges(self)
         return self
 
 
@@ -209,14 +213,7 @@ class Registration(Message):
 
     @model_validator(mode="after")
     def _ranges(self) -> Registration:
-        problem = _ranges_problem(
-            (
-                ("technical", self.technical_min_kw, self.technical_max_kw),
-                ("reactive", self.reactive_min_kvar, self.reactive_max_kvar),
-            )
-        )
-        if problem is not None:
-            raise ValueError(problem)
+        _check_ranges(self)
         if len({d.start for d in self.days}) != len(self.days):
             raise ValueError("one entry per day")
         return self
