@@ -1,5 +1,6 @@
 """Market designs side by side (docs/markets.md): `standalone`, each community against the grid under
-the same envelopes, is the baseline every gain is measured against; `welfare` is the social optimum.
+the same envelopes, is the baseline every gain is measured against; `welfare` is the social optimum;
+`nash-bargaining` shares the welfare saving by agreed payments (tests/test_bargaining.py for stage 2).
 The decentralized answers equal the centralized ones, the welfare optimum is no worse than trading
 alone (its feasible set holds the no-trade point), and the fairness measures meet their closed forms.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,15 +87,34 @@ def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) 
     run = run_p2pdoe("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
     table = (tmp_path / "markets.md").read_text()
-    assert "| metric | standalone | welfare |" in table
-    assert "| Every community gains | yes | yes |" in table
+    assert "| metric | standalone | welfare | nash-bargaining |" in table
+    assert "| Every community gains | yes | yes | yes |" in table
     data = json.loads((tmp_path / "markets.json").read_text())
-    assert set(data) == {"standalone", "welfare"}
+    assert set(data) == {"standalone", "welfare", "nash-bargaining"}
     assert data["welfare"]["saving_eur"] > 0
     assert data["welfare"]["objective_gap_pct"] < 0.1
     assert (tmp_path / "market_gains.png").stat().st_size > 10_000
-    for design in data:
+    for design in ("standalone", "welfare"):
         assert (tmp_path / design / "results.json").exists()
+    _check_the_bargain(data, tmp_path)
+
+
+def _check_the_bargain(data: dict[str, Any], out: Path) -> None:
+    """Equal weights: every community gains the same share of the welfare saving, and each one's net
+    payment is what takes its own gain (read from the two designs' results) to that share."""
+    nash, saving = data["nash-bargaining"], data["welfare"]["saving_eur"]
+    alone = Results.model_validate_json((out / "standalone" / "results.json").read_bytes())
+    welfare = Results.model_validate_json((out / "welfare" / "results.json").read_bytes())
+    share = saving / len(welfare.communities)
+    assert nash["saving_eur"] == pytest.approx(saving, abs=1e-6)
+    assert nash["jain"] == pytest.approx(1.0)
+    c0 = {c.id: c.cost_eur for c in alone.communities}
+    for c in welfare.communities:
+        assert nash["gains_eur"][c.id] == pytest.approx(share, abs=1e-2), c.id
+        paid = sum(p["eur"] for p in nash["payments"] if p["payer"] == c.id)
+        paid -= sum(p["eur"] for p in nash["payments"] if p["payee"] == c.id)
+        own_gain = c0[c.id] - (c.cost_eur - c.cost_breakdown.p2p_net_eur)
+        assert own_gain - paid == pytest.approx(share, abs=1e-2), c.id
 
 
 def test_compare_markets_refuses_a_single_market(tmp_path: Path) -> None:

@@ -10,15 +10,19 @@ money and is left out. Its gain under a design is Delta_i = C0_i - C_i, with C0_
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from p2pdoe.core.allocation import jain_index
+from p2pdoe.core.bargaining import Bargain, bargain
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.scenario import DESIGNS
 
-__all__ = ["DESIGNS", "DesignMetrics", "design_metrics", "gini_coefficient", "mean_trade_price"]
+COMPARED = (*DESIGNS, "nash-bargaining")  # every design `compare --markets` sets side by side
+
+__all__ = ["COMPARED", "DESIGNS", "DesignMetrics", "design_metrics", "gini_coefficient", "mean_trade_price"]
 RATIONAL_TOLERANCE_EUR = 0.01  # a gain above minus a cent counts as no loss
 
 
@@ -37,32 +41,57 @@ class DesignMetrics:
     iterations: int | None
     messages_per_iteration: float | None
     bytes_per_iteration: float | None
+    stage2_iterations: int | None = None  # a second stage's rounds (payments), where it has one
 
 
-def design_metrics(design: str, results: Results, standalone: Results) -> DesignMetrics:
-    """`results` of `design` measured against `standalone`'s, community by community."""
+def design_metrics(
+    design: str,
+    results: Results,
+    standalone: Results,
+    costs: Mapping[str, float] | None = None,
+    stage2_iterations: int | None = None,
+) -> DesignMetrics:
+    """`results` of `design` measured against `standalone`'s, community by community; `costs`: each
+    community's cost where the design pays otherwise than `results` says (a second stage)."""
     alone = {c.id: c.cost_eur for c in standalone.communities}
-    if set(alone) != {c.id for c in results.communities}:
+    own = costs or {c.id: c.cost_eur for c in results.communities}
+    if set(alone) != set(own):
         raise ValueError("the designs were solved for different communities")
-    gains = {c.id: alone[c.id] - c.cost_eur for c in results.communities}
+    gains = {c: alone[c] - own[c] for c in own}
     values = np.array(list(gains.values()))
     even = bool(np.all(values >= 0) and np.any(values > 0))
     sv = results.solver
     return DesignMetrics(
         design=design,
-        total_cost_eur=results.totals.cost_eur,
-        saving_eur=standalone.totals.cost_eur - results.totals.cost_eur,
+        total_cost_eur=float(sum(own.values())),
+        saving_eur=float(sum(alone.values()) - sum(own.values())),
         gains_eur=gains,
         individually_rational=bool(np.all(values >= -RATIONAL_TOLERANCE_EUR)),
         jain=jain_index(values) if even else None,
         gini=gini_coefficient(values) if even else None,
         p2p_traded_kwh=results.totals.p2p_traded_kwh,
-        mean_p2p_price_eur_per_kwh=mean_trade_price(results),
+        mean_p2p_price_eur_per_kwh=mean_trade_price(results) if costs is None else None,
         status=sv.status,
         iterations=sv.iterations,
         messages_per_iteration=sv.messages_per_iteration,
         bytes_per_iteration=sv.bytes_per_iteration,
+        stage2_iterations=stage2_iterations,
     )
+
+
+def nash_bargaining(
+    welfare: Results, standalone: Results, peers: Mapping[str, Sequence[str]], weights: Mapping[str, float]
+) -> tuple[DesignMetrics, Bargain]:
+    """The cooperative design with Nash-bargaining payoffs: the welfare agreement (stage 1), then the
+    payments over its trading links that maximise the weighted Nash product (stage 2,
+    p2pdoe.core.bargaining). Community i's cost is its welfare cost before any payment to peers,
+    plus what it pays in stage 2."""
+    alone = {c.id: c.cost_eur for c in standalone.communities}
+    before = {c.id: c.cost_eur - c.cost_breakdown.p2p_net_eur for c in welfare.communities}
+    gains = {c: alone[c] - before[c] for c in before}  # each community's own, kept at home
+    b = bargain(gains, {c: weights.get(c, 1.0) for c in gains}, peers)
+    costs = {c: alone[c] - b.gains[c] for c in gains}
+    return design_metrics("nash-bargaining", welfare, standalone, costs, b.iterations), b
 
 
 def gini_coefficient(values: np.ndarray) -> float:

@@ -164,8 +164,9 @@ def compare_markets(
     scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True
 ) -> dict[str, DesignMetrics]:
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
-    each checked against its centralized optimum; a table of the gains over standalone."""
-    from p2pdoe.analysis.markets import DESIGNS, design_metrics
+    each checked against its centralized optimum; Nash bargaining's payments agreed on top of the
+    welfare agreement. A table of the gains over standalone."""
+    from p2pdoe.analysis.markets import COMPARED, DESIGNS, design_metrics, nash_bargaining
     from p2pdoe.report.table import market_rows, rows_markdown
 
     solved: dict[str, Results] = {}
@@ -176,24 +177,29 @@ def compare_markets(
             progress.update(task, description=f"agreeing on the {design} design by ADMM")
             s = load_scenario(scenario, {**overrides, "market": {"design": design}})
             solved[design] = run_policy(s, Policy.DYNAMIC, "admm")
-            central = run_policy(s, Policy.DYNAMIC)
-            gaps[design] = _objective_gap_pct(solved[design], central)
+            gaps[design] = _objective_gap_pct(solved[design], run_policy(s, Policy.DYNAMIC))
             write_results(solved[design], out / design)
             progress.advance(task)
     metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
-    names, rows = market_rows(list(metrics.values()))
-    rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in DESIGNS]))
-    (out / "markets.md").write_text(rows_markdown("metric", names, rows), encoding="utf-8")
-    (out / "markets.json").write_text(
-        json.dumps({d: asdict(m) | {"objective_gap_pct": gaps[d]} for d, m in metrics.items()}, indent=1),
-        encoding="utf-8",
+    peers = {s.ids[c]: [s.ids[m] for m in s.market.peers[c]] for c in range(len(s.ids))}
+    weights = s.market.bargaining_weights
+    metrics["nash-bargaining"], deal = nash_bargaining(
+        solved["welfare"], solved["standalone"], peers, weights
     )
+    gaps["nash-bargaining"] = gaps["welfare"]
+    names, rows = market_rows([metrics[d] for d in COMPARED])
+    rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in COMPARED]))
+    (out / "markets.md").write_text(rows_markdown("metric", names, rows), encoding="utf-8")
+    payments = [{"payer": a, "payee": b, "eur": v} for (a, b), v in deal.payments.items()]
+    table = {d: asdict(m) | {"objective_gap_pct": gaps[d]} for d, m in metrics.items()}
+    table["nash-bargaining"] |= {"payments": payments, "weights": {c: weights.get(c, 1.0) for c in peers}}
+    (out / "markets.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     _print_rows("Market designs (dynamic envelopes, decentralized): gains over standalone", names, rows)
     figures = []
     if plots:
         from p2pdoe.report.plots import plot_market_gains
 
-        figures.append(plot_market_gains(list(metrics.values()), out))
+        figures.append(plot_market_gains([metrics[d] for d in COMPARED], out))
     shown = ", ".join(str(f) for f in figures)
     console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {shown}")
     return metrics

@@ -7,7 +7,7 @@ frozen dataclasses. Shapes: T intervals, N buses, C communities.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 import numpy as np
@@ -98,6 +98,7 @@ class MarketData:
     trade_quadratic_eur_per_kw2h: float
     regularization_eur_per_kw2h: float
     envelope_proximal_eur_per_kw2h: float
+    bargaining_weights: Mapping[str, float] = field(default_factory=dict)  # Nash bargaining's; else 1
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,15 @@ def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feed
         trade_quadratic_eur_per_kw2h=m.trade_quadratic_eur_per_kw2h,
         regularization_eur_per_kw2h=m.regularization_eur_per_kw2h,
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
+        bargaining_weights=_weights(m.bargaining_weights, [x.id for x in communities]),
     )
+
+
+def _weights(weights: Mapping[str, float], ids: list[str]) -> dict[str, float]:
+    unknown = sorted(set(weights) - set(ids))
+    if unknown:
+        raise ScenarioError(f"market.bargaining_weights: {', '.join(unknown)} is not a community")
+    return dict(weights)
 
 
 def _trading_graph(dist: FloatArray, max_peers: int | None) -> tuple[tuple[int, ...], ...]:

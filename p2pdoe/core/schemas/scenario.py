@@ -153,6 +153,8 @@ class Market(Model):
     # the market design (docs/markets.md): `welfare`, the social optimum with bilateral trades;
     # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes
     design: MarketDesign = "welfare"
+    # Nash bargaining's weight per community id (docs/markets.md); a community left out weighs 1
+    bargaining_weights: dict[str, Pos] = Field(default_factory=dict)
 
 
 class AdaptiveRho(Model):
