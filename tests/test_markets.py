@@ -87,10 +87,14 @@ def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) 
     run = run_p2pdoe("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
     table = (tmp_path / "markets.md").read_text()
-    assert "| metric | standalone | welfare | nash-bargaining |" in table
-    assert "| Every community gains | yes | yes | yes |" in table
+    assert "| metric | standalone | welfare | nash-bargaining | shapley |" in table
+    assert "| Every community gains | yes | yes | yes | yes |" in table
     data = json.loads((tmp_path / "markets.json").read_text())
-    assert set(data) == {"standalone", "welfare", "nash-bargaining"}
+    assert set(data) == {"standalone", "welfare", "nash-bargaining", "shapley"}
+    shapley = data["shapley"]
+    assert sum(shapley["gains_eur"].values()) == pytest.approx(data["welfare"]["saving_eur"], abs=0.5)
+    assert shapley["coalition_solves"] == 2**6 - 1 - 6  # every coalition of two or more, once
+    assert data["standalone"]["core_excess_eur"] == pytest.approx(data["welfare"]["saving_eur"], abs=0.5)
     assert data["welfare"]["saving_eur"] > 0
     assert data["welfare"]["objective_gap_pct"] < 0.1
     assert (tmp_path / "market_gains.png").stat().st_size > 10_000

@@ -11,18 +11,29 @@ money and is left out. Its gain under a design is Delta_i = C0_i - C_i, with C0_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from p2pdoe.analysis.coalitions import CoalitionValues, largest_core_excess, shapley_exact, shapley_sampled
 from p2pdoe.core.allocation import jain_index
 from p2pdoe.core.bargaining import Bargain, bargain
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.scenario import DESIGNS
 
-COMPARED = (*DESIGNS, "nash-bargaining")  # every design `compare --markets` sets side by side
+COMPARED = (*DESIGNS, "nash-bargaining", "shapley")  # every design `compare --markets` sets side by side
 
-__all__ = ["COMPARED", "DESIGNS", "DesignMetrics", "design_metrics", "gini_coefficient", "mean_trade_price"]
+__all__ = [
+    "COMPARED",
+    "DESIGNS",
+    "DesignMetrics",
+    "design_metrics",
+    "gini_coefficient",
+    "mean_trade_price",
+    "nash_bargaining",
+    "shapley",
+    "with_core_excess",
+]
 RATIONAL_TOLERANCE_EUR = 0.01  # a gain above minus a cent counts as no loss
 
 
@@ -42,6 +53,10 @@ class DesignMetrics:
     messages_per_iteration: float | None
     bytes_per_iteration: float | None
     stage2_iterations: int | None = None  # a second stage's rounds (payments), where it has one
+    coalition_solves: int | None = None  # welfare problems solved for the coalitions' values
+    sampling_error_eur: float | None = None  # Shapley by sampling: the largest standard error
+    core_excess_eur: float | None = None  # max_S v(S) - sum of its gains: <= 0 is in the core
+    core_blocking: tuple[str, ...] | None = None  # the coalition S of the largest excess
 
 
 def design_metrics(
@@ -109,3 +124,26 @@ def mean_trade_price(results: Results) -> float | None:
     if kw.sum() <= 0:
         return None
     return float(np.dot(kw, [t.price_eur_per_kwh for t in results.trades]) / kw.sum())
+
+
+def shapley(
+    welfare: Results, standalone: Results, values: CoalitionValues, exact_up_to: int, orders: int, seed: int
+) -> DesignMetrics:
+    """The cooperative design with Shapley-value payoffs: the welfare schedule, each community paid so
+    that it gains its Shapley value of the coalition game (p2pdoe.analysis.coalitions), exact up to
+    `exact_up_to` communities, else sampled over `orders` seeded orders of arrival."""
+    ids = [c.id for c in welfare.communities]
+    error = None
+    if len(ids) <= exact_up_to:
+        phi = shapley_exact(ids, values)
+    else:
+        sampled = shapley_sampled(ids, values, orders, seed)
+        phi, error = sampled.phi, max(sampled.standard_error.values())
+    alone = {c.id: c.cost_eur for c in standalone.communities}
+    m = design_metrics("shapley", welfare, standalone, {c: alone[c] - phi[c] for c in ids})
+    return replace(m, coalition_solves=values.solves, sampling_error_eur=error)
+
+
+def with_core_excess(m: DesignMetrics, values: CoalitionValues) -> DesignMetrics:
+    excess, who = largest_core_excess(list(m.gains_eur), values, m.gains_eur)
+    return replace(m, core_excess_eur=excess, core_blocking=tuple(c for c in m.gains_eur if c in who))

@@ -166,7 +166,15 @@ def compare_markets(
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
     each checked against its centralized optimum; Nash bargaining's payments agreed on top of the
     welfare agreement. A table of the gains over standalone."""
-    from p2pdoe.analysis.markets import COMPARED, DESIGNS, design_metrics, nash_bargaining
+    from p2pdoe.analysis.coalitions import CoalitionValues
+    from p2pdoe.analysis.markets import (
+        COMPARED,
+        DESIGNS,
+        design_metrics,
+        nash_bargaining,
+        shapley,
+        with_core_excess,
+    )
     from p2pdoe.report.table import market_rows, rows_markdown
 
     solved: dict[str, Results] = {}
@@ -181,12 +189,21 @@ def compare_markets(
             write_results(solved[design], out / design)
             progress.advance(task)
     metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
-    peers = {s.ids[c]: [s.ids[m] for m in s.market.peers[c]] for c in range(len(s.ids))}
-    weights = s.market.bargaining_weights
-    metrics["nash-bargaining"], deal = nash_bargaining(
-        solved["welfare"], solved["standalone"], peers, weights
-    )
-    gaps["nash-bargaining"] = gaps["welfare"]
+    w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
+    peers = {w.ids[c]: [w.ids[m] for m in w.market.peers[c]] for c in range(len(w.ids))}
+    weights = w.market.bargaining_weights
+    bargained = nash_bargaining(solved["welfare"], solved["standalone"], peers, weights)
+    metrics["nash-bargaining"], deal = bargained
+    exact_up_to, orders, seed = w.market.shapley
+    with _progress() as progress:
+        progress.add_task("solving the coalitions' welfare problems (centralized)", total=None)
+        values = CoalitionValues(w, lambda x: run_policy(x, Policy.DYNAMIC))
+        metrics["shapley"] = shapley(
+            solved["welfare"], solved["standalone"], values, exact_up_to, orders, seed
+        )
+        if len(w.ids) <= exact_up_to:
+            metrics = {d: with_core_excess(m, values) for d, m in metrics.items()}
+    gaps["nash-bargaining"] = gaps["shapley"] = gaps["welfare"]
     names, rows = market_rows([metrics[d] for d in COMPARED])
     rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in COMPARED]))
     (out / "markets.md").write_text(rows_markdown("metric", names, rows), encoding="utf-8")

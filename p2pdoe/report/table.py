@@ -144,10 +144,10 @@ def market_rows(designs: Sequence[DesignMetrics]) -> tuple[list[str], list[Row]]
         Row("Gini coefficient of the gains", [opt(d.gini, 3) for d in designs]),
         Row("ADMM status", [d.status for d in designs]),
         Row("ADMM rounds (iterations)", [str(d.iterations) for d in designs]),
-        Row(
-            "Payment rounds (second stage)",
-            ["-" if d.stage2_iterations is None else str(d.stage2_iterations) for d in designs],
-        ),
+        Row("Payment rounds (second stage)", [opt(d.stage2_iterations, 0) for d in designs]),
+        Row("Coalitions solved", [opt(d.coalition_solves, 0) for d in designs]),
+        Row("Sampling error, largest (EUR)", [opt(d.sampling_error_eur, 2) for d in designs]),
+        Row("Largest core excess (EUR)", [opt(d.core_excess_eur, 2) for d in designs]),
         Row("Messages per iteration", [opt(d.messages_per_iteration, 0) for d in designs]),
         Row(
             "kB per iteration",

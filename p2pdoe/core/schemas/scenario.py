@@ -155,6 +155,11 @@ class Market(Model):
     design: MarketDesign = "welfare"
     # Nash bargaining's weight per community id (docs/markets.md); a community left out weighs 1
     bargaining_weights: dict[str, Pos] = Field(default_factory=dict)
+    # Shapley payoffs: exact over every coalition up to this many communities, else the mean over
+    # `shapley_orders` random orders of arrival drawn with `shapley_seed`
+    shapley_exact_up_to: Annotated[int, Field(ge=1, le=12)] = 8
+    shapley_orders: Annotated[int, Field(ge=2)] = 200
+    shapley_seed: int = 0
 
 
 class AdaptiveRho(Model):
