@@ -61,3 +61,14 @@ def test_weights_of_a_community_the_scenario_does_not_have_are_refused() -> None
         load_scenario("default", {"market": {"bargaining_weights": {"nobody-1": 2.0}}})
     s = load_scenario("default", {"market": {"bargaining_weights": {"campus-30": 2.0}}})
     assert s.market.bargaining_weights == {"campus-30": 2.0}
+
+
+def test_a_community_that_understates_its_gain_is_paid_the_difference_less_a_share() -> None:
+    """Its gain is private, so nothing stops a community from bargaining as if it gained less: b
+    claiming 60 EUR less ends with 60 (1 - 1/3) = 40 EUR more, taken from the others."""
+    honest = bargain(GAINS, dict.fromkeys(GAINS, 1.0), COMPLETE)
+    claimed = bargain(dict(GAINS, b=GAINS["b"] - 60.0), dict.fromkeys(GAINS, 1.0), COMPLETE)
+    paid_by_b = GAINS["b"] - 60.0 - claimed.gains["b"]  # what b pays, from its claim
+    true_gain_b = GAINS["b"] - paid_by_b
+    assert true_gain_b - honest.gains["b"] == pytest.approx(40.0, abs=1e-2)
+    assert claimed.gains["a"] == pytest.approx(honest.gains["a"] - 20.0, abs=1e-2)
