@@ -164,18 +164,25 @@ def compare_markets(
     scenario: str, overrides: dict[str, Any], out: Path, plots: bool = True
 ) -> dict[str, DesignMetrics]:
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
-    each checked against its centralized optimum; Nash bargaining's payments agreed on top of the
-    welfare agreement. A table of the gains over standalone."""
-    from p2pdoe.analysis.coalitions import CoalitionValues
-    from p2pdoe.analysis.markets import (
-        COMPARED,
-        DESIGNS,
-        design_metrics,
-        nash_bargaining,
-        shapley,
-        with_core_excess,
-    )
-    from p2pdoe.report.table import market_rows, rows_markdown
+    each checked against its centralized optimum; Nash bargaining's and Shapley's payments on top of
+    the welfare agreement. A table of the gains over standalone."""
+    from p2pdoe.analysis.markets import DESIGNS, design_metrics
+
+    w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
+    solved, gaps = _solve_designs(scenario, overrides, out)
+    metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
+    extra = _cooperative(w, solved, metrics)
+    for d in metrics:
+        gaps.setdefault(d, gaps["welfare"])  # the cooperative designs share the welfare schedule
+    _write_markets(metrics, gaps, extra, out, plots)
+    return metrics
+
+
+def _solve_designs(
+    scenario: str, overrides: dict[str, Any], out: Path
+) -> tuple[dict[str, Results], dict[str, float]]:
+    """Each design of its own schedule by ADMM, and its gap to the centralized optimum (%)."""
+    from p2pdoe.analysis.markets import DESIGNS
 
     solved: dict[str, Results] = {}
     gaps: dict[str, float] = {}
@@ -188,38 +195,58 @@ def compare_markets(
             gaps[design] = _objective_gap_pct(solved[design], run_policy(s, Policy.DYNAMIC))
             write_results(solved[design], out / design)
             progress.advance(task)
-    metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
-    w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
+    return solved, gaps
+
+
+def _cooperative(
+    w: Scenario, solved: dict[str, Results], metrics: dict[str, DesignMetrics]
+) -> dict[str, Any]:
+    """Add Nash bargaining (unless there is no gain to share) and Shapley to `metrics`, and each
+    design's core excess where every coalition was solved; what markets.json adds for them."""
+    from p2pdoe.analysis.coalitions import CoalitionValues
+    from p2pdoe.analysis.markets import nash_bargaining, shapley, with_core_excess
+    from p2pdoe.core.bargaining import BargainingError
+
+    welfare, alone = solved["welfare"], solved["standalone"]
     peers = {w.ids[c]: [w.ids[m] for m in w.market.peers[c]] for c in range(len(w.ids))}
-    weights = w.market.bargaining_weights
-    bargained = nash_bargaining(solved["welfare"], solved["standalone"], peers, weights)
-    metrics["nash-bargaining"], deal = bargained
+    weights = {c: w.market.bargaining_weights.get(c, 1.0) for c in peers}
+    extra: dict[str, Any] = {}
+    try:
+        metrics["nash-bargaining"], deal = nash_bargaining(welfare, alone, peers, weights)
+        payments = [{"payer": a, "payee": b, "eur": v} for (a, b), v in deal.payments.items()]
+        extra["nash-bargaining"] = {"payments": payments, "weights": weights}
+    except BargainingError as exc:
+        console.print(f"nash-bargaining left out: {exc}")
     exact_up_to, orders, seed = w.market.shapley
     with _progress() as progress:
         progress.add_task("solving the coalitions' welfare problems (centralized)", total=None)
         values = CoalitionValues(w, lambda x: run_policy(x, Policy.DYNAMIC))
-        metrics["shapley"] = shapley(
-            solved["welfare"], solved["standalone"], values, exact_up_to, orders, seed
-        )
+        metrics["shapley"] = shapley(welfare, alone, values, exact_up_to, orders, seed)
         if len(w.ids) <= exact_up_to:
-            metrics = {d: with_core_excess(m, values) for d, m in metrics.items()}
-    gaps["nash-bargaining"] = gaps["shapley"] = gaps["welfare"]
-    names, rows = market_rows([metrics[d] for d in COMPARED])
-    rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in COMPARED]))
+            metrics.update({d: with_core_excess(m, values) for d, m in metrics.items()})
+    return extra
+
+
+def _write_markets(
+    metrics: dict[str, DesignMetrics], gaps: dict[str, float], extra: dict[str, Any], out: Path, plots: bool
+) -> None:
+    from p2pdoe.analysis.markets import COMPARED, DESIGNS
+    from p2pdoe.report.table import market_rows, rows_markdown
+
+    shown = [d for d in COMPARED if d in metrics]
+    names, rows = market_rows([metrics[d] for d in shown])
+    rows.append(Row("Objective gap to centralized (%)", [f"{gaps[d]:.3f}" for d in shown]))
     (out / "markets.md").write_text(rows_markdown("metric", names, rows), encoding="utf-8")
-    payments = [{"payer": a, "payee": b, "eur": v} for (a, b), v in deal.payments.items()]
-    table = {d: asdict(m) | {"objective_gap_pct": gaps[d]} for d, m in metrics.items()}
-    table["nash-bargaining"] |= {"payments": payments, "weights": {c: weights.get(c, 1.0) for c in peers}}
+    table = {d: asdict(metrics[d]) | {"objective_gap_pct": gaps[d]} | extra.get(d, {}) for d in shown}
     (out / "markets.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     _print_rows("Market designs (dynamic envelopes, decentralized): gains over standalone", names, rows)
     figures = []
     if plots:
         from p2pdoe.report.plots import plot_market_gains
 
-        figures.append(plot_market_gains([metrics[d] for d in COMPARED], out))
-    shown = ", ".join(str(f) for f in figures)
-    console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {shown}")
-    return metrics
+        figures.append(plot_market_gains([metrics[d] for d in shown], out))
+    written = ", ".join(str(f) for f in figures)
+    console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {written}")
 
 
 def _objective_gap_pct(admm: Results, central: Results) -> float:
