@@ -18,6 +18,7 @@ from cli_helpers import run_p2pdoe
 from p2pdoe.analysis.markets import design_metrics, gini_coefficient
 from p2pdoe.cli.jobs import run_policy
 from p2pdoe.core.allocation import jain_index
+from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.site import site_config
 from p2pdoe.core.solution import Policy
@@ -125,3 +126,34 @@ def test_compare_markets_refuses_a_single_market(tmp_path: Path) -> None:
     run = run_p2pdoe("compare", "--markets", "--market", "welfare", "--out", str(tmp_path))
     assert run.returncode != 0
     assert "leave out --market" in run.stderr
+
+
+def test_a_markup_on_its_sales_pays_a_seller_under_welfare_and_nothing_under_bargaining() -> None:
+    """wind-25 bidding as if each kWh it sold cost 0.05 EUR more: under welfare its buyers pay it a
+    higher price and it gains, at everyone's expense; under equal-share bargaining it only shrinks
+    the saving it gets a share of."""
+    from dataclasses import replace
+
+    from p2pdoe.analysis.markets import manipulability
+
+    def central(x: Scenario) -> Results:
+        return run_policy(x, Policy.DYNAMIC)
+
+    alone = central(STANDALONE)
+    found = manipulability(WELFARE, alone, central, markups=(0.05,))
+    welfare = found["welfare"]
+    assert (welfare.site, welfare.markup_eur_per_kwh) == ("wind-25", 0.05)
+    assert welfare.gain_eur > 5.0
+    assert welfare.welfare_loss_eur > 0.0
+    assert found["nash-bargaining"].gain_eur < 0.5
+    k = WELFARE.ids.index("wind-25")
+    cs = tuple(
+        replace(c, sell_markup_eur_per_kwh=0.05) if i == k else c for i, c in enumerate(WELFARE.communities)
+    )
+    honest, misled = central(WELFARE), central(replace(WELFARE, communities=cs))
+    assert _sale_price(misled, "wind-25") > _sale_price(honest, "wind-25") + 0.02
+
+
+def _sale_price(r: Results, seller: str) -> float:
+    sold = [(t.kw, t.price_eur_per_kwh) for t in r.trades if t.seller == seller and t.kw > 0]
+    return sum(kw * p for kw, p in sold) / sum(kw for kw, _ in sold)

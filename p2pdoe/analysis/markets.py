@@ -10,7 +10,7 @@ money and is left out. Its gain under a design is Delta_i = C0_i - C_i, with C0_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from p2pdoe.analysis.coalitions import CoalitionValues, largest_core_excess, shapley_exact, shapley_sampled
 from p2pdoe.core.allocation import jain_index
 from p2pdoe.core.bargaining import Bargain, bargain
+from p2pdoe.core.scenario import CommunityData, Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.scenario import DESIGNS
 
@@ -35,6 +36,19 @@ __all__ = [
     "with_core_excess",
 ]
 RATIONAL_TOLERANCE_EUR = 0.01  # a gain above minus a cent counts as no loss
+MARKUPS_EUR_PER_KWH = (0.01, 0.02, 0.05)  # the misreports tried, one community at a time
+
+
+@dataclass(frozen=True)
+class Manipulation:
+    """The most one community gains by bidding its sales dearer than they cost it (a markup), and
+    what that costs everyone."""
+
+    site: str
+    markup_eur_per_kwh: float
+    gain_eur: float  # its own, in money, over bidding honestly
+    welfare_loss_eur: float  # the total cost's rise
+    gains_by_design: dict[str, float]  # the same misreport's gain under each markup-priced design
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class DesignMetrics:
     sampling_error_eur: float | None = None  # Shapley by sampling: the largest standard error
     core_excess_eur: float | None = None  # max_S v(S) - sum of its gains: <= 0 is in the core
     core_blocking: tuple[str, ...] | None = None  # the coalition S of the largest excess
+    manipulation: Manipulation | None = None  # the most a markup on its sales gains one community
 
 
 def design_metrics(
@@ -147,3 +162,44 @@ def shapley(
 def with_core_excess(m: DesignMetrics, values: CoalitionValues) -> DesignMetrics:
     excess, who = largest_core_excess(list(m.gains_eur), values, m.gains_eur)
     return replace(m, core_excess_eur=excess, core_blocking=tuple(c for c in m.gains_eur if c in who))
+
+
+def manipulability(
+    s: Scenario,
+    standalone: Results,
+    solve: Callable[[Scenario], Results],
+    markups: Sequence[float] = MARKUPS_EUR_PER_KWH,
+) -> dict[str, Manipulation]:
+    """Per design (welfare; nash-bargaining with equal-share payoffs from the true gains), each
+    community in turn bidding each markup: the largest gain any of them gets, by whom and at which
+    markup. Under Nash bargaining a community's payoff is its weight's share of the true saving, so
+    a markup that shrinks the saving can only cost it."""
+    honest = solve(s)
+    weights = {c.id: s.market.bargaining_weights.get(c.id, 1.0) for c in s.communities}
+    share = {c: w / sum(weights.values()) for c, w in weights.items()}
+    saving = standalone.totals.cost_eur - honest.totals.cost_eur
+    best: dict[str, Manipulation] = {}
+    for k, community in enumerate(s.communities):
+        for markup in markups:
+            misled = replace(s, communities=_with_markup(s.communities, k, markup))
+            r = solve(misled)
+            site = community.id
+            loss = r.totals.cost_eur - honest.totals.cost_eur
+            gains = {
+                "welfare": _cost(honest, site) - _cost(r, site),
+                "nash-bargaining": share[site] * (standalone.totals.cost_eur - r.totals.cost_eur - saving),
+            }
+            for design, gain in gains.items():
+                if design not in best or gain > best[design].gain_eur:
+                    best[design] = Manipulation(site, markup, gain, loss, gains)
+    return best
+
+
+def _with_markup(communities: Sequence[CommunityData], k: int, markup: float) -> tuple[CommunityData, ...]:
+    return tuple(
+        replace(c, sell_markup_eur_per_kwh=markup) if i == k else c for i, c in enumerate(communities)
+    )
+
+
+def _cost(r: Results, site: str) -> float:
+    return next(c.cost_eur for c in r.communities if c.id == site)

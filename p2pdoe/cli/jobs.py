@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,22 @@ def _cooperative(
         metrics["shapley"] = shapley(welfare, alone, values, exact_up_to, orders, seed)
         if len(w.ids) <= exact_up_to:
             metrics.update({d: with_core_excess(m, values) for d, m in metrics.items()})
+    _manipulability(w, metrics)
     return extra
+
+
+def _manipulability(w: Scenario, metrics: dict[str, DesignMetrics]) -> None:
+    """Each community in turn bidding its sales dearer (centralized solves): the most one gains."""
+    from p2pdoe.analysis.coalitions import within
+    from p2pdoe.analysis.markets import manipulability
+
+    with _progress() as progress:
+        progress.add_task("each community bidding its sales dearer, in turn (centralized)", total=None)
+        alone = run_policy(within(w, frozenset()), Policy.DYNAMIC)
+        found = manipulability(w, alone, lambda x: run_policy(x, Policy.DYNAMIC))
+    for design, m in found.items():
+        if design in metrics:
+            metrics[design] = replace(metrics[design], manipulation=m)
 
 
 def _write_markets(

@@ -288,5 +288,5 @@ def _objective(
         q[lay.block(name)] = MARGIN_SHORTFALL_EUR_PER_KWH * dt_h
     for k in range(len(lay.peers)):
         q[lay.buy(k)] = 0.5 * fees[k] * dt_h
-        q[lay.sell(k)] = 0.5 * fees[k] * dt_h
+        q[lay.sell(k)] = (0.5 * fees[k] + c.sell_markup_eur_per_kwh) * dt_h
     return p, q, constant

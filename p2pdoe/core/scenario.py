@@ -66,6 +66,9 @@ class CommunityData:
     # Real time: how far inside its envelope the schedule stays, (below up, above lo) per interval;
     # None: on the bounds (see `envelope_margins`).
     margin_kw: tuple[FloatArray, FloatArray] | None = None
+    # A misreport, for measuring a design's manipulability: the community bids as if each kWh it
+    # sells to a peer cost it this much more (its money is unchanged; docs/markets.md)
+    sell_markup_eur_per_kwh: float = 0.0
 
     @property
     def horizon(self) -> int:

@@ -148,6 +148,7 @@ def market_rows(designs: Sequence[DesignMetrics]) -> tuple[list[str], list[Row]]
         Row("Coalitions solved", [opt(d.coalition_solves, 0) for d in designs]),
         Row("Sampling error, largest (EUR)", [opt(d.sampling_error_eur, 2) for d in designs]),
         Row("Largest core excess (EUR)", [opt(d.core_excess_eur, 2) for d in designs]),
+        Row("Most a markup on its sales gains one community (EUR)", [_manipulated(d) for d in designs]),
         Row("Messages per iteration", [opt(d.messages_per_iteration, 0) for d in designs]),
         Row(
             "kB per iteration",
@@ -161,3 +162,11 @@ def rows_markdown(first: str, names: Sequence[str], rows: Sequence[Row]) -> str:
     lines = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _manipulated(d: DesignMetrics) -> str:
+    m = d.manipulation
+    if m is None:
+        return "-"
+    loss = f"welfare {-m.welfare_loss_eur:+.2f}"
+    return f"{_fmt(m.gain_eur, 2)} ({m.site}, +{m.markup_eur_per_kwh:g} EUR/kWh; {loss})"
