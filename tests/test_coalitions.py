@@ -80,3 +80,21 @@ def test_the_core_excess_finds_the_coalition_that_would_leave() -> None:
     excess, who = largest_core_excess(["a", "b", "c"], gloves, shapley_exact(["a", "b", "c"], gloves))
     assert excess == pytest.approx(1 / 6)
     assert who in (frozenset("ab"), frozenset("ac"))
+
+
+def test_beyond_the_exact_limit_shapley_samples_and_reports_its_error() -> None:
+    """Six communities with the exact limit at 2: two seeded orders, at most 2 x 5 coalitions solved,
+    the sampling error reported, and the gains still summing to the grand coalition's saving (each
+    order's marginal contributions do)."""
+    from p2pdoe.analysis.markets import shapley
+
+    s = load_scenario("default")
+    alone = run_policy(load_scenario("default", {"market": {"design": "standalone"}}), Policy.DYNAMIC)
+    welfare = run_policy(s, Policy.DYNAMIC)
+    v = CoalitionValues(s, lambda x: run_policy(x, Policy.DYNAMIC))
+    m = shapley(welfare, alone, v, exact_up_to=2, orders=2, seed=5)
+    assert m.sampling_error_eur is not None
+    assert m.sampling_error_eur > 0
+    assert m.coalition_solves is not None
+    assert m.coalition_solves <= 10
+    assert sum(m.gains_eur.values()) == pytest.approx(v(s.ids), abs=1e-6)

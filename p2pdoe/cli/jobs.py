@@ -218,8 +218,14 @@ def _cooperative(
     except BargainingError as exc:
         console.print(f"nash-bargaining left out: {exc}")
     exact_up_to, orders, seed = w.market.shapley
+    n = len(w.ids)
+    how = (
+        f"exact: {2**n - 1 - n} coalitions"
+        if n <= exact_up_to
+        else f"{orders} sampled orders: up to {orders * (n - 1)} coalitions"
+    )
     with _progress() as progress:
-        progress.add_task("solving the coalitions' welfare problems (centralized)", total=None)
+        progress.add_task(f"Shapley, {how}, each a welfare problem (centralized)", total=None)
         values = CoalitionValues(w, lambda x: run_policy(x, Policy.DYNAMIC))
         metrics["shapley"] = shapley(welfare, alone, values, exact_up_to, orders, seed)
         if len(w.ids) <= exact_up_to:
