@@ -101,7 +101,7 @@ def test_the_real_time_demo_over_the_embedded_broker(tmp_path: Path) -> None:
 def test_the_scaled_clock_demo_says_which_clock_and_names_a_late_day_ahead_round(tmp_path: Path) -> None:
     """`--speed` keeps the scaled clock (real-time pressure). Whether its day-ahead round ends before
     the day starts depends on this machine's speed: either the day runs, or the demo says so in one
-    line with the cause and the fix."""
+    line with the cause (a late round, or on a very busy machine no site ready in time) and the fix."""
     if not embedded_available():
         pytest.skip("amqtt is not installed")
     run = run_p2pdoe("demo", "--hours", "1", "--speed", "640", "--lead-s", "60", "--out", str(tmp_path))
@@ -109,4 +109,5 @@ def test_the_scaled_clock_demo_says_which_clock_and_names_a_late_day_ahead_round
         assert "on the scaled clock at 640x" in run.stdout
         assert json.loads((tmp_path / "results.json").read_text())["realtime"]["clock"] == "scaled"
     else:
-        assert_one_line_error(run, "the day-ahead round ended", "run without --speed")
+        assert_one_line_error(run, "run without --speed")
+        assert "the day-ahead round ended" in run.stderr or "no day-ahead agreement" in run.stderr

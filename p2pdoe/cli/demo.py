@@ -230,10 +230,16 @@ def _without_results(out: Path, procs: Processes) -> str:
     if realtime.exists():
         info = RealtimeInfo.model_validate_json(realtime.read_bytes())
         why = info.failed_rounds[0] if info.failed_rounds else "no day-ahead agreement"
+        fix = (
+            f"; on the scaled clock at {info.speed:g}x this machine was too slow for it: run without "
+            "--speed (the lockstep clock) or give --lead-s more"
+            if info.clock == "scaled"
+            else ""
+        )
         return (
             f"no day-ahead agreement ({why}); the real-time day ran on the default envelopes: "
             f"{realtime} ({info.envelope_violations.count} sustained violations, "
-            f"{len(info.settlements)} settlements)"
+            f"{len(info.settlements)} settlements){fix}"
         )
     return f"the coordinator ended without results:\n{procs.tail('dso-coordinator')}"
 
