@@ -46,10 +46,11 @@ def own_costs(r: Results) -> dict[str, float]:
 class CoalitionValues:
     """v(S) on demand, each coalition solved once (`solve`: e.g. the centralized welfare optimum)."""
 
-    def __init__(self, s: Scenario, solve: Solve):
+    def __init__(self, s: Scenario, solve: Solve, alone: Results | None = None):
+        """`alone`: the day solved without any trading link, if already at hand."""
         self.s = s
         self.solve = solve
-        self.alone = own_costs(solve(within(s, frozenset())))
+        self.alone = own_costs(alone or solve(within(s, frozenset())))
         self._values: dict[Coalition, float] = {}
 
     @property

@@ -169,12 +169,13 @@ def manipulability(
     standalone: Results,
     solve: Callable[[Scenario], Results],
     markups: Sequence[float] = MARKUPS_EUR_PER_KWH,
+    honest: Results | None = None,
 ) -> dict[str, Manipulation]:
     """Per design (welfare; nash-bargaining with equal-share payoffs from the true gains), each
     community in turn bidding each markup: the largest gain any of them gets, by whom and at which
     markup. Under Nash bargaining a community's payoff is its weight's share of the true saving, so
     a markup that shrinks the saving can only cost it."""
-    honest = solve(s)
+    honest = honest or solve(s)
     weights = {c.id: s.market.bargaining_weights.get(c.id, 1.0) for c in s.communities}
     share = {c: w / sum(weights.values()) for c, w in weights.items()}
     saving = standalone.totals.cost_eur - honest.totals.cost_eur

@@ -169,9 +169,10 @@ def compare_markets(
     from p2pdoe.analysis.markets import DESIGNS, design_metrics
 
     w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
-    solved, gaps = _solve_designs(scenario, overrides, out)
+    solved, central = _solve_designs(scenario, overrides, out)
+    gaps = {d: _objective_gap_pct(solved[d], central[d]) for d in DESIGNS}
     metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
-    extra = _cooperative(w, solved, metrics)
+    extra = _cooperative(w, solved, central, metrics)
     for d in metrics:
         gaps.setdefault(d, gaps["welfare"])  # the cooperative designs share the welfare schedule
     _write_markets(metrics, gaps, extra, out, plots)
@@ -180,26 +181,26 @@ def compare_markets(
 
 def _solve_designs(
     scenario: str, overrides: dict[str, Any], out: Path
-) -> tuple[dict[str, Results], dict[str, float]]:
-    """Each design of its own schedule by ADMM, and its gap to the centralized optimum (%)."""
+) -> tuple[dict[str, Results], dict[str, Results]]:
+    """Each design of its own schedule by ADMM, and its centralized optimum."""
     from p2pdoe.analysis.markets import DESIGNS
 
     solved: dict[str, Results] = {}
-    gaps: dict[str, float] = {}
+    central: dict[str, Results] = {}
     with _progress() as progress:
         task = progress.add_task("solving", total=len(DESIGNS))
         for design in DESIGNS:
             progress.update(task, description=f"agreeing on the {design} design by ADMM")
             s = load_scenario(scenario, {**overrides, "market": {"design": design}})
             solved[design] = run_policy(s, Policy.DYNAMIC, "admm")
-            gaps[design] = _objective_gap_pct(solved[design], run_policy(s, Policy.DYNAMIC))
+            central[design] = _central(s)
             write_results(solved[design], out / design)
             progress.advance(task)
-    return solved, gaps
+    return solved, central
 
 
 def _cooperative(
-    w: Scenario, solved: dict[str, Results], metrics: dict[str, DesignMetrics]
+    w: Scenario, solved: dict[str, Results], central: dict[str, Results], metrics: dict[str, DesignMetrics]
 ) -> dict[str, Any]:
     """Add Nash bargaining (unless there is no gain to share) and Shapley to `metrics`, and each
     design's core excess where every coalition was solved; what markets.json adds for them."""
@@ -226,23 +227,21 @@ def _cooperative(
     )
     with _progress() as progress:
         progress.add_task(f"Shapley, {how}, each a welfare problem (centralized)", total=None)
-        values = CoalitionValues(w, lambda x: run_policy(x, Policy.DYNAMIC))
+        values = CoalitionValues(w, _central, central["standalone"])
         metrics["shapley"] = shapley(welfare, alone, values, exact_up_to, orders, seed)
         if len(w.ids) <= exact_up_to:
             metrics.update({d: with_core_excess(m, values) for d, m in metrics.items()})
-    _manipulability(w, metrics)
+    _manipulability(w, central, metrics)
     return extra
 
 
-def _manipulability(w: Scenario, metrics: dict[str, DesignMetrics]) -> None:
+def _manipulability(w: Scenario, central: dict[str, Results], metrics: dict[str, DesignMetrics]) -> None:
     """Each community in turn bidding its sales dearer (centralized solves): the most one gains."""
-    from p2pdoe.analysis.coalitions import within
     from p2pdoe.analysis.markets import manipulability
 
     with _progress() as progress:
         progress.add_task("each community bidding its sales dearer, in turn (centralized)", total=None)
-        alone = run_policy(within(w, frozenset()), Policy.DYNAMIC)
-        found = manipulability(w, alone, lambda x: run_policy(x, Policy.DYNAMIC))
+        found = manipulability(w, central["standalone"], _central, honest=central["welfare"])
     for design, m in found.items():
         if design in metrics:
             metrics[design] = replace(metrics[design], manipulation=m)
@@ -268,6 +267,11 @@ def _write_markets(
         figures.append(plot_market_gains([metrics[d] for d in shown], out))
     written = ", ".join(str(f) for f in figures)
     console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {written}")
+
+
+def _central(s: Scenario) -> Results:
+    """The centralized optimum under dynamic envelopes."""
+    return run_policy(s, Policy.DYNAMIC)
 
 
 def _objective_gap_pct(admm: Results, central: Results) -> float:
