@@ -1,4 +1,5 @@
-"""Shared fixtures: MQTT brokers on free ports (see docs/transport.md, "How tests choose a broker")."""
+"""Shared fixtures: MQTT brokers on free ports (see docs/transport.md, "How tests choose a broker");
+the hang guard of slow tests."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ from p2pdoe.services.broker import (
     start_mosquitto,
     start_provisioned,
 )
+
+SLOW_TIMEOUT_S = 1800  # pytest-timeout's guard for a slow test (the default, 600 s, for the rest)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A slow test (whole simulated days) takes minutes on a busy machine: its guard against a hang
+    is longer, unless it sets its own. Not a limit on speed: nothing is asserted about wall time."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def _mosquitto_required() -> bool:

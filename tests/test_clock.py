@@ -171,6 +171,43 @@ def test_run_virtual_cancels_leftovers_and_closes_its_loop() -> None:
     assert seen == ["cancelled"]
 
 
+class _Interrupt(BaseException):
+    """Like pytest's timeout: raised from a signal handler into whatever task runs."""
+
+
+def test_a_task_ended_by_a_base_exception_ends_the_run_with_it() -> None:
+    """asyncio keeps such an exception in the dead task and the loop goes on without it (a day with a
+    silent edge agent); on virtual time it ends the run instead, and no later timer fires."""
+    fired: list[float] = []
+
+    async def interrupted() -> None:
+        await asyncio.sleep(5.0)
+        raise _Interrupt("timeout")
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(interrupted())
+        for _ in range(100):
+            await asyncio.sleep(1.0)
+            fired.append(asyncio.get_running_loop().time())
+
+    with pytest.raises(_Interrupt, match="timeout"):
+        run_virtual(main())
+    assert fired[-1] == 5.0  # the instant it was raised at, and nothing after
+
+
+def test_an_ordinary_exception_in_a_task_does_not_end_the_run() -> None:
+    async def failing() -> None:
+        raise ValueError("handled by whoever awaits it")
+
+    async def main() -> float:
+        task = asyncio.get_running_loop().create_task(failing())
+        await asyncio.sleep(3.0)
+        assert isinstance(task.exception(), ValueError)
+        return asyncio.get_running_loop().time()
+
+    assert run_virtual(main()) == 3.0
+
+
 def test_a_runner_with_the_loop_factory_runs_on_virtual_time() -> None:
     async def main() -> float:
         await asyncio.sleep(600.0)

@@ -17,7 +17,10 @@ from p2pdoe.cli.virtual_day import VirtualDay
 from p2pdoe.core.schemas.results import DaySummary, Results
 from p2pdoe.io.scenarios import load_scenario
 
-pytestmark = pytest.mark.slow
+# the week's fixture runs in its first test's setup: about 2 minutes idle, 20 under four busy processes
+# on two cores. The guard is for a hang only; pytest-timeout's signal lands in whatever task runs, and
+# the VirtualTimeLoop then ends the run with it (p2pdoe.services.clock).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 S = load_scenario("default")
 DAYS = int(os.environ.get("P2PDOE_WEEK_DAYS", "7"))
 COORDINATOR_DAY, EDGE_DAY, BROKER_DAY = (3, 5, 6) if DAYS == 7 else (2, 3, 4)

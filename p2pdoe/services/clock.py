@@ -180,12 +180,18 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     Work in the executor (asyncio.to_thread, run_in_executor) takes no virtual time: the clock stands
     still until it is done (or its future is cancelled). Other threads break virtual time (it runs on
     while they work; their call_soon_threadsafe still wakes the loop), and so does real I/O: use
-    in-process fakes."""
+    in-process fakes.
+
+    A task that ends with a BaseException other than a cancellation (a test's timeout raised from a
+    signal handler into whatever task was running) stops the loop, and `run_virtual` raises it:
+    asyncio would keep it in the dead task and the day would go on without it."""
 
     def __init__(self) -> None:
         self._jumps = _JumpingSelector()
         super().__init__(self._jumps)
         self._jumps.schedule = self.call_soon
+        self.fatal: BaseException | None = None  # what stopped the loop from inside a task
+        self.set_task_factory(self._watched_task)
         # _run_once fires a timer when `when < time() + _clock_resolution` (monotonic's, 1 ns): past 2**24 s
         # floats are > 2 ns apart and a timer landed on exactly would never fire. 1 µs holds to 2**33 s.
         self._clock_resolution = 1e-6
@@ -204,6 +210,19 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _thread_done(self, _: asyncio.Future[Any]) -> None:
         self._jumps.threads -= 1
 
+    def _watched_task(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        task.add_done_callback(self._fatal_ends_the_loop)
+        return task
+
+    def _fatal_ends_the_loop(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, Exception) and self.fatal is None:
+            self.fatal = exc
+            self.stop()
+
     def call_when_quiet(self, rank: int, callback: Callable[[], object]) -> None:
         """Call `callback` once nothing else is ready at this instant, before time moves on; callbacks
         of a lower rank first (then whatever they set off), like the phases of a lockstep step."""
@@ -214,7 +233,13 @@ def run_virtual(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` to completion on a fresh VirtualTimeLoop, like asyncio.run: leftover tasks are
     cancelled and the loop closed."""
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(main)
+        except RuntimeError:
+            fatal = runner.get_loop().fatal  # type: ignore[attr-defined]
+            if fatal is None:
+                raise
+            raise fatal from None
 
 
 def _virtual_loop() -> VirtualTimeLoop:
