@@ -8,6 +8,7 @@ alone (its feasible set holds the no-trade point), and the fairness measures mee
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from cli_helpers import run_p2pdoe
 
 from p2pdoe.analysis.markets import design_metrics, gini_coefficient
+from p2pdoe.analysis.network_charges import merchandising_surplus, network_charges
 from p2pdoe.cli.jobs import run_policy
 from p2pdoe.core.allocation import jain_index
 from p2pdoe.core.scenario import Scenario
@@ -71,6 +73,44 @@ def test_trading_is_no_worse_than_trading_alone_and_every_community_gains(solved
     assert (baseline.saving_eur, baseline.jain, baseline.gini) == (0.0, None, None)
 
 
+def _optimum_with_headroom(s: Scenario, factor: float, monkeypatch: pytest.MonkeyPatch) -> float:
+    """The centralized optimum on a feeder whose every limit leaves `factor` times its headroom."""
+    import p2pdoe.reference.centralized as centralized
+    from p2pdoe.core.envelope import safe_set
+
+    def scaled(sc: Scenario) -> Any:
+        x = safe_set(sc)
+        return replace(
+            x, upper=replace(x.upper, h=x.upper.h * factor), lower=replace(x.lower, h=x.lower.h * factor)
+        )
+
+    monkeypatch.setattr(centralized, "safe_set", scaled)
+    try:
+        return centralized.solve_centralized(s, Policy.DYNAMIC).objective_eur
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("design", ["standalone", "welfare"])
+def test_the_dlmp_charges_add_up_to_what_the_feeders_headroom_is_worth(
+    solved: dict[str, Results], design: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DSO's surplus (every community's DLMPs times its envelope) against the envelope theorem:
+    minus the optimum's derivative in the headroom of every limit, by central differences."""
+    s = STANDALONE if design == "standalone" else WELFARE
+    step = 1e-3
+    worth = -(
+        _optimum_with_headroom(s, 1 + step, monkeypatch) - _optimum_with_headroom(s, 1 - step, monkeypatch)
+    ) / (2 * step)
+    central = merchandising_surplus(network_charges(solved[f"{design}-central"]))
+    assert worth > 100.0  # the default day's limits bind
+    assert central == pytest.approx(worth, rel=1e-3)
+    decentralized = network_charges(solved[design])
+    assert merchandising_surplus(decentralized) == pytest.approx(central, abs=0.5)
+    for site, charge in network_charges(solved[f"{design}-central"]).items():
+        assert decentralized[site].total_eur == pytest.approx(charge.total_eur, abs=0.1), site
+
+
 @pytest.mark.parametrize(
     ("values", "gini", "jain"),
     [([5.0, 5.0, 5.0], 0.0, 1.0), ([0.0, 0.0, 9.0], 2 / 3, 1 / 3), ([1.0, 3.0], 0.25, 0.8)],
@@ -102,6 +142,20 @@ def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) 
     for design in ("standalone", "welfare"):
         assert (tmp_path / design / "results.json").exists()
     _check_the_bargain(data, tmp_path)
+    _check_the_charges(data)
+
+
+def _check_the_charges(data: dict[str, Any]) -> None:
+    """Each design's DSO surplus is its charges' sum; the cooperative designs keep welfare's schedule,
+    so its charges; a gain after charges moves by the change of the community's charge."""
+    for design, row in data.items():
+        assert row["merchandising_surplus_eur"] == pytest.approx(sum(row["network_charges_eur"].values()))
+        alone = data["standalone"]["network_charges_eur"]
+        for site, gain in row["gains_eur"].items():
+            moved = row["network_charges_eur"][site] - alone[site]
+            assert row["gains_after_charges_eur"][site] == pytest.approx(gain - moved), (design, site)
+    for design in ("nash-bargaining", "shapley"):
+        assert data[design]["network_charges_eur"] == data["welfare"]["network_charges_eur"]
 
 
 def _check_the_bargain(data: dict[str, Any], out: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from p2pdoe.analysis.coalitions import CoalitionValues, largest_core_excess, shapley_exact, shapley_sampled
+from p2pdoe.analysis.network_charges import merchandising_surplus, network_charges
 from p2pdoe.core.allocation import jain_index
 from p2pdoe.core.bargaining import Bargain, bargain
 from p2pdoe.core.scenario import CommunityData, Scenario
@@ -34,6 +35,7 @@ __all__ = [
     "nash_bargaining",
     "shapley",
     "with_core_excess",
+    "with_network_charges",
 ]
 RATIONAL_TOLERANCE_EUR = 0.01  # a gain above minus a cent counts as no loss
 MARKUPS_EUR_PER_KWH = (0.01, 0.02, 0.05)  # the misreports tried, one community at a time
@@ -72,6 +74,11 @@ class DesignMetrics:
     core_excess_eur: float | None = None  # max_S v(S) - sum of its gains: <= 0 is in the core
     core_blocking: tuple[str, ...] | None = None  # the coalition S of the largest excess
     manipulation: Manipulation | None = None  # the most a markup on its sales gains one community
+    # DLMP network charges (p2pdoe.analysis.network_charges), each community's for its envelope
+    network_charges_eur: dict[str, float] | None = None
+    merchandising_surplus_eur: float | None = None  # what the DSO collects: the charges' sum
+    gains_after_charges_eur: dict[str, float] | None = None  # the gain, net of the charge's change
+    rational_after_charges: bool | None = None  # no community loses once charges are paid
 
 
 def design_metrics(
@@ -157,6 +164,20 @@ def shapley(
     alone = {c.id: c.cost_eur for c in standalone.communities}
     m = design_metrics("shapley", welfare, standalone, {c: alone[c] - phi[c] for c in ids})
     return replace(m, coalition_solves=values.solves, sampling_error_eur=error)
+
+
+def with_network_charges(m: DesignMetrics, schedule: Results, standalone: Results) -> DesignMetrics:
+    """`m` with each community paying its DLMPs for the envelope `schedule` granted it, and standalone
+    for its own: a gain moves by the change of the community's charge."""
+    own, alone = network_charges(schedule), network_charges(standalone)
+    after = {c: g - (own[c].total_eur - alone[c].total_eur) for c, g in m.gains_eur.items()}
+    return replace(
+        m,
+        network_charges_eur={c: x.total_eur for c, x in own.items()},
+        merchandising_surplus_eur=merchandising_surplus(own),
+        gains_after_charges_eur=after,
+        rational_after_charges=all(g >= -RATIONAL_TOLERANCE_EUR for g in after.values()),
+    )
 
 
 def with_core_excess(m: DesignMetrics, values: CoalitionValues) -> DesignMetrics:

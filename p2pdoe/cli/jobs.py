@@ -166,7 +166,7 @@ def compare_markets(
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
     each checked against its centralized optimum; Nash bargaining's and Shapley's payments on top of
     the welfare agreement. A table of the gains over standalone."""
-    from p2pdoe.analysis.markets import DESIGNS, design_metrics
+    from p2pdoe.analysis.markets import DESIGNS, design_metrics, with_network_charges
 
     w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
     solved, central = _solve_designs(scenario, overrides, out)
@@ -175,6 +175,8 @@ def compare_markets(
     extra = _cooperative(w, solved, central, metrics)
     for d in metrics:
         gaps.setdefault(d, gaps["welfare"])  # the cooperative designs share the welfare schedule
+        schedule = solved.get(d, solved["welfare"])
+        metrics[d] = with_network_charges(metrics[d], schedule, solved["standalone"])
     _write_markets(metrics, gaps, extra, out, plots)
     return metrics
 

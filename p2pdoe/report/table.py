@@ -149,6 +149,8 @@ def market_rows(designs: Sequence[DesignMetrics]) -> tuple[list[str], list[Row]]
         Row("Sampling error, largest (EUR)", [opt(d.sampling_error_eur, 2) for d in designs]),
         Row("Largest core excess (EUR)", [opt(d.core_excess_eur, 2) for d in designs]),
         Row("Most a markup on its sales gains one community (EUR)", [_manipulated(d) for d in designs]),
+        Row("DLMP charges = DSO surplus (EUR)", [opt(d.merchandising_surplus_eur, 2) for d in designs]),
+        Row("Every community gains after charges", [_yes_no(d.rational_after_charges) for d in designs]),
         Row("Messages per iteration", [opt(d.messages_per_iteration, 0) for d in designs]),
         Row(
             "kB per iteration",
@@ -162,6 +164,10 @@ def rows_markdown(first: str, names: Sequence[str], rows: Sequence[Row]) -> str:
     lines = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def _manipulated(d: DesignMetrics) -> str:
