@@ -128,10 +128,10 @@ def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) 
     run = run_p2pdoe("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
     table = (tmp_path / "markets.md").read_text()
-    assert "| metric | standalone | welfare | nash-bargaining | shapley |" in table
-    assert "| Every community gains | yes | yes | yes | yes |" in table
+    assert "| metric | standalone | welfare | nash-bargaining | shapley | noncooperative |" in table
+    assert "| Every community gains | yes | yes | yes | yes | yes |" in table
     data = json.loads((tmp_path / "markets.json").read_text())
-    assert set(data) == {"standalone", "welfare", "nash-bargaining", "shapley"}
+    assert set(data) == {"standalone", "welfare", "nash-bargaining", "shapley", "noncooperative"}
     shapley = data["shapley"]
     assert sum(shapley["gains_eur"].values()) == pytest.approx(data["welfare"]["saving_eur"], abs=0.5)
     assert shapley["coalition_solves"] == 2**6 - 1 - 6  # every coalition of two or more, once
@@ -139,10 +139,26 @@ def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) 
     assert data["welfare"]["saving_eur"] > 0
     assert data["welfare"]["objective_gap_pct"] < 0.1
     assert (tmp_path / "market_gains.png").stat().st_size > 10_000
-    for design in ("standalone", "welfare"):
+    for design in ("standalone", "welfare", "noncooperative"):
         assert (tmp_path / design / "results.json").exists()
+    _check_the_noncooperative_readings(data)
     _check_the_bargain(data, tmp_path)
     _check_the_charges(data)
+
+
+def _check_the_noncooperative_readings(data: dict[str, Any]) -> None:
+    """Welfare and standalone are price-taking equilibria (no one saves by deviating at their
+    prices); strategic bidders lose some of the saving: a price of anarchy of at least 1."""
+    for design in ("standalone", "welfare"):
+        assert abs(data[design]["best_response_gap_eur"]) < 0.05
+    bidders = data["noncooperative"]
+    assert data["welfare"]["price_of_anarchy"] == 1.0
+    saving = data["welfare"]["saving_eur"]
+    assert bidders["price_of_anarchy"] >= 1.0
+    assert bidders["saving_eur"] <= saving + 0.5
+    assert bidders["bids"]
+    assert all(set(b) == set(bidders["gains_eur"]) for b in bidders["bids"])
+    assert bidders["objective_gap_pct"] < 0.1
 
 
 def _check_the_charges(data: dict[str, Any]) -> None:

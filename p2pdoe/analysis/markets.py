@@ -23,7 +23,8 @@ from p2pdoe.core.scenario import CommunityData, Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.scenario import DESIGNS
 
-COMPARED = (*DESIGNS, "nash-bargaining", "shapley")  # every design `compare --markets` sets side by side
+# every design `compare --markets` sets side by side
+COMPARED = (*DESIGNS, "nash-bargaining", "shapley", "noncooperative")
 
 __all__ = [
     "COMPARED",
@@ -79,6 +80,10 @@ class DesignMetrics:
     merchandising_surplus_eur: float | None = None  # what the DSO collects: the charges' sum
     gains_after_charges_eur: dict[str, float] | None = None  # the gain, net of the charge's change
     rational_after_charges: bool | None = None  # no community loses once charges are paid
+    # the non-cooperative readings (p2pdoe.analysis.equilibrium, p2pdoe.analysis.bidding)
+    best_response_gap_eur: float | None = None  # the most one community saves deviating at the prices
+    price_of_anarchy: float | None = None  # the optimal saving over this design's (worst) saving
+    bids: tuple[dict[str, float], ...] | None = None  # strategic bidders: the equilibrium, or a cycle
 
 
 def design_metrics(

@@ -165,14 +165,24 @@ def compare_markets(
 ) -> dict[str, DesignMetrics]:
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
     each checked against its centralized optimum; Nash bargaining's and Shapley's payments on top of
-    the welfare agreement. A table of the gains over standalone."""
+    the welfare agreement; strategic bidders (noncooperative). A table of the gains over standalone."""
     from p2pdoe.analysis.markets import DESIGNS, design_metrics, with_network_charges
 
     w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
-    solved, central = _solve_designs(scenario, overrides, out)
+    solved, central, gaps_at_prices = _solve_designs(scenario, overrides, out)
     gaps = {d: _objective_gap_pct(solved[d], central[d]) for d in DESIGNS}
-    metrics = {d: design_metrics(d, solved[d], solved["standalone"]) for d in DESIGNS}
-    extra = _cooperative(w, solved, central, metrics)
+    metrics = {
+        d: replace(
+            design_metrics(d, solved[d], solved["standalone"]), best_response_gap_eur=gaps_at_prices[d]
+        )
+        for d in DESIGNS
+    }
+    metrics["welfare"] = replace(metrics["welfare"], price_of_anarchy=1.0)
+    metrics["noncooperative"], solved["noncooperative"], gaps["noncooperative"] = _strategic(
+        w, central, solved
+    )
+    write_results(solved["noncooperative"], out / "noncooperative")
+    extra = _cooperative(w, solved, central, metrics)  # the core excess of every design so far too
     for d in metrics:
         gaps.setdefault(d, gaps["welfare"])  # the cooperative designs share the welfare schedule
         schedule = solved.get(d, solved["welfare"])
@@ -183,22 +193,55 @@ def compare_markets(
 
 def _solve_designs(
     scenario: str, overrides: dict[str, Any], out: Path
-) -> tuple[dict[str, Results], dict[str, Results]]:
-    """Each design of its own schedule by ADMM, and its centralized optimum."""
+) -> tuple[dict[str, Results], dict[str, Results], dict[str, float]]:
+    """Each design of its own schedule by ADMM, its centralized optimum, and the most one community
+    would save by deviating alone at the agreed prices (p2pdoe.analysis.equilibrium)."""
+    from p2pdoe.analysis.equilibrium import best_response_gaps
     from p2pdoe.analysis.markets import DESIGNS
+    from p2pdoe.services.inprocess import admm_results, run_admm
 
     solved: dict[str, Results] = {}
     central: dict[str, Results] = {}
+    gaps: dict[str, float] = {}
     with _progress() as progress:
         task = progress.add_task("solving", total=len(DESIGNS))
         for design in DESIGNS:
             progress.update(task, description=f"agreeing on the {design} design by ADMM")
             s = load_scenario(scenario, {**overrides, "market": {"design": design}})
-            solved[design] = run_policy(s, Policy.DYNAMIC, "admm")
+            run = run_admm(s, Policy.DYNAMIC)
+            solved[design] = admm_results(s, run)
+            gaps[design] = max(best_response_gaps(s, run.solution).values())
             central[design] = _central(s)
             write_results(solved[design], out / design)
             progress.advance(task)
-    return solved, central
+    return solved, central, gaps
+
+
+def _strategic(
+    w: Scenario, central: dict[str, Results], solved: dict[str, Results]
+) -> tuple[DesignMetrics, Results, float]:
+    """Strategic bidders (p2pdoe.analysis.bidding; centralized clearings): the metrics of their
+    equilibrium, or of the worst profile of their cycle, agreed by ADMM, and its gap to the
+    centralized clearing."""
+    from p2pdoe.analysis.bidding import best_responses, price_of_anarchy
+    from p2pdoe.analysis.markets import design_metrics
+
+    with _progress() as progress:
+        progress.add_task("each community choosing its bid against the others' (centralized)", total=None)
+        bidding = best_responses(w, _central)
+    savings = bidding.savings_eur(central["standalone"])
+    worst = savings.index(min(savings))
+    bids = bidding.profiles[worst]
+    agreed = run_policy(replace(w, communities=tuple(
+        replace(c, sell_markup_eur_per_kwh=bids[c.id]) for c in w.communities
+    )), Policy.DYNAMIC, "admm")  # fmt: skip
+    optimal = central["standalone"].totals.cost_eur - central["welfare"].totals.cost_eur
+    m = replace(
+        design_metrics("noncooperative", agreed, solved["standalone"]),
+        bids=bidding.profiles,
+        price_of_anarchy=price_of_anarchy(optimal, savings[worst]),
+    )
+    return m, agreed, _objective_gap_pct(agreed, bidding.outcomes[worst])
 
 
 def _cooperative(
@@ -268,7 +311,8 @@ def _write_markets(
 
         figures.append(plot_market_gains([metrics[d] for d in shown], out))
     written = ", ".join(str(f) for f in figures)
-    console.print(f"results: {out}/{{{','.join(DESIGNS)}}}/results.json, {out}/markets.md {written}")
+    designs = ",".join((*DESIGNS, "noncooperative"))
+    console.print(f"results: {out}/{{{designs}}}/results.json, {out}/markets.md {written}")
 
 
 def _central(s: Scenario) -> Results:

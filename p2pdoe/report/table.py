@@ -149,6 +149,12 @@ def market_rows(designs: Sequence[DesignMetrics]) -> tuple[list[str], list[Row]]
         Row("Sampling error, largest (EUR)", [opt(d.sampling_error_eur, 2) for d in designs]),
         Row("Largest core excess (EUR)", [opt(d.core_excess_eur, 2) for d in designs]),
         Row("Most a markup on its sales gains one community (EUR)", [_manipulated(d) for d in designs]),
+        Row(
+            "Most one community saves deviating at the prices (EUR)",
+            [opt(d.best_response_gap_eur, 3) for d in designs],
+        ),
+        Row("Strategic bids (sale markups, EUR/kWh)", [_bids(d) for d in designs]),
+        Row("Price of anarchy (optimal saving / saving)", [opt(d.price_of_anarchy, 4) for d in designs]),
         Row("DLMP charges = DSO surplus (EUR)", [opt(d.merchandising_surplus_eur, 2) for d in designs]),
         Row("Every community gains after charges", [_yes_no(d.rational_after_charges) for d in designs]),
         Row("Messages per iteration", [opt(d.messages_per_iteration, 0) for d in designs]),
@@ -164,6 +170,13 @@ def rows_markdown(first: str, names: Sequence[str], rows: Sequence[Row]) -> str:
     lines = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {row.label} | " + " | ".join(row.values) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _bids(d: DesignMetrics) -> str:
+    if d.bids is None:
+        return "-"
+    shown = [", ".join(f"{site} {m:g}" for site, m in p.items() if m > 0) or "all honest" for p in d.bids]
+    return shown[0] if len(shown) == 1 else f"a cycle of {len(shown)}: " + " / ".join(shown)
 
 
 def _yes_no(value: bool | None) -> str:
