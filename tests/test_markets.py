@@ -124,6 +124,7 @@ def test_the_fairness_of_the_gains_meets_its_closed_forms(
         gini_coefficient(np.array([-1.0, 2.0]))
 
 
+@pytest.mark.slow
 def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> None:
     run = run_p2pdoe("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
