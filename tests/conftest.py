@@ -3,6 +3,7 @@ the hang guard of slow tests."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,22 @@ from p2pdoe.services.broker import (
     start_mosquitto,
     start_provisioned,
 )
+from p2pdoe.services.clock import stop_on_fatal
 
 SLOW_TIMEOUT_S = 1800  # pytest-timeout's guard for a slow test (the default, 600 s, for the rest)
+
+
+class _LoudLoops(asyncio.DefaultEventLoopPolicy):
+    """Every loop a test makes (asyncio.run) stops when a task ends with pytest-timeout's exception,
+    instead of running on without the task (p2pdoe.services.clock.stop_on_fatal)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        stop_on_fatal(loop)
+        return loop
+
+
+asyncio.set_event_loop_policy(_LoudLoops())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

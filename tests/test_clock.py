@@ -195,6 +195,21 @@ def test_a_task_ended_by_a_base_exception_ends_the_run_with_it() -> None:
     assert fired[-1] == 5.0  # the instant it was raised at, and nothing after
 
 
+def test_a_tests_own_loop_stops_on_a_base_exception_too() -> None:
+    """tests/conftest.py gives asyncio.run's loops the same guard: waiting for ever on what the dead
+    task would have done becomes an error at once."""
+
+    async def interrupted() -> None:
+        raise _Interrupt("timeout")
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(interrupted())
+        await asyncio.Event().wait()  # set by nobody
+
+    with pytest.raises(RuntimeError, match="stopped before Future completed"):
+        asyncio.run(main())
+
+
 def test_an_ordinary_exception_in_a_task_does_not_end_the_run() -> None:
     async def failing() -> None:
         raise ValueError("handled by whoever awaits it")

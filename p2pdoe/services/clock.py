@@ -191,7 +191,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         super().__init__(self._jumps)
         self._jumps.schedule = self.call_soon
         self.fatal: BaseException | None = None  # what stopped the loop from inside a task
-        self.set_task_factory(self._watched_task)
+        stop_on_fatal(self)
         # _run_once fires a timer when `when < time() + _clock_resolution` (monotonic's, 1 ns): past 2**24 s
         # floats are > 2 ns apart and a timer landed on exactly would never fire. 1 µs holds to 2**33 s.
         self._clock_resolution = 1e-6
@@ -210,23 +210,35 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _thread_done(self, _: asyncio.Future[Any]) -> None:
         self._jumps.threads -= 1
 
-    def _watched_task(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        task = asyncio.Task(coro, loop=loop, **kwargs)
-        task.add_done_callback(self._fatal_ends_the_loop)
-        return task
-
-    def _fatal_ends_the_loop(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and not isinstance(exc, Exception) and self.fatal is None:
-            self.fatal = exc
-            self.stop()
-
     def call_when_quiet(self, rank: int, callback: Callable[[], object]) -> None:
         """Call `callback` once nothing else is ready at this instant, before time moves on; callbacks
         of a lower rank first (then whatever they set off), like the phases of a lockstep step."""
         self._jumps.when_idle(rank, callback)
+
+
+def stop_on_fatal(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on, a task of `loop` that ends with a BaseException other than a cancellation (a
+    test's timeout, raised from a signal handler into whatever task was running) stops `loop` and is
+    kept in its `fatal` attribute. asyncio itself keeps it in the dead task and runs on without it."""
+    if not hasattr(loop, "fatal"):
+        loop.fatal = None  # type: ignore[attr-defined]
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, Exception | KeyboardInterrupt | SystemExit):
+            return  # raised to its awaiter; the last two asyncio raises out of the loop itself
+        if loop.fatal is None and loop.is_running():  # type: ignore[attr-defined]
+            loop.fatal = exc  # type: ignore[attr-defined]
+            loop.stop()
+
+    def watched(lp: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=lp, **kwargs)
+        task.add_done_callback(ended)
+        return task
+
+    loop.set_task_factory(watched)
 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:
