@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from p2pdoe.core.bargaining import BargainingError, bargain, closed_form_gains, links_of
+from p2pdoe.core.agreement.payments import bargain
+from p2pdoe.core.bargaining import BargainingError, closed_form_gains, links_of
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.scenarios import load_scenario
 

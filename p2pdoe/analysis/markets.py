@@ -17,8 +17,9 @@ import numpy as np
 
 from p2pdoe.analysis.coalitions import CoalitionValues, largest_core_excess, shapley_exact, shapley_sampled
 from p2pdoe.analysis.network_charges import merchandising_surplus, network_charges
+from p2pdoe.core.agreement.payments import bargain
 from p2pdoe.core.allocation import jain_index
-from p2pdoe.core.bargaining import Bargain, bargain
+from p2pdoe.core.bargaining import Bargain
 from p2pdoe.core.scenario import CommunityData, Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.schemas.scenario import DESIGNS

@@ -11,7 +11,8 @@ positive, to maximise
 by consensus ADMM: each end of a link holds its own copy p_ie of pi_e, and the copies must agree.
 Each community's step has a closed form (below); each link's agreement is the mean of its two
 copies, which both ends compute from each other's proposals, like the trade prices of stage 1. What
-crosses the wire is the proposed payments, never a gain.
+crosses the wire is the proposed payments, never a gain: the messages and the machines that carry
+them, and `bargain` that runs them in-process, are in p2pdoe.core.agreement.payments.
 
 On a connected graph every vector of net payments that sums to zero is reachable, so the optimum
 gives community i the share w_i / sum(w) of the total gain (`closed_form_gains`): with equal weights
@@ -94,6 +95,13 @@ class BargainingCommunity:
         return sum(self.sign(e) * self.agreed[e] for e in self.links)
 
 
+def default_rho(weights: Mapping[str, float], shares: Mapping[str, float]) -> float:
+    """The log's curvature at an equal share, mean(w) / (total / n)^2 (1/EUR^2): a public figure once
+    the welfare agreement's saving is announced."""
+    mean_share = sum(shares.values()) / len(shares)
+    return sum(weights[c] for c in shares) / len(shares) / mean_share**2
+
+
 @dataclass(frozen=True)
 class Bargain:
     payments: dict[Link, float]  # the agreed pi_e, payer first
@@ -106,39 +114,3 @@ def links_of(peers: Mapping[str, Sequence[str]]) -> list[Link]:
     """Each trading link once, oriented from the community listed first in `peers`."""
     order = {c: k for k, c in enumerate(peers)}
     return sorted({(a, b) if order[a] < order[b] else (b, a) for a in peers for b in peers[a]}, key=str)
-
-
-def bargain(
-    gains: Mapping[str, float],
-    weights: Mapping[str, float],
-    peers: Mapping[str, Sequence[str]],
-    rho: float | None = None,
-    tol_eur: float = 1e-4,
-    max_iterations: int = 5000,
-) -> Bargain:
-    """Stage 2, each community a `BargainingCommunity` that sees only its own gain and its peers'
-    proposals; stops when every link's copies agree and the agreement stops moving (`tol_eur`).
-    `rho` (1/EUR^2): by default the log's curvature at an equal share, mean(w) / (total / n)^2, a
-    public figure once the welfare agreement's saving is announced."""
-    shares = closed_form_gains(gains, weights)  # a total to share: a seller's own g_i may be negative
-    if rho is None:
-        mean_share = sum(shares.values()) / len(shares)
-        rho = sum(weights[c] for c in gains) / len(gains) / mean_share**2
-    links = links_of(peers)
-    parties = {
-        c: BargainingCommunity(c, gains[c], weights[c], [e for e in links if c in e], rho) for c in gains
-    }
-    iterations, done = 0, False
-    while not done and iterations < max_iterations:
-        iterations += 1
-        proposals = {c: p.propose() for c, p in parties.items()}
-        before = {e: parties[e[0]].agreed[e] for e in links}
-        gap = 0.0
-        for c, p in parties.items():
-            theirs = {e: proposals[e[1] if e[0] == c else e[0]][e] for e in p.links}
-            gap = max(gap, p.agree(theirs))
-        moved = max((abs(parties[e[0]].agreed[e] - before[e]) for e in links), default=0.0)
-        done = gap <= tol_eur and moved <= tol_eur
-    payments = {e: parties[e[0]].agreed[e] for e in links}
-    after = {c: gains[c] - p.net_payment() for c, p in parties.items()}
-    return Bargain(payments, after, iterations, done)
