@@ -60,7 +60,7 @@ def distributed_results(cfg: CoordinatorConfig, defaults: Defaults, a: Agreement
         [_range(a, rep.site) for rep in reported],
         float(sum(rep.objective_eur for rep in reported)),
         _solver(a, reported),
-    ).model_copy(update={"runtime": _runtime(ids, defaults, a)})
+    ).model_copy(update={"runtime": _runtime(ids, defaults, a), "market": a.market})
 
 
 def _boxes(

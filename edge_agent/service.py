@@ -50,7 +50,7 @@ from p2pdoe.services.transport import InboundMessage, LastWill, Transport
 
 log = logging.getLogger("edge_agent")
 T = TypeVar("T")
-_MARKET = ("open", "grant", "proposal")
+_MARKET = ("open", "grant", "proposal", *topics.PAYMENT_KINDS)
 
 
 def goodbye(site: str) -> tuple[str, bytes]:
@@ -142,6 +142,8 @@ class EdgeService:
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(topics.round_open("+"), 1), (topics.grant("+"), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
+        subs += [(topics.payment_open("+"), 1), (topics.payment_grant("+"), 1)]
+        subs += [(topics.payment_proposal("+", p.id), 1) for p in self.market.config.peers]
         subs += [(topics.site(self.site, k), 1) for k in ("doe", "doe/default", "status", "forecast")] + [
             (topics.DSO_STATUS, 1)
         ]
@@ -197,6 +199,10 @@ class EdgeService:
                 if m.topic == topics.site(self.site, "forecast"):
                     await self._forecast(m.payload)
                     continue
+                parsed = topics.parse(m.topic)
+                if parsed is not None and parsed.kind in topics.PAYMENT_KINDS:
+                    await self._payment(m)
+                    continue
                 if self.forecast_file is not None and m.topic.endswith("/open"):
                     await self._forecast_from_file(self.forecast_file)
                 msg = self.market.read(Heard(m.topic, m.payload, m.retained))
@@ -216,6 +222,13 @@ class EdgeService:
         except Exception as exc:
             log.exception("%s: the market lane failed", self.site)
             self.shell.stop(error=exc)
+
+    async def _payment(self, m: InboundMessage) -> None:
+        """A payment round's message (Nash bargaining): light, handled in the lane's order."""
+        msg = self.market.reader.payment(Heard(m.topic, m.payload, m.retained))
+        if msg is not None:
+            for cmd in self.market.handle_payment(msg):
+                await self._market_command(cmd)
 
     async def _forecast(self, payload: bytes, publish: bool = True) -> None:
         """Keep a forecast for the next rounds; its ranges are registered at once (`publish`)."""
@@ -265,6 +278,8 @@ class EdgeService:
     async def _round_done(self, done: RoundDone) -> None:
         dropped = dict(self.market.reader.dropped)
         report = await self._off_loop(site_report, self.site, done.round, done.outcome, dropped)
+        costs = report.community
+        self.market.cost_of_round(done.round.id, costs.cost_eur, costs.cost_breakdown.p2p_net_eur)
         self.shell.feed(PlanAgreed(done.plan))
         payload = report.model_dump_json().encode()
         await self.shell.execute([Send(topics.report(done.round.id, self.site), payload)])

@@ -21,21 +21,25 @@ from p2pdoe.core.agreement.payments import bargain
 from p2pdoe.core.allocation import jain_index
 from p2pdoe.core.bargaining import Bargain
 from p2pdoe.core.scenario import CommunityData, Scenario
-from p2pdoe.core.schemas.results import Results
-from p2pdoe.core.schemas.scenario import DESIGNS
+from p2pdoe.core.schemas.results import MarketOutcome, Payment, Results
+from p2pdoe.core.schemas.scenario import DESIGNS, SCHEDULE_DESIGNS
 
 # every design `compare --markets` sets side by side
-COMPARED = (*DESIGNS, "nash-bargaining", "shapley", "noncooperative")
+COMPARED = (*SCHEDULE_DESIGNS, "nash-bargaining", "shapley", "noncooperative")
 
 __all__ = [
     "COMPARED",
     "DESIGNS",
+    "SCHEDULE_DESIGNS",
     "DesignMetrics",
+    "bargained_market",
     "design_metrics",
     "gini_coefficient",
     "mean_trade_price",
     "nash_bargaining",
     "shapley",
+    "standalone_of",
+    "trading_partners",
     "with_core_excess",
     "with_network_charges",
 ]
@@ -129,12 +133,56 @@ def nash_bargaining(
     payments over its trading links that maximise the weighted Nash product (stage 2,
     p2pdoe.core.bargaining). Community i's cost is its welfare cost before any payment to peers,
     plus what it pays in stage 2."""
-    alone = {c.id: c.cost_eur for c in standalone.communities}
-    before = {c.id: c.cost_eur - c.cost_breakdown.p2p_net_eur for c in welfare.communities}
-    gains = {c: alone[c] - before[c] for c in before}  # each community's own, kept at home
+    alone, _, gains = _bargaining_costs(welfare, standalone)
     b = bargain(gains, {c: weights.get(c, 1.0) for c in gains}, peers)
     costs = {c: alone[c] - b.gains[c] for c in gains}
     return design_metrics("nash-bargaining", welfare, standalone, costs, b.iterations), b
+
+
+def _bargaining_costs(
+    welfare: Results, standalone: Results
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Each community's cost alone (C0), its welfare cost before any payment to peers (C*), and its
+    gain before the bargained payments, C0 - C* (each community's own, kept at home)."""
+    alone = {c.id: c.cost_eur for c in standalone.communities}
+    before = {c.id: c.cost_eur - c.cost_breakdown.p2p_net_eur for c in welfare.communities}
+    return alone, before, {c: alone[c] - before[c] for c in before}
+
+
+def trading_partners(s: Scenario) -> dict[str, list[str]]:
+    """Each community's trading partners, by id."""
+    return {s.ids[c]: [s.ids[m] for m in s.market.peers[c]] for c in range(len(s.ids))}
+
+
+def standalone_of(s: Scenario) -> Scenario:
+    """The same day without any trading link (the `standalone` design)."""
+    market = replace(s.market, peers=tuple(() for _ in s.ids), design="standalone")
+    return replace(s, market=market)
+
+
+def bargained_market(
+    welfare: Results, standalone: Results, peers: Mapping[str, Sequence[str]], weights: Mapping[str, float]
+) -> MarketOutcome:
+    """What results.json reports of Nash bargaining (`Results.market`), computed in-process by the
+    machines the services run (p2pdoe.core.agreement.payments); raises BargainingError without a gain
+    to share."""
+    alone, before, gains = _bargaining_costs(welfare, standalone)
+    w = {c: weights.get(c, 1.0) for c in gains}
+    b = bargain(gains, w, peers)
+    net = {c: gains[c] - b.gains[c] for c in gains}
+    return MarketOutcome(
+        design="nash-bargaining",
+        baseline_round="standalone",
+        payment_round="payments",
+        status="converged" if b.converged else "max_iterations",
+        iterations=b.iterations,
+        weights=w,
+        baseline_cost_eur=alone,
+        cost_before_payments_eur=before,
+        payments=[Payment(payer=a, payee=p, eur=v) for (a, p), v in b.payments.items()],
+        net_payment_eur=net,
+        gains_eur=dict(b.gains),
+    )
 
 
 def gini_coefficient(values: np.ndarray) -> float:

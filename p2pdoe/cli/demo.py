@@ -386,15 +386,55 @@ def _report(s: Any, r: Results, policy: str, out: Path) -> None:
         f"ADMM over MQTT ({rt.protocol}): {sv.status} after {sv.iterations} iterations "
         f"in {sv.wall_time_s:.1f} s "
         f"({rt.iteration_wall_ms['median']:.1f} ms per iteration, median); "
-        f"{sv.messages_per_iteration or 0:.1f} messages per iteration; {len(rt.attempts)} attempt(s)"
+        f"{sv.messages_per_iteration or 0:.1f} messages per iteration; {_attempts(r)} attempt(s)"
     )
     console.print(
         f"objective {r.objective_eur:.4f} EUR; in-process ADMM {reference:.4f} EUR "
         f"(difference {gap:+.5f} % of gross energy cost)"
     )
+    if r.market is not None:
+        _market_report(s, r, policy)
     for path in write_plots({"distributed": r}, out):
         console.print(f"plot: {path}")
     console.print(f"wrote {out / 'results.json'}")
+
+
+def _attempts(r: Results) -> int:
+    """Openings of the welfare round (Nash bargaining's standalone round has its own line)."""
+    assert r.runtime is not None
+    baseline = None if r.market is None else r.market.baseline_round
+    return sum(1 for a in r.runtime.attempts if a.round.split(".")[0] != baseline)
+
+
+def _market_report(s: Any, r: Results, policy: str) -> None:
+    """Nash bargaining's payments over MQTT, each community's gain, and the in-process answer."""
+    from p2pdoe.cli.jobs import run_policy
+    from p2pdoe.core.solution import Policy
+
+    m, rt = r.market, r.runtime
+    assert m is not None
+    assert rt is not None
+    own = run_policy(s, Policy(policy), "admm").market
+    assert own is not None
+    table = Table(
+        title=f"Nash bargaining over MQTT (EUR): {m.payment_round}, {m.status} after {m.iterations}"
+    )
+    for col in ("site", "alone", "before pay", "pays peers", "gain", "in-process"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, gain in m.gains_eur.items():
+        table.add_row(
+            site, f"{m.baseline_cost_eur[site]:.2f}", f"{m.cost_before_payments_eur[site]:.2f}",
+            f"{m.net_payment_eur[site]:.2f}", f"{gain:.2f}", f"{own.gains_eur.get(site, float('nan')):.2f}",
+        )  # fmt: skip
+    console.print(table)
+    worst = max(abs(g - own.gains_eur[c]) for c, g in m.gains_eur.items() if c in own.gains_eur)
+    alone = [a.iterations for a in rt.attempts if a.round.split(".")[0] == m.baseline_round]
+    console.print(
+        f"the standalone round {m.baseline_round} ({alone[-1] if alone else '?'} iterations) gave each "
+        f"community its cost alone; {m.messages_per_iteration or 0:.1f} messages, "
+        f"{(m.bytes_per_iteration or 0) / 1e3:.1f} kB per payment iteration; largest gap to the in-process "
+        f"answer {worst:.2e} EUR"
+    )
 
 
 def _site_table(r: Results) -> None:

@@ -18,6 +18,7 @@ from p2pdoe.analysis.results import build_results
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
+from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.results import write_results
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.report.table import (
@@ -33,6 +34,23 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def run_policy(s: Scenario, policy: Policy, mode: str = "centralized") -> Results:
+    """`s` solved under `policy`; under Nash bargaining, with the payments of its second stage
+    (`Results.market`) from the same day solved standalone."""
+    results = _solve(s, policy, mode)
+    if s.market.design != "nash-bargaining":
+        return results
+    from p2pdoe.analysis.markets import bargained_market, standalone_of, trading_partners
+    from p2pdoe.core.bargaining import BargainingError
+
+    alone = _solve(standalone_of(s), policy, mode)
+    try:
+        market = bargained_market(results, alone, trading_partners(s), s.market.bargaining_weights)
+    except BargainingError as exc:
+        raise P2PDoeError(f"nash-bargaining: {exc}") from exc
+    return results.model_copy(update={"market": market})
+
+
+def _solve(s: Scenario, policy: Policy, mode: str) -> Results:
     if mode == "admm":
         from p2pdoe.services.inprocess import admm_results, run_admm
 
@@ -166,16 +184,16 @@ def compare_markets(
     """Every market design on the same day, decentralized (ADMM in-process) under dynamic envelopes,
     each checked against its centralized optimum; Nash bargaining's and Shapley's payments on top of
     the welfare agreement; strategic bidders (noncooperative). A table of the gains over standalone."""
-    from p2pdoe.analysis.markets import DESIGNS, design_metrics, with_network_charges
+    from p2pdoe.analysis.markets import SCHEDULE_DESIGNS, design_metrics, with_network_charges
 
     w = load_scenario(scenario, {**overrides, "market": {"design": "welfare"}})
     solved, central, gaps_at_prices = _solve_designs(scenario, overrides, out)
-    gaps = {d: _objective_gap_pct(solved[d], central[d]) for d in DESIGNS}
+    gaps = {d: _objective_gap_pct(solved[d], central[d]) for d in SCHEDULE_DESIGNS}
     metrics = {
         d: replace(
             design_metrics(d, solved[d], solved["standalone"]), best_response_gap_eur=gaps_at_prices[d]
         )
-        for d in DESIGNS
+        for d in SCHEDULE_DESIGNS
     }
     metrics["welfare"] = replace(metrics["welfare"], price_of_anarchy=1.0)
     metrics["noncooperative"], solved["noncooperative"], gaps["noncooperative"] = _strategic(
@@ -197,15 +215,15 @@ def _solve_designs(
     """Each design of its own schedule by ADMM, its centralized optimum, and the most one community
     would save by deviating alone at the agreed prices (p2pdoe.analysis.equilibrium)."""
     from p2pdoe.analysis.equilibrium import best_response_gaps
-    from p2pdoe.analysis.markets import DESIGNS
+    from p2pdoe.analysis.markets import SCHEDULE_DESIGNS
     from p2pdoe.services.inprocess import admm_results, run_admm
 
     solved: dict[str, Results] = {}
     central: dict[str, Results] = {}
     gaps: dict[str, float] = {}
     with _progress() as progress:
-        task = progress.add_task("solving", total=len(DESIGNS))
-        for design in DESIGNS:
+        task = progress.add_task("solving", total=len(SCHEDULE_DESIGNS))
+        for design in SCHEDULE_DESIGNS:
             progress.update(task, description=f"agreeing on the {design} design by ADMM")
             s = load_scenario(scenario, {**overrides, "market": {"design": design}})
             run = run_admm(s, Policy.DYNAMIC)
@@ -250,11 +268,11 @@ def _cooperative(
     """Add Nash bargaining (unless there is no gain to share) and Shapley to `metrics`, and each
     design's core excess where every coalition was solved; what markets.json adds for them."""
     from p2pdoe.analysis.coalitions import CoalitionValues
-    from p2pdoe.analysis.markets import nash_bargaining, shapley, with_core_excess
+    from p2pdoe.analysis.markets import nash_bargaining, shapley, trading_partners, with_core_excess
     from p2pdoe.core.bargaining import BargainingError
 
     welfare, alone = solved["welfare"], solved["standalone"]
-    peers = {w.ids[c]: [w.ids[m] for m in w.market.peers[c]] for c in range(len(w.ids))}
+    peers = trading_partners(w)
     weights = {c: w.market.bargaining_weights.get(c, 1.0) for c in peers}
     extra: dict[str, Any] = {}
     try:
@@ -295,7 +313,7 @@ def _manipulability(w: Scenario, central: dict[str, Results], metrics: dict[str,
 def _write_markets(
     metrics: dict[str, DesignMetrics], gaps: dict[str, float], extra: dict[str, Any], out: Path, plots: bool
 ) -> None:
-    from p2pdoe.analysis.markets import COMPARED, DESIGNS
+    from p2pdoe.analysis.markets import COMPARED, SCHEDULE_DESIGNS
     from p2pdoe.report.table import market_rows, rows_markdown
 
     shown = [d for d in COMPARED if d in metrics]
@@ -311,7 +329,7 @@ def _write_markets(
 
         figures.append(plot_market_gains([metrics[d] for d in shown], out))
     written = ", ".join(str(f) for f in figures)
-    designs = ",".join((*DESIGNS, "noncooperative"))
+    designs = ",".join((*SCHEDULE_DESIGNS, "noncooperative"))
     console.print(f"results: {out}/{{{designs}}}/results.json, {out}/markets.md {written}")
 
 

@@ -95,11 +95,16 @@ class BargainingCommunity:
         return sum(self.sign(e) * self.agreed[e] for e in self.links)
 
 
+def rho_for_saving(weights: Mapping[str, float], saving_eur: float) -> float:
+    """The log's curvature at an equal share, mean(w) / (S / n)^2 (1/EUR^2), S the saving to share:
+    a public figure once the welfare agreement's saving is announced."""
+    n = len(weights)
+    return sum(weights.values()) / n / (saving_eur / n) ** 2
+
+
 def default_rho(weights: Mapping[str, float], shares: Mapping[str, float]) -> float:
-    """The log's curvature at an equal share, mean(w) / (total / n)^2 (1/EUR^2): a public figure once
-    the welfare agreement's saving is announced."""
-    mean_share = sum(shares.values()) / len(shares)
-    return sum(weights[c] for c in shares) / len(shares) / mean_share**2
+    """`rho_for_saving` of the total of `shares`."""
+    return rho_for_saving({c: weights[c] for c in shares}, sum(shares.values()))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ from typing import Protocol
 
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, decode
+from p2pdoe.core.schemas.payments import (
+    PaymentMessage,
+    PaymentOpen,
+    PaymentProposal,
+    decode_payment,
+)
 from p2pdoe.core.schemas.runtime import Runtime, decode_runtime
 
 Message = RoundOpen | Proposal | Grant
@@ -44,6 +50,18 @@ def sender_matches_topic(topic: str, message: Message) -> bool:
     return parsed.kind == ("open" if isinstance(message, RoundOpen) else "grant")
 
 
+def payment_topic_of(message: PaymentMessage) -> str:
+    if isinstance(message, PaymentOpen):
+        return topics.payment_open(message.round)
+    if isinstance(message, PaymentProposal):
+        return topics.payment_proposal(message.round, message.sender)
+    return topics.payment_grant(message.round)
+
+
+def _payment_on_its_topic(topic: str, message: PaymentMessage) -> bool:
+    return topic == payment_topic_of(message)
+
+
 class MarketReader:
     """Decodes market messages strictly; drops and counts what is malformed or sent on another's topic.
     An empty payload (a retained message withdrawn) is skipped without counting."""
@@ -64,6 +82,21 @@ class MarketReader:
         if not sender_matches_topic(m.topic, message):
             self.dropped["sender_not_topic"] += 1
             log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
+            return None
+        return message
+
+    def payment(self, m: Arrived) -> PaymentMessage | None:
+        """A message of a payment round (Nash bargaining's stage 2), likewise."""
+        if not m.payload:
+            return None
+        try:
+            message = decode_payment(m.payload)
+        except ValueError:
+            self.dropped["malformed"] += 1
+            log.debug("%s: dropped a malformed payment message on %s", self.name, m.topic)
+            return None
+        if not _payment_on_its_topic(m.topic, message):
+            self.dropped["sender_not_topic"] += 1
             return None
         return message
 

@@ -102,6 +102,7 @@ class MarketData:
     regularization_eur_per_kw2h: float
     envelope_proximal_eur_per_kw2h: float
     bargaining_weights: Mapping[str, float] = field(default_factory=dict)  # Nash bargaining's; else 1
+    design: str = "welfare"  # docs/markets.md
     shapley: tuple[int, int, int] = (8, 200, 0)  # exact up to n communities, else (orders, seed)
 
 
@@ -316,6 +317,7 @@ def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feed
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
         bargaining_weights=_weights(m.bargaining_weights, [x.id for x in communities]),
         shapley=(m.shapley_exact_up_to, m.shapley_orders, m.shapley_seed),
+        design=m.design,
     )
 
 

@@ -163,6 +163,8 @@ def coordinator_config(s: Scenario, policy: Policy = Policy.DYNAMIC) -> Coordina
         price_export_eur_per_kwh=s.price_export.tolist(),
         admm=admm_spec(s.admm),
         sites=[_connected(s, c) for c in range(len(s.communities))],
+        market=s.market.design,  # type: ignore[arg-type]
+        bargaining_weights=dict(s.market.bargaining_weights),
     )
 
 

@@ -12,6 +12,9 @@
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
     p2pdoe/v1/market/<round>/grant               `Grant`
     p2pdoe/v1/market/<round>/report/<id>         `SiteReport` of site <id> once the round is over
+    p2pdoe/v1/market/<round>/payments/open   retained  `PaymentOpen` (Nash bargaining's stage 2)
+    p2pdoe/v1/market/<round>/payments/proposal/<id>  `PaymentProposal` of site <id>
+    p2pdoe/v1/market/<round>/payments/grant          `PaymentGrant`
     p2pdoe/v1/dso/status               retained  online / offline (also the coordinator's last will)
     p2pdoe/v1/dso/progress                       round, iteration, residuals
     p2pdoe/v1/clock/member/<name>      retained  a lockstep member joined or left (`ClockMember`)
@@ -55,6 +58,19 @@ def report(round_id: str, site_id: str) -> str:
     return f"{ROOT}/market/{round_id}/report/{site_id}"
 
 
+def payment_open(round_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/payments/open"
+
+
+def payment_proposal(round_id: str, site_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/payments/proposal/{site_id}"
+
+
+def payment_grant(round_id: str) -> str:
+    return f"{ROOT}/market/{round_id}/payments/grant"
+
+
+PAYMENT_KINDS = ("payments/open", "payments/proposal", "payments/grant")
 DSO_STATUS = f"{ROOT}/dso/status"
 DSO_PROGRESS = f"{ROOT}/dso/progress"
 
@@ -81,6 +97,11 @@ def clock_done(name: str = "+") -> str:
 def all_proposals(round_id: str = "+") -> str:
     """Filter for every site's proposals of a round (every round by default)."""
     return f"{ROOT}/market/{round_id}/proposal/+"
+
+
+def all_payment_proposals(round_id: str = "+") -> str:
+    """Filter for every site's payment proposals of a round (every round by default)."""
+    return f"{ROOT}/market/{round_id}/payments/proposal/+"
 
 
 def all_reports(round_id: str = "+") -> str:
@@ -115,6 +136,14 @@ def parse(topic: str) -> Topic | None:
         return Topic("market", parts[2], round=parts[1])
     if parts[0] == "market" and len(parts) == 4 and parts[2] in ("proposal", "report"):
         return Topic("market", parts[2], site=parts[3], round=parts[1])
+    if (
+        parts[0] == "market"
+        and len(parts) == 4
+        and parts[2:] in (["payments", "open"], ["payments", "grant"])
+    ):
+        return Topic("market", "/".join(parts[2:]), round=parts[1])
+    if parts[0] == "market" and len(parts) == 5 and parts[2:4] == ["payments", "proposal"]:
+        return Topic("market", "payments/proposal", site=parts[4], round=parts[1])
     if parts[0] == "dso" and len(parts) == 2 and parts[1] in ("status", "progress"):
         return Topic("dso", parts[1])
     if parts[0] == "clock" and len(parts) == 2 and parts[1] == "status":

@@ -193,10 +193,12 @@ def round_setup(
     warm: WarmStart | None = None,
     rho: tuple[float, float] | None = None,
     epoch: str | None = None,
+    trading: bool = True,
 ) -> RoundSetup:
     """The DSO participant of a round among every registered site not in `excluded`, in config order.
     `warm`: where the couplings start (`warm.warm_start_from`); `rho`: (rho_trade, rho_envelope) to
-    start from instead of the configuration's, e.g. the previous round's final values."""
+    start from instead of the configuration's, e.g. the previous round's final values; `trading`
+    False: a standalone round, in which no site trades (Nash bargaining's baseline)."""
     ids = [s.id for s in cfg.sites]
     taking_part = [i for i, sid in enumerate(ids) if sid in registrations and sid not in excluded]
     facts = [_facts(cfg, feeder, s, registrations.get(s.id)) for s in cfg.sites]
@@ -217,6 +219,8 @@ def round_setup(
     position = {i: k for k, i in enumerate(taking_part)}
     peers = tuple(
         tuple(sorted(position[ids.index(p)] for p in cfg.sites[i].peers if ids.index(p) in position))
+        if trading
+        else ()
         for i in taking_part
     )
     prices = 0.5 * (np.array(cfg.price_import_eur_per_kwh) + np.array(cfg.price_export_eur_per_kwh))
@@ -235,6 +239,7 @@ def round_setup(
         warm=warm,
         epoch=epoch,
         ranges=tuple(ranges_digest(lo, hi) for lo, hi in zip(ranges.x_min, ranges.x_max, strict=True)),
+        trading=trading,
     )
     dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid, ranges)
     left_out = tuple(sid for sid in ids if sid not in sites)

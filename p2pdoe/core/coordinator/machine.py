@@ -5,6 +5,9 @@
    the sites missing then are left out (on their defaults, which every grant accounts for).
 3. Agreeing: the day-ahead round among the ready sites. A site silent past an iteration's patience
    is left out and the round is opened again without it (`<round>.2`, ...), up to `max_attempts`.
+   Under Nash bargaining (`market` in the configuration), a standalone round (`<round>-standalone`,
+   no trade) and its reports come first, and after the welfare round's reports a payment round
+   (`<round>-payments`, p2pdoe.core.coordinator.payments) agrees on payments over the trading links.
 4. Reporting: the agreed envelopes of the interval in force go out; the sites' reports are awaited
    (`report_timeout_s`), then the agreement is handed to the shell (results.json).
 5. Then, by the rules: stop; or publish each interval's envelopes as it starts (following); or the
@@ -27,6 +30,7 @@ from p2pdoe.core.agreement.coordination import round_setup
 from p2pdoe.core.coordinator.books import DayBooks
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, DayReport, Save
 from p2pdoe.core.coordinator.context import Context, doe_send
+from p2pdoe.core.coordinator.payments import PAYMENT_ITERATION, PaymentRun, payment_run
 from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
 from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
@@ -48,7 +52,8 @@ from p2pdoe.core.effects import (
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.schemas.messages import DSO_ID, Proposal, RoundOpen
-from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.payments import PaymentProposal
+from p2pdoe.core.schemas.results import Attempt, MarketOutcome
 from p2pdoe.core.schemas.runtime import (
     Doe,
     DsoStatus,
@@ -68,7 +73,9 @@ SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
     (topics.every_site("meter"), 0),
     (topics.all_proposals(), 1),
     (topics.all_reports(), 1),
+    (topics.all_payment_proposals(), 1),
     (topics.round_open("+"), 1),  # retained openings another run left behind are cleared
+    (topics.payment_open("+"), 1),
 )
 _TYPES: dict[str, type] = {
     "register": Registration,
@@ -84,6 +91,7 @@ class Phase(StrEnum):
     REGISTERING = "registering"
     AGREEING = "agreeing"
     REPORTING = "reporting"
+    BARGAINING = "bargaining"
     FOLLOWING = "following"
     REJOINING = "rejoining"
     ROLLING = "rolling"
@@ -112,6 +120,13 @@ class CoordinatorMachine:
         self._wake: datetime | None = None
         self._follow_t = ctx.cfg.intervals
         self._t0 = stopwatch()
+        # Nash bargaining: the standalone round's reports, then the payment round and its outcome
+        self.baseline: dict[str, SiteReport] | None = None
+        self.baseline_round: str | None = None
+        self._stage_start = 0  # attempts before the current stage's
+        self.payments: PaymentRun | None = None
+        self.market: MarketOutcome | None = None
+        self.market_failure: str | None = None
 
     # --- the shell's questions -------------------------------------------------------------------
 
@@ -127,7 +142,9 @@ class CoordinatorMachine:
         """Whether the current moment must last (a lockstep clock waits): a round, its reports."""
         if self.phase is Phase.ROLLING:
             return self.rolling is not None and self.rolling.holding
-        return self.phase in (Phase.REGISTERING, Phase.AGREEING, Phase.REPORTING, Phase.CLOSING)
+        return self.phase in (
+            Phase.REGISTERING, Phase.AGREEING, Phase.REPORTING, Phase.BARGAINING, Phase.CLOSING
+        )  # fmt: skip
 
     def heavy(self, event: Event) -> bool:
         """Whether handling `event` may solve (a round's setup or step): run it off the event loop."""
@@ -170,9 +187,19 @@ class CoordinatorMachine:
             return self._report(parsed.site, parsed.round, m.payload, now)
         if parsed.area == "market" and parsed.kind == "proposal":
             return self._proposal(m, now)
+        if parsed.area == "market" and parsed.kind == "payments/proposal":
+            return self._payment_proposal(m, now)
         if parsed.area == "market" and parsed.kind == "open" and m.retained and m.payload:
             return self._stale_opening(m)
+        if parsed.area == "market" and parsed.kind == "payments/open" and m.retained and m.payload:
+            return self._stale_payment_opening(m)
         return []
+
+    def _stale_payment_opening(self, m: Heard) -> list[Command]:
+        if self.payments is not None and m.topic == topics.payment_open(self.payments.id):
+            return []  # our own
+        log.info("deleted the retained payment opening of %s left by another run", m.topic)
+        return [Send(m.topic, b"", retain=True)]
 
     def _stale_opening(self, m: Heard) -> list[Command]:
         """A retained opening from another run of the coordinator (killed before it could delete it):
@@ -250,6 +277,8 @@ class CoordinatorMachine:
                 return [again[0], Patience(REPORTS, self.ctx.rules.report_timeout_s)]
             log.warning("no report from %s", missing)
             return self._day_ahead_done(now)
+        if key == PAYMENT_ITERATION and self.phase is Phase.BARGAINING:
+            return self._payment_deadline(now)
         if key == SETTLEMENTS and self.phase is Phase.CLOSING:
             return self._day_over(now)
         if self.rolling is not None and key == ITERATION:
@@ -279,19 +308,29 @@ class CoordinatorMachine:
         self.phase = Phase.AGREEING
         return self._next_attempt(now)
 
+    @property
+    def _bargaining(self) -> bool:
+        return self.ctx.cfg.market == "nash-bargaining"
+
+    @property
+    def _standalone_stage(self) -> bool:
+        """Nash bargaining's first round: each site alone (its cost C0)."""
+        return self._bargaining and self.baseline is None
+
     def _next_attempt(self, now: datetime) -> list[Command]:
-        ctx, n = self.ctx, len(self.attempts) + 1
+        ctx, n = self.ctx, len(self.attempts) - self._stage_start + 1
         left_out = self.registry.left_out()
         taking_part = len(ctx.site_ids) - len(left_out)
         if n > ctx.rules.max_attempts:
             return self._no_day_ahead(now, f"no agreement after {n - 1} attempts: {self._statuses()}")
         if taking_part < 2:  # no trade without two
             return self._no_day_ahead(now, f"{taking_part} site(s) registered and online, at least 2 needed")
-        round_id = ctx.rules.round if n == 1 else f"{ctx.rules.round}.{n}"
+        base = f"{ctx.rules.round}-standalone" if self._standalone_stage else ctx.rules.round
+        round_id = base if n == 1 else f"{base}.{n}"
         try:
             setup = round_setup(
                 ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id,
-                epoch=ctx.epoch,
+                epoch=ctx.epoch, trading=not self._standalone_stage,
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
@@ -356,7 +395,8 @@ class CoordinatorMachine:
         self.attempts.append(run.attempt())
         t = ctx.current_interval(now)
         out: list[Command] = [run.withdraw()]
-        out += [doe_send("doe", ctx.envelope(run.setup, run.outcome, s, t)) for s in ctx.site_ids]
+        if not self._standalone_stage:  # a baseline's envelopes are never in force
+            out += [doe_send("doe", ctx.envelope(run.setup, run.outcome, s, t)) for s in ctx.site_ids]
         self.day_ahead_late_s = max(0.0, (now - ctx.start).total_seconds())
         if self.day_ahead_late_s > 0 and ctx.rules.rolling:
             log.warning(
@@ -389,6 +429,10 @@ class CoordinatorMachine:
         return [Relieve(REPORTS), *self._day_ahead_done(now)]
 
     def _day_ahead_done(self, now: datetime) -> list[Command]:
+        if self._standalone_stage:
+            return self._baseline_done(now)
+        if self._bargaining and self.payments is None and self.market_failure is None:
+            return self._open_payments(now)
         run, ctx, rules = self._run(), self.ctx, self.ctx.rules
         assert run.outcome is not None
         setup = run.setup
@@ -396,6 +440,7 @@ class CoordinatorMachine:
         self.agreement = Agreement(
             setup, run.outcome, list(self.attempts), left_out, dict(self.registry.registrations),
             dict(self.reports), self.timings.copy(), dict(self.reader.dropped),
+            market=self.market, market_failure=self.market_failure,
         )  # fmt: skip
         out: list[Command] = [Agreed(self.agreement, not rules.rolling or rules.exit_after_round, ctx)]
         if rules.exit_after_round:
@@ -415,6 +460,59 @@ class CoordinatorMachine:
             out.append(Save(standing))
         self.phase, self.rolling = Phase.ROLLING, Rolling(ctx, standing, self.stopwatch)
         return [*out, *self.rolling.begin(now), self.status(now)]
+
+    # --- Nash bargaining: the standalone round before, the payment round after -----------------
+
+    def _baseline_done(self, now: datetime) -> list[Command]:
+        """The standalone round's reports in: each site's cost alone. The welfare round opens."""
+        self.baseline, self.baseline_round = dict(self.reports), self._run().id
+        self.reports, self._stage_start = {}, len(self.attempts)
+        self.timings = Timings()  # the welfare round's own
+        log.info("standalone round %s over: %d reports", self.baseline_round, len(self.baseline))
+        self.phase = Phase.AGREEING
+        return self._next_attempt(now)
+
+    def _open_payments(self, now: datetime) -> list[Command]:
+        run, rules = self._run(), self.ctx.rules
+        assert self.baseline is not None
+        assert self.baseline_round is not None
+        rounds = (self.baseline_round, run.id, f"{rules.round}-payments")
+        made = payment_run(self.ctx.cfg, run.setup.sites, self.baseline, self.reports, rounds,
+                           rules.iteration_timeout_s)  # fmt: skip
+        if isinstance(made, str):
+            self.market_failure = f"no payments agreed: {made}"
+            log.warning("%s; the welfare round's trade prices stand", self.market_failure)
+            return self._day_ahead_done(now)
+        self.payments, self.phase = made, Phase.BARGAINING
+        log.info("payment round %s opened over %d links", made.id, len(made.chair.links))
+        return [self.status(now, made.id), *made.open()]
+
+    def _payment_proposal(self, m: Heard, now: datetime) -> list[Command]:
+        msg = self.reader.payment(m)
+        pay = self.payments
+        if not isinstance(msg, PaymentProposal) or pay is None or self.phase is not Phase.BARGAINING:
+            return []
+        out: list[Command] = list(pay.proposal(msg, len(m.payload)))
+        if pay.result is None:
+            return out
+        assert self.baseline_round is not None
+        self.market = pay.outcome(self.baseline_round)
+        log.info("payment round %s %s after %d iterations", pay.id, pay.result.status, pay.result.iterations)
+        self.phase = Phase.REPORTING
+        return [*out, pay.withdraw(), *self._day_ahead_done(now)]
+
+    def _payment_deadline(self, now: datetime) -> list[Command]:
+        pay = self.payments
+        assert pay is not None
+        again = pay.repeat()
+        if again:
+            log.warning("round %s: no payment proposal from %s; its last message sent again",
+                        pay.id, list(pay.missing()))  # fmt: skip
+            return list(again)
+        self.market_failure = f"no payments agreed: no proposal from {', '.join(pay.missing())}"
+        log.warning("%s; the welfare round's trade prices stand", self.market_failure)
+        self.phase = Phase.REPORTING
+        return [pay.withdraw(), *self._day_ahead_done(now)]
 
     # --- after the day-ahead round ---------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Retained messages where they have no purpose: a site's proposals and reports.
+"""Retained messages where they have no purpose: a site's proposals (of trades and of payments) and
+reports.
 
 Mosquitto's ACL cannot forbid the retain flag (`topic read|write|readwrite|deny` only), and a round id
 is any string, so a logged-in site could leave retained messages under ever new round ids on its own
@@ -19,7 +20,11 @@ REASON = "retained_misuse"
 
 def sweep() -> list[Subscribe]:
     """Subscribe again to the topics nothing should be retained on (with a round's opening)."""
-    return [Subscribe(topics.all_proposals(), 1), Subscribe(topics.all_reports(), 1)]
+    return [
+        Subscribe(topics.all_proposals(), 1),
+        Subscribe(topics.all_reports(), 1),
+        Subscribe(topics.all_payment_proposals(), 1),
+    ]
 
 
 def misused(topic: str, retained: bool, payload: bytes) -> str | None:
@@ -27,6 +32,10 @@ def misused(topic: str, retained: bool, payload: bytes) -> str | None:
     if not (retained and payload):
         return None
     parsed = topics.parse(topic)
-    if parsed is None or parsed.area != "market" or parsed.kind not in ("proposal", "report"):
+    if (
+        parsed is None
+        or parsed.area != "market"
+        or parsed.kind not in ("proposal", "report", "payments/proposal")
+    ):
         return None
     return parsed.site or "?"

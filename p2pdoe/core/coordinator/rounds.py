@@ -14,7 +14,7 @@ from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.effects import Patience, Relieve, Send
 from p2pdoe.core.reader import topic_of
 from p2pdoe.core.schemas.messages import Grant, Proposal, encode
-from p2pdoe.core.schemas.results import Attempt
+from p2pdoe.core.schemas.results import Attempt, MarketOutcome
 from p2pdoe.core.schemas.runtime import Progress, Registration, SiteReport
 
 ITERATION = "iteration"  # the patience key of an iteration's proposals
@@ -48,6 +48,8 @@ class Agreement:
     timings: Timings
     dropped: dict[str, int]
     protocol: str = "unknown"
+    market: MarketOutcome | None = None  # Nash bargaining's payments
+    market_failure: str | None = None  # why a design's payments were not agreed
 
 
 class RoundRun:

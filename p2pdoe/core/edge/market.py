@@ -6,7 +6,8 @@ from the site's measured state (p2pdoe.core.site.remaining_config) taken from a 
 real-time controller. Messages of a round whose opening has not arrived yet are kept (a few); a
 round that leaves the site out is logged (its default envelope applies). When the participant
 finishes, the machine hands back `RoundDone`: the shell reports it and the real-time machine
-follows its plan.
+follows its plan. Under Nash bargaining a payment round follows (`handle_payment`): the site's gain
+comes from its own costs in the standalone and welfare rounds (`cost_of_round`), which it keeps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.outcome import agreed_schedule
+from p2pdoe.core.agreement.payments import PaymentOutcome, PaymentParty
+from p2pdoe.core.agreement.payments import Publish as PublishPayment
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP, within_ranges
@@ -31,9 +34,10 @@ from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.effects import Heard, Send
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.network import FloatArray
-from p2pdoe.core.reader import MarketReader, Message, topic_of
+from p2pdoe.core.reader import MarketReader, Message, payment_topic_of, topic_of
 from p2pdoe.core.realtime.controller import Controller, Plan, plan_from
 from p2pdoe.core.schemas.messages import Proposal, RoundOpen, encode, ranges_digest
+from p2pdoe.core.schemas.payments import PaymentMessage, PaymentOpen, encode_payment
 from p2pdoe.core.schemas.runtime import MAX_DAYS_REGISTERED, Registration, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.site import Recent, day_ranges, registration, remaining_config, site_qp, with_peers
@@ -41,6 +45,7 @@ from p2pdoe.core.solution import Policy
 
 log = logging.getLogger("edge_agent")
 REGISTRATIONS_KEPT = 8
+COSTS_KEPT = 8  # rounds whose costs a payment round may name
 
 
 @dataclass
@@ -92,6 +97,56 @@ class EdgeMarket:
         self.own_start = utc_moment(config.start)
         # what this run registered with forecasts (the newest last): a round meets the one it names
         self.registered: deque[Registration] = deque(maxlen=REGISTRATIONS_KEPT)
+        # per finished round: its cost and what it paid peers for energy (EUR), private
+        self.costs: dict[str, tuple[float, float]] = {}
+        self.payments: dict[str, PaymentParty] = {}  # payment rounds under way or over
+
+    def cost_of_round(self, round_id: str, cost_eur: float, p2p_net_eur: float) -> None:
+        """Its cost in a finished round (from its report), for a payment round that names it."""
+        self.costs[round_id] = (cost_eur, p2p_net_eur)
+        for old in list(self.costs)[:-COSTS_KEPT]:
+            del self.costs[old]
+
+    def handle_payment(self, msg: PaymentMessage) -> list[Command]:
+        """A payment round's message: an opening starts this site's party with its own gain,
+        C0 - C* from its costs in the two rounds the opening names; the party's proposals go out."""
+        party = self.payments.get(msg.round)
+        if isinstance(msg, PaymentOpen) and party is None:
+            party = self._payment_party(msg)
+            if party is None:
+                return []
+            return self._payment_commands(party, party.start())
+        if party is None:
+            return []
+        return self._payment_commands(party, party.handle(msg))
+
+    def _payment_party(self, msg: PaymentOpen) -> PaymentParty | None:
+        if self.site not in msg.weights:
+            log.info("%s: left out of payment round %s", self.site, msg.round)
+            return None
+        alone, welfare = self.costs.get(msg.baseline_round), self.costs.get(msg.agreement_round)
+        if alone is None or welfare is None:
+            log.warning("%s: payment round %s names rounds it has no cost of (%s, %s)",
+                        self.site, msg.round, msg.baseline_round, msg.agreement_round)  # fmt: skip
+            return None
+        gain = alone[0] - (welfare[0] - welfare[1])
+        log.info("%s: payment round %s opened over %d links", self.site, msg.round,
+                 sum(self.site in (x.payer, x.payee) for x in msg.links))  # fmt: skip
+        party = self.payments[msg.round] = PaymentParty(self.site, msg, gain)
+        for old in list(self.payments)[:-COSTS_KEPT]:
+            del self.payments[old]
+        return party
+
+    def _payment_commands(self, party: PaymentParty, commands: Sequence[object]) -> list[Command]:
+        out: list[Command] = []
+        for cmd in commands:
+            if isinstance(cmd, PublishPayment):
+                out.append(Send(payment_topic_of(cmd.message), encode_payment(cmd.message)))
+            elif isinstance(cmd, PaymentOutcome):
+                log.info("%s: payment round %s %s after %d iterations: it pays its peers %.2f EUR in all, "
+                         "its gain after payments %.2f EUR", self.site, cmd.round, cmd.status, cmd.iterations,
+                         cmd.net_payment_eur, party.gain_eur - cmd.net_payment_eur)  # fmt: skip
+        return out
 
     def feed_forecast(self, f: SiteForecast) -> list[Command]:
         """Keep `f` for the next rounds of each day it reaches (up to `MAX_DAYS_REGISTERED` days, the
@@ -191,7 +246,7 @@ class EdgeMarket:
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
             out.append(DayStarts(start, config))
-        config = with_peers(config, set(msg.sites))
+        config = with_peers(config, set(msg.sites) if msg.trading else set())
         qp = self._within_registered(site_qp(config, Policy(msg.policy), self.margins), msg, start)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from p2pdoe.core.calendar import ZoneName
-from p2pdoe.core.schemas.scenario import Admm
+from p2pdoe.core.schemas.scenario import Admm, MarketDesign
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
 Series = list[Number]
@@ -94,6 +94,10 @@ class CoordinatorConfig(Model):
     price_export_eur_per_kwh: Series
     admm: Admm
     sites: list[ConnectedSite]
+    # the market design (docs/markets.md); nash-bargaining adds a standalone round before the
+    # welfare round and a payment round after it, with these weights (a site left out weighs 1)
+    market: MarketDesign = "welfare"
+    bargaining_weights: dict[SiteId, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:

@@ -119,6 +119,8 @@ class RoundOpen(Message):
     # per site, the digest of the technical ranges its envelope requests are checked against
     # (`ranges_digest`): the registration the coordinator holds, which the site meets
     ranges: dict[SiteId, Digest] = Field(default_factory=dict)
+    # False: a standalone round (Nash bargaining's baseline): no site trades, whatever its peers
+    trading: bool = True
 
     @field_validator("start")
     @classmethod

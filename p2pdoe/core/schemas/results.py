@@ -299,6 +299,31 @@ class RealtimeInfo(Model):
     dropped_messages: dict[str, int] = Field(default_factory=dict)  # by the coordinator all day, by reason
 
 
+class Payment(Model):
+    payer: str
+    payee: str
+    eur: float  # positive: the payer pays the payee
+
+
+class MarketOutcome(Model):
+    """Nash bargaining's payments on top of the welfare schedule (docs/markets.md): each community's
+    cost alone (the standalone round), the payments agreed over the links, and its gain after them."""
+
+    design: Literal["nash-bargaining"]
+    baseline_round: str  # the standalone round
+    payment_round: str
+    status: str
+    iterations: int
+    weights: dict[str, float]
+    baseline_cost_eur: dict[str, float]  # C0 per community
+    cost_before_payments_eur: dict[str, float]  # C* per community: its welfare cost less its trades
+    payments: list[Payment]
+    net_payment_eur: dict[str, float]  # what each pays its peers in all
+    gains_eur: dict[str, float]  # C0 - (C* + net payment)
+    messages_per_iteration: float | None = None
+    bytes_per_iteration: float | None = None
+
+
 class Results(Model):
     schema_version: Literal[1] = 1
     kind: Literal["results"] = "results"
@@ -321,6 +346,7 @@ class Results(Model):
     solver: SolverResult
     runtime: RuntimeInfo | None = None
     realtime: RealtimeInfo | None = None
+    market: MarketOutcome | None = None  # a design with payments of its own (nash-bargaining)
 
 
 class DaySummary(Model):

@@ -138,8 +138,9 @@ class Prices(Model):
         return self
 
 
-MarketDesign = Literal["standalone", "welfare"]
+MarketDesign = Literal["standalone", "welfare", "nash-bargaining"]
 DESIGNS: tuple[str, ...] = get_args(MarketDesign)
+SCHEDULE_DESIGNS = ("standalone", "welfare")  # the designs that agree on a schedule of their own
 
 
 class Market(Model):
@@ -151,7 +152,8 @@ class Market(Model):
     envelope_proximal_eur_per_kw2h: NonNeg = 1e-7
     max_peers: Annotated[int, Field(ge=1)] | None = None  # None: everyone trades with everyone
     # the market design (docs/markets.md): `welfare`, the social optimum with bilateral trades;
-    # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes
+    # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes;
+    # `nash-bargaining`, the welfare schedule with payments over the links that share its saving
     design: MarketDesign = "welfare"
     # Nash bargaining's weight per community id (docs/markets.md); a community left out weighs 1
     bargaining_weights: dict[str, Pos] = Field(default_factory=dict)
