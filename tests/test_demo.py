@@ -64,6 +64,45 @@ def test_the_standalone_market_over_mosquitto_matches_its_in_process_answer(
     assert all(site["peers"] == [] for site in coordinator["sites"])
 
 
+@pytest.mark.timeout(900)
+def test_nash_bargaining_over_mosquitto_matches_its_in_process_answer_and_the_closed_form(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """The three rounds of the design through the services (standalone, welfare, payments): every
+    community's cost alone, its cost before payments and its net payment equal those of the same
+    machines run in-process (`solve --mode admm`), and with equal weights every community gains the
+    same share of the saving, the bargaining's closed form."""
+    demo = run_p2pdoe("demo", "--day-ahead", "--market", "nash-bargaining", "--broker",
+                      mosquitto_broker.url, "--out", str(tmp_path / "demo"))  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    results = _check(demo.stdout, tmp_path / "demo")
+    market = results["market"]
+    assert isinstance(market, dict)
+    assert market["status"] == "converged"
+    rounds = [a["round"] for a in results["runtime"]["attempts"]]  # type: ignore[index]
+    assert rounds == ["day-ahead-standalone", "day-ahead"]
+    solve = run_p2pdoe(
+        "solve", "--mode", "admm", "--market", "nash-bargaining", "--out", str(tmp_path / "solve")
+    )
+    assert solve.returncode == 0, solve.stdout + solve.stderr
+    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
+    for key in ("baseline_cost_eur", "cost_before_payments_eur", "net_payment_eur", "gains_eur"):
+        assert market[key].keys() == own[key].keys()
+        for site, eur in market[key].items():
+            assert eur == pytest.approx(own[key][site], abs=1e-6), (key, site)
+    saving = sum(market["baseline_cost_eur"].values()) - sum(market["cost_before_payments_eur"].values())
+    assert saving > 100.0
+    for site, gain in market["gains_eur"].items():
+        assert gain == pytest.approx(saving / 6, abs=1e-3), site
+    assert market["iterations"] == own["iterations"]
+    paid = dict.fromkeys(market["gains_eur"], 0.0)
+    for p in market["payments"]:
+        paid[p["payer"]] += p["eur"]
+        paid[p["payee"]] -= p["eur"]
+    assert paid == pytest.approx(market["net_payment_eur"], abs=1e-9)
+    assert "largest gap to the in-process answer" in demo.stdout
+
+
 def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     run = run_p2pdoe("demo", "--day-ahead", "--broker", url, "--out", str(tmp_path), timeout=60)

@@ -111,6 +111,11 @@ def test_the_acl_gives_each_site_its_own_topics_and_never_its_envelopes() -> Non
     assert not any(w.endswith(("/doe", "/doe/default")) for w in writes)
     assert "topic read p2pdoe/v1/market/+/proposal/b" in a
     assert "topic read p2pdoe/v1/market/+/proposal/c" not in a
+    assert "topic write p2pdoe/v1/market/+/payments/proposal/a" in a  # Nash bargaining's payments
+    assert "topic read p2pdoe/v1/market/+/payments/proposal/b" in a
+    assert "topic read p2pdoe/v1/market/+/payments/proposal/c" not in a
+    assert not any(w.endswith(("payments/open", "payments/grant")) for w in writes)
+    assert "topic write p2pdoe/v1/market/+/payments/grant" in blocks["user dso"]
     assert blocks["user monitor"] == ["topic read p2pdoe/v1/#"]
     assert "topic write p2pdoe/v1/site/+/doe" in blocks["user dso"]
     assert "topic write p2pdoe/v1/clock/grant/+" in blocks["user dso"]  # the lockstep granter runs as dso
@@ -237,6 +242,8 @@ def test_the_acl_holds_on_the_broker(broker: tuple[Path, int]) -> None:
                 topics.site(a, "doe/default"),
                 topics.proposal("r1", b),  # another site's protocol message
                 topics.round_open("r1"),
+                topics.payment_proposal("r1", b),  # another site's payment proposal
+                topics.payment_grant("r1"),  # the coordinator's verdict
             ]
             for t in forbidden:
                 await edge.publish(t, b"forged", qos=0)
