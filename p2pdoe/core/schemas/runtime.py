@@ -29,6 +29,7 @@ from p2pdoe.core.schemas.messages import (
     SiteId,
     Status,
 )
+from p2pdoe.core.schemas.payments import PaymentGrant, PaymentOpen, PaymentProposal
 from p2pdoe.core.schemas.results import CommunityResult, SolveTimes, Trade
 from p2pdoe.core.schemas.wire import Moment, checked_json
 
@@ -463,6 +464,9 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SetPointMessage,
     SettlementRecord,
     SiteForecast,
+    PaymentOpen,
+    PaymentProposal,
+    PaymentGrant,
 )
 
 
