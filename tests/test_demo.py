@@ -81,6 +81,7 @@ def test_nash_bargaining_over_mosquitto_matches_its_in_process_answer_and_the_cl
     assert market["status"] == "converged"
     rounds = [a["round"] for a in results["runtime"]["attempts"]]  # type: ignore[index]
     assert rounds == ["day-ahead-standalone", "day-ahead"]
+    assert results["runtime"]["registration_wait_s"] > 0  # type: ignore[index]  # kept across the rounds
     solve = run_p2pdoe(
         "solve", "--mode", "admm", "--market", "nash-bargaining", "--out", str(tmp_path / "solve")
     )

@@ -467,7 +467,7 @@ class CoordinatorMachine:
         """The standalone round's reports in: each site's cost alone. The welfare round opens."""
         self.baseline, self.baseline_round = dict(self.reports), self._run().id
         self.reports, self._stage_start = {}, len(self.attempts)
-        self.timings = Timings()  # the welfare round's own
+        self.timings = Timings(registration_wait_s=self.timings.registration_wait_s)  # the welfare round's
         log.info("standalone round %s over: %d reports", self.baseline_round, len(self.baseline))
         self.phase = Phase.AGREEING
         return self._next_attempt(now)
