@@ -14,16 +14,22 @@ with C_i(S) community i's cost before any payment to peers in the welfare optimu
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-
-import numpy as np
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
+from p2pdoe.core.shapley import Sampled, largest_core_excess, shapley_exact, shapley_sampled
 
+__all__ = [
+    "CoalitionValues",
+    "Sampled",
+    "largest_core_excess",
+    "own_costs",
+    "shapley_exact",
+    "shapley_sampled",
+    "within",
+]
 Coalition = frozenset[str]
 Solve = Callable[[Scenario], Results]
 
@@ -65,55 +71,3 @@ class CoalitionValues:
             costs = own_costs(self.solve(within(self.s, key)))
             self._values[key] = sum(self.alone[i] - costs[i] for i in key)
         return self._values[key]
-
-
-def shapley_exact(ids: Sequence[str], v: Callable[[Iterable[str]], float]) -> dict[str, float]:
-    """phi_i = sum over S not holding i of |S|! (n - |S| - 1)! / n! (v(S + i) - v(S))."""
-    n = len(ids)
-    phi = dict.fromkeys(ids, 0.0)
-    for i in ids:
-        others = [j for j in ids if j != i]
-        for size in range(n):
-            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
-            for rest in itertools.combinations(others, size):
-                phi[i] += weight * (v((*rest, i)) - v(rest))
-    return phi
-
-
-@dataclass(frozen=True)
-class Sampled:
-    phi: dict[str, float]
-    standard_error: dict[str, float]  # of each mean, EUR
-    orders: int
-
-
-def shapley_sampled(
-    ids: Sequence[str], v: Callable[[Iterable[str]], float], orders: int, seed: int
-) -> Sampled:
-    """The mean marginal contribution over `orders` (at least 2) random orders of arrival (seeded)."""
-    if orders < 2:
-        raise ValueError("a sampling error needs at least 2 orders")
-    rng = np.random.default_rng(seed)
-    marginal = {i: np.empty(orders) for i in ids}
-    for k in range(orders):
-        joined: list[str] = []
-        for i in rng.permutation(list(ids)):
-            before = v(joined)
-            joined.append(str(i))
-            marginal[str(i)][k] = v(joined) - before
-    errors = {i: float(m.std(ddof=1) / math.sqrt(orders)) for i, m in marginal.items()}
-    return Sampled({i: float(m.mean()) for i, m in marginal.items()}, errors, orders)
-
-
-def largest_core_excess(
-    ids: Sequence[str], v: Callable[[Iterable[str]], float], gains: Mapping[str, float]
-) -> tuple[float, Coalition]:
-    """max over coalitions S of v(S) - sum_{i in S} gain_i, and the coalition: <= 0 means no
-    coalition would do better on its own (the allocation is in the core)."""
-    best, worst = -math.inf, frozenset[str]()
-    for size in range(1, len(ids) + 1):
-        for members in itertools.combinations(ids, size):
-            excess = v(members) - sum(gains[i] for i in members)
-            if excess > best:
-                best, worst = excess, frozenset(members)
-    return best, worst

@@ -15,7 +15,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from p2pdoe.analysis.coalitions import CoalitionValues, largest_core_excess, shapley_exact, shapley_sampled
+from p2pdoe.analysis.coalitions import (
+    CoalitionValues,
+    largest_core_excess,
+    own_costs,
+    shapley_exact,
+    shapley_sampled,
+    within,
+)
 from p2pdoe.analysis.network_charges import merchandising_surplus, network_charges
 from p2pdoe.core.agreement.payments import bargain
 from p2pdoe.core.allocation import jain_index
@@ -23,6 +30,7 @@ from p2pdoe.core.bargaining import Bargain
 from p2pdoe.core.scenario import CommunityData, Scenario
 from p2pdoe.core.schemas.results import MarketOutcome, Payment, Results
 from p2pdoe.core.schemas.scenario import DESIGNS, SCHEDULE_DESIGNS
+from p2pdoe.core.shapley import needed_coalitions, shapley_outcome
 
 # every design `compare --markets` sets side by side
 COMPARED = (*SCHEDULE_DESIGNS, "nash-bargaining", "shapley", "noncooperative")
@@ -38,6 +46,7 @@ __all__ = [
     "mean_trade_price",
     "nash_bargaining",
     "shapley",
+    "shapley_market",
     "standalone_of",
     "trading_partners",
     "with_core_excess",
@@ -147,6 +156,19 @@ def _bargaining_costs(
     alone = {c.id: c.cost_eur for c in standalone.communities}
     before = {c.id: c.cost_eur - c.cost_breakdown.p2p_net_eur for c in welfare.communities}
     return alone, before, {c: alone[c] - before[c] for c in before}
+
+
+def shapley_market(
+    s: Scenario, welfare: Results, standalone: Results, solve: Callable[[Scenario], Results]
+) -> MarketOutcome:
+    """What results.json reports of Shapley (`Results.market`): each coalition's day solved with
+    `solve` (its members trading among themselves only), as the coordinator's coalition rounds do."""
+    players = list(s.ids)
+    exact_up_to, orders, seed = s.market.shapley
+    needed = needed_coalitions(players, exact_up_to, orders, seed)
+    costs = {c: {i: own_costs(solve(within(s, c)))[i] for i in c} for c in needed}
+    costs[frozenset(players)] = own_costs(welfare)
+    return shapley_outcome(players, own_costs(standalone), costs, s.market.shapley, "standalone", len(needed))
 
 
 def trading_partners(s: Scenario) -> dict[str, list[str]]:

@@ -400,14 +400,15 @@ def _report(s: Any, r: Results, policy: str, out: Path) -> None:
 
 
 def _attempts(r: Results) -> int:
-    """Openings of the welfare round (Nash bargaining's standalone round has its own line)."""
+    """Openings of the welfare round, the last round (a cooperative design's standalone and
+    coalition rounds come before it)."""
     assert r.runtime is not None
-    baseline = None if r.market is None else r.market.baseline_round
-    return sum(1 for a in r.runtime.attempts if a.round.split(".")[0] != baseline)
+    rounds = [a.round.split(".")[0] for a in r.runtime.attempts]
+    return rounds.count(rounds[-1]) if rounds else 0
 
 
 def _market_report(s: Any, r: Results, policy: str) -> None:
-    """Nash bargaining's payments over MQTT, each community's gain, and the in-process answer."""
+    """A cooperative design's payments over MQTT, each community's gain, and the in-process answer."""
     from p2pdoe.cli.jobs import run_policy
     from p2pdoe.core.solution import Policy
 
@@ -416,9 +417,11 @@ def _market_report(s: Any, r: Results, policy: str) -> None:
     assert rt is not None
     own = run_policy(s, Policy(policy), "admm").market
     assert own is not None
-    table = Table(
-        title=f"Nash bargaining over MQTT (EUR): {m.payment_round}, {m.status} after {m.iterations}"
-    )
+    if m.design == "nash-bargaining":
+        how = f"Nash bargaining over MQTT (EUR): {m.payment_round}, {m.status} after {m.iterations}"
+    else:
+        how = f"Shapley values over MQTT (EUR): {m.iterations} coalition rounds"
+    table = Table(title=how)
     for col in ("site", "alone", "before pay", "pays peers", "gain", "in-process"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site, gain in m.gains_eur.items():
@@ -429,11 +432,15 @@ def _market_report(s: Any, r: Results, policy: str) -> None:
     console.print(table)
     worst = max(abs(g - own.gains_eur[c]) for c, g in m.gains_eur.items() if c in own.gains_eur)
     alone = [a.iterations for a in rt.attempts if a.round.split(".")[0] == m.baseline_round]
+    stage2 = (
+        f"{m.messages_per_iteration or 0:.1f} messages, {(m.bytes_per_iteration or 0) / 1e3:.1f} kB per "
+        "payment iteration"
+        if m.design == "nash-bargaining"
+        else f"{len(m.coalitions)} coalition values"
+    )
     console.print(
         f"the standalone round {m.baseline_round} ({alone[-1] if alone else '?'} iterations) gave each "
-        f"community its cost alone; {m.messages_per_iteration or 0:.1f} messages, "
-        f"{(m.bytes_per_iteration or 0) / 1e3:.1f} kB per payment iteration; largest gap to the in-process "
-        f"answer {worst:.2e} EUR"
+        f"community its cost alone; {stage2}; largest gap to the in-process answer {worst:.2e} EUR"
     )
 
 

@@ -34,15 +34,18 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def run_policy(s: Scenario, policy: Policy, mode: str = "centralized") -> Results:
-    """`s` solved under `policy`; under Nash bargaining, with the payments of its second stage
-    (`Results.market`) from the same day solved standalone."""
+    """`s` solved under `policy`; under Nash bargaining and Shapley, with the design's payments
+    (`Results.market`) from the same day solved standalone (and by each coalition, for Shapley)."""
     results = _solve(s, policy, mode)
-    if s.market.design != "nash-bargaining":
+    if s.market.design not in ("nash-bargaining", "shapley"):
         return results
-    from p2pdoe.analysis.markets import bargained_market, standalone_of, trading_partners
+    from p2pdoe.analysis.markets import bargained_market, shapley_market, standalone_of, trading_partners
     from p2pdoe.core.bargaining import BargainingError
 
     alone = _solve(standalone_of(s), policy, mode)
+    if s.market.design == "shapley":
+        solved = shapley_market(s, results, alone, lambda coalition: _solve(coalition, policy, mode))
+        return results.model_copy(update={"market": solved})
     try:
         market = bargained_market(results, alone, trading_partners(s), s.market.bargaining_weights)
     except BargainingError as exc:

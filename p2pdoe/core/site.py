@@ -165,6 +165,9 @@ def coordinator_config(s: Scenario, policy: Policy = Policy.DYNAMIC) -> Coordina
         sites=[_connected(s, c) for c in range(len(s.communities))],
         market=s.market.design,  # type: ignore[arg-type]
         bargaining_weights=dict(s.market.bargaining_weights),
+        shapley_exact_up_to=s.market.shapley[0],
+        shapley_orders=s.market.shapley[1],
+        shapley_seed=s.market.shapley[2],
     )
 
 

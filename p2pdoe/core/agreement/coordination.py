@@ -193,12 +193,13 @@ def round_setup(
     warm: WarmStart | None = None,
     rho: tuple[float, float] | None = None,
     epoch: str | None = None,
-    trading: bool = True,
+    traders: frozenset[str] | None = None,
 ) -> RoundSetup:
     """The DSO participant of a round among every registered site not in `excluded`, in config order.
     `warm`: where the couplings start (`warm.warm_start_from`); `rho`: (rho_trade, rho_envelope) to
-    start from instead of the configuration's, e.g. the previous round's final values; `trading`
-    False: a standalone round, in which no site trades (Nash bargaining's baseline)."""
+    start from instead of the configuration's, e.g. the previous round's final values; `traders`:
+    who trades (None: every site; empty: a standalone round; else a coalition, trading among its
+    members only)."""
     ids = [s.id for s in cfg.sites]
     taking_part = [i for i, sid in enumerate(ids) if sid in registrations and sid not in excluded]
     facts = [_facts(cfg, feeder, s, registrations.get(s.id)) for s in cfg.sites]
@@ -217,9 +218,10 @@ def round_setup(
         static = cfg.policy == "static"
         grid = GridSolver(safe, bounds_from_ranges(x_min, x_max, static), static)
     position = {i: k for k, i in enumerate(taking_part)}
+    trades = {ids.index(sid) for sid in ids if traders is None or sid in traders} & set(position)
     peers = tuple(
-        tuple(sorted(position[ids.index(p)] for p in cfg.sites[i].peers if ids.index(p) in position))
-        if trading
+        tuple(sorted(position[ids.index(p)] for p in cfg.sites[i].peers if ids.index(p) in trades))
+        if i in trades
         else ()
         for i in taking_part
     )
@@ -239,7 +241,7 @@ def round_setup(
         warm=warm,
         epoch=epoch,
         ranges=tuple(ranges_digest(lo, hi) for lo, hi in zip(ranges.x_min, ranges.x_max, strict=True)),
-        trading=trading,
+        traders=None if traders is None else tuple(sid for sid in sites if sid in traders),
     )
     dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid, ranges)
     left_out = tuple(sid for sid in ids if sid not in sites)

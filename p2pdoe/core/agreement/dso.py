@@ -94,7 +94,7 @@ class RoundPlan:
     warm: WarmStart | None = None  # where the couplings start (announced in the opening); None: cold
     epoch: str | None = None  # the coordinator's run (a restarted one opens the same ids anew)
     ranges: tuple[str, ...] = ()  # per site, the digest of the ranges its requests are checked against
-    trading: bool = True  # False: a standalone round, `peers` empty
+    traders: tuple[str, ...] | None = None  # who trades (None: every site); `peers` among them only
 
 
 def with_rho(settings: AdmmSettings, rho: tuple[float, float] | None) -> AdmmSettings:
@@ -302,7 +302,7 @@ class DsoParticipant:
                     warm_start=self.plan.warm,
                     epoch=self.plan.epoch,
                     ranges=dict(zip(self.plan.sites, self.plan.ranges, strict=False)),
-                    trading=self.plan.trading,
+                    traders=None if self.plan.traders is None else list(self.plan.traders),
                 )
             )
         ]

@@ -5,9 +5,11 @@
    the sites missing then are left out (on their defaults, which every grant accounts for).
 3. Agreeing: the day-ahead round among the ready sites. A site silent past an iteration's patience
    is left out and the round is opened again without it (`<round>.2`, ...), up to `max_attempts`.
-   Under Nash bargaining (`market` in the configuration), a standalone round (`<round>-standalone`,
-   no trade) and its reports come first, and after the welfare round's reports a payment round
-   (`<round>-payments`, p2pdoe.core.coordinator.payments) agrees on payments over the trading links.
+   Under Nash bargaining and Shapley (`market` in the configuration), a standalone round
+   (`<round>-standalone`, no trade) and, for Shapley, a round per coalition (`<round>-cNN`) come first
+   (p2pdoe.core.coordinator.cooperative). After the welfare round's reports, Nash bargaining's payment
+   round (`<round>-payments`, p2pdoe.core.coordinator.payments) agrees on payments over the trading
+   links; Shapley's values follow from the rounds' reports.
 4. Reporting: the agreed envelopes of the interval in force go out; the sites' reports are awaited
    (`report_timeout_s`), then the agreement is handed to the shell (results.json).
 5. Then, by the rules: stop; or publish each interval's envelopes as it starts (following); or the
@@ -30,6 +32,7 @@ from p2pdoe.core.agreement.coordination import round_setup
 from p2pdoe.core.coordinator.books import DayBooks
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, DayReport, Save
 from p2pdoe.core.coordinator.context import Context, doe_send
+from p2pdoe.core.coordinator.cooperative import WELFARE, Stages
 from p2pdoe.core.coordinator.payments import PAYMENT_ITERATION, PaymentRun, payment_run
 from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, settlement_problem
 from p2pdoe.core.coordinator.retained import sweep
@@ -120,9 +123,9 @@ class CoordinatorMachine:
         self._wake: datetime | None = None
         self._follow_t = ctx.cfg.intervals
         self._t0 = stopwatch()
-        # Nash bargaining: the standalone round's reports, then the payment round and its outcome
-        self.baseline: dict[str, SiteReport] | None = None
-        self.baseline_round: str | None = None
+        # the cooperative designs: the rounds before the welfare one, Nash bargaining's payment
+        # round, and the design's outcome
+        self.stages = Stages.of(ctx.cfg)
         self._stage_start = 0  # attempts before the current stage's
         self.payments: PaymentRun | None = None
         self.market: MarketOutcome | None = None
@@ -308,29 +311,22 @@ class CoordinatorMachine:
         self.phase = Phase.AGREEING
         return self._next_attempt(now)
 
-    @property
-    def _bargaining(self) -> bool:
-        return self.ctx.cfg.market == "nash-bargaining"
-
-    @property
-    def _standalone_stage(self) -> bool:
-        """Nash bargaining's first round: each site alone (its cost C0)."""
-        return self._bargaining and self.baseline is None
-
     def _next_attempt(self, now: datetime) -> list[Command]:
         ctx, n = self.ctx, len(self.attempts) - self._stage_start + 1
         left_out = self.registry.left_out()
         taking_part = len(ctx.site_ids) - len(left_out)
+        base, traders = self.stages.round_spec(ctx.rules.round)
+        if n > ctx.rules.max_attempts and self.stages.stage != WELFARE:
+            return self._stage_given_up(now, f"no agreement of {base} after {n - 1} attempts")
         if n > ctx.rules.max_attempts:
             return self._no_day_ahead(now, f"no agreement after {n - 1} attempts: {self._statuses()}")
         if taking_part < 2:  # no trade without two
             return self._no_day_ahead(now, f"{taking_part} site(s) registered and online, at least 2 needed")
-        base = f"{ctx.rules.round}-standalone" if self._standalone_stage else ctx.rules.round
         round_id = base if n == 1 else f"{base}.{n}"
         try:
             setup = round_setup(
                 ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id,
-                epoch=ctx.epoch, trading=not self._standalone_stage,
+                epoch=ctx.epoch, traders=traders,
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
@@ -395,7 +391,7 @@ class CoordinatorMachine:
         self.attempts.append(run.attempt())
         t = ctx.current_interval(now)
         out: list[Command] = [run.withdraw()]
-        if not self._standalone_stage:  # a baseline's envelopes are never in force
+        if self.stages.publishes_envelopes:  # a standalone or coalition round's never are in force
             out += [doe_send("doe", ctx.envelope(run.setup, run.outcome, s, t)) for s in ctx.site_ids]
         self.day_ahead_late_s = max(0.0, (now - ctx.start).total_seconds())
         if self.day_ahead_late_s > 0 and ctx.rules.rolling:
@@ -429,10 +425,13 @@ class CoordinatorMachine:
         return [Relieve(REPORTS), *self._day_ahead_done(now)]
 
     def _day_ahead_done(self, now: datetime) -> list[Command]:
-        if self._standalone_stage:
-            return self._baseline_done(now)
-        if self._bargaining and self.payments is None and self.market_failure is None:
+        if self.stages.stage != WELFARE:
+            return self._stage_done(now)
+        design, unsettled = self.ctx.cfg.market, self.market is None and self.market_failure is None
+        if design == "nash-bargaining" and self.payments is None and unsettled:
             return self._open_payments(now)
+        if design == "shapley" and unsettled:
+            self._shapley_values()
         run, ctx, rules = self._run(), self.ctx, self.ctx.rules
         assert run.outcome is not None
         setup = run.setup
@@ -461,23 +460,41 @@ class CoordinatorMachine:
         self.phase, self.rolling = Phase.ROLLING, Rolling(ctx, standing, self.stopwatch)
         return [*out, *self.rolling.begin(now), self.status(now)]
 
-    # --- Nash bargaining: the standalone round before, the payment round after -----------------
+    # --- the cooperative designs: standalone and coalition rounds before, payments after ---------
 
-    def _baseline_done(self, now: datetime) -> list[Command]:
-        """The standalone round's reports in: each site's cost alone. The welfare round opens."""
-        self.baseline, self.baseline_round = dict(self.reports), self._run().id
+    def _stage_done(self, now: datetime) -> list[Command]:
+        """A standalone or coalition round's reports in: the next stage's round opens."""
+        run = self._run()
+        log.info("round %s over: %d reports", run.id, len(self.reports))
+        self.stages.done(run.id, self.reports)
+        return self._next_stage(now)
+
+    def _stage_given_up(self, now: datetime, why: str) -> list[Command]:
+        self.market_failure = f"no {self.ctx.cfg.market} payments: {why}"
+        log.warning("%s; the welfare round follows and its trade prices stand", self.market_failure)
+        self.stages.give_up(why)
+        return self._next_stage(now)
+
+    def _next_stage(self, now: datetime) -> list[Command]:
         self.reports, self._stage_start = {}, len(self.attempts)
-        self.timings = Timings(registration_wait_s=self.timings.registration_wait_s)  # the welfare round's
-        log.info("standalone round %s over: %d reports", self.baseline_round, len(self.baseline))
+        self.timings = Timings(registration_wait_s=self.timings.registration_wait_s)  # the next round's
         self.phase = Phase.AGREEING
         return self._next_attempt(now)
 
+    def _shapley_values(self) -> None:
+        made = self.stages.shapley(self.reports)
+        if isinstance(made, str):
+            self.market_failure = f"no Shapley values: {made}"
+            log.warning("%s; the welfare round's trade prices stand", self.market_failure)
+        else:
+            self.market = made
+            log.info("Shapley values from %d coalition rounds", self.stages.coalition_rounds)
+
     def _open_payments(self, now: datetime) -> list[Command]:
-        run, rules = self._run(), self.ctx.rules
-        assert self.baseline is not None
-        assert self.baseline_round is not None
-        rounds = (self.baseline_round, run.id, f"{rules.round}-payments")
-        made = payment_run(self.ctx.cfg, run.setup.sites, self.baseline, self.reports, rounds,
+        run, rules, stages = self._run(), self.ctx.rules, self.stages
+        assert stages.baseline_round is not None
+        rounds = (stages.baseline_round, run.id, f"{rules.round}-payments")
+        made = payment_run(self.ctx.cfg, run.setup.sites, stages.baseline, self.reports, rounds,
                            rules.iteration_timeout_s)  # fmt: skip
         if isinstance(made, str):
             self.market_failure = f"no payments agreed: {made}"
@@ -495,8 +512,8 @@ class CoordinatorMachine:
         out: list[Command] = list(pay.proposal(msg, len(m.payload)))
         if pay.result is None:
             return out
-        assert self.baseline_round is not None
-        self.market = pay.outcome(self.baseline_round)
+        assert self.stages.baseline_round is not None
+        self.market = pay.outcome(self.stages.baseline_round)
         log.info("payment round %s %s after %d iterations", pay.id, pay.result.status, pay.result.iterations)
         self.phase = Phase.REPORTING
         return [*out, pay.withdraw(), *self._day_ahead_done(now)]

@@ -70,6 +70,13 @@ class RoundDone:
 Command = Send | RoundDone | DayStarts | SettlementsAgain
 
 
+def _trading_with(site: str, msg: RoundOpen) -> set[str]:
+    """The sites `site` may trade with in the round: every one, or the coalition's if it is in it."""
+    if msg.traders is None:
+        return set(msg.sites)
+    return set(msg.traders) if site in msg.traders else set()
+
+
 class EdgeMarket:
     """`stopwatch` and `cpu` measure (solve times, CPU per round) and decide nothing."""
 
@@ -246,7 +253,7 @@ class EdgeMarket:
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
             out.append(DayStarts(start, config))
-        config = with_peers(config, set(msg.sites) if msg.trading else set())
+        config = with_peers(config, _trading_with(self.site, msg))
         qp = self._within_registered(site_qp(config, Policy(msg.policy), self.margins), msg, start)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)

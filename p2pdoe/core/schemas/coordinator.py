@@ -98,6 +98,10 @@ class CoordinatorConfig(Model):
     # welfare round and a payment round after it, with these weights (a site left out weighs 1)
     market: MarketDesign = "welfare"
     bargaining_weights: dict[SiteId, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    # shapley: a round per coalition, every one up to this many sites, else those of sampled orders
+    shapley_exact_up_to: Annotated[int, Field(ge=1, le=12)] = 8
+    shapley_orders: Annotated[int, Field(ge=2)] = 200
+    shapley_seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:

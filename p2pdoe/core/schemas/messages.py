@@ -119,8 +119,9 @@ class RoundOpen(Message):
     # per site, the digest of the technical ranges its envelope requests are checked against
     # (`ranges_digest`): the registration the coordinator holds, which the site meets
     ranges: dict[SiteId, Digest] = Field(default_factory=dict)
-    # False: a standalone round (Nash bargaining's baseline): no site trades, whatever its peers
-    trading: bool = True
+    # who trades in this round, with those of its peers listed too: None, every site; [] none (a
+    # standalone round, the cooperative designs' baseline); else a coalition (Shapley's values)
+    traders: list[SiteId] | None = None
 
     @field_validator("start")
     @classmethod
@@ -147,6 +148,8 @@ class RoundOpen(Message):
                 raise ValueError("a round without envelopes has no warm envelopes")
         if not set(self.ranges) <= set(self.sites):
             raise ValueError("ranges are given only for the round's sites")
+        if self.traders is not None and not set(self.traders) <= set(self.sites):
+            raise ValueError("traders are sites of the round")
         return self
 
 

@@ -305,13 +305,19 @@ class Payment(Model):
     eur: float  # positive: the payer pays the payee
 
 
-class MarketOutcome(Model):
-    """Nash bargaining's payments on top of the welfare schedule (docs/markets.md): each community's
-    cost alone (the standalone round), the payments agreed over the links, and its gain after them."""
+class CoalitionValue(Model):
+    members: list[str]
+    value_eur: float  # what the members save together against trading alone
 
-    design: Literal["nash-bargaining"]
+
+class MarketOutcome(Model):
+    """A cooperative design's payments on top of the welfare schedule (docs/markets.md): each
+    community's cost alone (the standalone round), the payments (Nash bargaining: agreed over the
+    links; Shapley: each community's value), and its gain after them."""
+
+    design: Literal["nash-bargaining", "shapley"]
     baseline_round: str  # the standalone round
-    payment_round: str
+    payment_round: str | None  # Nash bargaining's
     status: str
     iterations: int
     weights: dict[str, float]
@@ -322,6 +328,10 @@ class MarketOutcome(Model):
     gains_eur: dict[str, float]  # C0 - (C* + net payment)
     messages_per_iteration: float | None = None
     bytes_per_iteration: float | None = None
+    # Shapley: every coalition's value from its own round (the grand one the welfare round's), and
+    # where the values were sampled, each one's standard error
+    coalitions: list[CoalitionValue] = Field(default_factory=list)
+    sampling_error_eur: dict[str, float] | None = None
 
 
 class Results(Model):

@@ -138,7 +138,7 @@ class Prices(Model):
         return self
 
 
-MarketDesign = Literal["standalone", "welfare", "nash-bargaining"]
+MarketDesign = Literal["standalone", "welfare", "nash-bargaining", "shapley"]
 DESIGNS: tuple[str, ...] = get_args(MarketDesign)
 SCHEDULE_DESIGNS = ("standalone", "welfare")  # the designs that agree on a schedule of their own
 
@@ -153,7 +153,8 @@ class Market(Model):
     max_peers: Annotated[int, Field(ge=1)] | None = None  # None: everyone trades with everyone
     # the market design (docs/markets.md): `welfare`, the social optimum with bilateral trades;
     # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes;
-    # `nash-bargaining`, the welfare schedule with payments over the links that share its saving
+    # `nash-bargaining`, the welfare schedule with payments over the links that share its saving;
+    # `shapley`, the welfare schedule with each community paid its Shapley value
     design: MarketDesign = "welfare"
     # Nash bargaining's weight per community id (docs/markets.md); a community left out weighs 1
     bargaining_weights: dict[str, Pos] = Field(default_factory=dict)
