@@ -104,6 +104,36 @@ def test_nash_bargaining_over_mosquitto_matches_its_in_process_answer_and_the_cl
     assert "largest gap to the in-process answer" in demo.stdout
 
 
+@pytest.mark.timeout(1800)
+def test_shapley_over_mosquitto_matches_its_in_process_answer(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """Four communities: the standalone round, a round per coalition of two or three (ten), the
+    welfare round; every coalition's value and every Shapley value equal those of the same rounds
+    in-process (`solve --mode admm`), and the values add up to the grand coalition's (efficiency)."""
+    args = ["--scenario", "synthetic-4", "--market", "shapley"]
+    demo = run_p2pdoe(
+        "demo", "--day-ahead", *args, "--broker", mosquitto_broker.url, "--out", str(tmp_path / "demo")
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    results = _check(demo.stdout, tmp_path / "demo")
+    market = results["market"]
+    assert isinstance(market, dict)
+    assert (market["design"], market["iterations"], len(market["coalitions"])) == ("shapley", 10, 11)
+    rounds = [a["round"] for a in results["runtime"]["attempts"]]  # type: ignore[index]
+    assert rounds == ["day-ahead-standalone", *(f"day-ahead-c{k:02d}" for k in range(1, 11)), "day-ahead"]
+    solve = run_p2pdoe("solve", "--mode", "admm", *args, "--out", str(tmp_path / "solve"))
+    assert solve.returncode == 0, solve.stdout + solve.stderr
+    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
+    for site, value in market["gains_eur"].items():
+        assert value == pytest.approx(own["gains_eur"][site], abs=1e-6), site
+    theirs = {frozenset(c["members"]): c["value_eur"] for c in own["coalitions"]}
+    for c in market["coalitions"]:
+        assert c["value_eur"] == pytest.approx(theirs[frozenset(c["members"])], abs=1e-6), c["members"]
+    grand = next(c["value_eur"] for c in market["coalitions"] if len(c["members"]) == 4)
+    assert sum(market["gains_eur"].values()) == pytest.approx(grand, abs=1e-9)
+
+
 def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     run = run_p2pdoe("demo", "--day-ahead", "--broker", url, "--out", str(tmp_path), timeout=60)
