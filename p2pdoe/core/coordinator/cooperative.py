@@ -13,17 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from p2pdoe.core.coordinator.payments import cost_before_payments
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import MarketOutcome
 from p2pdoe.core.schemas.runtime import SiteReport
 from p2pdoe.core.shapley import Coalition, needed_coalitions, shapley_outcome
 
 STANDALONE, COALITION, WELFARE = "standalone", "coalition", "welfare"
-
-
-def cost_before_payments(report: SiteReport) -> float:
-    """A site's cost in a round less what it paid its peers for energy (C*)."""
-    return report.community.cost_eur - report.community.cost_breakdown.p2p_net_eur
 
 
 @dataclass
