@@ -166,7 +166,10 @@ def shapley_market(
     players = list(s.ids)
     exact_up_to, orders, seed = s.market.shapley
     needed = needed_coalitions(players, exact_up_to, orders, seed)
-    costs = {c: {i: own_costs(solve(within(s, c)))[i] for i in c} for c in needed}
+    costs: dict[frozenset[str], dict[str, float]] = {}
+    for c in needed:
+        own = own_costs(solve(within(s, c)))  # one solve per coalition
+        costs[c] = {i: own[i] for i in players if i in c}
     costs[frozenset(players)] = own_costs(welfare)
     return shapley_outcome(players, own_costs(standalone), costs, s.market.shapley, "standalone", len(needed))
 

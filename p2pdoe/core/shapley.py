@@ -105,7 +105,9 @@ def shapley_outcome(
     no one (C0); `costs`: per coalition of two or more (the grand one included), each member's cost
     before payments to peers when only the coalition trades; `how`: (exact up to n players, sampled
     orders, seed). v(S) = sum over S of C0 - C(S); a player's money is C0 less its value."""
-    values = {c: sum(alone[i] - member_costs[i] for i in c) for c, member_costs in costs.items()}
+    values = {
+        c: sum(alone[i] - member_costs[i] for i in players if i in c) for c, member_costs in costs.items()
+    }
 
     def v(members: Iterable[str]) -> float:
         key = frozenset(members)

@@ -88,7 +88,9 @@ class Stages:
         rounds = [*self.coalitions.items(), (frozenset(players), welfare)]
         try:
             alone = {s: self.baseline[s].community.cost_eur for s in players}
-            costs = {c: {i: cost_before_payments(reports[i]) for i in c} for c, reports in rounds}
+            costs = {
+                c: {i: cost_before_payments(reports[i]) for i in players if i in c} for c, reports in rounds
+            }
             return shapley_outcome(players, alone, costs, (self.exact_up_to, self.orders, self.seed),
                                    self.baseline_round or "", self.coalition_rounds)  # fmt: skip
         except KeyError as exc:
