@@ -4,8 +4,10 @@ proxy that delays every byte by 50 ms each way (this kernel has no netem); from 
 first rolling round opens, nftables drop 30 % of the packets each way for 60 s. Before, such a link ended
 an edge agent and then the coordinator ("publish ... failed: Operation timed out"). Now every process
 rides it through: the day ends, nothing is violated, every settlement an edge agent journaled reaches
-the coordinator, and the drops really happened (nftables' counters). Needs root, `ip` and `nft`:
-skipped without them, unless P2PDOE_REQUIRE_MOSQUITTO=1 (CI).
+the coordinator, and the drops really happened (nftables' counters). A site may settle nothing at all:
+with 30 % loss TCP's backoff can hold one connection for longer than the lockstep clock waits (60 s),
+and the half-hour day ends before it is back; the test then asks that the clock said so.
+Needs root, `ip` and `nft`: skipped without them, unless P2PDOE_REQUIRE_MOSQUITTO=1 (CI).
 
 Measured on the way: with 30 % loss both ways, TCP's retransmission backoff stalls single
 connections for tens of seconds, so a lockstep day crawls and rounds lose sites at their deadlines
@@ -159,11 +161,16 @@ def test_every_edge_agent_rides_through_a_lossy_slow_link(
     assert rt.envelope_violations.count == 0
     assert dropped
     assert dropped[0] > 100  # the link really lost packets
+    clock = _log(out, "clock")
+    settled_somewhere = False
     for site in [c.id for c in results.communities]:
         journaled = _journaled(out / "journal" / f"{site}.db")
         received = {_at(s.interval_start) for s in rt.settlements if s.site == site}
-        assert journaled
+        # A site settles nothing only if TCP's backoff stalled it so long that the clock went on without it
+        assert journaled or f"edge-{site}: silent for" in clock, site
         assert journaled <= received, site  # nothing an edge agent settled is lost
+        settled_somewhere |= bool(journaled)
+    assert settled_somewhere
     logs = {p.stem: p.read_text(errors="replace") for p in (out / "logs").glob("*.log")}
     assert not [name for name, text in logs.items() if "Traceback" in text]
 
