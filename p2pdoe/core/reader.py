@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, decode
@@ -19,6 +20,7 @@ from p2pdoe.core.schemas.payments import (
 from p2pdoe.core.schemas.runtime import Runtime, decode_runtime
 
 Message = RoundOpen | Proposal | Grant
+M = TypeVar("M", Message, PaymentMessage)
 log = logging.getLogger(__name__)
 
 
@@ -71,32 +73,26 @@ class MarketReader:
         self.dropped: Counter[str] = Counter()
 
     def decoded(self, m: Arrived) -> Message | None:
+        return self._strictly(m, decode, sender_matches_topic)
+
+    def payment(self, m: Arrived) -> PaymentMessage | None:
+        """A message of a payment round (Nash bargaining's stage 2), likewise."""
+        return self._strictly(m, decode_payment, _payment_on_its_topic)
+
+    def _strictly(
+        self, m: Arrived, decoder: Callable[[bytes], M], on_its_topic: Callable[[str, M], bool]
+    ) -> M | None:
         if not m.payload:
             return None
         try:
-            message = decode(m.payload)
+            message = decoder(m.payload)
         except ValueError:
             self.dropped["malformed"] += 1
             log.debug("%s: dropped a malformed message on %s", self.name, m.topic)
             return None
-        if not sender_matches_topic(m.topic, message):
+        if not on_its_topic(m.topic, message):
             self.dropped["sender_not_topic"] += 1
-            log.debug("%s: dropped a %s whose sender does not match %s", self.name, message.kind, m.topic)
-            return None
-        return message
-
-    def payment(self, m: Arrived) -> PaymentMessage | None:
-        """A message of a payment round (Nash bargaining's stage 2), likewise."""
-        if not m.payload:
-            return None
-        try:
-            message = decode_payment(m.payload)
-        except ValueError:
-            self.dropped["malformed"] += 1
-            log.debug("%s: dropped a malformed payment message on %s", self.name, m.topic)
-            return None
-        if not _payment_on_its_topic(m.topic, message):
-            self.dropped["sender_not_topic"] += 1
+            log.debug("%s: dropped a %s sent on another's topic %s", self.name, message.kind, m.topic)
             return None
         return message
 
