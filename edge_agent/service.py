@@ -280,7 +280,8 @@ class EdgeService:
         report = await self._off_loop(site_report, self.site, done.round, done.outcome, dropped)
         costs = report.community
         self.market.cost_of_round(done.round.id, costs.cost_eur, costs.cost_breakdown.p2p_net_eur)
-        self.shell.feed(PlanAgreed(done.plan))
+        if done.plan is not None:
+            self.shell.feed(PlanAgreed(done.plan))
         payload = report.model_dump_json().encode()
         await self.shell.execute([Send(topics.report(done.round.id, self.site), payload)])
         log.info(

@@ -96,3 +96,56 @@ def test_a_round_opened_by_another_coordinator_run_sends_the_journaled_settlemen
     assert again(1, "run-1") == []
     assert again(2, "run-2") == [SettlementsAgain(CAL.start(date(2026, 3, 27)))]
     assert again(3, "run-2") == []
+
+
+def _finish_with_campus(traders: list[str] | None) -> list[object]:
+    """A one-iteration round of town-14 and campus-30, opened with `traders`, that the DSO's grant
+    ends (with campus-30's proposal first where the two trade)."""
+    from p2pdoe.core import topics
+    from p2pdoe.core.schemas.messages import (
+        EnvelopeRequest,
+        Grant,
+        GrantedEnvelope,
+        Proposal,
+        ResidualReport,
+        TradeProposal,
+        decode,
+    )  # fmt: skip
+
+    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    heard = opening(CAL.start(SATURDAY), 4, "day-ahead-c01")
+    msg = cast(RoundOpen, decode(heard.payload))
+    msg = msg.model_copy(update={"sites": ["town-14", "campus-30"], "traders": traders})
+    out = open_round(market, Heard(heard.topic, encode(msg), False), on_saturday())
+    zeros = [0.0] * 4
+    later: list[Proposal | Grant] = []
+    if traders is None or "town-14" in traders:
+        trade = TradeProposal(peer="town-14", buy_kw=zeros, sell_kw=zeros)
+        box = EnvelopeRequest(lo_kw=[-100.0] * 4, up_kw=zeros)
+        later.append(Proposal(round=msg.round, iteration=0, sender="campus-30", trades=[trade], envelope=box))
+    residuals = ResidualReport(primal_trade_kw=0, dual_trade_kw=0, primal_envelope_kw=0, dual_envelope_kw=0)
+    later.append(Grant(
+        round=msg.round, iteration=0, status="converged", residuals=residuals,
+        envelopes=[GrantedEnvelope(
+            site=site, lo_kw=[-150.0] * 4, up_kw=zeros, import_price_eur_per_kwh=zeros,
+            export_price_eur_per_kwh=zeros,
+        ) for site in msg.sites],
+        next_rho_trade_eur_per_kw2h=1.0, next_rho_envelope_eur_per_kw2h=1.0,
+    ))  # fmt: skip
+    for m in later:
+        topic = topics.grant(m.round) if isinstance(m, Grant) else topics.proposal(m.round, m.sender)
+        read = market.read(Heard(topic, encode(m), False))
+        assert read is not None
+        out += market.handle(read, None)
+    return out
+
+
+def test_only_a_round_in_force_hands_its_plan_to_the_controller() -> None:
+    """A standalone or coalition round (it names its traders) only measures costs: its envelopes are
+    never published, so the controller must not follow its schedule."""
+    from p2pdoe.core.edge.market import RoundDone
+
+    for traders, in_force in ((None, True), ([], False), (["town-14", "campus-30"], False)):
+        (done,) = [c for c in _finish_with_campus(traders) if isinstance(c, RoundDone)]
+        assert done.outcome.status == "converged"
+        assert (done.plan is not None) == in_force, traders

@@ -6,8 +6,10 @@ from the site's measured state (p2pdoe.core.site.remaining_config) taken from a 
 real-time controller. Messages of a round whose opening has not arrived yet are kept (a few); a
 round that leaves the site out is logged (its default envelope applies). When the participant
 finishes, the machine hands back `RoundDone`: the shell reports it and the real-time machine
-follows its plan. Under Nash bargaining a payment round follows (`handle_payment`): the site's gain
-comes from its own costs in the standalone and welfare rounds (`cost_of_round`), which it keeps.
+follows its plan, if the round is in force (a standalone or coalition round, one that names its
+`traders`, only measures costs: its envelopes are never published). Under Nash bargaining a
+payment round follows (`handle_payment`): the site's gain comes from its own costs in the
+standalone and welfare rounds (`cost_of_round`), which it keeps.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class RoundState:
     qp: CommunityQP
     participant: CommunityParticipant
     cpu_at_open: float
+    in_force: bool = True  # False for a standalone or coalition round: its envelopes are never published
     steps: list[float] = field(default_factory=list)  # seconds per solve-and-propose
 
 
@@ -64,7 +67,7 @@ class RoundState:
 class RoundDone:
     round: RoundState
     outcome: CommunityOutcome
-    plan: Plan
+    plan: Plan | None  # what the controller follows; None for a round not in force
 
 
 Command = Send | RoundDone | DayStarts | SettlementsAgain
@@ -258,7 +261,7 @@ class EdgeMarket:
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
         r = self.rounds[msg.round] = RoundState(
-            msg.round, msg.epoch, start, config, qp, participant, self.cpu()
+            msg.round, msg.epoch, start, config, qp, participant, self.cpu(), in_force=msg.traders is None
         )
         self._latest = msg.round
         log.info(
@@ -394,7 +397,7 @@ class EdgeMarket:
         self._over.add((r.id, r.epoch))
         self.rounds.pop(r.id, None)
         self.settled += 1
-        return RoundDone(r, out, self.plan(r, out))
+        return RoundDone(r, out, self.plan(r, out) if r.in_force else None)
 
     def plan(self, r: RoundState, out: CommunityOutcome) -> Plan:
         """The agreed schedule as the controller follows it; trades with every peer of the site's
