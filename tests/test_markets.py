@@ -228,3 +228,36 @@ def test_a_markup_on_its_sales_pays_a_seller_under_welfare_and_nothing_under_bar
 def _sale_price(r: Results, seller: str) -> float:
     sold = [(t.kw, t.price_eur_per_kwh) for t in r.trades if t.seller == seller and t.kw > 0]
     return sum(kw * p for kw, p in sold) / sum(kw for kw, _ in sold)
+
+
+def test_under_shapley_a_markup_is_paid_by_its_shapley_value_of_the_coalitions_it_clears() -> None:
+    """wind-25's +0.05 EUR/kWh under Shapley: its payoff moves by the change of its Shapley value,
+    every coalition holding it cleared on its bids and measured at true costs, the others as they
+    were. The reused values equal every coalition solved afresh on the misreport; the markup, which
+    pays it under welfare, costs it under Shapley."""
+    from dataclasses import replace
+
+    from p2pdoe.analysis.coalitions import CoalitionValues, shapley_exact
+    from p2pdoe.analysis.markets import manipulability
+
+    def central(x: Scenario) -> Results:
+        return run_policy(x, Policy.DYNAMIC)
+
+    alone = central(STANDALONE)
+    honest = CoalitionValues(WELFARE, central, alone)
+    k = WELFARE.ids.index("wind-25")
+    cs = tuple(
+        replace(c, sell_markup_eur_per_kwh=0.05) if i == k else c for i, c in enumerate(WELFARE.communities)
+    )
+    misled = replace(WELFARE, communities=cs)
+    afresh = shapley_exact(WELFARE.ids, CoalitionValues(misled, central, alone))
+    reused = shapley_exact(WELFARE.ids, honest.with_bids_of(misled, "wind-25"))
+    assert reused == pytest.approx(afresh, abs=1e-9)
+    found = manipulability(WELFARE, alone, central, markups=(0.05,), values=honest)
+    on_wind = [m for m in found.values() if m.site == "wind-25"]
+    assert on_wind
+    gains = on_wind[0].gains_by_design
+    assert gains["shapley"] == pytest.approx(
+        afresh["wind-25"] - shapley_exact(WELFARE.ids, honest)["wind-25"]
+    )
+    assert gains["shapley"] < 0.5 < gains["welfare"]  # measured: -2.03 against +12.24

@@ -14,7 +14,7 @@ with C_i(S) community i's cost before any payment to peers in the welfare optimu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from p2pdoe.core.scenario import Scenario
@@ -52,12 +52,20 @@ def own_costs(r: Results) -> dict[str, float]:
 class CoalitionValues:
     """v(S) on demand, each coalition solved once (`solve`: e.g. the centralized welfare optimum)."""
 
-    def __init__(self, s: Scenario, solve: Solve, alone: Results | None = None):
-        """`alone`: the day solved without any trading link, if already at hand."""
+    def __init__(self, s: Scenario, solve: Solve, alone: Results | Mapping[str, float] | None = None):
+        """`alone`: the day solved without any trading link (or its costs), if already at hand."""
         self.s = s
         self.solve = solve
-        self.alone = own_costs(alone or solve(within(s, frozenset())))
+        if not isinstance(alone, Mapping):
+            alone = own_costs(alone or solve(within(s, frozenset())))
+        self.alone = dict(alone)
         self._values: dict[Coalition, float] = {}
+
+    def with_bids_of(self, s: Scenario, site: str) -> Callable[[Iterable[str]], float]:
+        """v(S) when `site` bids as in `s`: a coalition without it keeps its value; one with it is
+        solved under `s`. Alone, `site` trades with no one, so its bids change nothing there."""
+        misled = CoalitionValues(s, self.solve, self.alone)
+        return lambda members: misled(members) if site in set(members) else self(members)
 
     @property
     def solves(self) -> int:

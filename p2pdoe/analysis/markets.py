@@ -10,7 +10,7 @@ money and is left out. Its gain under a design is Delta_i = C0_i - C_i, with C0_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -234,15 +234,22 @@ def shapley(
     that it gains its Shapley value of the coalition game (p2pdoe.analysis.coalitions), exact up to
     `exact_up_to` communities, else sampled over `orders` seeded orders of arrival."""
     ids = [c.id for c in welfare.communities]
-    error = None
-    if len(ids) <= exact_up_to:
-        phi = shapley_exact(ids, values)
-    else:
-        sampled = shapley_sampled(ids, values, orders, seed)
-        phi, error = sampled.phi, max(sampled.standard_error.values())
+    phi, error = shapley_values(ids, values, (exact_up_to, orders, seed))
     alone = {c.id: c.cost_eur for c in standalone.communities}
     m = design_metrics("shapley", welfare, standalone, {c: alone[c] - phi[c] for c in ids})
     return replace(m, coalition_solves=values.solves, sampling_error_eur=error)
+
+
+def shapley_values(
+    ids: Sequence[str], v: Callable[[Iterable[str]], float], how: tuple[int, int, int]
+) -> tuple[dict[str, float], float | None]:
+    """Each community's Shapley value, exact up to `how[0]` communities, else sampled over `how[1]`
+    orders seeded with `how[2]`; and the largest sampling error (None when exact)."""
+    exact_up_to, orders, seed = how
+    if len(ids) <= exact_up_to:
+        return shapley_exact(ids, v), None
+    sampled = shapley_sampled(ids, v, orders, seed)
+    return sampled.phi, max(sampled.standard_error.values())
 
 
 def with_network_charges(m: DesignMetrics, schedule: Results, standalone: Results) -> DesignMetrics:
@@ -270,15 +277,19 @@ def manipulability(
     solve: Callable[[Scenario], Results],
     markups: Sequence[float] = MARKUPS_EUR_PER_KWH,
     honest: Results | None = None,
+    values: CoalitionValues | None = None,
 ) -> dict[str, Manipulation]:
-    """Per design (welfare; nash-bargaining with equal-share payoffs from the true gains), each
-    community in turn bidding each markup: the largest gain any of them gets, by whom and at which
-    markup. Under Nash bargaining a community's payoff is its weight's share of the true saving, so
-    a markup that shrinks the saving can only cost it."""
+    """Per design (welfare; nash-bargaining with equal-share payoffs from the true gains; shapley
+    when the honest coalition `values` are given), each community in turn bidding each markup: the
+    largest gain any of them gets, by whom and at which markup. Under Nash bargaining a community's
+    payoff is its weight's share of the true saving, so a markup that shrinks the saving can only
+    cost it. Under Shapley its payoff is its Shapley value of the coalitions' true savings, each
+    coalition holding it cleared on its bids (`CoalitionValues.with_bids_of`)."""
     honest = honest or solve(s)
     weights = {c.id: s.market.bargaining_weights.get(c.id, 1.0) for c in s.communities}
     share = {c: w / sum(weights.values()) for c, w in weights.items()}
     saving = standalone.totals.cost_eur - honest.totals.cost_eur
+    fair = None if values is None else shapley_values(s.ids, values, s.market.shapley)[0]
     best: dict[str, Manipulation] = {}
     for k, community in enumerate(s.communities):
         for markup in markups:
@@ -290,6 +301,9 @@ def manipulability(
                 "welfare": _cost(honest, site) - _cost(r, site),
                 "nash-bargaining": share[site] * (standalone.totals.cost_eur - r.totals.cost_eur - saving),
             }
+            if values is not None and fair is not None:
+                phi, _ = shapley_values(s.ids, values.with_bids_of(misled, site), s.market.shapley)
+                gains["shapley"] = phi[site] - fair[site]
             for design, gain in gains.items():
                 if design not in best or gain > best[design].gain_eur:
                     best[design] = Manipulation(site, markup, gain, loss, gains)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pdoe.analysis.coalitions import CoalitionValues
 from p2pdoe.analysis.defaults import RuleDefaults, compare_sharing
 from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.analysis.results import build_results
@@ -270,7 +271,6 @@ def _cooperative(
 ) -> dict[str, Any]:
     """Add Nash bargaining (unless there is no gain to share) and Shapley to `metrics`, and each
     design's core excess where every coalition was solved; what markets.json adds for them."""
-    from p2pdoe.analysis.coalitions import CoalitionValues
     from p2pdoe.analysis.markets import nash_bargaining, shapley, trading_partners, with_core_excess
     from p2pdoe.core.bargaining import BargainingError
 
@@ -297,17 +297,20 @@ def _cooperative(
         metrics["shapley"] = shapley(welfare, alone, values, exact_up_to, orders, seed)
         if len(w.ids) <= exact_up_to:
             metrics.update({d: with_core_excess(m, values) for d, m in metrics.items()})
-    _manipulability(w, central, metrics)
+    _manipulability(w, central, metrics, values)
     return extra
 
 
-def _manipulability(w: Scenario, central: dict[str, Results], metrics: dict[str, DesignMetrics]) -> None:
-    """Each community in turn bidding its sales dearer (centralized solves): the most one gains."""
+def _manipulability(
+    w: Scenario, central: dict[str, Results], metrics: dict[str, DesignMetrics], values: CoalitionValues
+) -> None:
+    """Each community in turn bidding its sales dearer (centralized solves; under Shapley in every
+    coalition that holds it): the most one gains."""
     from p2pdoe.analysis.markets import manipulability
 
     with _progress() as progress:
         progress.add_task("each community bidding its sales dearer, in turn (centralized)", total=None)
-        found = manipulability(w, central["standalone"], _central, honest=central["welfare"])
+        found = manipulability(w, central["standalone"], _central, honest=central["welfare"], values=values)
     for design, m in found.items():
         if design in metrics:
             metrics[design] = replace(metrics[design], manipulation=m)
