@@ -7,15 +7,14 @@ against the price-taking optimum: the price of anarchy (docs/markets.md, "Non-co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from p2pdoe.core.bidding import MARKUP_GRID_EUR_PER_KWH, MAX_SWEEPS, BestResponses, price_of_anarchy
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 
-MARKUP_GRID_EUR_PER_KWH = (0.0, 0.01, 0.02, 0.05)  # each community's choices (0: an honest bid)
-MOVE_EUR = 0.01  # a community changes its bid only for a gain above a cent
-MAX_SWEEPS = 10  # rounds of best responses, every community once per round
+__all__ = ["MARKUP_GRID_EUR_PER_KWH", "Bidding", "best_responses", "money", "price_of_anarchy", "with_bids"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +27,7 @@ class Bidding:
     outcomes: tuple[Results, ...]  # the market cleared on each profile's bids
     sweeps: int
     solves: int  # welfare problems solved (one per markup profile tried)
+    machine: BestResponses  # every profile's money, and the worst profile
 
     def savings_eur(self, standalone: Results) -> list[float]:
         return [standalone.totals.cost_eur - r.totals.cost_eur for r in self.outcomes]
@@ -39,54 +39,23 @@ def best_responses(
     grid: Sequence[float] = MARKUP_GRID_EUR_PER_KWH,
     max_sweeps: int = MAX_SWEEPS,
 ) -> Bidding:
-    """Round-robin best responses from honest bids: each community in turn takes the markup of the
-    grid that lowers its own money most, given the others' current ones. Ends at a round that moves
-    no one (a pure Nash equilibrium of the grid game), at a round that ends where an earlier one did
-    (a cycle), or after `max_sweeps` rounds (reported as a cycle of the rounds since the first)."""
-    ids = [c.id for c in s.communities]
+    """Round-robin best responses from honest bids (p2pdoe.core.bidding), each profile's market
+    cleared by `solve` once."""
+    machine = BestResponses(tuple(c.id for c in s.communities), tuple(grid), max_sweeps)
     cleared: dict[tuple[float, ...], Results] = {}
-
-    def market(profile: dict[str, float]) -> Results:
-        key = tuple(profile[i] for i in ids)
-        if key not in cleared:
-            bids = tuple(replace(c, sell_markup_eur_per_kwh=profile[c.id]) for c in s.communities)
-            cleared[key] = solve(replace(s, communities=bids))
-        return cleared[key]
-
-    profile = dict.fromkeys(ids, 0.0)
-    rounds: list[dict[str, float]] = []
-    while len(rounds) < max_sweeps:
-        for site in ids:
-            profile = {**profile, site: _best_markup(site, profile, grid, market)}
-        if rounds and profile == rounds[-1]:
-            return Bidding(True, (profile,), (market(profile),), len(rounds) + 1, len(cleared))
-        if profile in rounds:
-            cycle = rounds[rounds.index(profile) :]
-            return Bidding(False, tuple(cycle), tuple(map(market, cycle)), len(rounds) + 1, len(cleared))
-        rounds.append(profile)
-    return Bidding(False, tuple(rounds), tuple(map(market, rounds)), len(rounds), len(cleared))
+    while (profile := machine.wanted()) is not None:
+        r = cleared[machine.key(profile)] = solve(with_bids(s, profile))
+        machine.cleared(profile, {c.id: c.cost_eur for c in r.communities})
+    found = machine.found
+    assert found is not None
+    outcomes = tuple(cleared[machine.key(p)] for p in found.profiles)
+    return Bidding(found.equilibrium, found.profiles, outcomes, found.sweeps, len(cleared), machine)
 
 
-def _best_markup(
-    site: str,
-    profile: dict[str, float],
-    grid: Sequence[float],
-    market: Callable[[dict[str, float]], Results],
-) -> float:
-    best, lowest = profile[site], money(market(profile), site)
-    for markup in grid:
-        cost = money(market({**profile, site: markup}), site)
-        if cost < lowest - MOVE_EUR:
-            best, lowest = markup, cost
-    return best
-
-
-def price_of_anarchy(optimal_saving_eur: float, equilibrium_saving_eur: float) -> float | None:
-    """The optimum's saving over the equilibrium's (>= 1 when strategy costs welfare); None where the
-    equilibrium saves nothing."""
-    if equilibrium_saving_eur <= 0:
-        return None
-    return optimal_saving_eur / equilibrium_saving_eur
+def with_bids(s: Scenario, profile: Mapping[str, float]) -> Scenario:
+    """`s` with each community bidding its markup of `profile` on its sales."""
+    bids = tuple(replace(c, sell_markup_eur_per_kwh=profile.get(c.id, 0.0)) for c in s.communities)
+    return replace(s, communities=bids)
 
 
 def money(r: Results, site: str) -> float:
