@@ -98,9 +98,9 @@ def test_a_round_opened_by_another_coordinator_run_sends_the_journaled_settlemen
     assert again(3, "run-2") == []
 
 
-def _finish_with_campus(traders: list[str] | None) -> list[object]:
-    """A one-iteration round of town-14 and campus-30, opened with `traders`, that the DSO's grant
-    ends (with campus-30's proposal first where the two trade)."""
+def _finish_with_campus(traders: list[str] | None, trial: bool) -> list[object]:
+    """A one-iteration round of town-14 and campus-30, opened with `traders` and `trial`, that the
+    DSO's grant ends (with campus-30's proposal first where the two trade)."""
     from p2pdoe.core import topics
     from p2pdoe.core.schemas.messages import (
         EnvelopeRequest,
@@ -115,7 +115,7 @@ def _finish_with_campus(traders: list[str] | None) -> list[object]:
     market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
     heard = opening(CAL.start(SATURDAY), 4, "day-ahead-c01")
     msg = cast(RoundOpen, decode(heard.payload))
-    msg = msg.model_copy(update={"sites": ["town-14", "campus-30"], "traders": traders})
+    msg = msg.model_copy(update={"sites": ["town-14", "campus-30"], "traders": traders, "trial": trial})
     out = open_round(market, Heard(heard.topic, encode(msg), False), on_saturday())
     zeros = [0.0] * 4
     later: list[Proposal | Grant] = []
@@ -141,11 +141,11 @@ def _finish_with_campus(traders: list[str] | None) -> list[object]:
 
 
 def test_only_a_round_in_force_hands_its_plan_to_the_controller() -> None:
-    """A standalone or coalition round (it names its traders) only measures costs: its envelopes are
-    never published, so the controller must not follow its schedule."""
+    """A trial round (standalone, coalition, bid trial) only measures costs: its envelopes are never
+    published, so the controller must not follow its schedule."""
     from p2pdoe.core.edge.market import RoundDone
 
-    for traders, in_force in ((None, True), ([], False), (["town-14", "campus-30"], False)):
-        (done,) = [c for c in _finish_with_campus(traders) if isinstance(c, RoundDone)]
+    for traders, trial in ((None, False), ([], True), (["town-14", "campus-30"], True), (None, True)):
+        (done,) = [c for c in _finish_with_campus(traders, trial) if isinstance(c, RoundDone)]
         assert done.outcome.status == "converged"
-        assert (done.plan is not None) == in_force, traders
+        assert (done.plan is None) == trial, traders

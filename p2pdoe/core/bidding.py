@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 
+from p2pdoe.core.schemas.results import MarketOutcome
+
 MARKUP_GRID_EUR_PER_KWH = (0.0, 0.01, 0.02, 0.05)  # each community's choices (0: an honest bid)
 MOVE_EUR = 0.01  # a community changes its bid only for a gain above a cent
 MAX_SWEEPS = 10  # rounds of best responses, every community once per round
@@ -111,3 +113,39 @@ def price_of_anarchy(optimal_saving_eur: float, equilibrium_saving_eur: float) -
     if equilibrium_saving_eur <= 0:
         return None
     return optimal_saving_eur / equilibrium_saving_eur
+
+
+def bidding_outcome(
+    machine: BestResponses,
+    alone: Mapping[str, float],
+    in_force: Mapping[str, tuple[float, float]],
+    baseline_round: str,
+) -> MarketOutcome:
+    """The noncooperative design as results.json's market section. `alone`: each community's money
+    trading with no one (C0); `in_force`: its (money, net paid to peers) in the round cleared on the
+    profile in force. The price of anarchy compares with the honest profile's saving (the welfare
+    optimum's, cleared first)."""
+    found = machine.found
+    assert found is not None
+    players = machine.players
+    c0 = sum(alone[p] for p in players)
+    honest = dict.fromkeys(players, 0.0)
+    saving = c0 - sum(in_force[p][0] for p in players)
+    return MarketOutcome(
+        design="noncooperative",
+        baseline_round=baseline_round,
+        payment_round=None,
+        status="equilibrium" if found.equilibrium else "cycle",
+        iterations=found.sweeps,
+        weights={},
+        baseline_cost_eur={p: alone[p] for p in players},
+        cost_before_payments_eur={p: in_force[p][0] - in_force[p][1] for p in players},
+        payments=[],
+        net_payment_eur={p: in_force[p][1] for p in players},
+        gains_eur={p: alone[p] - in_force[p][0] for p in players},
+        equilibrium=found.equilibrium,
+        bids=[dict(b) for b in found.profiles],
+        bids_in_force=machine.worst(),
+        profiles_cleared=len(machine.money),
+        price_of_anarchy=price_of_anarchy(c0 - machine.total(honest), saving),
+    )

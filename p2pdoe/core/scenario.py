@@ -13,6 +13,7 @@ from datetime import date, datetime
 import numpy as np
 
 from p2pdoe.core import profiles
+from p2pdoe.core.bidding import MARKUP_GRID_EUR_PER_KWH, MAX_SWEEPS
 from p2pdoe.core.calendar import Calendar, CalendarError, clock_hours, day_seed, zone
 from p2pdoe.core.network import Feeder, FloatArray, electrical_distance_ohm
 from p2pdoe.core.powerflow import run_power_flow
@@ -104,6 +105,7 @@ class MarketData:
     bargaining_weights: Mapping[str, float] = field(default_factory=dict)  # Nash bargaining's; else 1
     design: str = "welfare"  # docs/markets.md
     shapley: tuple[int, int, int] = (8, 200, 0)  # exact up to n communities, else (orders, seed)
+    bidding: tuple[tuple[float, ...], int] = (MARKUP_GRID_EUR_PER_KWH, MAX_SWEEPS)  # (markups, sweeps)
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,7 @@ def _market(m: spec.Market, communities: tuple[CommunityData, ...], feeder: Feed
         envelope_proximal_eur_per_kw2h=m.envelope_proximal_eur_per_kw2h,
         bargaining_weights=_weights(m.bargaining_weights, [x.id for x in communities]),
         shapley=(m.shapley_exact_up_to, m.shapley_orders, m.shapley_seed),
+        bidding=(tuple(m.bid_markups_eur_per_kwh), m.bid_max_sweeps),
         design=m.design,
     )
 

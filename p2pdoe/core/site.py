@@ -83,13 +83,14 @@ def community_data(config: cfg.SiteConfig) -> CommunityData:
 
 
 def site_qp(
-    config: cfg.SiteConfig, policy: Policy, margins: tuple[float, float] | None = None
+    config: cfg.SiteConfig, policy: Policy, margins: tuple[float, float] | None = None, markup: float = 0.0
 ) -> CommunityQP:
     """The community's QP from its configuration; peers are numbered 0..P-1 in configuration order.
     `margins`: (load share, PV and wind share) the schedule keeps inside its envelope (real time,
-    see `envelope_margins`); None: none (the day-ahead agreement and the centralized reference)."""
+    see `envelope_margins`); None: none (the day-ahead agreement and the centralized reference).
+    `markup`: what it bids on its sales above their cost, EUR/kWh (the noncooperative design)."""
     m = config.market
-    data = community_data(config)
+    data = replace(community_data(config), sell_markup_eur_per_kwh=markup)
     if margins is not None:
         data = replace(data, margin_kw=envelope_margins(data, *margins))
     n_peers = len(config.peers)
@@ -168,6 +169,8 @@ def coordinator_config(s: Scenario, policy: Policy = Policy.DYNAMIC) -> Coordina
         shapley_exact_up_to=s.market.shapley[0],
         shapley_orders=s.market.shapley[1],
         shapley_seed=s.market.shapley[2],
+        bid_markups_eur_per_kwh=list(s.market.bidding[0]),
+        bid_max_sweeps=s.market.bidding[1],
     )
 
 

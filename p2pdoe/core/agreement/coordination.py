@@ -194,12 +194,15 @@ def round_setup(
     rho: tuple[float, float] | None = None,
     epoch: str | None = None,
     traders: frozenset[str] | None = None,
+    markups: Mapping[str, float] | None = None,
+    trial: bool = False,
 ) -> RoundSetup:
     """The DSO participant of a round among every registered site not in `excluded`, in config order.
     `warm`: where the couplings start (`warm.warm_start_from`); `rho`: (rho_trade, rho_envelope) to
     start from instead of the configuration's, e.g. the previous round's final values; `traders`:
     who trades (None: every site; empty: a standalone round; else a coalition, trading among its
-    members only)."""
+    members only); `markups`: each site's sale markup (None: honest bids); `trial`: a round whose
+    envelopes are never in force."""
     ids = [s.id for s in cfg.sites]
     taking_part = [i for i, sid in enumerate(ids) if sid in registrations and sid not in excluded]
     facts = [_facts(cfg, feeder, s, registrations.get(s.id)) for s in cfg.sites]
@@ -242,6 +245,8 @@ def round_setup(
         epoch=epoch,
         ranges=tuple(ranges_digest(lo, hi) for lo, hi in zip(ranges.x_min, ranges.x_max, strict=True)),
         traders=None if traders is None else tuple(sid for sid in sites if sid in traders),
+        markups=None if markups is None else {sid: markups.get(sid, 0.0) for sid in sites},
+        trial=trial,
     )
     dso = DsoParticipant(plan, cfg.intervals, with_rho(admm_settings(cfg.admm), rho), grid, ranges)
     left_out = tuple(sid for sid in ids if sid not in sites)

@@ -9,6 +9,7 @@ onto the safe set for iteration k + 1. Every grant is network-safe, converged or
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -95,6 +96,8 @@ class RoundPlan:
     epoch: str | None = None  # the coordinator's run (a restarted one opens the same ids anew)
     ranges: tuple[str, ...] = ()  # per site, the digest of the ranges its requests are checked against
     traders: tuple[str, ...] | None = None  # who trades (None: every site); `peers` among them only
+    markups: Mapping[str, float] | None = None  # each site's sale markup (None: honest bids)
+    trial: bool = False  # a round that only measures: its envelopes are never in force
 
 
 def with_rho(settings: AdmmSettings, rho: tuple[float, float] | None) -> AdmmSettings:
@@ -303,6 +306,8 @@ class DsoParticipant:
                     epoch=self.plan.epoch,
                     ranges=dict(zip(self.plan.sites, self.plan.ranges, strict=False)),
                     traders=None if self.plan.traders is None else list(self.plan.traders),
+                    markups=None if self.plan.markups is None else dict(self.plan.markups),
+                    trial=self.plan.trial,
                 )
             )
         ]

@@ -5,11 +5,13 @@
    the sites missing then are left out (on their defaults, which every grant accounts for).
 3. Agreeing: the day-ahead round among the ready sites. A site silent past an iteration's patience
    is left out and the round is opened again without it (`<round>.2`, ...), up to `max_attempts`.
-   Under Nash bargaining and Shapley (`market` in the configuration), a standalone round
-   (`<round>-standalone`, no trade) and, for Shapley, a round per coalition (`<round>-cNN`) come first
-   (p2pdoe.core.coordinator.cooperative). After the welfare round's reports, Nash bargaining's payment
-   round (`<round>-payments`, p2pdoe.core.coordinator.payments) agrees on payments over the trading
-   links; Shapley's values follow from the rounds' reports.
+   Under Nash bargaining, Shapley and the noncooperative design (`market` in the configuration), a
+   standalone round (`<round>-standalone`, no trade) comes first, then for Shapley a round per
+   coalition (`<round>-cNN`), for the noncooperative design a round per bid profile its best
+   responses try (`<round>-bNN`) (p2pdoe.core.coordinator.cooperative). The welfare round follows,
+   on the bids where best responses ended. After its reports, Nash bargaining's payment round
+   (`<round>-payments`, p2pdoe.core.coordinator.payments) agrees on payments over the trading
+   links; Shapley's values and the bids' outcome follow from the rounds' reports.
 4. Reporting: the agreed envelopes of the interval in force go out; the sites' reports are awaited
    (`report_timeout_s`), then the agreement is handed to the shell (results.json).
 5. Then, by the rules: stop; or publish each interval's envelopes as it starts (following); or the
@@ -315,7 +317,8 @@ class CoordinatorMachine:
         ctx, n = self.ctx, len(self.attempts) - self._stage_start + 1
         left_out = self.registry.left_out()
         taking_part = len(ctx.site_ids) - len(left_out)
-        base, traders = self.stages.round_spec(ctx.rules.round)
+        spec = self.stages.round_spec(ctx.rules.round)
+        base = spec.id
         if n > ctx.rules.max_attempts and self.stages.stage != WELFARE:
             return self._stage_given_up(now, f"no agreement of {base} after {n - 1} attempts")
         if n > ctx.rules.max_attempts:
@@ -326,7 +329,7 @@ class CoordinatorMachine:
         try:
             setup = round_setup(
                 ctx.cfg, ctx.feeder, self.registry.registrations, left_out, ctx.defaults, round_id,
-                epoch=ctx.epoch, traders=traders,
+                epoch=ctx.epoch, traders=spec.traders, markups=spec.markups, trial=spec.trial,
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
@@ -432,6 +435,8 @@ class CoordinatorMachine:
             return self._open_payments(now)
         if design == "shapley" and unsettled:
             self._shapley_values()
+        if design == "noncooperative" and unsettled:
+            self._bidding_outcome()
         run, ctx, rules = self._run(), self.ctx, self.ctx.rules
         assert run.outcome is not None
         setup = run.setup
@@ -489,6 +494,16 @@ class CoordinatorMachine:
         else:
             self.market = made
             log.info("Shapley values from %d coalition rounds", self.stages.coalition_rounds)
+
+    def _bidding_outcome(self) -> None:
+        made = self.stages.noncooperative(self.reports)
+        if isinstance(made, str):
+            self.market_failure = f"no noncooperative outcome: {made}"
+            log.warning("%s; the welfare round on honest bids stands", self.market_failure)
+        else:
+            self.market = made
+            log.info("bids: %s after %d profiles, %s in force", made.status, made.profiles_cleared,
+                     made.bids_in_force)  # fmt: skip
 
     def _open_payments(self, now: datetime) -> list[Command]:
         run, rules, stages = self._run(), self.ctx.rules, self.stages

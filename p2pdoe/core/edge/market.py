@@ -6,8 +6,9 @@ from the site's measured state (p2pdoe.core.site.remaining_config) taken from a 
 real-time controller. Messages of a round whose opening has not arrived yet are kept (a few); a
 round that leaves the site out is logged (its default envelope applies). When the participant
 finishes, the machine hands back `RoundDone`: the shell reports it and the real-time machine
-follows its plan, if the round is in force (a standalone or coalition round, one that names its
-`traders`, only measures costs: its envelopes are never published). Under Nash bargaining a
+follows its plan, if the round is in force (a `trial` round, standalone, coalition or bid trial,
+only measures costs: its envelopes are never published). The site bids the sale markup its opening
+names for it (the noncooperative design's bid profiles). Under Nash bargaining a
 payment round follows (`handle_payment`): the site's gain comes from its own costs in the
 standalone and welfare rounds (`cost_of_round`), which it keeps.
 """
@@ -59,7 +60,7 @@ class RoundState:
     qp: CommunityQP
     participant: CommunityParticipant
     cpu_at_open: float
-    in_force: bool = True  # False for a standalone or coalition round: its envelopes are never published
+    in_force: bool = True  # False for a trial round: its envelopes are never published
     steps: list[float] = field(default_factory=list)  # seconds per solve-and-propose
 
 
@@ -257,11 +258,12 @@ class EdgeMarket:
         if whole_day:
             out.append(DayStarts(start, config))
         config = with_peers(config, _trading_with(self.site, msg))
-        qp = self._within_registered(site_qp(config, Policy(msg.policy), self.margins), msg, start)
+        markup = (msg.markups or {}).get(self.site, 0.0)
+        qp = self._within_registered(site_qp(config, Policy(msg.policy), self.margins, markup), msg, start)
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
         r = self.rounds[msg.round] = RoundState(
-            msg.round, msg.epoch, start, config, qp, participant, self.cpu(), in_force=msg.traders is None
+            msg.round, msg.epoch, start, config, qp, participant, self.cpu(), in_force=not msg.trial
         )
         self._latest = msg.round
         log.info(

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from p2pdoe.core.bidding import MARKUP_GRID_EUR_PER_KWH, MAX_SWEEPS
 from p2pdoe.core.calendar import ZoneName
 from p2pdoe.core.schemas.scenario import Admm, MarketDesign
 
@@ -102,6 +103,11 @@ class CoordinatorConfig(Model):
     shapley_exact_up_to: Annotated[int, Field(ge=1, le=12)] = 8
     shapley_orders: Annotated[int, Field(ge=2)] = 200
     shapley_seed: int = 0
+    # noncooperative: a round per bid profile best responses try, from these sale markups (EUR/kWh)
+    bid_markups_eur_per_kwh: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: list(MARKUP_GRID_EUR_PER_KWH), min_length=1
+    )
+    bid_max_sweeps: Annotated[int, Field(ge=1, le=100)] = MAX_SWEEPS
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:

@@ -122,6 +122,11 @@ class RoundOpen(Message):
     # who trades in this round, with those of its peers listed too: None, every site; [] none (a
     # standalone round, the cooperative designs' baseline); else a coalition (Shapley's values)
     traders: list[SiteId] | None = None
+    # per site, the markup it bids on its sales, EUR/kWh (the noncooperative design's bid profiles);
+    # None: every site bids honestly
+    markups: dict[SiteId, Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]] | None = None
+    # a round that only measures (standalone, coalition, bid trial): its envelopes are never in force
+    trial: bool = False
 
     @field_validator("start")
     @classmethod

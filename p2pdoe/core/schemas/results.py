@@ -311,11 +311,12 @@ class CoalitionValue(Model):
 
 
 class MarketOutcome(Model):
-    """A cooperative design's payments on top of the welfare schedule (docs/markets.md): each
-    community's cost alone (the standalone round), the payments (Nash bargaining: agreed over the
-    links; Shapley: each community's value), and its gain after them."""
+    """A design's outcome beyond its schedule (docs/markets.md): each community's cost alone (the
+    standalone round), the payments (Nash bargaining: agreed over the links; Shapley: each
+    community's value; noncooperative: its trades at the prices its bids cleared at), and its gain
+    after them."""
 
-    design: Literal["nash-bargaining", "shapley"]
+    design: Literal["nash-bargaining", "shapley", "noncooperative"]
     baseline_round: str  # the standalone round
     payment_round: str | None  # Nash bargaining's
     status: str
@@ -332,6 +333,14 @@ class MarketOutcome(Model):
     # where the values were sampled, each one's standard error
     coalitions: list[CoalitionValue] = Field(default_factory=list)
     sampling_error_eur: dict[str, float] | None = None
+    # noncooperative: where best responses ended (one profile: an equilibrium; more: a cycle), each
+    # profile's sale markups per community (EUR/kWh), the profile in force (of a cycle the one that
+    # saves least), how many profiles were cleared, and the optimal saving over the saving in force
+    equilibrium: bool | None = None
+    bids: list[dict[str, float]] = Field(default_factory=list)
+    bids_in_force: dict[str, float] | None = None
+    profiles_cleared: int | None = None
+    price_of_anarchy: float | None = None
 
 
 class Results(Model):

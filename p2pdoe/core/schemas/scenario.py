@@ -10,6 +10,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from p2pdoe.core.bidding import MARKUP_GRID_EUR_PER_KWH, MAX_SWEEPS
 from p2pdoe.core.calendar import ZoneName
 
 SCENARIO_SCHEMA_VERSION = 1
@@ -138,7 +139,7 @@ class Prices(Model):
         return self
 
 
-MarketDesign = Literal["standalone", "welfare", "nash-bargaining", "shapley"]
+MarketDesign = Literal["standalone", "welfare", "nash-bargaining", "shapley", "noncooperative"]
 DESIGNS: tuple[str, ...] = get_args(MarketDesign)
 SCHEDULE_DESIGNS = ("standalone", "welfare")  # the designs that agree on a schedule of their own
 
@@ -154,7 +155,8 @@ class Market(Model):
     # the market design (docs/markets.md): `welfare`, the social optimum with bilateral trades;
     # `standalone`, no peer-to-peer trade, each community against the grid under the same envelopes;
     # `nash-bargaining`, the welfare schedule with payments over the links that share its saving;
-    # `shapley`, the welfare schedule with each community paid its Shapley value
+    # `shapley`, the welfare schedule with each community paid its Shapley value;
+    # `noncooperative`, strategic bidders: the market clears on the bids best responses end at
     design: MarketDesign = "welfare"
     # Nash bargaining's weight per community id (docs/markets.md); a community left out weighs 1
     bargaining_weights: dict[str, Pos] = Field(default_factory=dict)
@@ -163,6 +165,12 @@ class Market(Model):
     shapley_exact_up_to: Annotated[int, Field(ge=1, le=12)] = 8
     shapley_orders: Annotated[int, Field(ge=2)] = 200
     shapley_seed: int = 0
+    # noncooperative: the sale markups each community chooses from (EUR/kWh), and how many rounds of
+    # best responses at most
+    bid_markups_eur_per_kwh: list[NonNeg] = Field(
+        default_factory=lambda: list(MARKUP_GRID_EUR_PER_KWH), min_length=1
+    )
+    bid_max_sweeps: Annotated[int, Field(ge=1, le=100)] = MAX_SWEEPS
 
 
 class AdaptiveRho(Model):
