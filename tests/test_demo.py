@@ -134,6 +134,42 @@ def test_shapley_over_mosquitto_matches_its_in_process_answer(
     assert sum(market["gains_eur"].values()) == pytest.approx(grand, abs=1e-9)
 
 
+def test_strategic_bids_over_mosquitto_match_their_in_process_answer(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """Four communities bidding markups on their sales: the standalone round, a trial round per bid
+    profile the best responses ask for (each once), then the round in force on the equilibrium; the
+    rounds, the bids and every gain equal those of the same machines in-process (`solve --mode
+    admm`). On this day the sellers mark up (a non-trivial equilibrium), and it costs welfare."""
+    args = ["--scenario", "synthetic-4", "--market", "noncooperative"]
+    demo = run_p2pdoe(
+        "demo", "--day-ahead", *args, "--broker", mosquitto_broker.url, "--out", str(tmp_path / "demo")
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    results = _check(demo.stdout, tmp_path / "demo")
+    market = results["market"]
+    assert isinstance(market, dict)
+    solve = run_p2pdoe("solve", "--mode", "admm", *args, "--out", str(tmp_path / "solve"))
+    assert solve.returncode == 0, solve.stdout + solve.stderr
+    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
+    for key in ("design", "status", "bids", "bids_in_force", "profiles_cleared", "iterations"):
+        assert market[key] == own[key], key
+    assert market["status"] == "equilibrium"
+    assert any(x > 0 for x in market["bids_in_force"].values())
+    assert market["price_of_anarchy"] == pytest.approx(own["price_of_anarchy"], abs=1e-9)
+    assert market["price_of_anarchy"] > 1.0
+    for site, gain in market["gains_eur"].items():
+        assert gain == pytest.approx(own["gains_eur"][site], abs=1e-6), site
+    rounds = [a["round"] for a in results["runtime"]["attempts"]]  # type: ignore[index]
+    bids = market["profiles_cleared"]
+    assert rounds == [
+        "day-ahead-standalone",
+        *(f"day-ahead-b{k:02d}" for k in range(1, bids + 1)),
+        "day-ahead",
+    ]
+    assert "Strategic bids over MQTT (EUR)" in demo.stdout
+
+
 def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     run = run_p2pdoe("demo", "--day-ahead", "--broker", url, "--out", str(tmp_path), timeout=60)

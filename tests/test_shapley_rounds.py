@@ -35,7 +35,8 @@ def test_the_rounds_go_standalone_then_every_coalition_then_welfare() -> None:
     stages = Stages("shapley", order=SITES, stage=STANDALONE)
     seen = []
     while True:
-        base, traders = stages.round_spec("day-ahead")
+        base, traders, markups, trial = stages.round_spec("day-ahead")
+        assert (markups, trial) == (None, stages.stage != WELFARE)
         seen.append((base, None if traders is None else "".join(sorted(traders))))
         assert stages.publishes_envelopes == (stages.stage == WELFARE)
         if stages.stage == WELFARE:
@@ -53,10 +54,10 @@ def test_the_rounds_go_standalone_then_every_coalition_then_welfare() -> None:
 
 def test_nash_bargaining_has_only_the_standalone_round_before_and_welfare_none() -> None:
     nash = Stages("nash-bargaining", order=SITES, stage=STANDALONE)
-    assert nash.round_spec("r") == ("r-standalone", frozenset())
+    assert nash.round_spec("r") == ("r-standalone", frozenset(), None, True)
     nash.done("r-standalone", {s: _report(s, ALONE[s]) for s in SITES})
-    assert (nash.stage, nash.round_spec("r")) == (WELFARE, ("r", None))
-    assert Stages("welfare").round_spec("r") == ("r", None)
+    assert (nash.stage, nash.round_spec("r")) == (WELFARE, ("r", None, None, False))
+    assert Stages("welfare").round_spec("r") == ("r", None, None, False)
 
 
 def test_a_stage_given_up_goes_straight_to_welfare() -> None:

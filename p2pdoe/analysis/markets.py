@@ -174,6 +174,22 @@ def shapley_market(
     return shapley_outcome(players, own_costs(standalone), costs, s.market.shapley, "standalone", len(needed))
 
 
+def bid_market(s: Scenario, solve: Callable[[Scenario], Results]) -> Results:
+    """The noncooperative design as the coordinator's rounds run it: the day standalone, each bid
+    profile best responses ask for cleared by `solve` once, then the market cleared again on the
+    profile in force, with the bids' outcome as its market section."""
+    from p2pdoe.analysis.bidding import best_responses, with_bids
+    from p2pdoe.core.bidding import bidding_outcome
+
+    alone = solve(standalone_of(s))
+    grid, sweeps = s.market.bidding
+    machine = best_responses(s, solve, grid, sweeps).machine
+    results = solve(with_bids(s, machine.worst()))
+    money = {c.id: (c.cost_eur, c.cost_breakdown.p2p_net_eur) for c in results.communities}
+    outcome = bidding_outcome(machine, {c.id: c.cost_eur for c in alone.communities}, money, "standalone")
+    return results.model_copy(update={"market": outcome})
+
+
 def trading_partners(s: Scenario) -> dict[str, list[str]]:
     """Each community's trading partners, by id."""
     return {s.ids[c]: [s.ids[m] for m in s.market.peers[c]] for c in range(len(s.ids))}

@@ -28,7 +28,7 @@ from rich.table import Table
 from p2pdoe.core import topics
 from p2pdoe.core.community import REALTIME_MARGINS
 from p2pdoe.core.market import with_margins
-from p2pdoe.core.schemas.results import RealtimeInfo, Results
+from p2pdoe.core.schemas.results import MarketOutcome, RealtimeInfo, Results
 from p2pdoe.core.schemas.runtime import Progress, decode_runtime
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.scenarios import load_scenario
@@ -377,6 +377,10 @@ def _report(s: Any, r: Results, policy: str, out: Path) -> None:
     from p2pdoe.report.plots import write_plots
     from p2pdoe.services.inprocess import run_admm
 
+    if r.market is not None and r.market.bids_in_force is not None:  # the market cleared on bids
+        from p2pdoe.analysis.bidding import with_bids
+
+        s = with_bids(s, r.market.bids_in_force)
     reference = run_admm(s, Policy(policy)).solution.objective_eur
     _site_table(r)
     sv, rt = r.solver, r.runtime
@@ -408,7 +412,8 @@ def _attempts(r: Results) -> int:
 
 
 def _market_report(s: Any, r: Results, policy: str) -> None:
-    """A cooperative design's payments over MQTT, each community's gain, and the in-process answer."""
+    """A design's payments over MQTT (cooperative ones) or the bids it ended at (noncooperative), each
+    community's gain, and the in-process answer."""
     from p2pdoe.cli.jobs import run_policy
     from p2pdoe.core.solution import Policy
 
@@ -419,8 +424,10 @@ def _market_report(s: Any, r: Results, policy: str) -> None:
     assert own is not None
     if m.design == "nash-bargaining":
         how = f"Nash bargaining over MQTT (EUR): {m.payment_round}, {m.status} after {m.iterations}"
-    else:
+    elif m.design == "shapley":
         how = f"Shapley values over MQTT (EUR): {m.iterations} coalition rounds"
+    else:
+        how = f"Strategic bids over MQTT (EUR): {m.profiles_cleared} bid rounds, {m.status}"
     table = Table(title=how)
     for col in ("site", "alone", "before pay", "pays peers", "gain", "in-process"):
         table.add_column(col, justify="left" if col == "site" else "right")
@@ -432,16 +439,22 @@ def _market_report(s: Any, r: Results, policy: str) -> None:
     console.print(table)
     worst = max(abs(g - own.gains_eur[c]) for c, g in m.gains_eur.items() if c in own.gains_eur)
     alone = [a.iterations for a in rt.attempts if a.round.split(".")[0] == m.baseline_round]
-    stage2 = (
-        f"{m.messages_per_iteration or 0:.1f} messages, {(m.bytes_per_iteration or 0) / 1e3:.1f} kB per "
-        "payment iteration"
-        if m.design == "nash-bargaining"
-        else f"{len(m.coalitions)} coalition values"
-    )
+    stage2 = _stage2(m)
     console.print(
         f"the standalone round {m.baseline_round} ({alone[-1] if alone else '?'} iterations) gave each "
         f"community its cost alone; {stage2}; largest gap to the in-process answer {worst:.2e} EUR"
     )
+
+
+def _stage2(m: MarketOutcome) -> str:
+    if m.design == "nash-bargaining":
+        kb = (m.bytes_per_iteration or 0) / 1e3
+        return f"{m.messages_per_iteration or 0:.1f} messages, {kb:.1f} kB per payment iteration"
+    if m.design == "shapley":
+        return f"{len(m.coalitions)} coalition values"
+    bids = ", ".join(f"{site} {x:g}" for site, x in (m.bids_in_force or {}).items() if x)
+    poa = "-" if m.price_of_anarchy is None else f"{m.price_of_anarchy:.4f}"
+    return f"sale markups in force (EUR/kWh): {bids or 'none'}; price of anarchy {poa}"
 
 
 def _site_table(r: Results) -> None:

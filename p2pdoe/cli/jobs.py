@@ -36,7 +36,12 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 def run_policy(s: Scenario, policy: Policy, mode: str = "centralized") -> Results:
     """`s` solved under `policy`; under Nash bargaining and Shapley, with the design's payments
-    (`Results.market`) from the same day solved standalone (and by each coalition, for Shapley)."""
+    (`Results.market`) from the same day solved standalone (and by each coalition, for Shapley);
+    under the noncooperative design, on the bids where best responses end (`Results.market`)."""
+    if s.market.design == "noncooperative":
+        from p2pdoe.analysis.markets import bid_market
+
+        return bid_market(s, lambda x: _solve(x, policy, mode))
     results = _solve(s, policy, mode)
     if s.market.design not in ("nash-bargaining", "shapley"):
         return results
