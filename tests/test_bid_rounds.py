@@ -8,11 +8,11 @@ do; a stage given up falls back to honest bids."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from bidding_games import Game, Player
 
 from p2pdoe.analysis.bidding import best_responses
 from p2pdoe.core.coordinator.cooperative import BIDDING, STANDALONE, WELFARE, Stages
@@ -21,7 +21,7 @@ from p2pdoe.core.schemas.runtime import SiteReport
 
 SITES = ("a", "b")
 ALONE = {"a": 30.0, "b": 30.0}
-Game = Callable[[Mapping[str, float]], dict[str, float]]
+Money = Callable[[Mapping[str, float]], dict[str, float]]
 
 
 def _dilemma(bids: Mapping[str, float]) -> dict[str, float]:
@@ -42,7 +42,7 @@ def _report(site: str, money: float, p2p_net: float = 0.0) -> SiteReport:
     return SiteReport.model_construct(site=site, community=community)
 
 
-def _rounds(game: Game, grid: tuple[float, ...]) -> tuple[Stages, list[tuple[str, Any, bool]]]:
+def _rounds(game: Money, grid: tuple[float, ...]) -> tuple[Stages, list[tuple[str, Any, bool]]]:
     """Every round the stages open, answered with each site's money in `game` on its bids."""
     stages = Stages("noncooperative", order=SITES, stage=STANDALONE, grid=grid, max_sweeps=10)
     seen: list[tuple[str, Any, bool]] = []
@@ -57,24 +57,13 @@ def _rounds(game: Game, grid: tuple[float, ...]) -> tuple[Stages, list[tuple[str
     return stages, seen
 
 
-def _in_process(game: Game, grid: tuple[float, ...]) -> Any:
+def _in_process(game: Money, grid: tuple[float, ...]) -> Any:
     def market(g: Any) -> Any:
         money = game({p.id: p.sell_markup_eur_per_kwh for p in g.communities})
         rows = [SimpleNamespace(id=i, cost_eur=c) for i, c in money.items()]
         return SimpleNamespace(communities=rows, totals=SimpleNamespace(cost_eur=sum(money.values())))
 
-    return best_responses(_Game(tuple(_Player(s) for s in SITES)), market, grid=grid)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _Player:
-    id: str
-    sell_markup_eur_per_kwh: float = 0.0
-
-
-@dataclass(frozen=True)
-class _Game:
-    communities: tuple[_Player, ...]
+    return best_responses(Game(tuple(Player(s) for s in SITES)), market, grid=grid)  # type: ignore[arg-type]
 
 
 def test_a_dilemma_ends_at_its_equilibrium_each_profile_once_then_the_round_in_force() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import assert_one_line_error, run_p2pdoe
@@ -111,20 +112,10 @@ def test_shapley_over_mosquitto_matches_its_in_process_answer(
     """Four communities: the standalone round, a round per coalition of two or three (ten), the
     welfare round; every coalition's value and every Shapley value equal those of the same rounds
     in-process (`solve --mode admm`), and the values add up to the grand coalition's (efficiency)."""
-    args = ["--scenario", "synthetic-4", "--market", "shapley"]
-    demo = run_p2pdoe(
-        "demo", "--day-ahead", *args, "--broker", mosquitto_broker.url, "--out", str(tmp_path / "demo")
-    )
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    results = _check(demo.stdout, tmp_path / "demo")
-    market = results["market"]
-    assert isinstance(market, dict)
+    _, results, market, own = _design_over_mosquitto("shapley", mosquitto_broker, tmp_path)
     assert (market["design"], market["iterations"], len(market["coalitions"])) == ("shapley", 10, 11)
     rounds = [a["round"] for a in results["runtime"]["attempts"]]  # type: ignore[index]
     assert rounds == ["day-ahead-standalone", *(f"day-ahead-c{k:02d}" for k in range(1, 11)), "day-ahead"]
-    solve = run_p2pdoe("solve", "--mode", "admm", *args, "--out", str(tmp_path / "solve"))
-    assert solve.returncode == 0, solve.stdout + solve.stderr
-    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
     for site, value in market["gains_eur"].items():
         assert value == pytest.approx(own["gains_eur"][site], abs=1e-6), site
     theirs = {frozenset(c["members"]): c["value_eur"] for c in own["coalitions"]}
@@ -134,6 +125,7 @@ def test_shapley_over_mosquitto_matches_its_in_process_answer(
     assert sum(market["gains_eur"].values()) == pytest.approx(grand, abs=1e-9)
 
 
+@pytest.mark.timeout(1800)
 def test_strategic_bids_over_mosquitto_match_their_in_process_answer(
     mosquitto_broker: Broker, tmp_path: Path
 ) -> None:
@@ -141,17 +133,7 @@ def test_strategic_bids_over_mosquitto_match_their_in_process_answer(
     profile the best responses ask for (each once), then the round in force on the equilibrium; the
     rounds, the bids and every gain equal those of the same machines in-process (`solve --mode
     admm`). On this day the sellers mark up (a non-trivial equilibrium), and it costs welfare."""
-    args = ["--scenario", "synthetic-4", "--market", "noncooperative"]
-    demo = run_p2pdoe(
-        "demo", "--day-ahead", *args, "--broker", mosquitto_broker.url, "--out", str(tmp_path / "demo")
-    )
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    results = _check(demo.stdout, tmp_path / "demo")
-    market = results["market"]
-    assert isinstance(market, dict)
-    solve = run_p2pdoe("solve", "--mode", "admm", *args, "--out", str(tmp_path / "solve"))
-    assert solve.returncode == 0, solve.stdout + solve.stderr
-    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
+    demo, results, market, own = _design_over_mosquitto("noncooperative", mosquitto_broker, tmp_path)
     for key in ("design", "status", "bids", "bids_in_force", "profiles_cleared", "iterations"):
         assert market[key] == own[key], key
     assert market["status"] == "equilibrium"
@@ -168,6 +150,23 @@ def test_strategic_bids_over_mosquitto_match_their_in_process_answer(
         "day-ahead",
     ]
     assert "Strategic bids over MQTT (EUR)" in demo.stdout
+
+
+def _design_over_mosquitto(
+    design: str, broker: Broker, tmp_path: Path
+) -> tuple[Any, dict[str, object], dict[str, Any], dict[str, Any]]:
+    """`design` on synthetic-4 over `broker` (the demo, checked) and in-process (`solve --mode admm`):
+    the demo's run, its results, their market section and the in-process one."""
+    args = ["--scenario", "synthetic-4", "--market", design]
+    demo = run_p2pdoe("demo", "--day-ahead", *args, "--broker", broker.url, "--out", str(tmp_path / "demo"))
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    results = _check(demo.stdout, tmp_path / "demo")
+    market = results["market"]
+    assert isinstance(market, dict)
+    solve = run_p2pdoe("solve", "--mode", "admm", *args, "--out", str(tmp_path / "solve"))
+    assert solve.returncode == 0, solve.stdout + solve.stderr
+    own = json.loads((tmp_path / "solve" / "results.json").read_text())["market"]
+    return demo, results, market, own
 
 
 def test_demo_with_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:

@@ -5,12 +5,13 @@ an equilibrium or a cycle, with the price of anarchy of the worst."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from bidding_games import Game, Player
 
 from p2pdoe.analysis.bidding import best_responses, price_of_anarchy
 from p2pdoe.analysis.equilibrium import best_response_gaps
@@ -48,17 +49,6 @@ def test_the_centralized_optimum_is_one_too_and_so_is_standalone() -> None:
 # --- strategic bidders on games whose equilibria are known -------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Player:
-    id: str
-    sell_markup_eur_per_kwh: float = 0.0
-
-
-@dataclass(frozen=True)
-class _Game:
-    communities: tuple[_Player, ...]
-
-
 def _cleared(costs: dict[str, float]) -> Any:
     rows = [SimpleNamespace(id=i, cost_eur=c) for i, c in costs.items()]
     return SimpleNamespace(communities=rows, totals=SimpleNamespace(cost_eur=sum(costs.values())))
@@ -74,7 +64,7 @@ def test_a_dominant_markup_is_every_players_equilibrium() -> None:
         solves.append((a, b))
         return _cleared({"a": 10 - 60 * a + 100 * b, "b": 10 - 60 * b + 100 * a})
 
-    found = best_responses(_Game((_Player("a"), _Player("b"))), market, grid=(0.0, 0.05))  # type: ignore[arg-type]
+    found = best_responses(Game((Player("a"), Player("b"))), market, grid=(0.0, 0.05))  # type: ignore[arg-type]
     assert found.equilibrium
     assert found.profiles == ({"a": 0.05, "b": 0.05},)
     assert found.sweeps == 2
@@ -91,7 +81,7 @@ def test_matching_pennies_has_no_pure_equilibrium_and_its_cycle_is_reported() ->
         same = a == b
         return _cleared({"a": 0.0 if same else 1.0, "b": 1.0 if same else 0.0})
 
-    found = best_responses(_Game((_Player("a"), _Player("b"))), market, grid=(0.0, 0.01))  # type: ignore[arg-type]
+    found = best_responses(Game((Player("a"), Player("b"))), market, grid=(0.0, 0.01))  # type: ignore[arg-type]
     assert not found.equilibrium
     assert found.profiles == ({"a": 0.0, "b": 0.01}, {"a": 0.01, "b": 0.0})
 

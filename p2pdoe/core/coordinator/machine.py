@@ -487,23 +487,25 @@ class CoordinatorMachine:
         return self._next_attempt(now)
 
     def _shapley_values(self) -> None:
-        made = self.stages.shapley(self.reports)
-        if isinstance(made, str):
-            self.market_failure = f"no Shapley values: {made}"
-            log.warning("%s; the welfare round's trade prices stand", self.market_failure)
-        else:
-            self.market = made
+        self._market_from(self.stages.shapley(self.reports), "no Shapley values", "trade prices")
+        if self.market is not None:
             log.info("Shapley values from %d coalition rounds", self.stages.coalition_rounds)
 
     def _bidding_outcome(self) -> None:
         made = self.stages.noncooperative(self.reports)
+        self._market_from(made, "no noncooperative outcome", "trade prices on honest bids")
+        if self.market is not None:
+            m = self.market
+            log.info("bids: %s after %d profiles, %s in force", m.status, m.profiles_cleared, m.bids_in_force)
+
+    def _market_from(self, made: MarketOutcome | str, failure: str, standing: str) -> None:
+        """The design's market section, or why there is none (logged: the welfare round's
+        `standing` stand)."""
         if isinstance(made, str):
-            self.market_failure = f"no noncooperative outcome: {made}"
-            log.warning("%s; the welfare round on honest bids stands", self.market_failure)
+            self.market_failure = f"{failure}: {made}"
+            log.warning("%s; the welfare round's %s stand", self.market_failure, standing)
         else:
             self.market = made
-            log.info("bids: %s after %d profiles, %s in force", made.status, made.profiles_cleared,
-                     made.bids_in_force)  # fmt: skip
 
     def _open_payments(self, now: datetime) -> list[Command]:
         run, rules, stages = self._run(), self.ctx.rules, self.stages
