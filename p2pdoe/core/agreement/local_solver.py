@@ -20,7 +20,7 @@ OSQP_SETTINGS: dict[str, object] = {
     "eps_abs": 1e-5,
     "eps_rel": 1e-5,
     "max_iter": 20000,
-    "polishing": True,
+    "polishing": False,  # an iteration's proposal: the ADMM tolerances are far looser than OSQP's
     "warm_starting": True,
     "check_termination": 10,
 }
@@ -70,9 +70,11 @@ class LocalSolver:
             lower[rows] = values
             upper[rows] = values
         self._solver.update(q=q, l=lower, u=upper)
-        self._solver.update_settings(eps_abs=eps, eps_rel=eps)
+        self._solver.update_settings(eps_abs=eps, eps_rel=eps, polishing=True)
         result = self._run()
-        self._solver.update_settings(eps_abs=OSQP_SETTINGS["eps_abs"], eps_rel=OSQP_SETTINGS["eps_rel"])
+        self._solver.update_settings(
+            eps_abs=OSQP_SETTINGS["eps_abs"], eps_rel=OSQP_SETTINGS["eps_rel"], polishing=False
+        )
         self._solver.update(l=self.qp.lower, u=self.qp.upper)
         return result
 
