@@ -6,7 +6,10 @@ in-process ADMM of the same scenario, in one run. Prints Markdown.
 Per scenario: iterations and objective of both (the gap must be ~0), the distributed round's wall
 time per iteration (grant to grant at the coordinator) against the in-process critical path per
 iteration (slowest community step plus the DSO's), the edge agents' solve time per iteration, a
-broker round trip, and the edge agents' peak resident memory. Uses a Mosquitto it starts on a free
+broker round trip, the edge agents' CPU per iteration (their process's, from each round's opening to
+its end) split as they report it: their participant's steps (solves and coupling updates), decoding
+and encoding agreement messages, and the rest (the MQTT client stack, the event loop, the hop to the
+solver thread), and the edge agents' peak resident memory (VmHWM). Uses a Mosquitto it starts on a free
 loopback port (the embedded broker if Mosquitto is missing). All processes share this machine's cores.
 """
 
@@ -125,12 +128,19 @@ def row(scenario: str, url: str, rtt_ms: float) -> str:
     slowest_edge = max(t.median_ms for t in edge)
     gap = 100.0 * abs(r.objective_eur - inproc.solution.objective_eur) / abs(inproc.solution.objective_eur)
     rss = max(site.rss_mb or 0.0 for site in rt.sites)
-    cpu_ms = statistics.mean((site.cpu_s or 0.0) for site in rt.sites) / sv.iterations * 1e3
+
+    def per_iteration_ms(values: list[float | None]) -> float:
+        return statistics.mean(v or 0.0 for v in values) / sv.iterations * 1e3
+
+    cpu_ms = per_iteration_ms([site.cpu_s for site in rt.sites])
+    steps_ms = per_iteration_ms([site.cpu_steps_s for site in rt.sites])
+    codec_ms = per_iteration_ms([site.cpu_codec_s for site in rt.sites])
     return (
         f"| {scenario} | {len(s.ids)} | {sv.iterations} / {it_in} | {gap:.2e} | {sv.wall_time_s:.2f} | "
         f"{inproc_wall:.2f} | {wall_ms:.1f} / {rt.iteration_wall_ms['p95']:.1f} | {crit_ms:.2f} | "
         f"{wall_ms / crit_ms:.1f} | {slowest_edge:.2f} | {dso.median_ms:.2f} | {rtt_ms:.2f} | "
-        f"{cpu_ms:.1f} | {sv.messages_per_iteration:.1f} | {rss:.0f} |"
+        f"{cpu_ms:.2f} | {steps_ms:.2f} | {codec_ms:.2f} | {cpu_ms - steps_ms - codec_ms:.2f} | "
+        f"{cpu_ms / steps_ms:.1f} | {sv.messages_per_iteration:.1f} | {rss:.0f} |"
     )
 
 
@@ -147,9 +157,10 @@ def main() -> None:
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
             "in-process s | MQTT ms per iteration median / p95 | in-process critical path ms per iteration | "
             "ratio | slowest edge step ms (median) | DSO step ms | broker round trip ms | "
-            "edge CPU ms per iteration (mean) | messages per iteration | edge RSS max MB |"
+            "edge CPU ms per iteration (mean) | of which steps | codec | the rest | CPU / steps | "
+            "messages per iteration | edge VmHWM max MB |"
         )
-        print("|" + "---|" * 15)
+        print("|" + "---|" * 19)
         for scenario in args.scenarios:
             print(row(scenario, broker.url, rtt), flush=True)
 

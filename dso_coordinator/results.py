@@ -119,6 +119,8 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
                 reported=site in a.reports,
                 rss_mb=a.reports[site].rss_mb if site in a.reports else None,
                 cpu_s=a.reports[site].cpu_s if site in a.reports else None,
+                cpu_steps_s=a.reports[site].cpu_steps_s if site in a.reports else None,
+                cpu_codec_s=a.reports[site].cpu_codec_s if site in a.reports else None,
             )
             for site in ids
         ],

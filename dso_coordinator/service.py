@@ -22,7 +22,7 @@ from dso_coordinator.settings import CoordinatorSettings
 from p2pdoe.analysis.defaults import default_fairness
 from p2pdoe.analysis.summary import day_summary
 from p2pdoe.core import topics
-from p2pdoe.core.agreement.coordination import default_envelopes, feeder_of, shortfall_lines
+from p2pdoe.core.agreement.coordination import default_envelopes, shortfall_lines
 from p2pdoe.core.calendar import round_id, zone
 from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
@@ -30,6 +30,7 @@ from p2pdoe.core.coordinator.days import CoordinatorDays
 from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
 from p2pdoe.core.coordinator.rounds import Agreement
 from p2pdoe.core.day_configs import calendar_of, coordinator_config_on
+from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import DaySummary, Results

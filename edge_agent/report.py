@@ -7,11 +7,10 @@ import resource
 
 import numpy as np
 
+from p2pdoe.analysis.accounts import Tariffs, community_result, purchases
 from p2pdoe.analysis.admm import solve_times
-from p2pdoe.analysis.results import Tariffs, community_result, purchases
-from p2pdoe.core.agreement.community import CommunityOutcome
-from p2pdoe.core.agreement.outcome import agreed_schedule, agreed_z
-from p2pdoe.core.edge.market import RoundState
+from p2pdoe.core.agreement.community import CommunityOutcome, agreed_schedule, agreed_z
+from p2pdoe.core.edge.market import CpuParts, RoundState
 from p2pdoe.core.schemas.runtime import SiteReport
 from p2pdoe.core.site import community_data
 
@@ -33,7 +32,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def site_report(site: str, r: RoundState, out: CommunityOutcome, dropped: dict[str, int]) -> SiteReport:
+def site_report(
+    site: str, r: RoundState, out: CommunityOutcome, dropped: dict[str, int], parts: CpuParts
+) -> SiteReport:
+    """`parts`: the market's CPU parts since the round opened."""
     c = r.config
     schedule = agreed_schedule(r.qp, out)
     tariffs = Tariffs(
@@ -56,6 +58,8 @@ def site_report(site: str, r: RoundState, out: CommunityOutcome, dropped: dict[s
         solve_times=solve_times(site, "community", r.steps),
         rss_mb=peak_rss_mb(),
         cpu_s=cpu_seconds() - r.cpu_at_open,
+        cpu_steps_s=parts.steps_s,
+        cpu_codec_s=parts.codec_s,
         ignored=r.participant.ignored,
         dropped=dropped,
     )

@@ -76,7 +76,7 @@ def fixed_default(config: SiteConfig) -> Box:
 
 
 def market_machine(config: SiteConfig, margins: tuple[float, float] | None) -> EdgeMarket:
-    return EdgeMarket(config, margins, time.perf_counter, cpu_seconds)
+    return EdgeMarket(config, margins, time.perf_counter, cpu_seconds, time.thread_time)
 
 
 class EdgeService:
@@ -277,7 +277,8 @@ class EdgeService:
 
     async def _round_done(self, done: RoundDone) -> None:
         dropped = dict(self.market.reader.dropped)
-        report = await self._off_loop(site_report, self.site, done.round, done.outcome, dropped)
+        parts = self.market.cpu_parts.since(done.round.parts_at_open)
+        report = await self._off_loop(site_report, self.site, done.round, done.outcome, dropped, parts)
         costs = report.community
         self.market.cost_of_round(done.round.id, costs.cost_eur, costs.cost_breakdown.p2p_net_eur)
         if done.plan is not None:

@@ -68,3 +68,43 @@ def test_an_edge_participant_runs_without_cvxpy_or_clarabel() -> None:
     assert "p2pdoe.core.agreement.community" in modules  # the check ran where it should
     loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert loaded == []
+
+
+# What an unsigned edge agent never needs: the DSO's solvers and grid checks, the coordinator's
+# results, cryptography (only with a signing key) and YAML (only with --config). Each costs resident
+# memory on a gateway (benchmarks/edge_memory.py).
+EDGE_NEVER = (
+    "p2pdoe.core.agreement.dso",
+    "p2pdoe.core.agreement.grid_solver",
+    "p2pdoe.core.agreement.coordination",
+    "p2pdoe.core.allocation",
+    "p2pdoe.core.envelope",
+    "p2pdoe.analysis.results",
+    "p2pdoe.analysis.network_check",
+    "p2pdoe.services.signing",
+    "cryptography",
+    "yaml",
+)
+
+AGENT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import edge_agent.__main__
+
+    print(json.dumps(sorted(sys.modules)))
+    """
+)
+
+
+def test_an_edge_agent_imports_nothing_of_the_dso_or_of_signing_it_does_not_use() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", AGENT], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "edge_agent.service" in modules  # the check ran where it should
+    assert "p2pdoe.analysis.accounts" in modules
+    loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in EDGE_NEVER)]
+    assert loaded == []

@@ -15,7 +15,8 @@ from agreement_helpers import scenario_from_spec
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from p2pdoe.analysis.results import build_results, net_injection
+from p2pdoe.analysis.accounts import net_injection
+from p2pdoe.analysis.results import build_results
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.reference.centralized import solve_centralized

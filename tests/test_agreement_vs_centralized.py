@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from p2pdoe.analysis.results import build_results, net_injection
+from p2pdoe.analysis.accounts import net_injection
+from p2pdoe.analysis.results import build_results
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario

@@ -16,12 +16,12 @@ from p2pdoe.core.agreement.coordination import (
     Defaults,
     connection_facts,
     default_envelopes,
-    feeder_of,
     network_view,
     shortfall_lines,
 )
 from p2pdoe.core.allocation import SHARINGS, TOL_KW, jain_index, share
 from p2pdoe.core.envelope import GridView
+from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.site import coordinator_config, site_config

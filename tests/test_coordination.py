@@ -9,7 +9,6 @@ from p2pdoe.core.agreement.coordination import (
     bounds_from_ranges,
     default_envelopes,
     facts_of,
-    feeder_of,
     network_view,
     registration_problem,
     round_setup,
@@ -17,6 +16,7 @@ from p2pdoe.core.agreement.coordination import (
 from p2pdoe.core.agreement.grid_solver import is_safe
 from p2pdoe.core.agreement.setup import envelope_bounds_of
 from p2pdoe.core.envelope import grid_view, safe_set
+from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.market import community_qps
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pdoe.analysis.results import build_results, net_injection, operating_points
+from p2pdoe.analysis.accounts import net_injection
+from p2pdoe.analysis.results import build_results, operating_points
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy, Solution

@@ -4,6 +4,7 @@ just after midnight counting none of yesterday's flexible energy."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import date, datetime, timedelta
 from typing import cast
@@ -12,7 +13,7 @@ from realtime_helpers import opening_heard
 
 from p2pdoe.core.calendar import Calendar
 from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
-from p2pdoe.core.edge.market import EdgeMarket
+from p2pdoe.core.edge.market import CpuParts, EdgeMarket
 from p2pdoe.core.effects import Heard
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
@@ -149,3 +150,16 @@ def test_only_a_round_in_force_hands_its_plan_to_the_controller() -> None:
         (done,) = [c for c in _finish_with_campus(traders, trial) if isinstance(c, RoundDone)]
         assert done.outcome.status == "converged"
         assert (done.plan is None) == trial, traders
+
+
+def test_the_cpu_parts_count_the_steps_and_the_codec_by_the_clock_they_are_given() -> None:
+    """Every reading of the thread CPU clock here advances it by 1 s: decoding the opening costs 1,
+    the participant's first step 1, encoding its proposal 1; the round's share starts at its
+    opening, after the opening's decoding."""
+    ticks = itertools.count()
+    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time, lambda: float(next(ticks)))
+    open_round(market, opening(CAL.start(SATURDAY), 24, "day-ahead-2026-03-28"), on_saturday())
+    assert market.round is not None
+    assert market.cpu_parts == CpuParts(steps_s=1.0, codec_s=2.0)
+    assert market.round.parts_at_open == CpuParts(steps_s=0.0, codec_s=1.0)
+    assert market.cpu_parts.since(market.round.parts_at_open) == CpuParts(steps_s=1.0, codec_s=1.0)

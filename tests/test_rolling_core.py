@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from agreement_helpers import Trace, drive, grant_box
 
-from p2pdoe.core.agreement.community import CommunityParticipant
+from p2pdoe.core.agreement.community import CommunityParticipant, agreed_z
 from p2pdoe.core.agreement.coordination import (
     Defaults,
     default_envelopes,
     facts_of,
-    feeder_of,
     network_view,
     remaining_coordinator_config,
     remaining_registration,
@@ -24,10 +23,10 @@ from p2pdoe.core.agreement.coordination import (
 )
 from p2pdoe.core.agreement.grid_solver import is_safe
 from p2pdoe.core.agreement.local_solver import LocalSolver
-from p2pdoe.core.agreement.outcome import agreed_z
 from p2pdoe.core.agreement.setup import Participants
 from p2pdoe.core.agreement.warm import warm_start_from
 from p2pdoe.core.envelope import SafeSet, safe_set
+from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.network import Feeder
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from dso_coordinator.checkpoint import load, save, standing_from
+from p2pdoe.core.agreement.community import agreed_z
 from p2pdoe.core.agreement.dso import DsoParticipant, links_of
 from p2pdoe.core.agreement.grid_solver import is_safe
-from p2pdoe.core.agreement.outcome import agreed_z
 from p2pdoe.core.agreement.setup import Participants, participants
 from p2pdoe.core.agreement.warm import shifted, warm_start_from
 from p2pdoe.core.scenario import Scenario

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from p2pdoe.core.agreement.dso import IterationRecord
 from p2pdoe.core.schemas import results as r
+
+if TYPE_CHECKING:
+    from p2pdoe.core.agreement.dso import IterationRecord
 
 
 def residual_points(history: Sequence[IterationRecord]) -> list[r.ResidualPoint]:

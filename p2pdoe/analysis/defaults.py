@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2pdoe.core.agreement.coordination import Defaults, default_envelopes, feeder_of
+from p2pdoe.core.agreement.coordination import Defaults, default_envelopes
 from p2pdoe.core.allocation import SHARINGS, TOL_KW, jain_index
+from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.site import coordinator_config

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from p2pdoe.core.agreement.coordination import check_offset, feeder_config, shifted_start
 from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP, build_community_qp, envelope_margins
+from p2pdoe.core.feeder_config import check_offset, feeder_config, shifted_start
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleLoad, MarketData, Scenario
 from p2pdoe.core.schemas import site as cfg

@@ -13,9 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, TypeVar
 
 from p2pdoe.core.schemas.lockstep import Phase
 from p2pdoe.errors import P2PDoeError
@@ -31,8 +29,13 @@ from p2pdoe.services.settings import (
     read_password_file,
 )
 from p2pdoe.services.shell import Shell
-from p2pdoe.services.signing import SignedTransport, Signer, read_private_key, read_public_keys
 from p2pdoe.services.transport import Backoff, LastWill, MqttTransport, Transport
+from p2pdoe.services.transport_layer import TransportLayer
+
+if TYPE_CHECKING:  # cryptography is imported only by a process that signs (about 6 MB resident)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from p2pdoe.services.signing import Signer
 
 S = TypeVar("S", bound=ServiceSettings)
 EXIT_CONFIG = 2
@@ -95,7 +98,11 @@ def transport_for(
         session_expiry_s=settings.session_expiry_s,
     )
     inner: Transport = RetainedSweep(mqtt) if sweep_retained else mqtt
-    return inner if signer is None else SignedTransport(inner, signer, trusted)
+    if signer is None:
+        return inner
+    from p2pdoe.services.signing import SignedTransport
+
+    return SignedTransport(inner, signer, trusted)
 
 
 def signing_for(
@@ -106,6 +113,8 @@ def signing_for(
         return None, None
     if identity is None:
         raise ConfigError("this process takes no signing key and no trusted keys")
+    from p2pdoe.services.signing import Signer, read_private_key, read_public_keys
+
     key = None if settings.signing_key is None else read_private_key(settings.signing_key)
     trusted = None if settings.trusted_keys is None else read_public_keys(settings.trusted_keys)
     return Signer(identity, key), trusted
@@ -115,7 +124,7 @@ def count_refusals(transport: Transport, counter: Counter[str]) -> None:
     """Messages refused for their signatures, and retained ones deleted, are also counted in `counter`
     (a machine's reader)."""
     layer: object = transport
-    while isinstance(layer, SignedTransport | RetainedSweep):
+    while isinstance(layer, TransportLayer):
         layer.count_into(counter)
         layer = layer.inner
 
@@ -179,8 +188,9 @@ def make_clock(
     """The service's clock as its settings say; `member` and `phase`: its part in a lockstep day;
     `offset_s`: a fault-injected shift (wall and scaled clocks)."""
     clock = _clock(settings, transport, member, phase, every_step, offset_s)
-    if isinstance(transport, SignedTransport):
-        transport.signer.use_clock(clock.now)
+    signer = getattr(transport, "signer", None) if isinstance(transport, TransportLayer) else None
+    if signer is not None:
+        signer.use_clock(clock.now)
     return clock
 
 

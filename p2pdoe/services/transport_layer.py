@@ -4,6 +4,7 @@ publishing, subscribing, the context manager and every attribute of the inner on
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Self
@@ -31,6 +32,9 @@ class TransportLayer:
 
     def messages(self) -> AsyncIterator[InboundMessage]:
         return self.inner.messages()
+
+    def count_into(self, counter: Counter[str]) -> None:
+        """Add what this layer refused or deleted to `counter` (nothing, unless a layer says)."""
 
     async def close(self) -> None:
         await self.inner.close()  # type: ignore[attr-defined]

@@ -38,6 +38,7 @@ from p2pdoe.core.schemas.messages import (
     RoundOpen,
     TradeProposal,
 )
+from p2pdoe.core.solution import Schedule, schedule_from_z
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,22 @@ class CommunityOutcome:
     granted_up_kw: FloatArray | None
     local_osqp_iterations: tuple[int, ...]
     final_solve: str  # what the final schedule was solved with pinned (see CommunityParticipant._settle)
+
+
+def agreed_schedule(qp: CommunityQP, out: CommunityOutcome) -> Schedule:
+    """The community's last schedule, with the agreed trades and the envelope in force (the grant)."""
+    return schedule_from_z(qp, agreed_z(qp, out))
+
+
+def agreed_z(qp: CommunityQP, out: CommunityOutcome) -> FloatArray:
+    """The decision vector as agreed: granted envelope and agreed trades in place of the proposals."""
+    lay, z = qp.layout, out.z.copy()
+    if out.granted_lo_kw is not None and out.granted_up_kw is not None:
+        z[lay.block("lo")], z[lay.block("up")] = out.granted_lo_kw, out.granted_up_kw
+        z[lay.block("wid")] = out.granted_up_kw - out.granted_lo_kw
+    for k in range(len(lay.peers)):
+        z[lay.buy(k)], z[lay.sell(k)] = out.agreed_buy_kw[k], out.agreed_sell_kw[k]
+    return z
 
 
 def _warm_trades(open_: RoundOpen, links: list[tuple[str, str]]) -> Agreed:

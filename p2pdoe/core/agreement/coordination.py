@@ -20,9 +20,10 @@ from p2pdoe.core.agreement.dso import DsoParticipant, Ranges, RoundPlan, with_rh
 from p2pdoe.core.agreement.grid_solver import Bounds, GridSolver
 from p2pdoe.core.allocation import Shortfall, allocate_defaults
 from p2pdoe.core.envelope import GridView, SafeSet, safe_set, with_sites_fixed
+from p2pdoe.core.feeder_config import check_offset, shifted_start
 from p2pdoe.core.network import Feeder, FloatArray
 from p2pdoe.core.scenario import admm_settings
-from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig, FeederConfig
+from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig
 from p2pdoe.core.schemas.messages import WarmStart, ranges_digest
 from p2pdoe.core.schemas.runtime import Registration
 
@@ -62,38 +63,6 @@ class RoundSetup:
     excluded: tuple[str, ...]  # on their defaults
     view: GridView  # every connected site
     safe: SafeSet | None  # of the participants' boxes (excluded ones fixed); None without envelopes
-
-
-def feeder_config(f: Feeder) -> FeederConfig:
-    return FeederConfig(
-        name=f.name,
-        base_mva=f.base_mva,
-        base_kv=f.base_kv,
-        bus_ids=[int(b) for b in f.bus_ids],
-        root=f.root,
-        parent=[int(p) for p in f.parent],
-        r_pu=f.r_pu.tolist(),
-        x_pu=f.x_pu.tolist(),
-        load_kw=f.load_kw.tolist(),
-        load_kvar=f.load_kvar.tolist(),
-        rating_kva=[None if np.isnan(v) else float(v) for v in f.rating_kva],
-    )
-
-
-def feeder_of(c: FeederConfig) -> Feeder:
-    return Feeder(
-        name=c.name,
-        base_mva=c.base_mva,
-        base_kv=c.base_kv,
-        bus_ids=np.array(c.bus_ids, dtype=int),
-        root=c.root,
-        parent=np.array(c.parent, dtype=int),
-        r_pu=np.array(c.r_pu),
-        x_pu=np.array(c.x_pu),
-        load_kw=np.array(c.load_kw),
-        load_kvar=np.array(c.load_kvar),
-        rating_kva=np.array([np.nan if v is None else v for v in c.rating_kva]),
-    )
 
 
 def registration_problem(cfg: CoordinatorConfig, reg: Registration) -> str | None:
@@ -257,17 +226,6 @@ def _facts(
     cfg: CoordinatorConfig, feeder: Feeder, site: ConnectedSite, reg: Registration | None
 ) -> SiteFacts:
     return connection_facts(site, feeder, cfg.intervals) if reg is None else facts_of(reg, feeder)
-
-
-def shifted_start(start: str, offset: int, dt_h: float) -> str:
-    """The ISO time `offset` intervals of `dt_h` after `start` (UTC written with Z, as configs do)."""
-    moment = datetime.fromisoformat(start.replace("Z", "+00:00")) + timedelta(hours=offset * dt_h)
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-def check_offset(offset: int, intervals: int) -> None:
-    if not 0 <= offset < intervals:
-        raise ValueError(f"offset {offset} is not an interval of a {intervals}-interval horizon")
 
 
 def remaining_coordinator_config(cfg: CoordinatorConfig, offset: int) -> CoordinatorConfig:

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from p2pdoe.core.agreement.community import CommunityOutcome
+from p2pdoe.core.agreement.community import CommunityOutcome, agreed_schedule, agreed_z
 from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import SafeSet
 from p2pdoe.core.network import FloatArray
-from p2pdoe.core.solution import Dlmp, Policy, Schedule, Solution, SolverInfo, schedule_from_z
-
-
-def agreed_schedule(qp: CommunityQP, out: CommunityOutcome) -> Schedule:
-    """The community's last schedule, with the agreed trades and the envelope in force (the grant)."""
-    return schedule_from_z(qp, agreed_z(qp, out))
-
-
-def agreed_z(qp: CommunityQP, out: CommunityOutcome) -> FloatArray:
-    """The decision vector as agreed: granted envelope and agreed trades in place of the proposals."""
-    lay, z = qp.layout, out.z.copy()
-    if out.granted_lo_kw is not None and out.granted_up_kw is not None:
-        z[lay.block("lo")], z[lay.block("up")] = out.granted_lo_kw, out.granted_up_kw
-        z[lay.block("wid")] = out.granted_up_kw - out.granted_lo_kw
-    for k in range(len(lay.peers)):
-        z[lay.buy(k)], z[lay.sell(k)] = out.agreed_buy_kw[k], out.agreed_sell_kw[k]
-    return z
+from p2pdoe.core.solution import Dlmp, Policy, Solution, SolverInfo
 
 
 def trade_prices(

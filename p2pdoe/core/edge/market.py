@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 
 from p2pdoe.core import topics
-from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
-from p2pdoe.core.agreement.outcome import agreed_schedule
+from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant, agreed_schedule
 from p2pdoe.core.agreement.payments import PaymentOutcome, PaymentParty
 from p2pdoe.core.agreement.payments import Publish as PublishPayment
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
@@ -52,6 +51,18 @@ COSTS_KEPT = 8  # rounds whose costs a payment round may name
 
 
 @dataclass
+class CpuParts:
+    """CPU seconds, each in the thread that spent them: the participant's steps (its solves and
+    coupling updates) and the agreement messages' decoding and encoding. Running totals."""
+
+    steps_s: float = 0.0
+    codec_s: float = 0.0
+
+    def since(self, earlier: CpuParts) -> CpuParts:
+        return CpuParts(self.steps_s - earlier.steps_s, self.codec_s - earlier.codec_s)
+
+
+@dataclass
 class RoundState:
     id: str
     epoch: str | None  # the coordinator's run that opened it
@@ -62,6 +73,7 @@ class RoundState:
     cpu_at_open: float
     in_force: bool = True  # False for a trial round: its envelopes are never published
     steps: list[float] = field(default_factory=list)  # seconds per solve-and-propose
+    parts_at_open: CpuParts = field(default_factory=CpuParts)  # the market's, at the opening
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,8 @@ def _trading_with(site: str, msg: RoundOpen) -> set[str]:
 
 
 class EdgeMarket:
-    """`stopwatch` and `cpu` measure (solve times, CPU per round) and decide nothing."""
+    """`stopwatch`, `cpu` and `thread_cpu` measure (solve times, CPU per round and its parts) and
+    decide nothing."""
 
     def __init__(
         self,
@@ -90,12 +103,15 @@ class EdgeMarket:
         margins: tuple[float, float] | None,
         stopwatch: Callable[[], float],
         cpu: Callable[[], float],
+        thread_cpu: Callable[[], float] = lambda: 0.0,
     ):
         self.config = config
         self.site = config.community.id
         self.margins = margins  # kept inside envelopes (real time; p2pdoe.core.community.envelope_margins)
         self.stopwatch = stopwatch
         self.cpu = cpu
+        self.thread_cpu = thread_cpu
+        self.cpu_parts = CpuParts()
         self.reader = MarketReader(self.site)
         self.rounds: dict[str, RoundState] = {}  # under way: at most one per day (today's, tomorrow's)
         self._latest: str | None = None
@@ -209,7 +225,10 @@ class EdgeMarket:
 
     def read(self, m: Heard) -> Message | None:
         """The message strictly decoded, or None (dropped and counted)."""
-        return self.reader.decoded(m)
+        c0 = self.thread_cpu()
+        msg = self.reader.decoded(m)
+        self.cpu_parts.codec_s += self.thread_cpu() - c0
+        return msg
 
     @property
     def round(self) -> RoundState | None:
@@ -263,7 +282,15 @@ class EdgeMarket:
         peers = tuple(p.id for p in config.peers)
         participant = CommunityParticipant(self.site, peers, qp, config.dt_h)
         r = self.rounds[msg.round] = RoundState(
-            msg.round, msg.epoch, start, config, qp, participant, self.cpu(), in_force=not msg.trial
+            msg.round,
+            msg.epoch,
+            start,
+            config,
+            qp,
+            participant,
+            self.cpu(),
+            in_force=not msg.trial,
+            parts_at_open=replace(self.cpu_parts),
         )
         self._latest = msg.round
         log.info(
@@ -360,10 +387,12 @@ class EdgeMarket:
         return site_config_on(self.config, cal.day_of(start), cal)
 
     def _step(self, r: RoundState, message: Message) -> list[Command]:
-        t0 = self.stopwatch()
+        t0, c0 = self.stopwatch(), self.thread_cpu()
         out: list[Command] = []
         repeats = r.participant.repeats_answered
         commands = r.participant.handle(Received(message))
+        c1 = self.thread_cpu()
+        self.cpu_parts.steps_s += c1 - c0
         if r.participant.repeats_answered > repeats:
             sent = [
                 c.message.iteration
@@ -378,7 +407,9 @@ class EdgeMarket:
             )
         for cmd in commands:
             if isinstance(cmd, Publish):
+                e0 = self.thread_cpu()
                 out.append(Send(topic_of(cmd.message), encode(cmd.message)))
+                self.cpu_parts.codec_s += self.thread_cpu() - e0
                 if isinstance(cmd.message, Proposal):
                     r.steps.append(self.stopwatch() - t0)
             elif isinstance(cmd, Finished) and isinstance(cmd.outcome, CommunityOutcome):

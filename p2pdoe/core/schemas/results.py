@@ -184,6 +184,8 @@ class SiteRuntime(Model):
     reported: bool  # its site report reached the coordinator
     rss_mb: float | None  # the agent's peak resident memory, as it reported
     cpu_s: float | None  # the agent's process CPU time during the round, as it reported
+    cpu_steps_s: float | None = None  # of which its participant's steps (solves), as it reported
+    cpu_codec_s: float | None = None  # of which decoding and encoding agreement messages
 
 
 class DefaultEnvelope(Model):

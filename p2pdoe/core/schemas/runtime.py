@@ -367,6 +367,11 @@ class SiteReport(Message):
     solve_times: SolveTimes
     rss_mb: Watts  # the agent's peak resident memory
     cpu_s: Watts  # the agent's process CPU time (user + system) from the round's opening to its end
+    # Parts of cpu_s, each in the thread that spent it (None from an agent that does not measure
+    # them): its participant's steps (solves, coupling updates), and decoding and encoding the
+    # agreement's messages. The rest is the client stack, the event loop and everything else.
+    cpu_steps_s: Watts | None = None
+    cpu_codec_s: Watts | None = None
     ignored: dict[str, int]  # agreement messages its participant ignored, by reason
     dropped: dict[str, int]  # messages its service dropped before the participant, by reason
 

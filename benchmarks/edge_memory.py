@@ -1,0 +1,89 @@
+"""Peak resident memory of an edge agent (VmHWM), and what it is made of. Prints Markdown.
+
+    .venv/bin/python benchmarks/edge_memory.py [--scenarios default synthetic-20-peers4] [--imports-only]
+
+1. Imports: each row imports one more module in a fresh interpreter and reads the interpreter's VmHWM
+   from /proc/self/status, so a row's increment is what that module adds on top of the rows above it
+   (the libraries an edge cannot do without first, then the edge agent itself).
+2. A round: every site's edge agent in its own process (`python -m edge_agent`) against the
+   coordinator over a Mosquitto the benchmark starts (the embedded broker if Mosquitto is missing);
+   each agent reports its own VmHWM at the end of the round (`SiteReport.rss_mb`). Never `ru_maxrss`:
+   on Linux a child inherits its parent's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from runtime_processes import distributed  # this folder is on the path of a script run from it
+from p2pdoe.services.broker import broker_for_tests
+
+# The libraries an edge agent needs, in the order it imports them, then the agent itself.
+IMPORTS = (
+    ("numpy", "numpy"),
+    ("scipy.sparse (it imports numpy.testing, .random, .ma, .f2py)", "scipy.sparse"),
+    ("osqp (and jinja2, for its code generation)", "osqp"),
+    ("pydantic", "pydantic"),
+    ("aiomqtt (asyncio, ssl, paho)", "aiomqtt"),
+    ("pydantic-settings", "pydantic_settings"),
+    ("the edge agent (edge_agent.__main__)", "edge_agent.__main__"),
+)
+
+PROBE = """
+import importlib, json, sys
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+rows = [("the interpreter", hwm())]
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    rows.append((name, hwm()))
+print(json.dumps(rows))
+"""
+
+
+def import_table() -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *(m for _, m in IMPORTS)], capture_output=True, text=True, check=True
+    )
+    rows = json.loads(proc.stdout)
+    labels = ["the interpreter", *(label for label, _ in IMPORTS)]
+    lines = ["| import | adds MB | VmHWM MB |", "|---|--:|--:|"]
+    previous = 0.0
+    for label, (_, mb) in zip(labels, rows, strict=True):
+        lines.append(f"| {label} | {mb - previous:.1f} | {mb:.1f} |")
+        previous = mb
+    return lines
+
+
+def round_row(scenario: str, url: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = distributed(scenario, url, Path(tmp))
+    assert r.runtime is not None
+    peaks = sorted(site.rss_mb or 0.0 for site in r.runtime.sites)
+    median = peaks[len(peaks) // 2]
+    return f"| {scenario} | {len(peaks)} | {r.solver.iterations} | {median:.1f} | {peaks[-1]:.1f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
+    parser.add_argument("--imports-only", action="store_true")
+    args = parser.parse_args()
+    print(f"{sys.platform}, Python {sys.version.split()[0]}\n")
+    print("\n".join(import_table()))
+    if args.imports_only:
+        return
+    print("\n| scenario | edge agents | iterations | VmHWM median MB | VmHWM max MB |\n|---|--:|--:|--:|--:|")
+    with broker_for_tests() as broker:
+        for scenario in args.scenarios:
+            print(round_row(scenario, broker.url), flush=True)
+
+
+if __name__ == "__main__":
+    main()
