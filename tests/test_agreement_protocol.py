@@ -476,6 +476,18 @@ def test_the_dso_refuses_a_proposal_beyond_what_the_site_registered(opened: Open
     assert dso.rejected == 1
 
 
+def test_an_implausible_trade_is_named_by_its_peer_and_interval(opened: Opened) -> None:
+    """The reason points at the first value out of bounds: the second peer's sale at interval 5."""
+    dso = opened.parts.dso
+    liar = opened.community(0).site
+    p = opened.first[liar]
+    trades = list(p.trades)
+    bad = trades[1].model_copy(update={"sell_kw": [*trades[1].sell_kw[:5], 1e9, *trades[1].sell_kw[6:]]})
+    trades[1] = bad
+    assert give(dso, p.model_copy(update={"trades": trades})) == []
+    assert dso.implausible[liar].startswith(f"sell_kw[5] with {bad.peer} = 1e+09 kW"), dso.implausible[liar]
+
+
 def test_every_honest_proposal_of_a_whole_round_is_plausible(scenario: Scenario) -> None:
     """The check never refuses what the sites' own solvers propose: the default day agrees as before."""
     run = run_admm(scenario, Policy.DYNAMIC)

@@ -9,7 +9,7 @@ onto the safe set for iteration k + 1. Every grant is network-safe, converged or
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -196,29 +196,26 @@ class Ranges:
         everyone: FloatArray = self._spans.sum(axis=0)
         return everyone
 
-    def implausible(self, c: int, p: Proposal) -> str | None:
-        """Why site c's proposal cannot come from its registered assets, or None. Envelope requests lie
-        in [x_min, x_max] of its own range; each trade in [0, the sum of every site's range] (a site
-        may pass on what it buys, so its own range does not bound its trades, but no trade carries
-        more than all the sites could inject); both with a solver's slack."""
-        span = self._spans[c]
-        slack = PLAUSIBLE_SLACK_KW + PLAUSIBLE_SLACK_REL * span
-        everyone = self._everyone
-        for e in p.trades:
-            for side, values in (("buy", e.buy_kw), ("sell", e.sell_kw)):
-                v = np.asarray(values)
-                bad = np.flatnonzero((v < -slack) | (v > everyone * (1 + PLAUSIBLE_SLACK_REL) + slack))
-                if bad.size:
-                    t = int(bad[0])
-                    return f"{side}_kw[{t}] with {e.peer} = {v[t]:.6g} kW, beyond its registered range"
-        if p.envelope is not None:
-            for side, values in (("lo", p.envelope.lo_kw), ("up", p.envelope.up_kw)):
-                v = np.asarray(values)
-                bad = np.flatnonzero((v < self.x_min[c] - slack) | (v > self.x_max[c] + slack))
-                if bad.size:
-                    t = int(bad[0])
-                    lo, hi = self.x_min[c, t], self.x_max[c, t]
-                    return f"envelope {side}_kw[{t}] = {v[t]:.6g} kW outside its range [{lo:.6g}, {hi:.6g}]"
+    def implausible(self, c: int, p: _Parsed, peers: Sequence[str]) -> str | None:
+        """Why site c's proposal (parsed; its trade rows with `peers`) cannot come from its registered
+        assets, or None. Envelope requests lie in [x_min, x_max] of its own range; each trade in
+        [0, the sum of every site's range] (a site may pass on what it buys, so its own range does not
+        bound its trades, but no trade carries more than all the sites could inject); both with a
+        solver's slack."""
+        slack = PLAUSIBLE_SLACK_KW + PLAUSIBLE_SLACK_REL * self._spans[c]
+        most = self._everyone * (1 + PLAUSIBLE_SLACK_REL) + slack
+        for side, v in (("buy", p.buy), ("sell", p.sell)):
+            beyond = (v < -slack) | (v > most)
+            if beyond.any():
+                k, t = divmod(int(np.argmax(beyond)), v.shape[1])
+                return f"{side}_kw[{t}] with {peers[k]} = {v[k, t]:.6g} kW, beyond its registered range"
+        envelope = () if p.lo is None or p.up is None else (("lo", p.lo), ("up", p.up))
+        for side, w in envelope:
+            outside = (w < self.x_min[c] - slack) | (w > self.x_max[c] + slack)
+            if outside.any():
+                t = int(np.argmax(outside))
+                lo, hi = self.x_min[c, t], self.x_max[c, t]
+                return f"envelope {side}_kw[{t}] = {w[t]:.6g} kW outside its range [{lo:.6g}, {hi:.6g}]"
         return None
 
 
@@ -247,6 +244,9 @@ class DsoParticipant:
         self.implausible: dict[str, str] = {}  # site -> why its last refused proposal was implausible
         self._s = _State(plan, settings, horizon)
         self._stop_requested = False
+        self._index = {site: c for c, site in enumerate(plan.sites)}
+        self._peer_ids = tuple(tuple(plan.sites[m] for m in peers) for peers in plan.peers)
+        self._peer_sets = tuple(frozenset(ids) for ids in self._peer_ids)
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -321,13 +321,15 @@ class DsoParticipant:
         if msg.round != self.plan.round:
             st.inbox.ignored[WRONG_ROUND] += 1
             return []
-        if not self._fits(msg):
-            self.rejected += 1
-            return []
-        if msg.sender not in self.plan.sites:
+        c = self._index.get(msg.sender)
+        if c is None:
             st.inbox.ignored[UNKNOWN_SENDER] += 1
             return []
-        why = None if self.ranges is None else self.ranges.implausible(self.plan.sites.index(msg.sender), msg)
+        parsed = self._parsed(c, msg)
+        if parsed is None:
+            self.rejected += 1
+            return []
+        why = None if self.ranges is None else self.ranges.implausible(c, parsed, self._peer_ids[c])
         if why is not None:
             self.rejected += 1
             self.implausible[msg.sender] = why
@@ -335,24 +337,29 @@ class DsoParticipant:
                 "round %s: implausible proposal from %s refused: %s", self.plan.round, msg.sender, why
             )
             return []
-        st.inbox.offer(msg.sender, msg.iteration, self._parse(msg))
+        st.inbox.offer(msg.sender, msg.iteration, parsed)
         if not st.inbox.complete:
             return []
         iteration = st.inbox.iteration
         return self._iterate(iteration, st.inbox.advance())
 
-    def _parse(self, p: Proposal) -> _Parsed:
-        c = self.plan.sites.index(p.sender)
+    def _parsed(self, c: int, p: Proposal) -> _Parsed | None:
+        """Site c's proposal as arrays, or None if it lacks what the DSO needs: one trade entry per
+        peer of the plan and no other, every series a horizon long, an envelope exactly when the
+        round has envelopes."""
         by_peer = {e.peer: e for e in p.trades}
-        peers = [by_peer[self.plan.sites[m]] for m in self.plan.peers[c]]
-        shape = (len(peers), self.horizon)
+        if len(by_peer) != len(p.trades) or by_peer.keys() != self._peer_sets[c]:
+            return None
         env = p.envelope
-        return _Parsed(
-            buy=np.array([e.buy_kw for e in peers], dtype=float).reshape(shape),
-            sell=np.array([e.sell_kw for e in peers], dtype=float).reshape(shape),
-            lo=None if env is None else np.asarray(env.lo_kw, dtype=float),
-            up=None if env is None else np.asarray(env.up_kw, dtype=float),
-        )
+        if (env is None) != (self.grid is None):
+            return None
+        trades = [by_peer[peer] for peer in self._peer_ids[c]]
+        buy = _series([e.buy_kw for e in trades], self.horizon)
+        sell = _series([e.sell_kw for e in trades], self.horizon)
+        box = None if env is None else _series([env.lo_kw, env.up_kw], self.horizon)
+        if buy is None or sell is None or (env is not None and box is None):
+            return None
+        return _Parsed(buy, sell, None if box is None else box[0], None if box is None else box[1])
 
     # --- one iteration ---------------------------------------------------------------------------
 
@@ -478,15 +485,9 @@ class DsoParticipant:
             up=None if self.grid is None else st.up,
         )
 
-    def _fits(self, p: Proposal) -> bool:
-        if p.sender not in self.plan.sites:
-            return True  # the inbox counts unknown senders
-        t, c = self.horizon, self.plan.sites.index(p.sender)
-        wanted = {self.plan.sites[m] for m in self.plan.peers[c]}
-        if {e.peer for e in p.trades} != wanted or len(p.trades) != len(wanted):
-            return False
-        if any(len(e.buy_kw) != t or len(e.sell_kw) != t for e in p.trades):
-            return False
-        if self.grid is None:
-            return p.envelope is None
-        return p.envelope is not None and len(p.envelope.lo_kw) == t and len(p.envelope.up_kw) == t
+
+def _series(rows: list[list[float]], horizon: int) -> FloatArray | None:
+    """(len(rows), horizon) floats, or None if any row is not a horizon long."""
+    if any(len(row) != horizon for row in rows):
+        return None
+    return np.array(rows, dtype=float).reshape(len(rows), horizon)
