@@ -9,7 +9,9 @@ iteration (slowest community step plus the DSO's), the edge agents' solve time p
 broker round trip, the edge agents' CPU per iteration (their process's, from each round's opening to
 its end) split as they report it: their participant's steps (solves and coupling updates), decoding
 and encoding agreement messages, and the rest (the MQTT client stack, the event loop, the hop to the
-solver thread), and the edge agents' peak resident memory (VmHWM). Uses a Mosquitto it starts on a free
+solver thread), the coordinator's the same way (its DSO participant on every proposal, decoding
+proposals and encoding grants, the rest) against its DSO step, and the edge agents' peak resident
+memory (VmHWM). Uses a Mosquitto it starts on a free
 loopback port (the embedded broker if Mosquitto is missing). All processes share this machine's cores.
 """
 
@@ -133,6 +135,11 @@ def row(scenario: str, url: str, rtt_ms: float) -> str:
         return statistics.mean(v or 0.0 for v in values) / sv.iterations * 1e3
 
     cpu_ms = per_iteration_ms([site.cpu_s for site in rt.sites])
+    coord = rt.coordinator_cpu
+    assert coord is not None
+    coord_ms = coord.round_s / sv.iterations * 1e3
+    coord_dso_ms = coord.dso_steps_s / sv.iterations * 1e3
+    coord_codec_ms = coord.codec_s / sv.iterations * 1e3
     steps_ms = per_iteration_ms([site.cpu_steps_s for site in rt.sites])
     codec_ms = per_iteration_ms([site.cpu_codec_s for site in rt.sites])
     return (
@@ -140,7 +147,9 @@ def row(scenario: str, url: str, rtt_ms: float) -> str:
         f"{inproc_wall:.2f} | {wall_ms:.1f} / {rt.iteration_wall_ms['p95']:.1f} | {crit_ms:.2f} | "
         f"{wall_ms / crit_ms:.1f} | {slowest_edge:.2f} | {dso.median_ms:.2f} | {rtt_ms:.2f} | "
         f"{cpu_ms:.2f} | {steps_ms:.2f} | {codec_ms:.2f} | {cpu_ms - steps_ms - codec_ms:.2f} | "
-        f"{cpu_ms / steps_ms:.1f} | {sv.messages_per_iteration:.1f} | {rss:.0f} |"
+        f"{cpu_ms / steps_ms:.1f} | {coord_ms:.2f} | {coord_dso_ms:.2f} | {coord_codec_ms:.2f} | "
+        f"{coord_ms - coord_dso_ms - coord_codec_ms:.2f} | {coord_ms / dso.median_ms:.1f} | "
+        f"{sv.messages_per_iteration:.1f} | {rss:.0f} |"
     )
 
 
@@ -158,9 +167,10 @@ def main() -> None:
             "in-process s | MQTT ms per iteration median / p95 | in-process critical path ms per iteration | "
             "ratio | slowest edge step ms (median) | DSO step ms | broker round trip ms | "
             "edge CPU ms per iteration (mean) | of which steps | codec | the rest | CPU / steps | "
+            "coordinator CPU ms per iteration | of which DSO | codec | the rest | CPU / DSO step | "
             "messages per iteration | edge VmHWM max MB |"
         )
-        print("|" + "---|" * 19)
+        print("|" + "---|" * 24)
         for scenario in args.scenarios:
             print(row(scenario, broker.url, rtt), flush=True)
 

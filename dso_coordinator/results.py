@@ -21,7 +21,7 @@ from p2pdoe.core.agreement.outcome import dlmp
 from p2pdoe.core.coordinator.books import DayBooks
 from p2pdoe.core.coordinator.commands import DayReport
 from p2pdoe.core.coordinator.context import Context
-from p2pdoe.core.coordinator.rounds import Agreement
+from p2pdoe.core.coordinator.rounds import Agreement, Timings
 from p2pdoe.core.envelope import GridView
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.realtime.observer import ViolationObserver
@@ -142,7 +142,15 @@ def _runtime(ids: list[str], defaults: Defaults, a: Agreement) -> r.RuntimeInfo:
             "max": float(walls.max()) if walls.size else 0.0,
         },
         dropped_messages=summed([a.dropped] + [rep.dropped for rep in a.reports.values()]),
+        coordinator_cpu=_coordinator_cpu(a.timings),
     )
+
+
+def _coordinator_cpu(t: Timings) -> r.CoordinatorCpu | None:
+    """None where nothing was measured (a machine given no CPU clocks)."""
+    if t.cpu_s == 0.0:
+        return None
+    return r.CoordinatorCpu(round_s=t.cpu_s, dso_steps_s=t.dso_cpu_s, codec_s=t.codec_cpu_s)
 
 
 def realtime_results(ctx: Context, report: DayReport, clock: str, speed: float) -> r.RealtimeInfo:

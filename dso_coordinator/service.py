@@ -28,7 +28,7 @@ from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
 from p2pdoe.core.coordinator.days import CoordinatorDays
 from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
-from p2pdoe.core.coordinator.rounds import Agreement
+from p2pdoe.core.coordinator.rounds import Agreement, CpuClocks
 from p2pdoe.core.day_configs import calendar_of, coordinator_config_on
 from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.realtime.clock import day_start
@@ -88,7 +88,7 @@ def build_machine(
     resume = None
     if settings.rolling and settings.checkpoint is not None:
         resume = load(settings.checkpoint, start, ctx.interval_s, cfg.intervals)
-    return CoordinatorMachine(ctx, time.perf_counter, resume)
+    return CoordinatorMachine(ctx, time.perf_counter, resume, CpuClocks(time.process_time, time.thread_time))
 
 
 def coordinator_machine(

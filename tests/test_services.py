@@ -36,6 +36,13 @@ def assert_full_agreement(results: Results, sites: list[str], clean: bool = True
     for s in runtime.sites:
         assert s.rss_mb is not None, s
         assert s.rss_mb > 0, s
+        # its CPU parts, each in its own thread, within its process's CPU time in the round
+        parts = (s.cpu_steps_s or 0.0) + (s.cpu_codec_s or 0.0)
+        assert s.cpu_s is not None, s
+        assert 0 < parts <= s.cpu_s, s
+    cpu = runtime.coordinator_cpu
+    assert cpu is not None
+    assert 0 < cpu.dso_steps_s + cpu.codec_s <= cpu.round_s, cpu
     assert results.solver.messages_per_iteration == pytest.approx(len(sites) + 1, abs=0.5)
     if clean:  # the baseline the fault tests count against
         assert runtime.dropped_messages == {}

@@ -40,7 +40,7 @@ from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, s
 from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
 from p2pdoe.core.coordinator.rolling import Rolling
-from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
+from p2pdoe.core.coordinator.rounds import ITERATION, NO_CPU, Agreement, CpuClocks, RoundRun, Timings
 from p2pdoe.core.coordinator.sites import SiteRegistry
 from p2pdoe.core.coordinator.standing import Standing, standing_from
 from p2pdoe.core.effects import (
@@ -105,11 +105,18 @@ class Phase(StrEnum):
 
 
 class CoordinatorMachine:
-    def __init__(self, ctx: Context, stopwatch: Callable[[], float], resume: Standing | None = None):
-        """`resume`: a checkpoint of this day (a coordinator restarted mid-day); `stopwatch`: a wall
-        counter for the timings reported, never decided on."""
+    def __init__(
+        self,
+        ctx: Context,
+        stopwatch: Callable[[], float],
+        resume: Standing | None = None,
+        cpu: CpuClocks = NO_CPU,
+    ):
+        """`resume`: a checkpoint of this day (a coordinator restarted mid-day); `stopwatch` and `cpu`:
+        wall and CPU counters for the timings reported, never decided on."""
         self.ctx = ctx
         self.stopwatch = stopwatch
+        self.cpu = cpu
         self.resume = resume
         self.registry = SiteRegistry(ctx.cfg)
         self.reader = MarketReader(DSO_ID)
@@ -333,7 +340,7 @@ class CoordinatorMachine:
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
-        self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch)
+        self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch, self.cpu)
         log.info("round %s opened: %d sites, %d on defaults", round_id, len(setup.sites), len(setup.excluded))
         return [self.status(now, round_id), *self.run.open(), *sweep()]
 
@@ -356,11 +363,13 @@ class CoordinatorMachine:
         return self.run
 
     def _proposal(self, m: Heard, now: datetime) -> list[Command]:
+        c0 = self.cpu.thread()
         msg = self.reader.decoded(m)
         if not isinstance(msg, Proposal):
             return []
         run = self.run
         if self.phase is Phase.AGREEING and run is not None and msg.round == run.id:
+            self.timings.codec_cpu_s += self.cpu.thread() - c0
             out: list[Command] = list(run.proposal(msg, len(m.payload)))
             return out + self._round_over(now) if run.outcome is not None else out
         return [] if self.rolling is None else list(self.rolling.proposal(msg, len(m.payload), now))

@@ -30,9 +30,28 @@ class Timings:
     proposals: int = 0
     proposal_bytes: int = 0
     grant_bytes: int = 0
+    cpu_s: float = 0.0  # the process's CPU time from the opening to the end of the round
+    dso_cpu_s: float = 0.0  # of which in the DSO participant (every proposal, not only the last)
+    codec_cpu_s: float = 0.0  # of which decoding proposals and encoding grants and progress
 
     def copy(self) -> Timings:
         return replace(self, iteration_wall_s=list(self.iteration_wall_s), dso_step_s=list(self.dso_step_s))
+
+
+def _no_cpu() -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class CpuClocks:
+    """CPU time counters for the figures of results.json, never decided on: the process's, and the
+    calling thread's (a step's share, whichever thread runs it)."""
+
+    process: Callable[[], float] = _no_cpu
+    thread: Callable[[], float] = _no_cpu
+
+
+NO_CPU = CpuClocks()  # nothing measured
 
 
 @dataclass(frozen=True)
@@ -54,9 +73,16 @@ class Agreement:
 
 class RoundRun:
     def __init__(
-        self, setup: RoundSetup, timings: Timings, patience_s: float, stopwatch: Callable[[], float]
+        self,
+        setup: RoundSetup,
+        timings: Timings,
+        patience_s: float,
+        stopwatch: Callable[[], float],
+        cpu: CpuClocks = NO_CPU,
     ):
         self.setup = setup
+        self.cpu = cpu
+        self._cpu_open = cpu.process()
         self.dso = setup.dso
         self.timings = timings
         self.patience_s = patience_s
@@ -73,6 +99,7 @@ class RoundRun:
     def open(self) -> list[Effect]:
         """The opening (retained) and the first iteration's patience."""
         self._t_round = self._t_iter = self.stopwatch()
+        self._cpu_open = self.cpu.process()
         sends = [
             Send(topic_of(c.message), encode(c.message), retain=True)
             for c in self.dso.open_round()
@@ -94,26 +121,32 @@ class RoundRun:
     def proposal(self, msg: Proposal, size: int) -> list[Effect]:
         self.timings.proposals += 1
         self.timings.proposal_bytes += size
-        t0 = self.stopwatch()
+        t0, c0 = self.stopwatch(), self.cpu.thread()
+        commands = self.dso.handle(Received(msg))
+        self.timings.dso_cpu_s += self.cpu.thread() - c0
         out: list[Effect] = []
-        for cmd in self.dso.handle(Received(msg)):
+        for cmd in commands:
             if isinstance(cmd, Publish) and isinstance(cmd.message, Grant):
                 out += self._granted(cmd.message, self.stopwatch() - t0)
             elif isinstance(cmd, Finished) and isinstance(cmd.outcome, DsoOutcome):
                 self.outcome = cmd.outcome
                 self.timings.round_wall_s = self.stopwatch() - self._t_round
+                self.timings.cpu_s = self.cpu.process() - self._cpu_open
                 out.append(Relieve(ITERATION))
         return out
 
     def _granted(self, grant: Grant, step_s: float) -> list[Effect]:
         self.timings.dso_step_s.append(step_s)
+        c0 = self.cpu.thread()
         payload = encode(grant)
+        progress = self._progress(grant)
+        self.timings.codec_cpu_s += self.cpu.thread() - c0
         self.timings.grant_bytes += len(payload)
         now = self.stopwatch()
         self.timings.iteration_wall_s.append(now - self._t_iter)
         self._t_iter = now
         self._last = Send(topic_of(grant), payload)
-        return [self._last, self._progress(grant), Patience(ITERATION, self.patience_s)]
+        return [self._last, progress, Patience(ITERATION, self.patience_s)]
 
     def _progress(self, grant: Grant) -> Send:
         last = self.dso.last_record

@@ -200,6 +200,14 @@ class DefaultEnvelope(Model):
     need_profile_kw: list[float] | None = None
 
 
+class CoordinatorCpu(Model):
+    """The coordinator's CPU time in the round (seconds), each part in the thread that spent it."""
+
+    round_s: float  # its process's, from the opening to the end of the round
+    dso_steps_s: float  # in its DSO participant, every proposal (parsing, checks, the iterations)
+    codec_s: float  # decoding proposals, encoding grants and progress
+
+
 class RuntimeInfo(Model):
     """How a distributed round ran (mode "distributed" only)."""
 
@@ -210,6 +218,7 @@ class RuntimeInfo(Model):
     default_envelopes: list[DefaultEnvelope]
     iteration_wall_ms: dict[str, float]  # median, p95, max: grant to grant at the coordinator
     dropped_messages: dict[str, int]  # by reason, before any participant saw them
+    coordinator_cpu: CoordinatorCpu | None = None  # None from a coordinator that does not measure it
 
 
 class RealtimeInterval(Model):
