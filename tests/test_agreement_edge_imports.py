@@ -59,15 +59,24 @@ EDGE = textwrap.dedent(
 )
 
 
-def test_an_edge_participant_runs_without_cvxpy_or_clarabel() -> None:
+def modules_after(script: str) -> list[str]:
+    """The modules a fresh interpreter holds after `script`, which prints them last."""
     proc = subprocess.run(
-        [sys.executable, "-c", EDGE], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    modules: list[str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return modules
+
+
+def among(modules: list[str], packages: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if any(m == f or m.startswith(f + ".") for f in packages)]
+
+
+def test_an_edge_participant_runs_without_cvxpy_or_clarabel() -> None:
+    modules = modules_after(EDGE)
     assert "p2pdoe.core.agreement.community" in modules  # the check ran where it should
-    loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
-    assert loaded == []
+    assert among(modules, FORBIDDEN) == []
 
 
 # What an unsigned edge agent never needs: the DSO's solvers and grid checks, the coordinator's
@@ -99,12 +108,7 @@ AGENT = textwrap.dedent(
 
 
 def test_an_edge_agent_imports_nothing_of_the_dso_or_of_signing_it_does_not_use() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", AGENT], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    modules = modules_after(AGENT)
     assert "edge_agent.service" in modules  # the check ran where it should
     assert "p2pdoe.analysis.accounts" in modules
-    loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in EDGE_NEVER)]
-    assert loaded == []
+    assert among(modules, EDGE_NEVER) == []
