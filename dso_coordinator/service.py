@@ -28,7 +28,8 @@ from p2pdoe.core.coordinator.commands import Agreed, DayOver, Save
 from p2pdoe.core.coordinator.context import Context, Rules
 from p2pdoe.core.coordinator.days import CoordinatorDays
 from p2pdoe.core.coordinator.machine import SUBSCRIPTIONS, CoordinatorMachine
-from p2pdoe.core.coordinator.rounds import Agreement, CpuClocks
+from p2pdoe.core.coordinator.rounds import Agreement
+from p2pdoe.core.cpu import CpuClocks
 from p2pdoe.core.day_configs import calendar_of, coordinator_config_on
 from p2pdoe.core.feeder_config import feeder_of
 from p2pdoe.core.realtime.clock import day_start

@@ -10,7 +10,8 @@ import numpy as np
 from p2pdoe.analysis.accounts import Tariffs, community_result, purchases
 from p2pdoe.analysis.admm import solve_times
 from p2pdoe.core.agreement.community import CommunityOutcome, agreed_schedule, agreed_z
-from p2pdoe.core.edge.market import CpuParts, RoundState
+from p2pdoe.core.cpu import CpuParts
+from p2pdoe.core.edge.market import RoundState
 from p2pdoe.core.schemas.runtime import SiteReport
 from p2pdoe.core.site import community_data
 

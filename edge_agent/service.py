@@ -23,6 +23,7 @@ from edge_agent.meter import MqttMeter
 from edge_agent.outbox import Outbox
 from edge_agent.report import cpu_seconds, site_report
 from p2pdoe.core import topics
+from p2pdoe.core.cpu import CpuClocks
 from p2pdoe.core.edge.commands import (
     Actuate,
     DayStarts,
@@ -76,7 +77,7 @@ def fixed_default(config: SiteConfig) -> Box:
 
 
 def market_machine(config: SiteConfig, margins: tuple[float, float] | None) -> EdgeMarket:
-    return EdgeMarket(config, margins, time.perf_counter, cpu_seconds, time.thread_time)
+    return EdgeMarket(config, margins, time.perf_counter, CpuClocks(cpu_seconds, time.thread_time))
 
 
 class EdgeService:

@@ -12,8 +12,9 @@ from typing import cast
 from realtime_helpers import opening_heard
 
 from p2pdoe.core.calendar import Calendar
+from p2pdoe.core.cpu import CpuClocks, CpuParts
 from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
-from p2pdoe.core.edge.market import CpuParts, EdgeMarket
+from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
@@ -48,7 +49,7 @@ def open_round(market: EdgeMarket, heard: Heard, ctl: Controller) -> list[object
 
 
 def test_tomorrows_day_ahead_round_takes_its_dates_23_hours_and_hands_its_start_on() -> None:
-    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    market = EdgeMarket(CONFIG, None, time.perf_counter, CpuClocks(time.process_time))
     ctl = on_saturday()
     out = open_round(market, opening(CAL.start(SPRING), 23, "day-ahead-2026-03-29"), ctl)
     (starts,) = [c for c in out if isinstance(c, DayStarts)]
@@ -64,7 +65,7 @@ def test_tomorrows_day_ahead_round_takes_its_dates_23_hours_and_hands_its_start_
 
 
 def test_a_rolling_round_just_after_midnight_counts_none_of_yesterdays_flexible_energy() -> None:
-    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    market = EdgeMarket(CONFIG, None, time.perf_counter, CpuClocks(time.process_time))
     ctl = on_saturday()
     ctl.flex_used_kwh = 300.0  # Saturday's
     ctl.last_ts = CAL.start(SPRING) - timedelta(seconds=30)  # the last reading was Saturday's
@@ -85,7 +86,7 @@ def test_a_round_opened_by_another_coordinator_run_sends_the_journaled_settlemen
     """A restarted coordinator may have lost the settlements sent before it started: the first
     opening of its run asks for those of the day before the round's day and later; its own later
     openings ask for nothing more."""
-    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    market = EdgeMarket(CONFIG, None, time.perf_counter, CpuClocks(time.process_time))
     ctl = on_saturday()
     hour = CAL.start(SATURDAY) + timedelta(hours=9)
 
@@ -113,7 +114,7 @@ def _finish_with_campus(traders: list[str] | None, trial: bool) -> list[object]:
         decode,
     )  # fmt: skip
 
-    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    market = EdgeMarket(CONFIG, None, time.perf_counter, CpuClocks(time.process_time))
     heard = opening(CAL.start(SATURDAY), 4, "day-ahead-c01")
     msg = cast(RoundOpen, decode(heard.payload))
     msg = msg.model_copy(update={"sites": ["town-14", "campus-30"], "traders": traders, "trial": trial})
@@ -157,7 +158,9 @@ def test_the_cpu_parts_count_the_steps_and_the_codec_by_the_clock_they_are_given
     the participant's first step 1, encoding its proposal 1; the round's share starts at its
     opening, after the opening's decoding."""
     ticks = itertools.count()
-    market = EdgeMarket(CONFIG, None, time.perf_counter, time.process_time, lambda: float(next(ticks)))
+    market = EdgeMarket(
+        CONFIG, None, time.perf_counter, CpuClocks(time.process_time, lambda: float(next(ticks)))
+    )
     open_round(market, opening(CAL.start(SATURDAY), 24, "day-ahead-2026-03-28"), on_saturday())
     assert market.round is not None
     assert market.cpu_parts == CpuParts(steps_s=1.0, codec_s=2.0)

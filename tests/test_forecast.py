@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from realtime_helpers import opening_heard
 
 from p2pdoe.core import topics
+from p2pdoe.core.cpu import CpuClocks
 from p2pdoe.core.day_configs import coordinator_config_on, registration_on, site_config_on
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
 from p2pdoe.core.edge.market import EdgeMarket
@@ -104,7 +105,7 @@ def test_a_forecast_travels_as_a_runtime_message() -> None:
 
 
 def market() -> EdgeMarket:
-    return EdgeMarket(CONFIG, None, time.perf_counter, time.process_time)
+    return EdgeMarket(CONFIG, None, time.perf_counter, CpuClocks(time.process_time))
 
 
 def opening() -> Heard:

@@ -12,6 +12,7 @@ import pytest
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.payments import Command, PaymentParty, Publish
 from p2pdoe.core.coordinator.payments import PAYMENT_ITERATION, PaymentRun, payment_run
+from p2pdoe.core.cpu import NO_CPU
 from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard, Patience, Relieve, Send
 from p2pdoe.core.reader import MarketReader
@@ -98,7 +99,7 @@ def test_the_round_runs_to_the_closed_form_and_its_messages_say_so() -> None:
 
 
 def _edge(site: str = "solar-18") -> EdgeMarket:
-    return EdgeMarket(site_config(SCENARIO, SITES.index(site)), None, lambda: 0.0, lambda: 0.0)
+    return EdgeMarket(site_config(SCENARIO, SITES.index(site)), None, lambda: 0.0, NO_CPU)
 
 
 def _open() -> PaymentOpen:

@@ -40,9 +40,10 @@ from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, s
 from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
 from p2pdoe.core.coordinator.rolling import Rolling
-from p2pdoe.core.coordinator.rounds import ITERATION, NO_CPU, Agreement, CpuClocks, RoundRun, Timings
+from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
 from p2pdoe.core.coordinator.sites import SiteRegistry
 from p2pdoe.core.coordinator.standing import Standing, standing_from
+from p2pdoe.core.cpu import NO_CPU, CpuClocks
 from p2pdoe.core.effects import (
     Exit,
     Heard,

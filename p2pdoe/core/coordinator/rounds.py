@@ -11,6 +11,7 @@ from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import RoundSetup
 from p2pdoe.core.agreement.dso import DsoOutcome
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.cpu import NO_CPU, CpuClocks
 from p2pdoe.core.effects import Patience, Relieve, Send
 from p2pdoe.core.reader import topic_of
 from p2pdoe.core.schemas.messages import Grant, Proposal, encode
@@ -36,22 +37,6 @@ class Timings:
 
     def copy(self) -> Timings:
         return replace(self, iteration_wall_s=list(self.iteration_wall_s), dso_step_s=list(self.dso_step_s))
-
-
-def _no_cpu() -> float:
-    return 0.0
-
-
-@dataclass(frozen=True)
-class CpuClocks:
-    """CPU time counters for the figures of results.json, never decided on: the process's, and the
-    calling thread's (a step's share, whichever thread runs it)."""
-
-    process: Callable[[], float] = _no_cpu
-    thread: Callable[[], float] = _no_cpu
-
-
-NO_CPU = CpuClocks()  # nothing measured
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from p2pdoe.core.agreement.payments import Publish as PublishPayment
 from p2pdoe.core.agreement.protocol import Finished, Publish, Received
 from p2pdoe.core.calendar import utc_moment
 from p2pdoe.core.community import CommunityQP, within_ranges
+from p2pdoe.core.cpu import CpuClocks, CpuParts
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
@@ -48,18 +49,6 @@ from p2pdoe.core.solution import Policy
 log = logging.getLogger("edge_agent")
 REGISTRATIONS_KEPT = 8
 COSTS_KEPT = 8  # rounds whose costs a payment round may name
-
-
-@dataclass
-class CpuParts:
-    """CPU seconds, each in the thread that spent them: the participant's steps (its solves and
-    coupling updates) and the agreement messages' decoding and encoding. Running totals."""
-
-    steps_s: float = 0.0
-    codec_s: float = 0.0
-
-    def since(self, earlier: CpuParts) -> CpuParts:
-        return CpuParts(self.steps_s - earlier.steps_s, self.codec_s - earlier.codec_s)
 
 
 @dataclass
@@ -94,23 +83,20 @@ def _trading_with(site: str, msg: RoundOpen) -> set[str]:
 
 
 class EdgeMarket:
-    """`stopwatch`, `cpu` and `thread_cpu` measure (solve times, CPU per round and its parts) and
-    decide nothing."""
+    """`stopwatch` and `cpu` measure (solve times, CPU per round and its parts) and decide nothing."""
 
     def __init__(
         self,
         config: SiteConfig,
         margins: tuple[float, float] | None,
         stopwatch: Callable[[], float],
-        cpu: Callable[[], float],
-        thread_cpu: Callable[[], float] = lambda: 0.0,
+        cpu: CpuClocks,
     ):
         self.config = config
         self.site = config.community.id
         self.margins = margins  # kept inside envelopes (real time; p2pdoe.core.community.envelope_margins)
         self.stopwatch = stopwatch
         self.cpu = cpu
-        self.thread_cpu = thread_cpu
         self.cpu_parts = CpuParts()
         self.reader = MarketReader(self.site)
         self.rounds: dict[str, RoundState] = {}  # under way: at most one per day (today's, tomorrow's)
@@ -225,9 +211,9 @@ class EdgeMarket:
 
     def read(self, m: Heard) -> Message | None:
         """The message strictly decoded, or None (dropped and counted)."""
-        c0 = self.thread_cpu()
+        c0 = self.cpu.thread()
         msg = self.reader.decoded(m)
-        self.cpu_parts.codec_s += self.thread_cpu() - c0
+        self.cpu_parts.codec_s += self.cpu.thread() - c0
         return msg
 
     @property
@@ -288,7 +274,7 @@ class EdgeMarket:
             config,
             qp,
             participant,
-            self.cpu(),
+            self.cpu.process(),
             in_force=not msg.trial,
             parts_at_open=replace(self.cpu_parts),
         )
@@ -387,11 +373,11 @@ class EdgeMarket:
         return site_config_on(self.config, cal.day_of(start), cal)
 
     def _step(self, r: RoundState, message: Message) -> list[Command]:
-        t0, c0 = self.stopwatch(), self.thread_cpu()
+        t0, c0 = self.stopwatch(), self.cpu.thread()
         out: list[Command] = []
         repeats = r.participant.repeats_answered
         commands = r.participant.handle(Received(message))
-        c1 = self.thread_cpu()
+        c1 = self.cpu.thread()
         self.cpu_parts.steps_s += c1 - c0
         if r.participant.repeats_answered > repeats:
             sent = [
@@ -407,9 +393,9 @@ class EdgeMarket:
             )
         for cmd in commands:
             if isinstance(cmd, Publish):
-                e0 = self.thread_cpu()
+                e0 = self.cpu.thread()
                 out.append(Send(topic_of(cmd.message), encode(cmd.message)))
-                self.cpu_parts.codec_s += self.thread_cpu() - e0
+                self.cpu_parts.codec_s += self.cpu.thread() - e0
                 if isinstance(cmd.message, Proposal):
                     r.steps.append(self.stopwatch() - t0)
             elif isinstance(cmd, Finished) and isinstance(cmd.outcome, CommunityOutcome):
