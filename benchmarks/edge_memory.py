@@ -21,17 +21,22 @@ import tempfile
 from pathlib import Path
 
 from runtime_processes import distributed  # this folder is on the path of a script run from it
+
 from p2pdoe.services.broker import broker_for_tests
 
-# The libraries an edge agent needs, in the order it imports them, then the agent itself.
+# The libraries an edge agent needs, in the order it imports them, then the agent itself: a row each.
 IMPORTS = (
-    ("numpy", "numpy"),
-    ("scipy.sparse (it imports numpy.testing, .random, .ma, .f2py)", "scipy.sparse"),
-    ("osqp (and jinja2, for its code generation)", "osqp"),
-    ("pydantic", "pydantic"),
-    ("aiomqtt (asyncio, ssl, paho)", "aiomqtt"),
-    ("pydantic-settings", "pydantic_settings"),
-    ("the edge agent (edge_agent.__main__)", "edge_agent.__main__"),
+    ("numpy", ["numpy"]),
+    (
+        "numpy.testing, .random, .ma, .f2py (scipy.sparse's array-API layer imports them)",
+        ["numpy.testing", "numpy.random", "numpy.ma", "numpy.f2py"],
+    ),
+    ("scipy.sparse", ["scipy.sparse"]),
+    ("osqp (and jinja2, for its code generation)", ["osqp"]),
+    ("pydantic", ["pydantic"]),
+    ("aiomqtt (asyncio, ssl, paho)", ["aiomqtt"]),
+    ("pydantic-settings", ["pydantic_settings"]),
+    ("the edge agent (edge_agent.__main__)", ["edge_agent.__main__"]),
 )
 
 PROBE = """
@@ -39,25 +44,23 @@ import importlib, json, sys
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-rows = [("the interpreter", hwm())]
-for name in sys.argv[1:]:
-    importlib.import_module(name)
-    rows.append((name, hwm()))
-print(json.dumps(rows))
+peaks = [hwm()]
+for row in json.loads(sys.argv[1]):
+    for name in row:
+        importlib.import_module(name)
+    peaks.append(hwm())
+print(json.dumps(peaks))
 """
 
 
 def import_table() -> list[str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *(m for _, m in IMPORTS)], capture_output=True, text=True, check=True
-    )
-    rows = json.loads(proc.stdout)
+    rows = json.dumps([modules for _, modules in IMPORTS])
+    proc = subprocess.run([sys.executable, "-c", PROBE, rows], capture_output=True, text=True, check=True)
+    peaks = json.loads(proc.stdout)
     labels = ["the interpreter", *(label for label, _ in IMPORTS)]
     lines = ["| import | adds MB | VmHWM MB |", "|---|--:|--:|"]
-    previous = 0.0
-    for label, (_, mb) in zip(labels, rows, strict=True):
-        lines.append(f"| {label} | {mb - previous:.1f} | {mb:.1f} |")
-        previous = mb
+    for label, before, mb in zip(labels, [0.0, *peaks[:-1]], peaks, strict=True):
+        lines.append(f"| {label} | {mb - before:.1f} | {mb:.1f} |")
     return lines
 
 
