@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/admm_scaling.py [--quick] [--out FILE.md]
 
 For each case (the default scenario at 24 x 1 h and 96 x 15 min, synthetic scenarios with 5 to 50
-communities, full mesh and with each community trading with its 4 electrically nearest), it solves
-the dynamic-envelope problem twice, one after the other, never in parallel:
+communities, full mesh and with each community trading with its 4 electrically nearest, and 100 and
+200 with the 4 nearest), it solves the dynamic-envelope problem twice, one after the other, never in
+parallel:
 
 - centralized: the whole `solve_centralized` call (cvxpy problem building, compilation and Clarabel),
   in a child process so that a solve beyond `--centralized-timeout` can be stopped and reported as
@@ -61,6 +62,8 @@ FULL = (
     Case("synthetic-20-peers4", "synthetic-20-peers4"),
     Case("synthetic-50", "synthetic-50"),
     Case("synthetic-50-peers4", "synthetic-50-peers4"),
+    Case("synthetic-100-peers4", "synthetic-100-peers4"),
+    Case("synthetic-200-peers4", "synthetic-200-peers4"),
 )
 QUICK = (Case("synthetic-5", "synthetic-5"), Case("synthetic-10", "synthetic-10"))
 
