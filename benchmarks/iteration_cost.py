@@ -67,10 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     _counted(DsoParticipant, "handle", "dso")
     _counted(GridSolver, "solve", "projection")
-    _counted(DsoParticipant, "_grant_message", "grant")
+    _counted(DsoParticipant, "_grants", "grant")
     columns = (
         "scenario", "communities", "iterations", "objective EUR", "community step median ms",
-        "DSO step median ms", "DSO CPU ms per iteration", "of which projection", "grant message",
+        "DSO step median ms", "DSO CPU ms per iteration", "of which projection", "grant messages",
         "DSO CPU µs per community",
     )  # fmt: skip
     print("| " + " | ".join(columns) + " |")

@@ -1,6 +1,7 @@
-"""How large a round's messages are: the opening, the largest proposal and the first grant of a
-day-ahead round (96 quarter-hours), per scenario, against the broker's cap (`MAX_PACKET_BYTES`).
-The sizes follow from the numbers in the messages, so they are the same on every machine.
+"""How large a round's messages are: the opening, the largest proposal, the largest of the first
+grants (one to each site) and all first grants together, of a day-ahead round (96 quarter-hours), per
+scenario, the largest against the broker's cap (`MAX_PACKET_BYTES`). The sizes follow from the numbers in the
+messages, so they are the same on every machine.
 
     .venv/bin/python benchmarks/message_sizes.py [default synthetic-200-peers4 ...]
 """
@@ -23,8 +24,9 @@ from p2pdoe.io.scenarios import load_scenario  # noqa: E402
 QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
 
 
-def sizes(name: str) -> tuple[int, int, int, int]:
-    """Sites, and the bytes of the opening, the largest first proposal and the first grant."""
+def sizes(name: str) -> tuple[int, int, int, int, int]:
+    """Sites, and the bytes of the opening, the largest first proposal, the largest first grant and
+    the first grants together."""
     s = load_scenario(name, QUARTER_HOURS)
     p = participants(s, Policy.DYNAMIC, "day-ahead")
     opening = next(c.message for c in p.dso.open_round() if isinstance(c, Publish))
@@ -41,17 +43,26 @@ def sizes(name: str) -> tuple[int, int, int, int]:
         for c in p.dso.handle(Received(m))
         if isinstance(c, Publish) and isinstance(c.message, Grant)
     ]
-    return len(s.ids), len(encode(opening)), max(len(encode(m)) for m in proposals), len(encode(grants[-1]))
+    granted = [len(encode(g)) for g in grants]
+    return (
+        len(s.ids),
+        len(encode(opening)),
+        max(len(encode(m)) for m in proposals),
+        max(granted),
+        sum(granted),
+    )
 
 
 def main(names: list[str]) -> None:
     print(f"Broker cap `MAX_PACKET_BYTES`: {MAX_PACKET_BYTES:,} bytes.\n")
-    print("| scenario | sites | opening (bytes) | largest proposal | grant | grant / cap |")
-    print("|---|--:|--:|--:|--:|--:|")
+    columns = ("opening (bytes)", "largest proposal", "largest grant", "grants in all", "largest / cap")
+    print("| scenario | sites | " + " | ".join(columns) + " |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     for name in names:
-        n, opening, proposal, grant = sizes(name)
+        n, opening, proposal, grant, grants = sizes(name)
+        largest = max(opening, proposal, grant) / MAX_PACKET_BYTES
         print(
-            f"| {name} | {n} | {opening:,} | {proposal:,} | {grant:,} | {grant / MAX_PACKET_BYTES:.2f} |",
+            f"| {name} | {n} | {opening:,} | {proposal:,} | {grant:,} | {grants:,} | {largest:.2f} |",
             flush=True,
         )
 

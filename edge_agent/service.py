@@ -141,7 +141,7 @@ class EdgeService:
             await self.transport.subscribe(topic_filter, qos)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
-        subs = [(topics.round_open("+"), 1), (topics.grant("+"), 1)]
+        subs = [(topics.round_open("+"), 1), (topics.grant("+", self.site), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
         subs += [(topics.payment_open("+"), 1), (topics.payment_grant("+"), 1)]
         subs += [(topics.payment_proposal("+", p.id), 1) for p in self.market.config.peers]

@@ -76,6 +76,26 @@ def once(message: Message, recipient: str) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class IterationGrants:
+    """One iteration's grants, one per site, in the order the DSO sent them."""
+
+    grants: tuple[Grant, ...]
+
+    @property
+    def iteration(self) -> int:
+        return self.grants[0].iteration
+
+    @property
+    def status(self) -> str:
+        assert len({g.status for g in self.grants}) == 1, "one verdict per iteration"
+        return self.grants[0].status
+
+    @property
+    def sites(self) -> list[str]:
+        return [g.recipient for g in self.grants]
+
+
 @dataclass
 class Trace:
     """What happened on the bus: every message published and delivered, in order, and every outcome."""
@@ -99,8 +119,15 @@ class Trace:
         assert all(isinstance(o, CommunityOutcome) for o in outs)
         return outs  # type: ignore[return-value]
 
-    def grants(self) -> list[Grant]:
-        return [m for _, m in self.published if isinstance(m, Grant)]
+    def grants(self) -> list[IterationGrants]:
+        """Every iteration's grants, in order (the DSO sends one per site at once)."""
+        out: list[IterationGrants] = []
+        for m in (m for _, m in self.published if isinstance(m, Grant)):
+            if out and out[-1].iteration == m.iteration:
+                out[-1] = IterationGrants((*out[-1].grants, m))
+            else:
+                out.append(IterationGrants((m,)))
+        return out
 
     def proposals(self) -> list[Proposal]:
         return [m for _, m in self.published if isinstance(m, Proposal)]
@@ -110,9 +137,12 @@ class Trace:
 
 
 def subscribers(message: Message, communities: tuple[CommunityParticipant, ...]) -> list[str]:
-    """Who hears a message: a proposal goes to the sender's peers and the DSO, the rest to everyone."""
+    """Who hears a message: a proposal goes to the sender's peers and the DSO, a grant to its
+    recipient, an opening to everyone."""
     if isinstance(message, Proposal):
         return [c.site for c in communities if message.sender in c.peer_ids] + [DSO_ID]
+    if isinstance(message, Grant):
+        return [message.recipient]
     return [c.site for c in communities]
 
 
@@ -171,10 +201,12 @@ def scenario_from_spec(spec: dict[str, Any]) -> Scenario:
     return build_scenario(validated, load_feeder(validated.feeder.source), {})
 
 
-def grant_box(grant: Grant) -> tuple[np.ndarray, np.ndarray]:
-    """The granted (lo, up), each (C, T) in the grant's site order."""
-    lo = np.array([e.lo_kw for e in grant.envelopes], dtype=float)
-    up = np.array([e.up_kw for e in grant.envelopes], dtype=float)
+def grant_box(grants: IterationGrants) -> tuple[np.ndarray, np.ndarray]:
+    """An iteration's granted (lo, up), each (C, T) in the order the grants were sent."""
+    envelopes = [g.envelope for g in grants.grants]
+    assert all(e is not None for e in envelopes)
+    lo = np.array([e.lo_kw for e in envelopes if e is not None], dtype=float)
+    up = np.array([e.up_kw for e in envelopes if e is not None], dtype=float)
     return lo, up
 
 

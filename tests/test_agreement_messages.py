@@ -78,21 +78,20 @@ def proposals(draw: st.DrawFn) -> Proposal:
 @st.composite
 def grants(draw: st.DrawFn) -> Grant:
     n = draw(st.integers(0, 5))
-    envelopes = [
-        GrantedEnvelope(
-            site=draw(SITE),
+    envelope = None
+    if draw(st.booleans()):
+        envelope = GrantedEnvelope(
             lo_kw=draw(series(n)),
             up_kw=draw(series(n)),
             import_price_eur_per_kwh=draw(series(n)),
             export_price_eur_per_kwh=draw(series(n)),
         )
-        for _ in range(draw(st.integers(0, 4)))
-    ]
     return Grant(
         round=draw(ROUND),
         iteration=draw(ITERATION),
+        recipient=draw(SITE),
         status=draw(st.sampled_from(["running", "converged", "max_iterations"])),
-        envelopes=envelopes,
+        envelope=envelope,
         residuals=ResidualReport(
             primal_trade_kw=draw(NON_NEGATIVE),
             dual_trade_kw=draw(NON_NEGATIVE),
@@ -144,16 +143,14 @@ def grant_doc() -> dict[str, Any]:
     g = Grant(
         round="day-ahead",
         iteration=3,
+        recipient="solar-18",
         status="running",
-        envelopes=[
-            GrantedEnvelope(
-                site="solar-18",
-                lo_kw=[-10.0],
-                up_kw=[20.0],
-                import_price_eur_per_kwh=[0.0],
-                export_price_eur_per_kwh=[0.01],
-            )
-        ],
+        envelope=GrantedEnvelope(
+            lo_kw=[-10.0],
+            up_kw=[20.0],
+            import_price_eur_per_kwh=[0.0],
+            export_price_eur_per_kwh=[0.01],
+        ),
         residuals=ResidualReport(
             primal_trade_kw=1.0, dual_trade_kw=1.0, primal_envelope_kw=0.5, dual_envelope_kw=0.5
         ),
@@ -234,8 +231,8 @@ def test_a_malformed_proposal_is_refused(path: tuple[str | int, ...], value: obj
         (("next_rho_trade_eur_per_kw2h",), 0.0),
         (("next_rho_envelope_eur_per_kw2h",), -1.0),
         (("residuals", "primal_trade_kw"), -0.5),
-        (("envelopes", 0, "site"), "Solar-18"),
-        (("envelopes", 0, "up_kw", 0), "20"),
+        (("recipient",), "Solar-18"),
+        (("envelope", "up_kw", 0), "20"),
         (("kind",), "proposal"),
     ],
 )
@@ -284,7 +281,7 @@ def test_non_finite_numbers_are_refused(token: str, kind: str) -> None:
     if kind == "proposal":
         doc["trades"][0]["sell_kw"][0] = marker
     elif kind == "grant":
-        doc["envelopes"][0]["lo_kw"][0] = marker
+        doc["envelope"]["lo_kw"][0] = marker
     else:
         doc["initial_trade_price_eur_per_kwh"][0] = marker
     text = json.dumps(doc)

@@ -68,5 +68,5 @@ def test_a_proposal_only_counts_on_its_senders_topic() -> None:
     assert sender_matches_topic("p2pdoe/v1/market/r1/proposal/solar-18", p)
     assert not sender_matches_topic("p2pdoe/v1/market/r1/proposal/wind-25", p)
     assert not sender_matches_topic("p2pdoe/v1/market/r2/proposal/solar-18", p)
-    assert not sender_matches_topic("p2pdoe/v1/market/r1/grant", p)
+    assert not sender_matches_topic("p2pdoe/v1/market/r1/grant/solar-18", p)
     assert encode(p)

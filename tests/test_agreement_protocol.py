@@ -3,7 +3,7 @@ order and duplicates within the allowed window do not change the agreement at al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ class Opened:
     parts: Participants
     opening: RoundOpen
     first: dict[str, Proposal]
+    granted: dict[str, Grant] = field(default_factory=dict)
 
     def community(self, k: int = 0) -> CommunityParticipant:
         return self.parts.communities[k]
@@ -61,14 +62,20 @@ class Opened:
     def peer_of(self, k: int = 0) -> str:
         return str(self.parts.communities[k].peer_ids[0])
 
-    def grant0(self) -> Grant:
-        """Feed every proposal 0 to the DSO; its last answer is grant 0."""
-        out: list[Command] = []
-        for p in self.first.values():
-            out = self.parts.dso.handle(Received(p))
-        grant = only(out)
-        assert isinstance(grant, Grant)
-        return grant
+    def grants0(self) -> dict[str, Grant]:
+        """Feed every proposal 0 to the DSO (once); its last answer is grant 0, one per site."""
+        if not self.granted:
+            out: list[Command] = []
+            for p in self.first.values():
+                out = self.parts.dso.handle(Received(p))
+            assert all(isinstance(c, Publish) and isinstance(c.message, Grant) for c in out), out
+            self.granted = {c.message.recipient: c.message for c in out}  # type: ignore[union-attr]
+            assert list(self.granted) == list(self.first)  # one per site, in the round's order
+        return self.granted
+
+    def grant0(self, k: int = 0) -> Grant:
+        """Grant 0 to community k."""
+        return self.grants0()[self.community(k).site]
 
 
 def opened_round(s: Scenario) -> Opened:
@@ -179,12 +186,24 @@ def test_a_repeated_grant_lets_a_site_one_iteration_behind_catch_up(
     assert behind.site in ahead.peer_ids
     clean = opened_round(scenario)
     expected = only(give(clean.community(0), *rest_of_iteration_0(clean, 0, clean.grant0())))
-    only(give(ahead, *rest_of_iteration_0(opened, 1, grant)))
+    only(give(ahead, *rest_of_iteration_0(opened, 1, opened.grant0(1))))
     lost = [opened.first[p] for p in behind.peer_ids if p != ahead.site]
     assert give(behind, *lost, grant) == []  # stuck: the peer's proposal 0 never came
-    answers = [cmd.message for cmd in give(ahead, grant) if isinstance(cmd, Publish)]
+    answers = [cmd.message for cmd in give(ahead, opened.grant0(1)) if isinstance(cmd, Publish)]
     assert [m.iteration for m in answers] == [0, 1]
     assert only(give(behind, *answers)) == expected
+
+
+def test_community_counts_a_grant_to_another_site_as_invalid(opened: Opened) -> None:
+    """Each site hears its own grant; one addressed to another site (a misrouted or forged one) is
+    not used, even where it would complete the iteration."""
+    c = opened.community(0)
+    rest = [opened.first[p] for p in c.peer_ids]
+    assert give(c, *rest, opened.grant0(1)) == []
+    assert c.ignored == {"invalid": 1}
+    nxt = only(give(c, opened.grant0(0)))
+    assert isinstance(nxt, Proposal)
+    assert nxt.iteration == 1
 
 
 def test_community_ignores_and_counts_an_unknown_sender(opened: Opened) -> None:
@@ -321,7 +340,7 @@ def test_noise_does_not_change_the_dso_grant(scenario: Scenario) -> None:
     p = noisy.first[noisy.peer_of()]
     noise = [p, p.model_copy(update={"sender": "stranger"}), p.model_copy(update={"iteration": 4})]
     assert give(noisy.parts.dso, *noise) == []
-    assert noisy.grant0() == clean.grant0()
+    assert noisy.grants0() == clean.grants0()
 
 
 # --- whole rounds under reordering and duplicates --------------------------------------------
@@ -471,8 +490,8 @@ def test_the_dso_refuses_a_proposal_beyond_what_the_site_registered(opened: Open
     for site, p in opened.first.items():  # the honest proposals of the others, and its own, go through
         if site != liar:
             give(dso, p)
-    grant = only(give(dso, opened.first[liar]))
-    assert isinstance(grant, Grant)
+    grants = [cmd.message for cmd in give(dso, opened.first[liar]) if isinstance(cmd, Publish)]
+    assert [g.recipient for g in grants if isinstance(g, Grant)] == list(opened.first)
     assert dso.rejected == 1
 
 

@@ -127,15 +127,16 @@ def _finish_with_campus(traders: list[str] | None, trial: bool) -> list[object]:
         later.append(Proposal(round=msg.round, iteration=0, sender="campus-30", trades=[trade], envelope=box))
     residuals = ResidualReport(primal_trade_kw=0, dual_trade_kw=0, primal_envelope_kw=0, dual_envelope_kw=0)
     later.append(Grant(
-        round=msg.round, iteration=0, status="converged", residuals=residuals,
-        envelopes=[GrantedEnvelope(
-            site=site, lo_kw=[-150.0] * 4, up_kw=zeros, import_price_eur_per_kwh=zeros,
-            export_price_eur_per_kwh=zeros,
-        ) for site in msg.sites],
+        round=msg.round, iteration=0, recipient="town-14", status="converged", residuals=residuals,
+        envelope=GrantedEnvelope(
+            lo_kw=[-150.0] * 4, up_kw=zeros, import_price_eur_per_kwh=zeros, export_price_eur_per_kwh=zeros,
+        ),
         next_rho_trade_eur_per_kw2h=1.0, next_rho_envelope_eur_per_kw2h=1.0,
     ))  # fmt: skip
     for m in later:
-        topic = topics.grant(m.round) if isinstance(m, Grant) else topics.proposal(m.round, m.sender)
+        topic = (
+            topics.grant(m.round, m.recipient) if isinstance(m, Grant) else topics.proposal(m.round, m.sender)
+        )
         read = market.read(Heard(topic, encode(m), False))
         assert read is not None
         out += market.handle(read, None)

@@ -218,12 +218,12 @@ def test_market_messages_are_counted_per_round_and_never_decoded() -> None:
     state = MonitorState()
     state.apply(topics.round_open("r1"), b"{}", T0)
     state.apply(topics.proposal("r1", "c1"), b"not even json", T0)
-    state.apply(topics.grant("r2"), b"", T0)
+    state.apply(topics.grant("r2", "c1"), b"", T0)
     assert state.market_messages == {"r1": 2, "r2": 1}
     assert state.dropped == {}
     assert state.sites == {}
     for k in range(3, 3 + MARKET_ROUNDS_KEPT):
-        state.apply(topics.grant(f"r{k}"), b"", T0)
+        state.apply(topics.grant(f"r{k}", "c1"), b"", T0)
     assert len(state.market_messages) == MARKET_ROUNDS_KEPT
     assert "r1" not in state.market_messages
 

@@ -111,6 +111,9 @@ def test_the_acl_gives_each_site_its_own_topics_and_never_its_envelopes() -> Non
     assert not any(w.endswith(("/doe", "/doe/default")) for w in writes)
     assert "topic read p2pdoe/v1/market/+/proposal/b" in a
     assert "topic read p2pdoe/v1/market/+/proposal/c" not in a
+    assert "topic read p2pdoe/v1/market/+/grant/a" in a  # its own grant, never another site's
+    assert not any("/grant/" in line and not line.endswith("/grant/a") for line in a if "/market/" in line)
+    assert "topic write p2pdoe/v1/market/+/grant/+" in blocks["user dso"]
     assert "topic write p2pdoe/v1/market/+/payments/proposal/a" in a  # Nash bargaining's payments
     assert "topic read p2pdoe/v1/market/+/payments/proposal/b" in a
     assert "topic read p2pdoe/v1/market/+/payments/proposal/c" not in a
@@ -279,7 +282,7 @@ def test_the_broker_takes_what_a_service_takes_and_nothing_larger(broker: tuple[
     async def scenario() -> list[int]:
         got: list[int] = []
         async with _client(out, port, "monitor") as monitor, _client(out, port, "dso") as dso:
-            await monitor.subscribe(topics.grant("r-big"), qos=1)
+            await monitor.subscribe(topics.grant("r-big", "a"), qos=1)
 
             async def collect() -> None:
                 async for m in monitor.messages:
@@ -287,9 +290,9 @@ def test_the_broker_takes_what_a_service_takes_and_nothing_larger(broker: tuple[
 
             task = asyncio.create_task(collect())
             await asyncio.sleep(0.2)
-            await dso.publish(topics.grant("r-big"), b"x" * 1_500_000, qos=1)
+            await dso.publish(topics.grant("r-big", "a"), b"x" * 1_500_000, qos=1)
             with contextlib.suppress(aiomqtt.MqttError):
-                await dso.publish(topics.grant("r-big"), b"x" * (MAX_PACKET_BYTES + 1), qos=1, timeout=5)
+                await dso.publish(topics.grant("r-big", "a"), b"x" * (MAX_PACKET_BYTES + 1), qos=1, timeout=5)
             await asyncio.sleep(1.0)
             task.cancel()
         return got

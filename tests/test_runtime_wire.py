@@ -29,7 +29,10 @@ def test_site_topics_parse_back(site: str, kind: str) -> None:
 @given(round_id=ROUNDS, site=IDS)
 def test_market_topics_parse_back(round_id: str, site: str) -> None:
     assert topics.parse(topics.round_open(round_id)) == topics.Topic("market", "open", round=round_id)
-    assert topics.parse(topics.grant(round_id)) == topics.Topic("market", "grant", round=round_id)
+    assert topics.parse(topics.grant(round_id, site)) == topics.Topic(
+        "market", "grant", site=site, round=round_id
+    )
+    assert topics.parse(f"{topics.ROOT}/market/{round_id}/grant") is None  # a grant is always to a site
     assert topics.parse(topics.proposal(round_id, site)) == topics.Topic(
         "market", "proposal", site=site, round=round_id
     )

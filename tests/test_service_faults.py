@@ -109,7 +109,8 @@ async def _disturbed_round(d: Deployment) -> Results:
         assert isinstance(decode(opening), RoundOpen)
 
         await stranger.publish(topics.proposal(ROUND, other), b"\x00not json{", qos=1)  # garbage
-        await stranger.publish(topics.grant(ROUND), b"[1, 2", qos=1)  # garbage to every agent
+        for site in d.sites:  # garbage on every agent's grant topic
+            await stranger.publish(topics.grant(ROUND, site), b"[1, 2", qos=1)
         await stranger.publish(topics.proposal(ROUND, other), wrong_schema.model_dump_json(), qos=1)
         await stranger.publish(topics.proposal(ROUND, other), proposal, qos=1)  # sender is not `other`
         await stranger.publish(proposal_topic, proposal, qos=1)  # a replay of iteration 0

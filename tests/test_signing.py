@@ -67,7 +67,7 @@ def test_each_topic_has_its_owner_as_signer() -> None:
     assert signer_of(DOE) == signer_of(DEFAULT) == "dso"
     for kind in ("status", "register", "telemetry", "meter", "setpoints", "settlement"):
         assert signer_of(topics.site(SITE, kind)) == EDGE
-    assert signer_of(topics.round_open("r1")) == signer_of(topics.grant("r1")) == "dso"
+    assert signer_of(topics.round_open("r1")) == signer_of(topics.grant("r1", SITE)) == "dso"
     assert signer_of(topics.proposal("r1", SITE)) == signer_of(topics.report("r1", SITE)) == EDGE
     assert signer_of(topics.DSO_STATUS) == signer_of(topics.DSO_PROGRESS) == "dso"
     assert signer_of(topics.clock_grant("plant")) is None  # the lockstep bench is not signed

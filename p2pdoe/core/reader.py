@@ -39,17 +39,20 @@ def topic_of(message: Message) -> str:
         return topics.round_open(message.round)
     if isinstance(message, Proposal):
         return topics.proposal(message.round, message.sender)
-    return topics.grant(message.round)
+    return topics.grant(message.round, message.recipient)
 
 
 def sender_matches_topic(topic: str, message: Message) -> bool:
-    """A proposal only on its sender's own topic; opens and grants only on the DSO's."""
+    """A proposal only on its sender's own topic, a grant only on its recipient's, an opening only on
+    the round's (grants and openings are the DSO's: signed by it where messages are signed)."""
     parsed = topics.parse(topic)
     if parsed is None or parsed.area != "market" or parsed.round != message.round:
         return False
     if isinstance(message, Proposal):
         return parsed.kind == "proposal" and parsed.site == message.sender
-    return parsed.kind == ("open" if isinstance(message, RoundOpen) else "grant")
+    if isinstance(message, Grant):
+        return parsed.kind == "grant" and parsed.site == message.recipient
+    return parsed.kind == "open"
 
 
 def payment_topic_of(message: PaymentMessage) -> str:

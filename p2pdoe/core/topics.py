@@ -10,7 +10,7 @@
     p2pdoe/v1/site/<id>/settlement               each settled interval (`SettlementRecord`)
     p2pdoe/v1/market/<round>/open      retained  `RoundOpen`
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
-    p2pdoe/v1/market/<round>/grant               `Grant`
+    p2pdoe/v1/market/<round>/grant/<id>          `Grant` to site <id>
     p2pdoe/v1/market/<round>/report/<id>         `SiteReport` of site <id> once the round is over
     p2pdoe/v1/market/<round>/payments/open   retained  `PaymentOpen` (Nash bargaining's stage 2)
     p2pdoe/v1/market/<round>/payments/proposal/<id>  `PaymentProposal` of site <id>
@@ -50,8 +50,9 @@ def proposal(round_id: str, site_id: str) -> str:
     return f"{ROOT}/market/{round_id}/proposal/{site_id}"
 
 
-def grant(round_id: str) -> str:
-    return f"{ROOT}/market/{round_id}/grant"
+def grant(round_id: str, site_id: str) -> str:
+    """The DSO's grant to one site: its envelope, the residuals, the verdict."""
+    return f"{ROOT}/market/{round_id}/grant/{site_id}"
 
 
 def report(round_id: str, site_id: str) -> str:
@@ -99,6 +100,11 @@ def all_proposals(round_id: str = "+") -> str:
     return f"{ROOT}/market/{round_id}/proposal/+"
 
 
+def all_grants(round_id: str = "+") -> str:
+    """Filter for the grants to every site of a round (every round by default)."""
+    return f"{ROOT}/market/{round_id}/grant/+"
+
+
 def all_payment_proposals(round_id: str = "+") -> str:
     """Filter for every site's payment proposals of a round (every round by default)."""
     return f"{ROOT}/market/{round_id}/payments/proposal/+"
@@ -132,9 +138,9 @@ def parse(topic: str) -> Topic | None:
     parts = topic[len(ROOT) + 1 :].split("/")
     if parts[0] == "site" and len(parts) >= 3 and "/".join(parts[2:]) in SITE_KINDS:
         return Topic("site", "/".join(parts[2:]), site=parts[1])
-    if parts[0] == "market" and len(parts) == 3 and parts[2] in ("open", "grant"):
+    if parts[0] == "market" and len(parts) == 3 and parts[2] == "open":
         return Topic("market", parts[2], round=parts[1])
-    if parts[0] == "market" and len(parts) == 4 and parts[2] in ("proposal", "report"):
+    if parts[0] == "market" and len(parts) == 4 and parts[2] in ("proposal", "report", "grant"):
         return Topic("market", parts[2], site=parts[3], round=parts[1])
     if (
         parts[0] == "market"

@@ -71,7 +71,7 @@ async def run_community(transport: Transport, participant: CommunityParticipant)
     """Take part in the next round; return this community's outcome."""
     driver = _Driver(transport, participant.site)
     await transport.subscribe(topics.round_open("+"))
-    await transport.subscribe(topics.grant("+"))
+    await transport.subscribe(topics.grant("+", participant.site))
     for peer in participant.peer_ids:
         await transport.subscribe(topics.proposal("+", peer))
     status = topics.site(participant.site, "status")

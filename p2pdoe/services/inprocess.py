@@ -96,6 +96,8 @@ def run_admm(s: Scenario, policy: Policy, round_id: str = "day-ahead") -> AdmmRu
 def _subscribers(message: object, communities: tuple[CommunityParticipant, ...]) -> list[str]:
     if isinstance(message, Proposal):
         return [c.site for c in communities if message.sender in c.peer_ids] + [DSO_ID]
+    if isinstance(message, Grant):
+        return [message.recipient]
     return [c.site for c in communities]
 
 

@@ -147,7 +147,7 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
         "user dso",
         f"topic read {ROOT}/#",
         *(f"topic write {ROOT}/site/+/{k}" for k in ("doe", "doe/default")),
-        *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant", "payments/open", "payments/grant")),
+        *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant/+", "payments/open", "payments/grant")),
         # only to delete what a site left retained there (p2pdoe.core.coordinator.retained); what it
         # would write there is never believed: a site's proposals and reports are signed by the site
         *(f"topic write {ROOT}/market/+/{k}/+" for k in ("proposal", "report", "payments/proposal")),
@@ -170,7 +170,8 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
             f"topic write {ROOT}/market/+/payments/proposal/{site}",
             *(f"topic read {own}/{k}" for k in ("doe", "doe/default", "setpoints", "meter", "status")),
             f"topic read {own}/forecast",
-            *(f"topic read {ROOT}/market/+/{k}" for k in ("open", "grant")),
+            f"topic read {ROOT}/market/+/open",
+            f"topic read {ROOT}/market/+/grant/{site}",
             *(f"topic read {ROOT}/market/+/proposal/{p}" for p in site_peers),
             *(f"topic read {ROOT}/market/+/payments/{k}" for k in ("open", "grant")),
             *(f"topic read {ROOT}/market/+/payments/proposal/{p}" for p in site_peers),

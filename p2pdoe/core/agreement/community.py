@@ -33,7 +33,6 @@ from p2pdoe.core.schemas.messages import (
     DSO_ID,
     EnvelopeRequest,
     Grant,
-    GrantedEnvelope,
     Proposal,
     RoundOpen,
     TradeProposal,
@@ -180,7 +179,7 @@ class CommunityParticipant:
         r = self._round
         if r is None or msg.round != r.id:
             return self._outside_round(msg)
-        if isinstance(msg, Grant) and (r.lo is None) != (not msg.envelopes):
+        if isinstance(msg, Grant) and (r.lo is None) != (msg.envelope is None):
             self._ignored[INVALID] += 1
             return []
         repeated = isinstance(msg, Grant) and _seen(r.inbox, msg.iteration)
@@ -325,7 +324,8 @@ class CommunityParticipant:
         r.buy = consensus_step(mine_buy, theirs_sell, r.buy, rho_t, r.alpha)
         r.sell = consensus_step(theirs_buy, mine_sell, r.sell, rho_t, r.alpha)
         if r.lo is not None and r.up is not None:
-            mine = _own_entry(grant, self.site)
+            mine = grant.envelope
+            assert mine is not None  # checked on arrival against the round
             rho_e = r.rho_envelope * r.dt_h
             r.lo = consensus_step(z[lay.block("lo")], np.asarray(mine.lo_kw), r.lo, rho_e, r.alpha)
             r.up = consensus_step(z[lay.block("up")], np.asarray(mine.up_kw), r.up, rho_e, r.alpha)
@@ -397,18 +397,14 @@ class CommunityParticipant:
         if isinstance(msg, Proposal):
             entries = [e for e in msg.trades if e.peer == self.site]
             return len(entries) == 1 and len(entries[0].buy_kw) == t and len(entries[0].sell_kw) == t
-        if not msg.envelopes:
-            return True  # a round without envelopes; checked against the round when used
-        mine = [e for e in msg.envelopes if e.site == self.site]
-        return len(mine) == 1 and len(mine[0].lo_kw) == t and len(mine[0].up_kw) == t
+        if msg.recipient != self.site:
+            return False
+        e = msg.envelope  # None: a round without envelopes; checked against the round when used
+        return e is None or (len(e.lo_kw) == t and len(e.up_kw) == t)
 
 
 def _entry(p: Proposal, site: str) -> TradeProposal:
     return next(e for e in p.trades if e.peer == site)
-
-
-def _own_entry(g: Grant, site: str) -> GrantedEnvelope:
-    return next(e for e in g.envelopes if e.site == site)
 
 
 def _seen(inbox: Inbox[Proposal | Grant], iteration: int) -> bool:

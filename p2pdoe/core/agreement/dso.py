@@ -370,12 +370,12 @@ class DsoParticipant:
         status = self._verdict(record, iteration)
         if status == "running":
             self._adapt_rho(record, iteration)
-        grant = self._grant_message(iteration, status, record)
+        grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record)]
         if status != "running":
             st.finished = True
-            return [Publish(grant), Finished(self._outcome(status, iteration + 1))]
+            return [*grants, Finished(self._outcome(status, iteration + 1))]
         self._project()
-        return [Publish(grant)]
+        return grants
 
     def _update(self, iteration: int, proposals: dict[str, _Parsed]) -> IterationRecord:
         st, dt, alpha = self._s, self.plan.dt_h, self.settings.over_relaxation
@@ -439,34 +439,41 @@ class DsoParticipant:
 
     # --- messages and outcome --------------------------------------------------------------------
 
-    def _grant_message(self, iteration: int, status: Status, record: IterationRecord) -> Grant:
+    def _grants(self, iteration: int, status: Status, record: IterationRecord) -> list[Grant]:
+        """One grant per site of the round, each with that site's envelope alone."""
         st, dt = self._s, self.plan.dt_h
-        envelopes = []
+        residuals = ResidualReport(
+            primal_trade_kw=record.trade.primal_kw,
+            dual_trade_kw=record.trade.dual_kw,
+            primal_envelope_kw=record.envelope.primal_kw,
+            dual_envelope_kw=record.envelope.dual_kw,
+        )
+        envelopes: list[GrantedEnvelope | None] = [None] * len(self.plan.sites)
         if st.grant is not None:
+            lo, up = st.grant.lo.tolist(), st.grant.up.tolist()
+            import_price, export_price = (-st.lo.price / dt).tolist(), (st.up.price / dt).tolist()
             envelopes = [
                 GrantedEnvelope(
-                    site=site,
-                    lo_kw=st.grant.lo[c].tolist(),
-                    up_kw=st.grant.up[c].tolist(),
-                    import_price_eur_per_kwh=(-st.lo.price[c] / dt).tolist(),
-                    export_price_eur_per_kwh=(st.up.price[c] / dt).tolist(),
+                    lo_kw=lo[c],
+                    up_kw=up[c],
+                    import_price_eur_per_kwh=import_price[c],
+                    export_price_eur_per_kwh=export_price[c],
                 )
-                for c, site in enumerate(self.plan.sites)
+                for c in range(len(self.plan.sites))
             ]
-        return Grant(
-            round=self.plan.round,
-            iteration=iteration,
-            status=status,
-            envelopes=envelopes,
-            residuals=ResidualReport(
-                primal_trade_kw=record.trade.primal_kw,
-                dual_trade_kw=record.trade.dual_kw,
-                primal_envelope_kw=record.envelope.primal_kw,
-                dual_envelope_kw=record.envelope.dual_kw,
-            ),
-            next_rho_trade_eur_per_kw2h=st.rho_trade,
-            next_rho_envelope_eur_per_kw2h=st.rho_envelope,
-        )
+        return [
+            Grant(
+                round=self.plan.round,
+                iteration=iteration,
+                recipient=site,
+                status=status,
+                envelope=envelope,
+                residuals=residuals,
+                next_rho_trade_eur_per_kw2h=st.rho_trade,
+                next_rho_envelope_eur_per_kw2h=st.rho_envelope,
+            )
+            for site, envelope in zip(self.plan.sites, envelopes, strict=True)
+        ]
 
     def _outcome(self, status: Status, iterations: int) -> DsoOutcome:
         st = self._s

@@ -74,8 +74,8 @@ class RoundRun:
         self.stopwatch = stopwatch
         self.outcome: DsoOutcome | None = None
         self._t_round = self._t_iter = stopwatch()
-        self._last: Send | None = None  # the opening or the latest grant
-        self._repeated: Send | None = None  # the one already sent a second time
+        self._last: list[Send] = []  # the opening, or the latest grants (one per site)
+        self._repeated: list[Send] = []  # the ones already sent a second time
 
     @property
     def id(self) -> str:
@@ -90,7 +90,7 @@ class RoundRun:
             for c in self.dso.open_round()
             if isinstance(c, Publish)
         ]
-        self._last = sends[-1]
+        self._last = sends[-1:]
         return [*sends, Patience(ITERATION, self.patience_s)]
 
     def repeat(self) -> list[Effect]:
@@ -98,10 +98,10 @@ class RoundRun:
         patience, so a site whose proposal (or a peer's, or this grant) a broker lost sends it again
         (its participant answers a repeat with its latest proposal). Empty if already repeated: then
         the missing sites are left out."""
-        if self._last is None or self._repeated is self._last:
+        if not self._last or self._repeated is self._last:
             return []
         self._repeated = self._last
-        return [self._last, Patience(ITERATION, self.patience_s)]
+        return [*self._last, Patience(ITERATION, self.patience_s)]
 
     def proposal(self, msg: Proposal, size: int) -> list[Effect]:
         self.timings.proposals += 1
@@ -109,29 +109,29 @@ class RoundRun:
         t0, c0 = self.stopwatch(), self.cpu.thread()
         commands = self.dso.handle(Received(msg))
         self.timings.dso_cpu_s += self.cpu.thread() - c0
-        out: list[Effect] = []
+        grants = [c.message for c in commands if isinstance(c, Publish) and isinstance(c.message, Grant)]
+        out: list[Effect] = self._granted(grants, self.stopwatch() - t0) if grants else []
         for cmd in commands:
-            if isinstance(cmd, Publish) and isinstance(cmd.message, Grant):
-                out += self._granted(cmd.message, self.stopwatch() - t0)
-            elif isinstance(cmd, Finished) and isinstance(cmd.outcome, DsoOutcome):
+            if isinstance(cmd, Finished) and isinstance(cmd.outcome, DsoOutcome):
                 self.outcome = cmd.outcome
                 self.timings.round_wall_s = self.stopwatch() - self._t_round
                 self.timings.cpu_s = self.cpu.process() - self._cpu_open
                 out.append(Relieve(ITERATION))
         return out
 
-    def _granted(self, grant: Grant, step_s: float) -> list[Effect]:
+    def _granted(self, grants: list[Grant], step_s: float) -> list[Effect]:
+        """An iteration's grants, one per site, each on its recipient's topic."""
         self.timings.dso_step_s.append(step_s)
         c0 = self.cpu.thread()
-        payload = encode(grant)
-        progress = self._progress(grant)
+        sends = [Send(topic_of(g), encode(g)) for g in grants]
+        progress = self._progress(grants[0])
         self.timings.codec_cpu_s += self.cpu.thread() - c0
-        self.timings.grant_bytes += len(payload)
+        self.timings.grant_bytes += sum(len(s.payload) for s in sends)
         now = self.stopwatch()
         self.timings.iteration_wall_s.append(now - self._t_iter)
         self._t_iter = now
-        self._last = Send(topic_of(grant), payload)
-        return [self._last, progress, Patience(ITERATION, self.patience_s)]
+        self._last = sends
+        return [*sends, progress, Patience(ITERATION, self.patience_s)]
 
     def _progress(self, grant: Grant) -> Send:
         last = self.dso.last_record

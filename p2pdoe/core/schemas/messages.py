@@ -184,9 +184,8 @@ class Proposal(Message):
 
 
 class GrantedEnvelope(Message):
-    """The box granted to one site and the price of its capacity (the network part of a DLMP)."""
+    """The box granted to a site and the price of its capacity (the network part of a DLMP)."""
 
-    site: SiteId
     lo_kw: Series
     up_kw: Series
     import_price_eur_per_kwh: Series
@@ -201,16 +200,18 @@ class ResidualReport(Message):
 
 
 class Grant(Message):
-    """The DSO's one message per iteration: granted (always network-safe) envelopes, their prices,
-    the residuals of this iteration, the verdict, and rho for the next iteration."""
+    """The DSO's message to one site per iteration: the envelope granted to it (always network-safe
+    with every other site's) and its prices, the residuals of this iteration, the verdict, and rho
+    for the next iteration. Every site of the round gets its own, on its own topic."""
 
     schema_version: Literal[1] = 1
     kind: Literal["grant"] = "grant"
     round: RoundId
     iteration: Annotated[int, Field(ge=0)]
     sender: Literal["dso"] = "dso"
+    recipient: SiteId
     status: Status
-    envelopes: list[GrantedEnvelope]
+    envelope: GrantedEnvelope | None  # None when the round has no envelopes (policy "none")
     residuals: ResidualReport
     next_rho_trade_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     next_rho_envelope_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
