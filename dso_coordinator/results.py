@@ -96,7 +96,7 @@ def _solver(a: Agreement, reported: list[SiteReport]) -> r.SolverResult:
         wall_time_s=t.round_wall_s,
         residual_history=residual_points(out.history),
         solve_times=[rep.solve_times for rep in reported] + [solve_times(DSO_ID, "dso", t.dso_step_s)],
-        messages_per_iteration=(t.proposals + len(t.iteration_wall_s)) / iterations,
+        messages_per_iteration=(t.proposals + t.grants) / iterations,
         bytes_per_iteration=(t.proposal_bytes + t.grant_bytes) / iterations,
         reciprocity_max_kw=last.reciprocity_max_kw,
         envelope_gap_max_kw=last.envelope_gap_max_kw,

@@ -20,7 +20,7 @@ def test_light_messages_never_publish_and_heavy_ones_do() -> None:
     light = heavy = 0
     while bus:
         message = decode(bus.popleft())
-        targets = [
+        targets = [  # a grant to every site: one to another site is light too
             c.site for c in p.communities if not isinstance(message, Proposal) or message.sender in c.peer_ids
         ]
         if isinstance(message, Proposal):

@@ -66,7 +66,7 @@ def test_solve_by_admm_writes_the_solver_story(tmp_path: Path) -> None:
     assert len(solver["solve_times"]) == len(raw["communities"]) + 1
     assert all(t["median_ms"] <= t["p95_ms"] <= t["max_ms"] for t in solver["solve_times"])
     assert 0 < solver["critical_path_s"] < solver["wall_time_s"]
-    assert solver["messages_per_iteration"] == len(raw["communities"]) + 1  # one per participant
+    assert solver["messages_per_iteration"] == 2 * len(raw["communities"])  # a proposal and a grant per site
     assert solver["bytes_per_iteration"] > 0
     assert set(solver["final_solve"].values()) == {"trades and envelope"}
     assert solver["ignored_messages"] == {}

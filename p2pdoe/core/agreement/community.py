@@ -164,6 +164,8 @@ class CommunityParticipant:
         inbox = r.inbox
         if msg.iteration != inbox.iteration or msg.sender in inbox.current:
             return False
+        if isinstance(msg, Grant) and msg.recipient != self.site:
+            return False
         return len(inbox.expected - inbox.current.keys()) == 1
 
     def handle(self, event: Received) -> list[Command]:

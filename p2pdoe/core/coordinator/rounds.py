@@ -30,6 +30,7 @@ class Timings:
     dso_step_s: list[float] = field(default_factory=list)
     proposals: int = 0
     proposal_bytes: int = 0
+    grants: int = 0  # one per site and iteration
     grant_bytes: int = 0
     cpu_s: float = 0.0  # the process's CPU time from the opening to the end of the round
     dso_cpu_s: float = 0.0  # of which in the DSO participant (every proposal, not only the last)
@@ -126,6 +127,7 @@ class RoundRun:
         sends = [Send(topic_of(g), encode(g)) for g in grants]
         progress = self._progress(grants[0])
         self.timings.codec_cpu_s += self.cpu.thread() - c0
+        self.timings.grants += len(sends)
         self.timings.grant_bytes += sum(len(s.payload) for s in sends)
         now = self.stopwatch()
         self.timings.iteration_wall_s.append(now - self._t_iter)
