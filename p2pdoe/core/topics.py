@@ -100,11 +100,6 @@ def all_proposals(round_id: str = "+") -> str:
     return f"{ROOT}/market/{round_id}/proposal/+"
 
 
-def all_grants(round_id: str = "+") -> str:
-    """Filter for the grants to every site of a round (every round by default)."""
-    return f"{ROOT}/market/{round_id}/grant/+"
-
-
 def all_payment_proposals(round_id: str = "+") -> str:
     """Filter for every site's payment proposals of a round (every round by default)."""
     return f"{ROOT}/market/{round_id}/payments/proposal/+"
