@@ -11,7 +11,8 @@ one after the other. A cell is: iterations / worst schedule difference from the 
 bold where it misses a target of issue 18: at most 60 iterations on the default day (either
 resolution), at most 100 elsewhere, every answer within 1 kW and 0.01 %. Iterations and gaps do not
 depend on the machine's speed or load: the participants are deterministic. docs/benchmarks.md has a
-run and its reading.
+run and its reading. `--where` also logs, per cell, where the largest schedule differences lie (site,
+quantity, interval).
 """
 
 from __future__ import annotations
@@ -22,10 +23,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from admm_scaling import FULL, Case, Centralized, _centralized, _footer, _log, _max_schedule_diff, _warm_up
+import numpy as np
+from admm_scaling import (
+    FULL,
+    SCHEDULE_KEYS,
+    Case,
+    Centralized,
+    _centralized,
+    _footer,
+    _log,
+    _max_schedule_diff,
+    _warm_up,
+)
 
 from p2pdoe.analysis.results import build_results
-from p2pdoe.core.solution import Policy
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.services.inprocess import run_admm
 
@@ -77,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="case labels of admm_scaling")
     parser.add_argument("--methods", nargs="+", default=[m.key for m in METHODS], help="method keys")
     parser.add_argument("--out", help="write the Markdown here (default: stdout)")
+    parser.add_argument("--where", action="store_true", help="log the largest schedule differences per cell")
     args = parser.parse_args(argv)
     try:
         cases = _pick({c.label: c for c in FULL}, args.cases, "--cases")
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     started = time.perf_counter()
     _warm_up()
-    cells = {case.label: _run_case(case, methods) for case in cases}
+    cells = {case.label: _run_case(case, methods, args.where) for case in cases}
     text = _markdown(cases, methods, cells) + "\n" + _footer(time.perf_counter() - started, False)
     if args.out is None:
         sys.stdout.write(text)
@@ -103,7 +117,7 @@ def _pick(known: dict[str, Any], names: list[str], flag: str) -> list[Any]:
     return [known[n] for n in names]
 
 
-def _run_case(case: Case, methods: list[Method]) -> dict[str, str]:
+def _run_case(case: Case, methods: list[Method], where: bool) -> dict[str, str]:
     _log(f"{case.label}: centralized ...")
     central = _centralized(case, 900.0)
     out = {}
@@ -113,7 +127,20 @@ def _run_case(case: Case, methods: list[Method]) -> dict[str, str]:
         run = run_admm(s, Policy.DYNAMIC)
         out[m.key] = _cell(case, s, run, central)
         _log(f"  {m.key}: {out[m.key]}")
+        if where and isinstance(central, Centralized):
+            _log_largest_differences(s, run.solution, central.solution)
     return out
+
+
+def _log_largest_differences(s: Scenario, a: Solution, b: Solution, count: int = 5) -> None:
+    found = [
+        (float(abs(sa[key][t] - sb[key][t])), c.id, key, t, float(sa[key][t]), float(sb[key][t]))
+        for c, sa, sb in zip(s.communities, a.schedules, b.schedules, strict=True)
+        for key in SCHEDULE_KEYS
+        for t in [int(np.argmax(np.abs(sa[key] - sb[key])))]
+    ]
+    for kw, site, key, t, ours, theirs in sorted(found, reverse=True)[:count]:
+        _log(f"    {kw:.2f} kW: {site} {key} at interval {t} (ADMM {ours:.2f}, centralized {theirs:.2f})")
 
 
 def _cell(case: Case, s: Any, run: Any, central: Centralized | str) -> str:
