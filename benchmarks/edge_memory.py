@@ -4,7 +4,10 @@
 
 1. Imports: each row imports one more module in a fresh interpreter and reads the interpreter's VmHWM
    from /proc/self/status, so a row's increment is what that module adds on top of the rows above it
-   (the libraries an edge cannot do without first, then the edge agent itself).
+   (the libraries an edge cannot do without first, then the edge agent itself). Its resident memory
+   is split into anonymous memory (what the code allocates) and file pages (the shared libraries'
+   code mapped in), as the process reads them after that row; how many of a library's file pages are
+   resident depends on the kernel's page cache as well as on the code.
 2. A round: every site's edge agent in its own process (`python -m edge_agent`) against the
    coordinator over a Mosquitto the benchmark starts (the embedded broker if Mosquitto is missing);
    each agent reports its own VmHWM at the end of the round (`SiteReport.rss_mb`). Never `ru_maxrss`:
@@ -41,14 +44,15 @@ IMPORTS = (
 
 PROBE = """
 import importlib, json, sys
-def hwm():
+def status():
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-peaks = [hwm()]
+        fields = dict(l.split(":", 1) for l in f)
+    return [int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")]
+peaks = [status()]
 for row in json.loads(sys.argv[1]):
     for name in row:
         importlib.import_module(name)
-    peaks.append(hwm())
+    peaks.append(status())
 print(json.dumps(peaks))
 """
 
@@ -58,9 +62,14 @@ def import_table() -> list[str]:
     proc = subprocess.run([sys.executable, "-c", PROBE, rows], capture_output=True, text=True, check=True)
     peaks = json.loads(proc.stdout)
     labels = ["the interpreter", *(label for label, _ in IMPORTS)]
-    lines = ["| import | adds MB | VmHWM MB |", "|---|--:|--:|"]
-    for label, before, mb in zip(labels, [0.0, *peaks[:-1]], peaks, strict=True):
-        lines.append(f"| {label} | {mb - before:.1f} | {mb:.1f} |")
+    lines = [
+        "| import | adds MB | VmHWM MB | of which anonymous (RssAnon) | of which files (RssFile) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for label, before, (mb, anon, files) in zip(
+        labels, [0.0, *(p[0] for p in peaks[:-1])], peaks, strict=True
+    ):
+        lines.append(f"| {label} | {mb - before:.1f} | {mb:.1f} | {anon:.1f} | {files:.1f} |")
     return lines
 
 
