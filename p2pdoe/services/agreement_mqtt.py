@@ -34,15 +34,17 @@ class _Driver(MarketReader):
         self.transport = transport
 
     async def publish(self, commands: list[Command]) -> object | None:
-        """Publish every message; return the outcome if the participant finished."""
-        outcome = None
-        for cmd in commands:
-            if isinstance(cmd, Publish):
-                retain = isinstance(cmd.message, RoundOpen)
-                await self.transport.publish(topic_of(cmd.message), encode(cmd.message), qos=1, retain=retain)
-            elif isinstance(cmd, Finished):
-                outcome = cmd.outcome
-        return outcome
+        """Publish every message (all in flight together, in order); return the outcome if the
+        participant finished."""
+        sends = [
+            self.transport.publish(
+                topic_of(c.message), encode(c.message), qos=1, retain=isinstance(c.message, RoundOpen)
+            )
+            for c in commands
+            if isinstance(c, Publish)
+        ]
+        await asyncio.gather(*sends)
+        return next((c.outcome for c in commands if isinstance(c, Finished)), None)
 
     async def until_finished(
         self, messages: AsyncIterator[InboundMessage], handle: Callable[[Received], list[Command]]

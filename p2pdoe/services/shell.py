@@ -178,8 +178,23 @@ class Shell:
     # --- commands --------------------------------------------------------------------------------
 
     async def execute(self, commands: Sequence[object]) -> None:
+        """Carry out `commands` in order; consecutive waiting `Send`s go out back to back and are
+        acknowledged together, so a coordinator's N grants cost one broker round trip, not N."""
+        sends: list[Send] = []
         for cmd in commands:
+            if isinstance(cmd, Send) and cmd.wait:
+                sends.append(cmd)
+                continue
+            await self._send_together(sends)
+            sends = []
             await self._execute(cmd)
+        await self._send_together(sends)
+
+    async def _send_together(self, sends: list[Send]) -> None:
+        if len(sends) == 1:
+            await self._send(sends[0])
+        elif sends:  # tasks start in order, so the messages leave in order
+            await asyncio.gather(*(self._send(s) for s in sends))
 
     async def _execute(self, cmd: object) -> None:
         if isinstance(cmd, Send):
