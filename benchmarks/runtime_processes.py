@@ -2,6 +2,7 @@
 in-process ADMM of the same scenario, in one run. Prints Markdown.
 
     .venv/bin/python benchmarks/runtime_processes.py [--scenarios default synthetic-20-peers4]
+                                                     [--coordinator-delay-ms 5]
 
 Per scenario: iterations and objective of both (the gap must be ~0), the distributed round's wall
 time per iteration (grant to grant at the coordinator) against the in-process critical path per
@@ -13,26 +14,34 @@ solver thread), the coordinator's the same way (its DSO participant on every pro
 proposals and encoding grants, the rest) against its DSO step, and the edge agents' peak resident
 memory (VmHWM). Uses a Mosquitto it starts on a free
 loopback port (the embedded broker if Mosquitto is missing). All processes share this machine's cores.
+`--coordinator-delay-ms D` puts the coordinator behind a proxy that delays every byte by D each way
+(tests/delay_proxy.py), as a DSO far from the broker; the edge agents stay on loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
-from p2pdoe.services.broker import broker_for_tests
+from p2pdoe.services.broker import broker_for_tests, free_port
 from p2pdoe.services.inprocess import run_admm
 from p2pdoe.services.transport import MqttTransport
+
+DELAY_PROXY = Path(__file__).resolve().parent.parent / "tests" / "delay_proxy.py"
 
 
 async def round_trip_ms(url: str, count: int = 50) -> float:
@@ -84,7 +93,35 @@ async def receive_cpu_us(url: str, count: int = 2000, size: int = 6200) -> float
     return float(line)
 
 
-def distributed(scenario: str, url: str, work: Path) -> Results:
+@contextlib.contextmanager
+def delayed(url: str, delay_ms: float) -> Iterator[str]:
+    """`url` itself when `delay_ms` is 0, else the URL of a proxy to it that delays every byte."""
+    if delay_ms <= 0:
+        yield url
+        return
+    target = urlsplit(url)
+    port = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, str(DELAY_PROXY), "127.0.0.1", str(port), str(target.hostname), str(target.port),
+         str(delay_ms)]
+    )  # fmt: skip
+    try:
+        _wait_for_port(port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def _wait_for_port(port: int, attempts: int = 200) -> None:
+    for _ in range(attempts):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the delay proxy did not listen on port {port}")
+
+
+def distributed(scenario: str, url: str, work: Path, coordinator_url: str | None = None) -> Results:
     s = load_scenario(scenario)
     write_site_configs(s, work)
     py = sys.executable
@@ -99,8 +136,8 @@ def distributed(scenario: str, url: str, work: Path) -> Results:
     try:
         subprocess.run(
             [py, "-m", "dso_coordinator", "--coordinator-config", str(work / "coordinator.json"),
-             "--broker", url, "--out", str(work), "--exit-after-round", "--registration-timeout-s", "300",
-             "--log-level", "WARNING"],
+             "--broker", coordinator_url or url, "--out", str(work), "--exit-after-round",
+             "--registration-timeout-s", "300", "--log-level", "WARNING"],
             check=True, timeout=1800,
         )  # fmt: skip
     finally:
@@ -112,13 +149,13 @@ def distributed(scenario: str, url: str, work: Path) -> Results:
     return Results.model_validate_json((work / "results.json").read_bytes())
 
 
-def row(scenario: str, url: str, rtt_ms: float) -> str:
+def row(scenario: str, url: str, rtt_ms: float, coordinator_delay_ms: float = 0.0) -> str:
     s = load_scenario(scenario)
     t0 = time.perf_counter()
     inproc = run_admm(s, Policy.DYNAMIC)
     inproc_wall = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        r = distributed(scenario, url, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, delayed(url, coordinator_delay_ms) as coordinator_url:
+        r = distributed(scenario, url, Path(tmp), coordinator_url)
     sv, rt = r.solver, r.runtime
     assert rt is not None
     assert sv.solve_times is not None
@@ -156,11 +193,15 @@ def row(scenario: str, url: str, rtt_ms: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
+    parser.add_argument("--coordinator-delay-ms", type=float, default=0.0, help="each way, see above")
     args = parser.parse_args()
     with broker_for_tests() as broker:
         rtt = asyncio.run(round_trip_ms(broker.url))
         per_message = asyncio.run(receive_cpu_us(broker.url))
         print(f"broker: {broker.kind}; {sys.platform}; one process per participant")
+        if args.coordinator_delay_ms > 0:
+            delay = args.coordinator_delay_ms
+            print(f"the coordinator behind a proxy delaying every byte {delay:g} ms each way")
         print(f"client CPU per received 6.2 kB QoS 1 message: {per_message:.0f} us\n")
         print(
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
@@ -172,7 +213,7 @@ def main() -> None:
         )
         print("|" + "---|" * 24)
         for scenario in args.scenarios:
-            print(row(scenario, broker.url, rtt), flush=True)
+            print(row(scenario, broker.url, rtt, args.coordinator_delay_ms), flush=True)
 
 
 if __name__ == "__main__":
