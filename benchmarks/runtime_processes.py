@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
-from p2pdoe.services.broker import broker_for_tests, free_port
+from p2pdoe.services.broker import _wait_for_port, broker_for_tests, free_port
 from p2pdoe.services.inprocess import run_admm
 from p2pdoe.services.transport import MqttTransport
 
@@ -101,24 +100,20 @@ def delayed(url: str, delay_ms: float) -> Iterator[str]:
         return
     target = urlsplit(url)
     port = free_port()
-    proxy = subprocess.Popen(
-        [sys.executable, str(DELAY_PROXY), "127.0.0.1", str(port), str(target.hostname), str(target.port),
-         str(delay_ms)]
-    )  # fmt: skip
-    try:
-        _wait_for_port(port)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proxy.terminate()
-        proxy.wait(10)
-
-
-def _wait_for_port(port: int, attempts: int = 200) -> None:
-    for _ in range(attempts):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"the delay proxy did not listen on port {port}")
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "delay_proxy.log"
+        with log.open("wb") as out:
+            proxy = subprocess.Popen(
+                [sys.executable, str(DELAY_PROXY), "127.0.0.1", str(port), str(target.hostname),
+                 str(target.port), str(delay_ms)],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            _wait_for_port("127.0.0.1", port, proxy, log, "the delay proxy", 10.0)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
 
 
 def distributed(scenario: str, url: str, work: Path, coordinator_url: str | None = None) -> Results:
