@@ -77,12 +77,10 @@ class GridSolver:
         """The safe boxes nearest the targets; `accurate` solves to full accuracy instead of stopping
         after `PROJECTION_MAX_ITER` iterations."""
         parts = [b.solve(target_lo[:, span], target_up[:, span], accurate) for span, b in self._blocks]
-        # checked again over the whole horizon: the same rows summed in another order can differ by
-        # round-off, and a grant must be safe however it is checked
-        every_t = np.arange(self.horizon, dtype=np.int64)
-        lo, up = _made_safe(
-            self.safe, every_t, np.hstack([p.lo for p in parts]), np.hstack([p.up for p in parts])
-        )
+        lo, up = np.hstack([p.lo for p in parts]), np.hstack([p.up for p in parts])
+        if len(parts) > 1:  # checked again over the whole horizon: the same rows summed in another
+            # order can differ by round-off, and a grant must be safe however it is checked
+            lo, up = _made_safe(self.safe, np.arange(self.horizon, dtype=np.int64), lo, up)
         unsolved = [p.status for p in parts if p.status != "solved"]
         return GridSolve(
             lo=lo,
