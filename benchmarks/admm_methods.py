@@ -74,6 +74,19 @@ METHODS = (
     Method("eps0.005", "eps_abs_kw 0.005", {"eps_abs_kw": 0.005}),
     Method("eps0.01", "eps_abs_kw 0.01", {"eps_abs_kw": 0.01}),
     Method("eps0.02", "eps_abs_kw 0.02", {"eps_abs_kw": 0.02}),
+    Method("aa5", "Anderson acceleration, memory 5", {"anderson": {"memory": 5}}),
+    Method("aa10", "Anderson acceleration, memory 10", {"anderson": {"memory": 10}}),
+    Method("aa20", "Anderson acceleration, memory 20", {"anderson": {"memory": 20}}),
+    Method(
+        "aa10-or1.0",
+        "Anderson acceleration, memory 10, no over-relaxation",
+        {"anderson": {"memory": 10}, "over_relaxation": 1.0},
+    ),
+    Method(
+        "aa10-fixed",
+        "Anderson acceleration, memory 10, adaptive ρ off",
+        {"anderson": {"memory": 10}, "adaptive_rho": {"enabled": False}},
+    ),
 )
 DEFAULT_CASES = (
     "default",

@@ -49,8 +49,14 @@ def test_the_embedded_broker_carries_the_agreement_too(embedded_broker: Broker) 
     _assert_same_as_in_process(embedded_broker)
 
 
-def _assert_same_as_in_process(broker: Broker) -> None:
-    s = load_scenario("default")
+def test_anderson_weights_travel_in_the_grants_and_keep_the_answer(mqtt_broker: Broker) -> None:
+    """With acceleration on, every site mixes its couplings with the weights its grants carry: the
+    same iterations and answer as in process."""
+    _assert_same_as_in_process(mqtt_broker, {"admm": {"anderson": {"memory": 10}}})
+
+
+def _assert_same_as_in_process(broker: Broker, overrides: dict[str, object] | None = None) -> None:
+    s = load_scenario("default", overrides)
     dso, outs = asyncio.run(_agree_over(broker, s, Policy.DYNAMIC))
     reference = run_admm(s, Policy.DYNAMIC)
     qps = participants(s, Policy.DYNAMIC, "x").qps

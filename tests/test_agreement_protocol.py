@@ -243,6 +243,18 @@ def test_community_counts_a_message_that_does_not_fit_as_invalid(opened: Opened)
     assert c.ignored == {"invalid": 1}
 
 
+def test_community_counts_a_grant_with_more_anderson_weights_than_its_memory_as_invalid(
+    opened: Opened,
+) -> None:
+    """The round opened without acceleration (memory 0): one weight at most."""
+    c, grant = opened.community(), opened.grant0()
+    assert opened.opening.admm.anderson_memory == 0
+    assert give(c, grant.model_copy(update={"anderson_weights": [0.5, 0.5]})) == []
+    assert c.ignored == {"invalid": 1}
+    assert give(c, grant) == []  # the well-formed one is still welcome (peers' proposals pending)
+    assert c.ignored == {"invalid": 1}
+
+
 def test_community_holds_a_bounded_number_of_messages_before_any_round(
     scenario: Scenario, opened: Opened
 ) -> None:

@@ -109,6 +109,15 @@ class MarketData:
 
 
 @dataclass(frozen=True)
+class AndersonSettings:
+    """See `schemas.scenario.Anderson` and `agreement.anderson`."""
+
+    memory: int = 0  # m, the updates a step combines besides the latest; 0: no acceleration
+    regularization: float = 1e-8  # relative to |Y|^2 + |S|^2 (A2DR's adaptive regularisation)
+    safeguard_factor: float = 1.0  # a mixed state stands if its residual is at most this times the last
+
+
+@dataclass(frozen=True)
 class AdmmSettings:
     """See `schemas.scenario.Admm`; rho here is per hour of interval, EUR/(kW^2 h)."""
 
@@ -123,6 +132,7 @@ class AdmmSettings:
     adapt_factor: float
     adapt_every: int
     adapt_until: int
+    anderson: AndersonSettings = AndersonSettings()
 
 
 @dataclass(frozen=True)
@@ -360,6 +370,11 @@ def admm_settings(a: spec.Admm) -> AdmmSettings:
         adapt_factor=r.factor,
         adapt_every=r.every,
         adapt_until=r.until,
+        anderson=AndersonSettings(
+            memory=a.anderson.memory,
+            regularization=a.anderson.regularization,
+            safeguard_factor=a.anderson.safeguard_factor,
+        ),
     )
 
 

@@ -8,11 +8,12 @@ peers' own business), then solves again, or stops if the grant says the round is
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from p2pdoe.core.agreement.anderson import mixed
 from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step
 from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS, SETTLE_EPS, LocalSolver
 from p2pdoe.core.agreement.protocol import (
@@ -122,6 +123,11 @@ class _Round:
         self.osqp_iterations: list[int] = []
         self.inbox: Inbox[Proposal | Grant] = Inbox(frozenset())
         self.sent: list[Proposal] = []  # the last two proposals, sent again when the DSO repeats itself
+        self.memory = open_.admm.anderson_memory
+        # the last updates of (buy, sell, lo, up), which a grant's Anderson weights mix
+        self.updates: deque[tuple[Agreed, Agreed, Agreed | None, Agreed | None]] = deque(
+            maxlen=self.memory + 1
+        )
 
 
 SETTLED = ("solved", "solved inaccurate")
@@ -181,7 +187,7 @@ class CommunityParticipant:
         r = self._round
         if r is None or msg.round != r.id:
             return self._outside_round(msg)
-        if isinstance(msg, Grant) and (r.lo is None) != (msg.envelope is None):
+        if not _fits_round(r, msg):
             self._ignored[INVALID] += 1
             return []
         repeated = isinstance(msg, Grant) and _seen(r.inbox, msg.iteration)
@@ -222,7 +228,10 @@ class CommunityParticipant:
         out: list[Command] = [self._solve_and_propose(r)]
         early, self._early = [m for m in self._early if m.round == r.id], []
         for m in early:
-            r.inbox.offer(m.sender, m.iteration, m)
+            if _fits_round(r, m):
+                r.inbox.offer(m.sender, m.iteration, m)
+            else:
+                self._ignored[INVALID] += 1
         return out + self._step_while_complete(r)
 
     def _again(self, r: _Round) -> list[Command]:
@@ -332,6 +341,18 @@ class CommunityParticipant:
             r.lo = consensus_step(z[lay.block("lo")], np.asarray(mine.lo_kw), r.lo, rho_e, r.alpha)
             r.up = consensus_step(z[lay.block("up")], np.asarray(mine.up_kw), r.up, rho_e, r.alpha)
             r.granted = (np.asarray(mine.lo_kw), np.asarray(mine.up_kw))
+        if r.memory:
+            r.updates.append((r.buy, r.sell, r.lo, r.up))
+        if grant.anderson_weights is not None and grant.status == "running":
+            self._mix(r, grant.anderson_weights)
+
+    def _mix(self, r: _Round, weights: list[float]) -> None:
+        """Anderson's step: every coupling a combination of its last updates, as the DSO mixes its copy."""
+        r.buy = mixed([u[0] for u in r.updates], weights)
+        r.sell = mixed([u[1] for u in r.updates], weights)
+        if r.lo is not None:
+            r.lo = mixed([u[2] for u in r.updates], weights)  # type: ignore[misc]
+            r.up = mixed([u[3] for u in r.updates], weights)  # type: ignore[misc]
 
     def _settle(self, r: _Round) -> None:
         """The final schedule: re-solve with the agreed trades and the granted envelope pinned, so the
@@ -403,6 +424,15 @@ class CommunityParticipant:
             return False
         e = msg.envelope  # None: a round without envelopes; checked against the round when used
         return e is None or (len(e.lo_kw) == t and len(e.up_kw) == t)
+
+
+def _fits_round(r: _Round, msg: Proposal | Grant) -> bool:
+    """A grant has an envelope exactly when the round has envelopes, and no more Anderson weights
+    than the round's memory."""
+    if not isinstance(msg, Grant):
+        return True
+    w = msg.anderson_weights
+    return (r.lo is None) == (msg.envelope is None) and (w is None or len(w) <= r.memory + 1)
 
 
 def _entry(p: Proposal, site: str) -> TradeProposal:

@@ -9,12 +9,14 @@ onto the safe set for iteration k + 1. Every grant is network-safe, converged or
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
+from p2pdoe.core.agreement.anderson import Accelerator, mixed
 from p2pdoe.core.agreement.coupling import (
     Agreed,
     Residuals,
@@ -173,6 +175,8 @@ class _State:
         self.lo, self.up = _warm_envelopes(plan, horizon)
         self.grant: GridSolve | None = None
         self.history: list[IterationRecord] = []
+        self.updates: deque[tuple[Agreed, Agreed, Agreed]] = deque(maxlen=settings.anderson.memory + 1)
+        self.weights: list[float] | None = None  # Anderson's, for the next state (None: plain step)
         self.inbox: Inbox[_Parsed] = Inbox(frozenset(plan.sites))
         self.finished = False
 
@@ -247,6 +251,7 @@ class DsoParticipant:
         self._index = {site: c for c, site in enumerate(plan.sites)}
         self._peer_ids = tuple(tuple(plan.sites[m] for m in peers) for peers in plan.peers)
         self._peer_sets = tuple(frozenset(ids) for ids in self._peer_ids)
+        self._accelerator = Accelerator(settings.anderson) if settings.anderson.memory else None
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -300,6 +305,7 @@ class DsoParticipant:
                         rho_envelope_eur_per_kw2h=s.rho_envelope,
                         over_relaxation=s.over_relaxation,
                         max_iterations=s.max_iterations,
+                        anderson_memory=s.anderson.memory,
                     ),
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
                     warm_start=self.plan.warm,
@@ -365,10 +371,12 @@ class DsoParticipant:
 
     def _iterate(self, iteration: int, proposals: dict[str, _Parsed]) -> list[Command]:
         st = self._s
+        before = self._state_vector()
         record = self._update(iteration, proposals)
         st.history.append(record)
         status = self._verdict(record, iteration)
         if status == "running":
+            self._accelerate(before)
             self._adapt_rho(record, iteration)
         grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record)]
         if status != "running":
@@ -410,6 +418,34 @@ class DsoParticipant:
             envelope_gap_max_kw=gap,
         )
 
+    def _state_vector(self) -> FloatArray:
+        """Every coupling's value and price / rho (kW), the point Anderson's residuals are taken at."""
+        st, dt = self._s, self.plan.dt_h
+        parts = [st.trades.y.ravel(), st.trades.price.ravel() / (st.rho_trade * dt)]
+        if st.grant is not None:
+            rho_e = st.rho_envelope * dt
+            parts += [
+                st.lo.y.ravel(),
+                st.lo.price.ravel() / rho_e,
+                st.up.y.ravel(),
+                st.up.price.ravel() / rho_e,
+            ]
+        return np.concatenate(parts)
+
+    def _accelerate(self, before: FloatArray) -> None:
+        """Anderson's mix of the last updates, the same the communities make with the grant's weights."""
+        st = self._s
+        if self._accelerator is None:
+            return
+        st.updates.append((st.trades, st.lo, st.up))
+        st.weights = self._accelerator.weights(before, self._state_vector())
+        if st.weights is None:
+            return
+        st.trades = mixed([u[0] for u in st.updates], st.weights)
+        if st.grant is not None:
+            st.lo = mixed([u[1] for u in st.updates], st.weights)
+            st.up = mixed([u[2] for u in st.updates], st.weights)
+
     def _verdict(self, record: IterationRecord, iteration: int) -> Status:
         if record.trade.converged and record.envelope.converged:
             return "converged"
@@ -425,9 +461,12 @@ class DsoParticipant:
         done = iteration + 1
         if not s.adaptive or done % s.adapt_every or done > s.adapt_until:
             return
+        rho = (st.rho_trade, st.rho_envelope)
         st.rho_trade = rebalanced_rho(st.rho_trade, record.trade, s.adapt_ratio, s.adapt_factor)
         if st.grant is not None:
             st.rho_envelope = rebalanced_rho(st.rho_envelope, record.envelope, s.adapt_ratio, s.adapt_factor)
+        if self._accelerator is not None and rho != (st.rho_trade, st.rho_envelope):
+            self._accelerator.restart()
 
     def _project(self, accurate: bool = False) -> None:
         """The DSO's own step: the safe box nearest to y + price / rho (its copy carries -price)."""
@@ -471,6 +510,7 @@ class DsoParticipant:
                 residuals=residuals,
                 next_rho_trade_eur_per_kw2h=st.rho_trade,
                 next_rho_envelope_eur_per_kw2h=st.rho_envelope,
+                anderson_weights=st.weights if status == "running" else None,
             )
             for site, envelope in zip(self.plan.sites, envelopes, strict=True)
         ]

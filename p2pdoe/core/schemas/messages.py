@@ -18,6 +18,7 @@ from p2pdoe.core.schemas.wire import checked_json
 
 MESSAGE_SCHEMA_VERSION = 1
 DSO_ID = "dso"
+MAX_ANDERSON_MEMORY = 20
 
 SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 RoundId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
@@ -36,6 +37,8 @@ class AdmmParameters(Message):
     rho_envelope_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     over_relaxation: Annotated[float, Field(ge=1.0, le=1.9)]
     max_iterations: Annotated[int, Field(ge=1)]
+    # Anderson acceleration: how many past updates a grant's weights may reach back (0: none)
+    anderson_memory: Annotated[int, Field(ge=0, le=MAX_ANDERSON_MEMORY)] = 0
 
 
 class WarmTrade(Message):
@@ -215,6 +218,15 @@ class Grant(Message):
     residuals: ResidualReport
     next_rho_trade_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     next_rho_envelope_eur_per_kw2h: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    # the next state is sum_j w_j of the last len(w) updates of every coupling (docs/agreement.md);
+    # None: the plain update
+    anderson_weights: (
+        Annotated[
+            list[Annotated[float, Field(allow_inf_nan=False)]],
+            Field(min_length=1, max_length=MAX_ANDERSON_MEMORY + 1),
+        ]
+        | None
+    ) = None
 
 
 AgreementMessage = Annotated[RoundOpen | Proposal | Grant, Field(discriminator="kind")]

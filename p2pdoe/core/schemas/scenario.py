@@ -185,6 +185,16 @@ class AdaptiveRho(Model):
     until: Annotated[int, Field(ge=0)] = 400
 
 
+class Anderson(Model):
+    """Safeguarded type-II Anderson acceleration (docs/agreement.md): each step mixes the last
+    `memory` + 1 updates; a mixed step stands only while the residual falls below
+    `safeguard_factor` times the first one (decaying), checked every `check_every` steps."""
+
+    memory: Annotated[int, Field(ge=0, le=20)] = 0
+    regularization: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-8
+    safeguard_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+
+
 class Admm(Model):
     """The decentralized agreement's settings. rho is per hour of interval (scaled by dt_h), in
     EUR/(kW^2 h); tolerances in kW (Boyd's l2 criteria, scaled by the square root of the number of
@@ -197,6 +207,7 @@ class Admm(Model):
     eps_rel: NonNeg = 0.0
     max_iterations: Annotated[int, Field(ge=1, le=100000)] = 2000
     adaptive_rho: AdaptiveRho = AdaptiveRho()
+    anderson: Anderson = Anderson()
 
 
 class Asset(Model):
