@@ -90,6 +90,24 @@ def scenario_specs(draw: st.DrawFn) -> dict[str, Any]:
 )
 @given(spec=scenario_specs(), policy=st.sampled_from(list(Policy)))
 def test_agreement_reaches_the_centralized_optimum(spec: dict[str, Any], policy: Policy) -> None:
+    _assert_reaches_the_centralized_optimum(spec, policy)
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(spec=scenario_specs(), policy=st.sampled_from(list(Policy)))
+def test_agreement_with_anderson_acceleration_reaches_the_centralized_optimum(
+    spec: dict[str, Any], policy: Policy
+) -> None:
+    _assert_reaches_the_centralized_optimum({**spec, "admm": {"anderson": {"memory": 10}}}, policy)
+
+
+def _assert_reaches_the_centralized_optimum(spec: dict[str, Any], policy: Policy) -> None:
     s = scenario_from_spec(spec)
     event(f"{policy.value}, {len(s.ids)} communities")
     try:

@@ -3,7 +3,8 @@
 Per iteration k it solves its QP with the augmented terms and publishes one `Proposal` (every peer's
 trade proposal and its envelope request). When every peer's proposal k and the DSO's grant k are in,
 it updates each coupling exactly as the counterpart does (the pairwise trade prices are the two
-peers' own business), then solves again, or stops if the grant says the round is over.
+peers' own business), mixes them with the grant's Anderson weights if it has any, then solves
+again, or stops if the grant says the round is over.
 """
 
 from __future__ import annotations

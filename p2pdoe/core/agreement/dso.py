@@ -3,7 +3,9 @@
 It opens a round, then per iteration k: waits for every community's proposal k, updates its copies
 of the envelope couplings (and mirrors the trade couplings, only to measure residuals), decides
 whether the round has converged, adapts rho, publishes one `Grant`, and projects the new targets
-onto the safe set for iteration k + 1. Every grant is network-safe, converged or not.
+onto the safe set for iteration k + 1. Every grant is network-safe, converged or not. With Anderson
+acceleration on, it also computes the weights every party mixes its couplings with (`anderson`) and
+sends them in the grants.
 """
 
 from __future__ import annotations
