@@ -11,11 +11,12 @@ sends them in its grants: one short list per iteration, nothing else on the wire
 its own couplings over its own last m + 1 updates with those weights, element by element in the
 same order, so a coupling's two copies stay equal to the last bit.
 
-Safeguard (A2DR's): a mixed step is kept only while the residual falls fast enough,
-|g_k| <= D |g_0| (n / M + 1)^-(1 + eps) with n the accelerated steps so far, checked at the first
-mixed step and then every M; a failed check takes the plain step x+ = F(x_k). The check is lagged:
-it reads the residual the last mixed state produced. Prices enter the residual divided by rho (in
-kW, like the agreed values), and a change of rho starts the memory afresh.
+Safeguard (as SCS 3 guards its Anderson steps): a mixed state stands if the residual it produces
+is at most `safeguard_factor` times the residual of the state before it. The check is lagged: the
+DSO reads that residual one iteration later, and if it fails, its weights (1, 0) take every party
+back to the plain update of the state before the mixed one, and the memory starts afresh. Prices
+enter the residual divided by rho (in kW, like the agreed values), and a change of rho also starts
+the memory afresh.
 """
 
 from __future__ import annotations
