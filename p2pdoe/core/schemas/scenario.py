@@ -187,8 +187,8 @@ class AdaptiveRho(Model):
 
 class Anderson(Model):
     """Safeguarded type-II Anderson acceleration (docs/agreement.md): each step mixes the last
-    `memory` + 1 updates; a mixed step stands only while the residual falls below
-    `safeguard_factor` times the first one (decaying), checked every `check_every` steps."""
+    `memory` + 1 updates (0: off); a mixed state stands if the residual it produces is at most
+    `safeguard_factor` times the one before, else it is undone."""
 
     memory: Annotated[int, Field(ge=0, le=20)] = 0
     regularization: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-8
