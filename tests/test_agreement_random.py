@@ -26,6 +26,12 @@ OBJECTIVE_REL = 1e-3  # of the centralized gross energy cost
 OBJECTIVE_FLOOR_EUR = 0.05  # when the gross cost is tiny
 INJECTION_KW = 1.0
 BUSES = range(2, 34)  # IEEE 33-bus without the slack bus
+HYPOTHESIS: dict[str, Any] = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much],
+}
 
 
 def shape(draw: st.DrawFn, intervals: int) -> dict[str, Any]:
@@ -81,25 +87,13 @@ def scenario_specs(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+@settings(max_examples=15, **HYPOTHESIS)
 @given(spec=scenario_specs(), policy=st.sampled_from(list(Policy)))
 def test_agreement_reaches_the_centralized_optimum(spec: dict[str, Any], policy: Policy) -> None:
     _assert_reaches_the_centralized_optimum(spec, policy)
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+@settings(max_examples=8, **HYPOTHESIS)
 @given(spec=scenario_specs(), policy=st.sampled_from(list(Policy)))
 def test_agreement_with_anderson_acceleration_reaches_the_centralized_optimum(
     spec: dict[str, Any], policy: Policy
