@@ -373,12 +373,13 @@ class DsoParticipant:
 
     def _iterate(self, iteration: int, proposals: dict[str, _Parsed]) -> list[Command]:
         st = self._s
-        before = self._state_vector()
+        before = None if self._accelerator is None else self._state_vector()  # Anderson's x_k
         record = self._update(iteration, proposals)
         st.history.append(record)
         status = self._verdict(record, iteration)
         if status == "running":
-            self._accelerate(before)
+            if before is not None:
+                self._accelerate(before)
             self._adapt_rho(record, iteration)
         grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record)]
         if status != "running":
@@ -437,8 +438,7 @@ class DsoParticipant:
     def _accelerate(self, before: FloatArray) -> None:
         """Anderson's mix of the last updates, the same the communities make with the grant's weights."""
         st = self._s
-        if self._accelerator is None:
-            return
+        assert self._accelerator is not None
         st.updates.append((st.trades, st.lo, st.up))
         st.weights = self._accelerator.weights(before, self._state_vector())
         if st.weights is None:
