@@ -27,6 +27,8 @@ QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
 # The final solve pins the grant but OSQP (eps 1e-5, relative to ~1 MW) leaves the schedule up to
 # ~6 W outside it at 96 x 15 min.
 INSIDE_KW = 0.01
+TRADED_KW = 0.1  # a trade whose price has one value in the centralized answer's duals
+PRICE_EUR_PER_KWH = 1e-3  # the issue's bar: the residual test alone let trade prices err this much
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,36 @@ def test_flexible_load_matches_the_centralized_optimum_at_quarter_hours(quarter_
 def test_envelope_widths_match_the_centralized_optimum(pair: Pair) -> None:
     for a, b in zip(pair.central.schedules, pair.run.solution.schedules, strict=True):
         assert np.abs((a["up"] - a["lo"]) - (b["up"] - b["lo"])).max() <= SCHEDULE_KW
+
+
+def trade_price_error(pair: Pair) -> float:
+    """The largest |ADMM price - centralized dual| over the trades of at least TRADED_KW."""
+    index = {c.id: i for i, c in enumerate(pair.scenario.communities)}
+    errors = [
+        abs(pair.run.solution.trade_price[index[t.buyer], index[t.seller], t.interval] - t.price_eur_per_kwh)
+        for t in build_results(pair.scenario, pair.central, "centralized").trades
+        if t.kw >= TRADED_KW
+    ]
+    assert len(errors) > 10  # the default day trades: the bound below means something
+    return max(errors)
+
+
+def test_trade_prices_match_the_centralized_duals(pair: Pair) -> None:
+    assert trade_price_error(pair) <= PRICE_EUR_PER_KWH
+
+
+def test_the_round_stops_only_once_no_price_moves_more_than_eps_price(pair: Pair) -> None:
+    assert pair.run.dso.history[-1].price_change_max_eur_per_kwh <= pair.scenario.admm.eps_price
+
+
+def test_a_tighter_eps_price_takes_more_iterations_to_closer_prices(hourly: Pair) -> None:
+    tight = load_scenario("default", {"admm": {"eps_price_eur_per_kwh": hourly.scenario.admm.eps_price / 4}})
+    run = run_admm(tight, Policy.DYNAMIC)
+    assert run.dso.status == "converged"
+    assert run.dso.history[-1].price_change_max_eur_per_kwh <= tight.admm.eps_price
+    assert run.dso.iterations > hourly.run.dso.iterations
+    closer = Pair(tight, hourly.central, hourly.gross_eur, run)
+    assert trade_price_error(closer) < trade_price_error(hourly)
 
 
 def test_settled_trades_are_exactly_reciprocal(pair: Pair) -> None:

@@ -11,7 +11,8 @@ from cli_helpers import assert_one_line_error, run_p2pdoe
 
 from p2pdoe.core.agreement.setup import participants
 from p2pdoe.core.community import CommunityQP
-from p2pdoe.core.site import site_qp
+from p2pdoe.core.scenario import admm_settings
+from p2pdoe.core.site import coordinator_config, site_qp
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import read_site_config
@@ -65,3 +66,15 @@ def test_a_site_file_holds_no_other_communitys_data(written: Path) -> None:
 
 def test_site_config_of_a_missing_scenario_fails_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_p2pdoe("site-config", "--scenario", "nope.yaml", "--out", str(tmp_path)))
+
+
+def test_the_coordinators_file_carries_every_admm_setting_of_the_scenario() -> None:
+    admm = {
+        "anderson": {"memory": 7, "safeguard_factor": 0.9},
+        "eps_price_eur_per_kwh": 2e-5,
+        "eps_rel": 1e-4,
+    }
+    s = load_scenario("default", {"admm": admm})
+    assert admm_settings(coordinator_config(s).admm) == s.admm
+    assert s.admm.anderson.memory == 7
+    assert s.admm.eps_price == 2e-5

@@ -126,6 +126,7 @@ class AdmmSettings:
     over_relaxation: float
     eps_abs_kw: float
     eps_rel: float
+    eps_price: float  # EUR/kWh: the most any price may move in the iteration a round stops at
     max_iterations: int
     adaptive: bool
     adapt_ratio: float
@@ -364,6 +365,7 @@ def admm_settings(a: spec.Admm) -> AdmmSettings:
         over_relaxation=a.over_relaxation,
         eps_abs_kw=a.eps_abs_kw,
         eps_rel=a.eps_rel,
+        eps_price=a.eps_price_eur_per_kwh,
         max_iterations=a.max_iterations,
         adaptive=r.enabled,
         adapt_ratio=r.ratio,

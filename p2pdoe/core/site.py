@@ -18,7 +18,7 @@ from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleL
 from p2pdoe.core.schemas import site as cfg
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig
 from p2pdoe.core.schemas.runtime import DayRanges, Registration
-from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm
+from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm, Anderson
 from p2pdoe.core.solution import Policy
 
 
@@ -197,6 +197,7 @@ def admm_spec(a: AdmmSettings) -> Admm:
         over_relaxation=a.over_relaxation,
         eps_abs_kw=a.eps_abs_kw,
         eps_rel=a.eps_rel,
+        eps_price_eur_per_kwh=a.eps_price,
         max_iterations=a.max_iterations,
         adaptive_rho=AdaptiveRho(
             enabled=a.adaptive,
@@ -204,6 +205,11 @@ def admm_spec(a: AdmmSettings) -> Admm:
             factor=a.adapt_factor,
             every=a.adapt_every,
             until=a.adapt_until,
+        ),
+        anderson=Anderson(
+            memory=a.anderson.memory,
+            regularization=a.anderson.regularization,
+            safeguard_factor=a.anderson.safeguard_factor,
         ),
     )
 

@@ -67,6 +67,7 @@ class IterationRecord:
     rho_envelope: float
     reciprocity_max_kw: float  # max |buy - sell| over every pair and interval
     envelope_gap_max_kw: float  # max |request - grant|
+    price_change_max_eur_per_kwh: float = 0.0  # the most any trade or envelope price moved
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,7 @@ class DsoParticipant:
         rho_t = st.rho_trade * dt
         new_trades = consensus_step(buy, sell, st.trades, rho_t, alpha)
         trade_sums = residual_sums(buy, sell, st.trades, new_trades, rho_t) if st.links else ResidualSums()
+        moved = _price_change(st.trades, new_trades)
         st.trades = new_trades
         env_sums, gap = ResidualSums(), 0.0
         if st.grant is not None:
@@ -408,6 +410,7 @@ class DsoParticipant:
             env_sums = residual_sums(req_lo, st.grant.lo, st.lo, new_lo, rho_e) + residual_sums(
                 req_up, st.grant.up, st.up, new_up, rho_e
             )
+            moved = max(moved, _price_change(st.lo, new_lo), _price_change(st.up, new_up))
             st.lo, st.up = new_lo, new_up
             gap = float(max(np.abs(req_lo - st.grant.lo).max(), np.abs(req_up - st.grant.up).max()))
         eps_abs, eps_rel = self.settings.eps_abs_kw, self.settings.eps_rel
@@ -419,6 +422,7 @@ class DsoParticipant:
             rho_envelope=st.rho_envelope,
             reciprocity_max_kw=float(np.abs(buy - sell).max(initial=0.0)),
             envelope_gap_max_kw=gap,
+            price_change_max_eur_per_kwh=moved / dt,
         )
 
     def _state_vector(self) -> FloatArray:
@@ -449,7 +453,8 @@ class DsoParticipant:
             st.up = mixed([u[2] for u in st.updates], st.weights)
 
     def _verdict(self, record: IterationRecord, iteration: int) -> Status:
-        if record.trade.converged and record.envelope.converged:
+        prices_settled = record.price_change_max_eur_per_kwh <= self.settings.eps_price
+        if record.trade.converged and record.envelope.converged and prices_settled:
             return "converged"
         if self._stop_requested:
             return "stopped"
@@ -533,6 +538,11 @@ class DsoParticipant:
             lo=None if self.grid is None else st.lo,
             up=None if self.grid is None else st.up,
         )
+
+
+def _price_change(before: Agreed, after: Agreed) -> float:
+    """The most any price of a family moved in one iteration (EUR per interval)."""
+    return float(np.abs(after.price - before.price).max(initial=0.0))
 
 
 def _series(rows: list[list[float]], horizon: int) -> FloatArray | None:

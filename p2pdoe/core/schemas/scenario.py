@@ -198,13 +198,15 @@ class Anderson(Model):
 class Admm(Model):
     """The decentralized agreement's settings. rho is per hour of interval (scaled by dt_h), in
     EUR/(kW^2 h); tolerances in kW (Boyd's l2 criteria, scaled by the square root of the number of
-    coupled values)."""
+    coupled values). A round also stops only once no price moved by more than eps_price_eur_per_kwh
+    in the last iteration."""
 
     rho_trade_eur_per_kw2h: Pos = 2.5e-3
     rho_envelope_eur_per_kw2h: Pos = 2.5e-4
     over_relaxation: Annotated[float, Field(ge=1.0, le=1.9)] = 1.6
     eps_abs_kw: Pos = 0.002
     eps_rel: NonNeg = 0.0
+    eps_price_eur_per_kwh: Pos = 1e-5
     max_iterations: Annotated[int, Field(ge=1, le=100000)] = 2000
     adaptive_rho: AdaptiveRho = AdaptiveRho()
     anderson: Anderson = Anderson()
