@@ -541,7 +541,7 @@ class DsoParticipant:
 
 
 def _price_change(before: Agreed, after: Agreed) -> float:
-    """The most any price of a family moved in one iteration (EUR per interval)."""
+    """The most any price of a family moved in one iteration, in EUR/kW per interval (/ dt_h: EUR/kWh)."""
     return float(np.abs(after.price - before.price).max(initial=0.0))
 
 
