@@ -61,6 +61,7 @@ def test_solve_by_admm_writes_the_solver_story(tmp_path: Path) -> None:
     last = solver["residual_history"][-1]
     assert last["primal_trade_kw"] <= last["eps_trade_kw"]
     assert last["primal_envelope_kw"] <= last["eps_envelope_kw"]
+    assert 0 < last["price_change_max_eur_per_kwh"] <= 1e-5  # the default eps_price
     roles = {t["role"] for t in solver["solve_times"]}
     assert roles == {"community", "dso"}
     assert len(solver["solve_times"]) == len(raw["communities"]) + 1

@@ -27,6 +27,7 @@ def residual_points(history: Sequence[IterationRecord]) -> list[r.ResidualPoint]
             rho_envelope=h.rho_envelope,
             reciprocity_max_kw=h.reciprocity_max_kw,
             envelope_gap_max_kw=h.envelope_gap_max_kw,
+            price_change_max_eur_per_kwh=h.price_change_max_eur_per_kwh,
         )
         for h in history
     ]

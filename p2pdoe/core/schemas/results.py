@@ -135,6 +135,7 @@ class ResidualPoint(Model):
     rho_envelope: float
     reciprocity_max_kw: float  # max |buy - sell| over the pairs' proposals
     envelope_gap_max_kw: float  # max |request - grant|
+    price_change_max_eur_per_kwh: float = 0.0  # the most any price moved; the round stops within eps_price
 
 
 class SolveTimes(Model):
