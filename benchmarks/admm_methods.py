@@ -8,7 +8,7 @@ adaptive ρ, the stopping tolerance); each case is a scenario of `benchmarks/adm
 every case the centralized reference is solved once, then `run_admm` once per method, in process,
 one after the other. A cell is: iterations / worst schedule difference from the centralized one
 (kW) / objective gap (% of the centralized gross energy cost, as in admm_scaling) / worst trade
-price difference from the centralized duals (EUR/MWh, i.e. 0.1 ct/kWh) over the trades of at
+price difference from the centralized duals (EUR/MWh; 1 EUR/MWh is 0.1 ct/kWh) over the trades of at
 least 0.1 kW in the centralized answer. A cell is in
 bold where it misses a target of issue 18: at most 60 iterations on the default day (either
 resolution), at most 100 elsewhere, every answer within 1 kW and 0.01 %. Iterations and gaps do not

@@ -27,7 +27,7 @@ QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
 # The final solve pins the grant but OSQP (eps 1e-5, relative to ~1 MW) leaves the schedule up to
 # ~6 W outside it at 96 x 15 min.
 INSIDE_KW = 0.01
-TRADED_KW = 0.1  # a trade whose price has one value in the centralized answer's duals
+TRADED_KW = 0.1  # trades compared with the centralized duals (where nothing flows, a dual is not unique)
 PRICE_EUR_PER_KWH = 1e-3  # the bar: the residual test alone let trade prices err this much
 
 
