@@ -38,7 +38,7 @@ from admm_scaling import (
     _warm_up,
 )
 
-from p2pdoe.analysis.results import build_results
+from p2pdoe.analysis.results import build_results, trade_price_errors
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
@@ -182,21 +182,8 @@ def _cell(case: Case, s: Any, run: Any, central: Centralized | str) -> str:
     gap = 100.0 * (run.solution.objective_eur - ref.objective_eur) / gross
     kw_text = f"**{kw:.2f}**" if kw > MAX_KW else f"{kw:.2f}"
     gap_text = f"**{gap:.4f}**" if abs(gap) > MAX_GAP_PCT else f"{gap:.4f}"
-    price = 1000.0 * _max_price_diff(s, run.solution, ref)
+    price = 1000.0 * max(trade_price_errors(s, run.solution, ref, TRADED_KW), default=0.0)
     return f"{iterations} / {kw_text} / {gap_text} / {price:.2f}"
-
-
-def _max_price_diff(s: Scenario, ours: Solution, ref: Solution) -> float:
-    """The largest difference of a trade price from the centralized dual, EUR/kWh, over the trades of
-    at least TRADED_KW in the centralized answer (where no energy flows, any price between the two
-    sides' marginal values is a dual: a difference there is no error)."""
-    index = {c.id: i for i, c in enumerate(s.communities)}
-    diffs = [
-        abs(ours.trade_price[index[t.buyer], index[t.seller], t.interval] - t.price_eur_per_kwh)
-        for t in build_results(s, ref, "centralized").trades
-        if t.kw >= TRADED_KW
-    ]
-    return float(max(diffs, default=0.0))
 
 
 def _markdown(cases: list[Case], methods: list[Method], cells: dict[str, dict[str, str]]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from p2pdoe.analysis.accounts import net_injection
-from p2pdoe.analysis.results import build_results
+from p2pdoe.analysis.results import build_results, trade_price_errors
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
@@ -118,12 +118,7 @@ def test_envelope_widths_match_the_centralized_optimum(pair: Pair) -> None:
 
 def trade_price_error(pair: Pair) -> float:
     """The largest |ADMM price - centralized dual| over the trades of at least TRADED_KW."""
-    index = {c.id: i for i, c in enumerate(pair.scenario.communities)}
-    errors = [
-        abs(pair.run.solution.trade_price[index[t.buyer], index[t.seller], t.interval] - t.price_eur_per_kwh)
-        for t in build_results(pair.scenario, pair.central, "centralized").trades
-        if t.kw >= TRADED_KW
-    ]
+    errors = trade_price_errors(pair.scenario, pair.run.solution, pair.central, TRADED_KW)
     assert len(errors) > 10  # the default day trades: the bound below means something
     return max(errors)
 

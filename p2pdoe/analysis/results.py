@@ -186,3 +186,15 @@ def _usable_width(technical: tuple[FloatArray, FloatArray], c: r.CommunityResult
     top = np.minimum(np.asarray(c.envelope_up_kw), x_max)
     bottom = np.maximum(np.asarray(c.envelope_lo_kw), x_min)
     return float(np.mean(np.clip(top - bottom, 0.0, None)))
+
+
+def trade_price_errors(s: Scenario, ours: Solution, central: Solution, min_kw: float) -> list[float]:
+    """|our price - the centralized dual| (EUR/kWh) for each trade of at least min_kw in the central
+    answer. Where no energy flows, any price between the two sides' marginal values is a dual, so a
+    difference there is no error."""
+    index = {c.id: i for i, c in enumerate(s.communities)}
+    return [
+        abs(float(ours.trade_price[index[t.buyer], index[t.seller], t.interval]) - t.price_eur_per_kwh)
+        for t in build_results(s, central, "centralized").trades
+        if t.kw >= min_kw
+    ]
