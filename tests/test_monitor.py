@@ -67,8 +67,9 @@ def dso_status(state: str = "online", round_id: str | None = "r1") -> DsoStatus:
     return DsoStatus(state=state, round=round_id, ts=T0)  # type: ignore[arg-type]
 
 
-def progress(iteration: int = 7) -> Progress:
+def progress(iteration: int = 7, **prices: float) -> Progress:
     return Progress(
+        **prices,  # type: ignore[arg-type]
         round="r1",
         iteration=iteration,
         status="running",
@@ -194,6 +195,15 @@ def test_a_malformed_message_is_counted_and_dropped(topic: str, payload: bytes, 
         "dropped": {reason: 1},
         "last_message_at": "2025-06-01T12:00:10Z",
     }
+
+
+@pytest.mark.parametrize(("moved", "settled"), [(3e-5, False), (1e-5, True)])
+def test_the_price_move_is_a_third_test_beside_the_residuals(moved: float, settled: bool) -> None:
+    p = progress(price_change_max_eur_per_kwh=moved, eps_price_eur_per_kwh=1e-5)
+    state = state_with((topics.DSO_PROGRESS, p))
+    within = state.snapshot(SOON)["coordinator"]["progress"]["within_eps"]
+    assert within == {"trade": False, "envelope": True, "prices": settled}
+    assert f"prices moved {moved:.3g}" in _rendered(state, SOON)
 
 
 def test_an_empty_retained_payload_clears_that_entry() -> None:

@@ -50,10 +50,12 @@ from p2pdoe.core.schemas.runtime import (
     Doe,
     DsoStatus,
     MeterReading,
+    Progress,
     Registration,
     SetPointMessage,
     SettlementRecord,
     SiteStatus,
+    decode_runtime,
 )
 from p2pdoe.services.transport_memory import MemoryBroker
 
@@ -236,6 +238,47 @@ def _fingerprint(results: Results) -> dict[str, object]:
         "communities": [c.model_dump() for c in results.communities],
         "trades": [t.model_dump() for t in results.trades],
     }
+
+
+def test_progress_shows_why_a_round_goes_on_once_its_residuals_are_met(four_hours: Ran) -> None:
+    """Every iteration's `progress` carries the price move the coordinator tested and its bound, the
+    numbers in results.json: a watcher of the broker can tell from it alone why the round goes on
+    (tests/test_agreement_vs_centralized.py shows a day on which the prices are what holds a round)."""
+    results = four_hours.results
+    day_ahead = results.solver.residual_history
+    assert day_ahead is not None
+    assert results.runtime is not None
+    (attempt,) = results.runtime.attempts
+    said = [
+        m
+        for topic, payload in four_hours.tape.raw
+        if topic == topics.DSO_PROGRESS
+        and payload
+        and isinstance(m := decode_runtime(payload), Progress)
+        and m.round == attempt.round
+    ]
+    assert [p.iteration for p in said] == [h.iteration for h in day_ahead]
+    assert [p.price_change_max_eur_per_kwh for p in said] == [
+        h.price_change_max_eur_per_kwh for h in day_ahead
+    ]
+    assert {p.eps_price_eur_per_kwh for p in said} == {S.admm.eps_price}
+    last = said[-1]
+    assert last.status == "converged"
+    assert last.price_change_max_eur_per_kwh is not None
+    assert last.eps_price_eur_per_kwh is not None
+    assert last.price_change_max_eur_per_kwh <= last.eps_price_eur_per_kwh
+
+    def residuals_met(p: Progress) -> bool:
+        return (
+            max(p.primal_trade_kw, p.dual_trade_kw) <= p.eps_trade_kw
+            and max(p.primal_envelope_kw, p.dual_envelope_kw) <= p.eps_envelope_kw
+        )
+
+    for p in said:  # what a watcher reads decides the verdict: all three tests met, and only then
+        assert p.price_change_max_eur_per_kwh is not None
+        assert p.eps_price_eur_per_kwh is not None
+        prices_settled = p.price_change_max_eur_per_kwh <= p.eps_price_eur_per_kwh
+        assert (p.status == "converged") == (residuals_met(p) and prices_settled), p
 
 
 @pytest.mark.slow

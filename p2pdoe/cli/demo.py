@@ -367,8 +367,14 @@ def _progress_line(payload: bytes) -> str:
     return (
         f"round {p.round}: iteration {p.iteration} ({p.status}), {len(p.sites)} sites{left_out}; "
         f"trade residual {p.primal_trade_kw:.3f} / {p.eps_trade_kw:.3f} kW, "
-        f"envelope residual {p.primal_envelope_kw:.3f} / {p.eps_envelope_kw:.3f} kW"
+        f"envelope residual {p.primal_envelope_kw:.3f} / {p.eps_envelope_kw:.3f} kW" + _price_part(p)
     )
+
+
+def _price_part(p: Progress) -> str:
+    if p.price_change_max_eur_per_kwh is None or p.eps_price_eur_per_kwh is None:
+        return ""
+    return f", prices moved {p.price_change_max_eur_per_kwh:.2g} / {p.eps_price_eur_per_kwh:.2g} EUR/kWh"
 
 
 def _report(s: Any, r: Results, policy: str, out: Path) -> None:

@@ -199,11 +199,16 @@ def validity(doe: Doe, now: datetime) -> str:
 
 def within_eps(progress: Progress) -> dict[str, bool]:
     """Per coupling, whether both residuals are within its threshold (the coordinator tests the
-    dual residual against the same threshold as the primal one)."""
-    return {
+    dual residual against the same threshold as the primal one); and whether the prices have
+    settled, when the coordinator reports it. A round converges when every entry is true."""
+    within = {
         "trade": max(progress.primal_trade_kw, progress.dual_trade_kw) <= progress.eps_trade_kw,
         "envelope": max(progress.primal_envelope_kw, progress.dual_envelope_kw) <= progress.eps_envelope_kw,
     }
+    moved, eps = progress.price_change_max_eur_per_kwh, progress.eps_price_eur_per_kwh
+    if moved is not None and eps is not None:
+        within["prices"] = moved <= eps
+    return within
 
 
 def _iso(moment: datetime) -> str:
@@ -326,11 +331,20 @@ def _residuals(name: str, primal: float, dual: float, eps: float) -> str:
     return f"{name} primal {primal:.3g} dual {dual:.3g} [{colour}]eps {eps:.3g}[/] kW"
 
 
+def _price_move(p: Progress) -> list[str]:
+    moved, eps = p.price_change_max_eur_per_kwh, p.eps_price_eur_per_kwh
+    if moved is None or eps is None:
+        return []
+    colour = "green" if moved <= eps else "yellow"
+    return [f"prices moved {moved:.3g} [{colour}]eps {eps:.3g}[/] EUR/kWh"]
+
+
 def _progress_line(p: Progress) -> str:
     parts = [
         f"round {p.round} iteration {p.iteration} {p.status}",
         _residuals("trade", p.primal_trade_kw, p.dual_trade_kw, p.eps_trade_kw),
         _residuals("envelope", p.primal_envelope_kw, p.dual_envelope_kw, p.eps_envelope_kw),
+        *_price_move(p),
         f"{len(p.sites)} sites",
     ]
     if p.excluded_sites:

@@ -147,6 +147,8 @@ class RoundRun:
             dual_envelope_kw=grant.residuals.dual_envelope_kw,
             eps_trade_kw=0.0 if last is None else last.trade.eps_primal_kw,
             eps_envelope_kw=0.0 if last is None else last.envelope.eps_primal_kw,
+            price_change_max_eur_per_kwh=None if last is None else last.price_change_max_eur_per_kwh,
+            eps_price_eur_per_kwh=self.dso.settings.eps_price,
             sites=list(self.setup.sites),
             excluded_sites=list(self.setup.excluded),
         )

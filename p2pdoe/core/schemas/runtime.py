@@ -35,6 +35,7 @@ from p2pdoe.core.schemas.wire import Moment, checked_json
 
 Kw = Annotated[float, Field(allow_inf_nan=False)]
 Watts = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PriceMove = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # EUR/kWh
 WATT_TOLERANCE = 1.0
 
 
@@ -281,6 +282,10 @@ class Progress(Message):
     dual_envelope_kw: Watts
     eps_trade_kw: Watts  # the primal stopping thresholds
     eps_envelope_kw: Watts
+    # the most any trade or envelope price moved this iteration, and the bound a round needs to stop
+    # (absent from coordinators before the price test)
+    price_change_max_eur_per_kwh: PriceMove | None = None
+    eps_price_eur_per_kwh: PriceMove | None = None
     sites: list[SiteId]  # taking part in this round
     excluded_sites: list[SiteId]  # on their default envelopes
     missing_sites: list[SiteId] = Field(default_factory=list)  # awaited past the iteration deadline
