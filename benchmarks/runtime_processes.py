@@ -2,7 +2,7 @@
 in-process ADMM of the same scenario, in one run. Prints Markdown.
 
     .venv/bin/python benchmarks/runtime_processes.py [--scenarios default synthetic-20-peers4]
-                                                     [--coordinator-delay-ms 5]
+                                                     [--coordinator-delay-ms 5] [--slow-site-ms 40]
 
 Per scenario: iterations and objective of both (the gap must be ~0), the distributed round's wall
 time per iteration (grant to grant at the coordinator) against the in-process critical path per
@@ -16,6 +16,8 @@ memory (VmHWM). Uses a Mosquitto it starts on a free
 loopback port (the embedded broker if Mosquitto is missing). All processes share this machine's cores.
 `--coordinator-delay-ms D` puts the coordinator behind a proxy that delays every byte by D each way
 (tests/delay_proxy.py), as a DSO far from the broker; the edge agents stay on loopback.
+`--slow-site-ms D` makes the scenario's first site a straggler: its agent answers every step that
+solves D ms late (the agent's `--solve-delay-ms`, a gateway slower than its peers).
 """
 
 from __future__ import annotations
@@ -116,14 +118,17 @@ def delayed(url: str, delay_ms: float) -> Iterator[str]:
             proxy.wait(10)
 
 
-def distributed(scenario: str, url: str, work: Path, coordinator_url: str | None = None) -> Results:
+def distributed(
+    scenario: str, url: str, work: Path, coordinator_url: str | None = None, slow_site_ms: float = 0.0
+) -> Results:
     s = load_scenario(scenario)
     write_site_configs(s, work)
     py = sys.executable
     agents = [
         subprocess.Popen(
             [py, "-m", "edge_agent", "--site-config", str(work / "sites" / f"{site}.json"), "--broker", url,
-             "--rounds", "1", "--log-level", "WARNING"],
+             "--rounds", "1", "--log-level", "WARNING",
+             *(["--solve-delay-ms", str(slow_site_ms)] if slow_site_ms and site == s.ids[0] else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for site in s.ids
@@ -144,13 +149,15 @@ def distributed(scenario: str, url: str, work: Path, coordinator_url: str | None
     return Results.model_validate_json((work / "results.json").read_bytes())
 
 
-def row(scenario: str, url: str, rtt_ms: float, coordinator_delay_ms: float = 0.0) -> str:
+def row(
+    scenario: str, url: str, rtt_ms: float, coordinator_delay_ms: float = 0.0, slow_site_ms: float = 0.0
+) -> str:
     s = load_scenario(scenario)
     t0 = time.perf_counter()
     inproc = run_admm(s, Policy.DYNAMIC)
     inproc_wall = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp, delayed(url, coordinator_delay_ms) as coordinator_url:
-        r = distributed(scenario, url, Path(tmp), coordinator_url)
+        r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms)
     sv, rt = r.solver, r.runtime
     assert rt is not None
     assert sv.solve_times is not None
@@ -189,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
     parser.add_argument("--coordinator-delay-ms", type=float, default=0.0, help="each way, see above")
+    parser.add_argument("--slow-site-ms", type=float, default=0.0, help="the first site's delay, see above")
     args = parser.parse_args()
     with broker_for_tests() as broker:
         rtt = asyncio.run(round_trip_ms(broker.url))
@@ -197,6 +205,8 @@ def main() -> None:
         if args.coordinator_delay_ms > 0:
             delay = args.coordinator_delay_ms
             print(f"the coordinator behind a proxy delaying every byte {delay:g} ms each way")
+        if args.slow_site_ms > 0:
+            print(f"each scenario's first site answers every step that solves {args.slow_site_ms:g} ms late")
         print(f"client CPU per received 6.2 kB QoS 1 message: {per_message:.0f} us\n")
         print(
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
@@ -208,7 +218,7 @@ def main() -> None:
         )
         print("|" + "---|" * 24)
         for scenario in args.scenarios:
-            print(row(scenario, broker.url, rtt, args.coordinator_delay_ms), flush=True)
+            print(row(scenario, broker.url, rtt, args.coordinator_delay_ms, args.slow_site_ms), flush=True)
 
 
 if __name__ == "__main__":

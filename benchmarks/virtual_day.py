@@ -2,7 +2,9 @@
 the wall time it takes, its repeats' median, the load the machine was under, and the day's figures
 (which must be identical in every repeat: the virtual clock makes the outcome independent of speed).
 
-Run from the repository root: `.venv/bin/python benchmarks/virtual_day.py [--hours 24] [--repeats 3]`.
+Run from the repository root:
+`.venv/bin/python benchmarks/virtual_day.py [--hours 24] [--repeats 3] [--rolling-max-iterations N]`.
+Besides the day's totals it prints how the rolling rounds ended and the longest of them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +29,12 @@ from p2pdoe.io.scenarios import load_scenario  # noqa: E402
 QUARTER_HOURS = {"horizon": {"intervals": 96, "dt_h": 0.25}}
 
 
-def one_day(hours: float) -> tuple[float, str, dict[str, object]]:
+def one_day(hours: float, rolling_cap: int | None) -> tuple[float, str, dict[str, object]]:
+    options = {} if rolling_cap is None else {"rolling_max_iterations": rolling_cap}
     with tempfile.TemporaryDirectory() as root:
-        day = VirtualDay(load_scenario("default", QUARTER_HOURS), Path(root), hours=hours)
+        day = VirtualDay(
+            load_scenario("default", QUARTER_HOURS), Path(root), hours=hours, dso_options=options
+        )
         t0 = time.perf_counter()
         results = day.run()
         wall = time.perf_counter() - t0
@@ -37,6 +43,10 @@ def one_day(hours: float) -> tuple[float, str, dict[str, object]]:
     figures = {
         "rolling rounds": len(rt.intervals),
         "iterations": sum(i.iterations for i in rt.intervals),
+        "rolling rounds by status": dict(Counter(i.status for i in rt.intervals)),
+        "longest rolling rounds (interval: iterations)": ", ".join(
+            f"{i.interval}: {i.iterations}" for i in sorted(rt.intervals, key=lambda i: -i.iterations)[:5]
+        ),
         "settlements": len(rt.settlements),
         "readings judged": rt.envelope_violations.judged_readings,
         "sustained violations": rt.envelope_violations.count,
@@ -53,13 +63,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--hours", type=float, default=24.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rolling-max-iterations", type=int, help="the coordinator's default unless given")
     args = p.parse_args()
     logging.disable(logging.INFO)
     load = os.getloadavg()
     walls, days = [], set()
     figures: dict[str, object] = {}
     for _ in range(args.repeats):
-        wall, day, figures = one_day(args.hours)
+        wall, day, figures = one_day(args.hours, args.rolling_max_iterations)
         walls.append(wall)
         days.add(day)
     print(

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument(
         "--rolling-stop-fraction", type=float, help="a round's deadline on a wall or scaled clock (0.5)"
     )
-    rt.add_argument("--rolling-max-iterations", type=int, help="a rolling round's iteration cap (100)")
+    rt.add_argument("--rolling-max-iterations", type=int, help="a rolling round's iteration cap (200)")
     rt.add_argument("--meter-step-s", type=float, help="the meters' nominal reading period (default 5)")
     rt.add_argument("--hours", type=float, help="run the real-time day for this long (default: the horizon)")
     rt.add_argument(

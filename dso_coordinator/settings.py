@@ -35,7 +35,7 @@ class CoordinatorSettings(ServiceSettings):
     # The real-time day (see docs/realtime.md).
     rolling: bool = False  # a round every interval over the rest of the day (else: the day-ahead DOEs)
     rolling_stop_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # of an interval: a round's deadline
-    rolling_max_iterations: Annotated[int, Field(ge=1, le=100000)] = 100  # a rolling round's cap
+    rolling_max_iterations: Annotated[int, Field(ge=1, le=100000)] = 200  # a rolling round's cap
     meter_step_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # the meters' nominal reading period
     hours: Annotated[float, Field(gt=0, le=24 * 366)] | None = (
         None  # the real-time day's length (default: the horizon)

@@ -52,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--forecast-file", type=Path, help="the integrator's forecast for the next rounds (a SiteForecast)"
     )
+    p.add_argument(
+        "--solve-delay-ms",
+        type=float,
+        help="fault injection: a slow gateway, each agreement step that solves answers this much later",
+    )
     rt = p.add_argument_group("the real-time controller")
     rt.add_argument("--meter", action="store_true", default=None, help="read the meter and enforce envelopes")
     rt.add_argument("--meter-broker", help="the meter's broker (default: --broker)")
@@ -111,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 meter=meter,
                 rounds=settings.rounds,
                 forecast_file=settings.forecast_file,
+                solve_delay_s=settings.solve_delay_ms / 1000,
             )
             try:
                 await service.subscribe()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,7 +83,9 @@ def market_machine(config: SiteConfig, margins: tuple[float, float] | None) -> E
 class EdgeService:
     """`meter`: the site's meter, read through the main transport (`meter.transport is transport`:
     one connection, so readings keep their order with everything else) or its own; `rounds`: stop
-    after this many finished rounds (0: never); `offload=False`: no worker threads (a virtual clock)."""
+    after this many finished rounds (0: never); `offload=False`: no worker threads (a virtual clock);
+    `solve_delay_s` (fault injection: a slow gateway): every agreement step that may solve holds its
+    answer this long on the service's clock."""
 
     def __init__(
         self,
@@ -96,8 +98,10 @@ class EdgeService:
         rounds: int = 0,
         offload: bool = True,
         forecast_file: Path | None = None,
+        solve_delay_s: float = 0.0,
     ):
         self.market = market
+        self.solve_delay = timedelta(seconds=solve_delay_s)
         self.realtime: EdgeRealtime | None = None
         self.site = market.site
         self.transport, self.clock = transport, clock
@@ -210,12 +214,14 @@ class EdgeService:
                 if msg is None:
                     continue
                 site = self._snapshot() if m.topic.endswith("/open") else None
-                heavy = self.offload and self.market.heavy(msg)
+                may_solve = self.market.heavy(msg)
                 commands = (
                     await asyncio.to_thread(self.market.handle, msg, site)
-                    if heavy
+                    if self.offload and may_solve
                     else self.market.handle(msg, site)
                 )
+                if may_solve and self.solve_delay:
+                    await self.clock.sleep_until(self.clock.now() + self.solve_delay)
                 for cmd in commands:
                     await self._market_command(cmd)
         except asyncio.CancelledError:

@@ -44,6 +44,7 @@ class EdgeSettings(ServiceSettings):
     # A reading stamped this far (simulated s) ahead of the clock is rejected (alarm reading_rejected).
     reading_ahead_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     clock_offset_s: Annotated[float, Field(ge=-86400, le=86400)] = 0.0  # fault injection: a wrong clock
+    solve_delay_ms: Annotated[float, Field(ge=0, le=600000)] = 0.0  # fault injection: a slow gateway
 
     @model_validator(mode="after")
     def _fixed_default_whole(self) -> EdgeSettings:

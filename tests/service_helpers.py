@@ -170,8 +170,15 @@ class Deployment:
         args = ["--site-config", str(self.site_config(site)), "--broker", self.url, "--rounds", str(rounds)]
         return self._start(site, "edge_agent", [*args, *extra])
 
-    def start_edges(self, sites: Iterable[str] | None = None) -> dict[str, Service]:
-        return {site: self.start_edge(site) for site in (self.sites if sites is None else sites)}
+    def start_edges(
+        self, sites: Iterable[str] | None = None, extra: dict[str, list[str]] | None = None
+    ) -> dict[str, Service]:
+        """`extra`: more arguments for some sites' agents."""
+        extra = extra or {}
+        return {
+            site: self.start_edge(site, *extra.get(site, []))
+            for site in (self.sites if sites is None else sites)
+        }
 
     def start_coordinator(self, *extra: str, exit_after_round: bool = True) -> Service:
         args = ["--coordinator-config", str(self.config / "coordinator.json"), "--broker", self.url]
@@ -195,10 +202,11 @@ class Deployment:
             assert status == 0, f"{edge.name} exited with {status}:\n{edge.output()}"
         return self.results()
 
-    def run_round(self, *coordinator_args: str) -> Results:
-        """The whole day-ahead round as deployed: the coordinator first, then every edge agent."""
+    def run_round(self, *coordinator_args: str, edge_args: dict[str, list[str]] | None = None) -> Results:
+        """The whole day-ahead round as deployed: the coordinator first, then every edge agent
+        (`edge_args`: more arguments for some of them)."""
         coordinator = self.start_coordinator("--registration-timeout-s", "120", *coordinator_args)
-        edges = self.start_edges()
+        edges = self.start_edges(extra=edge_args)
         return self.finish(coordinator, edges.values())
 
 

@@ -77,6 +77,30 @@ def test_the_day_ahead_round_across_processes_over_the_embedded_broker(
     assert results.runtime.protocol == "v311"
 
 
+SLOW_MS = 40.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_slow_gateway_holds_every_iteration_of_a_synchronous_round(
+    mosquitto_broker: Broker, tmp_path: Path
+) -> None:
+    """One site answers every step 40 ms late (`--solve-delay-ms`, a gateway slower than its peers):
+    the round still ends on the in-process answer with that site in it, and every iteration waits for
+    it (grant to grant at least the delay). This is the baseline that bounded staleness (issue 18,
+    item 5) is to lift."""
+    with Deployment(mosquitto_broker.url, tmp_path) as d:
+        slow = d.sites[1]
+        results = d.run_round(edge_args={slow: ["--solve-delay-ms", str(SLOW_MS)]})
+    assert_full_agreement(results, d.sites)
+    assert results.runtime is not None
+    walls = results.runtime.iteration_wall_ms
+    assert walls["median"] >= SLOW_MS, walls
+    assert results.solver.iterations >= 50  # enough iterations that the median is theirs
+    reports = {s.id: s for s in results.runtime.sites}
+    assert reports[slow].state == "agreed"
+
+
 def _clear_of_an_interval_boundary(dt_s: float, margin_s: float) -> None:
     """Wait for the next interval if it starts within `margin_s`, so that the interval current when
     the coordinator starts (--start now) is still current when the envelopes are read."""

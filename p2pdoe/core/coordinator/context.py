@@ -28,7 +28,7 @@ class Rules:
     exit_after_round: bool = False
     rolling: bool = False
     rolling_stop_fraction: float = 0.5
-    rolling_max_iterations: int = 100
+    rolling_max_iterations: int = 200
     meter_step_s: float = 5.0
     hours: float | None = None
     exit_after_day: bool = False
