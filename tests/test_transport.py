@@ -6,6 +6,7 @@ Every broker test runs over both brokers (`broker` is parametrized); each is bou
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import signal
 import socket
@@ -183,6 +184,24 @@ def test_publish_subscribe_round_trip_qos1(broker: Broker) -> None:
             assert not any(m.retained for m in got)
 
     run(main())
+
+
+def test_a_hundred_publishes_in_flight_together_log_no_warning(
+    mqtt_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a coordinator does with its grants at 100 sites: every publish in flight at once, all
+    delivered, and aiomqtt's warning per pending call beyond 10 not written once per grant."""
+
+    async def main() -> None:
+        async with transport(mqtt_broker, "sub") as sub, transport(mqtt_broker, "pub") as pub:
+            await sub.subscribe("p2pdoe/test/+/g", qos=1)
+            await asyncio.gather(*(pub.publish(f"p2pdoe/test/{i}/g", b"x", qos=1) for i in range(100)))
+            got = {(await next_message(sub)).topic for _ in range(100)}
+            assert got == {f"p2pdoe/test/{i}/g" for i in range(100)}
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert not [r for r in caplog.records if "pending" in r.getMessage()]
 
 
 def test_retained_message_reaches_a_late_subscriber(broker: Broker) -> None:

@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+PENDING_CALLS_WARNING = 1024  # unacknowledged calls beyond which aiomqtt warns
 
 
 def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
@@ -320,6 +321,9 @@ class MqttTransport:
 
     async def _open(self, attempt: Attempt) -> aiomqtt.Client:
         client = self._make_client(attempt)
+        # A coordinator's grants to every site are in flight together by design; aiomqtt would warn
+        # once per publish beyond 10 (thousands of lines an hour at 20 sites).
+        client.pending_calls_threshold = PENDING_CALLS_WARNING
         await client.__aenter__()
         _no_delay(client)
         return client
