@@ -35,11 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 
-from admm_scaling import QUARTER_HOURS, SCHEDULE_KEYS  # noqa: E402
+from admm_scaling import QUARTER_HOURS, _max_schedule_diff  # noqa: E402
 
 from p2pdoe.analysis.results import build_results  # noqa: E402
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant, _Round  # noqa: E402
@@ -52,6 +50,7 @@ from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, decode, encode
 from p2pdoe.core.solution import Policy, Solution  # noqa: E402
 from p2pdoe.io.scenarios import load_scenario  # noqa: E402
 from p2pdoe.reference.centralized import solve_centralized  # noqa: E402
+from p2pdoe.services.inprocess import _subscribers  # noqa: E402
 
 Fresh = Callable[[str, int], bool]  # whether a site's proposal used in an iteration is new
 
@@ -131,13 +130,7 @@ def run(s: Any, slow: str | None, every: int) -> tuple[Solution, DsoOutcome, int
     outcomes: dict[str, object] = {}
     while bus:
         message = decode(bus.popleft())
-        if isinstance(message, Proposal):
-            names = [c.site for c in p.communities if message.sender in c.peer_ids] + [DSO_ID]
-        elif isinstance(message, Grant):
-            names = [message.recipient]
-        else:
-            names = [c.site for c in p.communities]
-        for name in names:
+        for name in _subscribers(message, p.communities):
             target: Any = p.dso if name == DSO_ID else by_site[name]
             for cmd in target.handle(Received(message)):
                 if isinstance(cmd, Publish):
@@ -151,14 +144,6 @@ def run(s: Any, slow: str | None, every: int) -> tuple[Solution, DsoOutcome, int
     sol = solution(Policy.DYNAMIC, p.qps, comms, dso, p.safe, 0.0)  # type: ignore[arg-type]
     slow_solves = by_site[slow].solves if slow is not None else dso.iterations  # type: ignore[attr-defined]
     return sol, dso, slow_solves
-
-
-def _schedule_diff(a: Solution, b: Solution) -> float:
-    return max(
-        float(np.max(np.abs(sa[key] - sb[key])))
-        for sa, sb in zip(a.schedules, b.schedules, strict=True)
-        for key in SCHEDULE_KEYS
-    )
 
 
 def main() -> None:
@@ -192,7 +177,7 @@ def main() -> None:
             wall = "" if sync_iterations is None else f"{dso.iterations / (every * sync_iterations):.2f}"
             print(
                 f"| {label} | {slow} | {every} | {dso.iterations} ({dso.status}) | {solves} | "
-                f"{_schedule_diff(sol, central):.2f} | {gap:.4f} | {wall} |",
+                f"{_max_schedule_diff(sol, central):.2f} | {gap:.4f} | {wall} |",
                 flush=True,
             )
 
