@@ -205,9 +205,8 @@ def within_eps(progress: Progress) -> dict[str, bool]:
         "trade": max(progress.primal_trade_kw, progress.dual_trade_kw) <= progress.eps_trade_kw,
         "envelope": max(progress.primal_envelope_kw, progress.dual_envelope_kw) <= progress.eps_envelope_kw,
     }
-    moved, eps = progress.price_change_max_eur_per_kwh, progress.eps_price_eur_per_kwh
-    if moved is not None and eps is not None:
-        within["prices"] = moved <= eps
+    if progress.prices_settled is not None:
+        within["prices"] = progress.prices_settled
     return within
 
 
@@ -332,10 +331,10 @@ def _residuals(name: str, primal: float, dual: float, eps: float) -> str:
 
 
 def _price_move(p: Progress) -> list[str]:
-    moved, eps = p.price_change_max_eur_per_kwh, p.eps_price_eur_per_kwh
-    if moved is None or eps is None:
+    if p.prices_settled is None:
         return []
-    colour = "green" if moved <= eps else "yellow"
+    colour = "green" if p.prices_settled else "yellow"
+    moved, eps = p.price_change_max_eur_per_kwh, p.eps_price_eur_per_kwh
     return [f"prices moved {moved:.3g} [{colour}]eps {eps:.3g}[/] EUR/kWh"]
 
 

@@ -290,6 +290,12 @@ class Progress(Message):
     excluded_sites: list[SiteId]  # on their default envelopes
     missing_sites: list[SiteId] = Field(default_factory=list)  # awaited past the iteration deadline
 
+    @property
+    def prices_settled(self) -> bool | None:
+        """Whether the price move is within its bound; None when the coordinator does not say."""
+        moved, eps = self.price_change_max_eur_per_kwh, self.eps_price_eur_per_kwh
+        return None if moved is None or eps is None else moved <= eps
+
 
 class Telemetry(Message):
     """What an edge agent reports about its site now: its net injection (scheduled or measured),
