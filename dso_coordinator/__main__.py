@@ -58,6 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-attempts", type=int)
     p.add_argument("--out", type=Path, help="write OUT/results.json")
     p.add_argument(
+        "--max-behind",
+        type=int,
+        help="bounded staleness: iterations a slow site may fall behind (default: the configuration's, 0)",
+    )
+    p.add_argument(
+        "--straggler-wait",
+        type=float,
+        help="then wait for the last proposals this many times as long as the rest took (default 1)",
+    )
+    p.add_argument(
         "--exit-after-round", action="store_true", default=None, help="stop after the day-ahead round"
     )
     rt = p.add_argument_group("the real-time day")

@@ -16,6 +16,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from dso_coordinator.checkpoint import load, save
 from dso_coordinator.results import distributed_results, realtime_results
 from dso_coordinator.settings import CoordinatorSettings
@@ -36,6 +38,7 @@ from p2pdoe.core.realtime.clock import day_start
 from p2pdoe.core.schemas.coordinator import CoordinatorConfig
 from p2pdoe.core.schemas.results import DaySummary, Results
 from p2pdoe.core.schemas.runtime import DsoStatus
+from p2pdoe.core.schemas.scenario import Admm
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.services.clock import Clock
 from p2pdoe.services.settings import ConfigError
@@ -64,6 +67,18 @@ def rules_from(settings: CoordinatorSettings) -> Rules:
     return Rules(**{n: getattr(settings, n) for n in names}, checkpoint=settings.checkpoint is not None)
 
 
+def admm_of(cfg: CoordinatorConfig, settings: CoordinatorSettings) -> Admm:
+    """The configuration's ADMM settings, with `--max-behind` in place of its own if given."""
+    if settings.max_behind is None:
+        return cfg.admm
+    staleness = cfg.admm.staleness.model_copy(update={"max_behind": settings.max_behind})
+    try:
+        return Admm.model_validate({**cfg.admm.model_dump(), "staleness": staleness.model_dump()})
+    except ValueError as exc:
+        first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise ConfigError(f"--max-behind {settings.max_behind}: {first}") from None
+
+
 def build_machine(
     cfg: CoordinatorConfig, settings: CoordinatorSettings, now: datetime, epoch: str | None = None
 ) -> CoordinatorMachine:
@@ -77,7 +92,9 @@ def build_machine(
         "default_profile": cfg.default_profile if profile is None else profile,
     }
     start = day_start(settings.start, cfg.start, cfg.dt_h, now)
-    cfg = cfg.model_copy(update={"policy": policy, "start": iso(start), **chosen})
+    cfg = cfg.model_copy(
+        update={"policy": policy, "start": iso(start), "admm": admm_of(cfg, settings), **chosen}
+    )
     feeder = feeder_of(cfg.feeder)
     try:
         defaults = default_envelopes(cfg, feeder)

@@ -31,6 +31,9 @@ class CoordinatorSettings(ServiceSettings):
     report_timeout_s: Seconds = 10.0  # wait this long for the sites' reports after the round
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3  # rounds opened before giving up
     out: Path | None = None  # write results.json here
+    # bounded staleness (docs/agreement.md): overrides the configuration's admm.staleness.max_behind
+    max_behind: Annotated[int, Field(ge=0, le=20)] | None = None
+    straggler_wait: Annotated[float, Field(gt=0, le=100)] = 1.0  # times the rest's time, then close
     exit_after_round: bool = False  # stop once the day-ahead round is done (else publish DOEs all day)
     # The real-time day (see docs/realtime.md).
     rolling: bool = False  # a round every interval over the rest of the day (else: the day-ahead DOEs)

@@ -21,6 +21,7 @@ from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen, dec
 from p2pdoe.core.schemas.scenario import ScenarioSpec
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_feeder
+from p2pdoe.services.inprocess import Lateness
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,11 @@ def drive(
     wire: bool = True,
     parts: Participants | None = None,
     max_deliveries: int = 1_000_000,
+    late: Lateness | None = None,
 ) -> Trace:
-    """Run one round to the end. `wire`: every delivery goes through encode/decode, as over MQTT."""
+    """Run one round to the end. `wire`: every delivery goes through encode/decode, as over MQTT.
+    `late`: a straggler whose proposals wait while anything else can be delivered (bounded
+    staleness); `pick` chooses among the deliveries not held back."""
     started = time.perf_counter()
     p = parts or participants(s, policy, round_id)
     trace = Trace(p)
@@ -177,10 +181,19 @@ def drive(
                 trace.outcomes[sender] = cmd.outcome
 
     post(p.dso.open_round(), DSO_ID)
+    released: set[int] = set()  # seq of the straggler's proposals let through
     while pending:
+        free = [x for x in pending if late is None or x.seq in released or not late.holds(x.message)]
+        if not free:
+            assert late is not None
+            closed = late.idle(p.dso)
+            post(closed, DSO_ID)
+            released |= set() if closed else {x.seq for x in pending}
+            continue
         trace.deliveries += 1
         assert trace.deliveries <= max_deliveries, "the round does not end"
-        item = pending.pop(pick(pending))
+        item = free[pick(free)]
+        pending.remove(item)
         message = decode(encode(item.message)) if wire else item.message
         trace.delivered.append((item.recipient, message))
         post(targets[item.recipient].handle(Received(message)), item.recipient)

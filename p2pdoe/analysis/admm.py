@@ -28,6 +28,7 @@ def residual_points(history: Sequence[IterationRecord]) -> list[r.ResidualPoint]
             reciprocity_max_kw=h.reciprocity_max_kw,
             envelope_gap_max_kw=h.envelope_gap_max_kw,
             price_change_max_eur_per_kwh=h.price_change_max_eur_per_kwh,
+            frozen_sites=list(h.frozen) or None,
         )
         for h in history
     ]

@@ -200,13 +200,16 @@ def validity(doe: Doe, now: datetime) -> str:
 def within_eps(progress: Progress) -> dict[str, bool]:
     """Per coupling, whether both residuals are within its threshold (the coordinator tests the
     dual residual against the same threshold as the primal one); and whether the prices have
-    settled, when the coordinator reports it. A round converges when every entry is true."""
+    settled, when the coordinator reports it; and, in an iteration that froze sites (bounded
+    staleness), that not every site was new. A round converges when every entry is true."""
     within = {
         "trade": max(progress.primal_trade_kw, progress.dual_trade_kw) <= progress.eps_trade_kw,
         "envelope": max(progress.primal_envelope_kw, progress.dual_envelope_kw) <= progress.eps_envelope_kw,
     }
     if progress.prices_settled is not None:
         within["prices"] = progress.prices_settled
+    if progress.frozen_sites:
+        within["every_site_new"] = False
     return within
 
 
@@ -350,6 +353,8 @@ def _progress_line(p: Progress) -> str:
         parts.append(f"excluded: {', '.join(p.excluded_sites)}")
     if p.missing_sites:
         parts.append(f"[red]missing: {', '.join(p.missing_sites)}[/]")
+    if p.frozen_sites:
+        parts.append(f"[yellow]frozen: {', '.join(p.frozen_sites)}[/]")
     return " · ".join(parts)
 
 

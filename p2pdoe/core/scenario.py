@@ -109,6 +109,14 @@ class MarketData:
 
 
 @dataclass(frozen=True)
+class StalenessSettings:
+    """See `schemas.scenario.Staleness`."""
+
+    max_behind: int = 0  # tau: the most iterations a site's couplings may stay frozen in a row
+    min_fresh_share: float = 0.5  # of the sites whose new proposals an iteration needs to close early
+
+
+@dataclass(frozen=True)
 class AndersonSettings:
     """See `schemas.scenario.Anderson` and `agreement.anderson`."""
 
@@ -134,6 +142,7 @@ class AdmmSettings:
     adapt_every: int
     adapt_until: int
     anderson: AndersonSettings = AndersonSettings()
+    staleness: StalenessSettings = StalenessSettings()
 
 
 @dataclass(frozen=True)
@@ -377,6 +386,7 @@ def admm_settings(a: spec.Admm) -> AdmmSettings:
             regularization=a.anderson.regularization,
             safeguard_factor=a.anderson.safeguard_factor,
         ),
+        staleness=StalenessSettings(a.staleness.max_behind, a.staleness.min_fresh_share),
     )
 
 

@@ -18,7 +18,7 @@ from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleL
 from p2pdoe.core.schemas import site as cfg
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig
 from p2pdoe.core.schemas.runtime import DayRanges, Registration
-from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm, Anderson
+from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm, Anderson, Staleness
 from p2pdoe.core.solution import Policy
 
 
@@ -211,6 +211,7 @@ def admm_spec(a: AdmmSettings) -> Admm:
             regularization=a.anderson.regularization,
             safeguard_factor=a.anderson.safeguard_factor,
         ),
+        staleness=Staleness(max_behind=a.staleness.max_behind, min_fresh_share=a.staleness.min_fresh_share),
     )
 
 

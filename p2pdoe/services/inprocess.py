@@ -16,7 +16,7 @@ import numpy as np
 from p2pdoe.analysis.admm import residual_points, solve_times, summed
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
-from p2pdoe.core.agreement.dso import DsoOutcome
+from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
 from p2pdoe.core.agreement.outcome import solution
 from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.agreement.setup import participants
@@ -52,7 +52,29 @@ class AdmmRun:
     ignored: dict[str, dict[str, int]]
 
 
-def run_admm(s: Scenario, policy: Policy, round_id: str = "day-ahead") -> AdmmRun:
+@dataclass
+class Lateness:
+    """A deterministic straggler for bounded-staleness rounds: every proposal of `site` arrives only
+    after the DSO has closed `closes` iterations without it, or as soon as it may close none early."""
+
+    site: str
+    closes: int
+    waited: int = 0  # iterations closed early since its proposals on their way were sent
+
+    def holds(self, message: object) -> bool:
+        return isinstance(message, Proposal) and message.sender == self.site
+
+    def idle(self, dso: DsoParticipant) -> list[Command]:
+        """Everyone else waits for the straggler: the DSO closes the iteration early, or (nothing
+        returned) the straggler's proposals arrive now."""
+        closed = dso.close_early() if self.waited < self.closes else []
+        self.waited = self.waited + 1 if closed else 0
+        return closed
+
+
+def run_admm(
+    s: Scenario, policy: Policy, round_id: str = "day-ahead", late: Lateness | None = None
+) -> AdmmRun:
     started = time.perf_counter()
     p = participants(s, policy, round_id)
     timings = Timings(community={c.site: [] for c in p.communities})
@@ -73,8 +95,24 @@ def run_admm(s: Scenario, policy: Policy, round_id: str = "day-ahead") -> AdmmRu
     opening = p.dso.open_round()
     timings.dso.append(time.perf_counter() - t0)
     post(opening, DSO_ID)
-    while bus:
-        message = decode(bus.popleft())
+    held: list[bytes] = []  # the straggler's proposals on their way
+    arrived: deque[bytes] = deque()
+    while bus or held or arrived:
+        if arrived:
+            payload = arrived.popleft()
+        elif bus:
+            payload = bus.popleft()
+            if late is not None and late.holds(decode(payload)):
+                held.append(payload)
+                continue
+        else:
+            closed = late.idle(p.dso) if late is not None else []
+            post(closed, DSO_ID)
+            if not closed:
+                arrived.extend(held)
+                held.clear()
+            continue
+        message = decode(payload)
         for name in _subscribers(message, p.communities):
             target = p.dso if name == DSO_ID else by_site[name]
             t0 = time.perf_counter()

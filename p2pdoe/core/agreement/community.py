@@ -10,18 +10,21 @@ again, or stops if the grant says the round is over.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from p2pdoe.core.agreement.anderson import mixed
-from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step
+from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step, kept_rows
 from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS, SETTLE_EPS, LocalSolver
 from p2pdoe.core.agreement.protocol import (
     DUPLICATE,
     INVALID,
     NO_ROUND,
     ROUND_OVER,
+    STALE,
+    TOO_EARLY,
     UNKNOWN_SENDER,
     Command,
     Finished,
@@ -40,6 +43,8 @@ from p2pdoe.core.schemas.messages import (
     TradeProposal,
 )
 from p2pdoe.core.solution import Schedule, schedule_from_z
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,67 @@ def _warm_envelope(open_: RoundOpen, site: str) -> tuple[Agreed, Agreed]:
     )
 
 
+@dataclass
+class _Ledger:
+    """Bounded-staleness bookkeeping (a round with `max_behind` > 0): the grants, handled strictly in
+    order, and each peer's proposals by label until used. A site's proposal answers the grant it was
+    last used at (label = that iteration + 1); a grant that freezes a site uses none of its proposals."""
+
+    sites: tuple[str, ...]  # the peers, then this site
+    max_behind: int
+    grant: int = 0  # the iteration of the next grant to handle
+    grants: dict[int, Grant] = field(default_factory=dict)
+    proposals: dict[str, dict[int, Proposal]] = field(default_factory=dict)
+    used_at: dict[str, int] = field(default_factory=dict)  # per site, -1 before its first use
+
+    def __post_init__(self) -> None:
+        self.proposals = {site: {} for site in self.sites[:-1]}
+        self.used_at = dict.fromkeys(self.sites, -1)
+
+    def offer(self, msg: Proposal | Grant) -> str | None:
+        """Keep a message, or say why not (a key of `Inbox.ignored`)."""
+        if isinstance(msg, Grant):
+            if msg.iteration > self.grant + self.max_behind + 1:
+                return TOO_EARLY
+            return self._keep(self.grants, msg.iteration, msg)
+        if msg.iteration <= self.used_at[msg.sender]:
+            return STALE
+        if msg.iteration > self.grant + self.max_behind + 1:  # a peer may be as far ahead
+            return TOO_EARLY
+        return self._keep(self.proposals[msg.sender], msg.iteration, msg)
+
+    @staticmethod
+    def _keep(box: dict[int, M], key: int, msg: M) -> str | None:
+        if key in box:
+            return DUPLICATE
+        box[key] = msg
+        return None
+
+    def ready(self, extra: Proposal | Grant | None = None) -> Grant | None:
+        """The next grant, if it and every proposal it uses are in (counting `extra` as in)."""
+        g = self.grants.get(self.grant)
+        if g is None and isinstance(extra, Grant) and extra.iteration == self.grant:
+            g = extra
+        if g is None:
+            return None
+        for peer in self.sites[:-1]:
+            label = self.used_at[peer] + 1
+            extra_is_it = isinstance(extra, Proposal) and extra.sender == peer and extra.iteration == label
+            if peer not in g.frozen and label not in self.proposals[peer] and not extra_is_it:
+                return None
+        return g
+
+    def take(self, g: Grant) -> dict[str, Proposal]:
+        """Hand over grant g's proposals (one per peer it does not freeze) and move to the next."""
+        fresh = [site for site in self.sites if site not in g.frozen]
+        taken = {p: self.proposals[p].pop(self.used_at[p] + 1) for p in fresh if p in self.proposals}
+        for site in fresh:
+            self.used_at[site] = g.iteration
+        del self.grants[g.iteration]
+        self.grant += 1
+        return taken
+
+
 class _Round:
     """Per-round state: the agreed values and prices of every coupling this community holds."""
 
@@ -123,6 +189,7 @@ class _Round:
         self.final_solve = ""
         self.osqp_iterations: list[int] = []
         self.inbox: Inbox[Proposal | Grant] = Inbox(frozenset())
+        self.ledger: _Ledger | None = None  # bounded staleness (None: every iteration complete)
         self.sent: list[Proposal] = []  # the last two proposals, sent again when the DSO repeats itself
         self.memory = open_.admm.anderson_memory
         # the last updates of (buy, sell, lo, up), which a grant's Anderson weights mix
@@ -168,6 +235,11 @@ class CommunityParticipant:
         r = self._round
         if isinstance(msg, RoundOpen) or r is None or msg.round != r.id:
             return isinstance(msg, RoundOpen)
+        if isinstance(msg, Grant) and msg.recipient != self.site:
+            return False
+        if r.ledger is not None:
+            g = r.ledger.ready(msg)
+            return g is not None and (self.site not in g.frozen or g.status != "running")
         inbox = r.inbox
         if msg.iteration != inbox.iteration or msg.sender in inbox.current:
             return False
@@ -191,6 +263,8 @@ class CommunityParticipant:
         if not _fits_round(r, msg):
             self._ignored[INVALID] += 1
             return []
+        if r.ledger is not None:
+            return self._offer_late(r, r.ledger, msg)
         repeated = isinstance(msg, Grant) and _seen(r.inbox, msg.iteration)
         r.inbox.offer(msg.sender, msg.iteration, msg)
         if repeated:  # the coordinator repeats itself when a proposal is missing: send ours again
@@ -224,16 +298,20 @@ class CommunityParticipant:
             self._ignored.update(self._round.inbox.ignored)
         r = _Round(msg, self.site, self.peer_ids)
         r.inbox = Inbox(frozenset(self.peer_ids) | {DSO_ID})
+        if msg.admm.max_behind:
+            r.ledger = _Ledger((*self.peer_ids, self.site), msg.admm.max_behind)
         self._round = r
         self._solver = LocalSolver(self.qp, self._rho_diagonal(r))
-        out: list[Command] = [self._solve_and_propose(r)]
+        out: list[Command] = [self._solve_and_propose(r, 0)]
         early, self._early = [m for m in self._early if m.round == r.id], []
         for m in early:
-            if _fits_round(r, m):
-                r.inbox.offer(m.sender, m.iteration, m)
-            else:
+            if not _fits_round(r, m):
                 self._ignored[INVALID] += 1
-        return out + self._step_while_complete(r)
+            elif r.ledger is not None:
+                self._ignored.update(filter(None, [r.ledger.offer(m)]))
+            else:
+                r.inbox.offer(m.sender, m.iteration, m)
+        return out + (self._step_while_ready(r, r.ledger) if r.ledger else self._step_while_complete(r))
 
     def _again(self, r: _Round) -> list[Command]:
         """The last two proposals once more (the same numbers: no solve), for a coordinator or a peer
@@ -256,6 +334,40 @@ class CommunityParticipant:
         self._finished.add(r.id)
         self._round = None
 
+    def _offer_late(self, r: _Round, ledger: _Ledger, msg: Proposal | Grant) -> list[Command]:
+        if isinstance(msg, Grant) and msg.iteration < ledger.grant:
+            return self._again(r)  # a repeat: the coordinator misses a proposal
+        why = ledger.offer(msg)
+        if why is not None:
+            r.inbox.ignored[why] += 1
+            return []
+        return self._step_while_ready(r, ledger)
+
+    def _step_while_ready(self, r: _Round, ledger: _Ledger) -> list[Command]:
+        """Bounded staleness: every grant in order, each once the proposals it uses are in. A grant
+        that freezes this site moves none of its couplings and asks for no new proposal."""
+        out: list[Command] = []
+        while (grant := ledger.ready()) is not None:
+            mine = self.site not in grant.frozen
+            proposals = ledger.take(grant)
+            if mine:
+                self._update(r, proposals, grant)
+            if grant.status != "running":
+                self._settle(r)
+                out.append(Finished(self._outcome(r, grant.status, grant.iteration + 1)))
+                self._close(r)
+                break
+            if mine:
+                self._set_rho(r, grant)
+                out.append(self._solve_and_propose(r, grant.iteration + 1))
+        return out
+
+    def _set_rho(self, r: _Round, grant: Grant) -> None:
+        r.rho_trade = grant.next_rho_trade_eur_per_kw2h
+        r.rho_envelope = grant.next_rho_envelope_eur_per_kw2h
+        assert self._solver is not None
+        self._solver.set_rho(self._rho_diagonal(r))
+
     def _step_while_complete(self, r: _Round) -> list[Command]:
         out: list[Command] = []
         while r.inbox.complete:
@@ -269,11 +381,8 @@ class CommunityParticipant:
                 out.append(Finished(self._outcome(r, grant.status, iteration + 1)))
                 self._close(r)
                 break
-            r.rho_trade = grant.next_rho_trade_eur_per_kw2h
-            r.rho_envelope = grant.next_rho_envelope_eur_per_kw2h
-            assert self._solver is not None
-            self._solver.set_rho(self._rho_diagonal(r))
-            out.append(self._solve_and_propose(r))
+            self._set_rho(r, grant)
+            out.append(self._solve_and_propose(r, iteration + 1))
         return out
 
     # --- the maths -------------------------------------------------------------------------------
@@ -300,12 +409,13 @@ class CommunityParticipant:
             q[lay.block("up")] += augmented_linear(r.up.price, r.up.y, rho_e, first=True)
         return q
 
-    def _solve_and_propose(self, r: _Round) -> Publish:
+    def _solve_and_propose(self, r: _Round, label: int) -> Publish:
+        """Solve and propose; `label`: the grant the proposal answers plus 1."""
         assert self._solver is not None
         result = self._solver.solve(self._linear_term(r))
         r.z = result.z
         r.osqp_iterations.append(result.iterations)
-        proposal = self._proposal(r, r.inbox.iteration)
+        proposal = self._proposal(r, label)
         r.sent = [*r.sent[-1:], proposal]
         return Publish(proposal)
 
@@ -322,19 +432,29 @@ class CommunityParticipant:
         return Proposal(round=r.id, iteration=iteration, sender=self.site, trades=trades, envelope=envelope)
 
     def _update(self, r: _Round, proposals: dict[str, Proposal], grant: Grant) -> None:
-        """Every coupling of this community, from its own last proposal and its counterparts'."""
+        """Every coupling of this community, from its own last proposal and its counterparts'. A peer
+        without a proposal here (frozen by the grant) keeps its couplings with this site as they are."""
         assert r.z is not None
         lay, z = self.qp.layout, r.z
         mine_buy = np.array([z[lay.buy(k)] for k in range(len(self.peer_ids))]).reshape(r.buy.y.shape)
         mine_sell = np.array([z[lay.sell(k)] for k in range(len(self.peer_ids))]).reshape(r.sell.y.shape)
-        theirs_sell = np.array([_entry(proposals[p], self.site).sell_kw for p in self.peer_ids])
-        theirs_buy = np.array([_entry(proposals[p], self.site).buy_kw for p in self.peer_ids])
-        theirs_sell = theirs_sell.reshape(r.buy.y.shape)
-        theirs_buy = theirs_buy.reshape(r.sell.y.shape)
+        frozen = [k for k, p in enumerate(self.peer_ids) if p not in proposals]
+        theirs_sell = np.array(
+            [
+                _entry(proposals[p], self.site).sell_kw if p in proposals else r.buy.y[k]
+                for k, p in enumerate(self.peer_ids)
+            ]
+        ).reshape(r.buy.y.shape)
+        theirs_buy = np.array(
+            [
+                _entry(proposals[p], self.site).buy_kw if p in proposals else r.sell.y[k]
+                for k, p in enumerate(self.peer_ids)
+            ]
+        ).reshape(r.sell.y.shape)
         rho_t = r.rho_trade * r.dt_h
         # canonical order: buyer's copy first, as the peer computes it
-        r.buy = consensus_step(mine_buy, theirs_sell, r.buy, rho_t, r.alpha)
-        r.sell = consensus_step(theirs_buy, mine_sell, r.sell, rho_t, r.alpha)
+        r.buy = kept_rows(consensus_step(mine_buy, theirs_sell, r.buy, rho_t, r.alpha), r.buy, frozen)
+        r.sell = kept_rows(consensus_step(theirs_buy, mine_sell, r.sell, rho_t, r.alpha), r.sell, frozen)
         if r.lo is not None and r.up is not None:
             mine = grant.envelope
             assert mine is not None  # checked on arrival against the round

@@ -32,6 +32,15 @@ def consensus_step(a: FloatArray, b: FloatArray, prev: Agreed, rho: float, alpha
     return Agreed(y=0.5 * (a_rel + b_rel), price=prev.price + 0.5 * rho * (a_rel - b_rel))
 
 
+def kept_rows(new: Agreed, old: Agreed, rows: list[int]) -> Agreed:
+    """`new`, except that `rows` keep their old values and prices (couplings frozen this iteration)."""
+    if not rows:
+        return new
+    y, price = new.y.copy(), new.price.copy()
+    y[rows], price[rows] = old.y[rows], old.price[rows]
+    return Agreed(y, price)
+
+
 def augmented_linear(price: FloatArray, y: FloatArray, rho: float, first: bool) -> FloatArray:
     """The linear term a party adds for its copy (the Hessian gets +rho on the same entries)."""
     return (price if first else -price) - rho * y

@@ -24,6 +24,7 @@ from p2pdoe.core.agreement.coupling import (
     Residuals,
     ResidualSums,
     consensus_step,
+    kept_rows,
     rebalanced_rho,
     residual_sums,
     residuals,
@@ -68,6 +69,7 @@ class IterationRecord:
     reciprocity_max_kw: float  # max |buy - sell| over every pair and interval
     envelope_gap_max_kw: float  # max |request - grant|
     price_change_max_eur_per_kwh: float = 0.0  # the most any trade or envelope price moved
+    frozen: tuple[str, ...] = ()  # sites whose couplings kept their values (bounded staleness)
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,9 @@ class _State:
         self.weights: list[float] | None = None  # Anderson's, for the next state (None: plain step)
         self.inbox: Inbox[_Parsed] = Inbox(frozenset(plan.sites))
         self.finished = False
+        # bounded staleness: per site, the iteration its proposal was last used at, and that proposal
+        self.used_at = dict.fromkeys(plan.sites, -1)
+        self.last_used: dict[str, _Parsed] = {}
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,8 @@ class DsoParticipant:
         problem = warm_plan_problem(plan, horizon)
         if problem is not None:
             raise ValueError(problem)
+        if settings.staleness.max_behind and settings.anderson.memory:
+            raise ValueError("bounded staleness needs Anderson acceleration off")
         self.plan = plan
         self.horizon = horizon
         self.settings = settings
@@ -287,9 +294,41 @@ class DsoParticipant:
     def may_step(self, msg: Proposal) -> bool:
         """Whether handling `msg` may run an iteration's step (it completes the current iteration)."""
         inbox = self._s.inbox
-        if self._s.finished or msg.round != self.plan.round or msg.iteration != inbox.iteration:
+        if self._s.finished or msg.round != self.plan.round or msg.sender not in self._index:
+            return False
+        if self._iteration_of(msg.sender, msg.iteration) != inbox.iteration:
             return False
         return msg.sender not in inbox.current and len(inbox.expected - inbox.current.keys()) == 1
+
+    def _iteration_of(self, site: str, label: int) -> int:
+        """The iteration a proposal counts for: its own, or with bounded staleness the current one for
+        a site whose proposal answers the grant it was last used at (it arrives late)."""
+        st = self._s
+        late = self.settings.staleness.max_behind and label == st.used_at[site] + 1 < st.inbox.iteration
+        return st.inbox.iteration if late else label
+
+    def may_close_early(self) -> bool:
+        """Whether the iteration may close now without the sites still missing (bounded staleness):
+        enough sites have proposed, and none of the missing ones would be frozen for more than
+        `max_behind` iterations in a row. Complete iterations close by themselves."""
+        st, rule = self._s, self.settings.staleness
+        missing = self.waiting_for()
+        if not rule.max_behind or not missing or len(missing) == len(self.plan.sites):
+            return False
+        fresh = len(self.plan.sites) - len(missing)
+        if fresh < rule.min_fresh_share * len(self.plan.sites):
+            return False
+        k = st.inbox.iteration
+        return all(k - st.used_at[site] <= rule.max_behind for site in missing)
+
+    def close_early(self) -> list[Command]:
+        """Close the current iteration with the proposals in (see `may_close_early`): the missing
+        sites' couplings keep their values and prices, and their grants say so."""
+        if not self.may_close_early():
+            return []
+        st = self._s
+        iteration = st.inbox.iteration
+        return self._iterate(iteration, st.inbox.advance())
 
     def open_round(self) -> list[Command]:
         self._project(accurate=True)  # from a warm start the first target is far from the last one
@@ -309,6 +348,7 @@ class DsoParticipant:
                         over_relaxation=s.over_relaxation,
                         max_iterations=s.max_iterations,
                         anderson_memory=s.anderson.memory,
+                        max_behind=s.staleness.max_behind,
                     ),
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
                     warm_start=self.plan.warm,
@@ -346,7 +386,7 @@ class DsoParticipant:
                 "round %s: implausible proposal from %s refused: %s", self.plan.round, msg.sender, why
             )
             return []
-        st.inbox.offer(msg.sender, msg.iteration, parsed)
+        st.inbox.offer(msg.sender, self._iteration_of(msg.sender, msg.iteration), parsed)
         if not st.inbox.complete:
             return []
         iteration = st.inbox.iteration
@@ -375,28 +415,42 @@ class DsoParticipant:
     def _iterate(self, iteration: int, proposals: dict[str, _Parsed]) -> list[Command]:
         st = self._s
         before = None if self._accelerator is None else self._state_vector()  # Anderson's x_k
-        record = self._update(iteration, proposals)
+        frozen = [site for site in self.plan.sites if site not in proposals]
+        record = self._update(iteration, self._used(iteration, proposals))
         st.history.append(record)
-        status = self._verdict(record, iteration)
+        status = self._verdict(record, iteration, every_new=not frozen)
         if status == "running":
             if before is not None:
                 self._accelerate(before)
-            self._adapt_rho(record, iteration)
-        grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record)]
+            if not frozen:  # a frozen site solved with the rho it was last used with
+                self._adapt_rho(record, iteration)
+        grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record, frozen)]
         if status != "running":
             st.finished = True
             return [*grants, Finished(self._outcome(status, iteration + 1))]
         self._project()
         return grants
 
-    def _update(self, iteration: int, proposals: dict[str, _Parsed]) -> IterationRecord:
+    def _used(self, iteration: int, proposals: dict[str, _Parsed]) -> dict[str, _Parsed | None]:
+        """Every site's proposal for the update: the new ones, else (frozen) the last one used."""
+        st = self._s
+        for site in proposals:
+            st.used_at[site] = iteration
+        st.last_used.update(proposals)
+        return {site: proposals.get(site, st.last_used.get(site)) for site in self.plan.sites}
+
+    def _update(self, iteration: int, proposals: dict[str, _Parsed | None]) -> IterationRecord:
+        """One step of every coupling; those of a frozen site (its proposal not new, or None) keep
+        their values and prices."""
         st, dt, alpha = self._s, self.plan.dt_h, self.settings.over_relaxation
-        ordered = [proposals[site] for site in self.plan.sites]
+        frozen = [c for c, site in enumerate(self.plan.sites) if st.used_at[site] != iteration]
+        ordered = [proposals[site] or self._agreed_as_proposal(c) for c, site in enumerate(self.plan.sites)]
         shape = st.trades.y.shape
         buy = np.concatenate([p.buy for p in ordered]).reshape(shape)
         sell = np.concatenate([p.sell for p in ordered]).reshape(shape)[st.reverse]
         rho_t = st.rho_trade * dt
-        new_trades = consensus_step(buy, sell, st.trades, rho_t, alpha)
+        stale_links = [i for i, (b, s) in enumerate(st.links) if b in frozen or s in frozen]
+        new_trades = kept_rows(consensus_step(buy, sell, st.trades, rho_t, alpha), st.trades, stale_links)
         trade_sums = residual_sums(buy, sell, st.trades, new_trades, rho_t) if st.links else ResidualSums()
         moved = _price_change(st.trades, new_trades)
         st.trades = new_trades
@@ -405,8 +459,8 @@ class DsoParticipant:
             req_lo = np.array([p.lo for p in ordered])
             req_up = np.array([p.up for p in ordered])
             rho_e = st.rho_envelope * dt
-            new_lo = consensus_step(req_lo, st.grant.lo, st.lo, rho_e, alpha)
-            new_up = consensus_step(req_up, st.grant.up, st.up, rho_e, alpha)
+            new_lo = kept_rows(consensus_step(req_lo, st.grant.lo, st.lo, rho_e, alpha), st.lo, frozen)
+            new_up = kept_rows(consensus_step(req_up, st.grant.up, st.up, rho_e, alpha), st.up, frozen)
             env_sums = residual_sums(req_lo, st.grant.lo, st.lo, new_lo, rho_e) + residual_sums(
                 req_up, st.grant.up, st.up, new_up, rho_e
             )
@@ -423,7 +477,18 @@ class DsoParticipant:
             reciprocity_max_kw=float(np.abs(buy - sell).max(initial=0.0)),
             envelope_gap_max_kw=gap,
             price_change_max_eur_per_kwh=moved / dt,
+            frozen=tuple(self.plan.sites[c] for c in frozen),
         )
+
+    def _agreed_as_proposal(self, c: int) -> _Parsed:
+        """A site never used yet, frozen: its couplings' agreed values stand in for its proposal."""
+        st = self._s
+        rows = [i for i, (b, _) in enumerate(st.links) if b == c]
+        buy = st.trades.y[rows]
+        sell = st.trades.y[[int(st.reverse[i]) for i in rows]]
+        lo = None if st.grant is None else st.lo.y[c]
+        up = None if st.grant is None else st.up.y[c]
+        return _Parsed(buy, sell, lo, up)
 
     def _state_vector(self) -> FloatArray:
         """Every coupling's value and price / rho (kW), the point Anderson's residuals are taken at."""
@@ -452,9 +517,10 @@ class DsoParticipant:
             st.lo = mixed([u[1] for u in st.updates], st.weights)
             st.up = mixed([u[2] for u in st.updates], st.weights)
 
-    def _verdict(self, record: IterationRecord, iteration: int) -> Status:
+    def _verdict(self, record: IterationRecord, iteration: int, every_new: bool = True) -> Status:
+        """Converged only in an iteration that used a new proposal of every site."""
         prices_settled = record.price_change_max_eur_per_kwh <= self.settings.eps_price
-        if record.trade.converged and record.envelope.converged and prices_settled:
+        if every_new and record.trade.converged and record.envelope.converged and prices_settled:
             return "converged"
         if self._stop_requested:
             return "stopped"
@@ -485,7 +551,9 @@ class DsoParticipant:
 
     # --- messages and outcome --------------------------------------------------------------------
 
-    def _grants(self, iteration: int, status: Status, record: IterationRecord) -> list[Grant]:
+    def _grants(
+        self, iteration: int, status: Status, record: IterationRecord, frozen: list[str]
+    ) -> list[Grant]:
         """One grant per site of the round, each with that site's envelope alone."""
         st, dt = self._s, self.plan.dt_h
         residuals = ResidualReport(
@@ -518,6 +586,7 @@ class DsoParticipant:
                 next_rho_trade_eur_per_kw2h=st.rho_trade,
                 next_rho_envelope_eur_per_kw2h=st.rho_envelope,
                 anderson_weights=st.weights if status == "running" else None,
+                frozen=frozen,
             )
             for site, envelope in zip(self.plan.sites, envelopes, strict=True)
         ]

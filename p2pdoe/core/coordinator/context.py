@@ -29,6 +29,7 @@ class Rules:
     rolling: bool = False
     rolling_stop_fraction: float = 0.5
     rolling_max_iterations: int = 200
+    straggler_wait: float = 1.0  # bounded staleness: wait for the last proposals this times the rest's
     meter_step_s: float = 5.0
     hours: float | None = None
     exit_after_day: bool = False

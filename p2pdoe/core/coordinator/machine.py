@@ -40,7 +40,7 @@ from p2pdoe.core.coordinator.plausible import reading_problem, report_problem, s
 from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rolling import REPORTS as ROLLING_REPORTS
 from p2pdoe.core.coordinator.rolling import Rolling
-from p2pdoe.core.coordinator.rounds import ITERATION, Agreement, RoundRun, Timings
+from p2pdoe.core.coordinator.rounds import ITERATION, STRAGGLERS, Agreement, RoundRun, Timings
 from p2pdoe.core.coordinator.sites import SiteRegistry
 from p2pdoe.core.coordinator.standing import Standing, standing_from
 from p2pdoe.core.cpu import NO_CPU, CpuClocks
@@ -282,6 +282,9 @@ class CoordinatorMachine:
             return self._registered(now)
         if key == ITERATION and self.phase is Phase.AGREEING:
             return self._attempt_lost(now)
+        if key == STRAGGLERS and self.phase is Phase.AGREEING:
+            out: list[Command] = list(self._run().close_early(now))
+            return out + self._round_over(now) if self._run().outcome is not None else out
         if key == REPORTS and self.phase is Phase.REPORTING:
             missing = sorted(set(self._run().setup.sites) - set(self.reports))
             again = self._run().repeat()  # the final grant once more: a site may not have had it
@@ -296,6 +299,8 @@ class CoordinatorMachine:
             return self._day_over(now)
         if self.rolling is not None and key == ITERATION:
             return list(self.rolling.iteration_over(now))
+        if self.rolling is not None and key == STRAGGLERS:
+            return list(self.rolling.stragglers_waited(now))
         if self.rolling is not None and key == ROLLING_REPORTS:
             return list(self.rolling.reports_over())
         return []
@@ -341,9 +346,16 @@ class CoordinatorMachine:
             )  # fmt: skip
         except Exception as exc:  # e.g. no safe envelopes: the day cannot be agreed
             return self._no_day_ahead(now, f"round {round_id} could not be set up: {exc}")
-        self.run = RoundRun(setup, self.timings, ctx.rules.iteration_timeout_s, self.stopwatch, self.cpu)
+        self.run = RoundRun(
+            setup,
+            self.timings,
+            ctx.rules.iteration_timeout_s,
+            self.stopwatch,
+            self.cpu,
+            ctx.rules.straggler_wait,
+        )
         log.info("round %s opened: %d sites, %d on defaults", round_id, len(setup.sites), len(setup.excluded))
-        return [self.status(now, round_id), *self.run.open(), *sweep()]
+        return [self.status(now, round_id), *self.run.open(now), *sweep()]
 
     def _statuses(self) -> list[str]:
         return [a.status for a in self.attempts]
@@ -371,7 +383,7 @@ class CoordinatorMachine:
         run = self.run
         if self.phase is Phase.AGREEING and run is not None and msg.round == run.id:
             self.timings.codec_cpu_s += self.cpu.thread() - c0
-            out: list[Command] = list(run.proposal(msg, len(m.payload)))
+            out: list[Command] = list(run.proposal(msg, len(m.payload), now))
             return out + self._round_over(now) if run.outcome is not None else out
         return [] if self.rolling is None else list(self.rolling.proposal(msg, len(m.payload), now))
 

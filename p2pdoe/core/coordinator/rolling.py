@@ -15,7 +15,7 @@ counted and shown on the coordinator's status, and never ends the service.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -134,8 +134,15 @@ class Rolling:
         except Exception as exc:  # an infeasible or broken round never ends the service
             return out + self._failed(now, f"its round could not be set up: {exc}")
         cur.stop_at = now + timedelta(seconds=min(budget, left - guard))
-        cur.run = RoundRun(cur.setup, Timings(), ctx.rules.iteration_timeout_s, self.stopwatch)
-        return out + list(cur.run.open()) + sweep()
+        rules = ctx.rules
+        cur.run = RoundRun(
+            cur.setup,
+            Timings(),
+            rules.iteration_timeout_s,
+            self.stopwatch,
+            straggler_wait=rules.straggler_wait,
+        )
+        return out + list(cur.run.open(now)) + sweep()
 
     def _setup(self, t: int, round_id: str, ready: set[str], regs: dict[str, Registration]) -> RoundSetup:
         ctx, prev = self.ctx, self.standing
@@ -159,8 +166,21 @@ class Rolling:
         cur = self.current
         if cur is None or cur.run is None or msg.round != cur.round_id or cur.run.outcome is not None:
             return []
+        return self._stepped(cur, lambda run: run.proposal(msg, size, now), now)
+
+    def stragglers_waited(self, now: datetime) -> list[Effect]:
+        """The wait for an iteration's last proposals is over: it closes without them if it may."""
+        cur = self.current
+        if cur is None or cur.run is None or cur.run.outcome is not None:
+            return []
+        return self._stepped(cur, lambda run: run.close_early(now), now)
+
+    def _stepped(
+        self, cur: _Interval, step: Callable[[RoundRun], Sequence[Effect]], now: datetime
+    ) -> list[Effect]:
+        assert cur.run is not None
         try:
-            out: list[Effect] = list(cur.run.proposal(msg, size))
+            out: list[Effect] = list(step(cur.run))
         except Exception as exc:  # a failed projection never ends the service
             return [cur.run.withdraw(), Relieve(ITERATION), *self._failed(now, f"its round failed: {exc}")]
         if cur.run.outcome is not None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from p2pdoe.core import topics
 from p2pdoe.core.agreement.coordination import RoundSetup
 from p2pdoe.core.agreement.dso import DsoOutcome
-from p2pdoe.core.agreement.protocol import Finished, Publish, Received
+from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.cpu import NO_CPU, CpuClocks
 from p2pdoe.core.effects import Patience, Relieve, Send
 from p2pdoe.core.reader import topic_of
@@ -19,7 +20,9 @@ from p2pdoe.core.schemas.results import Attempt, MarketOutcome
 from p2pdoe.core.schemas.runtime import Progress, Registration, SiteReport
 
 ITERATION = "iteration"  # the patience key of an iteration's proposals
+STRAGGLERS = "stragglers"  # the patience key of the wait for an iteration's last proposals
 Effect = Send | Patience | Relieve
+MIN_STRAGGLER_WAIT_S = 0.001
 
 
 @dataclass
@@ -65,7 +68,10 @@ class RoundRun:
         patience_s: float,
         stopwatch: Callable[[], float],
         cpu: CpuClocks = NO_CPU,
+        straggler_wait: float = 1.0,
     ):
+        """`straggler_wait`: with bounded staleness, once an iteration may close without the sites
+        still missing, wait this many times as long as the iteration had taken until then."""
         self.setup = setup
         self.cpu = cpu
         self._cpu_open = cpu.process()
@@ -77,13 +83,32 @@ class RoundRun:
         self._t_round = self._t_iter = stopwatch()
         self._last: list[Send] = []  # the opening, or the latest grants (one per site)
         self._repeated: list[Send] = []  # the ones already sent a second time
+        self.straggler_wait = straggler_wait
+        self._iteration_start: datetime | None = None  # on the event-loop clock
+        self._waiting_at = -1  # the iteration whose stragglers are being waited for
+
+    def close_early(self, now: datetime) -> list[Effect]:
+        """The wait for the stragglers is over: close the iteration without them, if still allowed."""
+        if self.outcome is not None or self._waiting_at != self.dso.iteration:
+            return []
+        return self._handled(self.dso.close_early, now)
+
+    def _straggler_patience(self, now: datetime) -> list[Effect]:
+        """Once the iteration may close early: how long to wait for the rest (once per iteration)."""
+        k = self.dso.iteration
+        if self._waiting_at == k or self._iteration_start is None or not self.dso.may_close_early():
+            return []
+        self._waiting_at = k
+        elapsed = (now - self._iteration_start).total_seconds()
+        return [Patience(STRAGGLERS, max(self.straggler_wait * elapsed, MIN_STRAGGLER_WAIT_S))]
 
     @property
     def id(self) -> str:
         return self.dso.plan.round
 
-    def open(self) -> list[Effect]:
+    def open(self, now: datetime | None = None) -> list[Effect]:
         """The opening (retained) and the first iteration's patience."""
+        self._iteration_start = now
         self._t_round = self._t_iter = self.stopwatch()
         self._cpu_open = self.cpu.process()
         sends = [
@@ -104,14 +129,23 @@ class RoundRun:
         self._repeated = self._last
         return [*self._last, Patience(ITERATION, self.patience_s)]
 
-    def proposal(self, msg: Proposal, size: int) -> list[Effect]:
+    def proposal(self, msg: Proposal, size: int, now: datetime | None = None) -> list[Effect]:
         self.timings.proposals += 1
         self.timings.proposal_bytes += size
+        return self._handled(lambda: self.dso.handle(Received(msg)), now)
+
+    def _handled(self, step: Callable[[], list[Command]], now: datetime | None) -> list[Effect]:
+        """What the DSO's answer to a proposal (or to the end of a wait) sends."""
         t0, c0 = self.stopwatch(), self.cpu.thread()
-        commands = self.dso.handle(Received(msg))
+        commands = step()
         self.timings.dso_cpu_s += self.cpu.thread() - c0
         grants = [c.message for c in commands if isinstance(c, Publish) and isinstance(c.message, Grant)]
         out: list[Effect] = self._granted(grants, self.stopwatch() - t0) if grants else []
+        if grants:
+            self._iteration_start = now
+            out.append(Relieve(STRAGGLERS))
+        elif now is not None:
+            out += self._straggler_patience(now)
         for cmd in commands:
             if isinstance(cmd, Finished) and isinstance(cmd.outcome, DsoOutcome):
                 self.outcome = cmd.outcome
@@ -151,6 +185,7 @@ class RoundRun:
             eps_price_eur_per_kwh=self.dso.settings.eps_price,
             sites=list(self.setup.sites),
             excluded_sites=list(self.setup.excluded),
+            frozen_sites=grant.frozen,
         )
         return Send(topics.DSO_PROGRESS, msg.model_dump_json().encode(), qos=0, retain=True)
 

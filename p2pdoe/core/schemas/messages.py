@@ -19,6 +19,7 @@ from p2pdoe.core.schemas.wire import checked_json
 MESSAGE_SCHEMA_VERSION = 1
 DSO_ID = "dso"
 MAX_ANDERSON_MEMORY = 20
+MAX_BEHIND = 20
 
 SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 RoundId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
@@ -39,6 +40,8 @@ class AdmmParameters(Message):
     max_iterations: Annotated[int, Field(ge=1)]
     # Anderson acceleration: how many past updates a grant's weights may reach back (0: none)
     anderson_memory: Annotated[int, Field(ge=0, le=MAX_ANDERSON_MEMORY)] = 0
+    # bounded staleness: the most iterations in a row a site's couplings may stay frozen (0: none)
+    max_behind: Annotated[int, Field(ge=0, le=MAX_BEHIND)] = 0
 
 
 class WarmTrade(Message):
@@ -227,6 +230,9 @@ class Grant(Message):
         ]
         | None
     ) = None
+    # the sites whose proposals this iteration did not use (bounded staleness): their couplings keep
+    # their values and prices; a site's next proposal used answers the grant it was last used at
+    frozen: list[SiteId] = []
 
 
 AgreementMessage = Annotated[RoundOpen | Proposal | Grant, Field(discriminator="kind")]

@@ -136,6 +136,7 @@ class ResidualPoint(Model):
     reciprocity_max_kw: float  # max |buy - sell| over the pairs' proposals
     envelope_gap_max_kw: float  # max |request - grant|
     price_change_max_eur_per_kwh: float = 0.0  # the most any price moved; the round stops within eps_price
+    frozen_sites: list[str] | None = None  # closed without their new proposals (bounded staleness)
 
 
 class SolveTimes(Model):

@@ -289,6 +289,8 @@ class Progress(Message):
     sites: list[SiteId]  # taking part in this round
     excluded_sites: list[SiteId]  # on their default envelopes
     missing_sites: list[SiteId] = Field(default_factory=list)  # awaited past the iteration deadline
+    # closed without their new proposals (bounded staleness): their couplings did not move
+    frozen_sites: list[SiteId] = Field(default_factory=list)
 
     @property
     def prices_settled(self) -> bool | None:

@@ -195,6 +195,15 @@ class Anderson(Model):
     safeguard_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
 
+class Staleness(Model):
+    """Bounded-staleness rounds (docs/agreement.md): the DSO may close an iteration without a site's
+    proposal, freezing that site's couplings, once `min_fresh_share` of the sites have proposed and no
+    site is more than `max_behind` iterations behind. 0: every iteration waits for every site."""
+
+    max_behind: Annotated[int, Field(ge=0, le=20)] = 0
+    min_fresh_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
 class Admm(Model):
     """The decentralized agreement's settings. rho is per hour of interval (scaled by dt_h), in
     EUR/(kW^2 h); tolerances in kW (Boyd's l2 criteria, scaled by the square root of the number of
@@ -210,6 +219,13 @@ class Admm(Model):
     max_iterations: Annotated[int, Field(ge=1, le=100000)] = 2000
     adaptive_rho: AdaptiveRho = AdaptiveRho()
     anderson: Anderson = Anderson()
+    staleness: Staleness = Staleness()
+
+    @model_validator(mode="after")
+    def _no_anderson_with_staleness(self) -> Admm:
+        if self.staleness.max_behind and self.anderson.memory:
+            raise ValueError("staleness.max_behind > 0 needs anderson.memory 0")
+        return self
 
 
 class Asset(Model):
