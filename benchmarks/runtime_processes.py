@@ -18,6 +18,8 @@ loopback port (the embedded broker if Mosquitto is missing). All processes share
 (tests/delay_proxy.py), as a DSO far from the broker; the edge agents stay on loopback.
 `--slow-site-ms D` makes the scenario's first site a straggler: its agent answers every step that
 solves D ms late (the agent's `--solve-delay-ms`, a gateway slower than its peers).
+`--max-behind T [--straggler-wait F]` runs bounded-staleness rounds (the coordinator's options of the
+same names): the last column counts the iterations that closed without some site's new proposal.
 """
 
 from __future__ import annotations
@@ -119,7 +121,12 @@ def delayed(url: str, delay_ms: float) -> Iterator[str]:
 
 
 def distributed(
-    scenario: str, url: str, work: Path, coordinator_url: str | None = None, slow_site_ms: float = 0.0
+    scenario: str,
+    url: str,
+    work: Path,
+    coordinator_url: str | None = None,
+    slow_site_ms: float = 0.0,
+    coordinator_args: tuple[str, ...] = (),
 ) -> Results:
     s = load_scenario(scenario)
     write_site_configs(s, work)
@@ -137,7 +144,7 @@ def distributed(
         subprocess.run(
             [py, "-m", "dso_coordinator", "--coordinator-config", str(work / "coordinator.json"),
              "--broker", coordinator_url or url, "--out", str(work), "--exit-after-round",
-             "--registration-timeout-s", "300", "--log-level", "WARNING"],
+             "--registration-timeout-s", "300", "--log-level", "WARNING", *coordinator_args],
             check=True, timeout=1800,
         )  # fmt: skip
     finally:
@@ -150,14 +157,19 @@ def distributed(
 
 
 def row(
-    scenario: str, url: str, rtt_ms: float, coordinator_delay_ms: float = 0.0, slow_site_ms: float = 0.0
+    scenario: str,
+    url: str,
+    rtt_ms: float,
+    coordinator_delay_ms: float = 0.0,
+    slow_site_ms: float = 0.0,
+    coordinator_args: tuple[str, ...] = (),
 ) -> str:
     s = load_scenario(scenario)
     t0 = time.perf_counter()
     inproc = run_admm(s, Policy.DYNAMIC)
     inproc_wall = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp, delayed(url, coordinator_delay_ms) as coordinator_url:
-        r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms)
+        r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms, coordinator_args)
     sv, rt = r.solver, r.runtime
     assert rt is not None
     assert sv.solve_times is not None
@@ -169,6 +181,7 @@ def row(
     slowest_edge = max(t.median_ms for t in edge)
     gap = 100.0 * abs(r.objective_eur - inproc.solution.objective_eur) / abs(inproc.solution.objective_eur)
     rss = max(site.rss_mb or 0.0 for site in rt.sites)
+    frozen = sum(bool(p.frozen_sites) for p in sv.residual_history or [])
 
     def per_iteration_ms(values: list[float | None]) -> float:
         return statistics.mean(v or 0.0 for v in values) / sv.iterations * 1e3
@@ -188,7 +201,7 @@ def row(
         f"{cpu_ms:.2f} | {steps_ms:.2f} | {codec_ms:.2f} | {cpu_ms - steps_ms - codec_ms:.2f} | "
         f"{cpu_ms / steps_ms:.1f} | {coord_ms:.2f} | {coord_dso_ms:.2f} | {coord_codec_ms:.2f} | "
         f"{coord_ms - coord_dso_ms - coord_codec_ms:.2f} | {coord_ms / dso.median_ms:.1f} | "
-        f"{sv.messages_per_iteration:.1f} | {rss:.0f} |"
+        f"{sv.messages_per_iteration:.1f} | {rss:.0f} | {frozen} |"
     )
 
 
@@ -197,7 +210,11 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
     parser.add_argument("--coordinator-delay-ms", type=float, default=0.0, help="each way, see above")
     parser.add_argument("--slow-site-ms", type=float, default=0.0, help="the first site's delay, see above")
+    parser.add_argument("--max-behind", type=int, default=0, help="bounded staleness, see above")
+    parser.add_argument("--straggler-wait", type=float, default=1.0, help="see above")
     args = parser.parse_args()
+    stale = ("--max-behind", str(args.max_behind), "--straggler-wait", str(args.straggler_wait))
+    coordinator_args = stale if args.max_behind else ()
     with broker_for_tests() as broker:
         rtt = asyncio.run(round_trip_ms(broker.url))
         per_message = asyncio.run(receive_cpu_us(broker.url))
@@ -207,6 +224,8 @@ def main() -> None:
             print(f"the coordinator behind a proxy delaying every byte {delay:g} ms each way")
         if args.slow_site_ms > 0:
             print(f"each scenario's first site answers every step that solves {args.slow_site_ms:g} ms late")
+        if args.max_behind:
+            print(f"bounded staleness: max behind {args.max_behind}, straggler wait {args.straggler_wait:g}")
         print(f"client CPU per received 6.2 kB QoS 1 message: {per_message:.0f} us\n")
         print(
             "| scenario | sites | iterations MQTT / in-process | objective gap % | MQTT round s | "
@@ -214,11 +233,12 @@ def main() -> None:
             "ratio | slowest edge step ms (median) | DSO step ms | broker round trip ms | "
             "edge CPU ms per iteration (mean) | of which steps | codec | the rest | CPU / steps | "
             "coordinator CPU ms per iteration | of which DSO | codec | the rest | CPU / DSO step | "
-            "messages per iteration | edge VmHWM max MB |"
+            "messages per iteration | edge VmHWM max MB | frozen iterations |"
         )
-        print("|" + "---|" * 24)
+        print("|" + "---|" * 25)
         for scenario in args.scenarios:
-            print(row(scenario, broker.url, rtt, args.coordinator_delay_ms, args.slow_site_ms), flush=True)
+            delays = (args.coordinator_delay_ms, args.slow_site_ms)
+            print(row(scenario, broker.url, rtt, *delays, coordinator_args), flush=True)
 
 
 if __name__ == "__main__":
