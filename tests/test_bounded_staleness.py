@@ -8,6 +8,8 @@ arrives only once the DSO has closed `closes` iterations without it."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +20,13 @@ from p2pdoe.analysis.accounts import net_injection
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.dso import DsoOutcome, IterationRecord
 from p2pdoe.core.scenario import Scenario, StalenessSettings
-from p2pdoe.core.schemas.scenario import Admm
+from p2pdoe.core.schemas.scenario import Admm, Anderson
+from p2pdoe.core.site import coordinator_config
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
 from p2pdoe.services.inprocess import Lateness, run_admm
+from p2pdoe.services.settings import ConfigError
 
 SLOW = "solar-wind-33"  # the site farthest from the synchronous answer in the prototype
 INJECTION_KW = 1.0  # how far a community's net injection may lie from the centralized one
@@ -133,3 +137,19 @@ def test_a_grant_names_the_frozen_sites_only_when_there_are_any(scenario: Scenar
 def test_staleness_and_anderson_acceleration_are_refused_together() -> None:
     with pytest.raises(ValidationError, match=r"staleness\.max_behind > 0 needs anderson\.memory 0"):
         Admm.model_validate({"staleness": {"max_behind": 1}, "anderson": {"memory": 2}})
+
+
+def test_the_coordinators_max_behind_overrides_the_configuration() -> None:
+    from dso_coordinator.service import build_machine
+    from dso_coordinator.settings import CoordinatorSettings
+
+    cfg = coordinator_config(load_scenario("default"))
+    start = datetime.fromisoformat(cfg.start.replace("Z", "+00:00"))
+    settings = CoordinatorSettings(coordinator_config=Path("unused.json"), max_behind=2)
+    machine = build_machine(cfg, settings, start)
+    assert machine.ctx.cfg.admm.staleness.max_behind == 2
+    accelerated = cfg.model_copy(
+        update={"admm": cfg.admm.model_copy(update={"anderson": Anderson(memory=3)})}
+    )
+    with pytest.raises(ConfigError, match=r"^--max-behind 2: .*needs anderson\.memory 0"):
+        build_machine(accelerated, settings, start)

@@ -206,6 +206,14 @@ def test_the_price_move_is_a_third_test_beside_the_residuals(moved: float, settl
     assert f"prices moved {moved:.3g}" in _rendered(state, SOON)
 
 
+def test_an_iteration_that_froze_a_site_says_so_and_cannot_be_the_last() -> None:
+    p = progress().model_copy(update={"frozen_sites": ["c2"]})
+    state = state_with((topics.DSO_PROGRESS, p))
+    within = state.snapshot(SOON)["coordinator"]["progress"]["within_eps"]
+    assert within == {"trade": False, "envelope": True, "every_site_new": False}
+    assert "frozen: c2" in _rendered(state, SOON)
+
+
 def test_an_empty_retained_payload_clears_that_entry() -> None:
     state = state_with(
         (site_topic("doe"), doe()),
