@@ -3,7 +3,7 @@ order and duplicates within the allowed window do not change the agreement at al
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from p2pdoe.core.agreement.community import CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoParticipant
 from p2pdoe.core.agreement.protocol import Command, Inbox, Publish, Received
 from p2pdoe.core.agreement.setup import Participants, participants
-from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.scenario import Scenario, StalenessSettings
 from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen
 from p2pdoe.core.solution import Policy
 from p2pdoe.errors import ScenarioError
@@ -91,9 +91,12 @@ def opened_round(s: Scenario) -> Opened:
     return Opened(parts, opening, first)
 
 
-@pytest.fixture
-def opened(scenario: Scenario) -> Opened:
-    return opened_round(scenario)
+@pytest.fixture(params=[0, 1], ids=["synchronous", "bounded-staleness"])
+def opened(scenario: Scenario, request: pytest.FixtureRequest) -> Opened:
+    """A round of either kind: with bounded staleness allowed, a community tracks its grants and its
+    peers' proposals another way (`community._Ledger`); to everything below it must answer alike."""
+    staleness = StalenessSettings(max_behind=request.param)
+    return opened_round(replace(scenario, admm=replace(scenario.admm, staleness=staleness)))
 
 
 def give(
@@ -229,8 +232,13 @@ def test_community_counts_messages_of_a_finished_round() -> None:
 
 
 def test_community_ignores_and_counts_a_message_two_iterations_ahead(opened: Opened) -> None:
+    """Two ahead of what it could use; with bounded staleness a peer may lead by `max_behind` more."""
     c, p, grant = opened.community(), opened.first[opened.peer_of()], opened.grant0()
-    assert give(c, p.model_copy(update={"iteration": 2}), grant.model_copy(update={"iteration": 2})) == []
+    ahead = 2 + opened.opening.admm.max_behind
+    assert (
+        give(c, p.model_copy(update={"iteration": ahead}), grant.model_copy(update={"iteration": ahead}))
+        == []
+    )
     assert c.ignored == {"too_early": 2}
 
 

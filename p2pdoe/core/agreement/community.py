@@ -335,7 +335,8 @@ class CommunityParticipant:
         self._round = None
 
     def _offer_late(self, r: _Round, ledger: _Ledger, msg: Proposal | Grant) -> list[Command]:
-        if isinstance(msg, Grant) and msg.iteration < ledger.grant:
+        if isinstance(msg, Grant) and (msg.iteration < ledger.grant or msg.iteration in ledger.grants):
+            r.inbox.ignored[STALE if msg.iteration < ledger.grant else DUPLICATE] += 1
             return self._again(r)  # a repeat: the coordinator misses a proposal
         why = ledger.offer(msg)
         if why is not None:
