@@ -153,3 +153,24 @@ def test_the_coordinators_max_behind_overrides_the_configuration() -> None:
     )
     with pytest.raises(ConfigError, match=r"^--max-behind 2: .*needs anderson\.memory 0"):
         build_machine(accelerated, settings, start)
+
+
+def test_a_round_cut_short_while_a_site_is_frozen_leaves_it_inside_the_last_grant(scenario: Scenario) -> None:
+    """At its iteration cap the round ends whatever is frozen: the frozen site settles inside the
+    envelope of the last grant (the one published as its DOE), not of the last that used it."""
+    s = stale(scenario, 2)
+    s = replace(s, admm=replace(s.admm, max_iterations=5))
+    run = run_admm(s, Policy.DYNAMIC, late=Lateness(SLOW, closes=2))
+    assert run.dso.status == "max_iterations"
+    assert SLOW in run.dso.history[-1].frozen
+    c = s.ids.index(SLOW)
+    slow = run.communities[c]
+    assert run.dso.granted_lo_kw is not None
+    assert run.dso.granted_up_kw is not None
+    assert slow.granted_lo_kw is not None
+    assert slow.granted_up_kw is not None
+    np.testing.assert_array_equal(slow.granted_lo_kw, run.dso.granted_lo_kw[c])
+    np.testing.assert_array_equal(slow.granted_up_kw, run.dso.granted_up_kw[c])
+    x = net_injection(s.communities[c], run.solution.schedules[c])
+    assert np.all(x >= run.dso.granted_lo_kw[c] - 1e-3)
+    assert np.all(x <= run.dso.granted_up_kw[c] + 1e-3)

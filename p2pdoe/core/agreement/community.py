@@ -353,6 +353,8 @@ class CommunityParticipant:
             proposals = ledger.take(grant)
             if mine:
                 self._update(r, proposals, grant)
+            elif grant.envelope is not None:  # the latest grant is the one in force, frozen or not
+                r.granted = (np.asarray(grant.envelope.lo_kw), np.asarray(grant.envelope.up_kw))
             if grant.status != "running":
                 self._settle(r)
                 out.append(Finished(self._outcome(r, grant.status, grant.iteration + 1)))
