@@ -3,6 +3,7 @@ lies inside each community's technical bounds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,12 @@ from agreement_helpers import Trace, drive, grant_box, scenario_from_spec
 from p2pdoe.core.agreement.grid_solver import Bounds, is_safe
 from p2pdoe.core.agreement.setup import envelope_bounds_of
 from p2pdoe.core.envelope import SafeSet, safe_set
-from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.scenario import Scenario, StalenessSettings
 from p2pdoe.core.solution import Policy
 from p2pdoe.errors import InfeasibleError
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
+from p2pdoe.services.inprocess import Lateness
 
 BOUNDS_TOL_KW = 1e-6  # the inward safety shift (1e-9 kW) may cross a bound by that much
 
@@ -55,10 +57,20 @@ def safe(scenario: Scenario) -> SafeSet:
     return safe_set(scenario)
 
 
-@pytest.fixture(scope="module", params=[Policy.DYNAMIC, Policy.STATIC], ids=lambda p: p.value)
+@pytest.fixture(
+    scope="module",
+    params=[(Policy.DYNAMIC, 0), (Policy.STATIC, 0), (Policy.DYNAMIC, 2)],
+    ids=["dynamic", "static", "dynamic-with-a-straggler"],
+)
 def traced(request: pytest.FixtureRequest, scenario: Scenario) -> tuple[Policy, Trace]:
-    policy: Policy = request.param
-    return policy, drive(scenario, policy, wire=False)
+    """A round of each policy; and one with bounded staleness whose first site is always late (the
+    DSO closes two iterations in three without it, its grants projecting its frozen couplings)."""
+    policy, max_behind = request.param
+    if not max_behind:
+        return policy, drive(scenario, policy, wire=False)
+    stale = replace(scenario, admm=replace(scenario.admm, staleness=StalenessSettings(max_behind)))
+    late = Lateness(scenario.ids[0], closes=max_behind)
+    return policy, drive(stale, policy, wire=False, late=late)
 
 
 def test_the_round_converges_with_one_grant_per_iteration(traced: tuple[Policy, Trace]) -> None:

@@ -309,8 +309,9 @@ class DsoParticipant:
 
     def may_close_early(self) -> bool:
         """Whether the iteration may close now without the sites still missing (bounded staleness):
-        enough sites have proposed, and none of the missing ones would be frozen for more than
-        `max_behind` iterations in a row. Complete iterations close by themselves."""
+        enough sites have proposed, and each missing one has been used before (the first iteration
+        waits for everyone) and would not be frozen for more than `max_behind` iterations in a row.
+        Complete iterations close by themselves."""
         st, rule = self._s, self.settings.staleness
         missing = self.waiting_for()
         if not rule.max_behind or not missing or len(missing) == len(self.plan.sites):
@@ -319,7 +320,7 @@ class DsoParticipant:
         if fresh < rule.min_fresh_share * len(self.plan.sites):
             return False
         k = st.inbox.iteration
-        return all(k - st.used_at[site] <= rule.max_behind for site in missing)
+        return all(st.used_at[site] >= max(0, k - rule.max_behind) for site in missing)
 
     def close_early(self) -> list[Command]:
         """Close the current iteration with the proposals in (see `may_close_early`): the missing
@@ -431,20 +432,20 @@ class DsoParticipant:
         self._project()
         return grants
 
-    def _used(self, iteration: int, proposals: dict[str, _Parsed]) -> dict[str, _Parsed | None]:
+    def _used(self, iteration: int, proposals: dict[str, _Parsed]) -> dict[str, _Parsed]:
         """Every site's proposal for the update: the new ones, else (frozen) the last one used."""
         st = self._s
         for site in proposals:
             st.used_at[site] = iteration
         st.last_used.update(proposals)
-        return {site: proposals.get(site, st.last_used.get(site)) for site in self.plan.sites}
+        return {site: st.last_used[site] for site in self.plan.sites}
 
-    def _update(self, iteration: int, proposals: dict[str, _Parsed | None]) -> IterationRecord:
-        """One step of every coupling; those of a frozen site (its proposal not new, or None) keep
-        their values and prices."""
+    def _update(self, iteration: int, proposals: dict[str, _Parsed]) -> IterationRecord:
+        """One step of every coupling; those of a frozen site (its proposal not new) keep their
+        values and prices."""
         st, dt, alpha = self._s, self.plan.dt_h, self.settings.over_relaxation
         frozen = [c for c, site in enumerate(self.plan.sites) if st.used_at[site] != iteration]
-        ordered = [proposals[site] or self._agreed_as_proposal(c) for c, site in enumerate(self.plan.sites)]
+        ordered = [proposals[site] for site in self.plan.sites]
         shape = st.trades.y.shape
         buy = np.concatenate([p.buy for p in ordered]).reshape(shape)
         sell = np.concatenate([p.sell for p in ordered]).reshape(shape)[st.reverse]
@@ -479,16 +480,6 @@ class DsoParticipant:
             price_change_max_eur_per_kwh=moved / dt,
             frozen=tuple(self.plan.sites[c] for c in frozen),
         )
-
-    def _agreed_as_proposal(self, c: int) -> _Parsed:
-        """A site never used yet, frozen: its couplings' agreed values stand in for its proposal."""
-        st = self._s
-        rows = [i for i, (b, _) in enumerate(st.links) if b == c]
-        buy = st.trades.y[rows]
-        sell = st.trades.y[[int(st.reverse[i]) for i in rows]]
-        lo = None if st.grant is None else st.lo.y[c]
-        up = None if st.grant is None else st.up.y[c]
-        return _Parsed(buy, sell, lo, up)
 
     def _state_vector(self) -> FloatArray:
         """Every coupling's value and price / rho (kW), the point Anderson's residuals are taken at."""
