@@ -8,7 +8,7 @@ arrives only once the DSO has closed `closes` iterations without it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,16 @@ from pydantic import ValidationError
 
 from p2pdoe.analysis.accounts import net_injection
 from p2pdoe.analysis.results import build_results
+from p2pdoe.core import topics
+from p2pdoe.core.agreement.coordination import RoundSetup
 from p2pdoe.core.agreement.dso import DsoOutcome, IterationRecord
+from p2pdoe.core.agreement.protocol import Publish, Received
+from p2pdoe.core.agreement.setup import participants
+from p2pdoe.core.coordinator.rounds import STRAGGLERS, RoundRun, Timings
+from p2pdoe.core.effects import Patience, Relieve, Send
 from p2pdoe.core.scenario import Scenario, StalenessSettings
+from p2pdoe.core.schemas.messages import Grant, Proposal, decode
+from p2pdoe.core.schemas.runtime import Progress
 from p2pdoe.core.schemas.scenario import Admm, Anderson
 from p2pdoe.core.site import coordinator_config
 from p2pdoe.core.solution import Policy, Solution
@@ -174,3 +182,43 @@ def test_a_round_cut_short_while_a_site_is_frozen_leaves_it_inside_the_last_gran
     x = net_injection(s.communities[c], run.solution.schedules[c])
     assert np.all(x >= run.dso.granted_lo_kw[c] - 1e-3)
     assert np.all(x <= run.dso.granted_up_kw[c] + 1e-3)
+
+
+def test_the_coordinator_waits_for_a_straggler_a_while_then_goes_on_without_it(scenario: Scenario) -> None:
+    """Its round (`RoundRun`), on a clock of the test's: once the iteration may close early it waits
+    `straggler_wait` times as long as the iteration has taken, then closes it without the late site,
+    and says so on dso/progress; the late proposal counts in the next iteration."""
+    s = stale(scenario, 2)
+    p = participants(s, Policy.DYNAMIC, "day-ahead")
+    setup = RoundSetup(p.dso, tuple(s.ids), (), None, None)  # type: ignore[arg-type]
+    run = RoundRun(setup, Timings(), 10.0, lambda: 0.0, straggler_wait=0.5)
+    t0 = datetime(2026, 6, 1, tzinfo=UTC)
+    opening = decode(next(e for e in run.open(t0) if isinstance(e, Send)).payload)
+    by_site = {c.site: c for c in p.communities}
+    sent = {site: c.handle(Received(opening)) for site, c in by_site.items()}
+    first = {site: cmds[0].message for site, cmds in sent.items() if isinstance(cmds[0], Publish)}
+    effects = [e for site in s.ids for e in run.proposal(first[site], 1, t0)]  # type: ignore[arg-type]
+    grants = [decode(e.payload) for e in effects if isinstance(e, Send) and "/grant/" in e.topic]
+    assert len(grants) == len(s.ids)  # the first iteration waited for everyone
+    second: dict[str, Proposal] = {}
+    for site, c in by_site.items():
+        mine = [g for g in grants if isinstance(g, Grant) and g.recipient == site]
+        peers = [first[peer] for peer in c.peer_ids]
+        cmds = [cmd for m in (*peers, *mine) for cmd in c.handle(Received(m))]
+        second[site] = next(
+            cmd.message for cmd in cmds if isinstance(cmd, Publish) and isinstance(cmd.message, Proposal)
+        )
+    t1 = t0 + timedelta(seconds=4)
+    effects = [e for site in s.ids if site != SLOW for e in run.proposal(second[site], 1, t1)]
+    waits = [e for e in effects if isinstance(e, Patience) and e.key == STRAGGLERS]
+    assert [w.seconds for w in waits] == [2.0]  # half the 4 s the iteration took, asked once
+    assert run.missing() == (SLOW,)
+    closed = run.close_early(t1 + timedelta(seconds=2))
+    grants = [decode(e.payload) for e in closed if isinstance(e, Send) and "/grant/" in e.topic]
+    assert {tuple(g.frozen) for g in grants if isinstance(g, Grant)} == {(SLOW,)}
+    progress = next(e for e in closed if isinstance(e, Send) and e.topic == topics.DSO_PROGRESS)
+    assert Progress.model_validate_json(progress.payload).frozen_sites == [SLOW]
+    assert Relieve(STRAGGLERS) in closed
+    assert run.close_early(t1 + timedelta(seconds=3)) == []  # nothing more to close
+    run.proposal(second[SLOW], 1, t1 + timedelta(seconds=3))  # late, for the iteration now open
+    assert SLOW not in run.missing()
