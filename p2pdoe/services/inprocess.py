@@ -18,7 +18,7 @@ from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
 from p2pdoe.core.agreement.outcome import solution
-from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
+from p2pdoe.core.agreement.protocol import Command, Finished, Message, Publish, Received
 from p2pdoe.core.agreement.setup import participants
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas import results as r
@@ -95,15 +95,15 @@ def run_admm(
     opening = p.dso.open_round()
     timings.dso.append(time.perf_counter() - t0)
     post(opening, DSO_ID)
-    held: list[bytes] = []  # the straggler's proposals on their way
-    arrived: deque[bytes] = deque()
+    held: list[Message] = []  # the straggler's proposals on their way
+    arrived: deque[Message] = deque()
     while bus or held or arrived:
         if arrived:
-            payload = arrived.popleft()
+            message = arrived.popleft()
         elif bus:
-            payload = bus.popleft()
-            if late is not None and late.holds(decode(payload)):
-                held.append(payload)
+            message = decode(bus.popleft())
+            if late is not None and late.holds(message):
+                held.append(message)
                 continue
         else:
             closed = late.idle(p.dso) if late is not None else []
@@ -112,7 +112,6 @@ def run_admm(
                 arrived.extend(held)
                 held.clear()
             continue
-        message = decode(payload)
         for name in _subscribers(message, p.communities):
             target = p.dso if name == DSO_ID else by_site[name]
             t0 = time.perf_counter()
