@@ -35,6 +35,7 @@ from p2pdoe.services.broker import Broker
 from p2pdoe.services.clock import Clock
 from p2pdoe.services.lockstep import LockstepClock, run_granter
 from p2pdoe.services.transport import Backoff, InboundMessage, MqttTransport
+from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -503,3 +504,42 @@ def _status(state: Literal["waiting", "running", "ended"], step: int = 0) -> Clo
         silent=[],
         ts_wall=datetime.now(UTC),
     )
+
+
+def test_a_member_waits_for_its_first_grant_rejoin_s_then_heartbeats_then_for_ever() -> None:
+    clock = LockstepClock(Recorder(), "dso", "grid", heartbeat_s=0.5, rejoin_s=30.0)
+    assert clock._quiet_timeout() == 30.0  # no grant yet: it will join again if none comes
+    clock.on_message(topics.clock_grant("grid"), grant_message(0, "grid", ["dso"]))
+    assert clock._quiet_timeout() is None  # granted, not holding: nothing to send
+    clock.idle(holding=True)
+    assert clock._quiet_timeout() == 0.5  # holding: heartbeats
+    with pytest.raises(ValueError, match="rejoin_s > 0"):
+        LockstepClock(Recorder(), "dso", "grid", rejoin_s=0)
+
+
+def test_a_member_whose_join_and_subscription_the_broker_lost_gets_them_back_by_rejoining() -> None:
+    """What a loaded demo showed once on the embedded broker: an edge connected, and the broker had
+    neither its retained join nor its subscription, so it never heard a grant. Rejoining mends both."""
+
+    async def scenario() -> tuple[LockstepClock, bytes | None]:
+        broker = MemoryBroker()
+        async with MemoryTransport(broker, "edge-a") as member, MemoryTransport(broker, "granter") as granter:
+            clock = LockstepClock(member, "edge-a", "control", every_step=True)
+            await clock.start()
+            await member.unsubscribe(topics.clock_grant("control"))  # the broker lost them
+            await granter.publish(topics.clock_member("edge-a"), b"", retain=True)
+            assert broker.retained(topics.clock_member("edge-a")) is None
+            await granter.publish(
+                topics.clock_grant("control"), grant_message(0, "control", ["edge-a"]), retain=True
+            )
+            await clock.rejoin()
+            inbound = member.messages()
+            while clock.grant is None:
+                message = await asyncio.wait_for(anext(inbound), 1)
+                clock.on_message(message.topic, message.payload)
+            return clock, broker.retained(topics.clock_member("edge-a"))
+
+    clock, joined = run(scenario())
+    assert (clock.step, clock.phase_granted, clock.rejoins) == (0, True, 1)
+    assert joined is not None
+    assert ClockMember.model_validate_json(joined).state == "joined"

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -197,6 +197,8 @@ def run_demo(
 
             report_day(results, seen, out, console)
             report_days(out, console)
+        judge_sites(results, s.ids, procs.logs)
+        if rt is not None:
             judge_day(results, rt.lead_s)
     return results
 
@@ -375,6 +377,22 @@ def _price_part(p: Progress) -> str:
     if p.price_change_max_eur_per_kwh is None or p.eps_price_eur_per_kwh is None:
         return ""
     return f", prices moved {p.price_change_max_eur_per_kwh:.2g} / {p.eps_price_eur_per_kwh:.2g} EUR/kWh"
+
+
+def judge_sites(results: Results, sites: Iterable[str], logs: Path) -> None:
+    """A demo whose day-ahead round went on without some of its sites is an error that names them
+    (the report is written): they ran on default envelopes, so the day is not the one asked for."""
+    runtime = results.runtime
+    agreed = set() if runtime is None else {x.id for x in runtime.sites if x.state == "agreed"}
+    missing = [site for site in sites if site not in agreed]
+    if not missing:
+        return
+    reasons = {} if runtime is None else {x.id: x.reason for x in runtime.sites}
+    named = ", ".join(f"{site} ({reasons.get(site) or 'never registered'})" for site in missing)
+    raise P2PDoeError(
+        f"{len(missing)} of {len(missing) + len(agreed)} sites took no part in the day-ahead agreement "
+        f"and ran on default envelopes: {named}; see {logs / f'edge-{missing[0]}.log'}"
+    )
 
 
 def _report(s: Any, r: Results, policy: str, out: Path) -> None:

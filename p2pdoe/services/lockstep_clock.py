@@ -29,6 +29,8 @@ only reads what the service hands it and publishes through the service's transpo
   `every_step` (edges handle every reading). `clock.idle(False); await clock.sleep_until(t)` thus
   reports t. `holding=True` sends heartbeats (one at once, then every `heartbeat_s` wall seconds)
   until done. Waiting in `sleep_until` alone reports nothing.
+- `run()` also rejoins: with no grant heard `rejoin_s` (60) wall seconds after joining, and every
+  `rejoin_s` until one comes, it subscribes and says "joined" again (a broker may have lost both).
 - `takes_part(name)`: `name` is live in the latest grant (an edge holds for its meter's reading only
   when the meter takes part; the granter grants again without a member it dropped).
 - `ended` / `until_ended()`: the granter said the day is over (after this, no grant comes and
@@ -76,16 +78,20 @@ class LockstepClock:
         *,
         every_step: bool = False,
         heartbeat_s: float = 2.0,
+        rejoin_s: float = 60.0,
     ) -> None:
         if not re.match(MEMBER_PATTERN, member):
             raise ValueError(f"clock member name {member!r}: letters, digits and _.:- only")
-        if phase not in PHASES or not heartbeat_s > 0:
-            raise ValueError(f"a phase among {PHASES} and heartbeat_s > 0, not {phase!r}, {heartbeat_s}")
+        if phase not in PHASES or not (heartbeat_s > 0 and rejoin_s > 0):
+            raise ValueError(
+                f"a phase among {PHASES}, heartbeat_s > 0 and rejoin_s > 0, "
+                f"not {phase!r}, {heartbeat_s}, {rejoin_s}"
+            )
         self.transport, self.member, self.phase = transport, member, phase
-        self.every_step, self.heartbeat_s = every_step, heartbeat_s
+        self.every_step, self.heartbeat_s, self.rejoin_s = every_step, heartbeat_s, rejoin_s
         self.grant: ClockGrant | None = None  # the latest heard
         self.status: ClockStatus | None = None
-        self.grants_seen = self.dones_sent = self.heartbeats_sent = 0
+        self.grants_seen = self.dones_sent = self.heartbeats_sent = self.rejoins = 0
         self._granted_step: int | None = None  # the latest own-phase step granted to this member
         self._done_step: int | None = None
         self._holding_step: int | None = None
@@ -109,6 +115,17 @@ class LockstepClock:
         await self.transport.subscribe(topics.CLOCK_STATUS, qos=0)
         await self._announce("joined")
 
+    async def rejoin(self) -> None:
+        """No grant heard `rejoin_s` after joining: subscribe and say "joined" again. A broker that
+        lost the subscription or the retained join (seen once with the embedded broker under load)
+        then has both again, and a retained grant comes at once if the day has begun."""
+        self.rejoins += 1
+        log.warning(
+            "%s: no clock grant heard %g s after joining; subscribing and announcing again (%d)",
+            self.member, self.rejoin_s, self.rejoins,
+        )  # fmt: skip
+        await self.start()
+
     async def ready(self) -> None:
         """Until the first grant has been heard (through `on_message`)."""
         await self._ready.wait()
@@ -123,8 +140,11 @@ class LockstepClock:
         `clock.idle(False); await clock.sleep_until(t)` reports t."""
         while True:
             try:
-                step, holding = await asyncio.wait_for(self._outbox.get(), self._heartbeat_timeout())
+                step, holding = await asyncio.wait_for(self._outbox.get(), self._quiet_timeout())
             except TimeoutError:
+                if self.grant is None:
+                    await self.rejoin()
+                    continue
                 if self._holding_step is None:
                     continue
                 step, holding = self._holding_step, True
@@ -252,7 +272,11 @@ class LockstepClock:
         wanted = min(self._sleeping) if self._sleeping else self._asked
         return wanted if wanted is not None and wanted > self.grant.time else None
 
-    def _heartbeat_timeout(self) -> float | None:
+    def _quiet_timeout(self) -> float | None:
+        """How long `run` waits for work: `rejoin_s` before the first grant, `heartbeat_s` while
+        holding, else for ever."""
+        if self.grant is None:
+            return self.rejoin_s
         return self.heartbeat_s if self._holding_step is not None else None
 
     async def _announce(self, state: Literal["joined", "left"]) -> None:
