@@ -104,7 +104,8 @@ def report(label: str, tail: Tail, iterations: int, top: int) -> str:
     traded = np.abs(q1[trades]) >= TRADED_KW
     drift = np.abs(p1[trades] - p0[trades])[traded]
     worst = f"{1000 * drift.max():.1f}" if drift.size else "–"
-    return f"| {label} | {met + 1} | {iterations} | {iterations - met - 1} | {'; '.join(named) or '–'} | {worst} |"
+    leading = "; ".join(named) or "–"
+    return f"| {label} | {met + 1} | {iterations} | {iterations - met - 1} | {leading} | {worst} |"
 
 
 def main(argv: list[str] | None = None) -> int:
