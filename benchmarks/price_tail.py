@@ -10,8 +10,9 @@ per case: where each test passed, the tail's length, the couplings that moved mo
 iterations (a trade `buyer -> seller` or an envelope bound `lo:site`/`up:site`, its interval, its
 quantity and its price when the residual test first passed and at the end, EUR/MWh), and the largest
 change over the tail of any trade price on a trade of at least 0.1 kW: the price error the residual
-test alone would have stopped with, measured against the round's own end. Deterministic: nothing
-here depends on the machine's speed or load.
+test alone would have stopped with, measured against the round's own end. The last column is where
+a price test that leaves out the trades under 0.1 kW at that iteration (their price moves no money)
+would have stopped the round. Deterministic: nothing here depends on the machine's speed or load.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ class Tail:
     """What the observer keeps: per iteration, the coupling whose price moved most, and prices."""
 
     dt_h: float = 1.0
+    eps_price: float = 1e-5
     names: list[str] = field(default_factory=list)  # coupling row names: trades, then lo, then up
     n_trades: int = 0
     leader: list[tuple[int, int, float]] = field(default_factory=list)  # row, interval, move EUR/kWh
+    traded_move: list[float] = field(default_factory=list)  # the largest move but on trades < 0.1 kW
     residuals_met: int | None = None
     at_residuals: tuple[np.ndarray, np.ndarray] | None = None  # prices, quantities then
     end: tuple[np.ndarray, np.ndarray] | None = None
@@ -56,6 +59,9 @@ class Tail:
         row, interval = np.unravel_index(int(moves.argmax()), moves.shape)
         self.leader.append((int(row), int(interval), float(moves[row, interval])))
         quantity = np.vstack([a.y for a in after])
+        idle = np.zeros(moves.shape, dtype=bool)
+        idle[: self.n_trades] = np.abs(quantity[: self.n_trades]) < TRADED_KW
+        self.traded_move.append(float(np.where(idle, 0.0, moves).max(initial=0.0)))
         if self.residuals_met is None and record.trade.converged and record.envelope.converged:
             self.residuals_met, self.at_residuals = iteration, (price, quantity)
         self.end = (price, quantity)
@@ -69,7 +75,7 @@ def _families(dso: DsoParticipant) -> list[Agreed]:
 def observe(label: str) -> tuple[Tail, int]:
     case = {c.label: c for c in FULL}[label]
     s = load_scenario(case.scenario, case.overrides)
-    tail = Tail(dt_h=s.dt_h)
+    tail = Tail(dt_h=s.dt_h, eps_price=s.admm.eps_price)
     update = DsoParticipant._update
 
     def watched(self: DsoParticipant, iteration: int, proposals: dict[str, Any]) -> IterationRecord:
@@ -91,7 +97,7 @@ def observe(label: str) -> tuple[Tail, int]:
 def report(label: str, tail: Tail, iterations: int, top: int) -> str:
     met = tail.residuals_met
     if met is None or tail.at_residuals is None or tail.end is None:
-        return f"| {label} | never | {iterations} | – | – | – |"
+        return f"| {label} | never | {iterations} | – | – | – | – |"
     leaders = Counter((row, t) for row, t, _ in tail.leader[met + 1 :])
     (p0, _), (p1, q1) = tail.at_residuals, tail.end
     named = []
@@ -105,7 +111,11 @@ def report(label: str, tail: Tail, iterations: int, top: int) -> str:
     drift = np.abs(p1[trades] - p0[trades])[traded]
     worst = f"{1000 * drift.max():.1f}" if drift.size else "–"
     leading = "; ".join(named) or "–"
-    return f"| {label} | {met + 1} | {iterations} | {iterations - met - 1} | {leading} | {worst} |"
+    settled = [k for k in range(met, len(tail.traded_move)) if tail.traded_move[k] <= tail.eps_price]
+    variant = str(settled[0] + 1) if settled else "–"
+    return (
+        f"| {label} | {met + 1} | {iterations} | {iterations - met - 1} | {leading} | {worst} | {variant} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| case | residual test met at | round ended at | tail iterations | couplings that moved most in "
         "the tail (iterations leading, quantity, price then → at the end, EUR/MWh) "
-        f"| largest trade-price change over the tail, trades ≥ {TRADED_KW} kW (EUR/MWh) |"
+        f"| largest trade-price change over the tail, trades ≥ {TRADED_KW} kW (EUR/MWh) "
+        f"| a price test that skips trades under {TRADED_KW} kW would have ended at |"
     )
-    print("|---|--:|--:|--:|---|--:|")
+    print("|---|--:|--:|--:|---|--:|--:|")
     for label in args.cases:
         _log(f"{label} ...")
         tail, iterations = observe(label)
