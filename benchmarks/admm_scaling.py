@@ -259,6 +259,15 @@ def _footer(total_s: float, quick: bool) -> str:
     )
 
 
+def chosen_cases(parser: argparse.ArgumentParser, labels: list[str]) -> list[Case]:
+    """The cases named by `--cases`, or the parser's error naming the unknown and the known."""
+    known = {c.label: c for c in FULL}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; known: {'; '.join(known)}")
+    return [known[label] for label in labels]
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-from admm_scaling import FULL, _log
+from admm_scaling import _log, chosen_cases
 
 from p2pdoe.core.agreement.anderson import Accelerator
 from p2pdoe.core.agreement.dso import IterationRecord
@@ -48,21 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="case labels of admm_scaling")
     parser.add_argument("--memory", type=int, default=10, help="Anderson memory (default 10)")
     args = parser.parse_args(argv)
-    known = {c.label: c for c in FULL}
-    unknown = [c for c in args.cases if c not in known]
-    if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; known: {'; '.join(known)}")
+    cases = chosen_cases(parser, args.cases)
     print(
         "| case | Anderson memory | iterations | mixed steps | undone by the safeguard | ρ changes "
         "| residuals within 10x tolerance at | within tolerance at | no price moved over eps_price at |"
     )
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for label in args.cases:
+    for case in cases:
         for memory in (0, args.memory):
-            t = _trace(known[label], memory)
+            t = _trace(case, memory)
             print(
-                f"| {label} | {memory} | {t.iterations} | {t.accelerated} | {t.rejected} | {t.rho_changes} "
-                f"| {t.within_10x} | {t.within_1x} | {t.prices_settled} |",
+                f"| {case.label} | {memory} | {t.iterations} | {t.accelerated} | {t.rejected} "
+                f"| {t.rho_changes} | {t.within_10x} | {t.within_1x} | {t.prices_settled} |",
                 flush=True,
             )
     return 0

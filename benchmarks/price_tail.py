@@ -25,7 +25,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
-from admm_scaling import FULL, _log
+from admm_scaling import FULL, _log, chosen_cases
 
 from p2pdoe.core.agreement.coupling import Agreed
 from p2pdoe.core.agreement.dso import DsoParticipant, IterationRecord
@@ -123,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="case labels of admm_scaling")
     parser.add_argument("--top", type=int, default=3, help="couplings named per case (3)")
     args = parser.parse_args(argv)
-    known = {c.label for c in FULL}
-    unknown = [c for c in args.cases if c not in known]
-    if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; known: {'; '.join(sorted(known))}")
+    chosen_cases(parser, args.cases)
     print(
         "| case | residual test met at | round ended at | tail iterations | couplings that moved most in "
         "the tail (iterations leading, quantity, price then → at the end, EUR/MWh) "
