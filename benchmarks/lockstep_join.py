@@ -22,12 +22,12 @@ import time
 from datetime import UTC, datetime
 
 from p2pdoe.core import topics
-from p2pdoe.core.schemas.lockstep import ClockGrant
+from p2pdoe.core.schemas.lockstep import ClockGrant, Phase
 from p2pdoe.services.broker import Broker, start_embedded, start_mosquitto
 from p2pdoe.services.lockstep import LockstepClock
 from p2pdoe.services.transport import LastWill, MqttTransport
 
-PHASE = "control"
+PHASE: Phase = "control"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--member", nargs=2, metavar=("URL", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.member:
-        return asyncio.run(member(*args.member, args.rejoin_s, args.grant_wait_s))
+        url, name = args.member
+        return asyncio.run(member(url, name, args.rejoin_s, args.grant_wait_s))
     print("| run | members | joined | all joined after s | heard the grant | rejoins |")
     print("|--:|--:|--:|--:|--:|--:|")
     for run in range(1, args.runs + 1):
