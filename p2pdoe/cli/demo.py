@@ -383,14 +383,16 @@ def judge_sites(results: Results, sites: Iterable[str], logs: Path) -> None:
     """A demo whose day-ahead round went on without some of its sites is an error that names them
     (the report is written): they ran on default envelopes, so the day is not the one asked for."""
     runtime = results.runtime
-    agreed = set() if runtime is None else {x.id for x in runtime.sites if x.state == "agreed"}
-    missing = [site for site in sites if site not in agreed]
+    rows = [] if runtime is None else runtime.sites
+    agreed = {x.id for x in rows if x.state == "agreed"}
+    expected = list(sites)
+    missing = [site for site in expected if site not in agreed]
     if not missing:
         return
-    reasons = {} if runtime is None else {x.id: x.reason for x in runtime.sites}
+    reasons = {x.id: x.reason for x in rows}
     named = ", ".join(f"{site} ({reasons.get(site) or 'never registered'})" for site in missing)
     raise P2PDoeError(
-        f"{len(missing)} of {len(missing) + len(agreed)} sites took no part in the day-ahead agreement "
+        f"{len(missing)} of {len(expected)} sites took no part in the day-ahead agreement "
         f"and ran on default envelopes: {named}; see {logs / f'edge-{missing[0]}.log'}"
     )
 
