@@ -20,6 +20,8 @@ loopback port (the embedded broker if Mosquitto is missing). All processes share
 solves D ms late (the agent's `--solve-delay-ms`, a gateway slower than its peers).
 `--max-behind T [--straggler-wait F]` runs bounded-staleness rounds (the coordinator's options of the
 same names): the last column counts the iterations that closed without some site's new proposal.
+`--relay-trades` runs relayed rounds (the coordinator's option): each site hears only its grant, which
+carries its peers' trade entries.
 """
 
 from __future__ import annotations
@@ -212,9 +214,11 @@ def main() -> None:
     parser.add_argument("--slow-site-ms", type=float, default=0.0, help="the first site's delay, see above")
     parser.add_argument("--max-behind", type=int, default=0, help="bounded staleness, see above")
     parser.add_argument("--straggler-wait", type=float, default=1.0, help="see above")
+    parser.add_argument("--relay-trades", action="store_true", help="the grants relay the trades, see above")
     args = parser.parse_args()
     stale = ("--max-behind", str(args.max_behind), "--straggler-wait", str(args.straggler_wait))
-    coordinator_args = stale if args.max_behind else ()
+    relay = ("--relay-trades",) if args.relay_trades else ()
+    coordinator_args = (*(stale if args.max_behind else ()), *relay)
     with broker_for_tests() as broker:
         rtt = asyncio.run(round_trip_ms(broker.url))
         per_message = asyncio.run(receive_cpu_us(broker.url))
@@ -224,6 +228,8 @@ def main() -> None:
             print(f"the coordinator behind a proxy delaying every byte {delay:g} ms each way")
         if args.slow_site_ms > 0:
             print(f"each scenario's first site answers every step that solves {args.slow_site_ms:g} ms late")
+        if args.relay_trades:
+            print("the grants relay the peers' trade entries: a site hears no peer's proposal")
         if args.max_behind:
             print(f"bounded staleness: max behind {args.max_behind}, straggler wait {args.straggler_wait:g}")
         print(f"client CPU per received 6.2 kB QoS 1 message: {per_message:.0f} us\n")

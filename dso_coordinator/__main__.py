@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import sys
@@ -66,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--straggler-wait",
         type=float,
         help="then wait for the last proposals this many times as long as the rest took (default 1)",
+    )
+    p.add_argument(
+        "--relay-trades",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the grants carry the peers' trade entries: a site hears no peer (default: the configuration's)",
     )
     p.add_argument(
         "--exit-after-round", action="store_true", default=None, help="stop after the day-ahead round"

@@ -68,12 +68,16 @@ def rules_from(settings: CoordinatorSettings) -> Rules:
 
 
 def admm_of(cfg: CoordinatorConfig, settings: CoordinatorSettings) -> Admm:
-    """The configuration's ADMM settings, with `--max-behind` in place of its own if given."""
+    """The configuration's ADMM settings, with `--max-behind` and `--relay-trades` in place of its own
+    if given."""
+    admm = cfg.admm
+    if settings.relay_trades is not None:
+        admm = admm.model_copy(update={"relay_trades": settings.relay_trades})
     if settings.max_behind is None:
-        return cfg.admm
-    staleness = cfg.admm.staleness.model_copy(update={"max_behind": settings.max_behind})
+        return admm
+    staleness = admm.staleness.model_copy(update={"max_behind": settings.max_behind})
     try:
-        return Admm.model_validate({**cfg.admm.model_dump(), "staleness": staleness.model_dump()})
+        return Admm.model_validate({**admm.model_dump(), "staleness": staleness.model_dump()})
     except ValueError as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         raise ConfigError(f"--max-behind {settings.max_behind}: {first}") from None

@@ -34,6 +34,8 @@ class CoordinatorSettings(ServiceSettings):
     # bounded staleness (docs/agreement.md): overrides the configuration's admm.staleness.max_behind
     max_behind: Annotated[int, Field(ge=0, le=20)] | None = None
     straggler_wait: Annotated[float, Field(gt=0, le=100)] = 1.0  # times the rest's time, then close
+    # the grants relay the peers' trade entries (docs/agreement.md): overrides admm.relay_trades
+    relay_trades: bool | None = None
     exit_after_round: bool = False  # stop once the day-ahead round is done (else publish DOEs all day)
     # The real-time day (see docs/realtime.md).
     rolling: bool = False  # a round every interval over the rest of the day (else: the day-ahead DOEs)

@@ -40,7 +40,7 @@ from p2pdoe.core.edge.commands import (
 from p2pdoe.core.edge.market import EdgeMarket, RoundDone
 from p2pdoe.core.edge.reading_wait import ReadingWait
 from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
-from p2pdoe.core.effects import Fault, Heard, Send
+from p2pdoe.core.effects import Fault, Heard, Send, Subscribe, Unsubscribe
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
 from p2pdoe.core.schemas.runtime import MeterReading, SiteForecast
@@ -263,7 +263,7 @@ class EdgeService:
         return None if self.realtime is None else self.realtime.snapshot()
 
     async def _market_command(self, cmd: object) -> None:
-        if isinstance(cmd, Send):
+        if isinstance(cmd, (Send, Subscribe, Unsubscribe)):
             await self.shell.execute([cmd])
         elif isinstance(cmd, DayStarts):
             self.shell.feed(cmd)

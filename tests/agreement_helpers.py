@@ -21,7 +21,7 @@ from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, RoundOpen, dec
 from p2pdoe.core.schemas.scenario import ScenarioSpec
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_feeder
-from p2pdoe.services.inprocess import Lateness
+from p2pdoe.services.inprocess import Lateness, subscribers
 
 
 @dataclass(frozen=True)
@@ -137,16 +137,6 @@ class Trace:
         return {DSO_ID: self.parts.dso.ignored} | {c.site: c.ignored for c in self.parts.communities}
 
 
-def subscribers(message: Message, communities: tuple[CommunityParticipant, ...]) -> list[str]:
-    """Who hears a message: a proposal goes to the sender's peers and the DSO, a grant to its
-    recipient, an opening to everyone."""
-    if isinstance(message, Proposal):
-        return [c.site for c in communities if message.sender in c.peer_ids] + [DSO_ID]
-    if isinstance(message, Grant):
-        return [message.recipient]
-    return [c.site for c in communities]
-
-
 def drive(
     s: Scenario,
     policy: Policy,
@@ -173,7 +163,7 @@ def drive(
         for cmd in commands:
             if isinstance(cmd, Publish):
                 trace.published.append((sender, cmd.message))
-                for name in subscribers(cmd.message, p.communities):
+                for name in subscribers(cmd.message, p.communities, p.dso.settings.relay_trades):
                     for _ in range(copies(cmd.message, name)):
                         pending.append(Pending(len(trace.published), name, cmd.message))
             elif isinstance(cmd, Finished):

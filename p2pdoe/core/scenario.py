@@ -143,6 +143,7 @@ class AdmmSettings:
     adapt_until: int
     anderson: AndersonSettings = AndersonSettings()
     staleness: StalenessSettings = StalenessSettings()
+    relay_trades: bool = False  # the grants carry the peers' trade entries (schemas.scenario.Admm)
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,7 @@ def admm_settings(a: spec.Admm) -> AdmmSettings:
             safeguard_factor=a.anderson.safeguard_factor,
         ),
         staleness=StalenessSettings(a.staleness.max_behind, a.staleness.min_fresh_share),
+        relay_trades=a.relay_trades,
     )
 
 

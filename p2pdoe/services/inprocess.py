@@ -112,7 +112,7 @@ def run_admm(
                 arrived.extend(held)
                 held.clear()
             continue
-        for name in _subscribers(message, p.communities):
+        for name in subscribers(message, p.communities, p.dso.settings.relay_trades):
             target = p.dso if name == DSO_ID else by_site[name]
             t0 = time.perf_counter()
             commands = target.handle(Received(message))
@@ -130,9 +130,12 @@ def run_admm(
     return AdmmRun(sol, dso, comms, timings, ignored)  # type: ignore[arg-type]
 
 
-def _subscribers(message: object, communities: tuple[CommunityParticipant, ...]) -> list[str]:
+def subscribers(message: object, communities: tuple[CommunityParticipant, ...], relay: bool) -> list[str]:
+    """Who hears `message`: a proposal, the DSO and (unless the grants relay the trades) the
+    sender's peers; a grant, its recipient; an opening, everyone."""
     if isinstance(message, Proposal):
-        return [c.site for c in communities if message.sender in c.peer_ids] + [DSO_ID]
+        peers = [] if relay else [c.site for c in communities if message.sender in c.peer_ids]
+        return [*peers, DSO_ID]
     if isinstance(message, Grant):
         return [message.recipient]
     return [c.site for c in communities]

@@ -22,6 +22,7 @@ from p2pdoe.core.agreement.protocol import (
     DUPLICATE,
     INVALID,
     NO_ROUND,
+    RELAYED,
     ROUND_OVER,
     STALE,
     TOO_EARLY,
@@ -178,6 +179,7 @@ class _Round:
         self.alpha = open_.admm.over_relaxation
         self.rho_trade = open_.admm.rho_trade_eur_per_kw2h
         self.rho_envelope = open_.admm.rho_envelope_eur_per_kw2h
+        self.relay = open_.admm.relay_trades  # the peers' entries come in the grants
         self.buy = _warm_trades(open_, [(site, peer) for peer in peer_ids])
         self.sell = _warm_trades(open_, [(peer, site) for peer in peer_ids])
         self.lo: Agreed | None = None
@@ -235,6 +237,8 @@ class CommunityParticipant:
         r = self._round
         if isinstance(msg, RoundOpen) or r is None or msg.round != r.id:
             return isinstance(msg, RoundOpen)
+        if r.relay and isinstance(msg, Proposal):
+            return False
         if isinstance(msg, Grant) and msg.recipient != self.site:
             return False
         if r.ledger is not None:
@@ -260,8 +264,11 @@ class CommunityParticipant:
         r = self._round
         if r is None or msg.round != r.id:
             return self._outside_round(msg)
-        if not _fits_round(r, msg):
+        if not _fits_round(r, msg, self.peer_ids):
             self._ignored[INVALID] += 1
+            return []
+        if r.relay and isinstance(msg, Proposal):
+            r.inbox.ignored[RELAYED] += 1
             return []
         if r.ledger is not None:
             return self._offer_late(r, r.ledger, msg)
@@ -297,16 +304,19 @@ class CommunityParticipant:
         if self._round is not None:  # a new round supersedes the one in progress
             self._ignored.update(self._round.inbox.ignored)
         r = _Round(msg, self.site, self.peer_ids)
-        r.inbox = Inbox(frozenset(self.peer_ids) | {DSO_ID})
+        heard = () if r.relay else self.peer_ids  # whose proposals this site waits for
+        r.inbox = Inbox(frozenset(heard) | {DSO_ID})
         if msg.admm.max_behind:
-            r.ledger = _Ledger((*self.peer_ids, self.site), msg.admm.max_behind)
+            r.ledger = _Ledger((*heard, self.site), msg.admm.max_behind)
         self._round = r
         self._solver = LocalSolver(self.qp, self._rho_diagonal(r))
         out: list[Command] = [self._solve_and_propose(r, 0)]
         early, self._early = [m for m in self._early if m.round == r.id], []
         for m in early:
-            if not _fits_round(r, m):
+            if not _fits_round(r, m, self.peer_ids):
                 self._ignored[INVALID] += 1
+            elif r.relay and isinstance(m, Proposal):
+                r.inbox.ignored[RELAYED] += 1
             elif r.ledger is not None:
                 self._ignored.update(filter(None, [r.ledger.offer(m)]))
             else:
@@ -352,7 +362,7 @@ class CommunityParticipant:
             mine = self.site not in grant.frozen
             proposals = ledger.take(grant)
             if mine:
-                self._update(r, proposals, grant)
+                self._update(r, _theirs(r, self.site, proposals, grant), grant)
             elif grant.envelope is not None:  # the latest grant is the one in force, frozen or not
                 r.granted = (np.asarray(grant.envelope.lo_kw), np.asarray(grant.envelope.up_kw))
             if grant.status != "running":
@@ -378,7 +388,8 @@ class CommunityParticipant:
             messages = r.inbox.advance()
             grant = messages.pop(DSO_ID)
             assert isinstance(grant, Grant)
-            self._update(r, {m.sender: m for m in messages.values() if isinstance(m, Proposal)}, grant)
+            proposals = {m.sender: m for m in messages.values() if isinstance(m, Proposal)}
+            self._update(r, _theirs(r, self.site, proposals, grant), grant)
             if grant.status != "running":
                 self._settle(r)
                 out.append(Finished(self._outcome(r, grant.status, iteration + 1)))
@@ -434,25 +445,20 @@ class CommunityParticipant:
             envelope = EnvelopeRequest(lo_kw=z[lay.block("lo")].tolist(), up_kw=z[lay.block("up")].tolist())
         return Proposal(round=r.id, iteration=iteration, sender=self.site, trades=trades, envelope=envelope)
 
-    def _update(self, r: _Round, proposals: dict[str, Proposal], grant: Grant) -> None:
-        """Every coupling of this community, from its own last proposal and its counterparts'. A peer
-        without a proposal here (frozen by the grant) keeps its couplings with this site as they are."""
+    def _update(self, r: _Round, theirs: dict[str, TradeProposal], grant: Grant) -> None:
+        """Every coupling of this community, from its own last proposal and its counterparts' entries
+        for it (`theirs`, by peer). A peer without one here (frozen by the grant) keeps its couplings
+        with this site as they are."""
         assert r.z is not None
         lay, z = self.qp.layout, r.z
         mine_buy = np.array([z[lay.buy(k)] for k in range(len(self.peer_ids))]).reshape(r.buy.y.shape)
         mine_sell = np.array([z[lay.sell(k)] for k in range(len(self.peer_ids))]).reshape(r.sell.y.shape)
-        frozen = [k for k, p in enumerate(self.peer_ids) if p not in proposals]
+        frozen = [k for k, p in enumerate(self.peer_ids) if p not in theirs]
         theirs_sell = np.array(
-            [
-                _entry(proposals[p], self.site).sell_kw if p in proposals else r.buy.y[k]
-                for k, p in enumerate(self.peer_ids)
-            ]
+            [theirs[p].sell_kw if p in theirs else r.buy.y[k] for k, p in enumerate(self.peer_ids)]
         ).reshape(r.buy.y.shape)
         theirs_buy = np.array(
-            [
-                _entry(proposals[p], self.site).buy_kw if p in proposals else r.sell.y[k]
-                for k, p in enumerate(self.peer_ids)
-            ]
+            [theirs[p].buy_kw if p in theirs else r.sell.y[k] for k, p in enumerate(self.peer_ids)]
         ).reshape(r.sell.y.shape)
         rho_t = r.rho_trade * r.dt_h
         # canonical order: buyer's copy first, as the peer computes it
@@ -550,13 +556,32 @@ class CommunityParticipant:
         return e is None or (len(e.lo_kw) == t and len(e.up_kw) == t)
 
 
-def _fits_round(r: _Round, msg: Proposal | Grant) -> bool:
-    """A grant has an envelope exactly when the round has envelopes, and no more Anderson weights
-    than the round's memory."""
+def _fits_round(r: _Round, msg: Proposal | Grant, peer_ids: tuple[str, ...]) -> bool:
+    """A grant has an envelope exactly when the round has envelopes, no more Anderson weights than
+    the round's memory, and in a relayed round one entry, a horizon long, from every peer it does
+    not freeze."""
     if not isinstance(msg, Grant):
         return True
     w = msg.anderson_weights
-    return (r.lo is None) == (msg.envelope is None) and (w is None or len(w) <= r.memory + 1)
+    if (r.lo is None) != (msg.envelope is None) or (w is not None and len(w) > r.memory + 1):
+        return False
+    if not r.relay:
+        return True
+    if msg.relayed is None:
+        return False
+    horizon = r.buy.y.shape[1]
+    peers = [e.peer for e in msg.relayed]
+    expected = {p for p in peer_ids if p not in msg.frozen}
+    lengths_ok = all(len(e.buy_kw) == horizon and len(e.sell_kw) == horizon for e in msg.relayed)
+    return lengths_ok and len(peers) == len(set(peers)) and set(peers) == expected
+
+
+def _theirs(r: _Round, site: str, proposals: dict[str, Proposal], grant: Grant) -> dict[str, TradeProposal]:
+    """Each peer's entry for `site`, by peer: relayed in the grant, or from the peer's own proposal."""
+    if r.relay:
+        assert grant.relayed is not None  # checked on arrival (`_fits_round`)
+        return {e.peer: e for e in grant.relayed}
+    return {p: _entry(m, site) for p, m in proposals.items()}
 
 
 def _entry(p: Proposal, site: str) -> TradeProposal:

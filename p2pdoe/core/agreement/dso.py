@@ -50,6 +50,7 @@ from p2pdoe.core.schemas.messages import (
     ResidualReport,
     RoundOpen,
     Status,
+    TradeProposal,
     WarmStart,
     warm_start_problem,
 )
@@ -261,6 +262,10 @@ class DsoParticipant:
         self._index = {site: c for c, site in enumerate(plan.sites)}
         self._peer_ids = tuple(tuple(plan.sites[m] for m in peers) for peers in plan.peers)
         self._peer_sets = tuple(frozenset(ids) for ids in self._peer_ids)
+        # (peer m, its row for site c) for every site c: where c's relayed entries come from
+        self._relay_rows = tuple(
+            tuple((m, plan.peers[m].index(c)) for m in peers) for c, peers in enumerate(plan.peers)
+        )
         self._accelerator = Accelerator(settings.anderson) if settings.anderson.memory else None
 
     @property
@@ -350,6 +355,7 @@ class DsoParticipant:
                         max_iterations=s.max_iterations,
                         anderson_memory=s.anderson.memory,
                         max_behind=s.staleness.max_behind,
+                        relay_trades=s.relay_trades,
                     ),
                     initial_trade_price_eur_per_kwh=list(self.plan.initial_trade_price),
                     warm_start=self.plan.warm,
@@ -425,7 +431,9 @@ class DsoParticipant:
                 self._accelerate(before)
             if not frozen:  # a frozen site solved with the rho it was last used with
                 self._adapt_rho(record, iteration)
-        grants: list[Command] = [Publish(g) for g in self._grants(iteration, status, record, frozen)]
+        grants: list[Command] = [
+            Publish(g) for g in self._grants(iteration, status, record, frozen, self._relayed(proposals))
+        ]
         if status != "running":
             st.finished = True
             return [*grants, Finished(self._outcome(status, iteration + 1))]
@@ -542,10 +550,32 @@ class DsoParticipant:
 
     # --- messages and outcome --------------------------------------------------------------------
 
+    def _relayed(self, proposals: dict[str, _Parsed]) -> list[list[TradeProposal]] | None:
+        """Per site, each peer's entry for it from the proposals this iteration used (a frozen peer's
+        is left out), exactly as sent; None unless the round relays trades."""
+        if not self.settings.relay_trades:
+            return None
+        sites = self.plan.sites
+        rows = {site: (p.buy.tolist(), p.sell.tolist()) for site, p in proposals.items()}
+        return [
+            [
+                TradeProposal(peer=sites[m], buy_kw=rows[sites[m]][0][k], sell_kw=rows[sites[m]][1][k])
+                for m, k in self._relay_rows[c]
+                if sites[m] in rows
+            ]
+            for c in range(len(sites))
+        ]
+
     def _grants(
-        self, iteration: int, status: Status, record: IterationRecord, frozen: list[str]
+        self,
+        iteration: int,
+        status: Status,
+        record: IterationRecord,
+        frozen: list[str],
+        relayed: list[list[TradeProposal]] | None = None,
     ) -> list[Grant]:
-        """One grant per site of the round, each with that site's envelope alone."""
+        """One grant per site of the round, each with that site's envelope alone (and its peers'
+        entries for it, in a relayed round)."""
         st, dt = self._s, self.plan.dt_h
         residuals = ResidualReport(
             primal_trade_kw=record.trade.primal_kw,
@@ -578,8 +608,9 @@ class DsoParticipant:
                 next_rho_envelope_eur_per_kw2h=st.rho_envelope,
                 anderson_weights=st.weights if status == "running" else None,
                 frozen=frozen,
+                relayed=None if relayed is None else relayed[c],
             )
-            for site, envelope in zip(self.plan.sites, envelopes, strict=True)
+            for c, (site, envelope) in enumerate(zip(self.plan.sites, envelopes, strict=True))
         ]
 
     def _outcome(self, status: Status, iterations: int) -> DsoOutcome:

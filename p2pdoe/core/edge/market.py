@@ -34,7 +34,7 @@ from p2pdoe.core.cpu import CpuClocks, CpuParts
 from p2pdoe.core.day_configs import daily_calendar, site_config_on
 from p2pdoe.core.edge.commands import DayStarts, SettlementsAgain
 from p2pdoe.core.edge.forecast import forecast_problem, with_forecast
-from p2pdoe.core.effects import Heard, Send
+from p2pdoe.core.effects import Heard, Send, Subscribe, Unsubscribe
 from p2pdoe.core.market import envelope_bounds
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.reader import MarketReader, Message, payment_topic_of, topic_of
@@ -72,7 +72,7 @@ class RoundDone:
     plan: Plan | None  # what the controller follows; None for a round not in force
 
 
-Command = Send | RoundDone | DayStarts | SettlementsAgain
+Command = Send | RoundDone | DayStarts | SettlementsAgain | Subscribe | Unsubscribe
 
 
 def _trading_with(site: str, msg: RoundOpen) -> set[str]:
@@ -105,6 +105,7 @@ class EdgeMarket:
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self.epoch: str | None = None  # the coordinator run that opened the latest round heard
         self._early: list[Message] = []
+        self.hears_peers = True  # subscribed to the peers' proposals (a relayed round needs none)
         self.forecasts: dict[date | None, SiteForecast] = {}  # the newest per day, for its next rounds
         self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
         self.own_start = utc_moment(config.start)
@@ -258,7 +259,7 @@ class EdgeMarket:
             log.info("%s: round %s superseded by %s%s", self.site, old.id, msg.round, again)
             self._over.add((old.id, old.epoch))
             del self.rounds[old.id]
-        out: list[Command] = list(resend)
+        out: list[Command] = [*resend, *self._hear_peers(not msg.admm.relay_trades)]
         config, whole_day = self._config(start, msg.intervals, site)
         if whole_day:
             out.append(DayStarts(start, config))
@@ -288,6 +289,17 @@ class EdgeMarket:
         for m in early:
             out += self._step(r, m)
         return out
+
+    def _hear_peers(self, hear: bool) -> list[Command]:
+        """Subscribe to the peers' proposals, or leave them, as the round needs them. Proposals a
+        new subscription misses are sent again when the coordinator repeats a grant at its deadline."""
+        if hear == self.hears_peers:
+            return []
+        self.hears_peers = hear
+        filters = [topics.proposal("+", p.id) for p in self.config.peers]
+        why = "hearing the peers' proposals" if hear else "the grants relay the peers' trades"
+        log.info("%s: %s", self.site, why)
+        return [Subscribe(f) for f in filters] if hear else [Unsubscribe(f) for f in filters]
 
     def _within_registered(self, qp: CommunityQP, msg: RoundOpen, start: datetime) -> CommunityQP:
         """`qp` requesting envelopes inside the ranges the coordinator checks them against: those of

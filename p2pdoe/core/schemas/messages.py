@@ -42,6 +42,8 @@ class AdmmParameters(Message):
     anderson_memory: Annotated[int, Field(ge=0, le=MAX_ANDERSON_MEMORY)] = 0
     # bounded staleness: the most iterations in a row a site's couplings may stay frozen (0: none)
     max_behind: Annotated[int, Field(ge=0, le=MAX_BEHIND)] = 0
+    # the grants carry each peer's trade entry for their recipient: sites need no peer's proposal
+    relay_trades: bool = False
 
 
 class WarmTrade(Message):
@@ -233,6 +235,9 @@ class Grant(Message):
     # the sites whose proposals this iteration did not use (bounded staleness): their couplings keep
     # their values and prices; a site's next proposal used answers the grant it was last used at
     frozen: list[SiteId] = []
+    # relayed rounds: the entry for the recipient of every peer's proposal this iteration used, as
+    # that peer sent it (`peer` names the peer); None in a round whose sites hear their peers directly
+    relayed: list[TradeProposal] | None = None
 
 
 AgreementMessage = Annotated[RoundOpen | Proposal | Grant, Field(discriminator="kind")]

@@ -220,6 +220,9 @@ class Admm(Model):
     adaptive_rho: AdaptiveRho = AdaptiveRho()
     anderson: Anderson = Anderson()
     staleness: Staleness = Staleness()
+    # the DSO relays each peer's trade entry in the grants, so a site receives one message per
+    # iteration instead of one per peer plus the grant (docs/agreement.md, "Relayed trades")
+    relay_trades: bool = False
 
     @model_validator(mode="after")
     def _no_anderson_with_staleness(self) -> Admm:
