@@ -69,12 +69,15 @@ def _status(site: str, state: str) -> bytes:
     return msg.model_dump_json().encode()
 
 
-async def run_community(transport: Transport, participant: CommunityParticipant) -> CommunityOutcome:
-    """Take part in the next round; return this community's outcome."""
+async def run_community(
+    transport: Transport, participant: CommunityParticipant, hear_peers: bool = True
+) -> CommunityOutcome:
+    """Take part in the next round; return this community's outcome. `hear_peers` False: for a round
+    whose grants relay the peers' trades, so no peer's proposal is needed."""
     driver = _Driver(transport, participant.site)
     await transport.subscribe(topics.round_open("+"))
     await transport.subscribe(topics.grant("+", participant.site))
-    for peer in participant.peer_ids:
+    for peer in participant.peer_ids if hear_peers else ():
         await transport.subscribe(topics.proposal("+", peer))
     status = topics.site(participant.site, "status")
     await transport.publish(status, _status(participant.site, "online"), qos=1, retain=True)

@@ -22,7 +22,6 @@ from p2pdoe.core.agreement.protocol import (
     DUPLICATE,
     INVALID,
     NO_ROUND,
-    RELAYED,
     ROUND_OVER,
     STALE,
     TOO_EARLY,
@@ -267,8 +266,7 @@ class CommunityParticipant:
         if not _fits_round(r, msg, self.peer_ids):
             self._ignored[INVALID] += 1
             return []
-        if r.relay and isinstance(msg, Proposal):
-            r.inbox.ignored[RELAYED] += 1
+        if r.relay and isinstance(msg, Proposal):  # sent on before this site left the peers' topics
             return []
         if r.ledger is not None:
             return self._offer_late(r, r.ledger, msg)
@@ -316,7 +314,7 @@ class CommunityParticipant:
             if not _fits_round(r, m, self.peer_ids):
                 self._ignored[INVALID] += 1
             elif r.relay and isinstance(m, Proposal):
-                r.inbox.ignored[RELAYED] += 1
+                continue
             elif r.ledger is not None:
                 self._ignored.update(filter(None, [r.ledger.offer(m)]))
             else:

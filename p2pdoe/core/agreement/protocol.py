@@ -45,7 +45,6 @@ WRONG_ROUND = "wrong_round"
 INVALID = "invalid"
 NO_ROUND = "no_round"
 ROUND_OVER = "round_over"
-RELAYED = "relayed_round"  # a peer's proposal in a round whose grants relay the peers' entries
 
 
 @dataclass
