@@ -111,7 +111,8 @@ def _first_grant(s: Scenario) -> tuple[CommunityParticipant, Grant]:
             grants += p.dso.handle(Received(cmd.message))
     first = p.communities[0]
     mine = [g.message for g in grants if isinstance(g, Publish) and g.message.recipient == first.site]  # type: ignore[union-attr]
-    assert len(mine) == 1 and isinstance(mine[0], Grant)
+    assert len(mine) == 1
+    assert isinstance(mine[0], Grant)
     return first, mine[0]
 
 
@@ -127,7 +128,8 @@ def test_a_relayed_grant_without_every_peers_entry_is_refused_and_the_real_one_t
         assert site.handle(Received(grant.model_copy(update={"relayed": bad}))) == []
     assert site.ignored == {"invalid": 5}
     (proposal,) = site.handle(Received(grant))
-    assert isinstance(proposal, Publish) and isinstance(proposal.message, Proposal)
+    assert isinstance(proposal, Publish)
+    assert isinstance(proposal.message, Proposal)
     assert proposal.message.iteration == 1
 
 
@@ -169,7 +171,7 @@ def test_an_edge_leaves_its_peers_proposals_in_a_relayed_round_and_hears_them_ag
     assert changes("fourth", relay=False) == []
 
 
-@pytest.mark.parametrize("flag, expected", [(True, True), (False, False), (None, False)])
+@pytest.mark.parametrize(("flag", "expected"), [(True, True), (False, False), (None, False)])
 def test_the_coordinators_relay_trades_overrides_the_configuration(flag: bool | None, expected: bool) -> None:
     from dso_coordinator.service import build_machine
     from dso_coordinator.settings import CoordinatorSettings
