@@ -27,9 +27,9 @@ from p2pdoe.core.agreement.setup import participants
 from p2pdoe.core.cpu import CpuClocks
 from p2pdoe.core.edge.market import EdgeMarket
 from p2pdoe.core.effects import Heard, Subscribe, Unsubscribe
-from p2pdoe.core.scenario import Scenario, StalenessSettings
+from p2pdoe.core.scenario import Scenario, StalenessSettings, admm_settings
 from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, TradeProposal, encode
-from p2pdoe.core.site import coordinator_config, site_config
+from p2pdoe.core.site import admm_spec, coordinator_config, site_config
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.services.agreement_mqtt import run_community, run_coordinator
@@ -180,6 +180,14 @@ def test_the_coordinators_relay_trades_overrides_the_configuration(flag: bool | 
     start = datetime.fromisoformat(cfg.start.replace("Z", "+00:00"))
     settings = CoordinatorSettings(coordinator_config=Path("unused.json"), relay_trades=flag)
     assert build_machine(cfg, settings, start).ctx.cfg.admm.relay_trades is expected
+
+
+def test_the_setting_survives_the_coordinators_configuration(scenario: Scenario) -> None:
+    """`p2pdoe site-config` writes the scenario's ADMM settings into the coordinator's configuration,
+    which reads them back: every setting, the relay's included, comes back as it was."""
+    a = replace(relayed(scenario).admm, staleness=StalenessSettings(3, 0.6), over_relaxation=1.7)
+    assert admm_settings(admm_spec(a)) == a
+    assert admm_settings(coordinator_config(relayed(scenario)).admm).relay_trades
 
 
 @pytest.mark.timeout(240)

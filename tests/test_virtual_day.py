@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -45,6 +45,7 @@ from p2pdoe.cli.virtual_day import VirtualDay, unsigned
 from p2pdoe.core import topics
 from p2pdoe.core.realtime.metering import MeterIntegral
 from p2pdoe.core.realtime.observer import ViolationObserver
+from p2pdoe.core.schemas.messages import Grant
 from p2pdoe.core.schemas.results import DaySummary, RealtimeInfo, Results
 from p2pdoe.core.schemas.runtime import (
     Doe,
@@ -298,6 +299,27 @@ def test_the_same_day_twice_gives_the_same_results_and_messages(four_hours: Ran,
         return [(topic, p) for topic, p in t.raw if topics.parse(topic) is None or "/report/" not in topic]
 
     assert messages(tape) == messages(four_hours.tape)
+
+
+@pytest.mark.slow
+def test_a_relayed_day_ends_as_the_day_whose_sites_hear_their_peers(four_hours: Ran, tmp_path: Path) -> None:
+    """With the grants relaying the trades (docs/agreement.md, "Relayed trades") every round of the day,
+    the rolling ones included, takes the same iterations to the same outcome, and no more messages are
+    ignored on the way."""
+    relayed = replace(S, admm=replace(S.admm, relay_trades=True))
+    tape = Tape()
+    day = VirtualDay(relayed, tmp_path, hours=HOURS, record=tape)
+    tape.day = day
+    results = day.run()
+    kinds = [(topics.parse(t), p) for t, p in tape.raw]
+    grants = [Grant.model_validate_json(p) for t, p in kinds if t is not None and t.kind == "grant"]
+    assert grants
+    assert all(g.relayed is not None for g in grants)
+    assert _fingerprint(results) == _fingerprint(four_hours.results)
+    assert [(i.round, i.iterations) for i in realtime(results).intervals] == [
+        (i.round, i.iterations) for i in realtime(four_hours.results).intervals
+    ]
+    assert results.solver.ignored_messages == four_hours.results.solver.ignored_messages
 
 
 # -- the observer from the broker alone ----------------------------------------------------------------

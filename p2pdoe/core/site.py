@@ -212,6 +212,7 @@ def admm_spec(a: AdmmSettings) -> Admm:
             safeguard_factor=a.anderson.safeguard_factor,
         ),
         staleness=Staleness(max_behind=a.staleness.max_behind, min_fresh_share=a.staleness.min_fresh_share),
+        relay_trades=a.relay_trades,
     )
 
 
