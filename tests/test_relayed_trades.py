@@ -72,10 +72,9 @@ def test_each_grant_carries_its_peers_entries_exactly_as_they_sent_them(scenario
     for it in trace.grants():
         for g in it.grants:
             assert g.relayed is not None
-            assert [e.peer for e in g.relayed] == list(peers[g.recipient])
-            for e in g.relayed:
-                theirs = sent[(e.peer, g.iteration)][g.recipient]
-                assert (e.buy_kw, e.sell_kw) == (theirs.buy_kw, theirs.sell_kw)
+            assert list(g.relayed) == list(peers[g.recipient])
+            for peer, entry in g.relayed.items():
+                assert entry == sent[(peer, g.iteration)][g.recipient]
     assert {who for who, m in trace.delivered if isinstance(m, Proposal)} == {"dso"}  # no site hears one
 
 
@@ -90,7 +89,7 @@ def test_a_relayed_round_with_a_straggler_and_shuffled_deliveries_ends_where_the
     assert trace.dso.status == "converged"
     frozen = [g for it in trace.grants() for g in it.grants if SLOW in g.frozen]
     assert frozen
-    assert all(SLOW not in [e.peer for e in g.relayed or []] for g in frozen)
+    assert all(SLOW not in (g.relayed or {}) for g in frozen)
     gap = abs(trace.dso.trades.y - heard.dso.trades.y).max()
     assert gap <= 1.0, gap  # the schedules agree within the benchmark's 1 kW (the order differs)
     for c, h in zip(trace.communities, heard.communities, strict=True):
@@ -122,9 +121,17 @@ def test_a_relayed_grant_without_every_peers_entry_is_refused_and_the_real_one_t
     site, grant = _first_grant(scenario)
     assert grant.relayed is not None
     entries = grant.relayed
-    short = TradeProposal(peer=entries[0].peer, buy_kw=entries[0].buy_kw[:-1], sell_kw=entries[0].sell_kw)
-    stranger = TradeProposal(peer="nobody", buy_kw=entries[0].buy_kw, sell_kw=entries[0].sell_kw)
-    for bad in (None, entries[1:], [short, *entries[1:]], [*entries, stranger], [entries[0], *entries]):
+    (first, e), *rest = entries.items()
+    short = e.model_copy(update={"buy_kw": e.buy_kw[:-1]})
+    misaddressed = e.model_copy(update={"peer": first})  # the peer's entry for someone else
+    bad_ones: list[dict[str, TradeProposal] | None] = [
+        None,
+        dict(rest),
+        {first: short, **dict(rest)},
+        {**entries, "nobody": e},
+        {first: misaddressed, **dict(rest)},
+    ]
+    for bad in bad_ones:
         assert site.handle(Received(grant.model_copy(update={"relayed": bad}))) == []
     assert site.ignored == {"invalid": 5}
     (proposal,) = site.handle(Received(grant))

@@ -263,7 +263,7 @@ class CommunityParticipant:
         r = self._round
         if r is None or msg.round != r.id:
             return self._outside_round(msg)
-        if not _fits_round(r, msg, self.peer_ids):
+        if not _fits_round(r, msg, self.site, self.peer_ids):
             self._ignored[INVALID] += 1
             return []
         if r.relay and isinstance(msg, Proposal):  # sent on before this site left the peers' topics
@@ -311,7 +311,7 @@ class CommunityParticipant:
         out: list[Command] = [self._solve_and_propose(r, 0)]
         early, self._early = [m for m in self._early if m.round == r.id], []
         for m in early:
-            if not _fits_round(r, m, self.peer_ids):
+            if not _fits_round(r, m, self.site, self.peer_ids):
                 self._ignored[INVALID] += 1
             elif r.relay and isinstance(m, Proposal):
                 continue
@@ -554,10 +554,10 @@ class CommunityParticipant:
         return e is None or (len(e.lo_kw) == t and len(e.up_kw) == t)
 
 
-def _fits_round(r: _Round, msg: Proposal | Grant, peer_ids: tuple[str, ...]) -> bool:
+def _fits_round(r: _Round, msg: Proposal | Grant, site: str, peer_ids: tuple[str, ...]) -> bool:
     """A grant has an envelope exactly when the round has envelopes, no more Anderson weights than
-    the round's memory, and in a relayed round one entry, a horizon long, from every peer it does
-    not freeze."""
+    the round's memory, and in a relayed round an entry for `site`, a horizon long, from every peer
+    it does not freeze and from no one else."""
     if not isinstance(msg, Grant):
         return True
     w = msg.anderson_weights
@@ -568,17 +568,17 @@ def _fits_round(r: _Round, msg: Proposal | Grant, peer_ids: tuple[str, ...]) -> 
     if msg.relayed is None:
         return False
     horizon = r.buy.y.shape[1]
-    peers = [e.peer for e in msg.relayed]
     expected = {p for p in peer_ids if p not in msg.frozen}
-    lengths_ok = all(len(e.buy_kw) == horizon and len(e.sell_kw) == horizon for e in msg.relayed)
-    return lengths_ok and len(peers) == len(set(peers)) and set(peers) == expected
+    entries = msg.relayed.values()
+    fits = all(e.peer == site and len(e.buy_kw) == horizon and len(e.sell_kw) == horizon for e in entries)
+    return fits and msg.relayed.keys() == expected
 
 
 def _theirs(r: _Round, site: str, proposals: dict[str, Proposal], grant: Grant) -> dict[str, TradeProposal]:
     """Each peer's entry for `site`, by peer: relayed in the grant, or from the peer's own proposal."""
     if r.relay:
         assert grant.relayed is not None  # checked on arrival (`_fits_round`)
-        return {e.peer: e for e in grant.relayed}
+        return grant.relayed
     return {p: _entry(m, site) for p, m in proposals.items()}
 
 

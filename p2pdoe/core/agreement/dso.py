@@ -140,6 +140,7 @@ class _Parsed:
     sell: FloatArray
     lo: FloatArray | None  # (T,)
     up: FloatArray | None
+    entries: tuple[TradeProposal, ...] = ()  # the trade entries as sent, in the same order
 
 
 def _warm_trades(plan: RoundPlan, links: list[tuple[int, int]], cold: Agreed) -> Agreed:
@@ -415,7 +416,8 @@ class DsoParticipant:
         box = None if env is None else _series([env.lo_kw, env.up_kw], self.horizon)
         if buy is None or sell is None or (env is not None and box is None):
             return None
-        return _Parsed(buy, sell, None if box is None else box[0], None if box is None else box[1])
+        lo, up = (None, None) if box is None else (box[0], box[1])
+        return _Parsed(buy, sell, lo, up, tuple(trades))
 
     # --- one iteration ---------------------------------------------------------------------------
 
@@ -550,20 +552,15 @@ class DsoParticipant:
 
     # --- messages and outcome --------------------------------------------------------------------
 
-    def _relayed(self, proposals: dict[str, _Parsed]) -> list[list[TradeProposal]] | None:
-        """Per site, each peer's entry for it from the proposals this iteration used (a frozen peer's
-        is left out), exactly as sent; None unless the round relays trades."""
+    def _relayed(self, proposals: dict[str, _Parsed]) -> list[dict[str, TradeProposal]] | None:
+        """Per site, by peer, that peer's entry for it in the proposal this iteration used (a frozen
+        peer's is left out), the very entry it sent; None unless the round relays trades."""
         if not self.settings.relay_trades:
             return None
-        sites = self.plan.sites
-        rows = {site: (p.buy.tolist(), p.sell.tolist()) for site, p in proposals.items()}
+        names = self.plan.sites
         return [
-            [
-                TradeProposal(peer=sites[m], buy_kw=rows[sites[m]][0][k], sell_kw=rows[sites[m]][1][k])
-                for m, k in self._relay_rows[c]
-                if sites[m] in rows
-            ]
-            for c in range(len(sites))
+            {names[m]: proposals[names[m]].entries[k] for m, k in rows if names[m] in proposals}
+            for rows in self._relay_rows
         ]
 
     def _grants(
@@ -572,7 +569,7 @@ class DsoParticipant:
         status: Status,
         record: IterationRecord,
         frozen: list[str],
-        relayed: list[list[TradeProposal]] | None = None,
+        relayed: list[dict[str, TradeProposal]] | None = None,
     ) -> list[Grant]:
         """One grant per site of the round, each with that site's envelope alone (and its peers'
         entries for it, in a relayed round)."""

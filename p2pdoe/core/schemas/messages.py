@@ -235,9 +235,9 @@ class Grant(Message):
     # the sites whose proposals this iteration did not use (bounded staleness): their couplings keep
     # their values and prices; a site's next proposal used answers the grant it was last used at
     frozen: list[SiteId] = []
-    # relayed rounds: the entry for the recipient of every peer's proposal this iteration used, as
-    # that peer sent it (`peer` names the peer); None in a round whose sites hear their peers directly
-    relayed: list[TradeProposal] | None = None
+    # relayed rounds: by peer, that peer's entry for the recipient (`peer` is the recipient) in the
+    # proposal this iteration used, exactly as sent; None in a round whose sites hear their peers
+    relayed: dict[SiteId, TradeProposal] | None = None
 
 
 AgreementMessage = Annotated[RoundOpen | Proposal | Grant, Field(discriminator="kind")]
