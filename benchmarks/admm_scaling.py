@@ -1,6 +1,6 @@
 """Scaling benchmark: the decentralized ADMM agreement against the centralized reference.
 
-    .venv/bin/python benchmarks/admm_scaling.py [--quick] [--out FILE.md]
+    .venv/bin/python benchmarks/admm_scaling.py [--quick] [--cases LABEL ...] [--relay-trades] [--out FILE.md]
 
 For each case (the default scenario at 24 x 1 h and 96 x 15 min, synthetic scenarios with 5 to 50
 communities, full mesh and with each community trading with its 4 electrically nearest, and 100 and
@@ -15,7 +15,9 @@ parallel:
   iteration), per-step times of the communities (all sites and iterations pooled) and of the DSO.
 
 It prints progress to stderr and writes one Markdown table to --out (default stdout). `--quick` runs
-only 5 and 10 communities (a smoke test). docs/benchmarks.md has a run and its reading.
+only 5 and 10 communities (a smoke test), `--cases` the cases named; `--relay-trades` runs every
+case with the grants relaying the trades (docs/agreement.md). docs/benchmarks.md has a run and its
+reading.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class Centralized:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only 5 and 10 communities (smoke test)")
+    parser.add_argument("--cases", nargs="+", help="case labels (default: every case)")
+    parser.add_argument("--relay-trades", action="store_true", help="the grants relay the trades")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (default: stdout)")
     parser.add_argument(
         "--centralized-timeout",
@@ -108,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds after which a centralized solve is stopped and reported as skipped (default 900)",
     )
     args = parser.parse_args(argv)
-    cases = QUICK if args.quick else FULL
+    cases = QUICK if args.quick else (chosen_cases(parser, args.cases) if args.cases else FULL)
+    if args.relay_trades:
+        cases = [relayed(c) for c in cases]
     started = time.perf_counter()
     _log("warming up (imports, first solves)")
     _warm_up()
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"[{i}/{len(cases)}] {case.label}")
         rows.append(_measure(case, args.centralized_timeout))
     total = time.perf_counter() - started
-    text = _markdown(rows) + "\n" + _footer(total, args.quick)
+    relay = "Every round relayed its trades in the grants (--relay-trades).\n" if args.relay_trades else ""
+    text = _markdown(rows) + "\n" + _footer(total, args.quick) + relay
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -257,6 +264,11 @@ def _footer(total_s: float, quick: bool) -> str:
         f"Run {'--quick ' if quick else ''}on {platform.machine()}, Python {platform.python_version()}, "
         f"{mp.cpu_count()} CPUs; {libs}. Total run time {total_s:.0f} s.\n"
     )
+
+
+def relayed(case: Case) -> Case:
+    """The case with the grants relaying the trades (`admm.relay_trades`)."""
+    return Case(case.label, case.scenario, {**(case.overrides or {}), "admm": {"relay_trades": True}})
 
 
 def chosen_cases(parser: argparse.ArgumentParser, labels: list[str]) -> list[Case]:
