@@ -22,7 +22,9 @@ from p2pdoe.services.transport import MqttTransport
 pytestmark = pytest.mark.timeout(240)
 
 
-async def _agree_over(broker: Broker, s: Scenario, policy: Policy) -> tuple[object, tuple[object, ...]]:
+async def _agree_over(
+    broker: Broker, s: Scenario, policy: Policy, hear_peers: bool = True
+) -> tuple[object, tuple[object, ...]]:
     p = participants(s, policy, "day-ahead")
     transports = [MqttTransport(broker.url, f"edge-{c.site}") for c in p.communities]
     coordinator = MqttTransport(broker.url, "coordinator")
@@ -30,7 +32,8 @@ async def _agree_over(broker: Broker, s: Scenario, policy: Policy) -> tuple[obje
         await t.start()
     try:
         edges = [
-            asyncio.create_task(run_community(t, c)) for t, c in zip(transports, p.communities, strict=True)
+            asyncio.create_task(run_community(t, c, hear_peers))
+            for t, c in zip(transports, p.communities, strict=True)
         ]
         dso = await asyncio.wait_for(run_coordinator(coordinator, p.dso), 180)
         outs = tuple(await asyncio.wait_for(asyncio.gather(*edges), 60))
@@ -55,9 +58,17 @@ def test_anderson_weights_travel_in_the_grants_and_keep_the_answer(mqtt_broker: 
     _assert_same_as_in_process(mqtt_broker, {"admm": {"anderson": {"memory": 10}}})
 
 
-def _assert_same_as_in_process(broker: Broker, overrides: dict[str, object] | None = None) -> None:
+def test_a_relayed_round_needs_no_site_to_subscribe_to_a_peer(mqtt_broker: Broker) -> None:
+    """The grants relay the peers' entries (docs/agreement.md, "Relayed trades"): were any peer's
+    proposal still needed, a site that never subscribed to one would wait for ever."""
+    _assert_same_as_in_process(mqtt_broker, {"admm": {"relay_trades": True}}, hear_peers=False)
+
+
+def _assert_same_as_in_process(
+    broker: Broker, overrides: dict[str, object] | None = None, hear_peers: bool = True
+) -> None:
     s = load_scenario("default", overrides)
-    dso, outs = asyncio.run(_agree_over(broker, s, Policy.DYNAMIC))
+    dso, outs = asyncio.run(_agree_over(broker, s, Policy.DYNAMIC, hear_peers))
     reference = run_admm(s, Policy.DYNAMIC)
     qps = participants(s, Policy.DYNAMIC, "x").qps
     over_mqtt = solution(Policy.DYNAMIC, qps, outs, dso, safe_set(s), 0.0)  # type: ignore[arg-type]

@@ -3,11 +3,11 @@ trade entry for that site, exactly as the peer sent it, so a site needs no peer'
 numbers every party updates its couplings with are the same as when the sites hear each other, so
 the round takes the same iterations to the same answer, bit for bit; a grant that lacks an entry is
 refused; an edge agent leaves its peers' proposal topics in such a round and hears them again when a
-round needs them."""
+round needs them. Over a broker: tests/test_agreement_mqtt.py, and the services across processes
+below."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -32,10 +32,8 @@ from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, TradePropos
 from p2pdoe.core.site import admm_spec, coordinator_config, site_config
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
-from p2pdoe.services.agreement_mqtt import run_community, run_coordinator
 from p2pdoe.services.broker import Broker
 from p2pdoe.services.inprocess import Lateness, run_admm
-from p2pdoe.services.transport import MqttTransport
 
 SLOW = "solar-wind-33"
 
@@ -195,36 +193,6 @@ def test_the_setting_survives_the_coordinators_configuration(scenario: Scenario)
     a = replace(relayed(scenario).admm, staleness=StalenessSettings(3, 0.6), over_relaxation=1.7)
     assert admm_settings(admm_spec(a)) == a
     assert admm_settings(coordinator_config(relayed(scenario)).admm).relay_trades
-
-
-@pytest.mark.timeout(240)
-def test_a_relayed_round_over_mosquitto_with_no_site_subscribed_to_a_peer(
-    mosquitto_broker: Broker, scenario: Scenario
-) -> None:
-    """Were any peer's proposal still needed, a site that never subscribed to one would wait for ever."""
-
-    async def agree() -> tuple[object, tuple[object, ...]]:
-        p = participants(relayed(scenario), Policy.DYNAMIC, "day-ahead")
-        edges = [MqttTransport(mosquitto_broker.url, f"edge-{c.site}") for c in p.communities]
-        coordinator = MqttTransport(mosquitto_broker.url, "coordinator")
-        for t in [*edges, coordinator]:
-            await t.start()
-        try:
-            tasks = [
-                asyncio.create_task(run_community(t, c, hear_peers=False))
-                for t, c in zip(edges, p.communities, strict=True)
-            ]
-            dso = await asyncio.wait_for(run_coordinator(coordinator, p.dso), 180)
-            return dso, tuple(await asyncio.wait_for(asyncio.gather(*tasks), 60))
-        finally:
-            for t in [*edges, coordinator]:
-                await t.close()
-
-    dso, outs = asyncio.run(agree())
-    reference = run_admm(scenario, Policy.DYNAMIC)
-    assert dso.iterations == reference.dso.iterations  # type: ignore[attr-defined]
-    for a, b in zip(outs, reference.communities, strict=True):
-        assert np.array_equal(a.z, b.z)  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
