@@ -306,10 +306,7 @@ def test_a_relayed_day_ends_as_the_day_whose_sites_hear_their_peers(four_hours: 
     """With the grants relaying the trades (docs/agreement.md, "Relayed trades") every round of the day,
     the rolling ones included, takes the same iterations to the same outcome, and no more messages are
     ignored on the way."""
-    relayed = replace(S, admm=replace(S.admm, relay_trades=True))
-    tape = Tape()
-    day = VirtualDay(relayed, tmp_path, hours=HOURS, record=tape)
-    tape.day = day
+    day, tape = day_of(tmp_path, HOURS, replace(S, admm=replace(S.admm, relay_trades=True)))
     results = day.run()
     kinds = [(topics.parse(t), p) for t, p in tape.raw]
     grants = [Grant.model_validate_json(p) for t, p in kinds if t is not None and t.kind == "grant"]

@@ -13,6 +13,7 @@ from realtime_helpers import quarter_hour_day
 
 from p2pdoe.cli.virtual_day import VirtualDay
 from p2pdoe.core import topics
+from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.runtime import Doe, MeterReading, Runtime, Telemetry, decode_runtime
 
 S = quarter_hour_day()
@@ -75,8 +76,11 @@ class Tape:
         return self.of(Doe, site, "doe")
 
 
-def day_of(root: Path, hours: float, **options: Any) -> tuple[VirtualDay, Tape]:
+def day_of(
+    root: Path, hours: float, scenario: Scenario | None = None, **options: Any
+) -> tuple[VirtualDay, Tape]:
+    """A virtual day of `scenario` (default S) and the tape of what its broker accepted."""
     tape = Tape()
-    day = VirtualDay(S, root, hours=hours, record=tape, **options)
+    day = VirtualDay(scenario or S, root, hours=hours, record=tape, **options)
     tape.day = day
     return day, tape

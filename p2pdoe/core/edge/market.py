@@ -105,7 +105,7 @@ class EdgeMarket:
         self._over: set[tuple[str, str | None]] = set()  # (round, epoch): finished, superseded, not ours
         self.epoch: str | None = None  # the coordinator run that opened the latest round heard
         self._early: list[Message] = []
-        self.hears_peers = True  # subscribed to the peers' proposals (a relayed round needs none)
+        self._hears_peers = True  # subscribed to the peers' proposals (a relayed round needs none)
         self.forecasts: dict[date | None, SiteForecast] = {}  # the newest per day, for its next rounds
         self.calendar = daily_calendar(config)  # None: its own horizon only, whatever the date
         self.own_start = utc_moment(config.start)
@@ -293,9 +293,9 @@ class EdgeMarket:
     def _hear_peers(self, hear: bool) -> list[Command]:
         """Subscribe to the peers' proposals, or leave them, as the round needs them. Proposals a
         new subscription misses are sent again when the coordinator repeats a grant at its deadline."""
-        if hear == self.hears_peers:
+        if hear == self._hears_peers:
             return []
-        self.hears_peers = hear
+        self._hears_peers = hear
         filters = [topics.proposal("+", p.id) for p in self.config.peers]
         why = "hearing the peers' proposals" if hear else "the grants relay the peers' trades"
         log.info("%s: %s", self.site, why)
