@@ -86,10 +86,11 @@ async def echo_transport(host: str, port: int, v: Variant, total: int) -> float:
 
 def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     v5 = v.protocol == "v5"
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, "bench-echo", protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+        CallbackAPIVersion.VERSION2, "bench-echo", protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311
     )
     state = {"n": 0, "started": 0.0, "elapsed": 0.0}
 
