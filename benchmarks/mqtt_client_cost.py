@@ -10,6 +10,8 @@ next message only when the echo of the last one has come back, so the echo proce
 message at a time, as in lockstep iterations. The echo process reports its own CPU time (user +
 system, all threads) per echo over `--count` messages after a warm-up. Echo clients:
 - `transport`: the project's `MqttTransport` (aiomqtt over paho), what the services use;
+- `aiomqtt`: aiomqtt's `Client` alone (paho under asyncio), without the transport's reconnecting,
+  delivery tracking and inbox;
 - `paho`: paho alone, its own network loop in the process's main thread, no asyncio;
 - `floor`: about the least any Python client can do: a hand-written MQTT 3.1.1 client on asyncio
   streams that parses the fixed header, acknowledges QoS 1 and nothing more (no properties, no
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +58,8 @@ VARIANTS = [
     Variant("transport", "v311", 1),
     Variant("transport", "v5", 0),
     Variant("transport", "v311", 0),
+    Variant("aiomqtt", "v5", 1),
+    Variant("aiomqtt", "v311", 1),
     Variant("paho", "v5", 1),
     Variant("paho", "v311", 1),
     Variant("paho", "v311", 0),
@@ -84,6 +89,31 @@ async def echo_transport(host: str, port: int, v: Variant, total: int) -> float:
         return cpu_s() - started
 
 
+def _no_delay(sock: object) -> None:
+    """Nagle's algorithm off, as the transport does: else every echo waits for a delayed ACK."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def echo_aiomqtt(host: str, port: int, v: Variant, total: int) -> float:
+    import aiomqtt
+
+    version = aiomqtt.ProtocolVersion.V5 if v.protocol == "v5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(host, port, identifier="bench-echo", protocol=version) as client:
+        _no_delay(client._client.socket())
+        await client.subscribe(IN, v.qos)
+        print("ready", flush=True)
+        started, n = 0.0, 0
+        async for message in client.messages:
+            if n == WARM_UP:
+                started = cpu_s()
+            await client.publish(OUT, message.payload, v.qos)
+            n += 1
+            if n == total:
+                return cpu_s() - started
+    raise RuntimeError("the broker closed the connection")
+
+
 def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -95,6 +125,7 @@ def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
     state = {"n": 0, "started": 0.0, "elapsed": 0.0}
 
     def on_connect(c, userdata, flags, reason, properties):  # type: ignore[no-untyped-def]
+        _no_delay(c.socket())
         c.subscribe(IN, v.qos)
 
     def on_subscribe(c, userdata, mid, reasons, properties):  # type: ignore[no-untyped-def]
@@ -180,6 +211,8 @@ async def echo_floor(host: str, port: int, v: Variant, total: int) -> float:
 def echo_main(host: str, port: int, v: Variant, total: int) -> None:
     if v.client == "transport":
         elapsed = asyncio.run(echo_transport(host, port, v, total))
+    elif v.client == "aiomqtt":
+        elapsed = asyncio.run(echo_aiomqtt(host, port, v, total))
     elif v.client == "paho":
         elapsed = echo_paho(host, port, v, total)
     else:
