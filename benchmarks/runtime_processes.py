@@ -22,6 +22,12 @@ solves D ms late (the agent's `--solve-delay-ms`, a gateway slower than its peer
 same names): the last column counts the iterations that closed without some site's new proposal.
 `--relay-trades` runs relayed rounds (the coordinator's option): each site hears only its grant, which
 carries its peers' trade entries.
+`--loop-profile` runs the edge agents under benchmarks/loop_profile.py and adds, per scenario, their
+CPU per iteration by where it went: the MQTT client's callbacks, the transport's tasks, the agent's
+own tasks, asyncio's callbacks, the loop itself, the other threads. These are whole runs (the
+connection, registration and the round's opening included; the imports before the loop starts
+left out) divided by the iterations, so they add up to more than the round's CPU in the main
+table; the recording itself adds a little to every callback.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,6 +55,7 @@ from p2pdoe.services.inprocess import run_admm
 from p2pdoe.services.transport import MqttTransport
 
 DELAY_PROXY = Path(__file__).resolve().parent.parent / "tests" / "delay_proxy.py"
+LOOP_PROFILE = Path(__file__).resolve().parent / "loop_profile.py"
 
 
 async def round_trip_ms(url: str, count: int = 50) -> float:
@@ -129,14 +138,22 @@ def distributed(
     coordinator_url: str | None = None,
     slow_site_ms: float = 0.0,
     coordinator_args: tuple[str, ...] = (),
+    profiles: Path | None = None,
 ) -> Results:
+    """`profiles`: run each edge agent under loop_profile.py, writing `<site>.json` there."""
     s = load_scenario(scenario)
     write_site_configs(s, work)
     py = sys.executable
+
+    def launcher(site: str) -> list[str]:
+        if profiles is None:
+            return [py]
+        return [py, str(LOOP_PROFILE), str(profiles / f"{site}.json")]
+
     agents = [
         subprocess.Popen(
-            [py, "-m", "edge_agent", "--site-config", str(work / "sites" / f"{site}.json"), "--broker", url,
-             "--rounds", "1", "--log-level", "WARNING",
+            [*launcher(site), "-m", "edge_agent", "--site-config", str(work / "sites" / f"{site}.json"),
+             "--broker", url, "--rounds", "1", "--log-level", "WARNING",
              *(["--solve-delay-ms", str(slow_site_ms)] if slow_site_ms and site == s.ids[0] else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -165,13 +182,18 @@ def row(
     coordinator_delay_ms: float = 0.0,
     slow_site_ms: float = 0.0,
     coordinator_args: tuple[str, ...] = (),
+    loop_profile: bool = False,
 ) -> str:
     s = load_scenario(scenario)
     t0 = time.perf_counter()
     inproc = run_admm(s, Policy.DYNAMIC)
     inproc_wall = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp, delayed(url, coordinator_delay_ms) as coordinator_url:
-        r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms, coordinator_args)
+        profiles = Path(tmp) / "profiles" if loop_profile else None
+        if profiles is not None:
+            profiles.mkdir()
+        r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms, coordinator_args, profiles)
+        profile = "" if profiles is None else loop_profile_table(scenario, profiles, r.solver.iterations)
     sv, rt = r.solver, r.runtime
     assert rt is not None
     assert sv.solve_times is not None
@@ -204,7 +226,44 @@ def row(
         f"{cpu_ms / steps_ms:.1f} | {coord_ms:.2f} | {coord_dso_ms:.2f} | {coord_codec_ms:.2f} | "
         f"{coord_ms - coord_dso_ms - coord_codec_ms:.2f} | {coord_ms / dso.median_ms:.1f} | "
         f"{sv.messages_per_iteration:.1f} | {rss:.0f} | {frozen} |"
-    )
+    ) + profile
+
+
+PARTS = {
+    "the MQTT client (paho, aiomqtt)": ("paho", "aiomqtt"),
+    "the transport (p2pdoe.services.transport)": ("services/transport", "services.transport", "delivery"),
+    "asyncio's own callbacks (wakeups, futures)": ("asyncio", "concurrent"),
+}
+
+
+def _part(module: str) -> str:
+    found = (part for part, keys in PARTS.items() if any(k in module for k in keys))
+    return next(found, "the agent's own tasks")
+
+
+def loop_profile_table(scenario: str, profiles: Path, iterations: int) -> str:
+    """The edge agents' CPU per iteration by where it went (means over the agents, whole runs)."""
+    reports = [json.loads(f.read_text()) for f in sorted(profiles.glob("*.json"))]
+    parts: Counter[str] = Counter()
+    callbacks: Counter[str] = Counter()
+    for rep in reports:
+        for name, c in rep["callbacks"].items():
+            parts[_part(c["module"])] += c["cpu_s"]
+            callbacks[name] += c["cpu_s"]
+        callbacks_s = sum(c["cpu_s"] for c in rep["callbacks"].values())
+        parts["the loop itself (selector, scheduling)"] += rep["in_loop_s"] - callbacks_s
+        parts["other threads (the solver thread: steps, encoding)"] += rep["process_s"] - rep["main_thread_s"]
+    scale = 1e3 / len(reports) / iterations
+    lines = [
+        f"\n\nLoop profile of the edge agents, {scenario} (whole runs), ms per iteration:\n",
+        "| where | ms per iteration |",
+        "|---|--:|",
+    ]
+    lines += [f"| {part} | {v * scale:.2f} |" for part, v in parts.most_common()]
+    lines += [f"| total | {sum(parts.values()) * scale:.2f} |", ""]
+    lines += ["| callback | ms per iteration |", "|---|--:|"]
+    lines += [f"| `{name}` | {v * scale:.3f} |" for name, v in callbacks.most_common(10)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -215,6 +274,7 @@ def main() -> None:
     parser.add_argument("--max-behind", type=int, default=0, help="bounded staleness, see above")
     parser.add_argument("--straggler-wait", type=float, default=1.0, help="see above")
     parser.add_argument("--relay-trades", action="store_true", help="the grants relay the trades, see above")
+    parser.add_argument("--loop-profile", action="store_true", help="the edges' loop profile, see above")
     args = parser.parse_args()
     stale = ("--max-behind", str(args.max_behind), "--straggler-wait", str(args.straggler_wait))
     relay = ("--relay-trades",) if args.relay_trades else ()
@@ -244,7 +304,7 @@ def main() -> None:
         print("|" + "---|" * 25)
         for scenario in args.scenarios:
             delays = (args.coordinator_delay_ms, args.slow_site_ms)
-            print(row(scenario, broker.url, rtt, *delays, coordinator_args), flush=True)
+            print(row(scenario, broker.url, rtt, *delays, coordinator_args, args.loop_profile), flush=True)
 
 
 if __name__ == "__main__":
