@@ -33,8 +33,8 @@ from p2pdoe.core.schemas.payments import PaymentGrant, PaymentOpen, PaymentPropo
 from p2pdoe.core.schemas.results import CommunityResult, SolveTimes, Trade
 from p2pdoe.core.schemas.wire import Moment, checked_json
 
-Kw = Annotated[float, Field(allow_inf_nan=False)]
-Watts = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # a finite number, in the unit its field names
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # the same, and not negative
 PriceMove = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # EUR/kWh
 WATT_TOLERANCE = 1.0
 
@@ -61,11 +61,11 @@ class Doe(Message):
     round: RoundId | None  # the round that set it; None for a default envelope
     start: Moment
     duration_s: Annotated[int, Field(gt=0)]
-    lo_kw: Kw
-    up_kw: Kw
-    opModImpLimW: Watts  # noqa: N815 (CSIP-AUS name)
-    opModExpLimW: Watts  # noqa: N815 (CSIP-AUS name)
-    steps_kw: list[tuple[Kw, Kw]] | None = None  # a profile: (lo_kw, up_kw) per step
+    lo_kw: Finite
+    up_kw: Finite
+    opModImpLimW: NonNegative  # noqa: N815 (CSIP-AUS name)
+    opModExpLimW: NonNegative  # noqa: N815 (CSIP-AUS name)
+    steps_kw: list[tuple[Finite, Finite]] | None = None  # a profile: (lo_kw, up_kw) per step
     step_s: Annotated[int, Field(gt=0)] | None = None
 
     _start_utc = field_validator("start")(_utc)
@@ -276,12 +276,12 @@ class Progress(Message):
     round: RoundId
     iteration: Annotated[int, Field(ge=0)]
     status: Status
-    primal_trade_kw: Watts
-    dual_trade_kw: Watts
-    primal_envelope_kw: Watts
-    dual_envelope_kw: Watts
-    eps_trade_kw: Watts  # the primal stopping thresholds
-    eps_envelope_kw: Watts
+    primal_trade_kw: NonNegative
+    dual_trade_kw: NonNegative
+    primal_envelope_kw: NonNegative
+    dual_envelope_kw: NonNegative
+    eps_trade_kw: NonNegative  # the primal stopping thresholds
+    eps_envelope_kw: NonNegative
     # the most any trade or envelope price moved this iteration, and the bound a round needs to stop
     # (absent from coordinators before the price test)
     price_change_max_eur_per_kwh: PriceMove | None = None
@@ -308,20 +308,20 @@ class Telemetry(Message):
     site: SiteId
     ts: Moment
     source: Literal["schedule", "meter"]
-    p_kw: Kw  # net injection, export positive
+    p_kw: Finite  # net injection, export positive
     envelope: Literal["dynamic", "default", "fixed_default", "none"]
-    lo_kw: Kw | None
-    up_kw: Kw | None
+    lo_kw: Finite | None
+    up_kw: Finite | None
     inside: bool | None  # lo_kw <= p_kw <= up_kw; None without an envelope
     round: RoundId | None
     # From the real-time controller (source "meter"): the excess of the measured p over the
     # envelope (0 inside), the levers it moved, the injection it expects next and what remains
     # outside after its correction (non-zero only when its levers cannot restore compliance).
-    excess_kw: Kw | None = None
+    excess_kw: Finite | None = None
     actions: list[Literal["battery", "flex", "pv", "wind"]] = Field(default_factory=list)
-    predicted_kw: Kw | None = None
-    residual_kw: Kw | None = None
-    soc_kwh: Watts | None = None
+    predicted_kw: Finite | None = None
+    residual_kw: Finite | None = None
+    soc_kwh: NonNegative | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -334,16 +334,16 @@ class MeterReading(Message):
     kind: Literal["meter"] = "meter"
     site: SiteId
     ts: Moment
-    p_kw: Kw  # net injection, export positive
-    q_kvar: Kw | None = None
-    pv_kw: Kw | None = None
-    wind_kw: Kw | None = None
-    fixed_load_kw: Kw | None = None
-    flex_kw: Kw | None = None
-    battery_kw: Kw | None = None  # discharge positive
-    soc_kwh: Watts | None = None
-    pv_available_kw: Watts | None = None  # what PV could produce uncurtailed (inverters report it)
-    wind_available_kw: Watts | None = None
+    p_kw: Finite  # net injection, export positive
+    q_kvar: Finite | None = None
+    pv_kw: Finite | None = None
+    wind_kw: Finite | None = None
+    fixed_load_kw: Finite | None = None
+    flex_kw: Finite | None = None
+    battery_kw: Finite | None = None  # discharge positive
+    soc_kwh: NonNegative | None = None
+    pv_available_kw: NonNegative | None = None  # what PV could produce uncurtailed (inverters report it)
+    wind_available_kw: NonNegative | None = None
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -355,10 +355,10 @@ class SetPointMessage(Message):
     kind: Literal["setpoints"] = "setpoints"
     site: SiteId
     ts: Moment
-    battery_kw: Kw  # discharge positive, charge negative
-    pv_cap_kw: Watts | None  # curtailment cap; None: no cap
-    wind_cap_kw: Watts | None
-    flex_kw: Watts
+    battery_kw: Finite  # discharge positive, charge negative
+    pv_cap_kw: NonNegative | None  # curtailment cap; None: no cap
+    wind_cap_kw: NonNegative | None
+    flex_kw: NonNegative
 
     _ts_utc = field_validator("ts")(_utc)
 
@@ -373,18 +373,18 @@ class SiteReport(Message):
     round: RoundId
     status: Status
     iterations: Annotated[int, Field(ge=0)]
-    objective_eur: Kw  # its QP's objective at the agreed point (the sum over sites is ADMM's)
+    objective_eur: Finite  # its QP's objective at the agreed point (the sum over sites is ADMM's)
     community: CommunityResult
     purchases: list[Trade]
     final_solve: str
     solve_times: SolveTimes
-    rss_mb: Watts  # the agent's peak resident memory
-    cpu_s: Watts  # the agent's process CPU time (user + system) from the round's opening to its end
+    rss_mb: NonNegative  # the agent's peak resident memory
+    cpu_s: NonNegative  # the agent's process CPU time (user + system) from the round's opening to its end
     # Parts of cpu_s, each in the thread that spent it (None from an agent that does not measure
     # them): its participant's steps (solves, coupling updates), and decoding and encoding the
     # agreement's messages. The rest is the client stack, the event loop and everything else.
-    cpu_steps_s: Watts | None = None
-    cpu_codec_s: Watts | None = None
+    cpu_steps_s: NonNegative | None = None
+    cpu_codec_s: NonNegative | None = None
     ignored: dict[str, int]  # agreement messages its participant ignored, by reason
     dropped: dict[str, int]  # messages its service dropped before the participant, by reason
 
@@ -404,19 +404,19 @@ class SettlementRecord(Message):
     interval_start: Moment
     duration_s: Annotated[int, Field(gt=0)]
     round: RoundId | None  # the agreement in force (None: no agreement, everything with the grid)
-    measured_kwh: Kw
-    scheduled_kwh: Kw
-    deviation_kwh: Kw
-    p2p_paid_eur: Kw
-    p2p_received_eur: Kw
-    grid_kwh: Kw
-    grid_eur: Kw
-    net_eur: Kw
+    measured_kwh: Finite
+    scheduled_kwh: Finite
+    deviation_kwh: Finite
+    p2p_paid_eur: Finite
+    p2p_received_eur: Finite
+    grid_kwh: Finite
+    grid_eur: Finite
+    net_eur: Finite
     readings: Annotated[int, Field(ge=0)]
-    covered_s: Watts  # seconds of the interval the readings cover
+    covered_s: NonNegative  # seconds of the interval the readings cover
     envelope: Literal["dynamic", "default", "fixed_default", "none"]  # in force at the interval's end
-    lo_kw: Kw | None
-    up_kw: Kw | None
+    lo_kw: Finite | None
+    up_kw: Finite | None
 
     _ts_utc = field_validator("interval_start")(_utc)
 
@@ -432,9 +432,9 @@ class SiteForecast(Message):
     issued: Moment
     start: Moment
     step_s: Annotated[int, Field(gt=0, le=86_400)]
-    pv_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
-    wind_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
-    fixed_load_kw: Annotated[list[Watts], Field(min_length=1, max_length=10_000)] | None = None
+    pv_kw: Annotated[list[NonNegative], Field(min_length=1, max_length=10_000)] | None = None
+    wind_kw: Annotated[list[NonNegative], Field(min_length=1, max_length=10_000)] | None = None
+    fixed_load_kw: Annotated[list[NonNegative], Field(min_length=1, max_length=10_000)] | None = None
 
     _utc_times = field_validator("issued", "start")(_utc)
 
