@@ -13,6 +13,9 @@ system, all threads) per echo over `--count` messages after a warm-up. Echo clie
 - `aiomqtt`: aiomqtt's `Client` alone (paho under asyncio), without the transport's reconnecting,
   delivery tracking and inbox;
 - `paho`: paho alone, its own network loop in the process's main thread, no asyncio;
+- `paho-asyncio`: paho driven from an asyncio loop with no layer between: the socket's reader
+  callback runs paho's read, then writes at once whatever paho queued (what a leaner transport
+  could do in place of aiomqtt);
 - `floor`: about the least any Python client can do: a hand-written MQTT 3.1.1 client on asyncio
   streams that parses the fixed header, acknowledges QoS 1 and nothing more (no properties, no
   retries, no session state). It is a measuring stick, not a client to deploy.
@@ -63,6 +66,8 @@ VARIANTS = [
     Variant("paho", "v5", 1),
     Variant("paho", "v311", 1),
     Variant("paho", "v311", 0),
+    Variant("paho-asyncio", "v5", 1),
+    Variant("paho-asyncio", "v311", 1),
     Variant("floor", "v311", 1),
     Variant("floor", "v311", 0),
 ]
@@ -146,6 +151,48 @@ def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
     return state["elapsed"]
 
 
+async def echo_paho_asyncio(host: str, port: int, v: Variant, total: int) -> float:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+    protocol = mqtt.MQTTv5 if v.protocol == "v5" else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, "bench-echo", protocol=protocol)
+    state = {"n": 0, "started": 0.0}
+
+    def on_connect(c, userdata, flags, reason, properties):  # type: ignore[no-untyped-def]
+        c.subscribe(IN, v.qos)
+
+    def on_subscribe(c, userdata, mid, reasons, properties):  # type: ignore[no-untyped-def]
+        print("ready", flush=True)
+
+    def on_message(c, userdata, message):  # type: ignore[no-untyped-def]
+        if state["n"] == WARM_UP:
+            state["started"] = cpu_s()
+        c.publish(OUT, message.payload, v.qos)  # queued: paho is inside its read callback
+        state["n"] += 1
+        if state["n"] == total and not done.done():
+            done.set_result(cpu_s() - state["started"])
+
+    def readable() -> None:
+        client.loop_read()
+        if client.want_write():
+            client.loop_write()
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect(host, port)  # sends CONNECT at once: no callback is running
+    _no_delay(client.socket())
+    sock = client.socket()
+    assert isinstance(sock, socket.socket)
+    loop.add_reader(sock, readable)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(sock)
+        client.disconnect()
+
+
 def _remaining_length(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -213,6 +260,8 @@ def echo_main(host: str, port: int, v: Variant, total: int) -> None:
         elapsed = asyncio.run(echo_transport(host, port, v, total))
     elif v.client == "aiomqtt":
         elapsed = asyncio.run(echo_aiomqtt(host, port, v, total))
+    elif v.client == "paho-asyncio":
+        elapsed = asyncio.run(echo_paho_asyncio(host, port, v, total))
     elif v.client == "paho":
         elapsed = echo_paho(host, port, v, total)
     else:
