@@ -35,8 +35,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from p2pdoe.services.broker import broker_for_tests
 from p2pdoe.services.transport import MqttTransport
@@ -119,15 +121,14 @@ async def echo_aiomqtt(host: str, port: int, v: Variant, total: int) -> float:
     raise RuntimeError("the broker closed the connection")
 
 
-def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
+def _paho_echo(v: Variant, total: int, finish: Callable[[Any, float], None]) -> Any:
+    """A paho client that echoes every message; `finish(client, cpu_s)` after `total` of them."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    v5 = v.protocol == "v5"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, "bench-echo", protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311
-    )
-    state = {"n": 0, "started": 0.0, "elapsed": 0.0}
+    protocol = mqtt.MQTTv5 if v.protocol == "v5" else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, "bench-echo", protocol=protocol)
+    state = {"n": 0, "started": 0.0}
 
     def on_connect(c, userdata, flags, reason, properties):  # type: ignore[no-untyped-def]
         _no_delay(c.socket())
@@ -142,49 +143,45 @@ def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
         c.publish(OUT, message.payload, v.qos)
         state["n"] += 1
         if state["n"] == total:
-            state["elapsed"] = cpu_s() - state["started"]
-            c.disconnect()
+            finish(c, cpu_s() - state["started"])
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    return client
+
+
+def echo_paho(host: str, port: int, v: Variant, total: int) -> float:
+    elapsed: list[float] = []
+
+    def finish(client: Any, cpu: float) -> None:
+        elapsed.append(cpu)
+        client.disconnect()
+
+    client = _paho_echo(v, total, finish)
     client.connect(host, port)
     client.loop_forever()
-    return state["elapsed"]
+    return elapsed[0]
 
 
 async def echo_paho_asyncio(host: str, port: int, v: Variant, total: int) -> float:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    """paho's read from the socket's reader callback, then at once whatever it queued (a publish
+    from inside paho's own callback is queued, not written)."""
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[float] = loop.create_future()
-    protocol = mqtt.MQTTv5 if v.protocol == "v5" else mqtt.MQTTv311
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, "bench-echo", protocol=protocol)
-    state = {"n": 0, "started": 0.0}
+    def finish(client: Any, cpu: float) -> None:
+        if not done.done():
+            done.set_result(cpu)
 
-    def on_connect(c, userdata, flags, reason, properties):  # type: ignore[no-untyped-def]
-        c.subscribe(IN, v.qos)
-
-    def on_subscribe(c, userdata, mid, reasons, properties):  # type: ignore[no-untyped-def]
-        print("ready", flush=True)
-
-    def on_message(c, userdata, message):  # type: ignore[no-untyped-def]
-        if state["n"] == WARM_UP:
-            state["started"] = cpu_s()
-        c.publish(OUT, message.payload, v.qos)  # queued: paho is inside its read callback
-        state["n"] += 1
-        if state["n"] == total and not done.done():
-            done.set_result(cpu_s() - state["started"])
+    client = _paho_echo(v, total, finish)
 
     def readable() -> None:
         client.loop_read()
         if client.want_write():
             client.loop_write()
 
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     client.connect(host, port)  # sends CONNECT at once: no callback is running
-    _no_delay(client.socket())
     sock = client.socket()
     assert isinstance(sock, socket.socket)
+    loop = asyncio.get_running_loop()
     loop.add_reader(sock, readable)
     try:
         return await done
