@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pdoe.services.broker import broker_for_tests
+from p2pdoe.services.broker_url import parse_broker_url
 from p2pdoe.services.transport import MqttTransport
 
 WARM_UP = 100
@@ -271,9 +272,9 @@ def echo_main(host: str, port: int, v: Variant, total: int) -> None:
 
 async def echo_cpu_us(url: str, v: Variant, count: int, size: int) -> float:
     """The echo process's CPU per echo, in µs."""
-    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    broker = parse_broker_url(url)
     total = count + WARM_UP
-    args = [__file__, "--echo", v.client, v.protocol, str(v.qos), host, port, str(total)]
+    args = [__file__, "--echo", v.client, v.protocol, str(v.qos), broker.host, str(broker.port), str(total)]
     proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     async with MqttTransport(url, "bench-driver") as driver:
