@@ -37,7 +37,7 @@ IMPORTS = (
     ("scipy.sparse", ["scipy.sparse"]),
     ("osqp (and jinja2, for its code generation)", ["osqp"]),
     ("pydantic", ["pydantic"]),
-    ("aiomqtt (asyncio, ssl, paho)", ["aiomqtt"]),
+    ("paho-mqtt (with asyncio and ssl)", ["asyncio", "ssl", "paho.mqtt.client"]),
     ("pydantic-settings", ["pydantic_settings"]),
     ("the edge agent (edge_agent.__main__)", ["edge_agent.__main__"]),
 )

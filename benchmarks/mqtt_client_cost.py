@@ -9,7 +9,8 @@ to another, as an edge in a relayed round hears its grant and sends its proposal
 next message only when the echo of the last one has come back, so the echo process handles one
 message at a time, as in lockstep iterations. The echo process reports its own CPU time (user +
 system, all threads) per echo over `--count` messages after a warm-up. Echo clients:
-- `transport`: the project's `MqttTransport` (aiomqtt over paho), what the services use;
+- `transport`: the project's `MqttTransport`, what the services use (its link drives paho from the
+  loop as `paho-asyncio` below does; before the link, aiomqtt drove it);
 - `aiomqtt`: aiomqtt's `Client` alone (paho under asyncio), without the transport's reconnecting,
   delivery tracking and inbox;
 - `paho`: paho alone, its own network loop in the process's main thread, no asyncio;

@@ -4,7 +4,7 @@ day's agreement over a broker (seven clients in one process) both ways. Prints M
     .venv/bin/python benchmarks/transport_latency.py [--round-trips 50]
 
 Uses a Mosquitto it starts on a free loopback port (the embedded broker if Mosquitto is missing).
-paho, under aiomqtt, leaves Nagle's algorithm on; the transport switches it off.
+paho leaves Nagle's algorithm on; the transport's link switches it off.
 """
 
 from __future__ import annotations

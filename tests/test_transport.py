@@ -372,7 +372,7 @@ def test_the_client_socket_sends_small_packets_at_once(mqtt_broker: Broker) -> N
 
     async def scenario() -> int:
         async with MqttTransport(mqtt_broker.url, "nodelay") as t:
-            sock = t._client._client.socket()  # type: ignore[union-attr]
+            sock = t._client.socket()  # type: ignore[union-attr]
             return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     assert asyncio.run(scenario()) != 0

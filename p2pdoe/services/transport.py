@@ -1,11 +1,12 @@
-"""`MqttTransport`: the `Transport` of the services over MQTT, on aiomqtt (paho-mqtt 2.x).
+"""`MqttTransport`: the `Transport` of the services over MQTT, on paho-mqtt 2.x driven from asyncio.
 
 `mqtt://` or `mqtts://` (TLS 1.2 or later, the broker verified against a CA certificate), with a user
 name and password where the broker asks for them; MQTT v5, or 3.1.1 where the broker refuses v5 (then
 v5-only features such as message expiry are left out); a retained last will; a background task that
-receives and reconnects. A shell: it moves bytes and timers, and asks a sans-I/O `MqttSession`
-(p2pdoe.services.mqtt_session) every decision: which protocol, when to retry or give up, what to renew
-after a reconnect. `Transport` and its types (p2pdoe.services.transport_api) are re-exported here.
+reconnects, each connection an `MqttLink` (p2pdoe.services.mqtt_link). A shell: it moves bytes and
+timers, and asks a sans-I/O `MqttSession` (p2pdoe.services.mqtt_session) every decision: which
+protocol, when to retry or give up, what to renew after a reconnect. `Transport` and its types
+(p2pdoe.services.transport_api) are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,24 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 
-import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt import client as mqtt_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pdoe.services.broker_url import BrokerAddress, parse_broker_url, without_password
 from p2pdoe.services.mqtt_delivery import Delivery
+from p2pdoe.services.mqtt_link import LinkError, LinkOptions, MqttLink
 from p2pdoe.services.mqtt_session import (
     STABLE_S,
     Attempt,
@@ -59,7 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-PENDING_CALLS_WARNING = 1024  # unacknowledged calls beyond which aiomqtt warns
 
 
 def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
@@ -73,34 +69,8 @@ def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
     return context
 
 
-def _no_delay(client: aiomqtt.Client) -> None:
-    """Send small packets at once. paho leaves Nagle's algorithm on, and with the peer's delayed ACK
-    every hop of a request/response waited ~40 ms (measured here: a ping-pong through Mosquitto took
-    87 ms a round trip before, see tests/test_transport.py)."""
-    sock = client._client.socket()
-    if sock is not None and hasattr(sock, "setsockopt"):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _connack_code(exc: aiomqtt.MqttError) -> int | None:
-    """The CONNACK's return (3.1.1) or reason (v5) code of a refused connection, else None."""
-    if not isinstance(exc, MqttConnectError):
-        return None
-    rc = exc.rc
-    return int(rc.value) if isinstance(rc, ReasonCode) else rc
-
-
-def _as_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if payload is None:
-        return b""
-    return str(payload).encode()
-
-
 class MqttTransport:
-    """`Transport` over MQTT with aiomqtt. Use as `async with MqttTransport(...) as t:`.
+    """`Transport` over MQTT. Use as `async with MqttTransport(...) as t:`.
 
     Entering connects (retrying with the backoff) and starts a background task that receives messages
     and reconnects; leaving disconnects cleanly, so the last will is *not* published.
@@ -139,7 +109,7 @@ class MqttTransport:
             protocol, has_will=will is not None, backoff=backoff or Backoff(), rng=rng or random.Random()
         )
         self._inbox: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttLink | None = None
         self._connected = asyncio.Event()
         self._failure: BaseException | None = None
         self._gave_up = False
@@ -214,12 +184,10 @@ class MqttTransport:
             lost = self._lost
             assert lost is not None  # set before the connection counts as ready
             properties = self._expiry(expiry_s)  # once connected: on 3.1.1 there is no expiry
-            sending = asyncio.ensure_future(
-                client.publish(topic, payload, qos, retain, properties, timeout=math.inf)
-            )
+            sending = client.publish(topic, payload, qos, retain, properties)
             delivery = Delivery(self.client_id, topic, self._timeout_s, 2 * self._keepalive_s, self._slow_ack)
             try:
-                if await delivery.acknowledged(sending, lost, client._client.is_connected):
+                if await delivery.acknowledged(sending, lost, client.is_connected):
                     return
             finally:
                 if not sending.done():
@@ -241,14 +209,14 @@ class MqttTransport:
         self._session.subscribe(topic_filter, qos)
         client = self._client
         if client is not None and self._connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect will renew it
+            with contextlib.suppress(LinkError):  # a reconnect will renew it
                 await client.subscribe(topic_filter, qos=qos)
 
     async def unsubscribe(self, topic_filter: str) -> None:
         self._session.unsubscribe(topic_filter)
         client = self._client
         if client is not None and self._connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError):
+            with contextlib.suppress(LinkError):
                 await client.unsubscribe(topic_filter)
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
@@ -280,7 +248,7 @@ class MqttTransport:
 
     # -- the connection loop ----------------------------------------------------------------------
 
-    async def _ready(self) -> aiomqtt.Client:
+    async def _ready(self) -> MqttLink:
         while True:
             if self._task is None or self._task.done():
                 raise TransportError(f"{self.client_id}: transport not running ({self._failure})")
@@ -297,52 +265,51 @@ class MqttTransport:
         finally:
             waiter.cancel()
 
-    def _make_client(self, attempt: Attempt) -> aiomqtt.Client:
+    def _link_options(self, attempt: Attempt) -> LinkOptions:
         will = self._will if attempt.will else None
         v5 = attempt.protocol == "v5"
         keep = self._session_expiry_s > 0 and not attempt.probe
-        return aiomqtt.Client(
+        return LinkOptions(
             self._address.host,
             self._address.port,
-            username=self._username,
-            password=self._password() if callable(self._password) else self._password,
             # a probe only asks whether the broker speaks v5: under an id of its own, so it neither
             # takes over nor resumes (nor, being clean, wipes) this client's session
-            identifier=f"{self.client_id}-probe" if attempt.probe else self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1, retain=True),
+            f"{self.client_id}-probe" if attempt.probe else self.client_id,
+            v5=v5,
+            username=self._username,
+            password=self._password() if callable(self._password) else self._password,
+            will=None if will is None else (will.topic, will.payload),
             clean_session=None if v5 else not keep,
             clean_start=(not keep) if v5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
             properties=self._connect_properties() if v5 and keep else None,
-            keepalive=self._keepalive_s,
-            timeout=self._timeout_s,
-            tls_context=self._tls,
+            keepalive_s=self._keepalive_s,
+            timeout_s=self._timeout_s,
+            tls=self._tls,
         )
 
-    async def _open(self, attempt: Attempt) -> aiomqtt.Client:
-        client = self._make_client(attempt)
-        # A coordinator's grants to every site are in flight together by design; aiomqtt would warn
-        # once per publish beyond 10 (thousands of lines an hour at 20 sites).
-        client.pending_calls_threshold = PENDING_CALLS_WARNING
-        await client.__aenter__()
-        _no_delay(client)
-        return client
+    async def _open(self, attempt: Attempt) -> MqttLink:
+        link = MqttLink(self._link_options(attempt), self._deliver)
+        await link.open()
+        return link
 
-    async def _connect(self) -> aiomqtt.Client:
+    def _deliver(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._inbox.put_nowait(InboundMessage(topic, payload, retained=retained))
+
+    async def _connect(self) -> MqttLink:
         """One attempt to connect: open what the session asks for (a v5 probe, a fallback to 3.1.1)."""
         attempt = self._session.next_attempt()
         while True:
             try:
                 client = await self._open(attempt)
-            except aiomqtt.MqttError as exc:
-                fallback = self._session.refused(attempt, _connack_code(exc))
+            except LinkError as exc:
+                fallback = self._session.refused(attempt, exc.rc)
                 if fallback is None:
                     raise
                 log.info("%s: broker refused MQTT v5; using 3.1.1", self.client_id)
                 attempt = fallback
                 continue
             if attempt.probe:  # it only asked whether the broker speaks v5
-                await client.__aexit__(None, None, None)
+                await client.close()
             follow_up = self._session.opened(attempt)
             if follow_up is None:
                 return client
@@ -362,7 +329,7 @@ class MqttTransport:
         while True:
             try:
                 client = await self._connect()
-            except aiomqtt.MqttError as exc:
+            except LinkError as exc:
                 self._failure = exc
                 if await self._retry_after(exc):
                     continue
@@ -376,7 +343,7 @@ class MqttTransport:
                 if self._session.connections > 1:
                     log.info("%s: connected again (connection %d)", self.client_id, self._session.connections)
                 await self._receive(client)
-            except aiomqtt.MqttError as exc:
+            except LinkError as exc:
                 self._failure = exc
                 log.info("%s: connection lost (%s); reconnecting", self.client_id, exc)
             finally:
@@ -394,9 +361,9 @@ class MqttTransport:
             )  # fmt: skip
         return delay_s
 
-    async def _retry_after(self, exc: aiomqtt.MqttError) -> bool:
+    async def _retry_after(self, exc: LinkError) -> bool:
         """Wait as long as the session says after a failed attempt; False when it says to give up."""
-        decision = self._session.connect_failed(_connack_code(exc), str(exc))
+        decision = self._session.connect_failed(exc.rc, str(exc))
         if isinstance(decision, GiveUp):
             log.warning("%s: giving up after %d attempts: %s", self.client_id, decision.attempts, exc)
             self._gave_up = True
@@ -406,7 +373,7 @@ class MqttTransport:
         await asyncio.sleep(decision.delay_s)
         return True
 
-    async def _renew(self, client: aiomqtt.Client) -> None:
+    async def _renew(self, client: MqttLink) -> None:
         """Send what the session renews on a fresh connection: subscriptions, then retained state."""
         for renewal in self._session.connected(time.monotonic()):
             if isinstance(renewal, Subscribe):
@@ -415,19 +382,19 @@ class MqttTransport:
                 expiry = self._expiry(renewal.expiry_s)
                 await client.publish(renewal.topic, renewal.payload, qos=1, retain=True, properties=expiry)
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for m in client.messages:
-            message = InboundMessage(m.topic.value, _as_bytes(m.payload), retained=bool(m.retain))
-            self._inbox.put_nowait(message)
+    async def _receive(self, client: MqttLink) -> None:
+        """Wait while the link delivers into the inbox; raise when it ends."""
+        reason = await asyncio.shield(client.ended)
+        raise LinkError(f"disconnected: {reason}")
 
-    async def _drop(self, client: aiomqtt.Client) -> None:
+    async def _drop(self, client: MqttLink) -> None:
         self._connected.clear()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         self._client = None
         # Clean DISCONNECT when we are closing; a no-op error when the link is already gone.
-        with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
-            await asyncio.shield(client.__aexit__(None, None, None))
+        with contextlib.suppress(LinkError, asyncio.CancelledError):
+            await asyncio.shield(client.close())
 
 
 async def connect_within(url: str, client_id: str, timeout_s: float, **kwargs: object) -> MqttTransport:

@@ -1,5 +1,5 @@
 """What the services see of a message broker, pure: the `Transport` protocol, its message types and
-its error. Both implementations speak it: `MqttTransport` (p2pdoe.services.transport, on aiomqtt) and
+its error. Both implementations speak it: `MqttTransport` (p2pdoe.services.transport, on paho-mqtt) and
 `MemoryTransport` (p2pdoe.services.transport_memory, in one process); this module imports neither
 asyncio nor an MQTT library. `p2pdoe.services.transport` re-exports all of it.
 """
