@@ -22,12 +22,13 @@ solves D ms late (the agent's `--solve-delay-ms`, a gateway slower than its peer
 same names): the last column counts the iterations that closed without some site's new proposal.
 `--relay-trades` runs relayed rounds (the coordinator's option): each site hears only its grant, which
 carries its peers' trade entries.
-`--loop-profile` runs the edge agents under benchmarks/loop_profile.py and adds, per scenario, their
-CPU per iteration by where it went: the MQTT client's callbacks, the transport's tasks, the agent's
-own tasks, asyncio's callbacks, the loop itself, the other threads. These are whole runs (the
-connection, registration and the round's opening included; the imports before the loop starts
-left out) divided by the iterations, so they add up to more than the round's CPU in the main
-table; the recording itself adds a little to every callback.
+`--loop-profile` runs every participant under benchmarks/loop_profile.py and adds, per scenario,
+the edge agents' CPU per iteration by where it went, then the coordinator's: the MQTT client's
+callbacks, the transport's tasks, the agent's own tasks, asyncio's callbacks, the loop itself, the
+other threads. These are whole runs (the connection, registration and the round's opening
+included; the imports before the loop starts left out) divided by the iterations, so they add up
+to more than the round's CPU in the main table; the recording itself adds a little to every
+callback.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from p2pdoe.core.schemas.results import Results
@@ -56,6 +58,7 @@ from p2pdoe.services.transport import MqttTransport
 
 DELAY_PROXY = Path(__file__).resolve().parent.parent / "tests" / "delay_proxy.py"
 LOOP_PROFILE = Path(__file__).resolve().parent / "loop_profile.py"
+COORDINATOR_PROFILE = "dso-coordinator"  # its loop profile's file name, beside the sites'
 
 
 async def round_trip_ms(url: str, count: int = 50) -> float:
@@ -147,15 +150,14 @@ def distributed(
     coordinator_args: tuple[str, ...] = (),
     profiles: Path | None = None,
 ) -> Results:
-    """`profiles`: run each edge agent under loop_profile.py, writing `<site>.json` there."""
+    """`profiles`: run every participant under loop_profile.py, writing `<site>.json` there for each
+    edge agent and `dso-coordinator.json` for the coordinator."""
     s = load_scenario(scenario)
     write_site_configs(s, work)
     py = sys.executable
 
-    def launcher(site: str) -> list[str]:
-        if profiles is None:
-            return [py]
-        return [py, str(LOOP_PROFILE), str(profiles / f"{site}.json")]
+    def launcher(name: str) -> list[str]:
+        return [py] if profiles is None else [py, str(LOOP_PROFILE), str(profiles / f"{name}.json")]
 
     agents = [
         subprocess.Popen(
@@ -168,9 +170,10 @@ def distributed(
     ]  # fmt: skip
     try:
         subprocess.run(
-            [py, "-m", "dso_coordinator", "--coordinator-config", str(work / "coordinator.json"),
-             "--broker", coordinator_url or url, "--out", str(work), "--exit-after-round",
-             "--registration-timeout-s", "300", "--log-level", "WARNING", *coordinator_args],
+            [*launcher(COORDINATOR_PROFILE), "-m", "dso_coordinator",
+             "--coordinator-config", str(work / "coordinator.json"), "--broker", coordinator_url or url,
+             "--out", str(work), "--exit-after-round", "--registration-timeout-s", "300",
+             "--log-level", "WARNING", *coordinator_args],
             check=True, timeout=1800,
         )  # fmt: skip
     finally:
@@ -200,7 +203,7 @@ def row(
         if profiles is not None:
             profiles.mkdir()
         r = distributed(scenario, url, Path(tmp), coordinator_url, slow_site_ms, coordinator_args, profiles)
-        profile = "" if profiles is None else loop_profile_table(scenario, profiles, r.solver.iterations)
+        profile = "" if profiles is None else loop_profile_tables(scenario, profiles, r.solver.iterations)
     sv, rt = r.solver, r.runtime
     assert rt is not None
     assert sv.solve_times is not None
@@ -248,9 +251,8 @@ def _part(module: str) -> str:
     return next(found, "the agent's own tasks")
 
 
-def loop_profile_table(scenario: str, profiles: Path, iterations: int) -> str:
-    """The edge agents' CPU per iteration by where it went (means over the agents, whole runs)."""
-    reports = [json.loads(f.read_text()) for f in sorted(profiles.glob("*.json"))]
+def loop_profile_table(title: str, reports: list[dict[str, Any]], iterations: int) -> str:
+    """CPU per iteration by where it went (means over the processes, whole runs)."""
     parts: Counter[str] = Counter()
     callbacks: Counter[str] = Counter()
     for rep in reports:
@@ -262,7 +264,7 @@ def loop_profile_table(scenario: str, profiles: Path, iterations: int) -> str:
         parts["other threads (the solver thread: steps, encoding)"] += rep["process_s"] - rep["main_thread_s"]
     scale = 1e3 / len(reports) / iterations
     lines = [
-        f"\n\nLoop profile of the edge agents, {scenario} (whole runs), ms per iteration:\n",
+        f"\n\nLoop profile of {title} (whole runs), ms per iteration:\n",
         "| where | ms per iteration |",
         "|---|--:|",
     ]
@@ -273,6 +275,16 @@ def loop_profile_table(scenario: str, profiles: Path, iterations: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loop_profile_tables(scenario: str, profiles: Path, iterations: int) -> str:
+    """The edge agents' table, then the coordinator's."""
+    files = sorted(f for f in profiles.glob("*.json") if f.stem != COORDINATOR_PROFILE)
+    edges = [json.loads(f.read_text()) for f in files]
+    coordinator = json.loads((profiles / f"{COORDINATOR_PROFILE}.json").read_text())
+    return loop_profile_table(f"the edge agents, {scenario}", edges, iterations) + loop_profile_table(
+        f"the coordinator, {scenario}", [coordinator], iterations
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--scenarios", nargs="+", default=["default", "synthetic-20-peers4"])
@@ -281,7 +293,7 @@ def main() -> None:
     parser.add_argument("--max-behind", type=int, default=0, help="bounded staleness, see above")
     parser.add_argument("--straggler-wait", type=float, default=1.0, help="see above")
     parser.add_argument("--relay-trades", action="store_true", help="the grants relay the trades, see above")
-    parser.add_argument("--loop-profile", action="store_true", help="the edges' loop profile, see above")
+    parser.add_argument("--loop-profile", action="store_true", help="loop profiles, see above")
     args = parser.parse_args()
     stale = ("--max-behind", str(args.max_behind), "--straggler-wait", str(args.straggler_wait))
     relay = ("--relay-trades",) if args.relay_trades else ()
