@@ -106,3 +106,29 @@ def test_an_unreachable_broker_is_a_link_error() -> None:
     error = _run(scenario())
     assert error is not None
     assert error.rc is None
+
+
+def test_a_link_cancelled_while_opening_leaves_nothing_behind() -> None:
+    """Cancelled while it waits for a CONNACK that never comes (a TCP server that says nothing): no
+    keep-alive task, no socket watched by the loop, the socket closed, `ended` with the reason."""
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        async with server:
+            link = MqttLink(LinkOptions("127.0.0.1", port, "mute"), lambda *_: None)
+            opening = asyncio.ensure_future(link.open())
+            while link._fd is None:  # the handshake is done; the CONNACK is awaited
+                await asyncio.sleep(0.01)
+            fd = link._fd
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            await asyncio.sleep(0)
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("mqtt-keepalive")]
+            assert link.socket() is None
+            assert link._fd is None
+            assert not loop.remove_reader(fd)  # nothing was left registered
+            assert link.ended.result() == "cancelled while connecting"
+
+    _run(scenario())

@@ -27,6 +27,7 @@ from p2pdoe.services.broker import (
     free_port,
     mosquitto_config,
 )
+from p2pdoe.services.mqtt_link import LinkError
 from p2pdoe.services.transport import (
     Backoff,
     InboundMessage,
@@ -166,6 +167,59 @@ def test_cancelled_start_leaves_nothing_running() -> None:
         assert not [task for task in asyncio.all_tasks() if task.get_name() == "mqtt-impatient"]
 
     run(main(), 10)
+
+
+class _DropsItsFirstConnection(MqttTransport):
+    """Its first connection ends the moment it is ready, before `start` can look: what a broker
+    that closes a fresh connection (amqtt 0.12.1 did, on a race of its own) does."""
+
+    async def _receive(self, client: Any) -> None:
+        if self.connections == 1:
+            raise LinkError("dropped at once")
+        await super()._receive(client)
+
+
+def test_a_connection_that_drops_at_once_is_still_a_start(mqtt_broker: Broker) -> None:
+    """`start` returns once a connection was ready, even if it dropped since: the transport reconnects
+    by itself. (It used to report "cannot connect" and stop the service.)"""
+
+    async def main() -> None:
+        t = _DropsItsFirstConnection(mqtt_broker.url, "flaky", backoff=FAST)
+        try:
+            await t.start()
+            await t.publish("p2pdoe/test/flaky", b"sent on the second connection")
+            assert t.connections == 2
+        finally:
+            await t.close()
+
+    run(main())
+
+
+def test_the_embedded_broker_survives_subscriptions_while_a_client_connects(embedded_broker: Broker) -> None:
+    """amqtt 0.12.1 sends a new client retained messages in a loop over every subscription filter,
+    awaiting inside; a filter added meanwhile ended the loop with "dictionary changed size during
+    iteration" and closed the new client's connection. Many filters, retained messages and clients
+    connecting while another subscribes make that race likely; none of them may lose a connection."""
+
+    async def main() -> None:
+        async with transport(embedded_broker, "loader") as loader:
+            for i in range(60):
+                await loader.publish(f"p2pdoe/test/r/{i}", b"kept", retain=True)
+                await loader.subscribe(f"p2pdoe/test/r/{i}")
+
+            async def subscribe_more() -> None:
+                await asyncio.gather(*(loader.subscribe(f"p2pdoe/test/n/{i}") for i in range(300)))
+
+            clients = [transport(embedded_broker, f"late-{i}") for i in range(6)]
+            try:
+                await asyncio.gather(subscribe_more(), *(c.start() for c in clients))
+                await asyncio.gather(*(c.subscribe("p2pdoe/test/late") for c in clients))
+                await asyncio.sleep(0.5)
+                assert [c.connections for c in clients] == [1] * 6
+            finally:
+                await asyncio.gather(*(c.close() for c in clients))
+
+    run(main(), 40)
 
 
 # -- over a broker ----------------------------------------------------------------------------------------

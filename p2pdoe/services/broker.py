@@ -348,11 +348,25 @@ def embedded_config(host: str, port: int) -> dict[str, object]:
     }
 
 
+class SnapshotLoops(dict):  # type: ignore[type-arg]
+    """A dict whose loops run over a copy. amqtt 0.12.1 awaits inside loops over its subscriptions
+    (sending a new client the retained messages, broadcasting), so a client subscribing meanwhile
+    ended the loop with "dictionary changed size during iteration", and with it the other client's
+    connection (seen in one demo run in two)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().__iter__()))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+
 async def serve_embedded(host: str, port: int, stop: asyncio.Event | None = None) -> None:
     """Run amqtt in this event loop until `stop` is set (forever without one)."""
     from amqtt.broker import Broker as AmqttBroker
 
     broker = AmqttBroker(embedded_config(host, port))
+    broker._subscriptions = SnapshotLoops(broker._subscriptions)
     await broker.start()
     try:
         await (stop or asyncio.Event()).wait()

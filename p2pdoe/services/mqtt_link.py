@@ -112,13 +112,17 @@ class MqttLink:
     async def open(self) -> None:
         """Connect (the TCP and TLS handshakes in a thread: they block), then wait for the CONNACK."""
         o = self.options
+        connecting = asyncio.ensure_future(asyncio.to_thread(
+            self._client.connect, o.host, o.port, o.keepalive_s,
+            clean_start=o.clean_start, properties=o.properties,
+        ))  # fmt: skip
         try:
-            await asyncio.to_thread(
-                self._client.connect, o.host, o.port, o.keepalive_s,
-                clean_start=o.clean_start, properties=o.properties,
-            )  # fmt: skip
+            await asyncio.shield(connecting)
         except (OSError, ValueError) as exc:
             raise LinkError(str(exc) or type(exc).__name__) from None
+        except asyncio.CancelledError:  # the thread goes on: close what it opens once it is done
+            connecting.add_done_callback(self._closed_after_handshake)
+            raise
         sock = self._client.socket()
         if not isinstance(sock, socket.socket):
             raise LinkError("the connection closed while opening")
@@ -133,9 +137,14 @@ class MqttLink:
         except TimeoutError:
             self._abort("no CONNACK")
             raise LinkError(f"no CONNACK within {o.timeout_s:g} s") from None
-        except LinkError:
-            self._abort("refused")
+        except BaseException as exc:  # refused, or cancelled while waiting: leave nothing behind
+            self._abort("refused" if isinstance(exc, LinkError) else "cancelled while connecting")
             raise
+
+    def _closed_after_handshake(self, connecting: asyncio.Future[Any]) -> None:
+        if not connecting.cancelled() and connecting.exception() is None:
+            self._client._sock_close()
+        self._end("cancelled while connecting")
 
     async def close(self) -> None:
         """A clean DISCONNECT (so the broker does not publish the last will), then the socket closed."""

@@ -133,13 +133,14 @@ class MqttTransport:
         """Connect (retrying per the backoff) and start receiving in the background."""
         if self._task is not None:
             return
-        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
+        task = self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
         try:
-            await self._connected_or_ended(self._task)
+            await self._connected_or_ended(task)
         except BaseException:  # cancelled while connecting: leave nothing running
             await self.close()
             raise
-        if not self._connected.is_set():
+        # Connected once is started, even if that connection has dropped since: it reconnects itself.
+        if task.done():
             failure = self._failure
             await self.close()
             raise TransportError(f"cannot connect to {without_password(self.url)}: {failure}") from failure
