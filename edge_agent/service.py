@@ -43,6 +43,7 @@ from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
 from p2pdoe.core.effects import Fault, Heard, Send, Subscribe, Unsubscribe
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
+from p2pdoe.core.schemas.messages import RoundOpen
 from p2pdoe.core.schemas.runtime import MeterReading, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.clock import Clock
@@ -215,9 +216,11 @@ class EdgeService:
                     continue
                 site = self._snapshot() if m.topic.endswith("/open") else None
                 may_solve = self.market.heavy(msg)
+                # An opening builds and factors the site's problem: off the loop. An iteration's step
+                # is one warm-started solve, cheaper on the loop than the hop to a thread and back.
                 commands = (
                     await asyncio.to_thread(self.market.handle, msg, site)
-                    if self.offload and may_solve
+                    if self.offload and isinstance(msg, RoundOpen)
                     else self.market.handle(msg, site)
                 )
                 if may_solve and self.solve_delay:
