@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator meter_sim tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check p2pdoe edge_agent dso_coordinator meter_sim tests
