@@ -1,0 +1,386 @@
+"""A polish of ADMM's answer from the participants' own multipliers: does it land on the optimum,
+and how early? (issue 18, items 1 and 2; an exploration, emulated in one process)
+
+    .venv/bin/python benchmarks/polish_explore.py [--cases default synthetic-50] \
+        [--eps 0.002 0.02 0.05 0.1] [--baselines]
+
+For each case and stopping tolerance `eps_abs_kw` it runs ADMM in process (`run_admm`, the residual
+test alone), recording each community's last local multipliers (its OSQP solve's y). The polish then
+takes as the active set of the whole day's QP (every community's rows, reciprocity, the DSO's safe
+set): each community's rows with a nonzero multiplier (what the community knows), the DSO's safe rows
+its granted envelopes hold at a bound (what the DSO knows), every equality; solves that
+equality-constrained KKT system, adds the rows it violates and solves again (at most
+`MAX_CORRECTIONS` times). The KKT is solved here as one sparse system; a decentralized polish would
+solve the same system by a Schur complement (each site sends the response of its coupling values to
+prices at its active set, the DSO solves for the prices): the last column gives that block's size.
+
+A cell: ADMM's iterations: ADMM's worst schedule difference from the optimum (kW) -> the polished
+one's / the polished objective's gap (% of the gross energy cost) / corrections; "failed" when rows
+are still violated after the corrections. The optimum is the same QP solved by Clarabel at 1e-12.
+`--baselines` adds two polishes that do not work here, for the record: OSQP on the whole day with
+its own polish (eps 1e-3), and an active set read from ADMM's schedules (rows within 1e-3 of a
+bound) with primal-dual active-set corrections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import clarabel
+import numpy as np
+import osqp
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
+
+from p2pdoe.analysis.results import build_results
+from p2pdoe.core.agreement.local_solver import LocalSolve, LocalSolver
+from p2pdoe.core.community import CommunityQP
+from p2pdoe.core.envelope import safe_set
+from p2pdoe.core.market import community_qps, trade_links
+from p2pdoe.core.network import FloatArray
+from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.solution import Policy, schedule_from_z
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.reference.centralized import solve_centralized
+from p2pdoe.services.inprocess import run_admm
+
+ACTIVE_TOL = 1e-3  # baseline: a row within this of a bound (in its own unit) starts active
+REG = 1e-9  # the KKT's primal and dual regularisation, refined away
+MAX_CORRECTIONS = 10
+VIOLATION = 1e-6  # a row violated by more joins the active set
+OPTIMUM_TOL = 1e-12  # Clarabel's gaps and feasibility for the optimum
+DEFAULT_CASES = ("default", "default, 15 min", "synthetic-10-peers4", "synthetic-20-peers4")
+DEFAULT_EPS = (0.002, 0.02, 0.05, 0.1)
+DUAL_TOL = 1e-7  # a multiplier beyond this makes its row active
+
+
+@dataclass(frozen=True)
+class DayQP:
+    """The whole day as one QP: min 1/2 x'Px + q'x, l <= Ax <= u."""
+
+    p: FloatArray
+    q: FloatArray
+    a: sp.csr_matrix
+    lower: FloatArray
+    upper: FloatArray
+    offsets: tuple[int, ...]
+
+
+def day_qp(s: Scenario, qps: list[CommunityQP]) -> DayQP:
+    offsets = tuple(int(v) for v in np.cumsum([0] + [qp.layout.size for qp in qps]))
+    n = offsets[-1]
+    blocks = [sp.block_diag([qp.a for qp in qps], format="csr")]
+    lower = [np.concatenate([qp.lower for qp in qps])]
+    upper = [np.concatenate([qp.upper for qp in qps])]
+    rec = _reciprocity_rows(qps, offsets, n)
+    blocks.append(rec)
+    lower.append(np.zeros(rec.shape[0]))
+    upper.append(np.zeros(rec.shape[0]))
+    safe = safe_set(s)
+    for corner, name in ((safe.upper, "up"), (safe.lower, "lo")):
+        rows = _corner_rows(corner.g, qps, offsets, n, name)
+        h = corner.h.reshape(-1)  # (K*T,), row k*T + t
+        blocks.append(rows)
+        lower.append(np.full(h.size, -np.inf) if name == "up" else h)
+        upper.append(h if name == "up" else np.full(h.size, np.inf))
+    return DayQP(
+        p=np.concatenate([qp.p_diag for qp in qps]),
+        q=np.concatenate([qp.q for qp in qps]),
+        a=sp.vstack(blocks, format="csr"),
+        lower=np.concatenate(lower),
+        upper=np.concatenate(upper),
+        offsets=offsets,
+    )
+
+
+def _reciprocity_rows(qps: list[CommunityQP], offsets: tuple[int, ...], n: int) -> sp.csr_matrix:
+    rows, cols, vals = [], [], []
+    r = 0
+    horizon = qps[0].layout.horizon
+    for link in trade_links(tuple(qp.layout.peers for qp in qps)):
+        buy = qps[link.buyer].layout.buy(link.buyer_pos)
+        sell = qps[link.seller].layout.sell(link.seller_pos)
+        for t in range(horizon):
+            rows += [r, r]
+            cols += [offsets[link.buyer] + buy.start + t, offsets[link.seller] + sell.start + t]
+            vals += [1.0, -1.0]
+            r += 1
+    return sp.csr_matrix((vals, (rows, cols)), shape=(r, n))
+
+
+def _corner_rows(
+    g: FloatArray, qps: list[CommunityQP], offsets: tuple[int, ...], n: int, name: str
+) -> sp.csr_matrix:
+    horizon = qps[0].layout.horizon
+    rows, cols, vals = [], [], []
+    for k in range(g.shape[0]):
+        for c in np.flatnonzero(g[k]):
+            start = offsets[c] + qps[c].layout.block(name).start
+            for t in range(horizon):
+                rows.append(k * horizon + t)
+                cols.append(start + t)
+                vals.append(float(g[k, c]))
+    return sp.csr_matrix((vals, (rows, cols)), shape=(g.shape[0] * horizon, n))
+
+
+@dataclass(frozen=True)
+class Polished:
+    x: FloatArray
+    corrections: int
+    violation: float
+
+
+def dual_polish(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> Polished:
+    """The active set from the communities' multipliers (their rows come first in `d`) and the rows
+    of the DSO that ADMM's answer holds at a bound; violated rows join until none is."""
+    equal = d.lower == d.upper
+    local = np.arange(d.a.shape[0]) < local_y.size
+    y = np.zeros(d.a.shape[0])
+    y[local] = local_y
+    ax = d.a @ x_admm
+    held_up = ~local & (d.upper - ax <= ACTIVE_TOL)
+    held_lo = ~local & (ax - d.lower <= ACTIVE_TOL)
+    at_up = ~equal & ((local & (y > DUAL_TOL)) | held_up)
+    at_lo = equal | (~equal & ((local & (y < -DUAL_TOL)) | held_lo))
+    return _add_violated(d, at_lo, at_up)
+
+
+def _add_violated(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> Polished:
+    equal = d.lower == d.upper
+    for corrections in range(MAX_CORRECTIONS + 1):
+        x, _ = _kkt(d, at_lo, at_up)
+        ax = d.a @ x
+        over, under = ~equal & (ax > d.upper + VIOLATION), ~equal & (ax < d.lower - VIOLATION)
+        if not (over.any() or under.any()) or corrections == MAX_CORRECTIONS:
+            break
+        at_up, at_lo = at_up | over, at_lo | under
+    violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
+    return Polished(x, corrections, violation)
+
+
+def primal_polish(d: DayQP, x0: FloatArray) -> Polished:
+    """Baseline: the active set from x0's rows at a bound, then primal-dual active-set corrections
+    (violated rows join, rows whose multiplier has the wrong sign leave)."""
+    ax = d.a @ x0
+    equal = d.lower == d.upper
+    at_lo = equal | (ax - d.lower <= ACTIVE_TOL)
+    at_up = ~equal & (d.upper - ax <= ACTIVE_TOL)
+    for corrections in range(MAX_CORRECTIONS + 1):
+        x, y = _kkt(d, at_lo, at_up)
+        ax = d.a @ x
+        new_up = ~equal & ((at_up & (y > -DUAL_TOL)) | (ax > d.upper + VIOLATION))
+        new_lo = equal | (~equal & ((at_lo & ~at_up & (y < DUAL_TOL)) | (ax < d.lower - VIOLATION)))
+        unchanged = np.array_equal(new_up, at_up) and np.array_equal(new_lo, at_lo)
+        if unchanged or corrections == MAX_CORRECTIONS:
+            break
+        at_lo, at_up = new_lo, new_up
+    violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
+    return Polished(x, corrections, violation)
+
+
+def _kkt(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> tuple[FloatArray, FloatArray]:
+    """The equality-constrained QP on the active rows: regularised, then refined."""
+    rows = np.flatnonzero(at_lo | at_up)
+    a = d.a[rows]
+    b = np.where(at_up[rows], d.upper[rows], d.lower[rows])
+    n, m = d.p.size, rows.size
+    k = sp.bmat([[sp.diags(d.p + REG), a.T], [a, -REG * sp.identity(m)]], format="csc")
+    exact = sp.bmat([[sp.diags(d.p), a.T], [a, None]], format="csc")
+    rhs = np.concatenate([-d.q, b])
+    lu = spla.splu(k)
+    sol = lu.solve(rhs)
+    for _ in range(5):
+        sol = sol + lu.solve(rhs - exact @ sol)
+    y = np.zeros(d.a.shape[0])
+    y[rows] = sol[n:]
+    return sol[:n], y
+
+
+@contextmanager
+def recording_multipliers() -> Iterator[list[tuple[CommunityQP, FloatArray]]]:
+    """Every community's iteration solves' multipliers (not its final pinned solves), oldest first,
+    while ADMM runs in process."""
+    record: list[tuple[CommunityQP, FloatArray]] = []
+    original = LocalSolver.solve
+
+    def solve(self: LocalSolver, q: FloatArray) -> LocalSolve:
+        self._solver.update(q=q)
+        result = self._solver.solve(raise_error=False)
+        record.append((self.qp, np.asarray(result.y, dtype=float)))
+        return LocalSolve(np.asarray(result.x, dtype=float), str(result.info.status), int(result.info.iter))
+
+    LocalSolver.solve = solve  # type: ignore[method-assign]
+    try:
+        yield record
+    finally:
+        LocalSolver.solve = original  # type: ignore[method-assign]
+
+
+def last_iteration_multipliers(
+    qps: list[CommunityQP], record: list[tuple[CommunityQP, FloatArray]]
+) -> FloatArray:
+    """Each community's multipliers from its last iteration's solve."""
+    return np.concatenate([[y for other, y in record if _same(qp, other)][-1] for qp in qps])
+
+
+def _same(a: CommunityQP, b: CommunityQP) -> bool:
+    return a.a.shape == b.a.shape and np.array_equal(a.q, b.q) and np.array_equal(a.upper, b.upper)
+
+
+def clarabel_solve(d: DayQP, tol: float) -> FloatArray:
+    eq = d.lower == d.upper
+    hi = ~eq & np.isfinite(d.upper)
+    lo = ~eq & np.isfinite(d.lower)
+    a = sp.vstack([d.a[eq], d.a[hi], -d.a[lo]], format="csc")
+    b = np.concatenate([d.lower[eq], d.upper[hi], -d.lower[lo]])
+    cones = [clarabel.ZeroConeT(int(eq.sum())), clarabel.NonnegativeConeT(int(hi.sum() + lo.sum()))]
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    settings.tol_gap_abs = settings.tol_gap_rel = settings.tol_feas = tol
+    settings.tol_ktratio = 1e-10
+    solution = clarabel.DefaultSolver(sp.diags(d.p, format="csc"), d.q, a, b, cones, settings).solve()
+    return np.asarray(solution.x, dtype=float)
+
+
+def osqp_polish(d: DayQP, eps: float) -> tuple[FloatArray, int, bool]:
+    """Baseline: OSQP on the whole day with its own polish: x, iterations, whether the polish took."""
+    solver = osqp.OSQP()
+    solver.setup(
+        P=sp.diags(d.p, format="csc"),
+        q=d.q,
+        A=d.a.tocsc(),
+        l=d.lower,
+        u=np.minimum(d.upper, 1e20),
+        eps_abs=eps,
+        eps_rel=0.0,
+        max_iter=500_000,
+        polishing=True,
+        verbose=False,
+    )
+    r = solver.solve()
+    return np.asarray(r.x), int(r.info.iter), int(r.info.status_polish) == 1
+
+
+def schedule_diff(qps: list[CommunityQP], d: DayQP, x: FloatArray, y: FloatArray) -> float:
+    """The worst difference of two days' schedules (kW)."""
+    return max(
+        float(np.max(np.abs(a[key] - b[key])))
+        for c, qp in enumerate(qps)
+        for a, b in [(schedule_from_z(qp, _part(d, x, c)), schedule_from_z(qp, _part(d, y, c)))]
+        for key in SCHEDULE_KEYS
+    )
+
+
+def _part(d: DayQP, x: FloatArray, c: int) -> FloatArray:
+    return x[d.offsets[c] : d.offsets[c + 1]]
+
+
+def schur_block_sizes(qps: list[CommunityQP], local_y: FloatArray) -> tuple[int, int]:
+    """The largest site's coupling values and the rank of their response to prices at its active
+    set: what one site would send for a decentralized polish (a dense block of that rank)."""
+    sizes, ranks, start = [], [], 0
+    for qp in qps:
+        y = local_y[start : start + qp.a.shape[0]]
+        start += qp.a.shape[0]
+        coupled = _coupled(qp)
+        sizes.append(coupled.size)
+        ranks.append(_response_rank(qp, y, coupled))
+    return max(sizes), max(ranks)
+
+
+def _coupled(qp: CommunityQP) -> np.ndarray:
+    lay = qp.layout
+    parts = [np.arange(lay.trades.start, lay.trades.stop)]
+    if "lo" in lay.blocks:
+        parts += [np.arange(lay.block("lo").start, lay.block("lo").stop)]
+        parts += [np.arange(lay.block("up").start, lay.block("up").stop)]
+    return np.concatenate(parts)
+
+
+def _response_rank(qp: CommunityQP, y: FloatArray, coupled: np.ndarray) -> int:
+    equal = qp.lower == qp.upper
+    rows = np.flatnonzero(equal | (y > DUAL_TOL) | (y < -DUAL_TOL))
+    a = sp.csc_matrix(qp.a)[rows]
+    n, m = qp.layout.size, rows.size
+    k = sp.bmat([[sp.diags(qp.p_diag + REG), a.T], [a, -REG * sp.identity(m)]], format="csc")
+    rhs = np.zeros((n + m, coupled.size))
+    rhs[coupled, np.arange(coupled.size)] = 1.0
+    response = spla.splu(k).solve(rhs)[coupled]
+    s = np.linalg.svd(0.5 * (response + response.T), compute_uv=False)
+    return int(np.sum(s > 1e-6 * max(s[0], 1e-300)))
+
+
+def _run_case(case: Case, eps: list[float], baselines: bool) -> list[str]:
+    _log(f"{case.label}: the optimum ...")
+    s = load_scenario(case.scenario, case.overrides)
+    qps = community_qps(s, Policy.DYNAMIC)
+    d = day_qp(s, qps)
+    optimum = clarabel_solve(d, OPTIMUM_TOL)
+    gross = build_results(s, solve_centralized(s, Policy.DYNAMIC), "centralized").totals.gross_energy_eur
+    cells, sizes = [], ""
+    for e in eps:
+        overrides = {**(case.overrides or {}), "admm": {"eps_abs_kw": e, "eps_price_eur_per_kwh": 1.0}}
+        with recording_multipliers() as record:
+            run = run_admm(load_scenario(case.scenario, overrides), Policy.DYNAMIC)
+        x0 = np.concatenate(run.solution.z)
+        local_y = last_iteration_multipliers(qps, record)
+        p = dual_polish(d, local_y, x0)
+        gap = 100.0 * (_objective(d, p.x) - _objective(d, optimum)) / gross
+        tail = "failed" if p.violation > VIOLATION else f"{p.corrections}"
+        cells.append(
+            f"{run.solution.solver.iterations}: {schedule_diff(qps, d, x0, optimum):.2f} → "
+            f"{schedule_diff(qps, d, p.x, optimum):.2f} / {gap:.4f} / {tail}"
+        )
+        _log(f"  eps {e}: {cells[-1]}")
+        if not sizes:
+            sizes = "{:,} / {:,}".format(*schur_block_sizes(qps, local_y))
+        if baselines and e == eps[0]:
+            cells += _baselines(qps, d, optimum, x0)
+    return [*cells, sizes]
+
+
+def _baselines(qps: list[CommunityQP], d: DayQP, optimum: FloatArray, x0: FloatArray) -> list[str]:
+    x, iterations, took = osqp_polish(d, 1e-3)
+    primal = primal_polish(d, x0)
+    return [
+        f"{iterations:,} / {'took' if took else 'failed'} / {schedule_diff(qps, d, x, optimum):.2f}",
+        f"{schedule_diff(qps, d, primal.x, optimum):,.0f}",
+    ]
+
+
+def _objective(d: DayQP, x: FloatArray) -> float:
+    return float(0.5 * x @ (d.p * x) + d.q @ x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="case labels of admm_scaling")
+    parser.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="eps_abs_kw values")
+    parser.add_argument("--baselines", action="store_true", help="also the two polishes that fail here")
+    args = parser.parse_args(argv)
+    known = {c.label: c for c in FULL}
+    cases = [known[c] for c in args.cases]
+    _warm_up()
+    started = time.perf_counter()
+    header = [f"eps_abs_kw {e}" for e in args.eps]
+    if args.baselines:
+        header[1:1] = [
+            "baseline: OSQP on the whole day, eps 1e-3: iterations / its polish / kW",
+            f"baseline: active set from ADMM's schedules at eps_abs_kw {args.eps[0]}, kW",
+        ]
+    header = ["case", *header, "Schur block per site: coupling values / rank (largest site)"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+    for case in cases:
+        lines.append(f"| {case.label} | " + " | ".join(_run_case(case, args.eps, args.baselines)) + " |")
+    sys.stdout.write("\n".join(lines) + "\n\n" + _footer(time.perf_counter() - started, False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
