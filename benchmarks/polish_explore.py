@@ -2,17 +2,18 @@
 and how early? (issue 18, items 1 and 2; an exploration, emulated in one process)
 
     .venv/bin/python benchmarks/polish_explore.py [--cases default synthetic-50] \
-        [--eps 0.002 0.02 0.05 0.1] [--baselines]
+        [--eps 0.002 0.02 0.05 0.1] [--at 20 30 40] [--baselines]
 
 For each case and stopping tolerance `eps_abs_kw` it runs ADMM in process (`run_admm`, the residual
-test alone), recording each community's last local multipliers (its OSQP solve's y). The polish then
-takes as the active set of the whole day's QP (every community's rows, reciprocity, the DSO's safe
-set): each community's rows with a nonzero multiplier (what the community knows), the DSO's safe rows
-its granted envelopes hold at a bound (what the DSO knows), every equality; solves that
-equality-constrained KKT system, adds the rows it violates and solves again (at most
-`MAX_CORRECTIONS` times). The KKT is solved here as one sparse system; a decentralized polish would
-solve the same system by a Schur complement (each site sends the response of its coupling values to
-prices at its active set, the DSO solves for the prices): the last column gives that block's size.
+test alone; `--at K` cuts the round at iteration K instead), recording each community's last local
+multipliers (its OSQP solve's y). The polish then takes as the active set of the whole day's QP
+(every community's rows, reciprocity, the DSO's safe set): each community's rows with a nonzero
+multiplier (what the community knows), the DSO's safe rows its granted envelopes hold at a bound
+(what the DSO knows), every equality; solves that equality-constrained KKT system, adds the rows it
+violates and solves again (at most `MAX_CORRECTIONS` times). The KKT is solved here as one sparse
+system; a decentralized polish would solve the same system by a Schur complement (each site sends
+the response of its coupling values to prices at its active set, the DSO solves for the prices):
+the last column gives that block's size.
 
 A cell: ADMM's iterations: ADMM's worst schedule difference from the optimum (kW) -> the polished
 one's / the polished objective's gap (% of the gross energy cost) / corrections; "failed" when rows
@@ -316,7 +317,17 @@ def _response_rank(qp: CommunityQP, y: FloatArray, coupled: np.ndarray) -> int:
     return int(np.sum(s > 1e-6 * max(s[0], 1e-300)))
 
 
-def _run_case(case: Case, eps: list[float], baselines: bool) -> list[str]:
+Stop = tuple[str, dict[str, float]]  # a column's label and the admm settings that end the round there
+
+
+def stops(eps: list[float], at: list[int]) -> list[Stop]:
+    """Rounds that end where the residuals meet `eps_abs_kw`, or that are cut at an iteration."""
+    by_eps = [(f"eps_abs_kw {e}", {"eps_abs_kw": e, "eps_price_eur_per_kwh": 1.0}) for e in eps]
+    by_count = [(f"cut at {k}", {"eps_abs_kw": 1e-9, "max_iterations": k}) for k in at]
+    return by_eps + by_count
+
+
+def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
     _log(f"{case.label}: the optimum ...")
     s = load_scenario(case.scenario, case.overrides)
     qps = community_qps(s, Policy.DYNAMIC)
@@ -324,8 +335,8 @@ def _run_case(case: Case, eps: list[float], baselines: bool) -> list[str]:
     optimum = clarabel_solve(d, OPTIMUM_TOL)
     gross = build_results(s, solve_centralized(s, Policy.DYNAMIC), "centralized").totals.gross_energy_eur
     cells, sizes = [], ""
-    for e in eps:
-        overrides = {**(case.overrides or {}), "admm": {"eps_abs_kw": e, "eps_price_eur_per_kwh": 1.0}}
+    for label, admm in columns:
+        overrides = {**(case.overrides or {}), "admm": admm}
         with recording_multipliers() as record:
             run = run_admm(load_scenario(case.scenario, overrides), Policy.DYNAMIC)
         x0 = np.concatenate(run.solution.z)
@@ -337,10 +348,10 @@ def _run_case(case: Case, eps: list[float], baselines: bool) -> list[str]:
             f"{run.solution.solver.iterations}: {schedule_diff(qps, d, x0, optimum):.2f} → "
             f"{schedule_diff(qps, d, p.x, optimum):.2f} / {gap:.4f} / {tail}"
         )
-        _log(f"  eps {e}: {cells[-1]}")
+        _log(f"  {label}: {cells[-1]}")
         if not sizes:
             sizes = "{:,} / {:,}".format(*schur_block_sizes(qps, local_y))
-        if baselines and e == eps[0]:
+        if baselines and label == columns[0][0]:
             cells += _baselines(qps, d, optimum, x0)
     return [*cells, sizes]
 
@@ -361,23 +372,25 @@ def _objective(d: DayQP, x: FloatArray) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="case labels of admm_scaling")
-    parser.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="eps_abs_kw values")
+    parser.add_argument("--eps", nargs="*", type=float, default=list(DEFAULT_EPS), help="eps_abs_kw values")
+    parser.add_argument("--at", nargs="*", type=int, default=[], help="iterations to cut rounds at")
     parser.add_argument("--baselines", action="store_true", help="also the two polishes that fail here")
     args = parser.parse_args(argv)
     known = {c.label: c for c in FULL}
     cases = [known[c] for c in args.cases]
     _warm_up()
     started = time.perf_counter()
-    header = [f"eps_abs_kw {e}" for e in args.eps]
+    columns = stops(args.eps, args.at)
+    header = [label for label, _ in columns]
     if args.baselines:
         header[1:1] = [
             "baseline: OSQP on the whole day, eps 1e-3: iterations / its polish / kW",
-            f"baseline: active set from ADMM's schedules at eps_abs_kw {args.eps[0]}, kW",
+            f"baseline: active set from ADMM's schedules at {columns[0][0]}, kW",
         ]
     header = ["case", *header, "Schur block per site: coupling values / rank (largest site)"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
     for case in cases:
-        lines.append(f"| {case.label} | " + " | ".join(_run_case(case, args.eps, args.baselines)) + " |")
+        lines.append(f"| {case.label} | " + " | ".join(_run_case(case, columns, args.baselines)) + " |")
     sys.stdout.write("\n".join(lines) + "\n\n" + _footer(time.perf_counter() - started, False))
     return 0
 
