@@ -18,9 +18,10 @@ the last column gives that block's size.
 A cell: ADMM's iterations: ADMM's worst schedule difference from the optimum (kW) -> the polished
 one's / the polished objective's gap (% of the gross energy cost) / corrections; "failed" when rows
 are still violated after the corrections. The optimum is the same QP solved by Clarabel at 1e-12.
-`--baselines` adds two polishes that do not work here, for the record: OSQP on the whole day with
-its own polish (eps 1e-3), and an active set read from ADMM's schedules (rows within 1e-3 of a
-bound) with primal-dual active-set corrections.
+`--baselines` adds facts of the day's QP, how far the project's reference (Clarabel at its default
+tolerances) is from the optimum, and two polishes that do not work here, for the record: OSQP on the
+whole day with its own polish (eps 1e-3), and an active set read from ADMM's schedules (rows within
+1e-3 of a bound) with primal-dual active-set corrections.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import clarabel
 import numpy as np
 import osqp
+import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
@@ -70,7 +72,8 @@ class DayQP:
     a: sp.csr_matrix
     lower: FloatArray
     upper: FloatArray
-    offsets: tuple[int, ...]
+    offsets: tuple[int, ...]  # each community's first variable
+    row_offsets: tuple[int, ...]  # each community's first local row; the coupling rows follow
 
 
 def day_qp(s: Scenario, qps: list[CommunityQP]) -> DayQP:
@@ -97,6 +100,7 @@ def day_qp(s: Scenario, qps: list[CommunityQP]) -> DayQP:
         lower=np.concatenate(lower),
         upper=np.concatenate(upper),
         offsets=offsets,
+        row_offsets=tuple(int(v) for v in np.cumsum([0] + [qp.a.shape[0] for qp in qps])),
     )
 
 
@@ -135,6 +139,8 @@ class Polished:
     x: FloatArray
     corrections: int
     violation: float
+    at_lo: np.ndarray  # the final active set
+    at_up: np.ndarray
 
 
 def dual_polish(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> Polished:
@@ -162,7 +168,7 @@ def _add_violated(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> Polished:
             break
         at_up, at_lo = at_up | over, at_lo | under
     violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
-    return Polished(x, corrections, violation)
+    return Polished(x, corrections, violation, at_lo, at_up)
 
 
 def primal_polish(d: DayQP, x0: FloatArray) -> Polished:
@@ -182,7 +188,7 @@ def primal_polish(d: DayQP, x0: FloatArray) -> Polished:
             break
         at_lo, at_up = new_lo, new_up
     violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
-    return Polished(x, corrections, violation)
+    return Polished(x, corrections, violation, at_lo, at_up)
 
 
 def _kkt(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> tuple[FloatArray, FloatArray]:
@@ -234,7 +240,9 @@ def _same(a: CommunityQP, b: CommunityQP) -> bool:
     return a.a.shape == b.a.shape and np.array_equal(a.q, b.q) and np.array_equal(a.upper, b.upper)
 
 
-def clarabel_solve(d: DayQP, tol: float) -> FloatArray:
+def clarabel_solve(d: DayQP, tol: float | None) -> FloatArray:
+    """The day's QP by Clarabel at `tol` (gaps and feasibility), or at its defaults (None: what cvxpy
+    uses for the project's centralized reference)."""
     eq = d.lower == d.upper
     hi = ~eq & np.isfinite(d.upper)
     lo = ~eq & np.isfinite(d.lower)
@@ -243,8 +251,9 @@ def clarabel_solve(d: DayQP, tol: float) -> FloatArray:
     cones = [clarabel.ZeroConeT(int(eq.sum())), clarabel.NonnegativeConeT(int(hi.sum() + lo.sum()))]
     settings = clarabel.DefaultSettings()
     settings.verbose = False
-    settings.tol_gap_abs = settings.tol_gap_rel = settings.tol_feas = tol
-    settings.tol_ktratio = 1e-10
+    if tol is not None:
+        settings.tol_gap_abs = settings.tol_gap_rel = settings.tol_feas = tol
+        settings.tol_ktratio = 1e-10
     solution = clarabel.DefaultSolver(sp.diags(d.p, format="csc"), d.q, a, b, cones, settings).solve()
     return np.asarray(solution.x, dtype=float)
 
@@ -317,6 +326,64 @@ def _response_rank(qp: CommunityQP, y: FloatArray, coupled: np.ndarray) -> int:
     return int(np.sum(s > 1e-6 * max(s[0], 1e-300)))
 
 
+SCHUR_MAX_ROWS = 6000  # the Schur check's dense system of the coupling rows stays below this
+
+
+def schur_solve(d: DayQP, qps: list[CommunityQP], at_lo: np.ndarray, at_up: np.ndarray) -> FloatArray:
+    """The polish's KKT system solved the decentralized way. Each community eliminates its own
+    variables at its part of the active set and hands over the affine response of its coupling
+    values (trades, envelope) to their prices, w = w0 - S nu; the DSO solves B S B' pi = B w0 - h for
+    the multipliers of the active coupling rows B w = h (reciprocity, the held safe rows); each
+    community recovers its schedule from its prices nu = B' pi."""
+    active = at_lo | at_up
+    bound = np.where(at_up, d.upper, d.lower)
+    parts = [_eliminated(d, qp, c, active, bound) for c, qp in enumerate(qps)]
+    coupled = np.concatenate([d.offsets[c] + _coupled(qp) for c, qp in enumerate(qps)])
+    rows = np.flatnonzero(active[d.row_offsets[-1] :]) + d.row_offsets[-1]
+    b = d.a[rows][:, coupled].toarray()
+    s_all = _block_diag([part[2] for part in parts])
+    w0 = np.concatenate([part[1] for part in parts])
+    m = b @ s_all @ b.T
+    r = b @ w0 - bound[rows]
+    lu = scipy.linalg.lu_factor(m + REG * np.eye(m.shape[0]))
+    pi = scipy.linalg.lu_solve(lu, r)
+    for _ in range(5):
+        pi = pi + scipy.linalg.lu_solve(lu, r - m @ pi)
+    nu = b.T @ pi
+    x, start = [], 0
+    for z0, _, s_c, w_c in parts:
+        x.append(z0 - w_c @ nu[start : start + s_c.shape[0]])
+        start += s_c.shape[0]
+    return np.concatenate(x)
+
+
+def _eliminated(
+    d: DayQP, qp: CommunityQP, c: int, active: np.ndarray, bound: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """One community's part: its schedule at zero prices, its coupling values there, their response
+    to prices (S), and the schedule's response (W)."""
+    rows = np.flatnonzero(active[d.row_offsets[c] : d.row_offsets[c + 1]])
+    a = sp.csc_matrix(qp.a)[rows]
+    n, m = qp.layout.size, rows.size
+    k = sp.bmat([[sp.diags(qp.p_diag + REG), a.T], [a, -REG * sp.identity(m)]], format="csc")
+    exact = sp.bmat([[sp.diags(qp.p_diag), a.T], [a, None]], format="csc")
+    coupled = _coupled(qp)
+    rhs = np.zeros((n + m, 1 + coupled.size))
+    rhs[:n, 0] = -qp.q
+    rhs[n:, 0] = bound[d.row_offsets[c] + rows]
+    rhs[coupled, 1 + np.arange(coupled.size)] = 1.0
+    lu = spla.splu(k)
+    sol = lu.solve(rhs)
+    for _ in range(5):
+        sol = sol + lu.solve(rhs - exact @ sol)
+    z0, w = sol[:n, 0], sol[:n, 1:]
+    return z0, z0[coupled], w[coupled], w
+
+
+def _block_diag(blocks: list[FloatArray]) -> FloatArray:
+    return np.asarray(sp.block_diag(blocks).toarray())
+
+
 Stop = tuple[str, dict[str, float]]  # a column's label and the admm settings that end the round there
 
 
@@ -351,18 +418,49 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
         _log(f"  {label}: {cells[-1]}")
         if not sizes:
             sizes = "{:,} / {:,}".format(*schur_block_sizes(qps, local_y))
+            sizes += " / " + _schur_check(d, qps, p)
         if baselines and label == columns[0][0]:
             cells += _baselines(qps, d, optimum, x0)
     return [*cells, sizes]
+
+
+def _schur_check(d: DayQP, qps: list[CommunityQP], p: Polished) -> str:
+    coupling_rows = int(np.sum((p.at_lo | p.at_up)[d.row_offsets[-1] :]))
+    if coupling_rows > SCHUR_MAX_ROWS:
+        return f"not checked ({coupling_rows:,} coupling rows)"
+    return f"{schedule_diff(qps, d, schur_solve(d, qps, p.at_lo, p.at_up), p.x):.1e}"
 
 
 def _baselines(qps: list[CommunityQP], d: DayQP, optimum: FloatArray, x0: FloatArray) -> list[str]:
     x, iterations, took = osqp_polish(d, 1e-3)
     primal = primal_polish(d, x0)
     return [
+        _facts(d),
+        f"{schedule_diff(qps, d, clarabel_solve(d, None), optimum):.3f}",
         f"{iterations:,} / {'took' if took else 'failed'} / {schedule_diff(qps, d, x, optimum):.2f}",
         f"{schedule_diff(qps, d, primal.x, optimum):,.0f}",
     ]
+
+
+def _facts(d: DayQP) -> str:
+    """Variables, rows with a nonzero multiplier at the optimum (OSQP at 1e-9), variables without
+    curvature, the smallest curvature."""
+    solver = osqp.OSQP()
+    solver.setup(
+        P=sp.diags(d.p, format="csc"),
+        q=d.q,
+        A=d.a.tocsc(),
+        l=d.lower,
+        u=np.minimum(d.upper, 1e20),
+        eps_abs=1e-9,
+        eps_rel=1e-9,
+        max_iter=500_000,
+        verbose=False,
+    )
+    y = np.asarray(solver.solve().y)
+    active = int(np.sum((d.lower == d.upper) | (np.abs(y) > DUAL_TOL)))
+    flat = int(np.sum(d.p == 0))
+    return f"{d.p.size:,} / {active:,} / {flat:,} / {d.p[d.p > 0].min():.0e}"
 
 
 def _objective(d: DayQP, x: FloatArray) -> float:
@@ -384,10 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     header = [label for label, _ in columns]
     if args.baselines:
         header[1:1] = [
+            "the day's QP: variables / rows with a nonzero multiplier at the optimum / variables with "
+            "no curvature / the smallest curvature (the P of 1/2 z'Pz, EUR/kW² per interval)",
+            "the reference (Clarabel at its defaults) from the optimum, kW",
             "baseline: OSQP on the whole day, eps 1e-3: iterations / its polish / kW",
             f"baseline: active set from ADMM's schedules at {columns[0][0]}, kW",
         ]
-    header = ["case", *header, "Schur block per site: coupling values / rank (largest site)"]
+    header = [
+        "case",
+        *header,
+        "Schur block per site: coupling values / rank (largest site) / Schur form's answer from the "
+        "whole-day KKT's, first column, kW",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
     for case in cases:
         lines.append(f"| {case.label} | " + " | ".join(_run_case(case, columns, args.baselines)) + " |")
