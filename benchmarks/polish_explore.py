@@ -21,7 +21,10 @@ are still violated after the corrections. The optimum is the same QP solved by C
 `--baselines` adds facts of the day's QP, how far the project's reference (Clarabel at its default
 tolerances) is from the optimum, and two polishes that do not work here, for the record: OSQP on the
 whole day with its own polish (eps 1e-3), and an active set read from ADMM's schedules (rows within
-1e-3 of a bound) with primal-dual active-set corrections.
+1e-3 of a bound) with primal-dual active-set corrections. `--diagnose` appends to each cell how the
+guessed active set differs from the optimum's (rows with a nonzero multiplier in an OSQP solve at
+1e-9), the communities' rows and the DSO's apart, and where the polish lands from the optimum's
+community rows with the DSO's guess.
 """
 
 from __future__ import annotations
@@ -144,8 +147,13 @@ class Polished:
 
 
 def dual_polish(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> Polished:
-    """The active set from the communities' multipliers (their rows come first in `d`) and the rows
-    of the DSO that ADMM's answer holds at a bound; violated rows join until none is."""
+    """The active set guessed from what each participant holds; violated rows join until none is."""
+    return _add_violated(d, *guessed_active(d, local_y, x_admm))
+
+
+def guessed_active(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows at their lower and upper bounds: the communities' rows with a nonzero multiplier (their
+    rows come first in `d`), the DSO's rows that ADMM's answer holds at a bound, every equality."""
     equal = d.lower == d.upper
     local = np.arange(d.a.shape[0]) < local_y.size
     y = np.zeros(d.a.shape[0])
@@ -155,7 +163,7 @@ def dual_polish(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> Polished:
     held_lo = ~local & (ax - d.lower <= ACTIVE_TOL)
     at_up = ~equal & ((local & (y > DUAL_TOL)) | held_up)
     at_lo = equal | (~equal & ((local & (y < -DUAL_TOL)) | held_lo))
-    return _add_violated(d, at_lo, at_up)
+    return at_lo, at_up
 
 
 def _add_violated(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> Polished:
@@ -394,7 +402,7 @@ def stops(eps: list[float], at: list[int]) -> list[Stop]:
     return by_eps + by_count
 
 
-def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
+def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool) -> list[str]:
     _log(f"{case.label}: the optimum ...")
     s = load_scenario(case.scenario, case.overrides)
     qps = community_qps(s, Policy.DYNAMIC)
@@ -402,6 +410,7 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
     optimum = clarabel_solve(d, OPTIMUM_TOL)
     gross = build_results(s, solve_centralized(s, Policy.DYNAMIC), "centralized").totals.gross_energy_eur
     cells, sizes = [], ""
+    optimum_active = _optimum_active(d) if diagnose else None
     for label, admm in columns:
         overrides = {**(case.overrides or {}), "admm": admm}
         with recording_multipliers() as record:
@@ -415,6 +424,8 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
             f"{run.solution.solver.iterations}: {schedule_diff(qps, d, x0, optimum):.2f} → "
             f"{schedule_diff(qps, d, p.x, optimum):.2f} / {gap:.4f} / {tail}"
         )
+        if optimum_active is not None:
+            cells[-1] += " " + _diagnosis(qps, d, optimum, optimum_active, guessed_active(d, local_y, x0))
         _log(f"  {label}: {cells[-1]}")
         if not sizes:
             sizes = "{:,} / {:,}".format(*schur_block_sizes(qps, local_y))
@@ -422,6 +433,36 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool) -> list[str]:
         if baselines and label == columns[0][0]:
             cells += _baselines(qps, d, optimum, x0)
     return [*cells, sizes]
+
+
+def _optimum_active(d: DayQP) -> tuple[np.ndarray, np.ndarray]:
+    """The optimum's rows with a nonzero multiplier (OSQP at 1e-9), at their lower and upper bounds."""
+    y = _osqp_tight(d)
+    equal = d.lower == d.upper
+    return equal | (~equal & (y < -DUAL_TOL)), ~equal & (y > DUAL_TOL)
+
+
+def _diagnosis(
+    qps: list[CommunityQP],
+    d: DayQP,
+    optimum: FloatArray,
+    optimum_active: tuple[np.ndarray, np.ndarray],
+    guess: tuple[np.ndarray, np.ndarray],
+) -> str:
+    """How the guess differs from the optimum's active set (rows guessed active that are not, rows
+    not guessed that are), the communities' rows and the DSO's apart; and the polish from the
+    optimum's community rows with the DSO's guess."""
+    local = np.arange(d.a.shape[0]) < d.row_offsets[-1]
+    extra = (guess[0] & ~optimum_active[0]) | (guess[1] & ~optimum_active[1])
+    lacking = (~guess[0] & optimum_active[0]) | (~guess[1] & optimum_active[1])
+    mixed_lo = np.where(local, optimum_active[0], guess[0])
+    mixed_up = np.where(local, optimum_active[1], guess[1])
+    oracle = _add_violated(d, mixed_lo, mixed_up)
+    return (
+        f"[communities +{int(np.sum(extra & local))}/-{int(np.sum(lacking & local))}, "
+        f"DSO +{int(np.sum(extra & ~local))}/-{int(np.sum(lacking & ~local))}; "
+        f"with the optimum's community rows {schedule_diff(qps, d, oracle.x, optimum):.2f} kW]"
+    )
 
 
 def _schur_check(d: DayQP, qps: list[CommunityQP], p: Polished) -> str:
@@ -445,6 +486,14 @@ def _baselines(qps: list[CommunityQP], d: DayQP, optimum: FloatArray, x0: FloatA
 def _facts(d: DayQP) -> str:
     """Variables, rows with a nonzero multiplier at the optimum (OSQP at 1e-9), variables without
     curvature, the smallest curvature."""
+    y = _osqp_tight(d)
+    active = int(np.sum((d.lower == d.upper) | (np.abs(y) > DUAL_TOL)))
+    flat = int(np.sum(d.p == 0))
+    return f"{d.p.size:,} / {active:,} / {flat:,} / {d.p[d.p > 0].min():.0e}"
+
+
+def _osqp_tight(d: DayQP) -> FloatArray:
+    """The optimum's multipliers, from OSQP at 1e-9."""
     solver = osqp.OSQP()
     solver.setup(
         P=sp.diags(d.p, format="csc"),
@@ -457,10 +506,7 @@ def _facts(d: DayQP) -> str:
         max_iter=500_000,
         verbose=False,
     )
-    y = np.asarray(solver.solve().y)
-    active = int(np.sum((d.lower == d.upper) | (np.abs(y) > DUAL_TOL)))
-    flat = int(np.sum(d.p == 0))
-    return f"{d.p.size:,} / {active:,} / {flat:,} / {d.p[d.p > 0].min():.0e}"
+    return np.asarray(solver.solve().y)
 
 
 def _objective(d: DayQP, x: FloatArray) -> float:
@@ -473,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eps", nargs="*", type=float, default=list(DEFAULT_EPS), help="eps_abs_kw values")
     parser.add_argument("--at", nargs="*", type=int, default=[], help="iterations to cut rounds at")
     parser.add_argument("--baselines", action="store_true", help="also the two polishes that fail here")
+    parser.add_argument("--diagnose", action="store_true", help="compare each guess with the optimum's")
     args = parser.parse_args(argv)
     known = {c.label: c for c in FULL}
     cases = [known[c] for c in args.cases]
@@ -496,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
     for case in cases:
-        lines.append(f"| {case.label} | " + " | ".join(_run_case(case, columns, args.baselines)) + " |")
+        cells = _run_case(case, columns, args.baselines, args.diagnose)
+        lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
     sys.stdout.write("\n".join(lines) + "\n\n" + _footer(time.perf_counter() - started, False))
     return 0
 
