@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import clarabel
 import numpy as np
@@ -270,6 +271,12 @@ def clarabel_solve(d: DayQP, tol: float | None) -> FloatArray:
 
 def osqp_polish(d: DayQP, eps: float) -> tuple[FloatArray, int, bool]:
     """Baseline: OSQP on the whole day with its own polish: x, iterations, whether the polish took."""
+    r = _osqp_day(d, eps, 0.0, polishing=True)
+    return np.asarray(r.x), int(r.info.iter), int(r.info.status_polish) == 1
+
+
+def _osqp_day(d: DayQP, eps_abs: float, eps_rel: float, polishing: bool) -> Any:
+    """The day's QP by OSQP; its result."""
     solver = osqp.OSQP()
     solver.setup(
         P=sp.diags(d.p, format="csc"),
@@ -277,14 +284,13 @@ def osqp_polish(d: DayQP, eps: float) -> tuple[FloatArray, int, bool]:
         A=d.a.tocsc(),
         l=d.lower,
         u=np.minimum(d.upper, 1e20),
-        eps_abs=eps,
-        eps_rel=0.0,
+        eps_abs=eps_abs,
+        eps_rel=eps_rel,
         max_iter=500_000,
-        polishing=True,
+        polishing=polishing,
         verbose=False,
     )
-    r = solver.solve()
-    return np.asarray(r.x), int(r.info.iter), int(r.info.status_polish) == 1
+    return solver.solve()
 
 
 def schedule_diff(qps: list[CommunityQP], d: DayQP, x: FloatArray, y: FloatArray) -> float:
@@ -530,19 +536,7 @@ def _facts(d: DayQP) -> str:
 
 def _osqp_tight(d: DayQP) -> FloatArray:
     """The optimum's multipliers, from OSQP at 1e-9."""
-    solver = osqp.OSQP()
-    solver.setup(
-        P=sp.diags(d.p, format="csc"),
-        q=d.q,
-        A=d.a.tocsc(),
-        l=d.lower,
-        u=np.minimum(d.upper, 1e20),
-        eps_abs=1e-9,
-        eps_rel=1e-9,
-        max_iter=500_000,
-        verbose=False,
-    )
-    return np.asarray(solver.solve().y)
+    return np.asarray(_osqp_day(d, 1e-9, 1e-9, polishing=False).y)
 
 
 def _objective(d: DayQP, x: FloatArray) -> float:
