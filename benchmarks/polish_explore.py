@@ -432,7 +432,7 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, 
             f"{run.solution.solver.iterations}: {schedule_diff(qps, d, x0, optimum):.2f} → "
             f"{schedule_diff(qps, d, p.x, optimum):.2f} / {gap:.4f} / {tail}"
         )
-        if certify:
+        if certify and p.violation <= VIOLATION:  # a failed polish is no candidate
             cells[-1] += f" (KKT residual {kkt_certificate(d, p.x):.0e})"
         if optimum_active is not None:
             cells[-1] += " " + _diagnosis(qps, d, optimum, optimum_active, guessed_active(d, local_y, x0))
