@@ -58,7 +58,7 @@ from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
 from p2pdoe.services.inprocess import run_admm
 
-ACTIVE_TOL = 1e-3  # baseline: a row within this of a bound (in its own unit) starts active
+ACTIVE_TOL = 1e-3  # a row this close to a bound (in its own unit) is held there: the DSO's guess
 REG = 1e-9  # the KKT's primal and dual regularisation, refined away
 MAX_CORRECTIONS = 10
 VIOLATION = 1e-6  # a row violated by more joins the active set
