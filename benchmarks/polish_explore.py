@@ -228,10 +228,9 @@ def recording_multipliers() -> Iterator[list[tuple[CommunityQP, FloatArray]]]:
     original = LocalSolver.solve
 
     def solve(self: LocalSolver, q: FloatArray) -> LocalSolve:
-        self._solver.update(q=q)
-        result = self._solver.solve(raise_error=False)
-        record.append((self.qp, np.asarray(result.y, dtype=float)))
-        return LocalSolve(np.asarray(result.x, dtype=float), str(result.info.status), int(result.info.iter))
+        result = original(self, q)
+        record.append((self.qp, result.y))
+        return result
 
     LocalSolver.solve = solve  # type: ignore[method-assign]
     try:

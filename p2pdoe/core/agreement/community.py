@@ -64,6 +64,9 @@ class CommunityOutcome:
     granted_up_kw: FloatArray | None
     local_osqp_iterations: tuple[int, ...]
     final_solve: str  # what the final schedule was solved with pinned (see CommunityParticipant._settle)
+    multipliers: FloatArray | None = (
+        None  # of its last iteration's solve (not the pinned one): a polish's start
+    )
 
 
 def agreed_schedule(qp: CommunityQP, out: CommunityOutcome) -> Schedule:
@@ -186,6 +189,7 @@ class _Round:
         if open_.policy != "none":
             self.lo, self.up = _warm_envelope(open_, site)
         self.z: FloatArray | None = None
+        self.multipliers: FloatArray | None = None
         self.granted: tuple[FloatArray, FloatArray] | None = None
         self.final_solve = ""
         self.osqp_iterations: list[int] = []
@@ -425,7 +429,7 @@ class CommunityParticipant:
         """Solve and propose; `label`: the grant the proposal answers plus 1."""
         assert self._solver is not None
         result = self._solver.solve(self._linear_term(r))
-        r.z = result.z
+        r.z, r.multipliers = result.z, result.y
         r.osqp_iterations.append(result.iterations)
         proposal = self._proposal(r, label)
         r.sent = [*r.sent[-1:], proposal]
@@ -536,6 +540,7 @@ class CommunityParticipant:
             granted_up_kw=granted[1],
             local_osqp_iterations=tuple(r.osqp_iterations),
             final_solve=r.final_solve,
+            multipliers=r.multipliers,
         )
 
     def _from_counterpart(self, msg: Proposal | Grant) -> bool:

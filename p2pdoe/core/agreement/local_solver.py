@@ -33,6 +33,7 @@ class LocalSolve:
     z: FloatArray
     status: str
     iterations: int
+    y: FloatArray  # the multipliers of the rows of A (positive at an upper bound, negative at a lower)
 
 
 class LocalSolver:
@@ -80,7 +81,12 @@ class LocalSolver:
 
     def _run(self) -> LocalSolve:
         res = self._solver.solve(raise_error=False)
-        return LocalSolve(np.asarray(res.x, dtype=float), str(res.info.status), int(res.info.iter))
+        return LocalSolve(
+            np.asarray(res.x, dtype=float),
+            str(res.info.status),
+            int(res.info.iter),
+            np.asarray(res.y, dtype=float),
+        )
 
 
 def _full_diagonal(values: FloatArray) -> sp.csc_matrix:
