@@ -41,13 +41,13 @@ from typing import Any
 import clarabel
 import numpy as np
 import osqp
-import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
 
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.local_solver import LocalSolve, LocalSolver
+from p2pdoe.core.agreement.polish import DsoPolish, SitePolish, coupled_positions, coupling_rows
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import safe_set
 from p2pdoe.core.market import community_qps, trade_links
@@ -58,6 +58,7 @@ from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
 from p2pdoe.services.inprocess import run_admm
 
+SCHUR_MAX_ROWS = 6000  # the Schur check's dense system of the coupling rows stays below this
 ACTIVE_TOL = 1e-3  # a row this close to a bound (in its own unit) is held there: the DSO's guess
 REG = 1e-9  # the KKT's primal and dual regularisation, refined away
 MAX_CORRECTIONS = 10
@@ -313,19 +314,10 @@ def schur_block_sizes(qps: list[CommunityQP], local_y: FloatArray) -> tuple[int,
     for qp in qps:
         y = local_y[start : start + qp.a.shape[0]]
         start += qp.a.shape[0]
-        coupled = _coupled(qp)
+        coupled = coupled_positions(qp.layout)
         sizes.append(coupled.size)
         ranks.append(_response_rank(qp, y, coupled))
     return max(sizes), max(ranks)
-
-
-def _coupled(qp: CommunityQP) -> np.ndarray:
-    lay = qp.layout
-    parts = [np.arange(lay.trades.start, lay.trades.stop)]
-    if "lo" in lay.blocks:
-        parts += [np.arange(lay.block("lo").start, lay.block("lo").stop)]
-        parts += [np.arange(lay.block("up").start, lay.block("up").stop)]
-    return np.concatenate(parts)
 
 
 def _response_rank(qp: CommunityQP, y: FloatArray, coupled: np.ndarray) -> int:
@@ -341,62 +333,23 @@ def _response_rank(qp: CommunityQP, y: FloatArray, coupled: np.ndarray) -> int:
     return int(np.sum(s > 1e-6 * max(s[0], 1e-300)))
 
 
-SCHUR_MAX_ROWS = 6000  # the Schur check's dense system of the coupling rows stays below this
-
-
-def schur_solve(d: DayQP, qps: list[CommunityQP], at_lo: np.ndarray, at_up: np.ndarray) -> FloatArray:
-    """The polish's KKT system solved the decentralized way. Each community eliminates its own
-    variables at its part of the active set and hands over the affine response of its coupling
-    values (trades, envelope) to their prices, w = w0 - S nu; the DSO solves B S B' pi = B w0 - h for
-    the multipliers of the active coupling rows B w = h (reciprocity, the held safe rows); each
-    community recovers its schedule from its prices nu = B' pi."""
-    active = at_lo | at_up
-    bound = np.where(at_up, d.upper, d.lower)
-    parts = [_eliminated(d, qp, c, active, bound) for c, qp in enumerate(qps)]
-    coupled = np.concatenate([d.offsets[c] + _coupled(qp) for c, qp in enumerate(qps)])
-    rows = np.flatnonzero(active[d.row_offsets[-1] :]) + d.row_offsets[-1]
-    b = d.a[rows][:, coupled].toarray()
-    s_all = _block_diag([part[2] for part in parts])
-    w0 = np.concatenate([part[1] for part in parts])
-    m = b @ s_all @ b.T
-    r = b @ w0 - bound[rows]
-    lu = scipy.linalg.lu_factor(m + REG * np.eye(m.shape[0]))
-    pi = scipy.linalg.lu_solve(lu, r)
-    for _ in range(5):
-        pi = pi + scipy.linalg.lu_solve(lu, r - m @ pi)
-    nu = b.T @ pi
-    x, start = [], 0
-    for z0, _, s_c, w_c in parts:
-        x.append(z0 - w_c @ nu[start : start + s_c.shape[0]])
-        start += s_c.shape[0]
-    return np.concatenate(x)
-
-
-def _eliminated(
-    d: DayQP, qp: CommunityQP, c: int, active: np.ndarray, bound: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """One community's part: its schedule at zero prices, its coupling values there, their response
-    to prices (S), and the schedule's response (W)."""
-    rows = np.flatnonzero(active[d.row_offsets[c] : d.row_offsets[c + 1]])
-    a = sp.csc_matrix(qp.a)[rows]
-    n, m = qp.layout.size, rows.size
-    k = sp.bmat([[sp.diags(qp.p_diag + REG), a.T], [a, -REG * sp.identity(m)]], format="csc")
-    exact = sp.bmat([[sp.diags(qp.p_diag), a.T], [a, None]], format="csc")
-    coupled = _coupled(qp)
-    rhs = np.zeros((n + m, 1 + coupled.size))
-    rhs[:n, 0] = -qp.q
-    rhs[n:, 0] = bound[d.row_offsets[c] + rows]
-    rhs[coupled, 1 + np.arange(coupled.size)] = 1.0
-    lu = spla.splu(k)
-    sol = lu.solve(rhs)
-    for _ in range(5):
-        sol = sol + lu.solve(rhs - exact @ sol)
-    z0, w = sol[:n, 0], sol[:n, 1:]
-    return z0, z0[coupled], w[coupled], w
-
-
-def _block_diag(blocks: list[FloatArray]) -> FloatArray:
-    return np.asarray(sp.block_diag(blocks).toarray())
+def schur_solve(
+    s: Scenario, d: DayQP, qps: list[CommunityQP], at_lo: np.ndarray, at_up: np.ndarray
+) -> FloatArray:
+    """The polish's KKT system solved the decentralized way, by the project's own parties
+    (`p2pdoe.core.agreement.polish`): each community eliminates its own variables at its part of the
+    active set and hands over the response of its coupling values to their prices; the DSO solves
+    for the multipliers of the active coupling rows; each community recovers its schedule."""
+    sites = [
+        SitePolish(
+            qp, at_lo[d.row_offsets[c] : d.row_offsets[c + 1]], at_up[d.row_offsets[c] : d.row_offsets[c + 1]]
+        )
+        for c, qp in enumerate(qps)
+    ]
+    rows = coupling_rows([qp.layout for qp in qps], safe_set(s))
+    dso = DsoPolish(rows, at_lo[d.row_offsets[-1] :], at_up[d.row_offsets[-1] :])
+    prices = dso.prices([site.response() for site in sites])
+    return np.concatenate([site.schedule(nu) for site, nu in zip(sites, prices, strict=True)])
 
 
 Stop = tuple[str, dict[str, float]]  # a column's label and the admm settings that end the round there
@@ -438,7 +391,7 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, 
         _log(f"  {label}: {cells[-1]}")
         if not sizes:
             sizes = "{:,} / {:,}".format(*schur_block_sizes(qps, local_y))
-            sizes += " / " + _schur_check(d, qps, p)
+            sizes += " / " + _schur_check(s, d, qps, p)
         if baselines and label == columns[0][0]:
             cells += _baselines(qps, d, optimum, x0)
     return [*cells, sizes]
@@ -506,11 +459,11 @@ def _diagnosis(
     )
 
 
-def _schur_check(d: DayQP, qps: list[CommunityQP], p: Polished) -> str:
+def _schur_check(s: Scenario, d: DayQP, qps: list[CommunityQP], p: Polished) -> str:
     coupling_rows = int(np.sum((p.at_lo | p.at_up)[d.row_offsets[-1] :]))
     if coupling_rows > SCHUR_MAX_ROWS:
         return f"not checked ({coupling_rows:,} coupling rows)"
-    return f"{schedule_diff(qps, d, schur_solve(d, qps, p.at_lo, p.at_up), p.x):.1e}"
+    return f"{schedule_diff(qps, d, schur_solve(s, d, qps, p.at_lo, p.at_up), p.x):.1e}"
 
 
 def _baselines(qps: list[CommunityQP], d: DayQP, optimum: FloatArray, x0: FloatArray) -> list[str]:

@@ -57,7 +57,10 @@ def _parties(qps: list[CommunityQP], run: AdmmRun) -> tuple[list[SitePolish], Ds
         assert out.multipliers is not None
         sites.append(SitePolish.from_multipliers(qp, out.multipliers))
     rows = coupling_rows([qp.layout for qp in qps], safe_set(load_scenario("default")))
-    return sites, DsoPolish.from_envelopes(rows, _coupled(qps, run.solution.z))
+    lo, up = run.dso.granted_lo_kw, run.dso.granted_up_kw
+    assert lo is not None
+    assert up is not None
+    return sites, DsoPolish.from_grants(rows, lo, up)
 
 
 def test_the_polish_from_a_cut_round_lands_on_the_centralized_optimum(day) -> None:

@@ -193,14 +193,18 @@ class DsoPolish:
     at_up: np.ndarray
 
     @classmethod
-    def from_envelopes(cls, rows: CouplingRows, envelopes: FloatArray) -> DsoPolish:
-        """Reciprocity, and the safe rows `envelopes` (every community's envelope corners, in the
-        coupling values' order; its trade entries are ignored) holds within HELD_KW of a bound."""
-        bw = rows.b @ envelopes
+    def from_grants(cls, rows: CouplingRows, lo_kw: FloatArray, up_kw: FloatArray) -> DsoPolish:
+        """Reciprocity, and the safe rows the granted envelopes (C, T) hold within HELD_KW of a
+        bound: what the coordinator knows."""
+        horizon = lo_kw.shape[1]
+        values = [
+            np.concatenate([np.zeros(size - 2 * horizon), lo, up])
+            for size, lo, up in zip(rows.sizes, lo_kw, up_kw, strict=True)
+        ]
+        bw = rows.b @ np.concatenate(values)
         equal = rows.lower == rows.upper
-        return cls(
-            rows, equal | (~equal & (bw - rows.lower <= HELD_KW)), ~equal & (rows.upper - bw <= HELD_KW)
-        )
+        at_lo = equal | (~equal & (bw - rows.lower <= HELD_KW))
+        return cls(rows, at_lo, ~equal & (rows.upper - bw <= HELD_KW))
 
     def prices(self, responses: list[Response]) -> list[FloatArray]:
         """Each community's coupling prices nu = B' pi, pi solving the active rows at the
