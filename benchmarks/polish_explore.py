@@ -25,7 +25,9 @@ whole day with its own polish (eps 1e-3), and an active set read from ADMM's sch
 guessed active set differs from the optimum's (rows with a nonzero multiplier in an OSQP solve at
 1e-9), the communities' rows and the DSO's apart, and where the polish lands from the optimum's
 community rows with the DSO's guess. `--certify` appends the polished answer's KKT residual (see
-`kkt_certificate`): a certificate of optimality computed here for the whole day at once.
+`kkt_certificate`): a certificate of optimality computed here for the whole day at once. `--prices`
+appends how far the polish's reciprocity multipliers (which a decentralized polish would return as
+trade prices) and ADMM's trade prices are from the reference's (EUR/kWh).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class Polished:
     violation: float
     at_lo: np.ndarray  # the final active set
     at_up: np.ndarray
+    y: FloatArray  # the KKT system's multipliers of every row (zero off the active set)
 
 
 def dual_polish(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> Polished:
@@ -173,14 +176,14 @@ def guessed_active(d: DayQP, local_y: FloatArray, x_admm: FloatArray) -> tuple[n
 def _add_violated(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> Polished:
     equal = d.lower == d.upper
     for corrections in range(MAX_CORRECTIONS + 1):
-        x, _ = _kkt(d, at_lo, at_up)
+        x, y = _kkt(d, at_lo, at_up)
         ax = d.a @ x
         over, under = ~equal & (ax > d.upper + VIOLATION), ~equal & (ax < d.lower - VIOLATION)
         if not (over.any() or under.any()) or corrections == MAX_CORRECTIONS:
             break
         at_up, at_lo = at_up | over, at_lo | under
     violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
-    return Polished(x, corrections, violation, at_lo, at_up)
+    return Polished(x, corrections, violation, at_lo, at_up, y)
 
 
 def primal_polish(d: DayQP, x0: FloatArray) -> Polished:
@@ -200,7 +203,7 @@ def primal_polish(d: DayQP, x0: FloatArray) -> Polished:
             break
         at_lo, at_up = new_lo, new_up
     violation = float(max(np.max(ax - d.upper, initial=0.0), np.max(d.lower - ax, initial=0.0)))
-    return Polished(x, corrections, violation, at_lo, at_up)
+    return Polished(x, corrections, violation, at_lo, at_up, y)
 
 
 def _kkt(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> tuple[FloatArray, FloatArray]:
@@ -362,7 +365,9 @@ def stops(eps: list[float], at: list[int]) -> list[Stop]:
     return by_eps + by_count
 
 
-def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, certify: bool) -> list[str]:
+def _run_case(
+    case: Case, columns: list[Stop], baselines: bool, diagnose: bool, certify: bool, prices: bool
+) -> list[str]:
     _log(f"{case.label}: the optimum ...")
     s = load_scenario(case.scenario, case.overrides)
     qps = community_qps(s, Policy.DYNAMIC)
@@ -370,6 +375,7 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, 
     optimum = clarabel_solve(d, OPTIMUM_TOL)
     gross = build_results(s, solve_centralized(s, Policy.DYNAMIC), "centralized").totals.gross_energy_eur
     cells, sizes = [], ""
+    reference_prices = solve_centralized(s, Policy.DYNAMIC).trade_price if prices else None
     optimum_active = _optimum_active(d) if diagnose else None
     for label, admm in columns:
         overrides = {**(case.overrides or {}), "admm": admm}
@@ -384,6 +390,8 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, 
             f"{run.solution.solver.iterations}: {schedule_diff(qps, d, x0, optimum):.2f} → "
             f"{schedule_diff(qps, d, p.x, optimum):.2f} / {gap:.4f} / {tail}"
         )
+        if prices:
+            cells[-1] += " " + _price_errors(s, qps, d, p, run.solution.trade_price, reference_prices)
         if certify and p.violation <= VIOLATION:  # a failed polish is no candidate
             cells[-1] += f" (KKT residual {kkt_certificate(d, p.x):.0e})"
         if optimum_active is not None:
@@ -395,6 +403,30 @@ def _run_case(case: Case, columns: list[Stop], baselines: bool, diagnose: bool, 
         if baselines and label == columns[0][0]:
             cells += _baselines(qps, d, optimum, x0)
     return [*cells, sizes]
+
+
+def _price_errors(
+    s: Scenario,
+    qps: list[CommunityQP],
+    d: DayQP,
+    p: Polished,
+    admm: FloatArray,
+    reference: FloatArray | None,
+) -> str:
+    """How far the polish's reciprocity multipliers and ADMM's trade prices are from the
+    reference's trade prices (EUR/kWh, the largest over every link and interval)."""
+    assert reference is not None
+    links = trade_links(tuple(qp.layout.peers for qp in qps))
+    horizon = qps[0].layout.horizon
+    start = d.row_offsets[-1]
+    polished = p.y[start : start + len(links) * horizon].reshape(len(links), horizon) / s.dt_h
+    pairs = [(link.buyer, link.seller) for link in links]
+    ref = np.array([reference[b, m] for b, m in pairs])
+    theirs = np.array([admm[b, m] for b, m in pairs])
+    return (
+        f"[prices from the reference: polish {np.max(np.abs(polished - ref)):.3f}, "
+        f"ADMM {np.max(np.abs(theirs - ref)):.4f} EUR/kWh]"
+    )
 
 
 def kkt_certificate(d: DayQP, x: FloatArray) -> float:
@@ -503,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", action="store_true", help="also the two polishes that fail here")
     parser.add_argument("--diagnose", action="store_true", help="compare each guess with the optimum's")
     parser.add_argument("--certify", action="store_true", help="each polished answer's KKT residual")
+    parser.add_argument("--prices", action="store_true", help="the polish's and ADMM's trade prices")
     args = parser.parse_args(argv)
     known = {c.label: c for c in FULL}
     cases = [known[c] for c in args.cases]
@@ -526,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
     for case in cases:
-        cells = _run_case(case, columns, args.baselines, args.diagnose, args.certify)
+        cells = _run_case(case, columns, args.baselines, args.diagnose, args.certify, args.prices)
         lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
     sys.stdout.write("\n".join(lines) + "\n\n" + _footer(time.perf_counter() - started, False))
     return 0
