@@ -41,7 +41,7 @@ VIOLATION = 1e-6  # a row violated by more joins the active set
 WRONG_SIGN = 1e-7  # a multiplier this far on the wrong side makes its row leave
 REG = 1e-9  # the KKT systems' regularisation, refined away
 REFINEMENTS = 5
-RANK_TOL = 1e-12  # of the largest eigenvalue: smaller ones leave a response's factor
+FACTOR_CUT = 1e-3 * REG  # eigenvalues below this leave a response's factor
 MAX_ROUNDS = 20
 
 
@@ -216,9 +216,10 @@ class SitePolish:
 
 
 def _psd_factor(s: FloatArray) -> FloatArray:
-    """F with F F' = s (symmetric, positive semidefinite), of the rank s has."""
+    """F with F F' = s (symmetric, positive semidefinite), down to eigenvalues of the
+    regularisation's order, which choose among the non-unique prices: an absolute cut."""
     values, vectors = np.linalg.eigh(0.5 * (s + s.T))
-    keep = values > RANK_TOL * max(float(values[-1]), 1e-300)
+    keep = values > FACTOR_CUT
     return np.asarray(vectors[:, keep] * np.sqrt(values[keep]))
 
 
