@@ -1,25 +1,28 @@
 """A certified polish of ADMM's answer: the whole day's KKT system at an active set, solved the
 decentralized way, corrected until every participant finds its own rows kept and its own
-multipliers of the right sign (issue 18).
+multipliers of the right sign (issue 18). Pure parties; not on the wire yet.
 
 Each community starts from its equalities and the rows its last local solve gave a nonzero
-multiplier, eliminates its variables there and hands over the affine response of its coupling
-values w (trades, then its envelope's lower and upper corners) to their prices nu:
-w(nu) = w0 - F F' nu, as a factor F of low rank (`SitePolish.response`). The coordinator, which
-knows the trading graph and the safe set, takes as active every reciprocity row and the safe rows its
-grants hold at a bound, solves B (sum of F F') B' pi = B w0 - h for the rows' multipliers pi and
-gives each community its prices nu = B' pi (`DsoPolish.prices`). Each community recovers its
-schedule and its rows' multipliers.
+multiplier, eliminates its variables there (a regularised KKT system) and hands over the affine
+response of its coupling values w (trades, then its envelope's lower and upper corners) to their
+prices nu: w(nu) = w0 - F F' nu (`SitePolish.response`). The coordinator, which knows the trading
+graph and the safe set, takes as active every reciprocity row and the safe rows its grants hold at a
+bound, solves (B F F' B' + REG I) pi = B w0 - h for the rows' multipliers pi and gives each
+community its prices nu = B' pi (`DsoPolish.prices`). REFINEMENTS small exchanges (a correction of
+each community's coupling values, one of the prices) then refine the answer against the exact
+system, as one factorised KKT system of the whole day would be refined. Each community recovers
+its schedule and its rows' multipliers.
 
-The day's QP is degenerate: its multipliers are not unique, and the KKT system picks among them by
-its regularisation. Each party regularises towards the multipliers ADMM already gave it (a
-community: its last local solve's; the coordinator: the trade prices), so the system returns the
-multipliers nearest to those. Then each party checks its own rows: rows violated join its active
-set, rows whose multiplier has the wrong sign leave it, and the exchange repeats (`polish`). When
-no party changes anything, the schedules, the prices pi and the multipliers satisfy every KKT
-condition of the day's QP (stationarity by construction, feasibility and signs as checked), so the
-answer is the optimum: a certificate that each party checks on its own rows alone.
-"""
+The day's QP is degenerate: its multipliers are not unique, and the regularised system picks among
+them. Each party regularises towards the multipliers ADMM already gave it (a community: its last
+local solve's; the coordinator: the trade prices; the response keeps the regularisation's small
+eigenvalues for this), so the system returns multipliers near those. Then each party checks its
+own rows: rows violated join its active set, rows whose multiplier has the wrong sign leave it, and
+the exchange repeats (`polish`). When no party changes anything, the schedules, the prices pi and
+the multipliers satisfy every KKT condition of the day's QP (stationarity by construction,
+feasibility and signs as checked), so the answer is the optimum: a certificate each party checks
+on its own rows alone. When the rounds run out the polish is not certified and the caller goes on
+with ADMM."""
 
 from __future__ import annotations
 
