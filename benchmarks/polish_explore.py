@@ -49,7 +49,7 @@ from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
 
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.local_solver import LocalSolve, LocalSolver
-from p2pdoe.core.agreement.polish import DsoPolish, SitePolish, coupled_positions, coupling_rows
+from p2pdoe.core.agreement.polish import REFINEMENTS, DsoPolish, SitePolish, coupled_positions, coupling_rows
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import safe_set
 from p2pdoe.core.market import community_qps, trade_links
@@ -340,19 +340,25 @@ def schur_solve(
     s: Scenario, d: DayQP, qps: list[CommunityQP], at_lo: np.ndarray, at_up: np.ndarray
 ) -> FloatArray:
     """The polish's KKT system solved the decentralized way, by the project's own parties
-    (`p2pdoe.core.agreement.polish`): each community eliminates its own variables at its part of the
-    active set and hands over the response of its coupling values to their prices; the DSO solves
-    for the multipliers of the active coupling rows; each community recovers its schedule."""
+    (`p2pdoe.core.agreement.polish`, without their priors and checks): each community eliminates
+    its own variables at its part of the active set and hands over the response of its coupling
+    values to their prices; the DSO solves for the multipliers of the active coupling rows; the
+    answer is refined by the parties' small exchanges; each community recovers its schedule."""
     sites = [
-        SitePolish(
-            qp, at_lo[d.row_offsets[c] : d.row_offsets[c + 1]], at_up[d.row_offsets[c] : d.row_offsets[c + 1]]
-        )
-        for c, qp in enumerate(qps)
+        SitePolish(qp, at_lo[start:stop], at_up[start:stop], np.zeros(stop - start))
+        for qp, start, stop in zip(qps, d.row_offsets[:-1], d.row_offsets[1:], strict=True)
     ]
     rows = coupling_rows([qp.layout for qp in qps], safe_set(s))
-    dso = DsoPolish(rows, at_lo[d.row_offsets[-1] :], at_up[d.row_offsets[-1] :])
-    prices = dso.prices([site.response() for site in sites])
-    return np.concatenate([site.schedule(nu) for site, nu in zip(sites, prices, strict=True)])
+    coupling = slice(d.row_offsets[-1], None)
+    dso = DsoPolish(rows, at_lo[coupling], at_up[coupling], np.zeros(rows.b.shape[0]))
+    for site, nu in zip(sites, dso.prices([site.response() for site in sites]), strict=True):
+        site.take_prices(nu)
+    for _ in range(REFINEMENTS):
+        corrections = [site.correction() for site in sites]
+        values = np.concatenate([site.coupling_values() for site in sites])
+        for site, nu in zip(sites, dso.correct(corrections, values), strict=True):
+            site.take_correction(nu)
+    return np.concatenate([site.schedule() for site in sites])
 
 
 Stop = tuple[str, dict[str, float]]  # a column's label and the admm settings that end the round there
