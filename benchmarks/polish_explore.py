@@ -49,7 +49,7 @@ from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
 
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.local_solver import LocalSolve, LocalSolver
-from p2pdoe.core.agreement.polish import REFINEMENTS, DsoPolish, SitePolish, coupled_positions, coupling_rows
+from p2pdoe.core.agreement.polish import DsoPolish, SitePolish, coupled_positions, coupling_rows, solve
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import safe_set
 from p2pdoe.core.market import community_qps, trade_links
@@ -350,14 +350,7 @@ def schur_solve(
     ]
     rows = coupling_rows([qp.layout for qp in qps], safe_set(s))
     coupling = slice(d.row_offsets[-1], None)
-    dso = DsoPolish(rows, at_lo[coupling], at_up[coupling], np.zeros(rows.b.shape[0]))
-    for site, nu in zip(sites, dso.prices([site.response() for site in sites]), strict=True):
-        site.take_prices(nu)
-    for _ in range(REFINEMENTS):
-        corrections = [site.correction() for site in sites]
-        values = np.concatenate([site.coupling_values() for site in sites])
-        for site, nu in zip(sites, dso.correct(corrections, values), strict=True):
-            site.take_correction(nu)
+    solve(sites, DsoPolish(rows, at_lo[coupling], at_up[coupling], np.zeros(rows.b.shape[0])))
     return np.concatenate([site.schedule() for site in sites])
 
 

@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from p2pdoe.core.agreement.polish import (
     DsoPolish,
+    Response,
     SitePolish,
     coupled_positions,
     coupling_rows,
@@ -112,14 +113,21 @@ def test_the_coupling_rows_hold_at_the_centralized_optimum_and_bind_somewhere(da
     assert np.min(slack) < 1e-3
 
 
-def test_a_sites_schedule_at_any_prices_holds_its_active_rows(day) -> None:
-    qps, run, _ = day
-    sites, _ = _parties(qps, run)
-    rng = np.random.default_rng(0)
-    for site in sites:
+def _at_random_prices(
+    qps: list[CommunityQP], run: AdmmRun, seed: int
+) -> Iterator[tuple[SitePolish, Response, np.ndarray]]:
+    """Each community's side, its response, and random prices it has taken."""
+    rng = np.random.default_rng(seed)
+    for site in _parties(qps, run)[0]:
         response = site.response()
         prices = rng.normal(scale=0.05, size=response.base.size)
         site.take_prices(prices)
+        yield site, response, prices
+
+
+def test_a_sites_schedule_at_any_prices_holds_its_active_rows(day) -> None:
+    qps, run, _ = day
+    for site, _, prices in _at_random_prices(qps, run, seed=0):
         for _ in range(3):  # refined against the exact system, prices unchanged
             site.correction()
             site.take_correction(np.zeros_like(prices))
@@ -138,12 +146,7 @@ def test_the_response_predicts_the_coupling_values(day) -> None:
     """What a community hands over is what it then does: its coupling values at the coordinator's
     prices are the response's affine function of them."""
     qps, run, _ = day
-    sites, _ = _parties(qps, run)
-    rng = np.random.default_rng(1)
-    for site in sites:
-        response = site.response()
-        prices = rng.normal(scale=0.05, size=response.base.size)
-        site.take_prices(prices)
+    for site, response, prices in _at_random_prices(qps, run, seed=1):
         predicted = response.base - response.factor @ (response.factor.T @ prices)
         scale = max(1.0, float(np.max(np.abs(predicted))))
         assert np.max(np.abs(site.coupling_values() - predicted)) < 1e-6 * scale

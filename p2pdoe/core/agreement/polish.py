@@ -374,6 +374,18 @@ class Polished:
     certified: bool  # every party found its rows kept and its multipliers of the right sign
 
 
+def solve(sites: list[SitePolish], dso: DsoPolish) -> None:
+    """One solve of the day's KKT system at the parties' active sets: the communities' responses,
+    the coordinator's prices, then REFINEMENTS small exchanges against the exact system."""
+    for site, nu in zip(sites, dso.prices([site.response() for site in sites]), strict=True):
+        site.take_prices(nu)
+    for _ in range(REFINEMENTS):
+        corrections = [site.correction() for site in sites]
+        values = np.concatenate([site.coupling_values() for site in sites])
+        for site, nu in zip(sites, dso.correct(corrections, values), strict=True):
+            site.take_correction(nu)
+
+
 def polish(sites: list[SitePolish], dso: DsoPolish, max_rounds: int = MAX_ROUNDS) -> Polished:
     """The exchange, in one place: responses, prices, REFINEMENTS corrections, then each party's
     check of its own rows; again while any party changed its active set, at most `max_rounds`
@@ -381,14 +393,7 @@ def polish(sites: list[SitePolish], dso: DsoPolish, max_rounds: int = MAX_ROUNDS
     rounds, changes = 0, Changes(joined=1)
     while changes.any and rounds < max_rounds:
         rounds += 1
-        prices = dso.prices([site.response() for site in sites])
-        for site, nu in zip(sites, prices, strict=True):
-            site.take_prices(nu)
-        for _ in range(REFINEMENTS):
-            corrections = [site.correction() for site in sites]
-            values = np.concatenate([site.coupling_values() for site in sites])
-            for site, nu in zip(sites, dso.correct(corrections, values), strict=True):
-                site.take_correction(nu)
+        solve(sites, dso)
         changes = dso.check(np.concatenate([site.coupling_values() for site in sites]))
         for site in sites:
             changes += site.check()
