@@ -125,10 +125,9 @@ def test_the_fairness_of_the_gains_meets_its_closed_forms(
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_compare_markets_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> None:
-    # every design and 57 coalitions: about 1.5 min of CPU, 5 to 7 min beside four busy processes;
-    # the bound is for a hang, not for speed
+    # every design and 57 coalitions: about 1.5 min of CPU, 5 to 7 min beside busy processes; the
+    # bound is for a hang, not for speed
     args = ("compare", "--markets", "--intervals", "24", "--dt-h", "1", "--out", str(tmp_path))
     run = run_p2pdoe(*args, timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr
