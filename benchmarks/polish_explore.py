@@ -5,15 +5,15 @@ and how early? (issue 18, items 1 and 2; an exploration, emulated in one process
         [--eps 0.002 0.02 0.05 0.1] [--at 20 30 40] [--baselines]
 
 For each case and stopping tolerance `eps_abs_kw` it runs ADMM in process (`run_admm`, the residual
-test alone; `--at K` cuts the round at iteration K instead), recording each community's last local
-multipliers (its OSQP solve's y). The polish then takes as the active set of the whole day's QP
-(every community's rows, reciprocity, the DSO's safe set): each community's rows with a nonzero
-multiplier (what the community knows), the DSO's safe rows its granted envelopes hold at a bound
-(what the DSO knows), every equality; solves that equality-constrained KKT system, adds the rows it
-violates and solves again (at most `MAX_CORRECTIONS` times). The KKT is solved here as one sparse
-system; a decentralized polish would solve the same system by a Schur complement (each site sends
-the response of its coupling values to prices at its active set, the DSO solves for the prices):
-the last column gives that block's size.
+test alone; `--at K` cuts the round at iteration K instead), taking each community's last local
+multipliers (its last iteration's OSQP solve's y, which its outcome keeps). The polish then takes
+as the active set of the whole day's QP (every community's rows, reciprocity, the DSO's safe set):
+each community's rows with a nonzero multiplier (what the community knows), the DSO's safe rows its
+granted envelopes hold at a bound (what the DSO knows), every equality; solves that
+equality-constrained KKT system, adds the rows it violates and solves again (at most
+`MAX_CORRECTIONS` times). The KKT is solved here as one sparse system; a decentralized polish
+solves the same system by a Schur complement (each site sends the response of its coupling values
+to prices at its active set, the DSO solves for the prices): the last column gives that block's size.
 
 A cell: ADMM's iterations: ADMM's worst schedule difference from the optimum (kW) -> the polished
 one's / the polished objective's gap (% of the gross energy cost) / corrections; "failed" when rows
@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +46,6 @@ import scipy.sparse.linalg as spla
 from admm_scaling import FULL, SCHEDULE_KEYS, Case, _footer, _log, _warm_up
 
 from p2pdoe.analysis.results import build_results
-from p2pdoe.core.agreement.local_solver import LocalSolve, LocalSolver
 from p2pdoe.core.agreement.polish import DsoPolish, SitePolish, coupled_positions, coupling_rows, solve
 from p2pdoe.core.community import CommunityQP
 from p2pdoe.core.envelope import safe_set
@@ -58,7 +55,7 @@ from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.solution import Policy, schedule_from_z
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
-from p2pdoe.services.inprocess import run_admm
+from p2pdoe.services.inprocess import AdmmRun, run_admm
 
 SCHUR_MAX_ROWS = 6000  # the Schur check's dense system of the coupling rows stays below this
 ACTIVE_TOL = 1e-3  # a row this close to a bound (in its own unit) is held there: the DSO's guess
@@ -224,34 +221,11 @@ def _kkt(d: DayQP, at_lo: np.ndarray, at_up: np.ndarray) -> tuple[FloatArray, Fl
     return sol[:n], y
 
 
-@contextmanager
-def recording_multipliers() -> Iterator[list[tuple[CommunityQP, FloatArray]]]:
-    """Every community's iteration solves' multipliers (not its final pinned solves), oldest first,
-    while ADMM runs in process."""
-    record: list[tuple[CommunityQP, FloatArray]] = []
-    original = LocalSolver.solve
-
-    def solve(self: LocalSolver, q: FloatArray) -> LocalSolve:
-        result = original(self, q)
-        record.append((self.qp, result.y))
-        return result
-
-    LocalSolver.solve = solve  # type: ignore[method-assign]
-    try:
-        yield record
-    finally:
-        LocalSolver.solve = original  # type: ignore[method-assign]
-
-
-def last_iteration_multipliers(
-    qps: list[CommunityQP], record: list[tuple[CommunityQP, FloatArray]]
-) -> FloatArray:
-    """Each community's multipliers from its last iteration's solve."""
-    return np.concatenate([[y for other, y in record if _same(qp, other)][-1] for qp in qps])
-
-
-def _same(a: CommunityQP, b: CommunityQP) -> bool:
-    return a.a.shape == b.a.shape and np.array_equal(a.q, b.q) and np.array_equal(a.upper, b.upper)
+def last_iteration_multipliers(run: AdmmRun) -> FloatArray:
+    """Each community's multipliers from its last iteration's solve (its outcome keeps them)."""
+    ys = [out.multipliers for out in run.communities]
+    assert all(y is not None for y in ys)
+    return np.concatenate(ys)
 
 
 def clarabel_solve(d: DayQP, tol: float | None) -> FloatArray:
@@ -378,10 +352,9 @@ def _run_case(
     optimum_active = _optimum_active(d) if diagnose else None
     for label, admm in columns:
         overrides = {**(case.overrides or {}), "admm": admm}
-        with recording_multipliers() as record:
-            run = run_admm(load_scenario(case.scenario, overrides), Policy.DYNAMIC)
+        run = run_admm(load_scenario(case.scenario, overrides), Policy.DYNAMIC)
         x0 = np.concatenate(run.solution.z)
-        local_y = last_iteration_multipliers(qps, record)
+        local_y = last_iteration_multipliers(run)
         p = dual_polish(d, local_y, x0)
         gap = 100.0 * (_objective(d, p.x) - _objective(d, optimum)) / gross
         tail = "failed" if p.violation > VIOLATION else f"{p.corrections}"

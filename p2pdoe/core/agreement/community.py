@@ -64,9 +64,8 @@ class CommunityOutcome:
     granted_up_kw: FloatArray | None
     local_osqp_iterations: tuple[int, ...]
     final_solve: str  # what the final schedule was solved with pinned (see CommunityParticipant._settle)
-    multipliers: FloatArray | None = (
-        None  # of its last iteration's solve (not the pinned one): a polish's start
-    )
+    # the multipliers of its last iteration's solve (not the pinned one): where a polish starts
+    multipliers: FloatArray | None = None
 
 
 def agreed_schedule(qp: CommunityQP, out: CommunityOutcome) -> Schedule:

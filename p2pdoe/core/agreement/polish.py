@@ -16,7 +16,7 @@ its schedule and its rows' multipliers.
 The day's QP is degenerate: its multipliers are not unique, and the regularised system picks among
 them. Each party regularises towards the multipliers ADMM already gave it (a community: its last
 local solve's; the coordinator: the trade prices; the response keeps the regularisation's small
-eigenvalues for this), so the system returns multipliers near those. Then each party checks its
+eigenvalues for this), so the system picks multipliers pulled towards those. Then each party checks its
 own rows: rows violated join its active set, rows whose multiplier has the wrong sign leave it, and
 the exchange repeats (`polish`). When no party changes anything, the schedules, the prices pi and
 the multipliers satisfy every KKT condition of the day's QP (stationarity by construction,
@@ -300,6 +300,7 @@ class DsoPolish:
     prior: FloatArray  # the multipliers its system is regularised towards
     multipliers: FloatArray = field(init=False)  # every coupling row's, at the last prices
     _active: np.ndarray = field(init=False, repr=False)
+    _b: sp.csr_matrix = field(init=False, repr=False)  # the active rows, at the last prices
     _lu: tuple[FloatArray, np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -328,7 +329,7 @@ class DsoPolish:
         """Each community's coupling prices nu = B' pi, pi solving the active rows at the
         communities' responses (the regularised system, pulled towards the prior)."""
         self._active = np.flatnonzero(self.at_lo | self.at_up)
-        b = self.rows.b[self._active]
+        self._b = b = self.rows.b[self._active]
         self._lu = scipy.linalg.lu_factor(_gram(b, [r.factor for r in responses]) + REG * np.eye(b.shape[0]))
         rhs = b @ np.concatenate([r.base for r in responses]) - self._targets()
         pi = scipy.linalg.lu_solve(self._lu, rhs + REG * self.prior[self._active])
@@ -339,7 +340,7 @@ class DsoPolish:
     def correct(self, corrections: list[FloatArray], values: FloatArray) -> list[FloatArray]:
         """The prices' refinement from the communities' corrections and their current coupling
         values (the exact rows' residual)."""
-        b = self.rows.b[self._active]
+        b = self._b
         residual = self._targets() - b @ values
         delta = scipy.linalg.lu_solve(self._lu, b @ np.concatenate(corrections) - residual)
         self.multipliers[self._active] += delta
@@ -357,7 +358,7 @@ class DsoPolish:
         return np.asarray(np.where(self.at_up, self.rows.upper, self.rows.lower)[self._active])
 
     def _split(self, pi: FloatArray) -> list[FloatArray]:
-        return np.split(self.rows.b[self._active].T @ pi, np.cumsum(self.rows.sizes)[:-1])
+        return np.split(self._b.T @ pi, np.cumsum(self.rows.sizes)[:-1])
 
 
 def _gram(b: sp.csr_matrix, factors: list[FloatArray]) -> FloatArray:
