@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from p2pdoe.analysis.admm import residual_points, solve_times, summed
+from p2pdoe.analysis.admm import polish_result, residual_points, solve_times, summed
 from p2pdoe.analysis.network_check import ac_state
 from p2pdoe.analysis.results import Day as ResultsDay
 from p2pdoe.analysis.results import assemble_results, dlmp_results
@@ -102,6 +102,7 @@ def _solver(a: Agreement, reported: list[SiteReport]) -> r.SolverResult:
         envelope_gap_max_kw=last.envelope_gap_max_kw,
         final_solve={rep.site: rep.final_solve for rep in reported},
         ignored_messages=summed([rep.ignored for rep in reported] + [a.setup.dso.ignored]),
+        polish=polish_result(out.polish, t.polish_messages, t.polish_bytes),
     )
 
 

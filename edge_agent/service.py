@@ -52,7 +52,7 @@ from p2pdoe.services.transport import InboundMessage, LastWill, Transport
 
 log = logging.getLogger("edge_agent")
 T = TypeVar("T")
-_MARKET = ("open", "grant", "proposal", *topics.PAYMENT_KINDS)
+_MARKET = ("open", "grant", "proposal", "prices", *topics.PAYMENT_KINDS)
 
 
 def goodbye(site: str) -> tuple[str, bytes]:
@@ -147,6 +147,7 @@ class EdgeService:
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(topics.round_open("+"), 1), (topics.grant("+", self.site), 1)]
+        subs += [(topics.polish_prices("+", self.site), 1)]
         subs += [(topics.proposal("+", p.id), 1) for p in self.market.config.peers]
         subs += [(topics.payment_open("+"), 1), (topics.payment_grant("+"), 1)]
         subs += [(topics.payment_proposal("+", p.id), 1) for p in self.market.config.peers]

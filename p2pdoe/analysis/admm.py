@@ -10,7 +10,7 @@ import numpy as np
 from p2pdoe.core.schemas import results as r
 
 if TYPE_CHECKING:
-    from p2pdoe.core.agreement.dso import IterationRecord
+    from p2pdoe.core.agreement.dso import IterationRecord, PolishRecord
 
 
 def residual_points(history: Sequence[IterationRecord]) -> list[r.ResidualPoint]:
@@ -54,3 +54,17 @@ def summed(counts: Sequence[dict[str, int]]) -> dict[str, int]:
         for reason, n in c.items():
             out[reason] = out.get(reason, 0) + n
     return out
+
+
+def polish_result(record: PolishRecord, messages: int, size: int) -> r.PolishResult | None:
+    """The polish's part of results.json (None: no try)."""
+    if not record.tries:
+        return None
+    return r.PolishResult(
+        tries=record.tries,
+        rounds=record.rounds,
+        steps=record.steps,
+        certified_at=record.certified_at,
+        messages=messages,
+        bytes=size,
+    )

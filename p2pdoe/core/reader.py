@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from p2pdoe.core import topics
-from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen, decode
+from p2pdoe.core.schemas.messages import Grant, PolishPrices, PolishReport, Proposal, RoundOpen, decode
 from p2pdoe.core.schemas.payments import (
     PaymentMessage,
     PaymentOpen,
@@ -19,7 +19,7 @@ from p2pdoe.core.schemas.payments import (
 )
 from p2pdoe.core.schemas.runtime import Runtime, decode_runtime
 
-Message = RoundOpen | Proposal | Grant
+Message = RoundOpen | Proposal | Grant | PolishReport | PolishPrices
 M = TypeVar("M", Message, PaymentMessage)
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ def topic_of(message: Message) -> str:
         return topics.round_open(message.round)
     if isinstance(message, Proposal):
         return topics.proposal(message.round, message.sender)
+    if isinstance(message, PolishReport):
+        return topics.polish(message.round, message.sender)
+    if isinstance(message, PolishPrices):
+        return topics.polish_prices(message.round, message.recipient)
     return topics.grant(message.round, message.recipient)
 
 
@@ -52,6 +56,10 @@ def sender_matches_topic(topic: str, message: Message) -> bool:
         return parsed.kind == "proposal" and parsed.site == message.sender
     if isinstance(message, Grant):
         return parsed.kind == "grant" and parsed.site == message.recipient
+    if isinstance(message, PolishReport):
+        return parsed.kind == "polish" and parsed.site == message.sender
+    if isinstance(message, PolishPrices):
+        return parsed.kind == "prices" and parsed.site == message.recipient
     return parsed.kind == "open"
 
 

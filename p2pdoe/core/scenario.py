@@ -117,6 +117,19 @@ class StalenessSettings:
 
 
 @dataclass(frozen=True)
+class PolishSettings:
+    """See `schemas.scenario.Polish` and `agreement.polish`."""
+
+    first: int = 0  # the iteration of the first try; 0: no polish
+    every: int = 20  # then every this many iterations
+    max_rounds: int = 8  # of exchanges per try
+
+    def due(self, done: int) -> bool:
+        """Whether a try is due after `done` iterations."""
+        return bool(self.first) and done >= self.first and (done - self.first) % self.every == 0
+
+
+@dataclass(frozen=True)
 class AndersonSettings:
     """See `schemas.scenario.Anderson` and `agreement.anderson`."""
 
@@ -144,6 +157,7 @@ class AdmmSettings:
     anderson: AndersonSettings = AndersonSettings()
     staleness: StalenessSettings = StalenessSettings()
     relay_trades: bool = False  # the grants carry the peers' trade entries (schemas.scenario.Admm)
+    polish: PolishSettings = PolishSettings()
 
 
 @dataclass(frozen=True)
@@ -389,6 +403,7 @@ def admm_settings(a: spec.Admm) -> AdmmSettings:
         ),
         staleness=StalenessSettings(a.staleness.max_behind, a.staleness.min_fresh_share),
         relay_trades=a.relay_trades,
+        polish=PolishSettings(a.polish.first, a.polish.every, a.polish.max_rounds),
     )
 
 

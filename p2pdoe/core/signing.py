@@ -52,7 +52,8 @@ def signer_of(topic: str) -> str | None:
     if parsed.area == "dso":
         return DSO
     if parsed.area == "market":
-        return DSO if parsed.site is None or parsed.kind == "grant" else edge_identity(parsed.site)
+        dso_kinds = ("grant", "prices")
+        return DSO if parsed.site is None or parsed.kind in dso_kinds else edge_identity(parsed.site)
     assert parsed.site is not None
     return DSO if parsed.kind in _DSO_SITE_KINDS else edge_identity(parsed.site)
 

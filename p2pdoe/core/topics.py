@@ -12,6 +12,8 @@
     p2pdoe/v1/market/<round>/proposal/<id>       `Proposal` of site <id>
     p2pdoe/v1/market/<round>/grant/<id>          `Grant` to site <id>
     p2pdoe/v1/market/<round>/report/<id>         `SiteReport` of site <id> once the round is over
+    p2pdoe/v1/market/<round>/polish/<id>         `PolishReport` of site <id> (the certified polish)
+    p2pdoe/v1/market/<round>/prices/<id>         `PolishPrices` to site <id>
     p2pdoe/v1/market/<round>/payments/open   retained  `PaymentOpen` (Nash bargaining's stage 2)
     p2pdoe/v1/market/<round>/payments/proposal/<id>  `PaymentProposal` of site <id>
     p2pdoe/v1/market/<round>/payments/grant          `PaymentGrant`
@@ -55,6 +57,16 @@ def grant(round_id: str, site_id: str) -> str:
     return f"{ROOT}/market/{round_id}/grant/{site_id}"
 
 
+def polish(round_id: str, site_id: str) -> str:
+    """A site's reports in a certified polish (its response, corrections, verdicts), for the DSO."""
+    return f"{ROOT}/market/{round_id}/polish/{site_id}"
+
+
+def polish_prices(round_id: str, site_id: str) -> str:
+    """The DSO's prices (and verdict) to one site in a certified polish."""
+    return f"{ROOT}/market/{round_id}/prices/{site_id}"
+
+
 def report(round_id: str, site_id: str) -> str:
     return f"{ROOT}/market/{round_id}/report/{site_id}"
 
@@ -72,6 +84,7 @@ def payment_grant(round_id: str) -> str:
 
 
 PAYMENT_KINDS = ("payments/open", "payments/proposal", "payments/grant")
+SITE_MARKET_KINDS = ("proposal", "report", "grant", "polish", "prices")  # market/<round>/<kind>/<site>
 DSO_STATUS = f"{ROOT}/dso/status"
 DSO_PROGRESS = f"{ROOT}/dso/progress"
 
@@ -98,6 +111,11 @@ def clock_done(name: str = "+") -> str:
 def all_proposals(round_id: str = "+") -> str:
     """Filter for every site's proposals of a round (every round by default)."""
     return f"{ROOT}/market/{round_id}/proposal/+"
+
+
+def all_polish_reports(round_id: str = "+") -> str:
+    """Filter for every site's polish reports of a round (every round by default)."""
+    return f"{ROOT}/market/{round_id}/polish/+"
 
 
 def all_payment_proposals(round_id: str = "+") -> str:
@@ -135,7 +153,7 @@ def parse(topic: str) -> Topic | None:
         return Topic("site", "/".join(parts[2:]), site=parts[1])
     if parts[0] == "market" and len(parts) == 3 and parts[2] == "open":
         return Topic("market", parts[2], round=parts[1])
-    if parts[0] == "market" and len(parts) == 4 and parts[2] in ("proposal", "report", "grant"):
+    if parts[0] == "market" and len(parts) == 4 and parts[2] in SITE_MARKET_KINDS:
         return Topic("market", parts[2], site=parts[3], round=parts[1])
     if (
         parts[0] == "market"

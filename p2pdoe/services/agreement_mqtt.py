@@ -77,6 +77,7 @@ async def run_community(
     driver = _Driver(transport, participant.site)
     await transport.subscribe(topics.round_open("+"))
     await transport.subscribe(topics.grant("+", participant.site))
+    await transport.subscribe(topics.polish_prices("+", participant.site))
     for peer in participant.peer_ids if hear_peers else ():
         await transport.subscribe(topics.proposal("+", peer))
     status = topics.site(participant.site, "status")
@@ -93,6 +94,7 @@ async def run_coordinator(
     driver = _Driver(transport, DSO_ID)
     await transport.subscribe(topics.every_site("status"))
     await transport.subscribe(topics.all_proposals(dso.plan.round))
+    await transport.subscribe(topics.all_polish_reports(dso.plan.round))
     messages = transport.messages()
     await asyncio.wait_for(_all_online(messages, set(dso.plan.sites), driver), online_timeout_s)
     await driver.publish(await asyncio.to_thread(dso.open_round))

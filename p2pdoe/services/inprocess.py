@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from p2pdoe.analysis.admm import residual_points, solve_times, summed
+from p2pdoe.analysis.admm import polish_result, residual_points, solve_times, summed
 from p2pdoe.analysis.results import build_results
 from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
 from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
@@ -22,7 +22,15 @@ from p2pdoe.core.agreement.protocol import Command, Finished, Message, Publish, 
 from p2pdoe.core.agreement.setup import participants
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas import results as r
-from p2pdoe.core.schemas.messages import DSO_ID, Grant, Proposal, decode, encode
+from p2pdoe.core.schemas.messages import (
+    DSO_ID,
+    Grant,
+    PolishPrices,
+    PolishReport,
+    Proposal,
+    decode,
+    encode,
+)
 from p2pdoe.core.solution import Policy, Solution
 
 
@@ -34,13 +42,24 @@ class Timings:
     dso: list[float] = field(default_factory=list)  # [iteration k]: coupling update + next projection
     messages: list[int] = field(default_factory=list)  # published per iteration
     bytes: list[int] = field(default_factory=list)
+    # the certified polish: per step, each community's handling and the DSO's; messages and bytes
+    polish_community: dict[str, list[float]] = field(default_factory=dict)
+    polish_dso: list[float] = field(default_factory=list)
+    polish_messages: int = 0
+    polish_bytes: int = 0
 
     def critical_path_s(self) -> float:
-        """Sum over iterations of the slowest community solve plus the DSO's step."""
-        per_site = list(self.community.values())
-        n = min(len(v) for v in per_site)
-        slowest = np.max(np.array([v[:n] for v in per_site]), axis=0)
-        return float(slowest.sum() + sum(self.dso[:n]))
+        """Sum over iterations (and polish steps) of the slowest community's step plus the DSO's."""
+        return _path(self.community, self.dso) + _path(self.polish_community, self.polish_dso)
+
+
+def _path(community: dict[str, list[float]], dso: list[float]) -> float:
+    per_site = [v for v in community.values() if v]
+    if not per_site:
+        return float(sum(dso))
+    n = min(len(v) for v in per_site)
+    slowest = np.max(np.array([v[:n] for v in per_site]), axis=0)
+    return float(slowest.sum() + sum(dso[:n]))
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,8 @@ def run_admm(
             elapsed = time.perf_counter() - t0
             if any(isinstance(c, Publish) and isinstance(c.message, (Proposal, Grant)) for c in commands):
                 _record(timings, name, elapsed, commands)
+            elif any(isinstance(c, Publish) for c in commands):
+                _record_polish(timings, name, elapsed)
             post(commands, name)
     wall = time.perf_counter() - started
     dso = outcomes[DSO_ID]
@@ -136,12 +157,17 @@ def subscribers(message: object, communities: tuple[CommunityParticipant, ...], 
     if isinstance(message, Proposal):
         peers = [] if relay else [c.site for c in communities if message.sender in c.peer_ids]
         return [*peers, DSO_ID]
-    if isinstance(message, Grant):
+    if isinstance(message, (Grant, PolishPrices)):
         return [message.recipient]
+    if isinstance(message, PolishReport):
+        return [DSO_ID]
     return [c.site for c in communities]
 
 
 def _count(t: Timings, message: object, size: int) -> None:
+    if isinstance(message, (PolishReport, PolishPrices)):
+        t.polish_messages += 1
+        t.polish_bytes += size
     if not isinstance(message, (Proposal, Grant)):
         return  # the round's opening is not part of any iteration
     k = message.iteration
@@ -150,6 +176,13 @@ def _count(t: Timings, message: object, size: int) -> None:
         t.bytes.append(0)
     t.messages[k] += 1
     t.bytes[k] += size
+
+
+def _record_polish(t: Timings, name: str, elapsed: float) -> None:
+    if name == DSO_ID:
+        t.polish_dso.append(elapsed)
+    else:
+        t.polish_community.setdefault(name, []).append(elapsed)
 
 
 def _record(t: Timings, name: str, elapsed: float, commands: list[Command]) -> None:
@@ -176,6 +209,7 @@ def admm_results(s: Scenario, run: AdmmRun) -> r.Results:
             "envelope_gap_max_kw": last.envelope_gap_max_kw,
             "final_solve": {c.site: c.final_solve for c in run.communities},
             "ignored_messages": summed(list(run.ignored.values())),
+            "polish": polish_result(run.dso.polish, t.polish_messages, t.polish_bytes),
         }
     )
     return base.model_copy(update={"solver": solver})

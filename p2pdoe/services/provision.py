@@ -147,10 +147,16 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
         "user dso",
         f"topic read {ROOT}/#",
         *(f"topic write {ROOT}/site/+/{k}" for k in ("doe", "doe/default")),
-        *(f"topic write {ROOT}/market/+/{k}" for k in ("open", "grant/+", "payments/open", "payments/grant")),
+        *(
+            f"topic write {ROOT}/market/+/{k}"
+            for k in ("open", "grant/+", "prices/+", "payments/open", "payments/grant")
+        ),
         # only to delete what a site left retained there (p2pdoe.core.coordinator.retained); what it
         # would write there is never believed: a site's proposals and reports are signed by the site
-        *(f"topic write {ROOT}/market/+/{k}/+" for k in ("proposal", "report", "payments/proposal")),
+        *(
+            f"topic write {ROOT}/market/+/{k}/+"
+            for k in ("proposal", "report", "polish", "payments/proposal")
+        ),
         *(f"topic write {ROOT}/dso/{k}" for k in ("status", "progress")),
         *(f"topic write {ROOT}/clock/{k}" for k in ("grant/+", "status", "member/dso", "done/dso")),
         "",
@@ -167,11 +173,13 @@ def acl(peers: Mapping[str, Sequence[str]]) -> str:
             f"topic write {own}/settlement",
             f"topic write {ROOT}/market/+/proposal/{site}",
             f"topic write {ROOT}/market/+/report/{site}",
+            f"topic write {ROOT}/market/+/polish/{site}",
             f"topic write {ROOT}/market/+/payments/proposal/{site}",
             *(f"topic read {own}/{k}" for k in ("doe", "doe/default", "setpoints", "meter", "status")),
             f"topic read {own}/forecast",
             f"topic read {ROOT}/market/+/open",
             f"topic read {ROOT}/market/+/grant/{site}",
+            f"topic read {ROOT}/market/+/prices/{site}",
             *(f"topic read {ROOT}/market/+/proposal/{p}" for p in site_peers),
             *(f"topic read {ROOT}/market/+/payments/{k}" for k in ("open", "grant")),
             *(f"topic read {ROOT}/market/+/payments/proposal/{p}" for p in site_peers),

@@ -18,6 +18,7 @@ import numpy as np
 from p2pdoe.core.agreement.anderson import mixed
 from p2pdoe.core.agreement.coupling import Agreed, augmented_linear, consensus_step, kept_rows
 from p2pdoe.core.agreement.local_solver import OSQP_SETTINGS, SETTLE_EPS, LocalSolver
+from p2pdoe.core.agreement.polish_exchange import SiteExchange
 from p2pdoe.core.agreement.protocol import (
     DUPLICATE,
     INVALID,
@@ -38,6 +39,8 @@ from p2pdoe.core.schemas.messages import (
     DSO_ID,
     EnvelopeRequest,
     Grant,
+    PolishPrices,
+    PolishReport,
     Proposal,
     RoundOpen,
     TradeProposal,
@@ -196,6 +199,7 @@ class _Round:
         self.ledger: _Ledger | None = None  # bounded staleness (None: every iteration complete)
         self.sent: list[Proposal] = []  # the last two proposals, sent again when the DSO repeats itself
         self.memory = open_.admm.anderson_memory
+        self.polishing: SiteExchange | None = None  # a try of the certified polish under way
         # the last updates of (buy, sell, lo, up), which a grant's Anderson weights mix
         self.updates: deque[tuple[Agreed, Agreed, Agreed | None, Agreed | None]] = deque(
             maxlen=self.memory + 1
@@ -232,11 +236,15 @@ class CommunityParticipant:
             counts.update(self._round.inbox.ignored)
         return dict(counts)
 
-    def may_solve(self, msg: RoundOpen | Proposal | Grant) -> bool:
-        """Whether handling `msg` may run a solve: an opening, or the message that completes the
-        current iteration. Anything else is handled in microseconds (a service may keep it on its
-        event loop instead of a worker thread)."""
+    def may_solve(self, msg: RoundOpen | Proposal | Grant | PolishReport | PolishPrices) -> bool:
+        """Whether handling `msg` may run a solve: an opening, the message that completes the
+        current iteration, or the coordinator's message in a polish. Anything else is handled in
+        microseconds (a service may keep it on its event loop instead of a worker thread)."""
         r = self._round
+        if isinstance(msg, PolishReport):
+            return False
+        if isinstance(msg, PolishPrices):
+            return r is not None and r.polishing is not None and msg.round == r.id
         if isinstance(msg, RoundOpen) or r is None or msg.round != r.id:
             return isinstance(msg, RoundOpen)
         if r.relay and isinstance(msg, Proposal):
@@ -257,6 +265,11 @@ class CommunityParticipant:
         msg = event.message
         if isinstance(msg, RoundOpen):
             return self._open(msg)
+        if isinstance(msg, PolishReport):  # the coordinator's alone
+            self._ignored[UNKNOWN_SENDER] += 1
+            return []
+        if isinstance(msg, PolishPrices):
+            return self._polish_step(msg)
         if not self._from_counterpart(msg):
             self._ignored[UNKNOWN_SENDER] += 1
             return []
@@ -329,6 +342,8 @@ class CommunityParticipant:
         that lost one (a broker that restarted without persistence loses what it had not delivered).
         Two, because a peer one iteration behind still needs the previous one to catch up."""
         self.repeats_answered += 1
+        if r.polishing is not None:
+            return [Publish(p) for p in r.polishing.sent]
         return [Publish(p) for p in r.sent]
 
     def _accepts(self, msg: RoundOpen) -> bool:
@@ -397,8 +412,50 @@ class CommunityParticipant:
                 self._close(r)
                 break
             self._set_rho(r, grant)
+            if grant.polish and r.multipliers is not None:
+                r.polishing = SiteExchange.start(r.id, self.site, self.qp, r.multipliers)
+                out += [Publish(p) for p in r.polishing.opening()]
+                break
             out.append(self._solve_and_propose(r, iteration + 1))
         return out
+
+    # --- the certified polish --------------------------------------------------------------------
+
+    def _polish_step(self, msg: PolishPrices) -> list[Command]:
+        r = self._round
+        if msg.sender != DSO_ID or msg.recipient != self.site:
+            self._ignored[UNKNOWN_SENDER] += 1
+            return []
+        if r is None or msg.round != r.id or r.polishing is None:
+            self._ignored[ROUND_OVER if msg.round in self._finished else NO_ROUND] += 1
+            return []
+        ex = r.polishing
+        reports, verdict = ex.offer(msg)
+        out: list[Command] = [Publish(p) for p in reports]
+        if verdict is None:
+            return out
+        self._ignored.update(ex.ignored)
+        r.polishing = None
+        if verdict == "abandoned":  # ADMM goes on where it was
+            out.append(self._solve_and_propose(r, r.inbox.iteration))
+            return out + self._step_while_complete(r)
+        self._take_polished(r, ex)
+        out.append(Finished(self._outcome(r, "converged", r.inbox.iteration)))
+        self._close(r)
+        return out
+
+    def _take_polished(self, r: _Round, ex: SiteExchange) -> None:
+        """The certified optimum: its schedule, its trades at the rows' prices, its envelope corners
+        as the coordinator checked them."""
+        lay, z, nu = self.qp.layout, ex.polish.schedule(), ex.polish.prices
+        n = len(self.peer_ids)
+        shape = r.buy.y.shape
+        trades = n * self.horizon
+        r.z, r.multipliers, r.final_solve = z, ex.polish.multipliers(), "certified polish"
+        r.buy = Agreed(z[lay.trades][:trades].reshape(shape), nu[:trades].reshape(shape))
+        r.sell = Agreed(z[lay.trades][trades:].reshape(shape), -nu[trades : 2 * trades].reshape(shape))
+        if r.lo is not None:
+            r.granted = (z[lay.block("lo")].copy(), z[lay.block("up")].copy())
 
     # --- the maths -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ sends them in the grants.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -30,6 +30,7 @@ from p2pdoe.core.agreement.coupling import (
     residuals,
 )
 from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver
+from p2pdoe.core.agreement.polish_exchange import DsoExchange, coupling_rows_of
 from p2pdoe.core.agreement.protocol import (
     INVALID,
     UNKNOWN_SENDER,
@@ -46,6 +47,7 @@ from p2pdoe.core.schemas.messages import (
     AdmmParameters,
     Grant,
     GrantedEnvelope,
+    PolishReport,
     Proposal,
     ResidualReport,
     RoundOpen,
@@ -74,6 +76,16 @@ class IterationRecord:
 
 
 @dataclass(frozen=True)
+class PolishRecord:
+    """The certified polish's tries in a round (docs/agreement.md, "A certified polish")."""
+
+    tries: int = 0
+    rounds: int = 0  # over every try: each a solve at the parties' active sets and their checks
+    steps: int = 0  # over every try: the coordinator's answers, each a round trip through the broker
+    certified_at: int | None = None  # the ADMM iterations before the certified try
+
+
+@dataclass(frozen=True)
 class DsoOutcome:
     round: str
     status: Status
@@ -87,6 +99,7 @@ class DsoOutcome:
     trades: Agreed  # (links, T) in `links_of(plan.peers)` order; price in EUR per kW and interval
     lo: Agreed | None  # (C, T) the envelope couplings after the last update; None without envelopes
     up: Agreed | None
+    polish: PolishRecord = PolishRecord()
 
 
 @dataclass(frozen=True)
@@ -268,10 +281,13 @@ class DsoParticipant:
             tuple((m, plan.peers[m].index(c)) for m in peers) for c, peers in enumerate(plan.peers)
         )
         self._accelerator = Accelerator(settings.anderson) if settings.anderson.memory else None
+        self._polishing: DsoExchange | None = None
+        self._polish_ignored_total: Counter[str] = Counter()
+        self.polish_record = PolishRecord()
 
     @property
     def ignored(self) -> dict[str, int]:
-        counts = dict(self._s.inbox.ignored)
+        counts = dict(self._s.inbox.ignored + self._polish_ignored + self._polish_ignored_total)
         if self.rejected:
             counts[INVALID] = self.rejected
         return counts
@@ -290,6 +306,8 @@ class DsoParticipant:
         """Sites whose proposal of the current iteration has not arrived (empty once finished)."""
         if self._s.finished:
             return ()
+        if self._polishing is not None:
+            return self._polishing.waiting_for()
         return tuple(site for site in self.plan.sites if site not in self._s.inbox.current)
 
     def stop_at_next_iteration(self) -> None:
@@ -297,8 +315,16 @@ class DsoParticipant:
         (unless it converges), and every community settles on it as at `max_iterations`."""
         self._stop_requested = True
 
-    def may_step(self, msg: Proposal) -> bool:
-        """Whether handling `msg` may run an iteration's step (it completes the current iteration)."""
+    @property
+    def polishing(self) -> bool:
+        """A try of the certified polish is under way (the sites answer with reports, not proposals)."""
+        return self._polishing is not None
+
+    def may_step(self, msg: Proposal | PolishReport) -> bool:
+        """Whether handling `msg` may run an iteration's step (it completes the current iteration),
+        or a step of the polish."""
+        if isinstance(msg, PolishReport):
+            return self._polishing is not None and self._polishing.waiting_for() == (msg.sender,)
         inbox = self._s.inbox
         if self._s.finished or msg.round != self.plan.round or msg.sender not in self._index:
             return False
@@ -372,6 +398,8 @@ class DsoParticipant:
     def handle(self, event: Received) -> list[Command]:
         msg = event.message
         st = self._s
+        if isinstance(msg, PolishReport) and self._polishing is not None and not st.finished:
+            return self._polish_step(self._polishing, msg)
         if not isinstance(msg, Proposal) or st.finished:
             st.inbox.ignored["not_for_dso" if not st.finished else "after_round"] += 1
             return []
@@ -433,12 +461,16 @@ class DsoParticipant:
                 self._accelerate(before)
             if not frozen:  # a frozen site solved with the rho it was last used with
                 self._adapt_rho(record, iteration)
+        polish = status == "running" and not frozen and self._polish_due(iteration + 1)
+        relayed = self._relayed(proposals)
         grants: list[Command] = [
-            Publish(g) for g in self._grants(iteration, status, record, frozen, self._relayed(proposals))
+            Publish(g) for g in self._grants(iteration, status, record, frozen, relayed, polish)
         ]
         if status != "running":
             st.finished = True
             return [*grants, Finished(self._outcome(status, iteration + 1))]
+        if polish:
+            self._start_polish()
         self._project()
         return grants
 
@@ -570,6 +602,7 @@ class DsoParticipant:
         record: IterationRecord,
         frozen: list[str],
         relayed: list[dict[str, TradeProposal]] | None = None,
+        polish: bool = False,
     ) -> list[Grant]:
         """One grant per site of the round, each with that site's envelope alone (and its peers'
         entries for it, in a relayed round)."""
@@ -606,6 +639,7 @@ class DsoParticipant:
                 anderson_weights=st.weights if status == "running" else None,
                 frozen=frozen,
                 relayed=None if relayed is None else relayed[c],
+                polish=polish,
             )
             for c, (site, envelope) in enumerate(zip(self.plan.sites, envelopes, strict=True))
         ]
@@ -625,7 +659,81 @@ class DsoParticipant:
             trades=st.trades,
             lo=None if self.grid is None else st.lo,
             up=None if self.grid is None else st.up,
+            polish=self.polish_record,
         )
+
+    # --- the certified polish --------------------------------------------------------------------
+
+    @property
+    def _polish_ignored(self) -> Counter[str]:
+        return self._polishing.ignored if self._polishing is not None else Counter()
+
+    def _polish_due(self, done: int) -> bool:
+        """A try after `done` iterations: due by the settings, in a round of dynamic envelopes."""
+        return self.plan.policy == "dynamic" and self.settings.polish.due(done)
+
+    def _start_polish(self) -> None:
+        """A try from the grants just sent (the projection before this iteration's) and the trade
+        prices after this iteration's update."""
+        st = self._s
+        assert st.grant is not None
+        assert self.grid is not None
+        rows = coupling_rows_of(self.plan.peers, self.horizon, self.grid.safe)
+        self._polishing = DsoExchange.start(
+            self.plan.round,
+            self.plan.sites,
+            rows,
+            (st.grant.lo, st.grant.up),
+            st.trades.price,
+            self.settings.polish.max_rounds,
+        )
+        self.polish_record = replace(self.polish_record, tries=self.polish_record.tries + 1)
+
+    def _polish_step(self, ex: DsoExchange, msg: PolishReport) -> list[Command]:
+        answers = ex.offer(msg)
+        if not answers:
+            return []
+        rec = self.polish_record
+        rounds = rec.rounds + (answers[0].step == 0 and answers[0].verdict == "solve")
+        self.polish_record = replace(rec, rounds=rounds, steps=rec.steps + 1)
+        out: list[Command] = [Publish(a) for a in answers]
+        if ex.verdict is None:
+            return out
+        self._polish_ignored_total.update(ex.ignored)
+        self._polishing = None
+        if ex.verdict == "abandoned":
+            return out
+        self.polish_record = replace(self.polish_record, certified_at=self.iteration)
+        self._s.finished = True
+        return [*out, Finished(self._certified(ex))]
+
+    def _certified(self, ex: DsoExchange) -> DsoOutcome:
+        """The round's outcome at the polished optimum: the sites' envelope corners as granted, the
+        trades and their prices as the rows' multipliers say (the buyer's values)."""
+        st, horizon, dt = self._s, self.horizon, self.plan.dt_h
+        lo = np.array([v[-2 * horizon : -horizon] for v in ex.values])
+        up = np.array([v[-horizon:] for v in ex.values])
+        prices = ex.dso.coupling_prices()
+        buy = [v[: len(self.plan.peers[c]) * horizon].reshape(-1, horizon) for c, v in enumerate(ex.values)]
+        links = self._s.links
+        trade_y = np.array([buy[b][self.plan.peers[b].index(s)] for b, s in links]).reshape(st.trades.y.shape)
+        trade_price = ex.dso.multipliers[: ex.dso.rows.reciprocity].reshape(st.trades.y.shape)
+        rho_e = st.rho_envelope * dt
+        k_up = self.grid.safe.upper.g.shape[0] if self.grid is not None else 0
+        safe_rows = ex.dso.multipliers[ex.dso.rows.reciprocity :]
+        grid = GridSolve(
+            lo=lo,
+            up=up,
+            row_duals_up=safe_rows[: k_up * horizon].reshape(k_up, horizon) / rho_e,
+            row_duals_lo=-safe_rows[k_up * horizon :].reshape(-1, horizon) / rho_e,
+            status="certified polish",
+            iterations=ex.exchange + 1,
+        )
+        st.grant = grid
+        st.trades = Agreed(trade_y, trade_price)
+        st.lo = Agreed(lo, np.array([p[-2 * horizon : -horizon] for p in prices]))
+        st.up = Agreed(up, np.array([p[-horizon:] for p in prices]))
+        return self._outcome("converged", self.iteration)
 
 
 def _price_change(before: Agreed, after: Agreed) -> float:

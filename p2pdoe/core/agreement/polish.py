@@ -27,6 +27,7 @@ with ADMM."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
@@ -34,9 +35,11 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from p2pdoe.core.community import CommunityQP, Layout
-from p2pdoe.core.envelope import Corner, SafeSet
 from p2pdoe.core.market import trade_links
 from p2pdoe.core.network import FloatArray
+
+if TYPE_CHECKING:  # an edge agent never imports the safe set's module
+    from p2pdoe.core.envelope import Corner, SafeSet
 
 ACTIVE_MULTIPLIER = 1e-7  # a local multiplier beyond this makes its row active
 HELD_KW = 1e-3  # a safe row this close to its bound (kW-equivalent) is held there
@@ -167,6 +170,10 @@ class SitePolish:
     def schedule(self) -> FloatArray:
         assert self._state is not None
         return self._state[: self.qp.layout.size]
+
+    @property
+    def coupling_size(self) -> int:
+        return int(coupled_positions(self.qp.layout).size)
 
     def coupling_values(self) -> FloatArray:
         return np.asarray(self.schedule()[coupled_positions(self.qp.layout)], dtype=float)
@@ -353,6 +360,10 @@ class DsoPolish:
             self.rows.b @ values, self.rows.lower, self.rows.upper, self.multipliers, self.at_lo, self.at_up
         )
         return changes
+
+    def coupling_prices(self) -> list[FloatArray]:
+        """Each community's coupling prices at every row's multiplier (the exchange's last)."""
+        return np.split(self.rows.b.T @ self.multipliers, np.cumsum(self.rows.sizes)[:-1])
 
     def _targets(self) -> FloatArray:
         return np.asarray(np.where(self.at_up, self.rows.upper, self.rows.lower)[self._active])

@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from p2pdoe.core.schemas.messages import Grant, Proposal, RoundOpen
+from p2pdoe.core.schemas.messages import Grant, PolishPrices, PolishReport, Proposal, RoundOpen
 
-Message = RoundOpen | Proposal | Grant
+Message = RoundOpen | Proposal | Grant | PolishReport | PolishPrices
 M = TypeVar("M")
 
 

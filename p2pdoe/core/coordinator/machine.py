@@ -57,7 +57,7 @@ from p2pdoe.core.effects import (
 )
 from p2pdoe.core.reader import MarketReader
 from p2pdoe.core.realtime.metering import MeterIntegral
-from p2pdoe.core.schemas.messages import DSO_ID, Proposal, RoundOpen
+from p2pdoe.core.schemas.messages import DSO_ID, PolishReport, Proposal, RoundOpen
 from p2pdoe.core.schemas.payments import PaymentProposal
 from p2pdoe.core.schemas.results import Attempt, MarketOutcome
 from p2pdoe.core.schemas.runtime import (
@@ -78,6 +78,7 @@ SUBSCRIPTIONS: tuple[tuple[str, int], ...] = (
     *((topics.every_site(kind), 1) for kind in ("register", "status", "settlement", "doe", "doe/default")),
     (topics.every_site("meter"), 0),
     (topics.all_proposals(), 1),
+    (topics.all_polish_reports(), 1),
     (topics.all_reports(), 1),
     (topics.all_payment_proposals(), 1),
     (topics.round_open("+"), 1),  # retained openings another run left behind are cleared
@@ -166,7 +167,7 @@ class CoordinatorMachine:
         parsed = topics.parse(event.topic)
         if parsed is None or parsed.area != "market":
             return parsed is not None and parsed.kind in ("register", "status")
-        return parsed.kind == "proposal"
+        return parsed.kind in ("proposal", "polish")
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class CoordinatorMachine:
             return self._site(parsed.kind, parsed.site, m, now)
         if parsed.area == "market" and parsed.kind == "report":
             return self._report(parsed.site, parsed.round, m.payload, now)
-        if parsed.area == "market" and parsed.kind == "proposal":
+        if parsed.area == "market" and parsed.kind in ("proposal", "polish"):
             return self._proposal(m, now)
         if parsed.area == "market" and parsed.kind == "payments/proposal":
             return self._payment_proposal(m, now)
@@ -378,7 +379,7 @@ class CoordinatorMachine:
     def _proposal(self, m: Heard, now: datetime) -> list[Command]:
         c0 = self.cpu.thread()
         msg = self.reader.decoded(m)
-        if not isinstance(msg, Proposal):
+        if not isinstance(msg, (Proposal, PolishReport)):
             return []
         run = self.run
         if self.phase is Phase.AGREEING and run is not None and msg.round == run.id:
@@ -479,6 +480,7 @@ class CoordinatorMachine:
                 *out,
                 self.status(now),
                 Unsubscribe(topics.all_proposals()),
+                Unsubscribe(topics.all_polish_reports()),
                 Unsubscribe(topics.all_reports()),
             ]
         standing = standing_from(setup, run.outcome, 0, ctx.start, ctx.interval_s, ctx.cfg.intervals)

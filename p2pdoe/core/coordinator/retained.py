@@ -23,6 +23,7 @@ def sweep() -> list[Subscribe]:
     return [
         Subscribe(topics.all_proposals(), 1),
         Subscribe(topics.all_reports(), 1),
+        Subscribe(topics.all_polish_reports(), 1),
         Subscribe(topics.all_payment_proposals(), 1),
     ]
 
@@ -35,7 +36,7 @@ def misused(topic: str, retained: bool, payload: bytes) -> str | None:
     if (
         parsed is None
         or parsed.area != "market"
-        or parsed.kind not in ("proposal", "report", "payments/proposal")
+        or parsed.kind not in ("proposal", "report", "polish", "payments/proposal")
     ):
         return None
     return parsed.site or "?"

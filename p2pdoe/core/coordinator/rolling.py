@@ -32,7 +32,7 @@ from p2pdoe.core.coordinator.retained import sweep
 from p2pdoe.core.coordinator.rounds import ITERATION, RoundRun, Timings
 from p2pdoe.core.coordinator.standing import Standing, standing_from
 from p2pdoe.core.effects import Patience, Relieve, Send, Subscribe
-from p2pdoe.core.schemas.messages import Proposal
+from p2pdoe.core.schemas.messages import PolishReport, Proposal
 from p2pdoe.core.schemas.results import RealtimeInterval
 from p2pdoe.core.schemas.runtime import Doe, Registration, SiteReport
 
@@ -162,7 +162,7 @@ class Rolling:
     def _cap(self) -> int:
         return min(self.ctx.rules.rolling_max_iterations, self.ctx.cfg.admm.max_iterations)
 
-    def proposal(self, msg: Proposal, size: int, now: datetime) -> list[Effect]:
+    def proposal(self, msg: Proposal | PolishReport, size: int, now: datetime) -> list[Effect]:
         cur = self.current
         if cur is None or cur.run is None or msg.round != cur.round_id or cur.run.outcome is not None:
             return []

@@ -15,7 +15,7 @@ from p2pdoe.core.agreement.protocol import Command, Finished, Publish, Received
 from p2pdoe.core.cpu import NO_CPU, CpuClocks
 from p2pdoe.core.effects import Patience, Relieve, Send
 from p2pdoe.core.reader import topic_of
-from p2pdoe.core.schemas.messages import Grant, Proposal, encode
+from p2pdoe.core.schemas.messages import Grant, PolishPrices, PolishReport, Proposal, encode
 from p2pdoe.core.schemas.results import Attempt, MarketOutcome
 from p2pdoe.core.schemas.runtime import Progress, Registration, SiteReport
 
@@ -35,6 +35,8 @@ class Timings:
     proposal_bytes: int = 0
     grants: int = 0  # one per site and iteration
     grant_bytes: int = 0
+    polish_messages: int = 0  # the certified polish's, both ways
+    polish_bytes: int = 0
     cpu_s: float = 0.0  # the process's CPU time from the opening to the end of the round
     dso_cpu_s: float = 0.0  # of which in the DSO participant (every proposal, not only the last)
     codec_cpu_s: float = 0.0  # of which decoding proposals and encoding grants and progress
@@ -129,9 +131,14 @@ class RoundRun:
         self._repeated = self._last
         return [*self._last, Patience(ITERATION, self.patience_s)]
 
-    def proposal(self, msg: Proposal, size: int, now: datetime | None = None) -> list[Effect]:
-        self.timings.proposals += 1
-        self.timings.proposal_bytes += size
+    def proposal(self, msg: Proposal | PolishReport, size: int, now: datetime | None = None) -> list[Effect]:
+        """A proposal, or a report of the certified polish."""
+        if isinstance(msg, PolishReport):
+            self.timings.polish_messages += 1
+            self.timings.polish_bytes += size
+        else:
+            self.timings.proposals += 1
+            self.timings.proposal_bytes += size
         return self._handled(lambda: self.dso.handle(Received(msg)), now)
 
     def _handled(self, step: Callable[[], list[Command]], now: datetime | None) -> list[Effect]:
@@ -141,6 +148,10 @@ class RoundRun:
         self.timings.dso_cpu_s += self.cpu.thread() - c0
         grants = [c.message for c in commands if isinstance(c, Publish) and isinstance(c.message, Grant)]
         out: list[Effect] = self._granted(grants, self.stopwatch() - t0) if grants else []
+        prices = [
+            c.message for c in commands if isinstance(c, Publish) and isinstance(c.message, PolishPrices)
+        ]
+        out += self._polish_prices(prices) if prices else []
         if grants:
             self._iteration_start = now
             out.append(Relieve(STRAGGLERS))
@@ -168,6 +179,15 @@ class RoundRun:
         self._t_iter = now
         self._last = sends
         return [*sends, progress, Patience(ITERATION, self.patience_s)]
+
+    def _polish_prices(self, prices: list[PolishPrices]) -> list[Effect]:
+        """A step of the certified polish: one message per site; the iteration's patience renewed
+        (and these sent again at its end, like a grant)."""
+        sends = [Send(topic_of(m), encode(m)) for m in prices]
+        self.timings.polish_messages += len(sends)
+        self.timings.polish_bytes += sum(len(s.payload) for s in sends)
+        self._last = sends
+        return [*sends, Patience(ITERATION, self.patience_s)]
 
     def _progress(self, grant: Grant) -> Send:
         last = self.dso.last_record

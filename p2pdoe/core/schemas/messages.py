@@ -7,11 +7,14 @@ message carries proposals, grants and prices only, never a party's costs, assets
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from p2pdoe.core.schemas.wire import checked_json
@@ -238,17 +241,113 @@ class Grant(Message):
     # relayed rounds: by peer, that peer's entry for the recipient (`peer` is the recipient) in the
     # proposal this iteration used, exactly as sent; None in a round whose sites hear their peers
     relayed: dict[SiteId, TradeProposal] | None = None
+    # a certified polish starts: the recipient answers with its response (`PolishReport`) instead
+    # of a proposal, its couplings updated as for any running grant (docs/agreement.md)
+    polish: bool = False
 
 
-AgreementMessage = Annotated[RoundOpen | Proposal | Grant, Field(discriminator="kind")]
-MESSAGE_ADAPTER: TypeAdapter[RoundOpen | Proposal | Grant] = TypeAdapter(AgreementMessage)
+class Matrix(Message):
+    """Rows of a dense matrix of 8-byte floats, row-major, little-endian, in base64."""
+
+    rows: Annotated[int, Field(ge=0)]
+    cols: Annotated[int, Field(ge=0)]
+    data: str
+
+    @model_validator(mode="after")
+    def _fits(self) -> Matrix:
+        self.array()
+        return self
+
+    def array(self) -> np.ndarray:
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except binascii.Error as exc:
+            raise ValueError("matrix data is not base64") from exc
+        if len(raw) != 8 * self.rows * self.cols:
+            raise ValueError(f"matrix data of {len(raw)} bytes is not {self.rows} x {self.cols} floats")
+        values = np.frombuffer(raw, dtype="<f8").reshape(self.rows, self.cols)
+        if not np.isfinite(values).all():
+            raise ValueError("matrix data must be finite")
+        return values
 
 
-def encode(message: RoundOpen | Proposal | Grant) -> bytes:
+def matrix_of(values: np.ndarray) -> Matrix:
+    rows, cols = values.shape
+    data = base64.b64encode(np.ascontiguousarray(values, dtype="<f8").tobytes()).decode("ascii")
+    return Matrix(rows=rows, cols=cols, data=data)
+
+
+class ResponsePart(Message):
+    """Part of a community's response to coupling prices, w(nu) = base - F F' nu (docs/agreement.md):
+    rows first_row.. of F; the first part also carries `base`. A response is cut into parts to stay
+    under the message size limit."""
+
+    part: Annotated[int, Field(ge=0)]
+    parts: Annotated[int, Field(ge=1, le=64)]
+    first_row: Annotated[int, Field(ge=0)]
+    base: Series  # empty in every part but the first
+    factor: Matrix
+
+    @model_validator(mode="after")
+    def _part_of(self) -> ResponsePart:
+        if self.part >= self.parts:
+            raise ValueError("part must be below parts")
+        if (self.part == 0) != bool(self.base):
+            raise ValueError("the first part, and only it, carries the base")
+        return self
+
+
+class PolishReport(Message):
+    """A community's message in a certified polish (to the DSO only). Step 0: its response (exchange 0
+    only); steps 1..R: the correction of its coupling values and the values themselves; step R + 1:
+    its values after the exchange, how its check of its own rows changed its active set, and, if it
+    changed, its new response for the next exchange. Coupling values: its trades (buys, then sells,
+    in peer order), then its envelope's lower and upper corners, each a horizon long."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["polish_report"] = "polish_report"
+    round: RoundId
+    sender: SiteId
+    exchange: Annotated[int, Field(ge=0)]
+    step: Annotated[int, Field(ge=0)]
+    values: Series = []
+    correction: Series = []
+    joined: Annotated[int, Field(ge=0)] = 0  # its rows violated
+    left: Annotated[int, Field(ge=0)] = 0  # its rows whose multiplier had the wrong sign
+    response: ResponsePart | None = None
+
+
+class PolishPrices(Message):
+    """The DSO's message to one community in a certified polish: step 0, its coupling prices
+    (EUR per kW and interval, in the order of its coupling values); steps 1..R, their refinement;
+    or the verdict: "certified" (the round is over, at the optimum) or "abandoned" (ADMM goes on
+    where it was)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["polish_prices"] = "polish_prices"
+    round: RoundId
+    sender: Literal["dso"] = "dso"
+    recipient: SiteId
+    exchange: Annotated[int, Field(ge=0)]
+    step: Annotated[int, Field(ge=0)]
+    prices: Series = []
+    verdict: Literal["solve", "certified", "abandoned"] = "solve"
+
+
+AgreementMessage = Annotated[
+    RoundOpen | Proposal | Grant | PolishReport | PolishPrices, Field(discriminator="kind")
+]
+MESSAGE_ADAPTER: TypeAdapter[RoundOpen | Proposal | Grant | PolishReport | PolishPrices] = TypeAdapter(
+    AgreementMessage
+)
+Wire = RoundOpen | Proposal | Grant | PolishReport | PolishPrices
+
+
+def encode(message: Wire) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
 
-def decode(payload: bytes) -> RoundOpen | Proposal | Grant:
+def decode(payload: bytes) -> Wire:
     """Parse and validate; raises `WireError` (too large, not JSON, a repeated key) or
     pydantic.ValidationError (anything else malformed), both ValueErrors."""
     return MESSAGE_ADAPTER.validate_json(checked_json(payload))

@@ -150,6 +150,17 @@ class SolveTimes(Model):
     steps: int
 
 
+class PolishResult(Model):
+    """The certified polish's tries in a round (docs/agreement.md, "A certified polish")."""
+
+    tries: int
+    rounds: int  # solves at the parties' active sets, over every try
+    steps: int  # the coordinator's answers, each a round trip through the broker
+    certified_at: int | None  # ADMM iterations before the certified try; None: none certified
+    messages: int  # both ways
+    bytes: int
+
+
 class SolverResult(Model):
     name: str
     status: str
@@ -166,6 +177,7 @@ class SolverResult(Model):
     envelope_gap_max_kw: float | None = None  # last request against last grant
     final_solve: dict[str, str] | None = None  # per community: what its final schedule pinned
     ignored_messages: dict[str, int] | None = None  # by reason, summed over participants
+    polish: PolishResult | None = None  # None: no polish tried
 
 
 class Attempt(Model):

@@ -204,6 +204,17 @@ class Staleness(Model):
     min_fresh_share: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
+class Polish(Model):
+    """The certified polish (docs/agreement.md, "A certified polish"): from iteration `first`, then
+    every `every` iterations, the parties stop iterating and solve the day's KKT system at the
+    active set their last step shows, in at most `max_rounds` rounds of exchanges; a certified
+    answer ends the round at the optimum, else ADMM goes on where it was. `first` 0: off."""
+
+    first: Annotated[int, Field(ge=0)] = 0
+    every: Annotated[int, Field(ge=1)] = 20
+    max_rounds: Annotated[int, Field(ge=1, le=50)] = 8
+
+
 class Admm(Model):
     """The decentralized agreement's settings. rho is per hour of interval (scaled by dt_h), in
     EUR/(kW^2 h); tolerances in kW (Boyd's l2 criteria, scaled by the square root of the number of
@@ -223,11 +234,14 @@ class Admm(Model):
     # the DSO relays each peer's trade entry in the grants, so a site receives one message per
     # iteration instead of one per peer plus the grant (docs/agreement.md, "Relayed trades")
     relay_trades: bool = False
+    polish: Polish = Polish()
 
     @model_validator(mode="after")
     def _no_anderson_with_staleness(self) -> Admm:
         if self.staleness.max_behind and self.anderson.memory:
             raise ValueError("staleness.max_behind > 0 needs anderson.memory 0")
+        if self.staleness.max_behind and self.polish.first:
+            raise ValueError("staleness.max_behind > 0 needs polish.first 0")
         return self
 
 
