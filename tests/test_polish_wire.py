@@ -4,7 +4,9 @@ and malformed messages."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
 from p2pdoe.core.agreement import polish_exchange
+from p2pdoe.core.agreement.coordination import RoundSetup
 from p2pdoe.core.agreement.polish import Response
 from p2pdoe.core.agreement.polish_exchange import (
     VERDICT_STEP,
@@ -21,20 +24,28 @@ from p2pdoe.core.agreement.polish_exchange import (
     coupling_rows_of,
     response_parts,
 )
-from p2pdoe.core.agreement.protocol import Message
+from p2pdoe.core.agreement.protocol import Message, Publish, Received
+from p2pdoe.core.agreement.setup import participants
+from p2pdoe.core.coordinator.rounds import RoundRun, Timings
+from p2pdoe.core.effects import Send
 from p2pdoe.core.envelope import safe_set
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.messages import (
+    DSO_ID,
     Grant,
     Matrix,
     PolishPrices,
     PolishReport,
+    Proposal,
     ResponsePart,
+    decode,
+    encode,
     matrix_of,
 )
 from p2pdoe.core.solution import Policy, Solution
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
+from p2pdoe.services.inprocess import subscribers
 
 FIRST = 20  # the default day's polish is certified from 20 iterations (docs/benchmarks.md)
 SCHEDULE_KEYS = ("pv", "wd", "lx", "ch", "dis", "imp", "exp", "lo", "up")
@@ -204,3 +215,47 @@ def test_a_verdict_names_the_last_step_and_a_grant_may_start_a_try(polished: tup
     assert len(verdicts) == len(trace.parts.communities)
     starting = [m for _, m in trace.published if isinstance(m, Grant) and m.polish]
     assert {m.iteration for m in starting} == {FIRST - 1}
+
+
+def test_a_lost_report_is_sent_again_when_the_coordinator_repeats_itself() -> None:
+    """The coordinator's round (`RoundRun`): at its patience's end it sends its last polish message
+    again; the site whose report was lost answers with it again, the others' copies are dropped as
+    duplicates, and the try goes on to its certificate."""
+    s = _day(first=FIRST)
+    p = participants(s, Policy.DYNAMIC, "day-ahead")
+    run = RoundRun(RoundSetup(p.dso, tuple(s.ids), (), None, None), Timings(), 10.0, lambda: 0.0)  # type: ignore[arg-type]
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    by_site = {c.site: c for c in p.communities}
+    queue: deque[Message] = deque(_sent(run.open(now)))
+    lost: list[PolishReport] = []
+    missing: tuple[str, ...] = ()
+    repeats = 0
+    while run.outcome is None:
+        if not queue:
+            missing = run.missing()
+            again = run.repeat()  # the iteration's patience is over
+            assert again, "the round is stuck"
+            repeats += 1
+            queue.extend(_sent(again))
+            continue
+        m = queue.popleft()
+        if isinstance(m, PolishReport) and m.step == 1 and not lost:
+            lost.append(m)
+            continue
+        for name in subscribers(m, p.communities, relay=False):
+            if name == DSO_ID:
+                assert isinstance(m, (Proposal, PolishReport))
+                queue.extend(_sent(run.proposal(m, len(encode(m)), now)))
+            else:
+                queue.extend(c.message for c in by_site[name].handle(Received(m)) if isinstance(c, Publish))
+    assert (repeats, missing) == (1, (lost[0].sender,))
+    assert run.outcome.status == "converged"
+    assert run.outcome.polish.certified_at == FIRST
+    dropped = p.dso.ignored
+    assert dropped.get("duplicate", 0) + dropped.get("polish_out_of_step", 0) == len(s.ids) - 1
+    assert run.timings.polish_messages > 0
+
+
+def _sent(effects: list[object]) -> list[Message]:
+    """The market messages among a round's effects (not its progress)."""
+    return [decode(e.payload) for e in effects if isinstance(e, Send) and "/market/" in e.topic]

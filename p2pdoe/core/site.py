@@ -18,7 +18,7 @@ from p2pdoe.core.scenario import AdmmSettings, Battery, CommunityData, FlexibleL
 from p2pdoe.core.schemas import site as cfg
 from p2pdoe.core.schemas.coordinator import ConnectedSite, CoordinatorConfig
 from p2pdoe.core.schemas.runtime import DayRanges, Registration
-from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm, Anderson, Staleness
+from p2pdoe.core.schemas.scenario import AdaptiveRho, Admm, Anderson, Polish, Staleness
 from p2pdoe.core.solution import Policy
 
 
@@ -213,6 +213,7 @@ def admm_spec(a: AdmmSettings) -> Admm:
         ),
         staleness=Staleness(max_behind=a.staleness.max_behind, min_fresh_share=a.staleness.min_fresh_share),
         relay_trades=a.relay_trades,
+        polish=Polish(first=a.polish.first, every=a.polish.every, max_rounds=a.polish.max_rounds),
     )
 
 

@@ -373,9 +373,19 @@ class DsoPolish:
 
 
 def _gram(b: sp.csr_matrix, factors: list[FloatArray]) -> FloatArray:
-    """B (block-diagonal F F') B', from each community's factor F."""
-    bf = (b @ sp.block_diag(factors, format="csr")).toarray()
-    return np.asarray(bf @ bf.T)
+    """B (block-diagonal F F') B', from each community's factor F: a sum over communities, each
+    over the rows that touch its coupling values only (a row touches two communities or a few)."""
+    gram = np.zeros((b.shape[0], b.shape[0]))
+    csc = sp.csc_matrix(b)
+    start = 0
+    for f in factors:
+        block = csc[:, start : start + f.shape[0]]
+        start += f.shape[0]
+        rows = np.unique(block.indices)
+        if rows.size:
+            x = sp.csr_matrix(block[rows]) @ f
+            gram[np.ix_(rows, rows)] += x @ x.T
+    return gram
 
 
 @dataclass(frozen=True)
