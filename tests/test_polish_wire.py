@@ -29,7 +29,7 @@ from p2pdoe.core.agreement.setup import participants
 from p2pdoe.core.coordinator.rounds import RoundRun, Timings
 from p2pdoe.core.effects import Send
 from p2pdoe.core.envelope import safe_set
-from p2pdoe.core.scenario import Scenario
+from p2pdoe.core.scenario import PolishSettings, Scenario
 from p2pdoe.core.schemas.messages import (
     DSO_ID,
     Grant,
@@ -259,3 +259,21 @@ def test_a_lost_report_is_sent_again_when_the_coordinator_repeats_itself() -> No
 def _sent(effects: list[object]) -> list[Message]:
     """The market messages among a round's effects (not its progress)."""
     return [decode(e.payload) for e in effects if isinstance(e, Send) and "/market/" in e.topic]
+
+
+@pytest.mark.parametrize(
+    ("first", "every", "due_after"),
+    [(20, 20, (20, 40, 80, 160, 320)), (10, 5, (10, 15, 25, 45, 85, 165, 325)), (0, 20, ())],
+)
+def test_tries_come_after_first_and_then_ever_further_apart(
+    first: int, every: int, due_after: tuple[int, ...]
+) -> None:
+    """A failed try is followed by another `every` iterations later, the wait doubled each time;
+    `first` 0 turns the polish off."""
+    settings = PolishSettings(first=first, every=every)
+    found, failed = [], 0
+    for done in range(1, 400):
+        if settings.due(done, failed):
+            found.append(done)
+            failed += 1
+    assert tuple(found) == due_after

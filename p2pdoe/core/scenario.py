@@ -121,12 +121,14 @@ class PolishSettings:
     """See `schemas.scenario.Polish` and `agreement.polish`."""
 
     first: int = 0  # the iteration of the first try; 0: no polish
-    every: int = 20  # then every this many iterations
+    every: int = 20  # then this many iterations after a failed try, doubled after each
     max_rounds: int = 8  # of exchanges per try
 
-    def due(self, done: int) -> bool:
-        """Whether a try is due after `done` iterations."""
-        return bool(self.first) and done >= self.first and (done - self.first) % self.every == 0
+    def due(self, done: int, failed: int) -> bool:
+        """Whether a try is due after `done` iterations, `failed` tries having failed before."""
+        if not self.first:
+            return False
+        return done == self.first + self.every * ((1 << failed) - 1)
 
 
 @dataclass(frozen=True)

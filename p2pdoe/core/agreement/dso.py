@@ -670,7 +670,8 @@ class DsoParticipant:
 
     def _polish_due(self, done: int) -> bool:
         """A try after `done` iterations: due by the settings, in a round of dynamic envelopes."""
-        return self.plan.policy == "dynamic" and self.settings.polish.due(done)
+        failed = self.polish_record.tries  # every try so far failed: a certified one ends the round
+        return self.plan.policy == "dynamic" and self.settings.polish.due(done, failed)
 
     def _start_polish(self) -> None:
         """A try from the grants just sent (the projection before this iteration's) and the trade

@@ -205,10 +205,11 @@ class Staleness(Model):
 
 
 class Polish(Model):
-    """The certified polish (docs/agreement.md, "A certified polish"): from iteration `first`, then
-    every `every` iterations, the parties stop iterating and solve the day's KKT system at the
-    active set their last step shows, in at most `max_rounds` rounds of exchanges; a certified
-    answer ends the round at the optimum, else ADMM goes on where it was. `first` 0: off."""
+    """The certified polish (docs/agreement.md, "A certified polish"): after `first` iterations the
+    parties stop iterating and solve the day's KKT system at the active set their last step shows,
+    in at most `max_rounds` rounds of exchanges; a certified answer ends the round at the optimum,
+    else ADMM goes on where it was and tries again `every` iterations later, the wait doubled after
+    each failed try (20, 40, 80, 160 ... with the defaults). `first` 0: off."""
 
     first: Annotated[int, Field(ge=0)] = 0
     every: Annotated[int, Field(ge=1)] = 20
