@@ -43,7 +43,7 @@ from p2pdoe.core.edge.realtime import EdgeRealtime, status_payload
 from p2pdoe.core.effects import Fault, Heard, Send, Subscribe, Unsubscribe
 from p2pdoe.core.realtime.controller import Controller
 from p2pdoe.core.realtime.enforcement import Box
-from p2pdoe.core.schemas.messages import RoundOpen
+from p2pdoe.core.schemas.messages import Grant, PolishPrices, RoundOpen
 from p2pdoe.core.schemas.runtime import MeterReading, SiteForecast
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.clock import Clock
@@ -217,11 +217,12 @@ class EdgeService:
                     continue
                 site = self._snapshot() if m.topic.endswith("/open") else None
                 may_solve = self.market.heavy(msg)
-                # An opening builds and factors the site's problem: off the loop. An iteration's step
-                # is one warm-started solve, cheaper on the loop than the hop to a thread and back.
+                # An opening builds and factors the site's problem, a polish step factors and
+                # decomposes its KKT system: off the loop. An iteration's step is one warm-started
+                # solve, cheaper on the loop than the hop to a thread and back.
                 commands = (
                     await asyncio.to_thread(self.market.handle, msg, site)
-                    if self.offload and isinstance(msg, RoundOpen)
+                    if self.offload and _factors(msg)
                     else self.market.handle(msg, site)
                 )
                 if may_solve and self.solve_delay:
@@ -382,3 +383,8 @@ def restored(journal: Journal) -> Restored:
 
 
 __all__ = ["EdgeService", "fixed_default", "goodbye", "market_machine", "offline_will", "restored"]
+
+
+def _factors(msg: object) -> bool:
+    """Whether handling `msg` factors a system: an opening, a polish's prices, a grant starting one."""
+    return isinstance(msg, (RoundOpen, PolishPrices)) or (isinstance(msg, Grant) and msg.polish)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from agreement_helpers import Trace, drive, shuffled, trace_solution
+from agreement_helpers import Pending, Trace, drive, shuffled, trace_solution
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
@@ -122,9 +122,21 @@ def test_the_certified_answer_keeps_every_coupling_and_every_limit(polished: tup
         assert (az <= qp.upper + ROWS_KW).all()
 
 
-def test_an_abandoned_try_leaves_admm_exactly_where_it_was() -> None:
-    plain = drive(_day(), Policy.DYNAMIC)
-    tried = drive(_day(first=10, every=100_000, max_rounds=1), Policy.DYNAMIC)
+def _verdicts_twice(message: Message, recipient: str) -> int:
+    """The coordinator's verdicts delivered twice: the second copy reaches a site back in ADMM."""
+    return 2 if isinstance(message, PolishPrices) and message.verdict != "solve" else 1
+
+
+@pytest.fixture(scope="module")
+def plain() -> Trace:
+    return drive(_day(), Policy.DYNAMIC)
+
+
+def test_an_abandoned_try_leaves_admm_exactly_where_it_was(plain: Trace) -> None:
+    """Also when a verdict arrives twice: the site answers the repeat with its last proposals (the
+    coordinator repeats a verdict when a proposal went missing), which everyone drops as duplicates."""
+    tried = drive(_day(first=10, every=100_000, max_rounds=1), Policy.DYNAMIC, copies=_verdicts_twice)
+    assert all(c.repeats_answered == 1 for c in tried.parts.communities)
     assert tried.dso.polish.tries == 1
     assert tried.dso.polish.certified_at is None
     assert tried.dso.iterations == plain.dso.iterations
@@ -133,6 +145,38 @@ def test_an_abandoned_try_leaves_admm_exactly_where_it_was() -> None:
         assert np.array_equal(a.buy_price, b.buy_price)
     kinds = {type(m) for _, m in tried.published}
     assert {PolishReport, PolishPrices} <= kinds
+
+
+def test_a_site_that_cannot_send_its_response_declines_and_admm_goes_on(
+    plain: Trace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(polish_exchange, "PART_BYTES", 8)  # far more parts than a response may have
+    trace = drive(_day(first=FIRST), Policy.DYNAMIC)
+    assert (trace.dso.polish.tries, trace.dso.polish.certified_at) == (4, None)  # after 20, 40, 80, 160
+    assert trace.dso.iterations == plain.dso.iterations
+    reports = [m for _, m in trace.published if isinstance(m, PolishReport)]
+    assert reports
+    assert all(m.declined for m in reports)
+
+
+def test_a_stop_requested_during_a_try_abandons_it_and_the_round_stops() -> None:
+    """A rolling round's deadline (`stop_at_next_iteration`) comes while the communities polish: the
+    coordinator's next answer abandons the try, and the next grant says "stopped"."""
+    s = _day(first=FIRST)
+    parts = participants(s, Policy.DYNAMIC, "day-ahead")
+    deadline = {"passed": False}
+
+    def pick(pending: list[Pending]) -> int:
+        if not deadline["passed"] and any(isinstance(p.message, PolishReport) for p in pending):
+            parts.dso.stop_at_next_iteration()
+            deadline["passed"] = True
+        return 0
+
+    trace = drive(s, Policy.DYNAMIC, parts=parts, pick=pick)
+    assert trace.dso.status == "stopped"
+    assert trace.dso.iterations == FIRST + 1
+    assert (trace.dso.polish.tries, trace.dso.polish.steps, trace.dso.polish.certified_at) == (1, 1, None)
+    assert {c.status for c in trace.communities} == {"stopped"}
 
 
 def _twice_polish(message: Message, recipient: str) -> int:
@@ -149,32 +193,82 @@ def test_reordered_and_repeated_messages_give_the_same_answer(polished: tuple[Sc
     assert sum(ignored["dso"].values()) > 0  # the repeats were seen and dropped, not used twice
 
 
-def _report(site: str, step: int, size: int, **fields: object) -> PolishReport:
-    return PolishReport(round="r", sender=site, exchange=0, step=step, **fields)  # type: ignore[arg-type]
+TRY = 20  # the iteration a try of the small exchange below starts from
 
 
-def test_a_malformed_report_is_counted_and_the_step_waits_for_a_good_one() -> None:
+def _report(site: str, step: int, **fields: object) -> PolishReport:
+    return PolishReport(round="r", sender=site, iteration=TRY, exchange=0, step=step, **fields)  # type: ignore[arg-type]
+
+
+def _small_exchange(seed: int = 1, scale: float = 1.0) -> tuple[DsoExchange, int, list[PolishPrices]]:
+    """Two sites trading with each other over two intervals, their step-0 responses in (random
+    factors times `scale`): the exchange, a site's coupling size, the coordinator's answer."""
     horizon, peers = 2, ((1,), (0,))
     rows = coupling_rows_of(peers, horizon, None)
     size = rows.sizes[0]  # a buy and a sell row, then the envelope corners: 4 x 2
     zeros = np.zeros((2, horizon))
-    ex = DsoExchange.start("r", ("a", "b"), rows, (zeros, zeros), np.zeros((1 * 2, horizon)), 3)
-    rng = np.random.default_rng(1)
+    ex = DsoExchange.start("r", ("a", "b"), TRY, rows, (zeros, zeros), np.zeros((2, horizon)), 3)
+    rng = np.random.default_rng(seed)
+    answers: list[PolishPrices] = []
     for site in ("a", "b"):
-        response = Response(rng.normal(size=size), rng.normal(size=(size, size)))
+        response = Response(rng.normal(size=size), scale * rng.normal(size=(size, size)))
         (part,) = response_parts(response)
-        answers = ex.offer(_report(site, 0, size, response=part))
-    assert [m.step for m in answers] == [0, 0]
+        answers = ex.offer(_report(site, 0, response=part))
+    return ex, size, answers
+
+
+def test_a_malformed_report_is_counted_and_the_step_waits_for_a_good_one() -> None:
+    ex, size, answers = _small_exchange()
+    assert [(m.step, m.iteration) for m in answers] == [(0, TRY), (0, TRY)]
     ok = {"values": [0.0] * size, "correction": [0.0] * size}
-    assert ex.offer(_report("a", 1, size, **ok)) == []
+    assert ex.offer(_report("a", 1, **ok)) == []
     short = {"values": [0.0] * size, "correction": [0.0] * (size - 1)}
-    assert ex.offer(_report("b", 1, size, **short)) == []
-    assert ex.offer(_report("b", 2, size, **ok)) == []  # not the step awaited
-    assert (ex.ignored["invalid"], ex.ignored["polish_out_of_step"]) == (1, 1)
+    assert ex.offer(_report("b", 1, **short)) == []
+    assert ex.offer(_report("b", 2, **ok)) == []  # not the step awaited
+    stale = _report("b", 1, **ok).model_copy(update={"iteration": TRY - 20})
+    assert ex.offer(stale) == []  # of an earlier try
+    assert (ex.ignored["invalid"], ex.ignored["polish_out_of_step"]) == (1, 2)
     assert ex.waiting_for() == ("b",)
-    assert [m.step for m in ex.offer(_report("b", 1, size, **ok))] == [1, 1]
-    assert ex.offer(_report("b", 1, size, **ok)) == []  # late: that step is answered
+    assert [m.step for m in ex.offer(_report("b", 1, **ok))] == [1, 1]
+    assert ex.offer(_report("b", 1, **ok)) == []  # late: that step is answered
     assert ex.waiting_for() == ("a", "b")
+
+
+def test_parts_that_do_not_make_a_response_are_dropped_and_the_step_waits() -> None:
+    horizon, peers = 2, ((1,), (0,))
+    rows = coupling_rows_of(peers, horizon, None)
+    size = rows.sizes[0]
+    zeros = np.zeros((2, horizon))
+    ex = DsoExchange.start("r", ("a", "b"), TRY, rows, (zeros, zeros), np.zeros((2, horizon)), 3)
+    rng = np.random.default_rng(2)
+    good = response_parts(Response(rng.normal(size=size), rng.normal(size=(size, size))))[0]
+    half = matrix_of(rng.normal(size=(size // 2, size)))
+    first = ResponsePart(part=0, parts=2, first_row=0, base=list(good.base), factor=half)
+    astray = ResponsePart(part=1, parts=3, first_row=size // 2, base=[], factor=half)  # not of 2 parts
+    assert ex.offer(_report("a", 0, response=first)) == []
+    assert ex.offer(_report("a", 0, response=astray)) == []
+    assert ex.ignored["invalid"] == 1
+    overlapping = ResponsePart(part=1, parts=2, first_row=0, base=[], factor=half)  # rows 0.. again
+    assert ex.offer(_report("a", 0, response=overlapping)) == []
+    assert ex.offer(_report("b", 0, response=good)) == []
+    assert ex.ignored["invalid"] == 2  # assembled, it did not make a response: dropped
+    assert ex.waiting_for() == ("a",)
+    assert len(ex.offer(_report("a", 0, response=good))) == 2  # a good one: the step goes on
+
+
+def test_a_declined_try_or_numbers_that_fail_abandon_the_try() -> None:
+    ex, _, _ = _small_exchange()
+    answers = ex.offer(_report("b", 1, declined=True))
+    assert {(m.verdict, m.step) for m in answers} == {("abandoned", VERDICT_STEP)}
+    assert ex.verdict == "abandoned"
+    _, _, answers = _small_exchange(scale=1e200)  # finite on the wire, overflows in the Gram
+    assert {m.verdict for m in answers} == {"abandoned"}
+
+
+def test_a_site_declines_a_response_too_large_for_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(polish_exchange, "PART_BYTES", 8)  # one float a part: far too many parts
+    with pytest.raises(polish_exchange.CannotPolishError, match="parts"):
+        response_parts(Response(np.zeros(100), np.ones((100, 1))))
 
 
 def test_a_matrix_goes_over_the_wire_bit_for_bit() -> None:

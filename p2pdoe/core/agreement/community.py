@@ -39,6 +39,7 @@ from p2pdoe.core.schemas.messages import (
     DSO_ID,
     EnvelopeRequest,
     Grant,
+    GrantedEnvelope,
     PolishPrices,
     PolishReport,
     Proposal,
@@ -342,9 +343,8 @@ class CommunityParticipant:
         that lost one (a broker that restarted without persistence loses what it had not delivered).
         Two, because a peer one iteration behind still needs the previous one to catch up."""
         self.repeats_answered += 1
-        if r.polishing is not None:
-            return [Publish(p) for p in r.polishing.sent]
-        return [Publish(p) for p in r.sent]
+        again: list[Proposal | PolishReport] = [*r.sent, *(r.polishing.sent if r.polishing else [])]
+        return [Publish(p) for p in again]  # with a try under way a peer may still miss a proposal
 
     def _accepts(self, msg: RoundOpen) -> bool:
         return (
@@ -412,8 +412,9 @@ class CommunityParticipant:
                 self._close(r)
                 break
             self._set_rho(r, grant)
-            if grant.polish and r.multipliers is not None:
-                r.polishing = SiteExchange.start(r.id, self.site, self.qp, r.multipliers)
+            if grant.polish:
+                assert r.multipliers is not None  # from the solve that grant answers
+                r.polishing = SiteExchange.start(r.id, self.site, iteration + 1, self.qp, r.multipliers)
                 out += [Publish(p) for p in r.polishing.opening()]
                 break
             out.append(self._solve_and_propose(r, iteration + 1))
@@ -423,30 +424,36 @@ class CommunityParticipant:
 
     def _polish_step(self, msg: PolishPrices) -> list[Command]:
         r = self._round
-        if msg.sender != DSO_ID or msg.recipient != self.site:
-            self._ignored[UNKNOWN_SENDER] += 1
+        if msg.recipient != self.site:
+            self._ignored[INVALID] += 1
             return []
-        if r is None or msg.round != r.id or r.polishing is None:
+        if r is None or msg.round != r.id:
             self._ignored[ROUND_OVER if msg.round in self._finished else NO_ROUND] += 1
             return []
+        if r.polishing is None:  # the coordinator repeats its verdict: a proposal went missing
+            r.inbox.ignored[DUPLICATE] += 1
+            return self._again(r)
         ex = r.polishing
         reports, verdict = ex.offer(msg)
         out: list[Command] = [Publish(p) for p in reports]
         if verdict is None:
+            return out
+        if verdict == "certified" and not _fits_envelope(msg.envelope, r.lo is not None, self.horizon):
+            self._ignored[INVALID] += 1  # wait for the coordinator's repeat
             return out
         self._ignored.update(ex.ignored)
         r.polishing = None
         if verdict == "abandoned":  # ADMM goes on where it was
             out.append(self._solve_and_propose(r, r.inbox.iteration))
             return out + self._step_while_complete(r)
-        self._take_polished(r, ex)
+        self._take_polished(r, ex, msg.envelope)
         out.append(Finished(self._outcome(r, "converged", r.inbox.iteration)))
         self._close(r)
         return out
 
-    def _take_polished(self, r: _Round, ex: SiteExchange) -> None:
-        """The certified optimum: its schedule, its trades at the rows' prices, its envelope corners
-        as the coordinator checked them."""
+    def _take_polished(self, r: _Round, ex: SiteExchange, granted: GrantedEnvelope | None) -> None:
+        """The certified optimum: its schedule, its trades at the rows' prices, the envelope the
+        coordinator grants (its own corners, made safe to the projection's tolerance)."""
         lay, z, nu = self.qp.layout, ex.polish.schedule(), ex.polish.prices
         n = len(self.peer_ids)
         shape = r.buy.y.shape
@@ -454,8 +461,8 @@ class CommunityParticipant:
         r.z, r.multipliers, r.final_solve = z, ex.polish.multipliers(), "certified polish"
         r.buy = Agreed(z[lay.trades][:trades].reshape(shape), nu[:trades].reshape(shape))
         r.sell = Agreed(z[lay.trades][trades:].reshape(shape), -nu[trades : 2 * trades].reshape(shape))
-        if r.lo is not None:
-            r.granted = (z[lay.block("lo")].copy(), z[lay.block("up")].copy())
+        if r.lo is not None and granted is not None:
+            r.granted = (np.asarray(granted.lo_kw), np.asarray(granted.up_kw))
 
     # --- the maths -------------------------------------------------------------------------------
 
@@ -633,6 +640,13 @@ def _fits_round(r: _Round, msg: Proposal | Grant, site: str, peer_ids: tuple[str
     entries = msg.relayed.values()
     fits = all(e.peer == site and len(e.buy_kw) == horizon and len(e.sell_kw) == horizon for e in entries)
     return fits and msg.relayed.keys() == expected
+
+
+def _fits_envelope(e: GrantedEnvelope | None, wanted: bool, horizon: int) -> bool:
+    """A certified verdict's envelope: there exactly when the round has envelopes, a horizon long."""
+    if e is None:
+        return not wanted
+    return wanted and all(len(v) == horizon for v in (e.lo_kw, e.up_kw))
 
 
 def _theirs(r: _Round, site: str, proposals: dict[str, Proposal], grant: Grant) -> dict[str, TradeProposal]:

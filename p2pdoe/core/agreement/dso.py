@@ -29,8 +29,8 @@ from p2pdoe.core.agreement.coupling import (
     residual_sums,
     residuals,
 )
-from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver
-from p2pdoe.core.agreement.polish_exchange import DsoExchange, coupling_rows_of
+from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver, safe_within
+from p2pdoe.core.agreement.polish_exchange import OUT_OF_STEP, DsoExchange, coupling_rows_of
 from p2pdoe.core.agreement.protocol import (
     INVALID,
     UNKNOWN_SENDER,
@@ -264,6 +264,8 @@ class DsoParticipant:
             raise ValueError(problem)
         if settings.staleness.max_behind and settings.anderson.memory:
             raise ValueError("bounded staleness needs Anderson acceleration off")
+        if settings.staleness.max_behind and settings.polish.first:
+            raise ValueError("bounded staleness needs the polish off")
         self.plan = plan
         self.horizon = horizon
         self.settings = settings
@@ -289,7 +291,7 @@ class DsoParticipant:
     def ignored(self) -> dict[str, int]:
         counts = dict(self._s.inbox.ignored + self._polish_ignored + self._polish_ignored_total)
         if self.rejected:
-            counts[INVALID] = self.rejected
+            counts[INVALID] = counts.get(INVALID, 0) + self.rejected
         return counts
 
     @property
@@ -398,8 +400,11 @@ class DsoParticipant:
     def handle(self, event: Received) -> list[Command]:
         msg = event.message
         st = self._s
-        if isinstance(msg, PolishReport) and self._polishing is not None and not st.finished:
-            return self._polish_step(self._polishing, msg)
+        if isinstance(msg, PolishReport):
+            if self._polishing is not None and not st.finished:
+                return self._polish_step(self._polishing, msg)
+            self._polish_ignored_total[OUT_OF_STEP] += 1  # late: its try is over
+            return []
         if not isinstance(msg, Proposal) or st.finished:
             st.inbox.ignored["not_for_dso" if not st.finished else "after_round"] += 1
             return []
@@ -671,7 +676,8 @@ class DsoParticipant:
     def _polish_due(self, done: int) -> bool:
         """A try after `done` iterations: due by the settings, in a round of dynamic envelopes."""
         failed = self.polish_record.tries  # every try so far failed: a certified one ends the round
-        return self.plan.policy == "dynamic" and self.settings.polish.due(done, failed)
+        wanted = self.plan.policy == "dynamic" and not self._stop_requested
+        return wanted and self.settings.polish.due(done, failed)
 
     def _start_polish(self) -> None:
         """A try from the grants just sent (the projection before this iteration's) and the trade
@@ -683,6 +689,7 @@ class DsoParticipant:
         self._polishing = DsoExchange.start(
             self.plan.round,
             self.plan.sites,
+            self.iteration,
             rows,
             (st.grant.lo, st.grant.up),
             st.trades.price,
@@ -692,49 +699,66 @@ class DsoParticipant:
 
     def _polish_step(self, ex: DsoExchange, msg: PolishReport) -> list[Command]:
         answers = ex.offer(msg)
+        if answers and self._stop_requested and ex.verdict is None:
+            answers = ex.abandon()  # a deadline: ADMM's next grant says "stopped"
         if not answers:
             return []
         rec = self.polish_record
         rounds = rec.rounds + (answers[0].step == 0 and answers[0].verdict == "solve")
         self.polish_record = replace(rec, rounds=rounds, steps=rec.steps + 1)
-        out: list[Command] = [Publish(a) for a in answers]
-        if ex.verdict is None:
-            return out
-        self._polish_ignored_total.update(ex.ignored)
-        self._polishing = None
-        if ex.verdict == "abandoned":
-            return out
+        if ex.verdict is not None:
+            self._polish_ignored_total.update(ex.ignored)
+            self._polishing = None
+        if ex.verdict != "certified":
+            return [Publish(a) for a in answers]
         self.polish_record = replace(self.polish_record, certified_at=self.iteration)
         self._s.finished = True
-        return [*out, Finished(self._certified(ex))]
+        outcome = self._certified(ex)
+        envelopes = self._grants(self.iteration - 1, "converged", self._s.history[-1], [])
+        verdicts = [
+            a.model_copy(update={"envelope": g.envelope}) for a, g in zip(answers, envelopes, strict=True)
+        ]
+        ex.sent = verdicts
+        return [*(Publish(v) for v in verdicts), Finished(outcome)]
 
     def _certified(self, ex: DsoExchange) -> DsoOutcome:
-        """The round's outcome at the polished optimum: the sites' envelope corners as granted, the
-        trades and their prices as the rows' multipliers say (the buyer's values)."""
-        st, horizon, dt = self._s, self.horizon, self.plan.dt_h
-        lo = np.array([v[-2 * horizon : -horizon] for v in ex.values])
-        up = np.array([v[-horizon:] for v in ex.values])
+        """The round's outcome at the polished optimum: the sites' envelope corners as granted (made
+        safe to the projection's tolerance), the trades and their prices as the rows' multipliers
+        say (the buyer's values)."""
+        st, horizon = self._s, self.horizon
+        assert self.grid is not None
+        lo, up = safe_within(
+            self.grid.safe,
+            np.array([v[-2 * horizon : -horizon] for v in ex.values]),
+            np.array([v[-horizon:] for v in ex.values]),
+        )
         prices = ex.dso.coupling_prices()
         buy = [v[: len(self.plan.peers[c]) * horizon].reshape(-1, horizon) for c, v in enumerate(ex.values)]
-        links = self._s.links
-        trade_y = np.array([buy[b][self.plan.peers[b].index(s)] for b, s in links]).reshape(st.trades.y.shape)
+        trade_y = np.array([buy[b][self.plan.peers[b].index(s)] for b, s in st.links]).reshape(
+            st.trades.y.shape
+        )
         trade_price = ex.dso.multipliers[: ex.dso.rows.reciprocity].reshape(st.trades.y.shape)
-        rho_e = st.rho_envelope * dt
-        k_up = self.grid.safe.upper.g.shape[0] if self.grid is not None else 0
+        st.grant = self._polished_grant(ex, lo, up)
+        st.trades = Agreed(trade_y, trade_price)
+        st.lo = Agreed(lo, np.array([p[-2 * horizon : -horizon] for p in prices]))
+        st.up = Agreed(up, np.array([p[-horizon:] for p in prices]))
+        return self._outcome("converged", self.iteration)
+
+    def _polished_grant(self, ex: DsoExchange, lo: FloatArray, up: FloatArray) -> GridSolve:
+        """The grant with the safe rows' multipliers as its row duals (scaled as the projection's:
+        dlmp() multiplies them by rho_envelope; EUR/kWh = multiplier / dt_h)."""
+        assert self.grid is not None
+        horizon, rho_e = self.horizon, self._s.rho_envelope * self.plan.dt_h
+        k_up = self.grid.safe.upper.g.shape[0]
         safe_rows = ex.dso.multipliers[ex.dso.rows.reciprocity :]
-        grid = GridSolve(
+        return GridSolve(
             lo=lo,
             up=up,
             row_duals_up=safe_rows[: k_up * horizon].reshape(k_up, horizon) / rho_e,
             row_duals_lo=-safe_rows[k_up * horizon :].reshape(-1, horizon) / rho_e,
             status="certified polish",
-            iterations=ex.exchange + 1,
+            iterations=0,  # no projection solved it
         )
-        st.grant = grid
-        st.trades = Agreed(trade_y, trade_price)
-        st.lo = Agreed(lo, np.array([p[-2 * horizon : -horizon] for p in prices]))
-        st.up = Agreed(up, np.array([p[-horizon:] for p in prices]))
-        return self._outcome("converged", self.iteration)
 
 
 def _price_change(before: Agreed, after: Agreed) -> float:

@@ -268,6 +268,11 @@ def _by_t(h: FloatArray) -> FloatArray:
     return h.T.ravel()
 
 
+def safe_within(safe: SafeSet, lo: FloatArray, up: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The (C, T) box, each interval shifted inward by its largest corner violation, if any."""
+    return _made_safe(safe, np.arange(lo.shape[1], dtype=np.int64), lo, up)
+
+
 def is_safe(safe: SafeSet, lo: FloatArray, up: FloatArray, tol_kw: float = 1e-7) -> bool:
     """Both corners of the box [lo, up] (C, T) meet every row within `tol_kw`."""
     upper_ok = bool(np.all(safe.upper.g @ up <= safe.upper.h + tol_kw))

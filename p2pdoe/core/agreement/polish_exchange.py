@@ -1,16 +1,18 @@
 """The certified polish over the wire (issue 18): `polish.polish`'s exchange as messages, no I/O.
 
-A grant that says `polish` starts a try. Every community answers with its response (`PolishReport`
-step 0, cut into parts under the size limit); the coordinator answers with each one's prices
-(`PolishPrices` step 0). Then REFINEMENTS corrections each way: a community's step j (1..R) answers
-the coordinator's step j - 1, whose steps 1..R refine the prices. A community's step R + 1 is its
-verdict: its coupling values, what the check of its own rows changed, and its new response if it
-changed. The coordinator checks its own rows and answers "certified" (every party kept its rows:
-the optimum), "abandoned" (the try's exchanges ran out: ADMM goes on where it was), or the next
+A grant that says `polish` starts a try (named by `iteration`, the ADMM iterations done). Every
+community answers with its response (`PolishReport` step 0, cut into parts under the size limit);
+the coordinator answers with each one's prices (`PolishPrices` step 0). Then REFINEMENTS
+corrections each way: a community's step j (1..R) answers the coordinator's step j - 1, whose steps
+1..R refine the prices. A community's step R + 1 is its verdict: its coupling values, what the check
+of its own rows changed, and its new response if it changed. The coordinator checks its own rows
+and answers "certified" (every party kept its rows: the optimum), "abandoned" (the try's exchanges
+ran out, a community declined, or the numbers failed: ADMM goes on where it was), or the next
 exchange's prices (step 0 of exchange e + 1, from the responses it holds)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -19,6 +21,7 @@ import numpy as np
 
 from p2pdoe.core.agreement.polish import (
     REFINEMENTS,
+    VIOLATION,
     Changes,
     CouplingRows,
     DsoPolish,
@@ -26,17 +29,31 @@ from p2pdoe.core.agreement.polish import (
     SitePolish,
     coupling_rows,
 )
+from p2pdoe.core.agreement.protocol import DUPLICATE, INVALID, UNKNOWN_SENDER, WRONG_ROUND
 from p2pdoe.core.community import CommunityQP, Layout
 from p2pdoe.core.network import FloatArray
-from p2pdoe.core.schemas.messages import PolishPrices, PolishReport, ResponsePart, matrix_of
+from p2pdoe.core.schemas.messages import (
+    MAX_RESPONSE_PARTS,
+    PolishPrices,
+    PolishReport,
+    ResponsePart,
+    matrix_of,
+)
 
 if TYPE_CHECKING:  # an edge agent never imports the safe set's module
     from p2pdoe.core.envelope import SafeSet
 
+log = logging.getLogger(__name__)
 VERDICT_STEP = REFINEMENTS + 1  # a community's last step of an exchange
 PART_BYTES = 2 * 1024 * 1024  # of a factor's raw floats per message (base64 adds a third)
+OUT_OF_STEP = "polish_out_of_step"  # of another step or another try
 Verdict = Literal["certified", "abandoned"]
 UNCHANGED = Changes()
+
+
+class CannotPolishError(Exception):
+    """A community cannot take part in this try: its response does not fit the wire, or its numbers
+    are not finite."""
 
 
 def response_parts(response: Response) -> list[ResponsePart]:
@@ -44,6 +61,10 @@ def response_parts(response: Response) -> list[ResponsePart]:
     m, r = response.factor.shape
     per_part = max(1, PART_BYTES // max(1, 8 * r))
     starts = range(0, m, per_part)
+    if len(starts) > MAX_RESPONSE_PARTS:
+        raise CannotPolishError(f"a response of {m} x {r} needs {len(starts)} parts")
+    if not (np.isfinite(response.base).all() and np.isfinite(response.factor).all()):
+        raise CannotPolishError("a response that is not finite")
     return [
         ResponsePart(
             part=i,
@@ -59,19 +80,14 @@ def response_parts(response: Response) -> list[ResponsePart]:
 def assembled(parts: dict[int, ResponsePart], size: int) -> Response | None:
     """The response from every part, or None if the parts do not make one of `size` values."""
     first = parts.get(0)
-    if first is None or len(parts) != first.parts or len(first.base) != size:
+    if first is None or set(parts) != set(range(first.parts)) or len(first.base) != size:
         return None
     ordered = [parts[i] for i in range(first.parts)]
-    cols = {p.factor.cols for p in ordered}
     starts = np.cumsum([0, *(p.factor.rows for p in ordered)])
-    if (
-        len(cols) != 1
-        or starts[-1] != size
-        or any(p.first_row != a for p, a in zip(ordered, starts, strict=False))
-    ):
+    fits = all(p.parts == first.parts and p.factor.cols == first.factor.cols for p in ordered)
+    if not fits or starts[-1] != size or any(p.first_row != a for p, a in zip(ordered, starts, strict=False)):
         return None
-    factor = np.vstack([p.factor.array() for p in ordered]) if ordered else np.zeros((size, 0))
-    return Response(np.asarray(first.base), factor)
+    return Response(np.asarray(first.base), np.vstack([p.factor.array() for p in ordered]))
 
 
 @dataclass
@@ -81,6 +97,7 @@ class SiteExchange:
 
     round: str
     site: str
+    iteration: int  # the try's
     polish: SitePolish
     exchange: int = 0
     step: int = 0  # the coordinator's step awaited
@@ -88,48 +105,62 @@ class SiteExchange:
     ignored: Counter[str] = field(default_factory=Counter)
 
     @classmethod
-    def start(cls, round_id: str, site: str, qp: CommunityQP, multipliers: FloatArray) -> SiteExchange:
-        return cls(round_id, site, SitePolish.from_multipliers(qp, multipliers))
+    def start(
+        cls, round_id: str, site: str, iteration: int, qp: CommunityQP, multipliers: FloatArray
+    ) -> SiteExchange:
+        return cls(round_id, site, iteration, SitePolish.from_multipliers(qp, multipliers))
 
     def opening(self) -> list[PolishReport]:
-        """Step 0: its response."""
-        return self._send([self._report(0, response=p) for p in response_parts(self.polish.response())])
+        """Step 0: its response (or that it declines)."""
+        return self._send(self._with_response(self._report(0)))
 
     def offer(self, msg: PolishPrices) -> tuple[list[PolishReport], Verdict | None]:
         """The reports answering the coordinator's message, and its verdict if it gave one."""
+        if msg.iteration != self.iteration:
+            self.ignored[OUT_OF_STEP] += 1
+            return [], None
         if msg.verdict != "solve":
-            if (msg.exchange, msg.step) != (self.exchange, VERDICT_STEP):
-                self.ignored["polish_out_of_step"] += 1
-                return [], None
-            return [], msg.verdict
+            return [], msg.verdict  # a verdict ends the try at any step
         if (msg.exchange, msg.step) == (self.exchange + 1, 0) and self.step == VERDICT_STEP:
             self.exchange, self.step = msg.exchange, 0
         if (msg.exchange, msg.step) != (self.exchange, self.step):
             repeated = (msg.exchange, msg.step) == (self.exchange, self.step - 1)
-            self.ignored["polish_repeated" if repeated else "polish_out_of_step"] += 1
+            self.ignored[DUPLICATE if repeated else OUT_OF_STEP] += 1
             return (list(self.sent) if repeated else []), None
         if len(msg.prices) != self.polish.coupling_size:
-            self.ignored["polish_invalid"] += 1
+            self.ignored[INVALID] += 1
             return [], None
-        prices = np.asarray(msg.prices)
+        self._take(np.asarray(msg.prices))
+        if self.step < VERDICT_STEP:
+            correction = self.polish.correction()
+            report = self._report(self.step, values=self.polish.coupling_values(), correction=correction)
+            return self._send(_finite_or_declined(report)), None
+        return self._send(self._verdict()), None
+
+    def _take(self, prices: FloatArray) -> None:
         if self.step == 0:
             self.polish.take_prices(prices)
         else:
             self.polish.take_correction(prices)
         self.step += 1
-        if self.step < VERDICT_STEP:
-            correction = self.polish.correction()
-            return self._send([self._report(self.step, correction=correction)]), None
-        return self._send(self._verdict()), None
 
     def _verdict(self) -> list[PolishReport]:
         values = self.polish.coupling_values()  # before the check: what the coordinator checks
         changes = self.polish.check()
-        if not changes.any:
-            return [self._report(VERDICT_STEP, values=values, changes=changes)]
-        parts = response_parts(self.polish.response())
-        first = self._report(VERDICT_STEP, values=values, changes=changes, response=parts[0])
-        return [first, *(self._report(VERDICT_STEP, response=p) for p in parts[1:])]
+        report = _finite_or_declined(self._report(VERDICT_STEP, values=values, changes=changes))
+        if not changes.any or report[0].declined:
+            return report
+        return self._with_response(report[0])
+
+    def _with_response(self, report: PolishReport) -> list[PolishReport]:
+        """The report with its response in parts (the first part in the report itself), or declined."""
+        try:
+            parts = response_parts(self.polish.response())
+        except CannotPolishError as why:
+            log.warning("%s: declines the polish of round %s: %s", self.site, self.round, why)
+            return [self._declined(report.step)]
+        first = report.model_copy(update={"response": parts[0]})
+        return [first, *(self._report(report.step, response=p) for p in parts[1:])]
 
     def _report(
         self,
@@ -140,11 +171,10 @@ class SiteExchange:
         changes: Changes = UNCHANGED,
         response: ResponsePart | None = None,
     ) -> PolishReport:
-        if values is None and step and correction is not None:
-            values = self.polish.coupling_values()
-        return PolishReport(
+        return PolishReport.model_construct(
             round=self.round,
             sender=self.site,
+            iteration=self.iteration,
             exchange=self.exchange,
             step=step,
             values=[] if values is None else values.tolist(),
@@ -152,11 +182,25 @@ class SiteExchange:
             joined=changes.joined,
             left=changes.left,
             response=response,
+            declined=False,
         )
+
+    def _declined(self, step: int) -> PolishReport:
+        return self._report(step).model_copy(update={"declined": True})
 
     def _send(self, reports: list[PolishReport]) -> list[PolishReport]:
         self.sent = reports
         return reports
+
+
+def _finite_or_declined(report: PolishReport) -> list[PolishReport]:
+    """The report as it is, or, if any of its numbers is not finite, one that declines the try."""
+    if np.isfinite(report.values).all() and np.isfinite(report.correction).all():
+        return [PolishReport.model_validate(report.model_dump())]
+    bare = report.model_copy(
+        update={"values": [], "correction": [], "joined": 0, "left": 0, "declined": True}
+    )
+    return [bare]
 
 
 def coupling_rows_of(peers: tuple[tuple[int, ...], ...], horizon: int, safe: SafeSet | None) -> CouplingRows:
@@ -165,18 +209,12 @@ def coupling_rows_of(peers: tuple[tuple[int, ...], ...], horizon: int, safe: Saf
 
 
 @dataclass
-class _Step:
-    """The reports of one step: per site, its parts (part 0 carries the step's values)."""
-
-    parts: dict[str, dict[int, PolishReport]] = field(default_factory=dict)
-
-
-@dataclass
 class DsoExchange:
     """The coordinator's side of one try."""
 
     round: str
     sites: tuple[str, ...]
+    iteration: int  # the try's
     dso: DsoPolish
     max_rounds: int
     exchange: int = 0
@@ -186,24 +224,31 @@ class DsoExchange:
     values: list[FloatArray] = field(default_factory=list)  # each site's, at the last verdict step
     ignored: Counter[str] = field(default_factory=Counter)
     sent: list[PolishPrices] = field(default_factory=list)
-    _in: _Step = field(default_factory=_Step)
+    _in: dict[str, dict[int, PolishReport]] = field(default_factory=dict)  # this step's, by site and part
 
     @classmethod
     def start(
         cls,
         round_id: str,
         sites: tuple[str, ...],
+        iteration: int,
         rows: CouplingRows,
         granted: tuple[FloatArray, FloatArray],
         trade_prices: FloatArray,
         max_rounds: int,
     ) -> DsoExchange:
-        return cls(round_id, sites, DsoPolish.from_grants(rows, *granted, trade_prices), max_rounds)
+        dso = DsoPolish.from_grants(rows, *granted, trade_prices)
+        return cls(round_id, sites, iteration, dso, max_rounds)
 
     def waiting_for(self) -> tuple[str, ...]:
         if self.verdict is not None:
             return ()
         return tuple(s for s in self.sites if not self._complete(s))
+
+    def abandon(self) -> list[PolishPrices]:
+        """End the try now (a stop requested): every community goes on with ADMM."""
+        self.verdict = "abandoned"
+        return self._send(self._verdicts())
 
     def offer(self, msg: PolishReport) -> list[PolishPrices]:
         """Keep a report; once every site's step is in, the coordinator's answer (else nothing)."""
@@ -211,44 +256,58 @@ class DsoExchange:
         if why is not None:
             self.ignored[why] += 1
             return []
-        part = msg.response.part if msg.response is not None else 0
-        box = self._in.parts.setdefault(msg.sender, {})
-        if part in box:
-            self.ignored["duplicate"] += 1
-            return []
-        box[part] = msg
+        if msg.declined:
+            log.warning("round %s: %s declines the polish; the try is abandoned", self.round, msg.sender)
+            return self.abandon()
+        self._in.setdefault(msg.sender, {})[_part(msg)] = msg
         if not all(self._complete(s) for s in self.sites):
             return []
-        reports = {s: self._in.parts[s] for s in self.sites}
-        self._in = _Step()
-        return self._send(self._answer(reports))
+        reports, self._in = self._in, {}
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise"):
+                return self._send(self._answer(reports))
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+            log.warning("round %s: the polish failed (%s); the try is abandoned", self.round, exc)
+            return self.abandon()
 
     def _rejection(self, msg: PolishReport) -> str | None:
-        if msg.round != self.round or self.verdict is not None:
-            return "wrong_round"
+        if msg.round != self.round:
+            return WRONG_ROUND
         if msg.sender not in self.sites:
-            return "unknown_sender"
-        if (msg.exchange, msg.step) != (self.exchange, self.step):
-            return "polish_out_of_step"
-        size = self.dso.rows.sizes[self.sites.index(msg.sender)]
-        first = msg.response is None or msg.response.part == 0
-        if not first:
+            return UNKNOWN_SENDER
+        if (msg.iteration, msg.exchange, msg.step) != (self.iteration, self.exchange, self.step):
+            return OUT_OF_STEP
+        if _part(msg) in self._in.get(msg.sender, {}):
+            return DUPLICATE
+        if msg.declined:
             return None
+        size = self.dso.rows.sizes[self.sites.index(msg.sender)]
+        if msg.response is not None and not self._part_fits(msg.sender, msg.response, size):
+            return INVALID
+        if _part(msg) or self._report_fits(msg, size):
+            return None
+        return INVALID
+
+    def _part_fits(self, site: str, part: ResponsePart, size: int) -> bool:
+        """A part within the response's size, of as many parts as the others of its site."""
+        others = [m.response for m in self._in.get(site, {}).values() if m.response is not None]
+        agree = all(o.parts == part.parts and o.factor.cols == part.factor.cols for o in others)
+        return agree and part.factor.cols <= size and part.first_row + part.factor.rows <= size
+
+    def _report_fits(self, msg: PolishReport, size: int) -> bool:
+        """A report's own fields (its first part's) as the step wants them."""
         wants_values = self.step > 0
-        if wants_values and len(msg.values) != size:
-            return "invalid"
-        if (0 < self.step < VERDICT_STEP) != bool(msg.correction) or (
-            msg.correction and len(msg.correction) != size
-        ):
-            return "invalid"
+        wants_correction = 0 < self.step < VERDICT_STEP
         changed = bool(msg.joined or msg.left)
         wants_response = self.step == 0 or (self.step == VERDICT_STEP and changed)
-        if wants_response != (msg.response is not None):
-            return "invalid"
-        return None
+        return (
+            len(msg.values) == (size if wants_values else 0)
+            and len(msg.correction) == (size if wants_correction else 0)
+            and wants_response == (msg.response is not None)
+        )
 
     def _complete(self, site: str) -> bool:
-        parts = self._in.parts.get(site, {})
+        parts = self._in.get(site, {})
         first = parts.get(0)
         if first is None:
             return False
@@ -256,14 +315,15 @@ class DsoExchange:
 
     def _answer(self, reports: dict[str, dict[int, PolishReport]]) -> list[PolishPrices]:
         for site, parts in reports.items():
-            if parts[0].response is not None:
-                size = self.dso.rows.sizes[self.sites.index(site)]
-                response = assembled({p: m.response for p, m in parts.items() if m.response}, size)
-                if response is None:
-                    self.ignored["invalid"] += 1
-                    self.verdict = "abandoned"  # a response that does not fit: no try with it
-                    return self._verdicts()
-                self.responses[site] = response
+            if parts[0].response is None:
+                continue
+            size = self.dso.rows.sizes[self.sites.index(site)]
+            response = assembled({p: m.response for p, m in parts.items() if m.response}, size)
+            if response is None:  # its parts do not make a response: wait for good ones
+                self.ignored[INVALID] += 1
+                self._in = {s: r for s, r in reports.items() if s != site}
+                return []
+            self.responses[site] = response
         if self.step == 0:
             return self._prices()
         values = [np.asarray(reports[s][0].values) for s in self.sites]
@@ -272,10 +332,15 @@ class DsoExchange:
             deltas = self.dso.correct(corrections, np.concatenate(values))
             self.step += 1
             return self._messages(deltas, self.step - 1)
+        return self._after_checks(values, any(reports[s][0].joined or reports[s][0].left for s in self.sites))
+
+    def _after_checks(self, values: list[FloatArray], sites_changed: bool) -> list[PolishPrices]:
+        """Its own check; then the verdict, or the next exchange's prices."""
         self.values = values
-        changes = self.dso.check(np.concatenate(values))
-        changed = changes.any or any(reports[s][0].joined or reports[s][0].left for s in self.sites)
-        if not changed:
+        everything = np.concatenate(values)
+        changed = self.dso.check(everything).any or sites_changed
+        reciprocal = np.abs(self.dso.rows.b[: self.dso.rows.reciprocity] @ everything).max(initial=0.0)
+        if not changed and reciprocal <= VIOLATION:
             self.verdict = "certified"
         elif self.exchange + 1 >= self.max_rounds:
             self.verdict = "abandoned"
@@ -290,8 +355,17 @@ class DsoExchange:
         return self._messages(prices, 0)
 
     def _messages(self, prices: list[FloatArray], step: int) -> list[PolishPrices]:
+        if not all(np.isfinite(p).all() for p in prices):
+            raise ArithmeticError("prices that are not finite")
         return [
-            PolishPrices(round=self.round, recipient=s, exchange=self.exchange, step=step, prices=p.tolist())
+            PolishPrices(
+                round=self.round,
+                recipient=s,
+                iteration=self.iteration,
+                exchange=self.exchange,
+                step=step,
+                prices=p.tolist(),
+            )
             for s, p in zip(self.sites, prices, strict=True)
         ]
 
@@ -299,11 +373,21 @@ class DsoExchange:
         assert self.verdict is not None
         return [
             PolishPrices(
-                round=self.round, recipient=s, exchange=self.exchange, step=VERDICT_STEP, verdict=self.verdict
+                round=self.round,
+                recipient=s,
+                iteration=self.iteration,
+                exchange=self.exchange,
+                step=VERDICT_STEP,
+                verdict=self.verdict,
             )
             for s in self.sites
         ]
 
     def _send(self, messages: list[PolishPrices]) -> list[PolishPrices]:
-        self.sent = messages
+        if messages:
+            self.sent = messages
         return messages
+
+
+def _part(msg: PolishReport) -> int:
+    return msg.response.part if msg.response is not None else 0

@@ -290,8 +290,9 @@ class CoordinatorMachine:
             missing = sorted(set(self._run().setup.sites) - set(self.reports))
             again = self._run().repeat()  # the final grant once more: a site may not have had it
             if again:
-                log.warning("no report from %s; the final grant sent again", missing)
-                return [again[0], Patience(REPORTS, self.ctx.rules.report_timeout_s)]
+                log.warning("no report from %s; the final messages sent again", missing)
+                sends = [e for e in again if isinstance(e, Send)]  # one per site
+                return [*sends, Patience(REPORTS, self.ctx.rules.report_timeout_s)]
             log.warning("no report from %s", missing)
             return self._day_ahead_done(now)
         if key == PAYMENT_ITERATION and self.phase is Phase.BARGAINING:

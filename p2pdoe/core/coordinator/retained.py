@@ -1,5 +1,5 @@
-"""Retained messages where they have no purpose: a site's proposals (of trades and of payments) and
-reports.
+"""Retained messages where they have no purpose: a site's proposals (of trades and of payments),
+polish reports and reports.
 
 Mosquitto's ACL cannot forbid the retain flag (`topic read|write|readwrite|deny` only), and a round id
 is any string, so a logged-in site could leave retained messages under ever new round ids on its own

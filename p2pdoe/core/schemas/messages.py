@@ -23,6 +23,8 @@ MESSAGE_SCHEMA_VERSION = 1
 DSO_ID = "dso"
 MAX_ANDERSON_MEMORY = 20
 MAX_BEHIND = 20
+MAX_MATRIX_SIDE = 100_000
+MAX_RESPONSE_PARTS = 64
 
 SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 RoundId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
@@ -249,8 +251,8 @@ class Grant(Message):
 class Matrix(Message):
     """Rows of a dense matrix of 8-byte floats, row-major, little-endian, in base64."""
 
-    rows: Annotated[int, Field(ge=0)]
-    cols: Annotated[int, Field(ge=0)]
+    rows: Annotated[int, Field(ge=0, le=MAX_MATRIX_SIDE)]
+    cols: Annotated[int, Field(ge=0, le=MAX_MATRIX_SIDE)]
     data: str
 
     @model_validator(mode="after")
@@ -283,7 +285,7 @@ class ResponsePart(Message):
     under the message size limit."""
 
     part: Annotated[int, Field(ge=0)]
-    parts: Annotated[int, Field(ge=1, le=64)]
+    parts: Annotated[int, Field(ge=1, le=MAX_RESPONSE_PARTS)]
     first_row: Annotated[int, Field(ge=0)]
     base: Series  # empty in every part but the first
     factor: Matrix
@@ -302,12 +304,15 @@ class PolishReport(Message):
     only); steps 1..R: the correction of its coupling values and the values themselves; step R + 1:
     its values after the exchange, how its check of its own rows changed its active set, and, if it
     changed, its new response for the next exchange. Coupling values: its trades (buys, then sells,
-    in peer order), then its envelope's lower and upper corners, each a horizon long."""
+    in peer order), then its envelope's lower and upper corners, each a horizon long. `declined`: it
+    cannot take part in this try (its response too large for the wire, or its numbers not finite);
+    the try is abandoned."""
 
     schema_version: Literal[1] = 1
     kind: Literal["polish_report"] = "polish_report"
     round: RoundId
     sender: SiteId
+    iteration: Annotated[int, Field(ge=0)]  # the try's: the ADMM iterations done when it started
     exchange: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     values: Series = []
@@ -315,6 +320,7 @@ class PolishReport(Message):
     joined: Annotated[int, Field(ge=0)] = 0  # its rows violated
     left: Annotated[int, Field(ge=0)] = 0  # its rows whose multiplier had the wrong sign
     response: ResponsePart | None = None
+    declined: bool = False
 
 
 class PolishPrices(Message):
@@ -328,10 +334,13 @@ class PolishPrices(Message):
     round: RoundId
     sender: Literal["dso"] = "dso"
     recipient: SiteId
+    iteration: Annotated[int, Field(ge=0)]  # the try's: the ADMM iterations done when it started
     exchange: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     prices: Series = []
     verdict: Literal["solve", "certified", "abandoned"] = "solve"
+    # with "certified": the recipient's envelope in force and its prices, as a final grant's
+    envelope: GrantedEnvelope | None = None
 
 
 AgreementMessage = Annotated[
