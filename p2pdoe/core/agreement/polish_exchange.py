@@ -357,31 +357,24 @@ class DsoExchange:
     def _messages(self, prices: list[FloatArray], step: int) -> list[PolishPrices]:
         if not all(np.isfinite(p).all() for p in prices):
             raise ArithmeticError("prices that are not finite")
-        return [
-            PolishPrices(
-                round=self.round,
-                recipient=s,
-                iteration=self.iteration,
-                exchange=self.exchange,
-                step=step,
-                prices=p.tolist(),
-            )
-            for s, p in zip(self.sites, prices, strict=True)
-        ]
+        return [self._to(s, step, prices=p.tolist()) for s, p in zip(self.sites, prices, strict=True)]
 
     def _verdicts(self) -> list[PolishPrices]:
         assert self.verdict is not None
-        return [
-            PolishPrices(
-                round=self.round,
-                recipient=s,
-                iteration=self.iteration,
-                exchange=self.exchange,
-                step=VERDICT_STEP,
-                verdict=self.verdict,
-            )
-            for s in self.sites
-        ]
+        return [self._to(s, VERDICT_STEP, verdict=self.verdict) for s in self.sites]
+
+    def _to(
+        self, site: str, step: int, prices: list[float] | None = None, verdict: Verdict | None = None
+    ) -> PolishPrices:
+        return PolishPrices(
+            round=self.round,
+            recipient=site,
+            iteration=self.iteration,
+            exchange=self.exchange,
+            step=step,
+            prices=prices or [],
+            verdict=verdict or "solve",
+        )
 
     def _send(self, messages: list[PolishPrices]) -> list[PolishPrices]:
         if messages:
