@@ -36,6 +36,8 @@ def test_market_topics_parse_back(round_id: str, site: str) -> None:
     assert topics.parse(topics.proposal(round_id, site)) == topics.Topic(
         "market", "proposal", site=site, round=round_id
     )
+    for kind, topic in (("polish", topics.polish), ("prices", topics.polish_prices)):
+        assert topics.parse(topic(round_id, site)) == topics.Topic("market", kind, site=site, round=round_id)
 
 
 def test_the_documented_names_hold() -> None:

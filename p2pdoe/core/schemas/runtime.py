@@ -22,6 +22,8 @@ from pydantic import Field, TypeAdapter, field_validator, model_validator
 from p2pdoe.core.schemas.messages import (
     Grant,
     Message,
+    PolishPrices,
+    PolishReport,
     Proposal,
     RoundId,
     RoundOpen,
@@ -471,6 +473,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundOpen,
     Proposal,
     Grant,
+    PolishReport,
+    PolishPrices,
     Doe,
     Registration,
     SiteStatus,
