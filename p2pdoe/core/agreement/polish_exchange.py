@@ -132,9 +132,10 @@ class SiteExchange:
             return [], None
         self._take(np.asarray(msg.prices))
         if self.step < VERDICT_STEP:
-            correction = self.polish.correction()
-            report = self._report(self.step, values=self.polish.coupling_values(), correction=correction)
-            return self._send(_finite_or_declined(report)), None
+            correction, values = self.polish.correction(), self.polish.coupling_values()
+            if not _finite(correction, values):
+                return self._send([self._declined(self.step)]), None
+            return self._send([self._report(self.step, values=values, correction=correction)]), None
         return self._send(self._verdict()), None
 
     def _take(self, prices: FloatArray) -> None:
@@ -147,10 +148,10 @@ class SiteExchange:
     def _verdict(self) -> list[PolishReport]:
         values = self.polish.coupling_values()  # before the check: what the coordinator checks
         changes = self.polish.check()
-        report = _finite_or_declined(self._report(VERDICT_STEP, values=values, changes=changes))
-        if not changes.any or report[0].declined:
-            return report
-        return self._with_response(report[0])
+        if not _finite(values):
+            return [self._declined(VERDICT_STEP)]
+        report = self._report(VERDICT_STEP, values=values, changes=changes)
+        return self._with_response(report) if changes.any else [report]
 
     def _with_response(self, report: PolishReport) -> list[PolishReport]:
         """The report with its response in parts (the first part in the report itself), or declined."""
@@ -171,7 +172,7 @@ class SiteExchange:
         changes: Changes = UNCHANGED,
         response: ResponsePart | None = None,
     ) -> PolishReport:
-        return PolishReport.model_construct(
+        return PolishReport(
             round=self.round,
             sender=self.site,
             iteration=self.iteration,
@@ -182,7 +183,6 @@ class SiteExchange:
             joined=changes.joined,
             left=changes.left,
             response=response,
-            declined=False,
         )
 
     def _declined(self, step: int) -> PolishReport:
@@ -193,14 +193,8 @@ class SiteExchange:
         return reports
 
 
-def _finite_or_declined(report: PolishReport) -> list[PolishReport]:
-    """The report as it is, or, if any of its numbers is not finite, one that declines the try."""
-    if np.isfinite(report.values).all() and np.isfinite(report.correction).all():
-        return [PolishReport.model_validate(report.model_dump())]
-    bare = report.model_copy(
-        update={"values": [], "correction": [], "joined": 0, "left": 0, "declined": True}
-    )
-    return [bare]
+def _finite(*arrays: FloatArray) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
 def coupling_rows_of(peers: tuple[tuple[int, ...], ...], horizon: int, safe: SafeSet | None) -> CouplingRows:
