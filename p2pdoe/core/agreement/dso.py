@@ -30,6 +30,7 @@ from p2pdoe.core.agreement.coupling import (
     residuals,
 )
 from p2pdoe.core.agreement.grid_solver import GridSolve, GridSolver, safe_within
+from p2pdoe.core.agreement.polish import CouplingRows
 from p2pdoe.core.agreement.polish_exchange import OUT_OF_STEP, DsoExchange, coupling_rows_of
 from p2pdoe.core.agreement.protocol import (
     INVALID,
@@ -316,11 +317,6 @@ class DsoParticipant:
         """End the round early (a deadline): the grant of the iteration now awaited says "stopped"
         (unless it converges), and every community settles on it as at `max_iterations`."""
         self._stop_requested = True
-
-    @property
-    def polishing(self) -> bool:
-        """A try of the certified polish is under way (the sites answer with reports, not proposals)."""
-        return self._polishing is not None
 
     def may_step(self, msg: Proposal | PolishReport) -> bool:
         """Whether handling `msg` may run an iteration's step (it completes the current iteration),
@@ -673,6 +669,12 @@ class DsoParticipant:
     def _polish_ignored(self) -> Counter[str]:
         return self._polishing.ignored if self._polishing is not None else Counter()
 
+    @cached_property
+    def _polish_rows(self) -> CouplingRows:
+        """The round's coupling rows (the same for every try)."""
+        assert self.grid is not None
+        return coupling_rows_of(self.plan.peers, self.horizon, self.grid.safe)
+
     def _polish_due(self, done: int) -> bool:
         """A try after `done` iterations: due by the settings, in a round of dynamic envelopes."""
         failed = self.polish_record.tries  # every try so far failed: a certified one ends the round
@@ -685,12 +687,11 @@ class DsoParticipant:
         st = self._s
         assert st.grant is not None
         assert self.grid is not None
-        rows = coupling_rows_of(self.plan.peers, self.horizon, self.grid.safe)
         self._polishing = DsoExchange.start(
             self.plan.round,
             self.plan.sites,
             self.iteration,
-            rows,
+            self._polish_rows,
             (st.grant.lo, st.grant.up),
             st.trades.price,
             self.settings.polish.max_rounds,
