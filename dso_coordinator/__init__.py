@@ -6,6 +6,10 @@ optimum is `p2pdoe.reference.centralized`. The MQTT service arrives with the run
 the core and never the edge agent or the CLI.
 """
 
-from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant
+from p2pdoe.services.blas import one_blas_thread
+
+one_blas_thread()  # before numpy loads: see p2pdoe.services.blas
+
+from p2pdoe.core.agreement.dso import DsoOutcome, DsoParticipant  # noqa: E402
 
 __all__ = ["DsoOutcome", "DsoParticipant"]

@@ -6,6 +6,10 @@ and envelope enforcement against the meter arrive with the runtime issues. It im
 never cvxpy, the coordinator or the CLI (import-linter contract in pyproject.toml).
 """
 
-from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant
+from p2pdoe.services.blas import one_blas_thread
+
+one_blas_thread()  # before numpy loads: see p2pdoe.services.blas
+
+from p2pdoe.core.agreement.community import CommunityOutcome, CommunityParticipant  # noqa: E402
 
 __all__ = ["CommunityOutcome", "CommunityParticipant"]
