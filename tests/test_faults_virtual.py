@@ -6,6 +6,7 @@ in its log. The table of cases is in docs/reliability.md."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import RoundOpen
 from p2pdoe.core.schemas.results import RealtimeInfo
 from p2pdoe.core.schemas.runtime import MeterReading, SetPointMessage, SettlementRecord, SiteStatus
-from p2pdoe.core.signing import edge_identity
+from p2pdoe.core.signing import edge_identity, unframe
 
 pytestmark = pytest.mark.slow
 SITE = S.ids[1]
@@ -272,3 +273,38 @@ def test_a_day_ahead_round_with_fewer_than_two_sites_leaves_the_defaults_and_run
         assert envelopes
         assert all(h.msg.round is None for h in envelopes)  # its default, interval by interval
         assert alive(day, f"edge-{site}")
+
+
+def test_a_final_grant_lost_on_its_way_is_sent_again_at_the_reports_deadline(tmp_path: Path) -> None:
+    """The round's last grant to a site that is not the first (before aedee98 only the first site's
+    was sent again) never arrives: at the reports' deadline the coordinator sends every site its
+    final grant again, the site reports, and the day runs with every site agreed and reported."""
+    day, tape = day_of(tmp_path, 1.0)
+    victim = S.ids[-1]
+    lost: list[int] = []
+
+    def final_grant_to_victim(topic: str, payload: bytes) -> bool:
+        if lost or topics.parse(topic) is None:
+            return False
+        body = json.loads(unframe(payload)[1])
+        final = body.get("kind") == "grant" and body.get("status") != "running"
+        if final and body.get("recipient") == victim:
+            lost.append(body["iteration"])
+            return True
+        return False
+
+    day.broker.lose = final_grant_to_victim
+    results = day.run()
+
+    assert day.broker.lost == 1
+    grants = [
+        json.loads(payload)
+        for topic, payload in tape.raw
+        if b'"kind":"grant"' in payload and json.loads(payload)["recipient"] == victim
+    ]
+    finals = [g for g in grants if g["iteration"] == lost[0]]
+    assert len(finals) == 2, [g["iteration"] for g in grants[-3:]]  # the lost one, and again
+    assert results.runtime is not None
+    sites = {s.id: s for s in results.runtime.sites}
+    assert sites[victim].state == "agreed"
+    assert all(s.reported for s in sites.values()), {s.id: s.reported for s in sites.values()}

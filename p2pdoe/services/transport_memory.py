@@ -92,6 +92,10 @@ class MemoryBroker:
         self._retained: dict[str, _Kept] = {}  # in the order last published
         self._waiting: deque[tuple[MemoryTransport, _Message, asyncio.Future[None]]] = deque()
         self._up = True
+        # fault injection: a message for which this is true is accepted from its sender and then
+        # delivered to no one, as one lost on its way to the subscribers; counted in `lost`
+        self.lose: Callable[[str, bytes], bool] | None = None
+        self.lost = 0
 
     @property
     def up(self) -> bool:
@@ -199,6 +203,9 @@ class MemoryBroker:
             self._retain(message)
         if self.on_publish is not None:
             self.on_publish(message.topic, message.payload, message.retain)
+        if self.lose is not None and self.lose(message.topic, message.payload):
+            self.lost += 1
+            return
         live = InboundMessage(message.topic, message.payload, retained=False)
         for client in self._clients.values():
             if client.connected and any(topic_matches(f, message.topic) for f in client._subscriptions):
