@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             market = market_machine(config, margins(settings))
             count_refusals(transport, market.reader.dropped)
+            watch_journal(transport, journal)
             service = EdgeService(
                 market,
                 transport,
@@ -129,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     journal.close()
 
     return run_service(PROG, serve)
+
+
+def watch_journal(transport: Transport, journal: Journal | None) -> None:
+    """With metrics served, the journal's backlog among them (sampled on the loop)."""
+    metrics = getattr(transport, "metrics", None)  # p2pdoe.services.metrics.ObservedTransport
+    if metrics is not None and journal is not None:
+        metrics.watch("p2pdoe_journal_backlog", journal.pending_count)
+        metrics.watch("p2pdoe_journal_deferred", lambda: journal.deferred)
 
 
 def margins(settings: EdgeSettings) -> tuple[float, float] | None:

@@ -56,6 +56,10 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--trusted-keys", type=Path, help="public-keys.json: believe only messages their owners signed"
     )
     p.add_argument("--health-file", type=Path, help="rewritten every 5 s: alive, and connected or not")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one; default none)"
+    )
+    p.add_argument("--metrics-host", help="the address the metrics are served on (default 127.0.0.1)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     clock = p.add_argument_group("the clock")
     clock.add_argument(
@@ -164,16 +168,35 @@ async def service_transport(
     identity: str | None = None,
     sweep_retained: bool = False,
 ) -> AsyncIterator[Transport]:
-    """The service's connected transport, with its heartbeat on `health_file` if one is set."""
+    """The service's connected transport, with its heartbeat on `health_file` if one is set, and
+    its metrics served on `metrics_port` if one is set."""
     async with transport_for(settings, client_id, will, identity, sweep_retained) as transport:  # type: ignore[attr-defined]
         beat = None
         if settings.health_file is not None:
             beat = asyncio.create_task(heartbeat(transport, settings.health_file))
         try:
-            yield transport
+            if settings.metrics_port is None:
+                yield transport
+            else:
+                async with observed(
+                    transport, client_id, settings.metrics_host, settings.metrics_port
+                ) as seen:
+                    yield seen
         finally:
             if beat is not None:
                 beat.cancel()
+
+
+@contextlib.asynccontextmanager
+async def observed(transport: Transport, service: str, host: str, port: int) -> AsyncIterator[Transport]:
+    """`transport` with its messages read into metrics served on host:port (prometheus-client is
+    imported only here: a service without metrics does not load it)."""
+    from p2pdoe.services.metrics import ObservedTransport, ServiceMetrics, metrics_served
+
+    metrics = ServiceMetrics(service)
+    async with metrics_served(metrics, host, port) as bound:
+        log.info("%s: metrics on http://%s:%d/metrics", service, host, bound)
+        yield ObservedTransport(transport, metrics)
 
 
 def make_clock(

@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     ca_cert: Path | None = None  # the CA certificate that signed an mqtts:// broker's (default: the system's)
     client_id: str | None = None  # default: the service's own id
     health_file: Path | None = None  # rewritten every 5 s: alive, and connected or not (services.health)
+    # Prometheus metrics on http://<metrics_host>:<metrics_port>/metrics (p2pdoe.services.metrics);
+    # None: none served. 0: a free port (logged).
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     # > 0: a persistent MQTT session the broker keeps this long after a disconnect, queueing the QoS 1
     # messages meant for this client meanwhile (the coordinator and the edge agents keep a day's)

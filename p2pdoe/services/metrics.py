@@ -1,0 +1,397 @@
+"""Prometheus metrics of a service (`--metrics-port`), read from the messages it sends and hears.
+
+A service's state is on its MQTT topics already: the coordinator's progress and status, a site's
+telemetry, status, settlements and round reports, a meter's readings. `ObservedTransport` reads those
+messages as they pass through the service's transport and sets the metrics from them, so no machine
+is touched and a metric says what the wire said. What no message carries (the broker connection,
+the messages dropped, the journal's backlog) is sampled on the event loop every few seconds (state
+that lives on the loop is never read from the HTTP server's thread). `metrics_served` exposes them
+for Prometheus with prometheus-client's own server. Every name, its type, unit and labels:
+`CATALOGUE`, and docs/metrics.md. An iteration's own messages (proposals, grants) are counted by
+their topic, never decoded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter as CounterOf
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from p2pdoe import __version__
+from p2pdoe.core import topics
+from p2pdoe.core.schemas.runtime import (
+    DsoStatus,
+    MeterReading,
+    Progress,
+    Runtime,
+    SettlementRecord,
+    SiteReport,
+    SiteStatus,
+    Telemetry,
+    decode_runtime,
+)
+from p2pdoe.services.settings import ConfigError
+from p2pdoe.services.transport_api import InboundMessage, Transport
+from p2pdoe.services.transport_layer import TransportLayer
+
+log = logging.getLogger(__name__)
+SAMPLE_S = 5.0  # how often what no message carries is sampled
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+CATALOGUE = (
+    # every service
+    Metric("p2pdoe_service_info", "gauge", "1, by service and version", ("service", "version")),
+    Metric("p2pdoe_broker_connected", "gauge", "1 while connected to the broker, else 0"),
+    Metric("p2pdoe_broker_connections_total", "counter", "connections made to the broker (reconnects too)"),
+    Metric("p2pdoe_messages_sent_total", "counter", "messages published, by topic kind", ("topic",)),
+    Metric("p2pdoe_messages_received_total", "counter", "messages heard, by topic kind", ("topic",)),
+    Metric("p2pdoe_messages_dropped_total", "counter", "messages dropped unread, by reason", ("reason",)),
+    # the coordinator's rounds (its progress and status)
+    Metric("p2pdoe_round_iterations", "gauge", "iterations of the latest round so far"),
+    Metric("p2pdoe_round_residual_kw", "gauge", "the latest iteration's residuals, kW", ("residual",)),
+    Metric("p2pdoe_round_price_change_eur_per_kwh", "gauge", "the most a price moved lately"),
+    Metric("p2pdoe_round_sites", "gauge", "sites of the latest round, by state", ("state",)),
+    Metric("p2pdoe_rounds_total", "counter", "rounds ended, by status", ("status",)),
+    Metric("p2pdoe_dso_phase", "gauge", "1 for the coordinator's phase now, 0 for the others", ("phase",)),
+    Metric("p2pdoe_failed_rounds", "gauge", "rolling rounds failed today"),
+    # the coordinator's view of each site
+    Metric("p2pdoe_site_online", "gauge", "1 while the site's agent says it is online", ("site",)),
+    Metric("p2pdoe_site_round_cpu_seconds", "gauge", "a site's CPU in its last round", ("site", "part")),
+    Metric("p2pdoe_site_round_step_seconds", "gauge", "a site's step in its last round", ("site", "stat")),
+    Metric("p2pdoe_settlements_received_total", "counter", "settlements received", ("site",)),
+    # an edge agent's own site
+    Metric("p2pdoe_site_power_kw", "gauge", "net injection, export positive, kW (its telemetry)"),
+    Metric("p2pdoe_envelope_kw", "gauge", "the envelope applied, kW, export positive", ("bound",)),
+    Metric("p2pdoe_envelope_in_force", "gauge", "1 for the kind of envelope applied now", ("source",)),
+    Metric("p2pdoe_envelope_inside", "gauge", "1 if the injection is inside the envelope, else 0"),
+    Metric("p2pdoe_envelope_excess_kw", "gauge", "the measured injection's excess over the envelope, kW"),
+    Metric("p2pdoe_envelope_violations_total", "counter", "meter telemetry outside the envelope"),
+    Metric("p2pdoe_site_alarm", "gauge", "1 while the alarm is raised", ("alarm",)),
+    Metric("p2pdoe_site_faults_total", "counter", "faults since the agent started, by kind", ("fault",)),
+    Metric("p2pdoe_settlements_total", "counter", "intervals settled"),
+    Metric("p2pdoe_settlement_net_eur", "gauge", "the last settled interval's net cost, EUR"),
+    Metric("p2pdoe_settlement_deviation_kwh", "gauge", "the last settled interval's deviation, kWh"),
+    Metric("p2pdoe_round_cpu_seconds", "gauge", "the agent's CPU in its last round, by part", ("part",)),
+    Metric("p2pdoe_round_step_seconds", "gauge", "the agent's step time in its last round", ("stat",)),
+    Metric("p2pdoe_journal_backlog", "gauge", "messages journaled and not yet delivered to the broker"),
+    Metric("p2pdoe_journal_deferred", "gauge", "journal writes waiting for the disk"),
+    # meter readings (the meter simulator's own, or those an edge agent hears)
+    Metric("p2pdoe_meter_power_kw", "gauge", "the latest reading's net injection, export positive, kW"),
+    Metric("p2pdoe_meter_soc_kwh", "gauge", "the latest reading's battery state of charge, kWh"),
+    Metric("p2pdoe_meter_readings_total", "counter", "meter readings"),
+)
+NAMES = frozenset(m.name for m in CATALOGUE)
+_SAMPLED = ("p2pdoe_broker_connections_total", "p2pdoe_messages_dropped_total", "p2pdoe_site_faults_total")
+RESIDUALS = ("primal_trade", "dual_trade", "primal_envelope", "dual_envelope")
+SOURCES = ("dynamic", "default", "fixed_default", "none")
+
+
+def _strip(name: str) -> str:
+    """prometheus-client adds `_total` to a counter's name itself."""
+    return name.removesuffix("_total")
+
+
+class _Sampled(Collector):
+    """Counters whose values are set whole (sampled on the loop, or cumulative in a message)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in _SAMPLED}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for metric in CATALOGUE:
+            if metric.name in self.values:
+                family = CounterMetricFamily(_strip(metric.name), metric.help, labels=metric.labels)
+                for labels, value in dict(self.values[metric.name]).items():
+                    family.add_metric(list(labels), value)
+                yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(())
+
+
+class ServiceMetrics:
+    """One service's metrics, in a registry of their own."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._sampled = _Sampled()
+        self.registry.register(self._sampled)
+        self.m: dict[str, Counter | Gauge] = {}
+        for metric in CATALOGUE:
+            if metric.name in _SAMPLED:
+                continue
+            kind = Counter if metric.kind == "counter" else Gauge
+            self.m[metric.name] = kind(
+                _strip(metric.name), metric.help, metric.labels, registry=self.registry
+            )
+        self.gauge("p2pdoe_service_info", service, __version__).set(1)
+        self._samplers: list[Callable[[], None]] = []
+        self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
+
+    def gauge(self, name: str, *labels: str) -> Gauge:
+        metric = self.m[name]
+        assert isinstance(metric, Gauge)
+        return metric.labels(*labels) if labels else metric
+
+    def counter(self, name: str, *labels: str) -> Counter:
+        metric = self.m[name]
+        assert isinstance(metric, Counter)
+        return metric.labels(*labels) if labels else metric
+
+    def set_counter(self, name: str, values: Mapping[tuple[str, ...], float]) -> None:
+        self._sampled.values[name] = dict(values)
+
+    # -- sampled on the loop --------------------------------------------------------------------------
+
+    def watch_transport(self, transport: Transport) -> None:
+        def sample() -> None:
+            self.gauge("p2pdoe_broker_connected").set(1.0 if getattr(transport, "connected", False) else 0.0)
+            connections = getattr(transport, "connections", None)
+            if isinstance(connections, int):
+                self.set_counter("p2pdoe_broker_connections_total", {(): float(connections)})
+
+        self._samplers.append(sample)
+
+    def watch_dropped(self, dropped: Mapping[str, int]) -> None:
+        """`dropped`: a service's counts of messages dropped by reason (its reader's)."""
+        self._samplers.append(
+            lambda: self.set_counter(
+                "p2pdoe_messages_dropped_total", {(reason,): float(n) for reason, n in dropped.items()}
+            )
+        )
+
+    def watch(self, name: str, read: Callable[[], float]) -> None:
+        """A gauge read on the loop every `SAMPLE_S` (a journal's backlog)."""
+        self._samplers.append(lambda: self.gauge(name).set(read()))
+
+    def sample(self) -> None:
+        for sample in self._samplers:
+            try:
+                sample()
+            except Exception:  # a metric must never stop a service
+                log.exception("a metric could not be sampled")
+
+    async def sampling(self, every_s: float = SAMPLE_S) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(every_s)
+
+    # -- from the messages ----------------------------------------------------------------------------
+
+    def sent(self, topic: str, payload: bytes) -> None:
+        self._seen("p2pdoe_messages_sent_total", topic, payload)
+
+    def received(self, topic: str, payload: bytes) -> None:
+        self._seen("p2pdoe_messages_received_total", topic, payload)
+
+    def _seen(self, counter: str, topic: str, payload: bytes) -> None:
+        parsed = topics.parse(topic)
+        kind = "other" if parsed is None else f"{parsed.area}/{parsed.kind}"
+        self.counter(counter, kind).inc()
+        if parsed is None or not payload or kind not in _DECODED:
+            return
+        try:
+            msg = decode_runtime(payload)
+        except ValueError:  # the service's own reader counts and drops it
+            return
+        self.observe(msg, sent=counter == "p2pdoe_messages_sent_total")
+
+    def observe(self, msg: Runtime, sent: bool) -> None:
+        """Set the metrics a message says something about: one the service sent (its own state) or
+        heard (another's)."""
+        for kind, handler in _SENT if sent else _HEARD:
+            if isinstance(msg, kind):
+                handler(self, msg)
+
+    def one_of(self, name: str, family: str, value: str | None) -> None:
+        """Set the gauge `name` to 1 for `value` and to 0 for every other value seen."""
+        if value is not None:
+            self.seen[family].add(value)
+        for seen in self.seen[family]:
+            self.gauge(name, seen).set(1.0 if seen == value else 0.0)
+
+
+def _progress(m: ServiceMetrics, p: Progress) -> None:
+    m.gauge("p2pdoe_round_iterations").set(p.iteration + 1)  # grants are numbered from 0
+    values = (p.primal_trade_kw, p.dual_trade_kw, p.primal_envelope_kw, p.dual_envelope_kw)
+    for residual, value in zip(RESIDUALS, values, strict=True):
+        m.gauge("p2pdoe_round_residual_kw", residual).set(value)
+    if p.price_change_max_eur_per_kwh is not None:
+        m.gauge("p2pdoe_round_price_change_eur_per_kwh").set(p.price_change_max_eur_per_kwh)
+    states = {
+        "taking_part": p.sites,
+        "excluded": p.excluded_sites,
+        "missing": p.missing_sites,
+        "frozen": p.frozen_sites,
+    }
+    for state, sites in states.items():
+        m.gauge("p2pdoe_round_sites", state).set(len(sites))
+    if p.status != "running":
+        m.counter("p2pdoe_rounds_total", p.status).inc()
+
+
+def _dso_status(m: ServiceMetrics, s: DsoStatus) -> None:
+    m.one_of("p2pdoe_dso_phase", "phase", s.phase)
+    m.gauge("p2pdoe_failed_rounds").set(s.failed_rounds)
+
+
+def _own_status(m: ServiceMetrics, s: SiteStatus) -> None:
+    if s.state != "online":
+        return
+    for source in SOURCES:
+        m.gauge("p2pdoe_envelope_in_force", source).set(1.0 if s.envelope == source else 0.0)
+    m.seen["alarm"].update(s.alarms)
+    for alarm in m.seen["alarm"]:
+        m.gauge("p2pdoe_site_alarm", alarm).set(1.0 if alarm in s.alarms else 0.0)
+    m.set_counter("p2pdoe_site_faults_total", {(fault,): float(n) for fault, n in s.faults.items()})
+
+
+def _site_status(m: ServiceMetrics, s: SiteStatus) -> None:
+    m.gauge("p2pdoe_site_online", s.site).set(1.0 if s.state == "online" else 0.0)
+
+
+def _telemetry(m: ServiceMetrics, t: Telemetry) -> None:
+    m.gauge("p2pdoe_site_power_kw").set(t.p_kw)
+    for bound, value in (("lo", t.lo_kw), ("up", t.up_kw)):
+        m.gauge("p2pdoe_envelope_kw", bound).set(float("nan") if value is None else value)
+    m.gauge("p2pdoe_envelope_inside").set(float("nan") if t.inside is None else float(t.inside))
+    m.gauge("p2pdoe_envelope_excess_kw").set(t.excess_kw or 0.0)
+    if t.source == "meter" and t.inside is False:
+        m.counter("p2pdoe_envelope_violations_total").inc()
+
+
+def _own_settlement(m: ServiceMetrics, s: SettlementRecord) -> None:
+    m.counter("p2pdoe_settlements_total").inc()
+    m.gauge("p2pdoe_settlement_net_eur").set(s.net_eur)
+    m.gauge("p2pdoe_settlement_deviation_kwh").set(s.deviation_kwh)
+
+
+def _settlement(m: ServiceMetrics, s: SettlementRecord) -> None:
+    m.counter("p2pdoe_settlements_received_total", s.site).inc()
+
+
+def _report_parts(r: SiteReport) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU by part and step time by statistic, in seconds."""
+    parts = {"total": r.cpu_s, "steps": r.cpu_steps_s, "codec": r.cpu_codec_s}
+    stats = {"median": r.solve_times.median_ms, "p95": r.solve_times.p95_ms, "max": r.solve_times.max_ms}
+    return {k: v for k, v in parts.items() if v is not None}, {k: ms / 1000 for k, ms in stats.items()}
+
+
+def _own_report(m: ServiceMetrics, r: SiteReport) -> None:
+    cpu, steps = _report_parts(r)
+    m.gauge("p2pdoe_round_iterations").set(r.iterations)
+    for part, value in cpu.items():
+        m.gauge("p2pdoe_round_cpu_seconds", part).set(value)
+    for stat, value in steps.items():
+        m.gauge("p2pdoe_round_step_seconds", stat).set(value)
+
+
+def _report(m: ServiceMetrics, r: SiteReport) -> None:
+    cpu, steps = _report_parts(r)
+    for part, value in cpu.items():
+        m.gauge("p2pdoe_site_round_cpu_seconds", r.site, part).set(value)
+    for stat, value in steps.items():
+        m.gauge("p2pdoe_site_round_step_seconds", r.site, stat).set(value)
+
+
+def _reading(m: ServiceMetrics, r: MeterReading) -> None:
+    m.counter("p2pdoe_meter_readings_total").inc()
+    m.gauge("p2pdoe_meter_power_kw").set(r.p_kw)
+    if r.soc_kwh is not None:
+        m.gauge("p2pdoe_meter_soc_kwh").set(r.soc_kwh)
+
+
+Handlers = tuple[tuple[type, Callable[..., None]], ...]
+_SENT: Handlers = (
+    (Progress, _progress),
+    (DsoStatus, _dso_status),
+    (SiteStatus, _own_status),
+    (Telemetry, _telemetry),
+    (SettlementRecord, _own_settlement),
+    (SiteReport, _own_report),
+    (MeterReading, _reading),
+)
+_HEARD: Handlers = (
+    (SiteStatus, _site_status),
+    (SettlementRecord, _settlement),
+    (SiteReport, _report),
+    (MeterReading, _reading),
+)
+_DECODED = frozenset(
+    {
+        "dso/progress",
+        "dso/status",
+        "site/status",
+        "site/telemetry",
+        "site/settlement",
+        "site/meter",
+        "market/report",
+    }
+)
+
+
+class ObservedTransport(TransportLayer):
+    """The service's transport, its messages read into `metrics` as they pass (outermost: it sees
+    what the service publishes before it is signed, and what it hears once believed)."""
+
+    def __init__(self, inner: Transport, metrics: ServiceMetrics):
+        super().__init__(inner)
+        self.metrics = metrics
+        metrics.watch_transport(inner)
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int | None = None
+    ) -> None:
+        self.metrics.sent(topic, payload)  # as handed over, not as acknowledged
+        await self.inner.publish(topic, payload, qos, retain, expiry_s)
+
+    async def publish_state(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
+        self.metrics.sent(topic, payload)
+        await self.inner.publish_state(topic, payload, expiry_s)
+
+    def count_into(self, counter: CounterOf[str]) -> None:
+        """Refuses nothing itself; the counter of what the service drops becomes a metric."""
+        self.metrics.watch_dropped(counter)
+
+    async def messages(self) -> AsyncIterator[InboundMessage]:
+        async for m in self.inner.messages():
+            self.metrics.received(m.topic, m.payload)
+            yield m
+
+
+def metrics_of(transport: object) -> ServiceMetrics | None:
+    """The metrics a service's transport feeds, if it has any."""
+    return transport.metrics if isinstance(transport, ObservedTransport) else None
+
+
+@contextlib.asynccontextmanager
+async def metrics_served(metrics: ServiceMetrics, host: str, port: int) -> AsyncIterator[int]:
+    """`/metrics` on host:port (0: a free port) while the context lasts; yields the port."""
+    try:
+        server, thread = start_http_server(port, host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}: {exc}") from None
+    sampling = asyncio.create_task(metrics.sampling(), name="metrics-sampling")
+    try:
+        yield int(server.server_port)
+    finally:
+        sampling.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
