@@ -20,7 +20,7 @@ from collections import Counter as CounterOf
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
@@ -44,12 +44,13 @@ from p2pdoe.services.transport_layer import TransportLayer
 
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often what no message carries is sampled
+STEP_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
-    kind: str  # "counter" or "gauge"
+    kind: str  # "counter", "gauge" or "histogram"
     help: str
     labels: tuple[str, ...] = ()
 
@@ -67,6 +68,7 @@ CATALOGUE = (
     Metric("p2pdoe_round_residual_kw", "gauge", "the latest iteration's residuals, kW", ("residual",)),
     Metric("p2pdoe_round_price_change_eur_per_kwh", "gauge", "the most a price moved lately"),
     Metric("p2pdoe_round_sites", "gauge", "sites of the latest round, by state", ("state",)),
+    Metric("p2pdoe_dso_step_seconds", "histogram", "the coordinator's step per iteration (wall time)"),
     Metric("p2pdoe_rounds_total", "counter", "rounds ended, by status", ("status",)),
     Metric("p2pdoe_dso_phase", "gauge", "1 for the coordinator's phase now, 0 for the others", ("phase",)),
     Metric("p2pdoe_failed_rounds", "gauge", "rolling rounds failed today"),
@@ -125,6 +127,14 @@ class _Sampled(Collector):
         return iter(())
 
 
+def _made(metric: Metric, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    name = _strip(metric.name)
+    if metric.kind == "histogram":
+        return Histogram(name, metric.help, metric.labels, buckets=STEP_BUCKETS_S, registry=registry)
+    kind = Counter if metric.kind == "counter" else Gauge
+    return kind(name, metric.help, metric.labels, registry=registry)
+
+
 class ServiceMetrics:
     """One service's metrics, in a registry of their own."""
 
@@ -132,14 +142,10 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._sampled = _Sampled()
         self.registry.register(self._sampled)
-        self.m: dict[str, Counter | Gauge] = {}
+        self.m: dict[str, Counter | Gauge | Histogram] = {}
         for metric in CATALOGUE:
-            if metric.name in _SAMPLED:
-                continue
-            kind = Counter if metric.kind == "counter" else Gauge
-            self.m[metric.name] = kind(
-                _strip(metric.name), metric.help, metric.labels, registry=self.registry
-            )
+            if metric.name not in _SAMPLED:
+                self.m[metric.name] = _made(metric, self.registry)
         self.gauge("p2pdoe_service_info", service, __version__).set(1)
         self._samplers: list[Callable[[], None]] = []
         self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
@@ -232,6 +238,10 @@ def _progress(m: ServiceMetrics, p: Progress) -> None:
     values = (p.primal_trade_kw, p.dual_trade_kw, p.primal_envelope_kw, p.dual_envelope_kw)
     for residual, value in zip(RESIDUALS, values, strict=True):
         m.gauge("p2pdoe_round_residual_kw", residual).set(value)
+    if p.step_ms is not None:
+        step = m.m["p2pdoe_dso_step_seconds"]
+        assert isinstance(step, Histogram)
+        step.observe(p.step_ms / 1000)
     if p.price_change_max_eur_per_kwh is not None:
         m.gauge("p2pdoe_round_price_change_eur_per_kwh").set(p.price_change_max_eur_per_kwh)
     states = {
