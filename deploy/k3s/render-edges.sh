@@ -64,6 +64,9 @@ spec:
         app.kubernetes.io/instance: ${site}
         app.kubernetes.io/component: edge
         app.kubernetes.io/part-of: p2pdoe
+      annotations: # Prometheus metrics (docs/metrics.md); network-policy.yaml admits only the monitoring namespace
+        prometheus.io/scrape: "true"
+        prometheus.io/port: "9400"
     spec:
       # a label only an administrator sets: a gateway's kubelet cannot give its node another site's
       # (NodeRestriction), so it never gets another site's pod, Secret or configuration
@@ -119,6 +122,10 @@ spec:
               value: /etc/p2pdoe/public-keys.json
             - name: P2PDOE_EDGE_HEALTH_FILE
               value: /run/p2pdoe/health
+            - name: P2PDOE_EDGE_METRICS_PORT
+              value: "9400"
+            - name: P2PDOE_EDGE_METRICS_HOST
+              value: 0.0.0.0
             - name: HOME
               value: /tmp
             - name: PYTHONDONTWRITEBYTECODE
@@ -130,6 +137,10 @@ spec:
               value: "1"
             - name: OMP_NUM_THREADS
               value: "1"
+          ports:
+            - name: metrics
+              containerPort: 9400
+              protocol: TCP
           # The agent rewrites its health file every 5 s while it runs, saying whether the DSO's broker
           # is connected. Liveness restarts a stuck agent (no write for 60 s); a broker outage is not
           # one (the agent goes on enforcing its journal's envelopes): readiness (READY) shows it.
