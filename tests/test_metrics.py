@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 import urllib.request
 from collections import Counter
@@ -16,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import ROUND_TIMEOUT_S, Deployment
 
@@ -151,6 +155,29 @@ def test_an_edges_messages_become_its_site_metrics() -> None:
     assert value(s, "p2pdoe_messages_sent_total", topic="site/telemetry") == 3
     m.sent(topics.site("a", "status"), status([], {"meter_silent": 2}))
     assert value(served(m), "p2pdoe_site_alarm", alarm="meter_silent") == 0  # lowered, not forgotten
+
+
+def test_prometheus_own_linter_passes_the_exposition() -> None:
+    """`promtool check metrics` (Prometheus's own tool) on everything a busy service serves: names,
+    units, help, counters' suffixes. Skipped without promtool, unless P2PDOE_REQUIRE_PROMTOOL=1 (CI)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("P2PDOE_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("promtool not on PATH (apt install prometheus) and P2PDOE_REQUIRE_PROMTOOL=1")
+        pytest.skip("promtool not on PATH (apt install prometheus)")
+    m = ServiceMetrics("dso")
+    for k in range(3):
+        m.sent(topics.DSO_PROGRESS, progress(k))
+    m.sent(topics.DSO_PROGRESS, progress(3, "converged"))
+    m.sent(topics.site("a", "telemetry"), telemetry(3.5, inside=False))
+    m.sent(topics.site("a", "status"), status(["meter_silent"], {"meter_silent": 2}))
+    m.received(topics.site("a", "settlement"), settlement())
+    m.watch_dropped(Counter(malformed=2))
+    m.sample()
+    exposition = generate_latest(m.registry)
+    assert b"p2pdoe_site_faults_total" in exposition
+    check = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 def test_a_port_in_use_is_one_clear_error() -> None:
