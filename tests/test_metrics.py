@@ -154,7 +154,10 @@ def test_an_edges_messages_become_its_site_metrics() -> None:
     assert value(s, "p2pdoe_meter_readings_total") == 1
     assert value(s, "p2pdoe_messages_sent_total", topic="site/telemetry") == 3
     m.sent(topics.site("a", "status"), status([], {"meter_silent": 2}))
-    assert value(served(m), "p2pdoe_site_alarm", alarm="meter_silent") == 0  # lowered, not forgotten
+    s = served(m)
+    assert value(s, "p2pdoe_site_alarm", alarm="meter_silent") == 0  # lowered, not forgotten
+    # a service serves only what it has: no round of the coordinator's on an edge's page
+    assert not any(name.startswith(("p2pdoe_round_", "p2pdoe_dso_")) for name, _ in s), sorted(s)
 
 
 def test_prometheus_own_linter_passes_the_exposition() -> None:

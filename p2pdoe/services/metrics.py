@@ -99,6 +99,7 @@ CATALOGUE = (
     Metric("p2pdoe_meter_readings_total", "counter", "meter readings"),
 )
 NAMES = frozenset(m.name for m in CATALOGUE)
+BY_NAME = {m.name: m for m in CATALOGUE}
 _SAMPLED = ("p2pdoe_broker_connections_total", "p2pdoe_messages_dropped_total", "p2pdoe_site_faults_total")
 RESIDUALS = ("primal_trade", "dual_trade", "primal_envelope", "dual_envelope")
 SOURCES = ("dynamic", "default", "fixed_default", "none")
@@ -142,23 +143,31 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._sampled = _Sampled()
         self.registry.register(self._sampled)
-        self.m: dict[str, Counter | Gauge | Histogram] = {}
-        for metric in CATALOGUE:
-            if metric.name not in _SAMPLED:
-                self.m[metric.name] = _made(metric, self.registry)
+        self.m: dict[str, Counter | Gauge | Histogram] = {}  # made at first use: a service serves what it has
         self.gauge("p2pdoe_service_info", service, __version__).set(1)
         self._samplers: list[Callable[[], None]] = []
         self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
 
+    def _metric(self, name: str) -> Counter | Gauge | Histogram:
+        made = self.m.get(name)
+        if made is None:
+            made = self.m[name] = _made(BY_NAME[name], self.registry)
+        return made
+
     def gauge(self, name: str, *labels: str) -> Gauge:
-        metric = self.m[name]
+        metric = self._metric(name)
         assert isinstance(metric, Gauge)
         return metric.labels(*labels) if labels else metric
 
     def counter(self, name: str, *labels: str) -> Counter:
-        metric = self.m[name]
+        metric = self._metric(name)
         assert isinstance(metric, Counter)
         return metric.labels(*labels) if labels else metric
+
+    def histogram(self, name: str) -> Histogram:
+        metric = self._metric(name)
+        assert isinstance(metric, Histogram)
+        return metric
 
     def set_counter(self, name: str, values: Mapping[tuple[str, ...], float]) -> None:
         self._sampled.values[name] = dict(values)
@@ -239,9 +248,7 @@ def _progress(m: ServiceMetrics, p: Progress) -> None:
     for residual, value in zip(RESIDUALS, values, strict=True):
         m.gauge("p2pdoe_round_residual_kw", residual).set(value)
     if p.step_ms is not None:
-        step = m.m["p2pdoe_dso_step_seconds"]
-        assert isinstance(step, Histogram)
-        step.observe(p.step_ms / 1000)
+        m.histogram("p2pdoe_dso_step_seconds").observe(p.step_ms / 1000)
     if p.price_change_max_eur_per_kwh is not None:
         m.gauge("p2pdoe_round_price_change_eur_per_kwh").set(p.price_change_max_eur_per_kwh)
     states = {
