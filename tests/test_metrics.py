@@ -160,6 +160,19 @@ def test_an_edges_messages_become_its_site_metrics() -> None:
     assert not any(name.startswith(("p2pdoe_round_", "p2pdoe_dso_")) for name, _ in s), sorted(s)
 
 
+def test_a_metric_that_fails_never_stops_the_message(caplog: pytest.LogCaptureFixture) -> None:
+    m = ServiceMetrics("dso")
+
+    def broken(msg: object, sent: bool) -> None:
+        raise RuntimeError("a bug in a handler")
+
+    m.observe = broken  # type: ignore[method-assign]
+    m.sent(topics.DSO_PROGRESS, progress(0))
+    m.sent(topics.DSO_PROGRESS, progress(1))
+    assert m.failures == 2
+    assert len([r for r in caplog.records if "could not be read into the metrics" in r.message]) == 1
+
+
 def test_prometheus_own_linter_passes_the_exposition() -> None:
     """`promtool check metrics` (Prometheus's own tool) on everything a busy service serves: names,
     units, help, counters' suffixes. Skipped without promtool, unless P2PDOE_REQUIRE_PROMTOOL=1 (CI)."""

@@ -147,6 +147,7 @@ class ServiceMetrics:
         self.gauge("p2pdoe_service_info", service, __version__).set(1)
         self._samplers: list[Callable[[], None]] = []
         self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
+        self.failures = 0  # messages that could not be read into the metrics (a bug: logged once)
 
     def _metric(self, name: str) -> Counter | Gauge | Histogram:
         made = self.m.get(name)
@@ -210,10 +211,19 @@ class ServiceMetrics:
     # -- from the messages ----------------------------------------------------------------------------
 
     def sent(self, topic: str, payload: bytes) -> None:
-        self._seen("p2pdoe_messages_sent_total", topic, payload)
+        self._safely("p2pdoe_messages_sent_total", topic, payload)
 
     def received(self, topic: str, payload: bytes) -> None:
-        self._seen("p2pdoe_messages_received_total", topic, payload)
+        self._safely("p2pdoe_messages_received_total", topic, payload)
+
+    def _safely(self, counter: str, topic: str, payload: bytes) -> None:
+        """A metric never stops a message: a failure is logged once and counted (`failures`)."""
+        try:
+            self._seen(counter, topic, payload)
+        except Exception:
+            self.failures += 1
+            if self.failures == 1:
+                log.exception("a message on %s could not be read into the metrics", topic)
 
     def _seen(self, counter: str, topic: str, payload: bytes) -> None:
         parsed = topics.parse(topic)
