@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import zlib
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--profile-file", type=Path, help="the weather and load the plant sees (a forecast message, JSON)"
     )
+    p.add_argument("--modbus-port", type=int, help="also serve the readings as SunSpec Modbus devices here")
+    p.add_argument("--modbus-host", help="the address the Modbus devices are served on (default 127.0.0.1)")
     settings = setup(PROG, MeterSettings, p.parse_args(argv))
     if isinstance(settings, int):
         return settings
@@ -56,7 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         meter = simulated_meter(
             config, datetime.now(UTC), settings.rate_s, seed, lead_in, days, truth
         )  # checked now
-        async with service_transport(settings, f"meter-{site}", None, edge_identity(site)) as transport:
+        async with contextlib.AsyncExitStack() as stack:
+            transport = await stack.enter_async_context(
+                service_transport(settings, f"meter-{site}", None, edge_identity(site))
+            )
+            if settings.modbus_port is not None:
+                from meter_sim.sunspec_device import served_as_sunspec
+
+                served = served_as_sunspec(transport, config, settings.modbus_host, settings.modbus_port)
+                transport = await stack.enter_async_context(served)
             clock = make_clock(settings, transport, f"meter-{site}", "plant")
             service = MeterService(transport, clock)
             async with running_clock(clock, service.shell):

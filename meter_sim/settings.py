@@ -24,3 +24,7 @@ class MeterSettings(ServiceSettings):
     # the weather and load the plant sees (a SiteForecast of the days, e.g. each date's scenario from
     # `p2pdoe demo --dated`) over the intervals it covers, before the seeded errors
     profile_file: Path | None = None
+    # Serve the readings as SunSpec Modbus devices on this TCP port too (p2pdoe.services.sunspec;
+    # None: only MQTT), on `modbus_host`
+    modbus_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    modbus_host: str = "127.0.0.1"

@@ -1,0 +1,300 @@
+"""A site as SunSpec Modbus devices: the meter simulator serves its readings as them (`--modbus-port`),
+and any SunSpec client reads them as it would a real site's meter and inverters.
+
+One Modbus TCP server per site; each unit (Modbus device id) is a SunSpec device whose registers
+start at 40000 with the marker "SunS", then its models, then the end marker (0xFFFF, length 0):
+- unit 1, the site's meter at its connection point: common (1) and wye meter (203) models; W and
+  VAR import positive (the meter's load side is the site), Hz;
+- unit 2, the PV inverter, and unit 3, the wind inverter (sites with them): common and DER AC
+  measurement (701); W generation positive;
+- unit 4, the battery inverter (sites with a battery): common, 701 (W, discharge positive) and
+  battery base (802): SoC in % of WHRtg, WHRtg.
+
+Powers are integers with a scale factor chosen from the site's ratings, so the largest power the
+site can draw or inject fits an int16 (resolution: 10^SF W). The registers are built with pysunspec2's
+model definitions (`sunspec2.device.Model`), served with pymodbus, and read back by pysunspec2's own
+client (`read_site`). The devices are read-only: set-points still travel on MQTT (docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import sunspec2.device as sunspec
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from p2pdoe.core.schemas.runtime import MeterReading
+from p2pdoe.core.schemas.site import SiteConfig
+from p2pdoe.services.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+BASE = 40000  # where a SunSpec device's registers start
+MARKER = (0x5375, 0x6E53)  # "SunS"
+END = (0xFFFF, 0x0000)
+METER, PV, WIND, BATTERY = 1, 2, 3, 4  # the units (Modbus device ids)
+INT16_MAX = 32767
+UINT16_MAX = 65534  # 0xFFFF means "not implemented"
+HEADROOM = 1.5  # the truth may exceed the forecasts the ratings come from
+NOMINAL_HZ = 50.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which units a site has, the power scale factor and the battery's rating."""
+
+    site: str
+    units: tuple[int, ...]
+    w_sf: int  # 10^w_sf W per count, for every power of every unit
+    battery_wh: float
+
+    @property
+    def w_resolution_kw(self) -> float:
+        return 10.0**self.w_sf / 1000.0
+
+
+def layout_of(config: SiteConfig) -> Layout:
+    c = config.community
+    units = [METER]
+    units += [PV] if max(c.pv_kw, default=0.0) > 0 else []
+    units += [WIND] if max(c.wind_kw, default=0.0) > 0 else []
+    units += [BATTERY] if c.battery.power_kw > 0 and c.battery.energy_kwh > 0 else []
+    bound_kw = (
+        max(c.pv_kw, default=0.0)
+        + max(c.wind_kw, default=0.0)
+        + c.battery.power_kw
+        + max(c.fixed_load_kw, default=0.0)
+        + c.flexible_load.max_kw
+    )
+    return Layout(
+        c.id, tuple(units), scale_factor(HEADROOM * bound_kw * 1000.0), 1000.0 * c.battery.energy_kwh
+    )
+
+
+def scale_factor(bound: float, largest: int = INT16_MAX) -> int:
+    """The least power of ten (at least 10^0) with which `bound` fits `largest` counts."""
+    if bound <= largest:
+        return 0
+    return math.ceil(math.log10(bound / largest))
+
+
+# -- the registers -----------------------------------------------------------------------------------
+
+
+def _model(model_id: int) -> sunspec.Model:
+    model = sunspec.Model(model_id)
+    model.ID.value = model_id
+    model.L.value = len(model.get_mb()) // 2 - 2  # its registers after ID and L
+    return model
+
+
+def _scaled(model: sunspec.Model, point: str, value_w: float, sf: int) -> int:
+    """Set an int16 point in W with its scale factor; clipped to the int16 range (returns 1 if so)."""
+    getattr(model, f"{point}_SF").value = sf
+    raw = round(value_w / 10.0**sf)
+    clipped = max(-INT16_MAX, min(INT16_MAX, raw))
+    getattr(model, point).value = clipped
+    return int(clipped != raw)
+
+
+def _common(layout: Layout, unit: int) -> sunspec.Model:
+    common = _model(1)
+    common.Mn.value = "p2pdoe"
+    common.Md.value = {METER: "meter", PV: "pv", WIND: "wind", BATTERY: "battery"}[unit]
+    common.SN.value = f"{layout.site}-{unit}"
+    common.Vr.value = "1"
+    common.DA.value = unit
+    return common
+
+
+def unit_models(layout: Layout, unit: int, reading: MeterReading) -> tuple[list[sunspec.Model], int]:
+    """The models of one unit for a reading, and how many values were clipped."""
+    sf = layout.w_sf
+    if unit == METER:
+        meter = _model(203)
+        clipped = _scaled(meter, "W", -1000.0 * reading.p_kw, sf)  # import positive
+        if reading.q_kvar is not None:
+            clipped += _scaled(meter, "VAR", -1000.0 * reading.q_kvar, sf)
+        meter.Hz_SF.value = -2
+        meter.Hz.value = round(NOMINAL_HZ * 100)
+        return [_common(layout, unit), meter], clipped
+    ac = _model(701)
+    kw = {PV: reading.pv_kw, WIND: reading.wind_kw, BATTERY: reading.battery_kw}[unit] or 0.0
+    clipped = _scaled(ac, "W", 1000.0 * kw, sf)  # generation (discharge) positive
+    models = [_common(layout, unit), ac]
+    if unit == BATTERY:
+        base = _model(802)
+        wh_sf = scale_factor(layout.battery_wh, UINT16_MAX)
+        base.WHRtg_SF.value = wh_sf
+        base.WHRtg.value = round(layout.battery_wh / 10.0**wh_sf)
+        base.SoC_SF.value = -1
+        soc_pct = (
+            0.0 if not layout.battery_wh else 100.0 * 1000.0 * (reading.soc_kwh or 0.0) / layout.battery_wh
+        )
+        base.SoC.value = max(0, min(1000, round(10 * soc_pct)))
+        models.append(base)
+    return models, clipped
+
+
+def registers(models: list[sunspec.Model]) -> list[int]:
+    """A device's registers from 40000: the marker, the models, the end marker."""
+    body = b"".join(m.get_mb() for m in models)
+    return [*MARKER, *struct.unpack(f">{len(body) // 2}H", body), *END]
+
+
+def images(layout: Layout, reading: MeterReading) -> tuple[dict[int, list[int]], int]:
+    """Every unit's registers for a reading, and how many values were clipped."""
+    out: dict[int, list[int]] = {}
+    clipped = 0
+    for unit in layout.units:
+        models, n = unit_models(layout, unit, reading)
+        out[unit], clipped = registers(models), clipped + n
+    return out, clipped
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+class SunSpecServer:
+    """A site's units on one Modbus TCP server; `update` sets what the next read returns. Until the
+    first reading every read is answered DEVICE_BUSY (a meter that has nothing to say yet)."""
+
+    def __init__(self, layout: Layout, first: MeterReading | None = None):
+        self.layout = layout
+        self.ready = first is not None
+        blank = MeterReading(site=layout.site, ts=datetime(1970, 1, 1, tzinfo=UTC), p_kw=0.0)
+        self.images, self.clipped = images(layout, first or blank)
+        self.reads = 0
+
+    def update(self, reading: MeterReading) -> None:
+        self.images, clipped = images(self.layout, reading)
+        self.clipped += clipped
+        self.ready = True
+
+    async def _refresh(
+        self,
+        unit: int,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        current: list[int],
+        values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        if values is not None:
+            return ExcCodes.ILLEGAL_FUNCTION  # read-only devices
+        if not self.ready:
+            return ExcCodes.DEVICE_BUSY
+        image = self.images[unit]
+        current[: len(image)] = image
+        self.reads += 1
+        return None
+
+    def devices(self) -> list[SimDevice]:
+        return [
+            SimDevice(
+                id=unit,
+                simdata=[SimData(BASE, values=list(image), datatype=DataType.REGISTERS)],
+                action=partial(self._refresh, unit),
+            )
+            for unit, image in self.images.items()
+        ]
+
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str, port: int) -> AsyncIterator[ModbusTcpServer]:
+        """Listening on host:port (a `ConfigError` naming `--modbus-port` if it cannot) while the
+        context lasts."""
+        server = ModbusTcpServer(self.devices(), address=(host, port))
+        try:
+            await server.serve_forever(background=True)  # returns once listening
+        except (RuntimeError, OSError) as exc:
+            raise ConfigError(f"--modbus-port {port}: cannot listen on {host}:{port}: {exc}") from None
+        try:
+            yield server
+        finally:
+            await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+# -- reading (a SunSpec client, blocking: run it in a thread) --------------------------------------
+
+
+class SunSpecReader:
+    """Reads a site's SunSpec units with pysunspec2's client: each unit scanned once per connection,
+    then only its models read. A unit that does not answer raises (`SunSpecModbusClientError` or
+    OSError) and is scanned again at the next read. Blocking: call `read` from a worker thread."""
+
+    def __init__(self, host: str, port: int, units: tuple[int, ...], timeout_s: float = 2.0):
+        self.host, self.port, self.units, self.timeout_s = host, port, units, timeout_s
+        self._devices: dict[int, Any] = {}
+        self.scans = 0
+
+    def read(self, site: str, ts: datetime) -> MeterReading:
+        try:
+            values: dict[str, float | None] = {}
+            for unit in self.units:
+                values.update(_unit_values(unit, self._models(unit)))
+        except BaseException:
+            self.close()
+            raise
+        p_kw = values.get("p_kw")
+        if p_kw is None:
+            raise ValueError(f"{self.host}:{self.port}: no meter (model 203) on unit {METER}")
+        return MeterReading(
+            site=site,
+            ts=ts,
+            p_kw=p_kw,
+            q_kvar=values.get("q_kvar"),
+            pv_kw=values.get("pv_kw"),
+            wind_kw=values.get("wind_kw"),
+            battery_kw=values.get("battery_kw"),
+            soc_kwh=values.get("soc_kwh"),
+        )
+
+    def _models(self, unit: int) -> dict[object, list[sunspec.Model]]:
+        from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+
+        device = self._devices.get(unit)
+        if device is None:
+            device = SunSpecModbusClientDeviceTCP(
+                slave_id=unit, ipaddr=self.host, ipport=self.port, timeout=self.timeout_s
+            )
+            self._devices[unit] = device
+            device.scan()  # reads every model once
+            self.scans += 1
+        else:
+            for model_id in (203, 701, 802):
+                for model in device.models.get(model_id, []):
+                    model.read()
+        models: dict[object, list[sunspec.Model]] = device.models
+        return models
+
+    def close(self) -> None:
+        for device in self._devices.values():
+            with contextlib.suppress(Exception):
+                device.close()
+        self._devices.clear()
+
+
+def _unit_values(unit: int, models: dict[object, list[sunspec.Model]]) -> dict[str, float | None]:
+    if unit == METER:
+        meter = models[203][0]
+        var = meter.VAR.cvalue
+        return {"p_kw": -meter.W.cvalue / 1000.0, "q_kvar": None if var is None else -var / 1000.0}
+    w = models[701][0].W.cvalue
+    kw = None if w is None else w / 1000.0
+    out: dict[str, float | None] = {{PV: "pv_kw", WIND: "wind_kw", BATTERY: "battery_kw"}[unit]: kw}
+    if unit == BATTERY and 802 in models:
+        base = models[802][0]
+        soc, wh = base.SoC.cvalue, base.WHRtg.cvalue
+        out["soc_kwh"] = None if soc is None or wh is None else soc / 100.0 * wh / 1000.0
+    return out

@@ -1,0 +1,219 @@
+"""A site as SunSpec Modbus devices (p2pdoe.services.sunspec), over real Modbus TCP on loopback: served
+with pymodbus, read back by pysunspec2's own client (which scans the devices as it would a real
+site's) and, independently, as raw registers by pymodbus's client; then `meter-sim --modbus-port` as a
+process, its devices answering what it publishes on MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from p2pdoe.core.schemas.runtime import MeterReading
+from p2pdoe.core.site import site_config
+from p2pdoe.io.scenarios import load_scenario
+from p2pdoe.services.broker import Broker
+from p2pdoe.services.sunspec import (
+    BASE,
+    BATTERY,
+    METER,
+    PV,
+    WIND,
+    Layout,
+    SunSpecReader,
+    SunSpecServer,
+    layout_of,
+)
+
+TS = datetime(2026, 6, 21, 12, tzinfo=UTC)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict[str, Layout]:
+    s = load_scenario("default")
+    return {site: layout_of(site_config(s, c)) for c, site in enumerate(s.ids)}
+
+
+def reading(site: str, **values: float) -> MeterReading:
+    return MeterReading(site=site, ts=TS, **values)  # type: ignore[arg-type]
+
+
+def test_each_site_gets_the_units_of_its_assets(layouts: dict[str, Layout]) -> None:
+    assert layouts["solar-wind-33"].units == (METER, PV, WIND, BATTERY)
+    assert layouts["wind-25"].units == (METER, WIND)
+    assert layouts["campus-30"].units == (METER, PV)
+    for layout in layouts.values():  # the largest power the site can draw or inject fits an int16
+        assert layout.w_resolution_kw <= 0.1, layout
+
+
+def test_a_reading_read_back_by_pysunspec2_over_modbus_tcp(layouts: dict[str, Layout]) -> None:
+    layout = layouts["solar-wind-33"]
+    sent = reading(
+        layout.site, p_kw=-123.456, q_kvar=-40.0, pv_kw=200.5, wind_kw=77.77, battery_kw=-20.25, soc_kwh=150.0
+    )
+    server = SunSpecServer(layout, sent)
+    port = free_port()
+    reader = SunSpecReader("127.0.0.1", port, layout.units)
+
+    async def main() -> list[MeterReading]:
+        async with server.serving("127.0.0.1", port):
+            first = await asyncio.to_thread(reader.read, layout.site, TS)
+            server.update(sent.model_copy(update={"p_kw": 55.5, "soc_kwh": 10.0}))
+            second = await asyncio.to_thread(reader.read, layout.site, TS)
+            return [first, second]
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        reader.close()
+    res = layout.w_resolution_kw / 2 + 1e-9
+    assert first.p_kw == pytest.approx(sent.p_kw, abs=res)
+    assert first.q_kvar == pytest.approx(-40.0, abs=res)
+    assert first.pv_kw == pytest.approx(200.5, abs=res)
+    assert first.wind_kw == pytest.approx(77.77, abs=res)
+    assert first.battery_kw == pytest.approx(-20.25, abs=res)
+    assert first.soc_kwh == pytest.approx(150.0, abs=0.001 * layout.battery_wh / 1000)  # 0.1 % of WHRtg
+    assert second.p_kw == pytest.approx(55.5, abs=res)
+    assert second.soc_kwh == pytest.approx(10.0, abs=0.001 * layout.battery_wh / 1000)
+    assert reader.scans == len(layout.units)  # scanned once, then only read
+
+
+def test_the_raw_registers_are_a_sunspec_device_chain(layouts: dict[str, Layout]) -> None:
+    """Read as plain holding registers by another client (pymodbus's): the marker, each model's id and
+    length leading to the next, the end marker; the meter's W and its scale factor where model 203
+    puts them (offsets from the SunSpec model definition: W at 16, W_SF at 20 after ID and L)."""
+    layout = layouts["solar-18"]
+    server = SunSpecServer(layout, reading(layout.site, p_kw=-12.3))
+    port = free_port()
+
+    async def main() -> list[int]:
+        async with server.serving("127.0.0.1", port):
+            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5)
+            await client.connect()
+            regs: list[int] = []
+            try:
+                size = len(server.images[METER])
+                while len(regs) < size:  # at most 125 registers a request
+                    at, count = BASE + len(regs), min(125, size - len(regs))
+                    answer = await client.read_holding_registers(at, count=count, device_id=METER)
+                    assert not answer.isError(), answer
+                    regs += answer.registers
+                return regs
+            finally:
+                client.close()
+
+    regs = asyncio.run(main())
+    assert bytes(struct.pack(">2H", *regs[:2])) == b"SunS"
+    at, chain = 2, []
+    while regs[at] != 0xFFFF:
+        model_id, length = regs[at], regs[at + 1]
+        chain.append((model_id, length, at))
+        at += 2 + length
+    assert [(m, n) for m, n, _ in chain] == [(1, 66), (203, 105)]
+    assert regs[at + 1] == 0  # the end marker's length
+    meter = chain[1][2] + 2
+    w, w_sf = struct.unpack(">h", struct.pack(">H", regs[meter + 16]))[0], regs[meter + 20]
+    sf = struct.unpack(">h", struct.pack(">H", w_sf))[0]
+    assert sf == layout.w_sf
+    assert w * 10.0**sf == pytest.approx(12300.0, abs=10.0**sf / 2)  # import positive: 12.3 kW exported
+
+
+def test_a_device_that_stops_answering_raises_and_is_read_again_when_back(layouts: dict[str, Layout]) -> None:
+    layout = layouts["campus-30"]
+    server = SunSpecServer(layout)  # nothing read yet: DEVICE_BUSY
+    port = free_port()
+    reader = SunSpecReader("127.0.0.1", port, layout.units, timeout_s=2.0)
+
+    async def main() -> list[object]:
+        out: list[object] = []
+        async with server.serving("127.0.0.1", port):
+            out.append(await _outcome(reader, layout.site))  # busy: no reading yet
+            server.update(reading(layout.site, p_kw=5.0, pv_kw=5.0))
+            out.append(await _outcome(reader, layout.site))
+        out.append(await _outcome(reader, layout.site))  # nobody listening
+        async with server.serving("127.0.0.1", port):
+            out.append(await _outcome(reader, layout.site))
+        return out
+
+    try:
+        busy, ok, gone, back = asyncio.run(main())
+    finally:
+        reader.close()
+    assert isinstance(busy, Exception), busy
+    assert isinstance(ok, MeterReading)
+    assert ok.p_kw == pytest.approx(5.0)
+    assert isinstance(gone, Exception), gone
+    assert isinstance(back, MeterReading)
+    assert back.p_kw == pytest.approx(5.0)
+
+
+async def _outcome(reader: SunSpecReader, site: str) -> object:
+    try:
+        return await asyncio.to_thread(reader.read, site, TS)
+    except Exception as exc:  # what a poller sees when the device does not answer
+        return exc
+
+
+def test_a_port_in_use_is_one_clear_error(layouts: dict[str, Layout]) -> None:
+    from p2pdoe.services.settings import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def main() -> None:
+            async with SunSpecServer(layouts["wind-25"]).serving("127.0.0.1", port):
+                pass
+
+        with pytest.raises(ConfigError, match=f"--modbus-port {port}: cannot listen"):
+            asyncio.run(main())
+
+
+@pytest.mark.timeout(300)
+def test_meter_sim_serves_what_it_publishes(mqtt_broker: Broker, tmp_path: Path) -> None:
+    """`meter-sim --modbus-port` as a process: its devices answer the reading it last published."""
+    from p2pdoe.io.site_configs import write_site_configs
+
+    write_site_configs(load_scenario("default"), tmp_path / "config")
+    site = "solar-wind-33"
+    port = free_port()
+    args = ["--site-config", str(tmp_path / "config" / "sites" / f"{site}.json"), "--broker", mqtt_broker.url]
+    args += ["--modbus-port", str(port), "--speed", "60", "--rate-s", "60"]
+    log = (tmp_path / "meter.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "meter_sim", *args], stdout=log, stderr=subprocess.STDOUT)
+    layout = layout_of(site_config(load_scenario("default"), 1))
+    reader = SunSpecReader("127.0.0.1", port, layout.units, timeout_s=5.0)
+    try:
+        got = None
+        deadline = time.monotonic() + 120
+        while got is None:
+            assert proc.poll() is None, (tmp_path / "meter.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "meter.log").read_text()
+            try:
+                got = reader.read(site, TS)
+            except Exception:
+                time.sleep(0.5)
+        assert got.soc_kwh is not None
+        assert got.soc_kwh > 0
+        assert got.pv_kw is not None
+        assert got.battery_kw is not None
+    finally:
+        reader.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
