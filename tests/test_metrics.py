@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,10 +23,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import ROUND_TIMEOUT_S, Deployment
 
+from p2pdoe import __version__
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.runtime import MeterReading, Progress, SettlementRecord, SiteStatus, Telemetry
 from p2pdoe.services.broker import Broker
-from p2pdoe.services.metrics import CATALOGUE, NAMES, ServiceMetrics, metrics_served
+from p2pdoe.services.metrics import CATALOGUE, NAMES, ObservedTransport, ServiceMetrics, metrics_served
+from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 TS = datetime(2026, 6, 21, 10, 0, tzinfo=UTC)
@@ -59,9 +61,9 @@ def progress(iteration: int, status: str = "running") -> bytes:
     return msg.model_dump_json().encode()
 
 
-def telemetry(p_kw: float, inside: bool) -> bytes:
+def telemetry(p_kw: float, inside: bool, ts: datetime = TS) -> bytes:
     msg = Telemetry(
-        site="a", ts=TS, source="meter", p_kw=p_kw, envelope="dynamic", lo_kw=-5.0, up_kw=3.0,
+        site="a", ts=ts, source="meter", p_kw=p_kw, envelope="dynamic", lo_kw=-5.0, up_kw=3.0,
         inside=inside, round="day-ahead", excess_kw=0.0 if inside else p_kw - 3.0,
     )  # fmt: skip
     return msg.model_dump_json().encode()
@@ -103,10 +105,13 @@ def test_a_coordinators_messages_become_its_round_metrics() -> None:
         m.sent(topics.grant("day-ahead", "a"), b"{}")  # counted by its topic, never decoded
     m.sent(topics.DSO_PROGRESS, progress(3, "converged"))
     m.received(topics.site("a", "settlement"), settlement())
+    m.received(topics.site("a", "settlement"), settlement())  # sent again (an outbox): counted once
+    m.received(topics.site("b", "settlement"), settlement())  # a's on b's topic: dropped, not counted
     m.received(topics.site("a", "status"), status([], {}))
     m.received("somebody/else", b"x")
     dropped: Counter[str] = Counter(malformed=2)
     m.watch_dropped(dropped)
+    m.watch_dropped(Counter(malformed=1, unsigned=1))  # the next day's reader: summed
     m.sample()
     s = served(m)
     assert value(s, "p2pdoe_round_iterations") == 4  # grants 0..3
@@ -121,20 +126,25 @@ def test_a_coordinators_messages_become_its_round_metrics() -> None:
     assert value(s, "p2pdoe_messages_sent_total", topic="dso/progress") == 4
     assert value(s, "p2pdoe_messages_received_total", topic="other") == 1
     assert value(s, "p2pdoe_settlements_received_total", site="a") == 1
+    assert ("p2pdoe_settlements_received_total", frozenset({("site", "b")})) not in s
     assert value(s, "p2pdoe_site_online", site="a") == 1
-    assert value(s, "p2pdoe_messages_dropped_total", reason="malformed") == 2
-    assert value(s, "p2pdoe_service_info", service="dso", version="0.1.0") == 1
-    dropped["unsigned"] += 1  # sampled again on the loop: the counter's latest counts
+    assert value(s, "p2pdoe_messages_dropped_total", reason="malformed") == 3
+    assert value(s, "p2pdoe_service_info", service="dso", version=__version__) == 1
+    dropped["unsigned"] += 1  # sampled again on the loop: the counters' latest, summed
     m.sample()
-    assert value(served(m), "p2pdoe_messages_dropped_total", reason="unsigned") == 1
+    assert value(served(m), "p2pdoe_messages_dropped_total", reason="unsigned") == 2
 
 
 def test_an_edges_messages_become_its_site_metrics() -> None:
     m = ServiceMetrics("edge-a")
+    later = TS + timedelta(minutes=1)
     m.sent(topics.site("a", "telemetry"), telemetry(2.0, inside=True))
-    m.sent(topics.site("a", "telemetry"), telemetry(3.5, inside=False))
+    m.sent(topics.site("a", "telemetry"), telemetry(3.5, inside=False, ts=later))
+    m.sent(topics.site("a", "telemetry"), telemetry(3.5, inside=False, ts=later))  # the outbox again
+    m.sent(topics.site("a", "telemetry"), telemetry(2.0, inside=True))  # an old one, forwarded late
     m.sent(topics.site("a", "status"), status(["meter_silent"], {"meter_silent": 2}))
     m.sent(topics.site("a", "settlement"), settlement())
+    m.sent(topics.site("a", "settlement"), settlement())  # not acknowledged, sent again
     m.sent(topics.site("a", "telemetry"), b"not json")  # counted as sent, not read
     reading = MeterReading(site="a", ts=TS, p_kw=-1.5, soc_kwh=4.0).model_dump_json().encode()
     m.received(topics.site("a", "meter"), reading)
@@ -152,7 +162,7 @@ def test_an_edges_messages_become_its_site_metrics() -> None:
     assert value(s, "p2pdoe_settlement_net_eur") == 0.15
     assert value(s, "p2pdoe_meter_power_kw") == -1.5
     assert value(s, "p2pdoe_meter_readings_total") == 1
-    assert value(s, "p2pdoe_messages_sent_total", topic="site/telemetry") == 3
+    assert value(s, "p2pdoe_messages_sent_total", topic="site/telemetry") == 5
     m.sent(topics.site("a", "status"), status([], {"meter_silent": 2}))
     s = served(m)
     assert value(s, "p2pdoe_site_alarm", alarm="meter_silent") == 0  # lowered, not forgotten
@@ -167,10 +177,51 @@ def test_a_metric_that_fails_never_stops_the_message(caplog: pytest.LogCaptureFi
         raise RuntimeError("a bug in a handler")
 
     m.observe = broken  # type: ignore[method-assign]
-    m.sent(topics.DSO_PROGRESS, progress(0))
-    m.sent(topics.DSO_PROGRESS, progress(1))
+    broker = MemoryBroker()
+
+    async def main() -> list[bytes]:
+        async with MemoryTransport(broker, "dso") as dso, MemoryTransport(broker, "watcher") as watcher:
+            await watcher.subscribe(topics.DSO_PROGRESS)
+            observed = ObservedTransport(dso, m)
+            await observed.publish(topics.DSO_PROGRESS, progress(0))
+            await observed.publish(topics.DSO_PROGRESS, progress(1))
+            got: list[bytes] = []
+            async for message in watcher.messages():
+                got.append(message.payload)
+                if len(got) == 2:
+                    return got
+        return []
+
+    assert asyncio.run(main()) == [progress(0), progress(1)]  # both delivered all the same
     assert m.failures == 2
     assert len([r for r in caplog.records if "could not be read into the metrics" in r.message]) == 1
+    assert value(served(m), "p2pdoe_metrics_failures_total") == 2
+
+
+def test_the_observed_transport_reads_what_passes_both_ways() -> None:
+    broker = MemoryBroker()
+    m = ServiceMetrics("dso")
+
+    async def main() -> Samples:
+        async with MemoryTransport(broker, "dso") as dso, MemoryTransport(broker, "edge-a") as edge:
+            observed = ObservedTransport(dso, m)
+            await observed.subscribe(topics.site("+", "settlement"))
+            await edge.publish(topics.site("a", "settlement"), settlement())
+            async for message in observed.messages():
+                assert message.payload == settlement()
+                break
+            await observed.publish(topics.DSO_PROGRESS, progress(5, "converged"))
+            observed.count_into(Counter(unsigned=4))
+            async with metrics_served(m, "127.0.0.1", 0) as port:  # sampled as it starts
+                connected = await asyncio.to_thread(scrape, port)
+        return connected
+
+    connected = asyncio.run(main())
+    assert value(connected, "p2pdoe_settlements_received_total", site="a") == 1
+    assert value(connected, "p2pdoe_rounds_total", status="converged") == 1
+    assert value(connected, "p2pdoe_messages_dropped_total", reason="unsigned") == 4
+    assert value(connected, "p2pdoe_broker_connected") == 1
+    assert value(served(m), "p2pdoe_broker_connected") == 0  # closed since
 
 
 def test_prometheus_own_linter_passes_the_exposition() -> None:
@@ -221,6 +272,9 @@ def test_the_catalogue_is_documented_and_the_dashboard_uses_only_its_names() -> 
     used = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"p2pdoe_[a-z_]+", e)}
     assert used
     assert used <= NAMES, used - NAMES
+    rated = {n for e in exprs for n in re.findall(r"(?:rate|increase)\((p2pdoe_[a-z_]+)", e)}
+    assert rated
+    assert all(n.endswith(("_total", "_bucket")) for n in rated), rated  # never a gauge's rate
     assert {m.name for m in CATALOGUE if m.name.endswith("_total")} == {
         m.name for m in CATALOGUE if m.kind == "counter"
     }

@@ -16,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import Counter as CounterOf
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -44,6 +48,8 @@ from p2pdoe.services.transport_layer import TransportLayer
 
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often what no message carries is sampled
+MAX_SITES = 1000  # sites a service names in labels; messages of more are not counted per site
+MAX_SETTLED = 10_000  # settled intervals remembered to count each once (weeks of a site's)
 STEP_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -63,6 +69,7 @@ CATALOGUE = (
     Metric("p2pdoe_messages_sent_total", "counter", "messages published, by topic kind", ("topic",)),
     Metric("p2pdoe_messages_received_total", "counter", "messages heard, by topic kind", ("topic",)),
     Metric("p2pdoe_messages_dropped_total", "counter", "messages dropped unread, by reason", ("reason",)),
+    Metric("p2pdoe_metrics_failures_total", "counter", "messages the metrics could not read (a bug)"),
     # the coordinator's rounds (its progress and status)
     Metric("p2pdoe_round_iterations", "gauge", "iterations of the latest round so far"),
     Metric("p2pdoe_round_residual_kw", "gauge", "the latest iteration's residuals, kW", ("residual",)),
@@ -100,7 +107,12 @@ CATALOGUE = (
 )
 NAMES = frozenset(m.name for m in CATALOGUE)
 BY_NAME = {m.name: m for m in CATALOGUE}
-_SAMPLED = ("p2pdoe_broker_connections_total", "p2pdoe_messages_dropped_total", "p2pdoe_site_faults_total")
+_SAMPLED = (
+    "p2pdoe_broker_connections_total",
+    "p2pdoe_messages_dropped_total",
+    "p2pdoe_metrics_failures_total",
+    "p2pdoe_site_faults_total",
+)
 RESIDUALS = ("primal_trade", "dual_trade", "primal_envelope", "dual_envelope")
 SOURCES = ("dynamic", "default", "fixed_default", "none")
 
@@ -118,9 +130,10 @@ class _Sampled(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         for metric in CATALOGUE:
-            if metric.name in self.values:
+            values = dict(self.values.get(metric.name, {}))
+            if values:  # a service serves only what it has
                 family = CounterMetricFamily(_strip(metric.name), metric.help, labels=metric.labels)
-                for labels, value in dict(self.values[metric.name]).items():
+                for labels, value in values.items():
                     family.add_metric(list(labels), value)
                 yield family
 
@@ -148,6 +161,11 @@ class ServiceMetrics:
         self._samplers: list[Callable[[], None]] = []
         self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
         self.failures = 0  # messages that could not be read into the metrics (a bug: logged once)
+        self._dropped: list[Mapping[str, int]] = []  # every reader's counts (one per day's machine)
+        self._failing: set[int] = set()  # samplers that failed (each logged once)
+        self.latest: dict[str, datetime] = {}  # the newest telemetry and settlement seen
+        self.settled: OrderedDict[tuple[str, datetime], None] = OrderedDict()  # counted once each
+        self.sites: set[str] = set()  # the sites named in labels (at most MAX_SITES)
 
     def _metric(self, name: str) -> Counter | Gauge | Histogram:
         made = self.m.get(name)
@@ -185,28 +203,46 @@ class ServiceMetrics:
         self._samplers.append(sample)
 
     def watch_dropped(self, dropped: Mapping[str, int]) -> None:
-        """`dropped`: a service's counts of messages dropped by reason (its reader's)."""
-        self._samplers.append(
-            lambda: self.set_counter(
-                "p2pdoe_messages_dropped_total", {(reason,): float(n) for reason, n in dropped.items()}
-            )
-        )
+        """`dropped`: a reader's counts of messages dropped by reason; every reader given (one per
+        day's machine) is summed, so the counter never goes down."""
+        if not self._dropped:
+            self._samplers.append(self._sample_dropped)
+        self._dropped.append(dropped)
+
+    def _sample_dropped(self) -> None:
+        total: dict[tuple[str, ...], float] = {}
+        for counts in self._dropped:
+            for reason, n in dict(counts).items():
+                total[(reason,)] = total.get((reason,), 0.0) + n
+        self.set_counter("p2pdoe_messages_dropped_total", total)
 
     def watch(self, name: str, read: Callable[[], float]) -> None:
-        """A gauge read on the loop every `SAMPLE_S` (a journal's backlog)."""
-        self._samplers.append(lambda: self.gauge(name).set(read()))
+        """A gauge read on the loop every `SAMPLE_S` (a journal's backlog); NaN while it cannot be."""
+
+        def sample() -> None:
+            try:
+                value = read()
+            except Exception:
+                self.gauge(name).set(float("nan"))
+                raise
+            self.gauge(name).set(value)
+
+        self._samplers.append(sample)
 
     def sample(self) -> None:
-        for sample in self._samplers:
+        for k, sample in enumerate(self._samplers):
             try:
                 sample()
-            except Exception:  # a metric must never stop a service
-                log.exception("a metric could not be sampled")
+            except Exception:  # a metric must never stop a service; said once per sampler
+                if k not in self._failing:
+                    self._failing.add(k)
+                    log.exception("a metric could not be sampled (said once)")
 
     async def sampling(self, every_s: float = SAMPLE_S) -> None:
+        """Sample every `every_s` (after the first, which `metrics_served` takes at once)."""
         while True:
-            self.sample()
             await asyncio.sleep(every_s)
+            self.sample()
 
     # -- from the messages ----------------------------------------------------------------------------
 
@@ -217,13 +253,14 @@ class ServiceMetrics:
         self._safely("p2pdoe_messages_received_total", topic, payload)
 
     def _safely(self, counter: str, topic: str, payload: bytes) -> None:
-        """A metric never stops a message: a failure is logged once and counted (`failures`)."""
+        """A metric never stops a message: a failure is logged once and counted."""
         try:
             self._seen(counter, topic, payload)
         except Exception:
             self.failures += 1
+            self.set_counter("p2pdoe_metrics_failures_total", {(): float(self.failures)})
             if self.failures == 1:
-                log.exception("a message on %s could not be read into the metrics", topic)
+                log.exception("a message on %s could not be read into the metrics (said once)", topic)
 
     def _seen(self, counter: str, topic: str, payload: bytes) -> None:
         parsed = topics.parse(topic)
@@ -235,7 +272,23 @@ class ServiceMetrics:
             msg = decode_runtime(payload)
         except ValueError:  # the service's own reader counts and drops it
             return
-        self.observe(msg, sent=counter == "p2pdoe_messages_sent_total")
+        sent = counter == "p2pdoe_messages_sent_total"
+        if not sent and not self._named_by_topic(msg, parsed.site):
+            return  # what the service itself drops (a site's message on another's topic)
+        self.observe(msg, sent)
+
+    def _named_by_topic(self, msg: Runtime, topic_site: str | None) -> bool:
+        """A heard site message counts only under the site its topic names (the one a signature and
+        the ACL vouch for), and only for the first MAX_SITES sites (labels stay bounded)."""
+        site = getattr(msg, "site", None)
+        if site is None:
+            return True
+        if site != topic_site:
+            return False
+        if site not in self.sites and len(self.sites) >= MAX_SITES:
+            return False
+        self.sites.add(site)
+        return True
 
     def observe(self, msg: Runtime, sent: bool) -> None:
         """Set the metrics a message says something about: one the service sent (its own state) or
@@ -243,6 +296,24 @@ class ServiceMetrics:
         for kind, handler in _SENT if sent else _HEARD:
             if isinstance(msg, kind):
                 handler(self, msg)
+
+    def newer(self, kind: str, ts: datetime) -> bool:
+        """Whether `ts` is later than every `kind` message seen before (an outbox may send one again)."""
+        last = self.latest.get(kind)
+        if last is not None and ts <= last:
+            return False
+        self.latest[kind] = ts
+        return True
+
+    def first_settlement(self, site: str, start: datetime) -> bool:
+        """Whether this is the first time this settled interval is seen (it may be sent again)."""
+        key = (site, start)
+        if key in self.settled:
+            return False
+        self.settled[key] = None
+        if len(self.settled) > MAX_SETTLED:
+            self.settled.popitem(last=False)
+        return True
 
     def one_of(self, name: str, family: str, value: str | None) -> None:
         """Set the gauge `name` to 1 for `value` and to 0 for every other value seen."""
@@ -261,12 +332,7 @@ def _progress(m: ServiceMetrics, p: Progress) -> None:
         m.histogram("p2pdoe_dso_step_seconds").observe(p.step_ms / 1000)
     if p.price_change_max_eur_per_kwh is not None:
         m.gauge("p2pdoe_round_price_change_eur_per_kwh").set(p.price_change_max_eur_per_kwh)
-    states = {
-        "taking_part": p.sites,
-        "excluded": p.excluded_sites,
-        "missing": p.missing_sites,
-        "frozen": p.frozen_sites,
-    }
+    states = {"taking_part": p.sites, "excluded": p.excluded_sites, "frozen": p.frozen_sites}
     for state, sites in states.items():
         m.gauge("p2pdoe_round_sites", state).set(len(sites))
     if p.status != "running":
@@ -294,23 +360,31 @@ def _site_status(m: ServiceMetrics, s: SiteStatus) -> None:
 
 
 def _telemetry(m: ServiceMetrics, t: Telemetry) -> None:
+    if not m.newer("telemetry", t.ts):  # sent again by the outbox after an outage: seen already
+        return
+    nan = float("nan")
     m.gauge("p2pdoe_site_power_kw").set(t.p_kw)
     for bound, value in (("lo", t.lo_kw), ("up", t.up_kw)):
-        m.gauge("p2pdoe_envelope_kw", bound).set(float("nan") if value is None else value)
-    m.gauge("p2pdoe_envelope_inside").set(float("nan") if t.inside is None else float(t.inside))
-    m.gauge("p2pdoe_envelope_excess_kw").set(t.excess_kw or 0.0)
+        m.gauge("p2pdoe_envelope_kw", bound).set(nan if value is None else value)
+    m.gauge("p2pdoe_envelope_inside").set(nan if t.inside is None else float(t.inside))
+    excess = t.excess_kw if t.excess_kw is not None else (0.0 if t.inside else None)
+    m.gauge("p2pdoe_envelope_excess_kw").set(nan if t.inside is None or excess is None else excess)
     if t.source == "meter" and t.inside is False:
         m.counter("p2pdoe_envelope_violations_total").inc()
 
 
 def _own_settlement(m: ServiceMetrics, s: SettlementRecord) -> None:
+    if not m.first_settlement(s.site, s.interval_start):
+        return
     m.counter("p2pdoe_settlements_total").inc()
-    m.gauge("p2pdoe_settlement_net_eur").set(s.net_eur)
-    m.gauge("p2pdoe_settlement_deviation_kwh").set(s.deviation_kwh)
+    if m.newer("settlement", s.interval_start):
+        m.gauge("p2pdoe_settlement_net_eur").set(s.net_eur)
+        m.gauge("p2pdoe_settlement_deviation_kwh").set(s.deviation_kwh)
 
 
 def _settlement(m: ServiceMetrics, s: SettlementRecord) -> None:
-    m.counter("p2pdoe_settlements_received_total", s.site).inc()
+    if m.first_settlement(s.site, s.interval_start):
+        m.counter("p2pdoe_settlements_received_total", s.site).inc()
 
 
 def _report_parts(r: SiteReport) -> tuple[dict[str, float], dict[str, float]]:
@@ -414,11 +488,19 @@ async def metrics_served(metrics: ServiceMetrics, host: str, port: int) -> Async
         server, thread = start_http_server(port, host, registry=metrics.registry)
     except OSError as exc:
         raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}: {exc}") from None
+    metrics.sample()  # a scrape from now on sees what is watched already
     sampling = asyncio.create_task(metrics.sampling(), name="metrics-sampling")
     try:
         yield int(server.server_port)
     finally:
         sampling.cancel()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        await asyncio.to_thread(_stop, server, thread)
+
+
+def _stop(server: Any, thread: threading.Thread) -> None:
+    """The HTTP server stopped (it may take its poll interval, off the loop)."""
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)

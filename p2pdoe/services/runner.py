@@ -179,7 +179,7 @@ async def service_transport(
                 yield transport
             else:
                 async with observed(
-                    transport, client_id, settings.metrics_host, settings.metrics_port
+                    transport, settings.client_id or client_id, settings.metrics_host, settings.metrics_port
                 ) as seen:
                     yield seen
         finally:
