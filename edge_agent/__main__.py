@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.journal import Journal, JournalError
 from edge_agent.meter import MqttMeter
@@ -22,6 +23,7 @@ from p2pdoe.core.realtime.fallback import FallbackConfig
 from p2pdoe.core.realtime.plant import plant_spec
 from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.core.signing import edge_identity
+from p2pdoe.services.clock import Clock
 from p2pdoe.services.runner import (
     base_parser,
     count_refusals,
@@ -34,6 +36,9 @@ from p2pdoe.services.runner import (
 )
 from p2pdoe.services.settings import ConfigError, read_config_file
 from p2pdoe.services.transport import Transport
+
+if TYPE_CHECKING:  # pymodbus and pysunspec2 load only with --meter-modbus
+    from edge_agent.sunspec_meter import SunSpecMeter
 
 PROG = "edge-agent"
 
@@ -61,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("--meter", action="store_true", default=None, help="read the meter and enforce envelopes")
     rt.add_argument("--meter-broker", help="the meter's broker (default: --broker)")
     rt.add_argument("--meter-step-s", type=float, help="the meter's nominal reading period (default 5)")
+    rt.add_argument(
+        "--meter-modbus", help="HOST:PORT: read the meter and inverters as SunSpec Modbus devices"
+    )
+    rt.add_argument(
+        "--meter-modbus-units", help="their units, e.g. meter=1,pv=2,battery=4 (default: the site's assets)"
+    )
+    rt.add_argument("--meter-modbus-timeout-s", type=float, help="a device's answer awaited this long (2)")
     rt.add_argument("--journal", type=Path, help="the SQLite journal (default: journal-<site>.db)")
     rt.add_argument("--fixed-default-lo-kw", type=float)
     rt.add_argument("--fixed-default-up-kw", type=float)
@@ -88,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             transport = await stack.enter_async_context(
                 service_transport(settings, f"edge-{site}", offline_will(site), edge_identity(site))
             )
-            meter = None
-            if settings.meter:
+            meter: MqttMeter | SunSpecMeter | None = None
+            if settings.meter and settings.meter_modbus is None:
                 meter_transport: Transport = transport
                 if settings.meter_broker is not None:  # the gateway's own: credentials in its URL, if any
                     own = {"username": None, "password": None, "password_file": None, "ca_cert": None}
@@ -106,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 every_step=True,
                 offset_s=settings.clock_offset_s,
             )
+            if settings.meter and settings.meter_modbus is not None:
+                meter = modbus_meter(settings, config, clock, MqttMeter(transport, site))
             market = market_machine(config, margins(settings))
             count_refusals(transport, market.reader.dropped)
             watch_journal(transport, journal)
@@ -130,6 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     journal.close()
 
     return run_service(PROG, serve)
+
+
+def modbus_meter(
+    settings: EdgeSettings, config: SiteConfig, clock: Clock, commands: MqttMeter
+) -> SunSpecMeter:
+    """The SunSpec devices as the site's meter (set-points still on MQTT, through `commands`)."""
+    from edge_agent.sunspec_meter import SunSpecMeter, parse_units
+    from p2pdoe.services.sunspec import layout_of
+
+    assert settings.meter_modbus is not None
+    if settings.clock_kind() == "lockstep":
+        raise ConfigError("--meter-modbus needs a wall or scaled clock: a polled device takes no lockstep")
+    units = settings.meter_modbus_units
+    roles = layout_of(config).roles if units is None else parse_units(units)
+    site, step_s, timeout_s = config.community.id, settings.meter_step_s, settings.meter_modbus_timeout_s
+    return SunSpecMeter.of(settings.meter_modbus, roles, clock, site, step_s, commands, timeout_s)
 
 
 def watch_journal(transport: Transport, journal: Journal | None) -> None:

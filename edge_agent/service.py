@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edge_agent.journal import Journal
 from edge_agent.meter import MqttMeter
@@ -49,6 +49,9 @@ from p2pdoe.core.schemas.site import SiteConfig
 from p2pdoe.services.clock import Clock
 from p2pdoe.services.shell import Shell, clock_divert
 from p2pdoe.services.transport import InboundMessage, LastWill, Transport
+
+if TYPE_CHECKING:  # pymodbus and pysunspec2 load only with --meter-modbus
+    from edge_agent.sunspec_meter import SunSpecMeter
 
 log = logging.getLogger("edge_agent")
 T = TypeVar("T")
@@ -95,7 +98,7 @@ class EdgeService:
         clock: Clock,
         *,
         journal: Journal | None = None,
-        meter: MqttMeter | None = None,
+        meter: MqttMeter | SunSpecMeter | None = None,
         rounds: int = 0,
         offload: bool = True,
         forecast_file: Path | None = None,
@@ -178,7 +181,7 @@ class EdgeService:
             return True
         return False
 
-    async def _own_meter(self, meter: MqttMeter) -> None:
+    async def _own_meter(self, meter: MqttMeter | SunSpecMeter) -> None:
         async for reading in meter.readings():
             self._reading(reading)
 

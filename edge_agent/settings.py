@@ -30,6 +30,12 @@ class EdgeSettings(ServiceSettings):
     meter: bool = False  # read the site's meter and enforce the envelope (else: agreement only)
     meter_broker: str | None = None  # the meter's MQTT broker (default: `broker`)
     meter_step_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # the meter's nominal reading period
+    # Read the meter and inverters as SunSpec Modbus TCP devices at HOST:PORT instead of on MQTT
+    # (edge_agent.sunspec_meter), polled every `meter_step_s`; their units as role=unit,... (default:
+    # meter=1 and pv=2, wind=3, battery=4 for the assets the site has, as `meter-sim --modbus-port`)
+    meter_modbus: str | None = None
+    meter_modbus_units: str | None = None
+    meter_modbus_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
     journal_retention_days: Annotated[int, Field(ge=1, le=3660)] = 35  # days of records the journal keeps
     fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to

@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -67,7 +67,7 @@ def test_a_reading_read_back_by_pysunspec2_over_modbus_tcp(layouts: dict[str, La
     )
     server = SunSpecServer(layout, sent)
     port = free_port()
-    reader = SunSpecReader("127.0.0.1", port, layout.units)
+    reader = SunSpecReader("127.0.0.1", port, layout.roles)
 
     async def main() -> list[MeterReading]:
         async with server.serving("127.0.0.1", port):
@@ -136,7 +136,7 @@ def test_a_device_that_stops_answering_raises_and_is_read_again_when_back(layout
     layout = layouts["campus-30"]
     server = SunSpecServer(layout)  # nothing read yet: DEVICE_BUSY
     port = free_port()
-    reader = SunSpecReader("127.0.0.1", port, layout.units, timeout_s=2.0)
+    reader = SunSpecReader("127.0.0.1", port, layout.roles, timeout_s=2.0)
 
     async def main() -> list[object]:
         out: list[object] = []
@@ -197,7 +197,7 @@ def test_meter_sim_serves_what_it_publishes(mqtt_broker: Broker, tmp_path: Path)
     log = (tmp_path / "meter.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "meter_sim", *args], stdout=log, stderr=subprocess.STDOUT)
     layout = layout_of(site_config(load_scenario("default"), 1))
-    reader = SunSpecReader("127.0.0.1", port, layout.units, timeout_s=5.0)
+    reader = SunSpecReader("127.0.0.1", port, layout.roles, timeout_s=5.0)
     try:
         got = None
         deadline = time.monotonic() + 120
@@ -217,3 +217,146 @@ def test_meter_sim_serves_what_it_publishes(mqtt_broker: Broker, tmp_path: Path)
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+# -- the edge agent reading them ---------------------------------------------------------------------
+
+
+class StepClock:
+    """A clock for logic: `sleep_until` moves it there at once (polls come as fast as the devices
+    answer; what they answer does not depend on it)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.t = start
+
+    def now(self) -> datetime:
+        return self.t
+
+    async def sleep_until(self, moment: datetime) -> None:
+        self.t = max(self.t, moment)
+        await asyncio.sleep(0)
+
+
+def test_polls_keep_to_their_grid_and_skip_what_a_slow_device_missed() -> None:
+    from edge_agent.sunspec_meter import next_poll
+
+    step = timedelta(seconds=5)
+    assert next_poll(TS, TS + timedelta(seconds=1), step) == TS + step
+    assert next_poll(TS, TS + timedelta(seconds=5), step) == TS + 2 * step  # due now: the next one
+    assert next_poll(TS, TS + timedelta(seconds=17), step) == TS + 4 * step
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("meter=1,pv=x", "expected role=unit"), ("pv=2", "one meter"), ("meter=1,heat=2", "one meter"),
+     ("meter=0", "Modbus units are 1 to 247")],
+)  # fmt: skip
+def test_bad_units_are_one_clear_error(text: str, why: str) -> None:
+    from edge_agent.sunspec_meter import parse_units
+    from p2pdoe.services.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--meter-modbus-units {text!r}: {why}"):
+        parse_units(text)
+    assert parse_units("meter=1,battery=4") == {1: "meter", 4: "battery"}
+
+
+def test_the_edges_sunspec_meter_reads_the_devices_and_rides_out_their_silence(
+    layouts: dict[str, Layout],
+) -> None:
+    """The edge's adapter against the devices over Modbus TCP: readings equal what they serve, a
+    device that stops answering gives no reading (counted, the link down) and the polls go on, and
+    readings come again when it is back."""
+    from edge_agent.meter import MqttMeter
+    from edge_agent.sunspec_meter import SunSpecMeter
+
+    layout = layouts["village-22"]
+    server = SunSpecServer(layout, reading(layout.site, p_kw=-7.5, pv_kw=3.0, battery_kw=1.0, soc_kwh=80.0))
+    port = free_port()
+    clock = StepClock(TS)
+    meter = SunSpecMeter.of(
+        f"127.0.0.1:{port}", layout.roles, clock, layout.site, 5.0, MqttMeter(None, layout.site), 1.0
+    )  # type: ignore[arg-type]
+
+    async def main() -> tuple[list[MeterReading], list[MeterReading], int]:
+        polls = meter.readings()
+        async with server.serving("127.0.0.1", port):
+            first = [await anext(polls) for _ in range(2)]
+        silent_from = meter.dropped["unanswered"]
+        assert await meter.poll(clock.now()) is None  # nobody listening
+        assert not meter.transport.connected
+        async with server.serving("127.0.0.1", port):
+            server.update(reading(layout.site, p_kw=2.5, pv_kw=0.0, battery_kw=-2.0, soc_kwh=81.0))
+            again = [await anext(polls)]
+        await polls.aclose()
+        return first, again, silent_from
+
+    first, again, silent_from = asyncio.run(main())
+    assert [r.p_kw for r in first] == [pytest.approx(-7.5), pytest.approx(-7.5)]
+    assert first[0].battery_kw == pytest.approx(1.0)
+    assert first[0].soc_kwh == pytest.approx(80.0, abs=0.001 * layout.battery_wh / 1000)
+    assert first[1].ts - first[0].ts == timedelta(seconds=5)  # stamped on the clock's grid
+    assert silent_from == 0
+    assert meter.dropped["unanswered"] >= 1  # the poll while nobody listened
+    assert again[0].p_kw == pytest.approx(2.5)
+    assert meter.transport.connections == 2
+    assert meter.transport.connected
+
+
+def test_an_edge_agent_process_enforces_on_what_meter_sims_sunspec_devices_say(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """`edge-agent --meter --meter-modbus` against `meter-sim --modbus-port`, both processes on the
+    scaled clock: the agent's telemetry is measured ("meter") and each measured injection is one
+    the simulator published on MQTT, within the devices' resolution."""
+    import json as jsonlib
+
+    import aiomqtt
+
+    from p2pdoe.io.site_configs import write_site_configs
+
+    write_site_configs(load_scenario("default"), tmp_path / "config")
+    site, port = "village-22", free_port()
+    cfg = str(tmp_path / "config" / "sites" / f"{site}.json")
+    clock = ["--speed", "30", "--start", "now"]
+    common = ["--site-config", cfg, "--broker", mqtt_broker.url, *clock]
+    meter_args = [*common, "--modbus-port", str(port), "--rate-s", "30"]
+    edge_args = [*common, "--meter", "--meter-modbus", f"127.0.0.1:{port}", "--meter-step-s", "30"]
+    edge_args += ["--journal", str(tmp_path / "journal.db"), "--report-every-s", "30"]
+    procs = []
+    try:
+        procs.append(_start(tmp_path, "meter", "meter_sim", *meter_args))
+        procs.append(_start(tmp_path, "edge", "edge_agent", *edge_args))
+
+        async def watch() -> tuple[list[float], list[float]]:
+            published: list[float] = []
+            measured: list[float] = []
+            host, _, mqtt_port = mqtt_broker.url.removeprefix("mqtt://").rpartition(":")
+            async with aiomqtt.Client(host, int(mqtt_port)) as client:
+                await client.subscribe(f"p2pdoe/v1/site/{site}/meter")
+                await client.subscribe(f"p2pdoe/v1/site/{site}/telemetry")
+                async with asyncio.timeout(240):
+                    async for m in client.messages:
+                        body = jsonlib.loads(bytes(m.payload).split(b"\n")[-1])
+                        if body["kind"] == "meter":
+                            published.append(body["p_kw"])
+                        elif body["kind"] == "telemetry" and body["source"] == "meter":
+                            measured.append(body["p_kw"])
+                        if len(measured) >= 3:
+                            return published, measured
+            return published, measured
+
+        published, measured = asyncio.run(watch())
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    assert len(measured) >= 3, (tmp_path / "edge.log").read_text()[-3000:]
+    layout = layout_of(site_config(load_scenario("default"), 5))
+    for p in measured:
+        assert min(abs(p - q) for q in published) <= layout.w_resolution_kw / 2 + 1e-6, (p, published)
+
+
+def _start(root: Path, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+    with (root / f"{name}.log").open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT)

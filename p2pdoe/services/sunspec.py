@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -43,6 +43,7 @@ BASE = 40000  # where a SunSpec device's registers start
 MARKER = (0x5375, 0x6E53)  # "SunS"
 END = (0xFFFF, 0x0000)
 METER, PV, WIND, BATTERY = 1, 2, 3, 4  # the units (Modbus device ids)
+ROLES = {METER: "meter", PV: "pv", WIND: "wind", BATTERY: "battery"}  # what each unit is
 INT16_MAX = 32767
 UINT16_MAX = 65534  # 0xFFFF means "not implemented"
 HEADROOM = 1.5  # the truth may exceed the forecasts the ratings come from
@@ -61,6 +62,10 @@ class Layout:
     @property
     def w_resolution_kw(self) -> float:
         return 10.0**self.w_sf / 1000.0
+
+    @property
+    def roles(self) -> dict[int, str]:
+        return {unit: ROLES[unit] for unit in self.units}
 
 
 def layout_of(config: SiteConfig) -> Layout:
@@ -110,7 +115,7 @@ def _scaled(model: sunspec.Model, point: str, value_w: float, sf: int) -> int:
 def _common(layout: Layout, unit: int) -> sunspec.Model:
     common = _model(1)
     common.Mn.value = "p2pdoe"
-    common.Md.value = {METER: "meter", PV: "pv", WIND: "wind", BATTERY: "battery"}[unit]
+    common.Md.value = ROLES[unit]
     common.SN.value = f"{layout.site}-{unit}"
     common.Vr.value = "1"
     common.DA.value = unit
@@ -233,22 +238,25 @@ class SunSpecReader:
     then only its models read. A unit that does not answer raises (`SunSpecModbusClientError` or
     OSError) and is scanned again at the next read. Blocking: call `read` from a worker thread."""
 
-    def __init__(self, host: str, port: int, units: tuple[int, ...], timeout_s: float = 2.0):
-        self.host, self.port, self.units, self.timeout_s = host, port, units, timeout_s
+    def __init__(self, host: str, port: int, roles: Mapping[int, str], timeout_s: float = 2.0):
+        """`roles`: unit -> what it is ("meter", "pv", "wind", "battery"; one meter)."""
+        if sorted(roles.values()).count("meter") != 1 or not set(roles.values()) <= set(ROLES.values()):
+            raise ValueError(f"SunSpec units {dict(roles)}: one meter, and only {', '.join(ROLES.values())}")
+        self.host, self.port, self.roles, self.timeout_s = host, port, dict(roles), timeout_s
         self._devices: dict[int, Any] = {}
         self.scans = 0
 
     def read(self, site: str, ts: datetime) -> MeterReading:
         try:
             values: dict[str, float | None] = {}
-            for unit in self.units:
-                values.update(_unit_values(unit, self._models(unit)))
+            for unit, role in self.roles.items():
+                values.update(_unit_values(role, self._models(unit)))
         except BaseException:
             self.close()
             raise
         p_kw = values.get("p_kw")
         if p_kw is None:
-            raise ValueError(f"{self.host}:{self.port}: no meter (model 203) on unit {METER}")
+            raise ValueError(f"{self.host}:{self.port}: no meter (model 203) on its meter's unit")
         return MeterReading(
             site=site,
             ts=ts,
@@ -285,15 +293,15 @@ class SunSpecReader:
         self._devices.clear()
 
 
-def _unit_values(unit: int, models: dict[object, list[sunspec.Model]]) -> dict[str, float | None]:
-    if unit == METER:
+def _unit_values(role: str, models: dict[object, list[sunspec.Model]]) -> dict[str, float | None]:
+    if role == "meter":
         meter = models[203][0]
         var = meter.VAR.cvalue
         return {"p_kw": -meter.W.cvalue / 1000.0, "q_kvar": None if var is None else -var / 1000.0}
     w = models[701][0].W.cvalue
     kw = None if w is None else w / 1000.0
-    out: dict[str, float | None] = {{PV: "pv_kw", WIND: "wind_kw", BATTERY: "battery_kw"}[unit]: kw}
-    if unit == BATTERY and 802 in models:
+    out: dict[str, float | None] = {f"{role}_kw": kw}
+    if role == "battery" and 802 in models:
         base = models[802][0]
         soc, wh = base.SoC.cvalue, base.WHRtg.cvalue
         out["soc_kwh"] = None if soc is None or wh is None else soc / 100.0 * wh / 1000.0
