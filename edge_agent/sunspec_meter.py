@@ -1,9 +1,10 @@
 """A meter adapter for a site's SunSpec Modbus devices (`--meter-modbus HOST:PORT`): the meter at the
-connection point and, where the site has them, its PV, wind and battery inverters (p2pdoe.services.
-sunspec), polled every `meter_step_s` of the service's clock with pysunspec2's client in a worker
-thread. A device that does not answer gives no reading, is counted and logged once per outage, and
-the real-time controller's own watch raises `meter_silent` and runs the site on its schedule
-(docs/realtime.md), as for any silent meter. Set-points still go on MQTT (`site/<id>/setpoints`).
+connection point and, where the site has them, its PV, wind and battery inverters
+(p2pdoe.services.sunspec), polled every `meter_step_s` of the service's clock with pysunspec2's
+client in a worker thread; the loads, which SunSpec does not carry, from the site's balance
+(`with_loads`). A device that does not answer gives no reading, is counted and logged once per
+outage, and the real-time controller's own watch raises `meter_silent` and runs the site on its
+schedule (docs/realtime.md), as for any silent meter. Set-points still go on MQTT.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def with_loads(reading: MeterReading, flex_kw: float | None) -> MeterReading:
+    """The loads SunSpec does not carry, from the site's balance (p = pv + wind + battery - fixed -
+    flex, export positive): the flexible load taken at its last set-point (0 before any), the fixed
+    load the rest."""
+    flex = flex_kw or 0.0
+    supply = (reading.pv_kw or 0.0) + (reading.wind_kw or 0.0) + (reading.battery_kw or 0.0)
+    fixed = max(0.0, supply - flex - reading.p_kw)
+    return reading.model_copy(update={"flex_kw": flex, "fixed_load_kw": fixed})
+
+
 class _Link:
     """What the service asks of a meter's connection: whether it answers, how many times it came."""
 
@@ -84,6 +95,7 @@ class SunSpecMeter:
         self.topic = ""  # no MQTT topic carries its readings
         self.dropped: Counter[str] = Counter()  # polls the devices did not answer ("unanswered")
         self.unsent = 0
+        self.flex_kw: float | None = None  # the flexible load's last set-point (SunSpec has no load)
 
     @classmethod
     def of(cls, address: str, roles: Mapping[int, str], clock: Clock, site: str, step_s: float,
@@ -121,9 +133,10 @@ class SunSpecMeter:
             self.transport.connections += 1
             log.info("%s: the SunSpec devices answer (%s)", self.site, self.reader.host)
         self.transport.connected = True
-        return reading
+        return with_loads(reading, self.flex_kw)
 
     async def command(self, set_points: SetPoints, ts: datetime) -> None:
+        self.flex_kw = set_points.flex_kw
         await self.commands.command(set_points, ts)
 
     async def close(self) -> None:

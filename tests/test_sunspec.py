@@ -260,6 +260,19 @@ def test_bad_units_are_one_clear_error(text: str, why: str) -> None:
     assert parse_units("meter=1,battery=4") == {1: "meter", 4: "battery"}
 
 
+def test_the_loads_sunspec_does_not_carry_come_from_the_sites_balance() -> None:
+    from edge_agent.sunspec_meter import with_loads
+
+    r = reading("a", p_kw=-7.5, pv_kw=3.0, wind_kw=1.0, battery_kw=-2.0)  # 2 kW in, 3 + 1 - 2 made
+    assert with_loads(r, None).fixed_load_kw == pytest.approx(9.5)  # 3 + 1 - 2 - 0 + 7.5
+    both = with_loads(r, 4.0)  # the flexible load at its last set-point
+    assert both.flex_kw == 4.0
+    assert both.fixed_load_kw == pytest.approx(5.5)
+    assert both.pv_kw + both.wind_kw + both.battery_kw - both.fixed_load_kw - both.flex_kw == pytest.approx(
+        r.p_kw
+    )
+
+
 def test_the_edges_sunspec_meter_reads_the_devices_and_rides_out_their_silence(
     layouts: dict[str, Layout],
 ) -> None:
