@@ -73,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--meter-modbus-units", help="their units, e.g. meter=1,pv=2,battery=4 (default: the site's assets)"
     )
     rt.add_argument("--meter-modbus-timeout-s", type=float, help="a device's answer awaited this long (2)")
+    rt.add_argument(
+        "--meter-modbus-export-positive",
+        action="store_true",
+        default=None,
+        help="the meter's W says export positive (default: import positive)",
+    )
     rt.add_argument("--journal", type=Path, help="the SQLite journal (default: journal-<site>.db)")
     rt.add_argument("--fixed-default-lo-kw", type=float)
     rt.add_argument("--fixed-default-up-kw", type=float)
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return settings
 
     async def serve() -> int:
+        check_modbus(settings)  # before connecting: one line, nothing to say goodbye to
         config = read_site_config(settings.site_config)
         site = config.community.id
         journal = open_journal(config, settings)
@@ -120,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if settings.meter and settings.meter_modbus is not None:
                 meter = modbus_meter(settings, config, clock, MqttMeter(transport, site))
+                watch_meter(transport, meter)
             market = market_machine(config, margins(settings))
             count_refusals(transport, market.reader.dropped)
             watch_journal(transport, journal)
@@ -154,12 +162,36 @@ def modbus_meter(
     from p2pdoe.services.sunspec import layout_of
 
     assert settings.meter_modbus is not None
-    if settings.clock_kind() == "lockstep":
-        raise ConfigError("--meter-modbus needs a wall or scaled clock: a polled device takes no lockstep")
     units = settings.meter_modbus_units
     roles = layout_of(config).roles if units is None else parse_units(units)
     site, step_s, timeout_s = config.community.id, settings.meter_step_s, settings.meter_modbus_timeout_s
-    return SunSpecMeter.of(settings.meter_modbus, roles, clock, site, step_s, commands, timeout_s)
+    import_positive = not settings.meter_modbus_export_positive
+    return SunSpecMeter.of(
+        settings.meter_modbus, roles, clock, site, step_s, commands, timeout_s, import_positive
+    )
+
+
+def check_modbus(settings: EdgeSettings) -> None:
+    """`--meter-modbus` needs `--meter` and a wall or scaled clock (a polled device takes no part in
+    a lockstep day); its address and units are checked too."""
+    if settings.meter_modbus is None:
+        return
+    from edge_agent.sunspec_meter import parse_address, parse_units
+
+    if not settings.meter:
+        raise ConfigError("--meter-modbus reads the site's meter: give --meter too")
+    if settings.clock_kind() == "lockstep":
+        raise ConfigError("--meter-modbus needs a wall or scaled clock: a polled device takes no lockstep")
+    parse_address(settings.meter_modbus)
+    if settings.meter_modbus_units is not None:
+        parse_units(settings.meter_modbus_units)
+
+
+def watch_meter(transport: Transport, meter: SunSpecMeter) -> None:
+    """With metrics served, the polls the devices did not answer among the messages dropped."""
+    metrics = getattr(transport, "metrics", None)  # p2pdoe.services.metrics.ObservedTransport
+    if metrics is not None:
+        metrics.watch_dropped(meter.dropped)
 
 
 def watch_journal(transport: Transport, journal: Journal | None) -> None:

@@ -36,6 +36,8 @@ class EdgeSettings(ServiceSettings):
     meter_modbus: str | None = None
     meter_modbus_units: str | None = None
     meter_modbus_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # the meter's W is positive when the site exports (default: when it imports, as most meters)
+    meter_modbus_export_positive: bool = False
     journal: Path | None = None  # the SQLite journal (default with a meter: journal-<site>.db here)
     journal_retention_days: Annotated[int, Field(ge=1, le=3660)] = 35  # days of records the journal keeps
     fixed_default_lo_kw: Kw | None = None  # the local fixed default (default: no export, import up to

@@ -37,11 +37,14 @@ def next_poll(previous: datetime, now: datetime, step: timedelta) -> datetime:
 
 
 def parse_units(text: str) -> dict[int, str]:
-    """`meter=1,pv=2,battery=4` -> {1: "meter", 2: "pv", 4: "battery"} (a ConfigError naming the flag)."""
+    """`meter=1,pv=2,pv=3,battery=4` -> {1: "meter", 2: "pv", 3: "pv", 4: "battery"}: one meter, any
+    number of inverters of each kind (their powers summed); a ConfigError naming the flag."""
     roles: dict[int, str] = {}
     try:
         for part in text.split(","):
             role, unit = part.split("=")
+            if int(unit) in roles:
+                raise ConfigError(f"--meter-modbus-units {text!r}: unit {int(unit)} named twice")
             roles[int(unit)] = role.strip()
     except ValueError:
         raise ConfigError(
@@ -99,9 +102,11 @@ class SunSpecMeter:
 
     @classmethod
     def of(cls, address: str, roles: Mapping[int, str], clock: Clock, site: str, step_s: float,
-           commands: MqttMeter, timeout_s: float = 2.0) -> SunSpecMeter:  # fmt: skip
+           commands: MqttMeter, timeout_s: float = 2.0, import_positive: bool = True,
+           ) -> SunSpecMeter:  # fmt: skip
         host, port = parse_address(address)
-        return cls(SunSpecReader(host, port, roles, timeout_s), clock, site, step_s, commands)
+        reader = SunSpecReader(host, port, roles, timeout_s, import_positive)
+        return cls(reader, clock, site, step_s, commands)
 
     def decode(self, payload: bytes) -> MeterReading | None:
         return None
@@ -129,6 +134,8 @@ class SunSpecMeter:
                 log.warning("%s: the SunSpec devices do not answer (%s); polling on", self.site, exc)
             self.transport.connected = False
             return None
+        for role, n in self.reader.failures.items():  # inverters that did not answer this time
+            self.dropped[f"unanswered_{role}"] = n
         if not self.transport.connected:
             self.transport.connections += 1
             log.info("%s: the SunSpec devices answer (%s)", self.site, self.reader.host)

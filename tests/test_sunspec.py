@@ -6,11 +6,11 @@ process, its devices answering what it publishes on MQTT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -184,39 +184,129 @@ def test_a_port_in_use_is_one_clear_error(layouts: dict[str, Layout]) -> None:
             asyncio.run(main())
 
 
+def test_an_inverter_that_does_not_answer_leaves_only_its_power_empty(layouts: dict[str, Layout]) -> None:
+    """Only the meter is needed: a unit nobody serves (9) and one without the models this reads give
+    no power and are counted; the meter without reactive power gives q_kvar None."""
+    layout = layouts["solar-18"]
+    server = SunSpecServer(layout, reading(layout.site, p_kw=-12.3, pv_kw=4.0, battery_kw=0.5, soc_kwh=100.0))
+    port = free_port()
+    roles = {METER: "meter", PV: "pv", 9: "wind", BATTERY: "battery"}
+    reader = SunSpecReader("127.0.0.1", port, roles, timeout_s=1.0)
+
+    async def main() -> MeterReading:
+        async with server.serving("127.0.0.1", port):
+            return await asyncio.to_thread(reader.read, layout.site, TS)
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        reader.close()
+    assert got.p_kw == pytest.approx(-12.3)
+    assert got.q_kvar is None
+    assert got.pv_kw == pytest.approx(4.0)
+    assert got.wind_kw is None
+    assert reader.failures == {"wind": 1}
+
+
+def client_sockets_to(port: int) -> int:
+    """This process's open TCP sockets whose far end is 127.0.0.1:`port` (the reader's, not the
+    server's side of the same connections)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+            count += 1
+    return count
+
+
+def test_failed_reads_leave_no_socket_open(layouts: dict[str, Layout]) -> None:
+    """A device that answers busy, read again and again: each failed read closes its connection, so
+    at most the one being read is open (pysunspec2's own close does nothing: the reader disconnects)."""
+    layout = layouts["campus-30"]
+    server = SunSpecServer(layout)  # busy until a reading
+    port = free_port()
+    reader = SunSpecReader("127.0.0.1", port, layout.roles, timeout_s=1.0)
+
+    async def main() -> list[int]:
+        counts = []
+        async with server.serving("127.0.0.1", port):
+            for _ in range(5):
+                await _outcome(reader, layout.site)
+                counts.append(client_sockets_to(port))
+            server.update(reading(layout.site, p_kw=1.0, pv_kw=1.0))
+            await _outcome(reader, layout.site)
+            counts.append(client_sockets_to(port))  # now answering: its connections kept open
+        return counts
+
+    counts = asyncio.run(main())
+    reader.close()
+    assert counts[:5] == [0] * 5, counts
+    assert counts[5] == len(layout.units), counts
+    assert client_sockets_to(port) == 0
+    assert reader.failures["meter"] == 5
+
+
 @pytest.mark.timeout(300)
 def test_meter_sim_serves_what_it_publishes(mqtt_broker: Broker, tmp_path: Path) -> None:
-    """`meter-sim --modbus-port` as a process: its devices answer the reading it last published."""
+    """`meter-sim --modbus-port` as a process: what its devices answer is a reading it published on
+    MQTT, every power within the devices' resolution (signs included: the meter's import positive
+    turned back to export positive, the battery's discharge positive)."""
+    import aiomqtt
+
     from p2pdoe.io.site_configs import write_site_configs
 
     write_site_configs(load_scenario("default"), tmp_path / "config")
-    site = "solar-wind-33"
-    port = free_port()
+    site, port = "solar-wind-33", free_port()
     args = ["--site-config", str(tmp_path / "config" / "sites" / f"{site}.json"), "--broker", mqtt_broker.url]
-    args += ["--modbus-port", str(port), "--speed", "60", "--rate-s", "60"]
-    log = (tmp_path / "meter.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "meter_sim", *args], stdout=log, stderr=subprocess.STDOUT)
+    args += ["--modbus-port", str(port), "--speed", "60", "--rate-s", "60", "--start", "now"]
     layout = layout_of(site_config(load_scenario("default"), 1))
     reader = SunSpecReader("127.0.0.1", port, layout.roles, timeout_s=5.0)
-    try:
-        got = None
-        deadline = time.monotonic() + 120
-        while got is None:
-            assert proc.poll() is None, (tmp_path / "meter.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "meter.log").read_text()
+
+    async def main() -> tuple[list[MeterReading], MeterReading]:
+        host, _, mqtt_port = mqtt_broker.url.removeprefix("mqtt://").rpartition(":")
+        published: list[MeterReading] = []
+        async with aiomqtt.Client(host, int(mqtt_port)) as client:
+            await client.subscribe(f"p2pdoe/v1/site/{site}/meter")  # before the simulator starts
+            proc = _start(tmp_path, "meter", "meter_sim", *args)
             try:
-                got = reader.read(site, TS)
-            except Exception:
-                time.sleep(0.5)
-        assert got.soc_kwh is not None
-        assert got.soc_kwh > 0
-        assert got.pv_kw is not None
-        assert got.battery_kw is not None
+                async with asyncio.timeout(180):
+                    async for m in client.messages:
+                        published.append(MeterReading.model_validate_json(bytes(m.payload).split(b"\n")[-1]))
+                        try:
+                            got = await asyncio.to_thread(reader.read, site, TS)
+                        except Exception:
+                            continue  # not serving yet
+                        return published, got
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        raise AssertionError("no reading")
+
+    try:
+        published, got = asyncio.run(main())
     finally:
         reader.close()
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    res = layout.w_resolution_kw / 2 + 1e-6
+
+    def close(r: MeterReading) -> bool:
+        pairs = [
+            (got.p_kw, r.p_kw),
+            (got.pv_kw, r.pv_kw),
+            (got.wind_kw, r.wind_kw),
+            (got.battery_kw, r.battery_kw),
+        ]
+        soc_ok = abs((got.soc_kwh or 0) - (r.soc_kwh or 0)) <= 0.001 * layout.battery_wh / 1000
+        return soc_ok and all(a is not None and b is not None and abs(a - b) <= res for a, b in pairs)
+
+    assert any(close(r) for r in published[-2:]), (got, published[-2:])
 
 
 # -- the edge agent reading them ---------------------------------------------------------------------
@@ -249,7 +339,7 @@ def test_polls_keep_to_their_grid_and_skip_what_a_slow_device_missed() -> None:
 @pytest.mark.parametrize(
     ("text", "why"),
     [("meter=1,pv=x", "expected role=unit"), ("pv=2", "one meter"), ("meter=1,heat=2", "one meter"),
-     ("meter=0", "Modbus units are 1 to 247")],
+     ("meter=0", "Modbus units are 1 to 247"), ("meter=1,pv=1", "unit 1 named twice")],
 )  # fmt: skip
 def test_bad_units_are_one_clear_error(text: str, why: str) -> None:
     from edge_agent.sunspec_meter import parse_units
@@ -373,3 +463,23 @@ def test_an_edge_agent_process_enforces_on_what_meter_sims_sunspec_devices_say(
 def _start(root: Path, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
     with (root / f"{name}.log").open("wb") as log:
         return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [([], "give --meter too"), (["--meter", "--clock", "lockstep"], "needs a wall or scaled clock"),
+     (["--meter", "--meter-modbus-units", "pv=2"], "one meter")],
+)  # fmt: skip
+def test_the_edge_agent_refuses_a_modbus_meter_it_cannot_use_before_connecting(
+    tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    from service_helpers import assert_service_error, run_module
+
+    from p2pdoe.io.site_configs import write_site_configs
+
+    write_site_configs(load_scenario("default"), tmp_path)
+    cfg = str(tmp_path / "sites" / "solar-18.json")
+    # no broker listens on port 9: a refusal after connecting would hang, not exit with one line
+    proc = run_module("edge_agent", "--site-config", cfg, "--broker", "mqtt://127.0.0.1:9",
+                      "--meter-modbus", "127.0.0.1:15020", *extra)  # fmt: skip
+    assert_service_error(proc, "edge-agent", needle)

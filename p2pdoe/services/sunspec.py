@@ -22,6 +22,8 @@ import contextlib
 import logging
 import math
 import struct
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,6 +185,9 @@ class SunSpecServer:
 
     def update(self, reading: MeterReading) -> None:
         self.images, clipped = images(self.layout, reading)
+        if clipped and not self.clipped:
+            log.warning("%s: a power beyond what 10^%d W a count can say was clipped (said once)",
+                        self.layout.site, self.layout.w_sf)  # fmt: skip
         self.clipped += clipped
         self.ready = True
 
@@ -232,35 +237,58 @@ class SunSpecServer:
 
 # -- reading (a SunSpec client, blocking: run it in a thread) --------------------------------------
 
+METER_MODELS = (203, 201, 202, 204)  # wye, single phase, split phase, delta meters: W, VAR alike
+INVERTER_MODELS = (701, 103, 102, 101)  # DER AC measurement, then the older inverter models
+
 
 class SunSpecReader:
-    """Reads a site's SunSpec units with pysunspec2's client: each unit scanned once per connection,
-    then only its models read. A unit that does not answer raises (`SunSpecModbusClientError` or
-    OSError) and is scanned again at the next read. Blocking: call `read` from a worker thread."""
+    """Reads a site's SunSpec units with pysunspec2's client, one TCP connection per unit kept open:
+    each unit scanned once on connecting, then only its models read (and scanned again if a model
+    moved: a device restarted with another layout). Only the meter is needed for a reading: an
+    inverter that does not answer, or has no model this reads, leaves its power empty and is counted
+    in `failures` by role. Blocking: call `read` from a worker thread (one at a time; `close` waits
+    for a read in progress)."""
 
-    def __init__(self, host: str, port: int, roles: Mapping[int, str], timeout_s: float = 2.0):
-        """`roles`: unit -> what it is ("meter", "pv", "wind", "battery"; one meter)."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        roles: Mapping[int, str],
+        timeout_s: float = 2.0,
+        meter_import_positive: bool = True,
+    ):
+        """`roles`: unit -> what it is ("meter", "pv", "wind", "battery"; one meter, several of the
+        others summed). `meter_import_positive`: the meter's W is positive when the site imports
+        (as most meters at a connection point report it; False for one that says export)."""
         if sorted(roles.values()).count("meter") != 1 or not set(roles.values()) <= set(ROLES.values()):
             raise ValueError(f"SunSpec units {dict(roles)}: one meter, and only {', '.join(ROLES.values())}")
         self.host, self.port, self.roles, self.timeout_s = host, port, dict(roles), timeout_s
+        self.meter_sign = -1.0 if meter_import_positive else 1.0  # to export positive
         self._devices: dict[int, Any] = {}
+        self._lock = threading.Lock()
         self.scans = 0
+        self.failures: Counter[str] = Counter()  # by role: reads of a unit that failed
 
     def read(self, site: str, ts: datetime) -> MeterReading:
-        try:
+        """One reading; raises (`SunSpecModbusClientError`, `ModbusClientError`, OSError, ValueError)
+        when the meter does not answer or has no meter model."""
+        with self._lock:
             values: dict[str, float | None] = {}
             for unit, role in self.roles.items():
-                values.update(_unit_values(role, self._models(unit)))
-        except BaseException:
-            self.close()
-            raise
-        p_kw = values.get("p_kw")
-        if p_kw is None:
-            raise ValueError(f"{self.host}:{self.port}: no meter (model 203) on its meter's unit")
+                try:
+                    found = _unit_values(role, self._models(unit), self.meter_sign)
+                except Exception:
+                    self._drop(unit)
+                    self.failures[role] += 1
+                    if role == "meter":
+                        raise
+                    continue
+                for key, value in found.items():
+                    values[key] = _sum(values.get(key), value)
         return MeterReading(
             site=site,
             ts=ts,
-            p_kw=p_kw,
+            p_kw=values["p_kw"],  # type: ignore[arg-type]  # set, or the meter raised
             q_kvar=values.get("q_kvar"),
             pv_kw=values.get("pv_kw"),
             wind_kw=values.get("wind_kw"),
@@ -277,30 +305,56 @@ class SunSpecReader:
                 slave_id=unit, ipaddr=self.host, ipport=self.port, timeout=self.timeout_s
             )
             self._devices[unit] = device
-            device.scan()  # reads every model once
+            device.connect()
+            device.scan(connect=False)  # reads every model once; the connection stays open
             self.scans += 1
         else:
-            for model_id in (203, 701, 802):
-                for model in device.models.get(model_id, []):
-                    model.read()
+            for model in _read_models(device):
+                model.read()
+                if model.ID.value != model.model_id:  # the device's layout changed under us
+                    raise ValueError(f"unit {unit}: model {model.model_id} moved; scanning again")
         models: dict[object, list[sunspec.Model]] = device.models
         return models
 
-    def close(self) -> None:
-        for device in self._devices.values():
+    def _drop(self, unit: int) -> None:
+        device = self._devices.pop(unit, None)
+        if device is not None:
             with contextlib.suppress(Exception):
-                device.close()
-        self._devices.clear()
+                device.disconnect()
+
+    def close(self) -> None:
+        with self._lock:
+            for unit in list(self._devices):
+                self._drop(unit)
 
 
-def _unit_values(role: str, models: dict[object, list[sunspec.Model]]) -> dict[str, float | None]:
+def _read_models(device: Any) -> list[sunspec.Model]:
+    wanted = (*METER_MODELS, *INVERTER_MODELS, 802)
+    return [model for model_id in wanted for model in device.models.get(model_id, [])]
+
+
+def _first(models: dict[object, list[sunspec.Model]], ids: tuple[int, ...]) -> sunspec.Model:
+    for model_id in ids:
+        if model_id in models:
+            return models[model_id][0]
+    raise ValueError(f"none of the models {list(ids)}")
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _unit_values(
+    role: str, models: dict[object, list[sunspec.Model]], meter_sign: float
+) -> dict[str, float | None]:
     if role == "meter":
-        meter = models[203][0]
-        var = meter.VAR.cvalue
-        return {"p_kw": -meter.W.cvalue / 1000.0, "q_kvar": None if var is None else -var / 1000.0}
-    w = models[701][0].W.cvalue
-    kw = None if w is None else w / 1000.0
-    out: dict[str, float | None] = {f"{role}_kw": kw}
+        meter = _first(models, METER_MODELS)
+        w, var = meter.W.cvalue, meter.VAR.cvalue
+        if w is None:
+            raise ValueError(f"the meter (model {meter.model_id}) gives no W")
+        return {"p_kw": meter_sign * w / 1000.0, "q_kvar": None if var is None else meter_sign * var / 1000.0}
+    w = _first(models, INVERTER_MODELS).W.cvalue
+    out: dict[str, float | None] = {f"{role}_kw": None if w is None else w / 1000.0}
     if role == "battery" and 802 in models:
         base = models[802][0]
         soc, wh = base.SoC.cvalue, base.WHRtg.cvalue
