@@ -427,16 +427,16 @@ def test_an_edge_agent_process_enforces_on_what_meter_sims_sunspec_devices_say(
     edge_args += ["--journal", str(tmp_path / "journal.db"), "--report-every-s", "30"]
     procs = []
     try:
-        procs.append(_start(tmp_path, "meter", "meter_sim", *meter_args))
-        procs.append(_start(tmp_path, "edge", "edge_agent", *edge_args))
 
         async def watch() -> tuple[list[float], list[float]]:
             published: list[float] = []
             measured: list[float] = []
             host, _, mqtt_port = mqtt_broker.url.removeprefix("mqtt://").rpartition(":")
             async with aiomqtt.Client(host, int(mqtt_port)) as client:
-                await client.subscribe(f"p2pdoe/v1/site/{site}/meter")
+                await client.subscribe(f"p2pdoe/v1/site/{site}/meter")  # before anything is published
                 await client.subscribe(f"p2pdoe/v1/site/{site}/telemetry")
+                procs.append(_start(tmp_path, "meter", "meter_sim", *meter_args))
+                procs.append(_start(tmp_path, "edge", "edge_agent", *edge_args))
                 async with asyncio.timeout(240):
                     async for m in client.messages:
                         body = jsonlib.loads(bytes(m.payload).split(b"\n")[-1])
