@@ -80,8 +80,9 @@ def test_an_edge_participant_runs_without_cvxpy_or_clarabel() -> None:
 
 
 # What an unsigned edge agent never needs: the DSO's solvers and grid checks, the coordinator's
-# results, cryptography (only with a signing key) and YAML (only with --config). Each costs resident
-# memory on a gateway (benchmarks/edge_memory.py).
+# results, cryptography (only with a signing key), YAML (only with --config), prometheus-client (only
+# with --metrics-port), pymodbus and pysunspec2 (only with --meter-modbus). Each costs resident memory
+# on a gateway (benchmarks/edge_memory.py).
 EDGE_NEVER = (
     "p2pdoe.core.agreement.dso",
     "p2pdoe.core.agreement.grid_solver",
@@ -93,6 +94,11 @@ EDGE_NEVER = (
     "p2pdoe.services.signing",
     "cryptography",
     "yaml",
+    "prometheus_client",
+    "pymodbus",
+    "sunspec2",
+    "p2pdoe.services.metrics",
+    "p2pdoe.services.sunspec",
 )
 
 AGENT = textwrap.dedent(
