@@ -460,6 +460,80 @@ def test_an_edge_agent_process_enforces_on_what_meter_sims_sunspec_devices_say(
         assert min(abs(p - q) for q in published) <= layout.w_resolution_kw / 2 + 1e-6, (p, published)
 
 
+@pytest.mark.timeout(400)
+def test_devices_that_stop_answering_are_an_alarm_and_a_fallback_not_a_crash(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """The meter simulator (its SunSpec devices) killed under a running edge agent: the agent raises
+    `meter_silent`, goes on commanding the site blind (set-points from its schedule, or its fixed
+    default without one: docs/realtime.md), and lives on."""
+    import json as jsonlib
+
+    import aiomqtt
+
+    from p2pdoe.io.site_configs import write_site_configs
+
+    write_site_configs(load_scenario("default"), tmp_path / "config")
+    site, port = "village-22", free_port()
+    cfg = str(tmp_path / "config" / "sites" / f"{site}.json")
+    common = ["--site-config", cfg, "--broker", mqtt_broker.url, "--speed", "30", "--start", "now"]
+    meter_args = [*common, "--modbus-port", str(port), "--rate-s", "30"]
+    edge_args = [*common, "--meter", "--meter-modbus", f"127.0.0.1:{port}", "--meter-step-s", "30"]
+    edge_args += [
+        "--journal",
+        str(tmp_path / "journal.db"),
+        "--report-every-s",
+        "30",
+        "--meter-silent-s",
+        "120",
+    ]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def watch() -> list[str]:
+        seen: list[str] = []
+        host, _, mqtt_port = mqtt_broker.url.removeprefix("mqtt://").rpartition(":")
+        async with aiomqtt.Client(host, int(mqtt_port)) as client:
+            await client.subscribe(f"p2pdoe/v1/site/{site}/telemetry")
+            await client.subscribe(f"p2pdoe/v1/site/{site}/status")
+            await client.subscribe(f"p2pdoe/v1/site/{site}/setpoints")
+            procs["meter"] = _start(tmp_path, "meter", "meter_sim", *meter_args)
+            procs["edge"] = _start(tmp_path, "edge", "edge_agent", *edge_args)
+            async with asyncio.timeout(300):
+                async for m in client.messages:
+                    body = jsonlib.loads(bytes(m.payload).split(b"\n")[-1] or b"{}")
+                    if body.get("kind") == "telemetry":
+                        seen.append(f"telemetry:{body['source']}")
+                        if body["source"] == "meter" and "meter" in procs and "killed" not in seen:
+                            procs["meter"].kill()  # the devices stop answering
+                            procs["meter"].wait(timeout=30)
+                            seen.append("killed")
+                    elif body.get("kind") == "site_status" and "meter_silent" in body.get("alarms", []):
+                        seen.append("meter_silent")
+                    elif body.get("kind") == "setpoints":
+                        seen.append("setpoints")
+                    if "meter_silent" in seen and seen[-1] == "setpoints":
+                        return seen
+        return seen
+
+    try:
+        seen = asyncio.run(watch())
+        assert procs["edge"].poll() is None, (tmp_path / "edge.log").read_text()[-3000:]  # alive
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    assert "killed" in seen, seen
+    after = seen[seen.index("killed") :]
+    assert "meter_silent" in after, seen[-20:]
+    assert after[-1] == "setpoints", seen[-20:]  # commanded blind after the alarm
+    assert "telemetry:meter" not in after[after.index("meter_silent") :], seen[-20:]
+    assert (
+        "unanswer" in (tmp_path / "edge.log").read_text()
+        or "do not answer" in (tmp_path / "edge.log").read_text()
+    )
+
+
 def _start(root: Path, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
     with (root / f"{name}.log").open("wb") as log:
         return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT)
