@@ -75,7 +75,6 @@ CATALOGUE = (
     Metric("p2pdoe_round_residual_kw", "gauge", "the latest iteration's residuals, kW", ("residual",)),
     Metric("p2pdoe_round_price_change_eur_per_kwh", "gauge", "the most a price moved lately"),
     Metric("p2pdoe_round_sites", "gauge", "sites of the latest round, by state", ("state",)),
-    Metric("p2pdoe_dso_step_seconds", "histogram", "the coordinator's step per iteration (wall time)"),
     Metric("p2pdoe_rounds_total", "counter", "rounds ended, by status", ("status",)),
     Metric("p2pdoe_dso_phase", "gauge", "1 for the coordinator's phase now, 0 for the others", ("phase",)),
     Metric("p2pdoe_failed_rounds", "gauge", "rolling rounds failed today"),
@@ -328,8 +327,6 @@ def _progress(m: ServiceMetrics, p: Progress) -> None:
     values = (p.primal_trade_kw, p.dual_trade_kw, p.primal_envelope_kw, p.dual_envelope_kw)
     for residual, value in zip(RESIDUALS, values, strict=True):
         m.gauge("p2pdoe_round_residual_kw", residual).set(value)
-    if p.step_ms is not None:
-        m.histogram("p2pdoe_dso_step_seconds").observe(p.step_ms / 1000)
     if p.price_change_max_eur_per_kwh is not None:
         m.gauge("p2pdoe_round_price_change_eur_per_kwh").set(p.price_change_max_eur_per_kwh)
     states = {"taking_part": p.sites, "excluded": p.excluded_sites, "frozen": p.frozen_sites}

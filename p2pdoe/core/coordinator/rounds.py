@@ -170,7 +170,7 @@ class RoundRun:
         self.timings.dso_step_s.append(step_s)
         c0 = self.cpu.thread()
         sends = [Send(topic_of(g), encode(g)) for g in grants]
-        progress = self._progress(grants[0], step_s)
+        progress = self._progress(grants[0])
         self.timings.codec_cpu_s += self.cpu.thread() - c0
         self.timings.grants += len(sends)
         self.timings.grant_bytes += sum(len(s.payload) for s in sends)
@@ -189,7 +189,7 @@ class RoundRun:
         self._last = sends
         return [*sends, Patience(ITERATION, self.patience_s)]
 
-    def _progress(self, grant: Grant, step_s: float) -> Send:
+    def _progress(self, grant: Grant) -> Send:
         last = self.dso.last_record
         msg = Progress(
             round=grant.round,
@@ -206,7 +206,6 @@ class RoundRun:
             sites=list(self.setup.sites),
             excluded_sites=list(self.setup.excluded),
             frozen_sites=grant.frozen,
-            step_ms=1000 * step_s,
         )
         return Send(topics.DSO_PROGRESS, msg.model_dump_json().encode(), qos=0, retain=True)
 

@@ -293,9 +293,6 @@ class Progress(Message):
     missing_sites: list[SiteId] = Field(default_factory=list)  # awaited past the iteration deadline
     # closed without their new proposals (bounded staleness): their couplings did not move
     frozen_sites: list[SiteId] = Field(default_factory=list)
-    # the wall time of the coordinator's step that made this iteration's grants (absent from
-    # coordinators before it was added)
-    step_ms: NonNegative | None = None
 
     @property
     def prices_settled(self) -> bool | None:
