@@ -26,7 +26,7 @@ from service_helpers import ROUND_TIMEOUT_S, Deployment
 from p2pdoe import __version__
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.runtime import MeterReading, Progress, SettlementRecord, SiteStatus, Telemetry
-from p2pdoe.services.broker import Broker
+from p2pdoe.services.broker import Broker, free_port
 from p2pdoe.services.metrics import CATALOGUE, NAMES, ObservedTransport, ServiceMetrics, metrics_served
 from p2pdoe.services.transport_memory import MemoryBroker, MemoryTransport
 
@@ -275,12 +275,6 @@ def test_the_catalogue_is_documented_and_the_dashboard_uses_only_its_names() -> 
     assert {m.name for m in CATALOGUE if m.name.endswith("_total")} == {
         m.name for m in CATALOGUE if m.kind == "counter"
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from p2pdoe.core.schemas.runtime import MeterReading
 from p2pdoe.core.site import site_config
 from p2pdoe.io.scenarios import load_scenario
-from p2pdoe.services.broker import Broker
+from p2pdoe.services.broker import Broker, free_port
 from p2pdoe.services.sunspec import (
     BASE,
     BATTERY,
@@ -34,12 +34,6 @@ from p2pdoe.services.sunspec import (
 )
 
 TS = datetime(2026, 6, 21, 12, tzinfo=UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

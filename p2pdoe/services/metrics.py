@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
@@ -50,13 +50,12 @@ log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often what no message carries is sampled
 MAX_SITES = 1000  # sites a service names in labels; messages of more are not counted per site
 MAX_SETTLED = 10_000  # settled intervals remembered to count each once (weeks of a site's)
-STEP_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
-    kind: str  # "counter", "gauge" or "histogram"
+    kind: str  # "counter" or "gauge"
     help: str
     labels: tuple[str, ...] = ()
 
@@ -140,10 +139,8 @@ class _Sampled(Collector):
         return iter(())
 
 
-def _made(metric: Metric, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+def _made(metric: Metric, registry: CollectorRegistry) -> Counter | Gauge:
     name = _strip(metric.name)
-    if metric.kind == "histogram":
-        return Histogram(name, metric.help, metric.labels, buckets=STEP_BUCKETS_S, registry=registry)
     kind = Counter if metric.kind == "counter" else Gauge
     return kind(name, metric.help, metric.labels, registry=registry)
 
@@ -155,7 +152,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._sampled = _Sampled()
         self.registry.register(self._sampled)
-        self.m: dict[str, Counter | Gauge | Histogram] = {}  # made at first use: a service serves what it has
+        self.m: dict[str, Counter | Gauge] = {}  # made at first use: a service serves what it has
         self.gauge("p2pdoe_service_info", service, __version__).set(1)
         self._samplers: list[Callable[[], None]] = []
         self.seen: dict[str, set[str]] = {"phase": set(), "alarm": set()}  # label values set so far
@@ -166,7 +163,7 @@ class ServiceMetrics:
         self.settled: OrderedDict[tuple[str, datetime], None] = OrderedDict()  # counted once each
         self.sites: set[str] = set()  # the sites named in labels (at most MAX_SITES)
 
-    def _metric(self, name: str) -> Counter | Gauge | Histogram:
+    def _metric(self, name: str) -> Counter | Gauge:
         made = self.m.get(name)
         if made is None:
             made = self.m[name] = _made(BY_NAME[name], self.registry)
@@ -181,11 +178,6 @@ class ServiceMetrics:
         metric = self._metric(name)
         assert isinstance(metric, Counter)
         return metric.labels(*labels) if labels else metric
-
-    def histogram(self, name: str) -> Histogram:
-        metric = self._metric(name)
-        assert isinstance(metric, Histogram)
-        return metric
 
     def set_counter(self, name: str, values: Mapping[tuple[str, ...], float]) -> None:
         self._sampled.values[name] = dict(values)
@@ -471,11 +463,6 @@ class ObservedTransport(TransportLayer):
         async for m in self.inner.messages():
             self.metrics.received(m.topic, m.payload)
             yield m
-
-
-def metrics_of(transport: object) -> ServiceMetrics | None:
-    """The metrics a service's transport feeds, if it has any."""
-    return transport.metrics if isinstance(transport, ObservedTransport) else None
 
 
 @contextlib.asynccontextmanager
