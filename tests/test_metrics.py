@@ -221,6 +221,24 @@ def test_the_observed_transport_reads_what_passes_both_ways() -> None:
     assert value(served(m), "p2pdoe_broker_connected") == 0  # closed since
 
 
+def test_a_service_scraped_before_its_first_sampling_round_shows_its_connection() -> None:
+    """As the services wire it: the server first, the observed transport after; a scrape at once
+    (a round over before the loop samples again, as in a fast CI run) sees the connection."""
+    from p2pdoe.services.runner import observed
+
+    broker = MemoryBroker()
+    port = free_port()
+
+    async def main() -> Samples:
+        async with MemoryTransport(broker, "dso") as dso, observed(dso, "dso", "127.0.0.1", port) as seen:
+            seen.count_into(Counter(unsigned=2))
+            return await asyncio.to_thread(scrape, port)
+
+    samples = asyncio.run(main())
+    assert value(samples, "p2pdoe_broker_connected") == 1
+    assert value(samples, "p2pdoe_messages_dropped_total", reason="unsigned") == 2
+
+
 def test_prometheus_own_linter_passes_the_exposition() -> None:
     """`promtool check metrics` (Prometheus's own tool) on everything a busy service serves: names,
     units, help, counters' suffixes. Skipped without promtool, unless P2PDOE_REQUIRE_PROMTOOL=1 (CI)."""

@@ -191,14 +191,14 @@ class ServiceMetrics:
             if isinstance(connections, int):
                 self.set_counter("p2pdoe_broker_connections_total", {(): float(connections)})
 
-        self._samplers.append(sample)
+        self._add_sampler(sample)
 
     def watch_dropped(self, dropped: Mapping[str, int]) -> None:
         """`dropped`: a reader's counts of messages dropped by reason; every reader given (one per
         day's machine) is summed, so the counter never goes down."""
-        if not self._dropped:
-            self._samplers.append(self._sample_dropped)
         self._dropped.append(dropped)
+        if len(self._dropped) == 1:
+            self._add_sampler(self._sample_dropped)
 
     def _sample_dropped(self) -> None:
         total: dict[tuple[str, ...], float] = {}
@@ -218,16 +218,24 @@ class ServiceMetrics:
                 raise
             self.gauge(name).set(value)
 
+        self._add_sampler(sample)
+
+    def _add_sampler(self, sample: Callable[[], None]) -> None:
+        """`sample` taken now (a scrape before the next round of sampling sees it) and from now on."""
         self._samplers.append(sample)
+        self._sample_one(len(self._samplers) - 1)
 
     def sample(self) -> None:
-        for k, sample in enumerate(self._samplers):
-            try:
-                sample()
-            except Exception:  # a metric must never stop a service; said once per sampler
-                if k not in self._failing:
-                    self._failing.add(k)
-                    log.exception("a metric could not be sampled (said once)")
+        for k in range(len(self._samplers)):
+            self._sample_one(k)
+
+    def _sample_one(self, k: int) -> None:
+        try:
+            self._samplers[k]()
+        except Exception:  # a metric must never stop a service; said once per sampler
+            if k not in self._failing:
+                self._failing.add(k)
+                log.exception("a metric could not be sampled (said once)")
 
     async def sampling(self, every_s: float = SAMPLE_S) -> None:
         """Sample every `every_s` (after the first, which `metrics_served` takes at once)."""
