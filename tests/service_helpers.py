@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
+from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
 from p2pdoe.io.scenarios import load_scenario
@@ -119,14 +120,23 @@ class Deployment:
     """The default scenario's configurations (`p2pdoe site-config`) in `workdir`, and the services
     started against `broker_url`. Closing it kills every process still running."""
 
-    def __init__(self, broker_url: str, workdir: Path):
+    def __init__(
+        self,
+        broker_url: str,
+        workdir: Path,
+        reach: Callable[[str], list[str]] | None = None,
+        scenario: Scenario | None = None,
+    ):
+        """`reach`: an identity's broker options (default `--broker broker_url` for all); `scenario`:
+        another than the default."""
         self.url = broker_url
+        self.reach = reach or (lambda identity: ["--broker", broker_url])
         self.dir = workdir
         self.config = workdir / "config"
         self.out = workdir / "out"
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        write_site_configs(load_scenario("default"), self.config)
+        write_site_configs(scenario or load_scenario("default"), self.config)
         coordinator = json.loads((self.config / "coordinator.json").read_text(encoding="utf-8"))
         self.sites: list[str] = [s["id"] for s in coordinator["sites"]]
         self.services: list[Service] = []
@@ -167,7 +177,13 @@ class Deployment:
         return service
 
     def start_edge(self, site: str, *extra: str, rounds: int = 1) -> Service:
-        args = ["--site-config", str(self.site_config(site)), "--broker", self.url, "--rounds", str(rounds)]
+        args = [
+            "--site-config",
+            str(self.site_config(site)),
+            *self.reach(f"edge-{site}"),
+            "--rounds",
+            str(rounds),
+        ]
         return self._start(site, "edge_agent", [*args, *extra])
 
     def start_edges(
@@ -181,7 +197,7 @@ class Deployment:
         }
 
     def start_coordinator(self, *extra: str, exit_after_round: bool = True) -> Service:
-        args = ["--coordinator-config", str(self.config / "coordinator.json"), "--broker", self.url]
+        args = ["--coordinator-config", str(self.config / "coordinator.json"), *self.reach("dso")]
         args += ["--out", str(self.out), *(["--exit-after-round"] if exit_after_round else []), *extra]
         return self._start("coordinator", "dso_coordinator", args)
 

@@ -147,12 +147,27 @@ def _provision_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, help="a new bundle's folder (secrets inside: mode 0600)")
     p.add_argument("--host", default="127.0.0.1", help="the broker's host name or IP (in its certificate)")
     p.add_argument("--port", type=int, default=8883, help="the broker's TLS port (8883)")
+    p.add_argument(
+        "--feeder",
+        action="append",
+        type=_feeder_bundle,
+        metavar="ID=BUNDLE",
+        help="a DSO core broker instead (--out, --host, --port its own), bridged from each feeder's bundle "
+        "(its broker forwards its topics under feeder/ID/ over TLS); repeatable",
+    )
     change = p.add_argument_group("changing a bundle (then reload the broker: kill -HUP)")
     change.add_argument("--bundle", type=Path, help="an existing bundle's folder")
     what = change.add_mutually_exclusive_group()
     what.add_argument("--rotate", metavar="ID", help="a new password for a site (its id), dso or monitor")
     what.add_argument("--revoke", metavar="SITE", help="remove a site's identity from the broker")
     p.set_defaults(run=_run_provision)
+
+
+def _feeder_bundle(text: str) -> tuple[str, Path]:
+    feeder, _, bundle = text.partition("=")
+    if not feeder or not bundle:
+        raise argparse.ArgumentTypeError(f"give a feeder as ID=BUNDLE, not {text!r}")
+    return feeder, Path(bundle)
 
 
 def _run_provision(args: argparse.Namespace) -> int:
@@ -167,10 +182,38 @@ def _run_provision(args: argparse.Namespace) -> int:
         raise P2PDoeError(f"--port must lie in 1..65535, not {args.port}")
     if (args.out / "provision.json").exists():
         raise P2PDoeError(f"{args.out} already holds a bundle: provision into a new folder")
+    if args.feeder:
+        return _provision_core(args)
     s = load_scenario(args.scenario)
     bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
+    return 0
+
+
+def _provision_core(args: argparse.Namespace) -> int:
+    from p2pdoe.services.bridges import write_core_bundle
+    from p2pdoe.services.provision import BundleError
+
+    feeders = dict(args.feeder)
+    if len(feeders) < len(args.feeder):
+        raise P2PDoeError("--feeder: each feeder once")
+    try:
+        write_core_bundle(args.out, feeders, args.host, args.port)
+    except BundleError as exc:
+        raise P2PDoeError(f"--feeder: {exc}") from None
+    out = args.out.resolve()
+    print(f"wrote {args.out / 'provision.json'}: the core broker and {len(feeders)} bridged feeders")
+    print(f"core broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'}")
+    for feeder, bundle in feeders.items():
+        print(
+            f"feeder {feeder}: bridged by its broker's configuration {bundle / 'broker' / 'mosquitto.conf'}"
+        )
+    watch = " ".join(f"--feeder {f}={out / 'feeders' / f / 'public-keys.json'}" for f in feeders)
+    print(
+        f"monitor: p2pdoe monitor --broker mqtts://monitor@{args.host}:{args.port} "
+        f"--password-file {out / 'identities' / 'monitor.password'} --ca-cert {out / 'ca' / 'ca.crt'} {watch}"
+    )
     return 0
 
 

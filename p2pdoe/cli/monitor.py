@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -41,7 +42,7 @@ from p2pdoe.core.schemas.wire import WireError
 from p2pdoe.services.provision import Access
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from rich.console import Console, RenderableType
     from rich.live import Live
@@ -415,6 +416,23 @@ def render(state: MonitorState, now: datetime, broker: str, connected: bool = Tr
     )
 
 
+def render_feeders(
+    states: Mapping[str, MonitorState], now: datetime, broker: str, connected: Mapping[str, bool]
+) -> RenderableType:
+    """Each feeder's view, under its name (read through the DSO's core broker)."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.text import Text
+
+    parts: list[RenderableType] = []
+    for feeder, state in states.items():
+        parts += [
+            Text.from_markup(f"[bold]feeder {escape(feeder)}[/]"),
+            render(state, now, broker, connected[feeder]),
+        ]
+    return Group(*parts)
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 
@@ -426,6 +444,14 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-cert", type=Path, help="the CA certificate of an mqtts:// broker (the bundle's)")
     p.add_argument(
         "--trusted-keys", type=Path, help="public-keys.json: show only messages their owners signed"
+    )
+    p.add_argument(
+        "--feeder",
+        action="append",
+        type=_feeder,
+        metavar="ID[=KEYS]",
+        help="on the DSO's core broker: show feeder ID (its tree under feeder/ID/), its signatures checked "
+        "against KEYS (the core bundle's feeders/ID/public-keys.json; default --trusted-keys); repeatable",
     )
     p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     p.add_argument("--once", action="store_true", help="gather the retained state, print it once and exit")
@@ -452,6 +478,15 @@ def _positive(text: str) -> float:
     return value
 
 
+def _feeder(text: str) -> tuple[str, Path | None]:
+    feeder, _, keys = text.partition("=")
+    if not topics.FEEDER_ID.match(feeder):
+        raise argparse.ArgumentTypeError(
+            f"not a feeder id: {feeder!r} (lower-case letters, digits, '-', '_')"
+        )
+    return feeder, Path(keys) if keys else None
+
+
 def run_monitor(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a live monitor ends
         asyncio.run(_monitor(args))
@@ -463,18 +498,34 @@ def _now() -> datetime:
 
 
 async def _monitor(args: argparse.Namespace) -> None:
-    access = Access(args.broker, args.password_file, args.ca_cert, trusted_keys=args.trusted_keys)
-    transport = await _connect(access, args.connect_timeout)
+    feeds = _feeds(args)
+    transports: dict[str, MqttTransport | SignedTransport] = {}
     try:
-        await transport.subscribe(SUBSCRIPTION)
-        state = MonitorState()
+        for name, access in feeds.items():
+            transports[name] = await _connect(access, args.connect_timeout)
+            await transports[name].subscribe(SUBSCRIPTION)
+        states = {name: MonitorState() for name in feeds}
         if args.once or args.json:
-            await _gather(transport, state, args.settle)
-            _print_once(state, args)
+            await asyncio.gather(*(_gather(transports[n], states[n], args.settle) for n in feeds))
+            _print_once(states, args)
         else:
-            await _watch(transport, state, args)
+            await _watch(transports, states, args)
     finally:
-        await transport.close()
+        for transport in transports.values():
+            await transport.close()
+
+
+def _feeds(args: argparse.Namespace) -> dict[str, Access]:
+    """What to read, by name: the broker's own tree (name ""), or each `--feeder`'s on a core broker."""
+    access = Access(args.broker, args.password_file, args.ca_cert, trusted_keys=args.trusted_keys)
+    if not args.feeder:
+        return {"": access}
+    return {
+        feeder: dataclasses.replace(
+            access, trusted_keys=keys or args.trusted_keys, prefix=topics.feeder_prefix(feeder)
+        )
+        for feeder, keys in args.feeder
+    }
 
 
 async def _connect(access: Access, timeout_s: float) -> MqttTransport | SignedTransport:
@@ -492,11 +543,21 @@ async def _gather(
                 state.apply(message.topic, message.payload, _now())
 
 
-def _print_once(state: MonitorState, args: argparse.Namespace) -> None:
+def _print_once(states: Mapping[str, MonitorState], args: argparse.Namespace) -> None:
+    now = _now()
     if args.json:
-        print(json.dumps(state.snapshot(_now()), indent=1))
+        snapshots = {name: state.snapshot(now) for name, state in states.items()}
+        print(json.dumps({"feeders": snapshots} if args.feeder else snapshots[""], indent=1))
         return
-    _console().print(render(state, _now(), args.broker))
+    _console().print(_view(states, now, args.broker, dict.fromkeys(states, True)))
+
+
+def _view(
+    states: Mapping[str, MonitorState], now: datetime, broker: str, connected: Mapping[str, bool]
+) -> RenderableType:
+    if list(states) == [""]:
+        return render(states[""], now, broker, connected[""])
+    return render_feeders(states, now, broker, connected)
 
 
 def _console() -> Console:
@@ -509,17 +570,20 @@ def _console() -> Console:
 
 
 async def _watch(
-    transport: MqttTransport | SignedTransport, state: MonitorState, args: argparse.Namespace
+    transports: Mapping[str, MqttTransport | SignedTransport],
+    states: Mapping[str, MonitorState],
+    args: argparse.Namespace,
 ) -> None:
     from rich.live import Live
 
     def view() -> RenderableType:
-        return render(state, _now(), args.broker, transport.connected)
+        connected = {name: bool(t.connected) for name, t in transports.items()}
+        return _view(states, _now(), args.broker, connected)
 
     with Live(view(), console=_console(), auto_refresh=False) as live:
         painter = asyncio.create_task(_paint(live, view))
         try:
-            await _gather(transport, state, args.duration)
+            await asyncio.gather(*(_gather(transports[n], states[n], args.duration) for n in states))
         finally:
             painter.cancel()
             live.update(view(), refresh=True)

@@ -24,18 +24,30 @@
     p2pdoe/v1/clock/done/<name>                  a member finished (or still holds) its step (`ClockDone`)
     p2pdoe/v1/clock/status             retained  the lockstep granter's state (`ClockStatus`)
 
+On the DSO's core broker each feeder's tree is under its prefix (Mosquitto bridges from the regional
+brokers, `p2pdoe provision --feeder`): `feeder/<feeder>/p2pdoe/v1/...`, and the bridge's own state on
+`feeder/<feeder>/bridge/state` (1 connected, 0 not).
+
 Site, round and clock member names never contain '/', '+' or '#' (their schemas forbid it), so every
 topic parses back unambiguously.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 ROOT = "p2pdoe/v1"
+FEEDERS = "feeder"  # on the core broker: every feeder's tree under feeder/<id>/
+FEEDER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # the same rule as a site's id
 SITE_KINDS = (
     "doe", "doe/default", "status", "register", "telemetry", "meter", "setpoints", "settlement", "forecast",
 )  # fmt: skip
+
+
+def feeder_prefix(feeder: str) -> str:
+    """What a feeder's topics carry in front on the DSO's core broker."""
+    return f"{FEEDERS}/{feeder}/"
 
 
 def site(site_id: str, kind: str) -> str:

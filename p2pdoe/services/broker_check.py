@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-_FILES = ("password_file", "acl_file", "cafile", "certfile", "keyfile")
+_FILES = ("password_file", "acl_file", "cafile", "certfile", "keyfile", "bridge_cafile")
 
 
 def settings(text: str) -> dict[str, list[str]]:

@@ -1,0 +1,167 @@
+"""Regional brokers: the DSO's core broker, and Mosquitto bridges joining each feeder's broker to it
+(`p2pdoe provision --feeder ID=BUNDLE`, docs/interop.md "Regional brokers").
+
+Each feeder keeps its own bundle, broker, coordinator and sites (`p2pdoe provision --out`), and its
+rounds never leave it. The core bundle adds a broker for the DSO (TLS, passwords, ACL) and, in each
+feeder's broker configuration, a bridge that connects out to the core over TLS as `bridge-<feeder>`
+and forwards the feeder's whole tree there under `feeder/<feeder>/`. On the core the ACL lets each
+bridge write only its own feeder's prefix, and the core's `monitor` read every feeder. Messages cross
+unchanged, signatures included: a reader strips the prefix before checking them against the
+feeder's public keys (copied into the core bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from p2pdoe.core import topics
+from p2pdoe.services.provision import (
+    BundleError,
+    _certificates,
+    _description,
+    _passwd_text,
+    _replace,
+    _write,
+    broker_config,
+    password_hash,
+)
+from p2pdoe.services.signing import PUBLIC_KEYS
+
+CORE_KIND = "p2pdoe_core_provision"
+BRIDGE_QOS = 1
+
+
+def core_acl(feeders: Mapping[str, object]) -> str:
+    """The core broker's ACL: each bridge writes its own feeder's prefix only; the monitor reads
+    every feeder and writes nothing."""
+    lines = [
+        "# p2pdoe core broker ACL (p2pdoe provision --feeder): each feeder's bridge and the monitor",
+        "",
+        "user monitor",
+        f"topic read {topics.FEEDERS}/#",
+    ]
+    for feeder in feeders:
+        lines += ["", f"user bridge-{feeder}", f"topic write {topics.feeder_prefix(feeder)}#"]
+    return "\n".join(lines) + "\n"
+
+
+def bridge_section(feeder: str, core_host: str, core_port: int, password: str, core_ca: Path) -> str:
+    """The bridge a feeder's Mosquitto opens to the core: out only, QoS 1, a persistent session, TLS
+    with the core's CA and host name checked, the feeder's tree remapped under its prefix."""
+    prefix = topics.feeder_prefix(feeder)
+    return "\n".join(
+        [
+            "",
+            f"# bridge to the DSO's core broker (p2pdoe provision --feeder): this feeder under {prefix}",
+            f"connection core-{feeder}",
+            f"address {core_host}:{core_port}",
+            "bridge_protocol_version mqttv50",
+            f"remote_clientid bridge-{feeder}",
+            f"remote_username bridge-{feeder}",
+            f"remote_password {password}",
+            f"bridge_cafile {core_ca.resolve()}",
+            "bridge_tls_version tlsv1.2",
+            "bridge_insecure false",
+            "cleansession false",
+            "try_private true",
+            "restart_timeout 1 30",
+            "notifications true",
+            f"notification_topic {prefix}bridge/state",
+            f"topic # out {BRIDGE_QOS} {topics.ROOT}/ {prefix}{topics.ROOT}/",
+            "",
+        ]
+    )
+
+
+def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: int) -> dict[str, object]:
+    """The core broker's bundle under `out`, and a bridge to it in each feeder's bundle (`feeders`:
+    feeder id -> its bundle). Returns what the core's `provision.json` says."""
+    described = {feeder: _feeder_description(feeder, bundle) for feeder, bundle in feeders.items()}
+    if not described:
+        raise BundleError("a core broker bridges at least one feeder: give --feeder ID=BUNDLE")
+    for folder in ("ca", "broker", "broker/data", "identities", "feeders"):
+        (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_cert, ca_key, server_cert, server_key = _certificates(host)
+    _write(out / "ca" / "ca.crt", ca_cert, 0o644)
+    _write(out / "ca" / "ca.key", ca_key, 0o600)
+    _write(out / "broker" / "server.crt", server_cert, 0o644)
+    _write(out / "broker" / "server.key", server_key, 0o600)
+    passwords = {"monitor": secrets.token_urlsafe(24)}
+    passwords |= {f"bridge-{feeder}": secrets.token_urlsafe(24) for feeder in feeders}
+    hashes = {user: password_hash(password) for user, password in passwords.items()}
+    _write(out / "broker" / "passwd", _passwd_text(hashes), 0o600)
+    _write(out / "broker" / "acl", core_acl(feeders), 0o600)
+    queue_limit = max(1000, 1000 * len(feeders))
+    _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
+    identities = []
+    for user, password in passwords.items():
+        secret = out / "identities" / f"{user}.password"
+        _write(secret, password + "\n", 0o600)
+        role = "monitor" if user == "monitor" else "bridge"
+        identities.append(
+            {"role": role, "id": user, "username": user, "password_file": str(secret.resolve())}
+        )
+    entries = {}
+    for feeder, bundle in feeders.items():
+        keys = _copy_public_keys(described[feeder], out / "feeders" / feeder)
+        _add_bridge(bundle, feeder, host, port, passwords[f"bridge-{feeder}"], out / "ca" / "ca.crt")
+        prefix = topics.feeder_prefix(feeder)
+        entries[feeder] = {"prefix": prefix, "bundle": str(bundle.resolve()), "public_keys": str(keys)}
+    description: dict[str, object] = {
+        "kind": CORE_KIND,
+        "schema_version": 1,
+        "broker": {
+            "config": str((out / "broker" / "mosquitto.conf").resolve()),
+            "ca_cert": str((out / "ca" / "ca.crt").resolve()),
+            "host": host,
+            "port": port,
+            "tls": True,
+        },
+        "feeders": entries,
+        "identities": identities,
+    }
+    _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
+    return description
+
+
+def _feeder_description(feeder: str, bundle: Path) -> dict[str, object]:
+    if not topics.FEEDER_ID.match(feeder):
+        raise BundleError(f"feeder id {feeder!r}: lower-case letters, digits, '-' and '_', at most 32")
+    description = _description(bundle)
+    if "bridge" in description:
+        raise BundleError(f"{bundle} is bridged already (to {description['bridge']}): one core per feeder")
+    return description
+
+
+def _copy_public_keys(description: Mapping[str, object], folder: Path) -> Path:
+    """The feeder's public keys, for a core reader to check its messages' signatures."""
+    signing = description.get("signing")
+    assert isinstance(signing, dict)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / PUBLIC_KEYS
+    shutil.copyfile(Path(str(signing["public_keys"])), target)
+    return target.resolve()
+
+
+def _add_bridge(bundle: Path, feeder: str, host: str, port: int, password: str, core_ca: Path) -> None:
+    """The bridge appended to the feeder's broker configuration (now mode 0600: it holds the bridge's
+    password), the core's CA beside it, and the bridge in the feeder's provision.json."""
+    (bundle / "bridge").mkdir(exist_ok=True, mode=0o700)
+    ca = bundle / "bridge" / "core-ca.crt"
+    _write(ca, core_ca.read_text(encoding="utf-8"), 0o644)
+    config = bundle / "broker" / "mosquitto.conf"
+    text = config.read_text(encoding="utf-8") + bridge_section(feeder, host, port, password, ca)
+    _replace(config, text, 0o600)
+    description = _description(bundle)
+    description["bridge"] = {
+        "core_host": host,
+        "core_port": port,
+        "username": f"bridge-{feeder}",
+        "prefix": topics.feeder_prefix(feeder),
+        "core_ca_cert": str(ca.resolve()),
+    }
+    _replace(bundle / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
