@@ -85,10 +85,20 @@ def test_the_core_bundle_bridges_each_feeder_under_its_prefix(tmp_path: Path) ->
         assert keys.read_bytes() == (bundle / "keys" / "public-keys.json").read_bytes()
 
 
-def test_a_feeder_is_bridged_once_and_named_plainly(tmp_path: Path) -> None:
+def test_bridging_a_feeder_again_replaces_its_bridge(tmp_path: Path) -> None:
     bundles = _bundles(tmp_path)
-    with pytest.raises(BundleError, match="bridged already"):
-        write_core_bundle(tmp_path / "core2", {"north": bundles["north"]}, HOST, free_port())
+    config = bundles["north"] / "broker" / "mosquitto.conf"
+    before = config.read_text()
+    write_core_bundle(tmp_path / "core2", {"north": bundles["north"]}, HOST, free_port())
+    after = config.read_text()
+    password = (tmp_path / "core2" / "identities" / "bridge-north.password").read_text().strip()
+    assert after.count("connection core-north") == 1
+    assert f"remote_password {password}" in after
+    assert after.split("# bridge to")[0] == before.split("# bridge to")[0]  # the feeder's own part kept
+
+
+def test_a_feeder_is_named_plainly(tmp_path: Path) -> None:
+    bundles = _bundles(tmp_path)
     with pytest.raises(BundleError, match="feeder id"):
         write_core_bundle(tmp_path / "core3", {"North/1": bundles["north"]}, HOST, free_port())
     with pytest.raises(BundleError, match="not a readable bundle"):
@@ -260,4 +270,5 @@ def test_a_bridge_writes_only_its_own_feeder_on_the_core(
     got = asyncio.run(main())
     assert f"feeder/north/{topics.site('solar-18', 'doe')}" not in got  # refused by the core's ACL
     assert f"feeder/north/{topics.site('solar-18', 'doe/default')}" in got
+    assert got["feeder/north/bridge/state"] == b"1"  # the bridge's own notification, retained
     assert brokers["core"].kind == "mosquitto"

@@ -7,7 +7,8 @@ feeder's broker configuration, a bridge that connects out to the core over TLS a
 and forwards the feeder's whole tree there under `feeder/<feeder>/`. On the core the ACL lets each
 bridge write only its own feeder's prefix, and the core's `monitor` read every feeder. Messages cross
 unchanged, signatures included: a reader strips the prefix before checking them against the
-feeder's public keys (copied into the core bundle).
+feeder's public keys (copied into the core bundle). Provisioning a core again over bridged feeders
+replaces their bridges (new passwords, a new CA): that is how a bridge's password is renewed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from p2pdoe.services.signing import PUBLIC_KEYS
 
 CORE_KIND = "p2pdoe_core_provision"
 BRIDGE_QOS = 1
+BRIDGE_HEADER = "# bridge to the DSO's core broker (p2pdoe provision --feeder)"  # from here to the end
 
 
 def core_acl(feeders: Mapping[str, object]) -> str:
@@ -56,7 +58,7 @@ def bridge_section(feeder: str, core_host: str, core_port: int, password: str, c
     return "\n".join(
         [
             "",
-            f"# bridge to the DSO's core broker (p2pdoe provision --feeder): this feeder under {prefix}",
+            f"{BRIDGE_HEADER}: this feeder under {prefix}",
             f"connection core-{feeder}",
             f"address {core_host}:{core_port}",
             "bridge_protocol_version mqttv50",
@@ -131,10 +133,7 @@ def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: i
 def _feeder_description(feeder: str, bundle: Path) -> dict[str, object]:
     if not topics.FEEDER_ID.match(feeder):
         raise BundleError(f"feeder id {feeder!r}: lower-case letters, digits, '-' and '_', at most 32")
-    description = _description(bundle)
-    if "bridge" in description:
-        raise BundleError(f"{bundle} is bridged already (to {description['bridge']}): one core per feeder")
-    return description
+    return _description(bundle)
 
 
 def _copy_public_keys(description: Mapping[str, object], folder: Path) -> Path:
@@ -148,13 +147,14 @@ def _copy_public_keys(description: Mapping[str, object], folder: Path) -> Path:
 
 
 def _add_bridge(bundle: Path, feeder: str, host: str, port: int, password: str, core_ca: Path) -> None:
-    """The bridge appended to the feeder's broker configuration (now mode 0600: it holds the bridge's
-    password), the core's CA beside it, and the bridge in the feeder's provision.json."""
+    """The bridge appended to the feeder's broker configuration, in place of one it had (now mode 0600:
+    it holds the bridge's password), the core's CA beside it, and the bridge in its provision.json."""
     (bundle / "bridge").mkdir(exist_ok=True, mode=0o700)
     ca = bundle / "bridge" / "core-ca.crt"
     _write(ca, core_ca.read_text(encoding="utf-8"), 0o644)
     config = bundle / "broker" / "mosquitto.conf"
-    text = config.read_text(encoding="utf-8") + bridge_section(feeder, host, port, password, ca)
+    before = config.read_text(encoding="utf-8").split(f"\n{BRIDGE_HEADER}", 1)[0]
+    text = before + bridge_section(feeder, host, port, password, ca)
     _replace(config, text, 0o600)
     description = _description(bundle)
     description["bridge"] = {
