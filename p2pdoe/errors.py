@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from pydantic import ValidationError
 
 
@@ -26,8 +28,27 @@ class InfeasibleError(P2PDoeError):
 
 
 def first_error(exc: ValidationError, top_level: str) -> str:
-    """A validation failure in one line: where (`top_level` for the root), what, and how many more."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or top_level
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {err['msg']}{more}"
+    """A validation failure in one line: where (`top_level` for the root), what, and how many more.
+    An unknown key comes first (a typo), with the missing key it was probably meant to be."""
+    errors = exc.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if not unknown:
+        err = errors[0]
+        where = ".".join(str(p) for p in err["loc"]) or top_level
+        return f"{where}: {err['msg']}{_more(len(errors) - 1)}"
+    err = unknown[0]
+    parent, key = err["loc"][:-1], str(err["loc"][-1])
+    where = ".".join(str(p) for p in parent) or top_level
+    missing = {
+        str(e["loc"][-1]): e
+        for e in errors
+        if e["type"] == "missing" and tuple(e["loc"][:-1]) == tuple(parent)
+    }
+    meant = difflib.get_close_matches(key, list(missing), n=1, cutoff=0.6)
+    hint = f" (did you mean {meant[0]!r}?)" if meant else ""
+    explained = 1 + bool(meant)
+    return f"{where}: unknown key {key!r}{hint}{_more(len(errors) - explained)}"
+
+
+def _more(n: int) -> str:
+    return f" (and {n} more)" if n > 0 else ""

@@ -102,9 +102,69 @@ def test_solve_at_quarter_hour_resolution(tmp_path: Path) -> None:
     assert len(results.communities[0].net_injection_kw) == 96
 
 
-def test_bad_override_fails_with_one_line(tmp_path: Path) -> None:
+def test_a_bad_override_is_blamed_on_its_flag_not_on_the_scenario_file(tmp_path: Path) -> None:
     run = run_p2pdoe("solve", "--intervals", "0", "--out", str(tmp_path))
-    assert_one_line_error(run, "intervals")
+    assert run.returncode == 2
+    assert (
+        run.stderr.splitlines()[-1] == "p2pdoe solve: error: argument --intervals: must be at least 1, not 0"
+    )
+    run = run_p2pdoe("solve", "--dt-h", "0.7", "--out", str(tmp_path))
+    assert_one_line_error(run, "--dt-h 0.7 does not divide the scenario's 24 h: give --intervals too")
+
+
+@pytest.mark.parametrize(
+    ("given", "horizon"),
+    [
+        (["--intervals", "96"], {"intervals": 96, "dt_h": 0.25}),
+        (["--dt-h", "0.25"], {"intervals": 96, "dt_h": 0.25}),
+        (["--intervals", "48", "--dt-h", "1"], {"intervals": 48, "dt_h": 1.0}),  # two days, as asked
+        ([], None),
+    ],
+)
+def test_one_of_intervals_and_dt_h_alone_keeps_the_scenarios_day(given: list[str], horizon: object) -> None:
+    from p2pdoe.cli.main import _overrides, build_parser
+
+    args = build_parser().parse_args(["solve", *given, "--out", "x"])
+    assert _overrides(args).get("horizon") == horizon
+
+
+def test_a_typo_in_a_key_is_named_with_the_key_it_was_meant_to_be(tmp_path: Path) -> None:
+    from p2pdoe.io.scenarios import scenario_path
+
+    text = scenario_path("default").read_text()
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text.replace("rated_kw", "rated_kW", 1))
+    run = run_p2pdoe("solve", "--scenario", str(bad), "--out", str(tmp_path / "out"))
+    assert_one_line_error(run, f"{bad}: communities.0.pv: unknown key 'rated_kW' (did you mean 'rated_kw'?)")
+    assert "more" not in run.stderr  # the missing rated_kw is the same mistake
+
+
+def test_help_lists_every_command_and_version_answers() -> None:
+    from p2pdoe import __version__
+    from p2pdoe.cli.main import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    shown = run_p2pdoe("--help").stdout
+    assert all(f"    {name}" in shown for name in commands), shown
+    assert len(commands) >= 8
+    assert run_p2pdoe("--version").stdout.strip() == f"p2pdoe {__version__}"
+    assert "envelope policy" in run_p2pdoe("solve", "--help").stdout
+
+
+@pytest.mark.parametrize("command", [["schema"], ["powerflow", "--json"]])
+def test_a_reader_that_goes_away_ends_the_output_quietly(command: list[str]) -> None:
+    """`p2pdoe schema | head`: the pipe closed before anything is written, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pdoe.cli.main", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == ""
 
 
 def test_edge_side_of_the_core_never_imports_cvxpy() -> None:

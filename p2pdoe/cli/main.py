@@ -1,4 +1,5 @@
-"""The `p2pdoe` command line: powerflow, solve, compare.
+"""The `p2pdoe` command line: powerflow, solve, compare, schema, site-config, provision, monitor,
+demo.
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +17,21 @@ from typing import Any, Literal
 from p2pdoe.errors import P2PDoeError
 
 EXIT_USAGE = 2
+ENVELOPE_HELP = (
+    "the envelope policy: dynamic (agreed per interval with the DSO), static (one fixed box per site "
+    "for the day) or none (no envelope; the network unchecked); default dynamic"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pdoe", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from p2pdoe import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="p2pdoe",
+        description="P2P energy trading between energy communities under dynamic operating envelopes.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pdoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _powerflow_parser(sub)
     _solve_parser(sub)
     _compare_parser(sub)
@@ -42,7 +54,7 @@ def _demo_parser(sub: Any) -> None:
         action="store_true",
         help="provision a bundle (out/bundle) and run everything under Mosquitto with TLS and the ACL",
     )
-    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic", help=ENVELOPE_HELP)
     p.add_argument("--day-ahead", action="store_true", help="stop after the day-ahead round")
     p.add_argument(
         "--default-sharing",
@@ -273,8 +285,16 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
         default="default",
         help="a named scenario (default, synthetic-N[-peersK][-seedS]) or a scenario file",
     )
-    p.add_argument("--intervals", type=int, help="override the horizon's number of intervals (e.g. 96)")
-    p.add_argument("--dt-h", type=float, help="override the interval length in hours (e.g. 0.25)")
+    p.add_argument(
+        "--intervals",
+        type=_whole_positive,
+        help="the horizon's number of intervals; alone, the scenario's day keeps its length (96: 15 minutes)",
+    )
+    p.add_argument(
+        "--dt-h",
+        type=_positive_hours,
+        help="the interval length in hours; alone, the scenario's day keeps its length (0.25: 96 intervals)",
+    )
     p.add_argument(
         "--market",
         choices=DESIGNS,
@@ -291,7 +311,7 @@ def _solve_parser(sub: Any) -> None:
         default="centralized",
         help="centralized: one cvxpy problem; admm: the decentralized agreement, in-process",
     )
-    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--envelope", choices=["dynamic", "static", "none"], default="dynamic", help=ENVELOPE_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json")
     p.set_defaults(run=_run_solve)
 
@@ -325,12 +345,48 @@ def _run_powerflow(args: argparse.Namespace) -> int:
     return 0 if report["converged"] else 1
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    horizon: dict[str, Any] = {}
+def _whole_positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of hours, not {text}")
+    return value
+
+
+def _horizon(args: argparse.Namespace) -> dict[str, Any]:
+    """--intervals and --dt-h; one alone keeps the length of the scenario's horizon."""
+    if args.intervals is None and args.dt_h is None:
+        return {}
+    if args.intervals is not None and args.dt_h is not None:
+        return {"intervals": args.intervals, "dt_h": args.dt_h}
+    from p2pdoe.io.scenarios import scenario_horizon
+
+    intervals, dt_h = scenario_horizon(args.scenario)
+    span_h = intervals * dt_h
     if args.intervals is not None:
-        horizon["intervals"] = args.intervals
-    if args.dt_h is not None:
-        horizon["dt_h"] = args.dt_h
+        return {"intervals": args.intervals, "dt_h": span_h / args.intervals}
+    count = round(span_h / args.dt_h)
+    if count < 1 or abs(count * args.dt_h - span_h) > 1e-9 * span_h:
+        raise P2PDoeError(
+            f"--dt-h {args.dt_h:g} does not divide the scenario's {span_h:g} h: give --intervals too"
+        )
+    return {"intervals": count, "dt_h": args.dt_h}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    horizon = _horizon(args)
     out: dict[str, Any] = {"horizon": horizon} if horizon else {}
     if getattr(args, "market", None) is not None:
         out["market"] = {"design": args.market}
@@ -372,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`p2pdoe schema | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more at exit either
+        return 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,17 @@ def load_scenario(
         raise ScenarioError(message if str(path) in message else f"{path}: {message}") from exc
 
 
+def scenario_horizon(name_or_path: str) -> tuple[int, float]:
+    """A scenario's own (intervals, dt_h), read without building it."""
+    if name_or_path not in NAMED_SCENARIOS and not Path(name_or_path).exists():
+        generated = synthetic_from_name(name_or_path)
+        if generated is not None:
+            spec = _validate(generated, None, name_or_path)
+            return spec.horizon.intervals, spec.horizon.dt_h
+    spec = read_spec(scenario_path(name_or_path))
+    return spec.horizon.intervals, spec.horizon.dt_h
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     text = read_text(path, "scenario", ScenarioError)
     try:
