@@ -26,3 +26,15 @@ def test_documented_scenario_example_loads_and_solves(doc: str, tmp_path: Path) 
     scenario = load_scenario(str(path))
     assert scenario.communities
     assert solve_centralized(scenario, Policy.DYNAMIC).solver.converged
+
+
+def test_the_license_pyproject_names_is_in_the_repository() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    for name in project["license-files"]:
+        text = (root / name).read_text()
+        assert "Apache License\n                           Version 2.0, January 2004" in text
+        assert "END OF TERMS AND CONDITIONS" in text
