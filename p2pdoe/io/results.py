@@ -16,8 +16,12 @@ def write_results(results: Results, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(results.model_dump_json(indent=1), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(results.model_dump_json(indent=1), encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:  # stopped (Ctrl-C) or failed half-way: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
