@@ -359,3 +359,17 @@ def test_cli_custom_feeder(tmp_path: Path) -> None:
     assert [row["bus"] for row in report["buses"]] == [10, 20, 30, 40]
     assert report["vmax_bus"] == 30
     assert report["converged"] is True
+
+
+def test_a_loop_is_named_by_all_its_branches(tmp_path: Path) -> None:
+    """Closing the 9-15 tie makes the loop 9-10-...-15: every branch of it is named, not one."""
+    from p2pdoe.io.matpower import load_matpower
+
+    path = tmp_path / "meshed.m"
+    path.write_text(BAD_FEEDERS["meshed-other-tie"][0](IEEE33), encoding="utf-8")
+    with pytest.raises(FeederError) as caught:
+        load_matpower(path)
+    message = str(caught.value)
+    listed = message.split("branches ", 1)[1].split(" form a loop", 1)[0].split(", ")
+    pairs = {frozenset(map(int, b.split("-"))) for b in listed}
+    assert pairs == {frozenset((k, k + 1)) for k in range(9, 15)} | {frozenset((9, 15))}

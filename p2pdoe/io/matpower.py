@@ -213,6 +213,22 @@ def _check_branch_numbers(live: np.ndarray, index: dict[int, int], source: str) 
             raise FeederError(f"{source}: {label} is a transformer with tap {row[TAP]:g}: not supported")
 
 
+def _tree_path(a: int, b: int, parent: np.ndarray, edge_of: dict[int, int], root: int) -> list[int]:
+    """The rows of the tree's branches between buses a and b (both already in the tree)."""
+
+    def up(k: int) -> list[int]:
+        path = [k]
+        while path[-1] != root:
+            path.append(int(parent[path[-1]]))
+        return path
+
+    from_a, from_b = up(a), up(b)
+    common = set(from_a) & set(from_b)
+    below_a = [k for k in from_a if k not in common]
+    below_b = [k for k in from_b if k not in common]
+    return [edge_of[k] for k in below_a] + [edge_of[k] for k in reversed(below_b)]
+
+
 def _spanning_tree(
     n: int, root: int, live: np.ndarray, index: dict[int, int], bus_ids: np.ndarray, source: str
 ) -> tuple[np.ndarray, dict[int, int]]:
@@ -232,10 +248,12 @@ def _spanning_tree(
             if row_no == edge_of.get(k):
                 continue
             if nb in seen:
-                f, t = int(live[row_no, F_BUS]), int(live[row_no, T_BUS])
+                rows = [*_tree_path(k, nb, parent, edge_of, root), row_no]
+                labels = [f"{int(live[r, F_BUS])}-{int(live[r, T_BUS])}" for r in rows]
+                shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
                 raise FeederError(
-                    f"{source}: the network is meshed (branch {f}-{t} closes a loop); "
-                    "only radial feeders are supported: open a tie switch (status 0)"
+                    f"{source}: the network is meshed: branches {shown} form a loop; "
+                    "only radial feeders are supported: open a tie switch on one of them (status 0)"
                 )
             seen.add(nb)
             parent[nb] = k
