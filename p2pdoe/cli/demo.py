@@ -22,9 +22,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from rich.console import Console
 from rich.table import Table
 
+from p2pdoe.cli.console import make_console
 from p2pdoe.core import topics
 from p2pdoe.core.community import REALTIME_MARGINS
 from p2pdoe.core.market import with_margins
@@ -33,9 +33,10 @@ from p2pdoe.core.schemas.runtime import Progress, decode_runtime
 from p2pdoe.errors import P2PDoeError
 from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.io.site_configs import write_site_configs
+from p2pdoe.report.numbers import fixed
 from p2pdoe.services.provision import Access
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console(soft_wrap=True)
 STOP_GRACE_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 
@@ -459,8 +460,8 @@ def _market_report(s: Any, r: Results, policy: str) -> None:
         table.add_column(col, justify="left" if col == "site" else "right")
     for site, gain in m.gains_eur.items():
         table.add_row(
-            site, f"{m.baseline_cost_eur[site]:.2f}", f"{m.cost_before_payments_eur[site]:.2f}",
-            f"{m.net_payment_eur[site]:.2f}", f"{gain:.2f}", f"{own.gains_eur.get(site, float('nan')):.2f}",
+            site, fixed(m.baseline_cost_eur[site]), fixed(m.cost_before_payments_eur[site]),
+            fixed(m.net_payment_eur[site]), fixed(gain), fixed(own.gains_eur.get(site, float("nan"))),
         )  # fmt: skip
     console.print(table)
     worst = max(abs(g - own.gains_eur[c]) for c, g in m.gains_eur.items() if c in own.gains_eur)
@@ -496,9 +497,9 @@ def _site_table(r: Results) -> None:
         table.add_row(
             site.id,
             site.state if site.reason is None else f"{site.state} ({site.reason})",
-            "-" if lo is None or up is None else f"[{lo:.0f}, {up:.0f}]",
-            "-" if c is None else f"{c.cost_eur:.2f}",
-            "-" if c is None else f"{c.p2p_sold_kwh:.0f}",
+            "-" if lo is None or up is None else f"[{fixed(lo, 0)}, {fixed(up, 0)}]",
+            "-" if c is None else fixed(c.cost_eur),
+            "-" if c is None else fixed(c.p2p_sold_kwh, 0),
             "-" if site.rss_mb is None else f"{site.rss_mb:.0f}",
         )
     console.print(table)

@@ -22,6 +22,7 @@ from p2pdoe.core.realtime.observer import ViolationObserver
 from p2pdoe.core.schemas.results import DaySummary, Results
 from p2pdoe.core.schemas.runtime import Doe, MeterReading, Progress, SiteStatus, decode_runtime
 from p2pdoe.errors import P2PDoeError
+from p2pdoe.report.numbers import fixed
 
 if TYPE_CHECKING:
     from p2pdoe.cli.demo import Processes
@@ -169,11 +170,11 @@ def _day_table(results: Results, seen: Observation, console: Any) -> None:
         table.add_row(
             site,
             str(len(rows)),
-            f"{sum(r.measured_kwh for r in rows):.0f}",
-            f"{sum(r.scheduled_kwh for r in rows):.0f}",
-            f"{sum(r.p2p_paid_eur - r.p2p_received_eur for r in rows):.2f}",
-            f"{sum(r.grid_eur for r in rows):.2f}",
-            f"{sum(r.net_eur for r in rows):.2f}",
+            fixed(sum(r.measured_kwh for r in rows), 0),
+            fixed(sum(r.scheduled_kwh for r in rows), 0),
+            fixed(sum(r.p2p_paid_eur - r.p2p_received_eur for r in rows)),
+            fixed(sum(r.grid_eur for r in rows)),
+            fixed(sum(r.net_eur for r in rows)),
             str(violations.get(site, 0)),
             str(switches[site]),
         )

@@ -8,7 +8,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -16,6 +15,7 @@ from p2pdoe.analysis.coalitions import CoalitionValues
 from p2pdoe.analysis.defaults import RuleDefaults, compare_sharing
 from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.analysis.results import build_results
+from p2pdoe.cli.console import make_console
 from p2pdoe.core.scenario import Scenario
 from p2pdoe.core.schemas.results import Results
 from p2pdoe.core.solution import Policy
@@ -31,7 +31,7 @@ from p2pdoe.report.table import (
     to_markdown,
 )
 
-console = Console(stderr=False, highlight=False, soft_wrap=True)
+console = make_console(soft_wrap=True)
 
 
 def run_policy(s: Scenario, policy: Policy, mode: str = "centralized") -> Results:

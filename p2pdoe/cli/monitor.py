@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from p2pdoe.cli.console import make_console
 from p2pdoe.core import topics
 from p2pdoe.core.schemas.messages import Message
 from p2pdoe.core.schemas.runtime import (
@@ -39,6 +40,7 @@ from p2pdoe.core.schemas.runtime import (
     decode_runtime,
 )
 from p2pdoe.core.schemas.wire import WireError
+from p2pdoe.report.numbers import fixed
 from p2pdoe.services.provision import Access
 
 if TYPE_CHECKING:
@@ -267,12 +269,11 @@ SITE_COLUMNS = (
     "age",
 )
 NUMERIC_COLUMNS = frozenset({"bus", "p kW", "age"})
-WIDTH_OFF_TERMINAL = 160  # a snapshot written to a file or a pipe is not wrapped at 80 columns
 VALIDITY_MARKS = {"in_force": "", "expired": " [red]expired[/]", "pending": " [yellow]pending[/]"}
 
 
 def _kw(value: float) -> str:
-    return f"{value:.2f}"
+    return fixed(value)
 
 
 def _box(doe: Doe) -> str:
@@ -561,12 +562,7 @@ def _view(
 
 
 def _console() -> Console:
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, WIDTH_OFF_TERMINAL)
-    return console
+    return make_console()
 
 
 async def _watch(

@@ -11,6 +11,7 @@ import numpy as np
 from p2pdoe.analysis.defaults import RuleDefaults
 from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.core.schemas.results import Results
+from p2pdoe.report.numbers import fixed
 
 POLICY_ORDER = ("none", "static", "dynamic", "admm")
 
@@ -22,7 +23,7 @@ class Row:
 
 
 def _fmt(value: float, digits: int) -> str:
-    return f"{value:,.{digits}f}"
+    return fixed(value, digits, thousands=True)
 
 
 Metric = tuple[str, Callable[[Results], str]]
