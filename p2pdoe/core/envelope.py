@@ -204,3 +204,47 @@ def with_sites_fixed(
         return _normalised(corner.g[:, free], h, kinds, elements, upper, view)
 
     return SafeSet(reduced(safe.upper, up_fixed, True), reduced(safe.lower, lo_fixed, False))
+
+
+def unmeetable_limit(view: GridView, low_kw: FloatArray, high_kw: FloatArray) -> str | None:
+    """The limit no schedule within the sites' technical ranges (C, T) can meet, in words: the one
+    missed by most with every site at its most helpful end (its least injection against an upper
+    voltage or a reverse flow, its most against a lower voltage or a forward flow); None if every
+    limit can be met on its own (then it is their combination that cannot)."""
+    safe = safe_set(view)
+    upper = safe.upper.g @ low_kw - safe.upper.h  # > 0: over even with every site at its least
+    lower = safe.lower.h - safe.lower.g @ high_kw  # > 0: under even with every site at its most
+    corner, short = (safe.upper, upper) if upper.max() >= lower.max() else (safe.lower, lower)
+    row, t = np.unravel_index(int(np.argmax(short)), short.shape)
+    if short[row, t] <= 1e-6:
+        return None
+    kind, element = corner.kind[row], corner.element[row]
+    best = low_kw[:, t] if corner is safe.upper else high_kw[:, t]
+    q = view.q_max_kvar[:, t] if corner is safe.upper else view.q_min_kvar[:, t]
+    return _described(view, kind, element, int(t), best, q)
+
+
+def _described(view: GridView, kind: RowKind, element: int, t: int, p_c: FloatArray, q_c: FloatArray) -> str:
+    model = LinDistFlow(view.feeder)
+    p = _on_buses(view, view.site_bus, p_c[:, None])[:, 0] - view.background_kw[:, t]
+    q = _on_buses(view, view.site_bus, q_c[:, None])[:, 0] - view.background_kvar[:, t]
+    how = "its least" if kind in ("vmax", "reverse") else "its most"
+    if kind in ("vmax", "vmin"):
+        v = float(model.voltages(view.v0_pu, p, q)[element])
+        limit, margin = (
+            (view.vmax_pu, -view.vmax_margin_pu) if kind == "vmax" else (view.vmin_pu, view.vmin_margin_pu)
+        )
+        side = "above" if kind == "vmax" else "below"
+        bus = int(view.feeder.bus_ids[element])
+        return (
+            f"the {kind} limit at bus {bus} in interval {t} cannot be met: with "
+            f"every site injecting {how}, LinDistFlow puts it at {v:.4f} p.u., {side} {limit + margin:.4f} "
+            f"({kind} {limit:g} with the margin {abs(margin):g})"
+        )
+    flow = float(model.branch_flows_kw(p)[element])
+    p_lim = float(_flow_limits(view, model)[element, t])
+    return (
+        f"the {kind} flow limit of branch {view.feeder.branch_label(element)} in interval {t} cannot be met: "
+        f"with every site injecting {how}, it carries {flow:.1f} kW against a limit of {p_lim:.1f} kW "
+        "(its rating less the margin and the reactive flow)"
+    )

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from p2pdoe.core.community import CommunityQP
-from p2pdoe.core.envelope import Corner, SafeSet, safe_set
+from p2pdoe.core.envelope import Corner, SafeSet, grid_view, safe_set, unmeetable_limit
 from p2pdoe.core.market import community_qps, trade_links
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.scenario import Scenario
@@ -36,9 +36,7 @@ def solve_centralized(s: Scenario, policy: Policy, solver: str = SOLVER) -> Solu
     problem.solve(solver=solver)
     wall = time.perf_counter() - started
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
-        raise InfeasibleError(
-            f"the {policy.value} problem is {problem.status}: no schedule meets every limit"
-        )
+        raise InfeasibleError(f"the {policy.value} problem is {problem.status}: {_why_infeasible(s, policy)}")
     values = tuple(np.asarray(zc.value, dtype=float) for zc in z)
     return Solution(
         policy=policy,
@@ -55,6 +53,17 @@ def solve_centralized(s: Scenario, policy: Policy, solver: str = SOLVER) -> Solu
             wall_time_s=wall,
         ),
     )
+
+
+def _why_infeasible(s: Scenario, policy: Policy) -> str:
+    """The limit out of reach, where one is on its own (the network's, for a policy that has one)."""
+    if policy is not Policy.NONE:
+        ranges = [c.technical_range_kw() for c in s.communities]
+        low, high = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
+        why = unmeetable_limit(grid_view(s), low, high)
+        if why is not None:
+            return why
+    return "no schedule meets every limit (none out of reach on its own: their combination is)"
 
 
 def _objective(qp: CommunityQP, z: cp.Variable) -> cp.Expression:
