@@ -256,3 +256,15 @@ def test_whenever_the_levers_suffice_the_injection_is_put_inside(
     costs_taken = [a.eur_per_kwh for a in out.compliance.actions]
     assert costs_taken == sorted(costs_taken)
     assert len({a.delta_kw > 0 for a in out.compliance.actions}) <= 1  # one direction per step
+
+
+def test_a_reading_over_its_bound_by_less_than_a_watt_is_inside() -> None:
+    """A meter resolves watts: 7e-5 kW over a bound (seen in the monitor as `inside: no`) is inside;
+    a watt and more over is not."""
+    from p2pdoe.core.realtime.enforcement import Box
+
+    box = Box(-5.0, 10.0)
+    assert box.excess_kw(10.00007) == 0.0
+    assert box.excess_kw(-5.00007) == 0.0
+    assert box.excess_kw(10.002) == pytest.approx(0.002)
+    assert box.excess_kw(-5.002) == pytest.approx(-0.002)

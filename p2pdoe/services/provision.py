@@ -32,7 +32,6 @@ from p2pdoe.services.signing import PUBLIC_KEYS, forget_key, write_keys
 
 if TYPE_CHECKING:
     from p2pdoe.services.signing import SignedTransport
-    from p2pdoe.services.transport_api import Transport
 
 ROOT = topics.ROOT
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
@@ -70,15 +69,10 @@ class Access:
     identity: str = "monitor"
     signing_key: Path | None = None
     trusted_keys: Path | None = None
-    prefix: str = ""  # one feeder's tree read through the DSO's core broker (feeder/<id>/)
 
     def args(self) -> list[str]:
         """The service options (`--broker`, `--password-file`, `--ca-cert`, `--signing-key`,
-        `--trusted-keys`). A service runs on its feeder's own broker, never through a prefix."""
-        if self.prefix:
-            raise ValueError(
-                f"{self.url}: services connect to their feeder's broker, not under {self.prefix}"
-            )
+        `--trusted-keys`)."""
         out = ["--broker", self.url]
         for flag, path in (
             ("--password-file", self.password_file),
@@ -102,11 +96,7 @@ class Access:
 
         key = None if self.signing_key is None else read_private_key(self.signing_key)
         trusted = None if self.trusted_keys is None else read_public_keys(self.trusted_keys)
-        inner: Transport = await connect_within(self.url, client_id, timeout_s, **self.transport_options())
-        if self.prefix:
-            from p2pdoe.services.prefixed import PrefixedTransport
-
-            inner = PrefixedTransport(inner, self.prefix)
+        inner = await connect_within(self.url, client_id, timeout_s, **self.transport_options())
         return SignedTransport(inner, Signer(self.identity, key), trusted)
 
     def transport_options(self) -> dict[str, object]:

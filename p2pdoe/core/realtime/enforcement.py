@@ -37,7 +37,7 @@ from p2pdoe.core.realtime.plant import SetPoints
 from p2pdoe.core.schemas.site import SiteConfig
 
 Lever = Literal["battery", "flex", "pv", "wind"]
-INSIDE_TOLERANCE_KW = 1e-6
+INSIDE_TOLERANCE_KW = 1e-3  # a watt: below what a meter resolves (a reading 7e-5 kW over is inside)
 MARGIN_FLOOR_KW = 0.5
 MARGIN_FRACTION = 0.01
 
