@@ -187,6 +187,8 @@ def _run_provision(args: argparse.Namespace) -> int:
     from p2pdoe.services.provision import site_peers, write_bundle
 
     if args.bundle is not None or args.rotate is not None or args.revoke is not None:
+        if args.feeder:
+            raise P2PDoeError("--feeder provisions a new core: leave out --bundle, --rotate and --revoke")
         return _change_bundle(args)
     if args.out is None:
         raise P2PDoeError("give --out DIR for a new bundle, or --bundle DIR with --rotate or --revoke")

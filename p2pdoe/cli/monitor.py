@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import secrets
@@ -40,6 +39,7 @@ from p2pdoe.core.schemas.runtime import (
     decode_runtime,
 )
 from p2pdoe.core.schemas.wire import WireError
+from p2pdoe.errors import P2PDoeError
 from p2pdoe.report.numbers import fixed
 from p2pdoe.services.provision import Access
 
@@ -417,20 +417,28 @@ def render(state: MonitorState, now: datetime, broker: str, connected: bool = Tr
     )
 
 
+def bridge_word(up: bool | None) -> str:
+    return {True: "up", False: "down", None: "not heard"}[up]
+
+
 def render_feeders(
-    states: Mapping[str, MonitorState], now: datetime, broker: str, connected: Mapping[str, bool]
+    states: Mapping[str, MonitorState],
+    now: datetime,
+    broker: str,
+    connected: Mapping[str, bool],
+    bridges: Mapping[str, bool | None],
 ) -> RenderableType:
-    """Each feeder's view, under its name (read through the DSO's core broker)."""
+    """Each feeder's view, under its name and its bridge's state (read through the DSO's core broker)."""
     from rich.console import Group
     from rich.markup import escape
     from rich.text import Text
 
     parts: list[RenderableType] = []
     for feeder, state in states.items():
-        parts += [
-            Text.from_markup(f"[bold]feeder {escape(feeder)}[/]"),
-            render(state, now, broker, connected[feeder]),
-        ]
+        up = bridges.get(feeder)
+        colour = {True: "green", False: "red", None: "yellow"}[up]
+        heading = f"[bold]feeder {escape(feeder)}[/] · bridge [{colour}]{bridge_word(up)}[/]"
+        parts += [Text.from_markup(heading), render(state, now, broker, connected[feeder])]
     return Group(*parts)
 
 
@@ -499,34 +507,67 @@ def _now() -> datetime:
 
 
 async def _monitor(args: argparse.Namespace) -> None:
-    feeds = _feeds(args)
-    transports: dict[str, MqttTransport | SignedTransport] = {}
+    access = Access(args.broker, args.password_file, args.ca_cert, trusted_keys=args.trusted_keys)
+    if args.feeder:
+        await _monitor_feeders(args, access)
+        return
+    transport = await _connect(access, args.connect_timeout)
     try:
-        for name, access in feeds.items():
-            transports[name] = await _connect(access, args.connect_timeout)
-            await transports[name].subscribe(SUBSCRIPTION)
-        states = {name: MonitorState() for name in feeds}
+        await transport.subscribe(SUBSCRIPTION)
+        states = {"": MonitorState()}
         if args.once or args.json:
-            await asyncio.gather(*(_gather(transports[n], states[n], args.settle) for n in feeds))
+            await _gather(transport, states[""], args.settle)
             _print_once(states, args)
         else:
-            await _watch(transports, states, args)
+            await _watch({"": transport}, states, args)
     finally:
-        for transport in transports.values():
-            await transport.close()
+        await transport.close()
 
 
-def _feeds(args: argparse.Namespace) -> dict[str, Access]:
-    """What to read, by name: the broker's own tree (name ""), or each `--feeder`'s on a core broker."""
-    access = Access(args.broker, args.password_file, args.ca_cert, trusted_keys=args.trusted_keys)
-    if not args.feeder:
-        return {"": access}
-    return {
-        feeder: dataclasses.replace(
-            access, trusted_keys=keys or args.trusted_keys, prefix=topics.feeder_prefix(feeder)
-        )
-        for feeder, keys in args.feeder
-    }
+async def _monitor_feeders(args: argparse.Namespace, access: Access) -> None:
+    """Each `--feeder` through the DSO's core broker, on one connection (one per identity there)."""
+    from p2pdoe.services.feeder_views import FeederViews
+    from p2pdoe.services.signing import SignedTransport, Signer, read_public_keys
+    from p2pdoe.services.transport import connect_within
+
+    keys = _feeder_keys(args)
+    trusted = {f: None if k is None else read_public_keys(k) for f, k in keys.items()}
+    client_id = f"p2pdoe-monitor-{secrets.token_hex(4)}"
+    inner = await connect_within(access.url, client_id, args.connect_timeout, **access.transport_options())
+    try:
+        views = FeederViews(inner, list(keys))
+        await views.watch_bridges()
+        feeds = {f: SignedTransport(views.view(f), Signer(f"monitor/{f}", None), trusted[f]) for f in keys}
+        for transport in feeds.values():
+            await transport.subscribe(SUBSCRIPTION)
+        states = {f: MonitorState() for f in keys}
+        reader = asyncio.create_task(views.run(), name="feeder-views")
+        try:
+            if args.once or args.json:
+                await asyncio.gather(*(_gather(feeds[f], states[f], args.settle) for f in keys))
+                _print_once(states, args, views.bridge)
+            else:
+                await _watch(feeds, states, args, views.bridge)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    finally:
+        await inner.close()
+
+
+def _feeder_keys(args: argparse.Namespace) -> dict[str, Path | None]:
+    """Each --feeder's public keys (its own, else --trusted-keys, else none: said aloud)."""
+    keys: dict[str, Path | None] = {}
+    for feeder, own in args.feeder:
+        if feeder in keys:
+            raise P2PDoeError(f"--feeder {feeder} is given twice")
+        keys[feeder] = own or args.trusted_keys
+        if keys[feeder] is None:
+            log.warning(
+                "feeder %s: no public keys (--feeder %s=KEYS): its messages are unchecked", feeder, feeder
+            )
+    return keys
 
 
 async def _connect(access: Access, timeout_s: float) -> MqttTransport | SignedTransport:
@@ -544,21 +585,38 @@ async def _gather(
                 state.apply(message.topic, message.payload, _now())
 
 
-def _print_once(states: Mapping[str, MonitorState], args: argparse.Namespace) -> None:
+def _print_once(
+    states: Mapping[str, MonitorState],
+    args: argparse.Namespace,
+    bridges: Mapping[str, bool | None] | None = None,
+) -> None:
     now = _now()
     if args.json:
-        snapshots = {name: state.snapshot(now) for name, state in states.items()}
-        print(json.dumps({"feeders": snapshots} if args.feeder else snapshots[""], indent=1))
+        print(json.dumps(_snapshot(states, now, bridges), indent=1))
         return
-    _console().print(_view(states, now, args.broker, dict.fromkeys(states, True)))
+    _console().print(_view(states, now, args.broker, dict.fromkeys(states, True), bridges))
+
+
+def _snapshot(
+    states: Mapping[str, MonitorState], now: datetime, bridges: Mapping[str, bool | None] | None
+) -> dict[str, Any]:
+    if bridges is None:
+        return states[""].snapshot(now)
+    return {
+        "feeders": {f: {**s.snapshot(now), "bridge": bridge_word(bridges.get(f))} for f, s in states.items()}
+    }
 
 
 def _view(
-    states: Mapping[str, MonitorState], now: datetime, broker: str, connected: Mapping[str, bool]
+    states: Mapping[str, MonitorState],
+    now: datetime,
+    broker: str,
+    connected: Mapping[str, bool],
+    bridges: Mapping[str, bool | None] | None = None,
 ) -> RenderableType:
-    if list(states) == [""]:
+    if bridges is None:
         return render(states[""], now, broker, connected[""])
-    return render_feeders(states, now, broker, connected)
+    return render_feeders(states, now, broker, connected, bridges)
 
 
 def _console() -> Console:
@@ -569,12 +627,13 @@ async def _watch(
     transports: Mapping[str, MqttTransport | SignedTransport],
     states: Mapping[str, MonitorState],
     args: argparse.Namespace,
+    bridges: Mapping[str, bool | None] | None = None,
 ) -> None:
     from rich.live import Live
 
     def view() -> RenderableType:
         connected = {name: bool(t.connected) for name, t in transports.items()}
-        return _view(states, _now(), args.broker, connected)
+        return _view(states, _now(), args.broker, connected, bridges)
 
     with Live(view(), console=_console(), auto_refresh=False) as live:
         painter = asyncio.create_task(_paint(live, view))

@@ -50,6 +50,15 @@ def feeder_prefix(feeder: str) -> str:
     return f"{FEEDERS}/{feeder}/"
 
 
+def split_feeder(topic: str) -> tuple[str, str] | None:
+    """(feeder, the rest) of a topic on the core broker (`feeder/<id>/<rest>`); None for another."""
+    head, _, rest = topic.partition("/")
+    feeder, _, rest = rest.partition("/")
+    if head != FEEDERS or not FEEDER_ID.match(feeder) or not rest:
+        return None
+    return feeder, rest
+
+
 def site(site_id: str, kind: str) -> str:
     if kind not in SITE_KINDS:
         raise ValueError(f"no site topic {kind!r}; known: {', '.join(SITE_KINDS)}")

@@ -3,12 +3,15 @@
 
 Each feeder keeps its own bundle, broker, coordinator and sites (`p2pdoe provision --out`), and its
 rounds never leave it. The core bundle adds a broker for the DSO (TLS, passwords, ACL) and, in each
-feeder's broker configuration, a bridge that connects out to the core over TLS as `bridge-<feeder>`
-and forwards the feeder's whole tree there under `feeder/<feeder>/`. On the core the ACL lets each
-bridge write only its own feeder's prefix, and the core's `monitor` read every feeder. Messages cross
-unchanged, signatures included: a reader strips the prefix before checking them against the
-feeder's public keys (copied into the core bundle). Provisioning a core again over bridged feeders
-replaces their bridges (new passwords, a new CA): that is how a bridge's password is renewed.
+feeder's bundle, a bridge (`broker/bridges/core.conf`, included by the feeder's broker configuration)
+that connects out to the core over TLS as `bridge-<feeder>` and forwards there, under
+`feeder/<feeder>/`, what an observer reads: the sites' topics, the coordinator's, the rounds' openings
+and the sites' reports (not the iterations' proposals, grants and prices). On the core the ACL lets
+each bridge write only its own feeder's tree and state, one connection per identity
+(`use_username_as_clientid`, so nobody takes over a bridge's session), and the core's `monitor` read
+every feeder. Messages cross unchanged, signatures included: a reader strips the prefix before
+checking them against the feeder's public keys (copied into the core bundle). Provisioning a core
+again over bridged feeders replaces their bridges (new passwords, a new CA).
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from p2pdoe.services.signing import PUBLIC_KEYS
 
 CORE_KIND = "p2pdoe_core_provision"
 BRIDGE_QOS = 1
-BRIDGE_HEADER = "# bridge to the DSO's core broker (p2pdoe provision --feeder)"  # from here to the end
+BRIDGED = ("site/#", "dso/#", "market/+/open", "market/+/report/+")  # what observers read
+BRIDGE_STATE = "bridge/state"  # under the feeder's prefix: 1 connected, 0 not (retained)
 
 
 def core_acl(feeders: Mapping[str, object]) -> str:
-    """The core broker's ACL: each bridge writes its own feeder's prefix only; the monitor reads
-    every feeder and writes nothing."""
+    """The core broker's ACL: each bridge writes its own feeder's tree and state only; the monitor
+    reads every feeder and writes nothing."""
     lines = [
         "# p2pdoe core broker ACL (p2pdoe provision --feeder): each feeder's bridge and the monitor",
         "",
@@ -47,18 +51,31 @@ def core_acl(feeders: Mapping[str, object]) -> str:
         f"topic read {topics.FEEDERS}/#",
     ]
     for feeder in feeders:
-        lines += ["", f"user bridge-{feeder}", f"topic write {topics.feeder_prefix(feeder)}#"]
+        prefix = topics.feeder_prefix(feeder)
+        lines += [
+            "",
+            f"user bridge-{feeder}",
+            f"topic write {prefix}{topics.ROOT}/#",
+            f"topic write {prefix}{BRIDGE_STATE}",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def bridge_section(feeder: str, core_host: str, core_port: int, password: str, core_ca: Path) -> str:
-    """The bridge a feeder's Mosquitto opens to the core: out only, QoS 1, a persistent session, TLS
-    with the core's CA and host name checked, the feeder's tree remapped under its prefix."""
+def core_broker_config(bundle: Path, host: str, port: int, queue_limit: int) -> str:
+    """A provisioned broker's configuration, each identity on at most one connection (its user name
+    is its client id): a reader cannot take a bridge's session over by borrowing its client id."""
+    text = broker_config(bundle, host, port, queue_limit)
+    return text + "use_username_as_clientid true\n"  # the listener's option: after its `listener` line
+
+
+def bridge_config(feeder: str, core_host: str, core_port: int, password: str, core_ca: Path) -> str:
+    """The bridge a feeder's Mosquitto opens to the core: out only, QoS 1, the feeder's queue kept
+    across reconnections (`cleansession false`), TLS with the core's CA and host name checked, what
+    observers read remapped under the feeder's prefix."""
     prefix = topics.feeder_prefix(feeder)
     return "\n".join(
         [
-            "",
-            f"{BRIDGE_HEADER}: this feeder under {prefix}",
+            f"# bridge to the DSO's core broker (p2pdoe provision --feeder): this feeder under {prefix}",
             f"connection core-{feeder}",
             f"address {core_host}:{core_port}",
             "bridge_protocol_version mqttv50",
@@ -72,8 +89,11 @@ def bridge_section(feeder: str, core_host: str, core_port: int, password: str, c
             "try_private true",
             "restart_timeout 1 30",
             "notifications true",
-            f"notification_topic {prefix}bridge/state",
-            f"topic # out {BRIDGE_QOS} {topics.ROOT}/ {prefix}{topics.ROOT}/",
+            f"notification_topic {prefix}{BRIDGE_STATE}",
+            *(
+                f"topic {pattern} out {BRIDGE_QOS} {topics.ROOT}/ {prefix}{topics.ROOT}/"
+                for pattern in BRIDGED
+            ),
             "",
         ]
     )
@@ -82,9 +102,7 @@ def bridge_section(feeder: str, core_host: str, core_port: int, password: str, c
 def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: int) -> dict[str, object]:
     """The core broker's bundle under `out`, and a bridge to it in each feeder's bundle (`feeders`:
     feeder id -> its bundle). Returns what the core's `provision.json` says."""
-    described = {feeder: _feeder_description(feeder, bundle) for feeder, bundle in feeders.items()}
-    if not described:
-        raise BundleError("a core broker bridges at least one feeder: give --feeder ID=BUNDLE")
+    described = _feeder_descriptions(feeders, host, port)
     for folder in ("ca", "broker", "broker/data", "identities", "feeders"):
         (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_cert, ca_key, server_cert, server_key = _certificates(host)
@@ -98,19 +116,22 @@ def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: i
     _write(out / "broker" / "passwd", _passwd_text(hashes), 0o600)
     _write(out / "broker" / "acl", core_acl(feeders), 0o600)
     queue_limit = max(1000, 1000 * len(feeders))
-    _write(out / "broker" / "mosquitto.conf", broker_config(out, host, port, queue_limit), 0o644)
-    identities = []
-    for user, password in passwords.items():
-        secret = out / "identities" / f"{user}.password"
-        _write(secret, password + "\n", 0o600)
-        role = "monitor" if user == "monitor" else "bridge"
-        identities.append(
-            {"role": role, "id": user, "username": user, "password_file": str(secret.resolve())}
-        )
+    _write(out / "broker" / "mosquitto.conf", core_broker_config(out, host, port, queue_limit), 0o644)
+    monitor_password = out / "identities" / "monitor.password"  # a bridge's lives in its feeder only
+    _write(monitor_password, passwords["monitor"] + "\n", 0o600)
+    identities: list[dict[str, object]] = [
+        {
+            "role": "monitor",
+            "id": "monitor",
+            "username": "monitor",
+            "password_file": str(monitor_password.resolve()),
+        }
+    ]
     entries = {}
     for feeder, bundle in feeders.items():
         keys = _copy_public_keys(described[feeder], out / "feeders" / feeder)
         _add_bridge(bundle, feeder, host, port, passwords[f"bridge-{feeder}"], out / "ca" / "ca.crt")
+        identities.append({"role": "bridge", "id": f"bridge-{feeder}", "username": f"bridge-{feeder}"})
         prefix = topics.feeder_prefix(feeder)
         entries[feeder] = {"prefix": prefix, "bundle": str(bundle.resolve()), "public_keys": str(keys)}
     description: dict[str, object] = {
@@ -130,10 +151,25 @@ def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: i
     return description
 
 
-def _feeder_description(feeder: str, bundle: Path) -> dict[str, object]:
-    if not topics.FEEDER_ID.match(feeder):
-        raise BundleError(f"feeder id {feeder!r}: lower-case letters, digits, '-' and '_', at most 32")
-    return _description(bundle)
+def _feeder_descriptions(feeders: Mapping[str, Path], host: str, port: int) -> dict[str, dict[str, object]]:
+    """Every feeder's bundle read and checked before anything is written."""
+    if not feeders:
+        raise BundleError("a core broker bridges at least one feeder: give --feeder ID=BUNDLE")
+    bundles = [bundle.resolve() for bundle in feeders.values()]
+    if len(set(bundles)) < len(bundles):
+        raise BundleError("a bundle is named by two feeders: each feeder has a bundle of its own")
+    described = {}
+    for feeder, bundle in feeders.items():
+        if not topics.FEEDER_ID.match(feeder):
+            raise BundleError(f"feeder id {feeder!r}: lower-case letters, digits, '-' and '_', at most 32")
+        described[feeder] = _description(bundle)
+        broker = described[feeder]["broker"]
+        assert isinstance(broker, dict)
+        if (broker["host"], broker["port"]) == (host, port):
+            raise BundleError(
+                f"feeder {feeder}'s broker listens on {host}:{port} too: give the core another port"
+            )
+    return described
 
 
 def _copy_public_keys(description: Mapping[str, object], folder: Path) -> Path:
@@ -147,21 +183,30 @@ def _copy_public_keys(description: Mapping[str, object], folder: Path) -> Path:
 
 
 def _add_bridge(bundle: Path, feeder: str, host: str, port: int, password: str, core_ca: Path) -> None:
-    """The bridge appended to the feeder's broker configuration, in place of one it had (now mode 0600:
-    it holds the bridge's password), the core's CA beside it, and the bridge in its provision.json."""
-    (bundle / "bridge").mkdir(exist_ok=True, mode=0o700)
-    ca = bundle / "bridge" / "core-ca.crt"
-    _write(ca, core_ca.read_text(encoding="utf-8"), 0o644)
+    """The bridge in its own file (mode 0600: it holds the bridge's password; a new one replaces the
+    old whole), included by the feeder's broker configuration; the core's CA beside it; the bridge in
+    the feeder's provision.json."""
+    folder = bundle / "broker" / "bridges"
+    folder.mkdir(exist_ok=True, mode=0o700)
+    ca = folder / "core-ca.crt"
+    _replace(ca, core_ca.read_text(encoding="utf-8"), 0o644)
+    _replace(folder / "core.conf", bridge_config(feeder, host, port, password, ca), 0o600)
     config = bundle / "broker" / "mosquitto.conf"
-    before = config.read_text(encoding="utf-8").split(f"\n{BRIDGE_HEADER}", 1)[0]
-    text = before + bridge_section(feeder, host, port, password, ca)
-    _replace(config, text, 0o600)
+    text = config.read_text(encoding="utf-8")
+    include = f"include_dir {folder.resolve()}"
+    if include not in text.splitlines():
+        _replace(
+            config,
+            f"{text}\n# the bridge to the DSO's core broker (p2pdoe provision --feeder)\n{include}\n",
+            0o644,
+        )
     description = _description(bundle)
     description["bridge"] = {
         "core_host": host,
         "core_port": port,
         "username": f"bridge-{feeder}",
         "prefix": topics.feeder_prefix(feeder),
+        "config": str((folder / "core.conf").resolve()),
         "core_ca_cert": str(ca.resolve()),
     }
     _replace(bundle / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)

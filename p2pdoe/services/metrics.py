@@ -199,6 +199,8 @@ class ServiceMetrics:
         self._dropped.append(dropped)
         if len(self._dropped) == 1:
             self._add_sampler(self._sample_dropped)
+        else:
+            self._sample_dropped()  # a reader added later is in the next scrape too
 
     def _sample_dropped(self) -> None:
         total: dict[tuple[str, ...], float] = {}
