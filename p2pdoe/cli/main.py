@@ -221,7 +221,7 @@ def _provision_core(args: argparse.Namespace) -> int:
     print(f"core broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'}")
     for feeder, bundle in feeders.items():
         print(
-            f"feeder {feeder}: bridged by its broker's configuration {bundle / 'broker' / 'mosquitto.conf'}"
+            f"feeder {feeder}: bridged by {bundle / 'broker' / 'bridges' / 'core.conf'} (restart its broker)"
         )
     watch = " ".join(f"--feeder {f}={out / 'feeders' / f / 'public-keys.json'}" for f in feeders)
     print(
