@@ -31,6 +31,7 @@ from p2pdoe.services.provision import (
     _replace,
     _write,
     broker_config,
+    broker_description,
     password_hash,
 )
 from p2pdoe.services.signing import PUBLIC_KEYS
@@ -137,13 +138,7 @@ def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: i
     description: dict[str, object] = {
         "kind": CORE_KIND,
         "schema_version": 1,
-        "broker": {
-            "config": str((out / "broker" / "mosquitto.conf").resolve()),
-            "ca_cert": str((out / "ca" / "ca.crt").resolve()),
-            "host": host,
-            "port": port,
-            "tls": True,
-        },
+        "broker": broker_description(out, host, port),
         "feeders": entries,
         "identities": identities,
     }

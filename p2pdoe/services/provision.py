@@ -269,18 +269,23 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     description: dict[str, object] = {
         "kind": "p2pdoe_provision",
         "schema_version": 1,
-        "broker": {
-            "config": str((out / "broker" / "mosquitto.conf").resolve()),
-            "ca_cert": str((out / "ca" / "ca.crt").resolve()),
-            "host": host,
-            "port": port,
-            "tls": True,
-        },
+        "broker": broker_description(out, host, port),
         "signing": {"algorithm": "ed25519", "public_keys": str(public_keys)},
         "identities": entries,
     }
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
     return description
+
+
+def broker_description(out: Path, host: str, port: int) -> dict[str, object]:
+    """What a bundle's provision.json says of its broker."""
+    return {
+        "config": str((out / "broker" / "mosquitto.conf").resolve()),
+        "ca_cert": str((out / "ca" / "ca.crt").resolve()),
+        "host": host,
+        "port": port,
+        "tls": True,
+    }
 
 
 def rotate(bundle: Path, name: str) -> str:
