@@ -97,3 +97,27 @@ def test_the_coordinators_default_for_a_site_left_out_of_a_round_is_taken_and_na
     assert (choice.kind, choice.box) == ("default", Box(-118.0, 429.0))
     assert [st["envelope"] for st in statuses(out)] == ["default"]
     assert not m.reader.dropped
+
+
+def test_a_reading_stamped_before_the_clock_never_switches_the_envelope_back() -> None:
+    """At an interval's boundary the clock may be past it while a reading stamped just before it is
+    still being handled: the reading's older view must not flip the envelope in force back and forth
+    (seen as five switches within a second in an agent's log)."""
+    from p2pdoe.core.edge.commands import MeterRead
+    from p2pdoe.core.schemas.runtime import MeterReading
+
+    s = load_scenario("default")
+    site = s.ids[0]
+    m = machine(site_config(s, 0))
+    boundary = T0 + timedelta(hours=1)
+    sent: list[object] = []
+    sent += m.handle(heard(site, "doe/default", Doe.from_box(site, None, T0, 4 * 3600, -10.0, 20.0)), T0)
+    sent += m.handle(heard(site, "doe", Doe.from_box(site, "day-ahead", T0, 3600, -100.0, 200.0)), T0)
+    for k in range(3):  # the clock past the boundary, readings stamped just before it, in turn
+        sent += m.handle(Woke(), boundary + timedelta(milliseconds=100 * k + 50))
+        late = MeterReading(site=site, ts=boundary - timedelta(milliseconds=300 - 100 * k), p_kw=0.0)
+        sent += m.handle(
+            MeterRead(late),
+            boundary + timedelta(milliseconds=100 * k + 60),
+        )
+    assert [st["envelope"] for st in statuses(sent)] == ["default", "dynamic", "default"]

@@ -89,6 +89,7 @@ class EdgeRealtime:
         self.applied = "none"  # which envelope applies: dynamic, default, fixed_default (none: not yet)
         self.readings = 0  # handled
         self._choice: Choice | None = None
+        self._choice_at: datetime | None = None  # the moment the choice in force is for
         self._restarted = False  # an interval was resumed from the journal, and no reading came since
         self._tick: datetime | None = None
         self._heard_at: dict[tuple[str, datetime], datetime] = {}  # (kind, start) -> when it came
@@ -228,9 +229,15 @@ class EdgeRealtime:
         out = self._switch(choice, now)
         return out if self.readings else out + self._schedule_telemetry(choice, now)
 
-    def _switch(self, choice: Choice, now: datetime) -> list[Command]:
+    def _switch(self, choice: Choice, now: datetime, at: datetime | None = None) -> list[Command]:
         """A switch goes out on the status in the background, so control never waits for a broker
-        that is away (the transport publishes the latest again on reconnect)."""
+        that is away (the transport publishes the latest again on reconnect). `at`: the moment the
+        choice is for (default `now`); a choice older than the one in force (a reading stamped
+        before the clock's last look, at an interval's boundary) never switches back."""
+        at = now if at is None else at
+        if self._choice_at is not None and at < self._choice_at:
+            return []
+        self._choice_at = at
         previous = self._choice
         if not is_switch(previous, choice):
             self._choice = choice
@@ -320,7 +327,7 @@ class EdgeRealtime:
         if step.settled is not None:  # journaled before the next interval's first reading, so a
             out += self._settled(step.settled)  # crash between the two never leaves it unsettled
         out += self._journal_step(step)
-        out += self._switch(step.choice, now)
+        out += self._switch(step.choice, now, at=r.ts)
         return [*out, self._telemetry(r, step)]
 
     def _after_restart(self, r: MeterReading) -> None:
