@@ -279,6 +279,9 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
         "signing": {"algorithm": "ed25519", "public_keys": str(public_keys)},
         "identities": entries,
     }
+    from p2pdoe.services.csip_provision import write_csip  # CSIP-AUS: `p2pdoe csip-server`
+
+    description["csip"] = write_csip(out, list(peers), host)
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
     return description
 
