@@ -1,0 +1,269 @@
+"""`p2pdoe csip-server` under the provisioned Mosquitto (TLS, ACL, signed messages): real HTTPS with
+the bundle's client certificates on 127.0.0.1. A site's device walks /dcap to its DERControlList and
+reads the export limit the coordinator's MQTT message carries; other sites' resources are not there
+for it; no certificate, another CA's, or an unregistered one is refused; lists page; a newer round's
+envelope supersedes the interval's control; Responses are taken with a Location."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("envoy_schema", reason="the csip extra is not installed (pip install 'p2pdoe[csip]')")
+
+import aiohttp
+from cli_helpers import assert_one_line_error, run_p2pdoe
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from envoy_schema.server.schema.sep2.der import (
+    DefaultDERControl,
+    DERControlListResponse,
+    DERProgramListResponse,
+)
+from envoy_schema.server.schema.sep2.device_capability import DeviceCapabilityResponse
+from envoy_schema.server.schema.sep2.end_device import EndDeviceListResponse
+from envoy_schema.server.schema.sep2.function_set_assignments import FunctionSetAssignmentsListResponse
+
+from p2pdoe.core import topics
+from p2pdoe.core.csip_ids import lfdi, sfdi
+from p2pdoe.core.schemas.runtime import Doe
+from p2pdoe.services.broker import Broker, free_port
+from p2pdoe.services.csip_provision import _issue, _write_pair
+from p2pdoe.services.csip_server import CsipService, load_config, serve
+from p2pdoe.services.provision import access, write_bundle
+
+pytestmark = pytest.mark.timeout(180)
+HOST = "127.0.0.1"
+SITE, OTHER = "solar-18", "wind-25"
+PEN = 32473  # IANA's example enterprise number (RFC 5612)
+DEADLINE_S = 60.0
+START = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+
+def _bundle_of(broker: Broker) -> Path:
+    return Path(broker.argv[-1]).parent.parent  # <bundle>/broker/mosquitto.conf
+
+
+def _description(bundle: Path) -> dict[str, object]:
+    d = json.loads((bundle / "provision.json").read_text())
+    assert isinstance(d, dict)
+    return d
+
+
+def _client_tls(bundle: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """A device's TLS: it checks the server's certificate and host name, and shows its own."""
+    context = ssl.create_default_context(cafile=bundle / "ca" / "ca.crt")
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _site_tls(bundle: Path, site: str) -> ssl.SSLContext:
+    return _client_tls(bundle, bundle / "csip" / f"{site}.crt", bundle / "csip" / f"{site}.key")
+
+
+class Device:
+    """An HTTPS client of one certificate."""
+
+    def __init__(self, base: str, tls: ssl.SSLContext) -> None:
+        self.base, self.tls = base, tls
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as s, s.get(self.base + path, ssl=self.tls) as r:
+            return r.status, await r.read()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, str | None]:
+        headers = {"Content-Type": "application/sep+xml"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.base + path, data=body, ssl=self.tls, headers=headers) as r,
+        ):
+            return r.status, r.headers.get("Location")
+
+    async def until(self, path: str, holds: Callable[[bytes], bool]) -> bytes:
+        """The body of `path` once `holds` is true of it (polled; a generous deadline)."""
+        async with asyncio.timeout(DEADLINE_S):
+            while True:
+                status, body = await self.get(path)
+                if status == 200 and holds(body):
+                    return body
+                await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running(broker: Broker) -> AsyncIterator[tuple[CsipService, str]]:
+    """The server on a free port of the broker's bundle; its base URL."""
+    config, monitor = load_config(_bundle_of(broker), HOST, free_port(), PEN)
+    up: asyncio.Future[CsipService] = asyncio.get_running_loop().create_future()
+
+    async def started(service: CsipService) -> None:
+        up.set_result(service)
+
+    task = asyncio.create_task(serve(config, monitor, DEADLINE_S, started))
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            service = await asyncio.shield(up)
+        yield service, f"https://{HOST}:{config.port}"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def publish(broker: Broker, *envelopes: Doe) -> None:
+    """As the coordinator does: signed, retained, on each site's doe or doe/default topic."""
+    dso = await access(_description(_bundle_of(broker)), "dso").connect("test-dso", DEADLINE_S)
+    try:
+        for doe in envelopes:
+            kind = "doe/default" if doe.round is None else "doe"
+            await dso.publish(topics.site(doe.site, kind), doe.model_dump_json().encode(), retain=True)
+    finally:
+        await dso.close()
+
+
+def _watts(power: object) -> float:
+    return power.value * 10**power.multiplier  # type: ignore[attr-defined, no-any-return]
+
+
+# --- the bundle ------------------------------------------------------------------------------------
+
+
+def test_provision_writes_each_sites_device_certificate_and_lfdi(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    run = run_p2pdoe("provision", "--out", str(out), "--host", HOST, "--port", str(free_port()))
+    assert run.returncode == 0, run.stderr
+    section = _description(out)["csip"]
+    assert isinstance(section, dict)
+    assert set(section["sites"]) >= {SITE, OTHER}
+    for site, entry in section["sites"].items():
+        cert = x509.load_pem_x509_certificate(Path(entry["cert"]).read_bytes())
+        assert entry["lfdi"] == lfdi(cert.public_bytes(serialization.Encoding.DER))
+        assert entry["sfdi"] == sfdi(entry["lfdi"])
+        assert stat.S_IMODE(Path(entry["key"]).stat().st_mode) == 0o600, site
+        assert "PRIVATE KEY" not in run.stdout
+    assert stat.S_IMODE((out / "csip" / "server.key").stat().st_mode) == 0o600
+
+
+def test_a_bundle_without_csip_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    run = run_p2pdoe("csip-server", "--bundle", str(tmp_path))
+    assert_one_line_error(run, "--bundle")
+    write_bundle(tmp_path / "b", {"a": []}, HOST, free_port())
+    assert_one_line_error(run_p2pdoe("csip-server", "--bundle", str(tmp_path / "b"), "--pen", "-1"), "--pen")
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+
+def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: Broker) -> None:
+    bundle = _bundle_of(secure_broker)
+    mine = Doe.from_box(SITE, "da-1", START, 900, -7.25, 3.5)
+    theirs = Doe.from_box(OTHER, "da-1", START, 900, -1.0, 9.0)
+    default = Doe.from_box(SITE, None, START, 86400, -4.0, 2.0)
+
+    async def scenario() -> None:
+        async with running(secure_broker) as (_, base):
+            await publish(secure_broker, mine, theirs, default)
+            device = Device(base, _site_tls(bundle, SITE))
+            dcap = DeviceCapabilityResponse.from_xml((await device.get("/dcap"))[1])
+            assert dcap.EndDeviceListLink is not None
+            edevs = EndDeviceListResponse.from_xml(
+                (await device.get(dcap.EndDeviceListLink.href + "?l=10"))[1]
+            )
+            assert (edevs.all_, edevs.results) == (1, 1)
+            (edev,) = edevs.EndDevice or []
+            entry = _description(bundle)["csip"]["sites"][SITE]  # type: ignore[index]
+            assert (edev.lFDI, edev.sFDI) == (entry["lfdi"], entry["sfdi"])
+            assert edev.FunctionSetAssignmentsListLink is not None
+            fsas = FunctionSetAssignmentsListResponse.from_xml(
+                (await device.get(edev.FunctionSetAssignmentsListLink.href))[1]
+            )
+            (fsa,) = fsas.FunctionSetAssignments or []
+            assert fsa.DERProgramListLink is not None
+            programs = DERProgramListResponse.from_xml((await device.get(fsa.DERProgramListLink.href))[1])
+            (program,) = programs.DERProgram or []
+            assert program.DERControlListLink is not None
+            assert program.DefaultDERControlLink is not None
+            body = await device.until(program.DERControlListLink.href, lambda b: b"<DERControl " in b)
+            (control,) = DERControlListResponse.from_xml(body).DERControl or []
+            assert _watts(control.DERControlBase_.opModExpLimW) == mine.opModExpLimW == 3500
+            assert _watts(control.DERControlBase_.opModImpLimW) == mine.opModImpLimW == 7250
+            assert control.interval.start == int(START.timestamp())
+            assert control.interval.duration == 900
+            assert control.mRID.endswith(f"{PEN:08d}")
+            dderc = await device.until(program.DefaultDERControlLink.href, lambda b: True)
+            limits = DefaultDERControl.from_xml(dderc).DERControlBase_
+            assert _watts(limits.opModExpLimW) == default.opModExpLimW
+            response = (
+                '<DERControlResponse xmlns="urn:ieee:std:2030.5:ns">'
+                f"<createdDateTime>{int(START.timestamp())}</createdDateTime>"
+                f"<endDeviceLFDI>{edev.lFDI}</endDeviceLFDI><status>1</status>"
+                f"<subject>{control.mRID}</subject></DERControlResponse>"
+            )
+            assert control.replyTo is not None
+            status, location = await device.post(control.replyTo, response.encode())
+            assert status == 201
+            assert location is not None
+            assert (await device.get(location))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_another_sites_resources_and_unknown_certificates_are_refused(secure_broker: Broker) -> None:
+    bundle = _bundle_of(secure_broker)
+    ca_cert = x509.load_pem_x509_certificate((bundle / "ca" / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((bundle / "ca" / "ca.key").read_bytes(), None)
+    stranger = _issue(ca_cert, ca_key, "csip-stranger", None, ExtendedKeyUsageOID.CLIENT_AUTH)  # type: ignore[arg-type]
+    _write_pair(bundle / "csip" / "stranger", *stranger)
+    other_ca = bundle.parent / "other"
+    write_bundle(other_ca, {SITE: []}, HOST, free_port())
+
+    async def scenario() -> None:
+        async with running(secure_broker) as (_, base):
+            mine = Device(base, _site_tls(bundle, SITE))
+            for path in (f"/edev/{OTHER}", f"/edev/{OTHER}/derp/doe/derc", f"/edev/{OTHER}/fsa"):
+                assert (await mine.get(path))[0] in (403, 404), path
+            unknown = Device(base, _site_tls(bundle, "stranger"))  # the CA's, but no site's
+            assert (await unknown.get("/dcap"))[0] == 403
+            assert (await unknown.post(f"/edev/{SITE}/rsp", b"<x/>"))[0] == 403
+            for tls in (_client_tls(bundle, None, None), _site_tls(other_ca, SITE)):  # none; another CA's
+                with pytest.raises(aiohttp.ClientError):
+                    await Device(base, tls).get("/dcap")
+
+    asyncio.run(scenario())
+
+
+def test_lists_page_and_a_newer_round_supersedes(secure_broker: Broker) -> None:
+    bundle = _bundle_of(secure_broker)
+    first = Doe.from_box(SITE, "da-1", START, 900, -5.0, 3.0)
+    later = Doe.from_box(SITE, "da-1", START + timedelta(minutes=15), 900, -5.0, 3.0)
+    replacing = Doe.from_box(SITE, "rt-7", START, 900, -5.0, 1.25)
+    controls = f"/edev/{SITE}/derp/doe/derc"
+
+    async def scenario() -> None:
+        async with running(secure_broker) as (_, base):
+            device = Device(base, _site_tls(bundle, SITE))
+            for k, doe in enumerate((first, later, replacing), start=1):
+                await publish(secure_broker, doe)
+                await device.until(controls, lambda b, k=k: f'all="{k}"'.encode() in b)  # type: ignore[misc]
+            page = DERControlListResponse.from_xml((await device.get(controls + "?s=0&l=10"))[1])
+            assert (page.all_, page.results) == (3, 3)
+            newest, replaced, next_one = page.DERControl or []
+            assert _watts(newest.DERControlBase_.opModExpLimW) == 1250
+            assert replaced.EventStatus_.currentStatus == 4  # superseded
+            assert newest.EventStatus_.currentStatus == next_one.EventStatus_.currentStatus == 0  # scheduled
+            assert replaced.interval.start == newest.interval.start
+            one = DERControlListResponse.from_xml((await device.get(controls))[1])
+            assert (one.all_, one.results) == (3, 1)  # 2030.5: one entry without l
+            tail = DERControlListResponse.from_xml((await device.get(controls + "?s=1&l=5"))[1])
+            assert [c.mRID for c in tail.DERControl or []] == [replaced.mRID, next_one.mRID]
+            assert (await device.get(controls + "?s=x"))[0] == 400
+
+    asyncio.run(scenario())
