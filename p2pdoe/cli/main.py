@@ -133,6 +133,12 @@ def _csip_parser(sub: Any) -> None:
         default=0,
         help="the operator's IANA private enterprise number: the last 8 digits of every mRID (default 0)",
     )
+    p.add_argument(
+        "--csipaus",
+        choices=["1.2", "1.3"],
+        default="1.2",
+        help="the CSIP-AUS version whose namespace the limits are written in (default 1.2)",
+    )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="broker wait (10 s)")
     p.set_defaults(run=_run_csip)
 
@@ -143,7 +149,7 @@ def _run_csip(args: argparse.Namespace) -> int:
 
     from p2pdoe.services.csip_server import load_config, serve
 
-    config, broker = load_config(args.bundle, args.host, args.port, args.pen)
+    config, broker = load_config(args.bundle, args.host, args.port, args.pen, args.csipaus)
 
     async def started(_: object) -> None:
         print(f"CSIP-AUS server on https://{config.host}:{config.port}/dcap", flush=True)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from envoy_schema.server.schema.sep2 import der, event, response, types
+from envoy_schema.server.schema.sep2.base import nsmap
 from envoy_schema.server.schema.sep2.der_control_types import ActivePower
 from envoy_schema.server.schema.sep2.device_capability import DeviceCapabilityResponse
 from envoy_schema.server.schema.sep2.end_device import EndDeviceListResponse, EndDeviceResponse
@@ -43,7 +44,8 @@ POLL_RATE_S = 60
 KEPT = timedelta(days=1)  # controls are listed until a day past their end
 INT16_MAX = 32_767
 TIME_QUALITY = types.TimeQualityType.level_3_source  # the host's clock, synchronised (NTP)
-Model = TypeVar("Model", bound=BaseXmlModel)
+# The csipaus namespace per CSIP-AUS version; envoy-schema writes 1.3's, 1.2's XSD wants its own.
+CSIPAUS_NAMESPACES = {"1.2": "https://csipaus.org/ns", "1.3": "https://csipaus.org/ns/v1.3"}
 
 
 # -- identities ---------------------------------------------------------------------------------------
@@ -298,6 +300,12 @@ class Reply:
 
 
 NOT_FOUND = Reply(404)
+
+
+def in_csipaus(body: bytes, version: str) -> bytes:
+    """`body` (as envoy-schema writes it) with its csipaus prefix bound to `version`'s namespace."""
+    written = f'xmlns:csipaus="{nsmap["csipaus"]}"'.encode()
+    return body.replace(written, f'xmlns:csipaus="{CSIPAUS_NAMESPACES[version]}"'.encode(), 1)
 
 
 def xml(model: BaseXmlModel, status: int = 200, location: str | None = None) -> Reply:

@@ -47,9 +47,12 @@ class CsipConfig:
     ca_cert: Path
     devices: Mapping[str, str]  # LFDI -> site
     pen: int
+    csipaus: str = "1.2"  # the CSIP-AUS version whose namespace the extensions are written in
 
 
-def load_config(bundle: Path, host: str | None, port: int | None, pen: int) -> tuple[CsipConfig, Access]:
+def load_config(
+    bundle: Path, host: str | None, port: int | None, pen: int, csipaus: str = "1.2"
+) -> tuple[CsipConfig, Access]:
     """The server's settings from a bundle's provision.json, and the monitor's access to its broker;
     ConfigError naming the flag at fault."""
     try:
@@ -60,13 +63,15 @@ def load_config(bundle: Path, host: str | None, port: int | None, pen: int) -> t
         raise ConfigError(f"--bundle {bundle}: not a bundle with a csip section ({exc!r})") from None
     if not 0 <= pen <= csip.MAX_PEN:
         raise ConfigError(f"--pen {pen}: a private enterprise number has at most 8 decimal digits")
+    if csipaus not in csip.CSIPAUS_NAMESPACES:
+        raise ConfigError(f"--csipaus {csipaus}: one of {', '.join(csip.CSIPAUS_NAMESPACES)}")
     chosen_port = section["port"] if port is None else port
     if not 0 < chosen_port < 65536:
         raise ConfigError(f"--port must lie in 1..65535, not {chosen_port}")
     devices = {str(e["lfdi"]).upper(): site for site, e in section["sites"].items()}
     config = CsipConfig(
         host or section["host"], chosen_port, Path(section["server_cert"]), Path(section["server_key"]),
-        Path(section["ca_cert"]), devices, pen,
+        Path(section["ca_cert"]), devices, pen, csipaus,
     )  # fmt: skip
     return config, monitor
 
@@ -135,20 +140,22 @@ class CsipService:
             reply = csip.read(self.site(device.site), device, request.path, request.query, self.now())
         except csip.QueryError as exc:
             return web.Response(status=400, text=str(exc))
-        return _http(reply)
+        return _http(reply, self.config.csipaus)
 
     async def post(self, request: web.Request) -> web.Response:
         device = self.device(request)
         if device is None:
             return web.Response(status=403, text="unknown client certificate")
         body = await request.read()
-        return _http(csip.answer(self.site(device.site), device, request.path, body, self.now()))
+        reply = csip.answer(self.site(device.site), device, request.path, body, self.now())
+        return _http(reply, self.config.csipaus)
 
 
-def _http(reply: csip.Reply) -> web.Response:
+def _http(reply: csip.Reply, csipaus: str) -> web.Response:
     headers = {} if reply.location is None else {"Location": reply.location}
     content_type = csip.CONTENT_TYPE if reply.body else None
-    return web.Response(status=reply.status, body=reply.body, headers=headers, content_type=content_type)
+    body = csip.in_csipaus(reply.body, csipaus)
+    return web.Response(status=reply.status, body=body, headers=headers, content_type=content_type)
 
 
 def application(service: CsipService) -> web.Application:
