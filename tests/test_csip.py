@@ -46,7 +46,7 @@ from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.services.broker import Broker, free_port
 from p2pdoe.services.csip_provision import _issue, _write_pair
 from p2pdoe.services.csip_server import CsipService, load_config, serve
-from p2pdoe.services.provision import access, write_bundle
+from p2pdoe.services.provision import access, revoke, write_bundle
 
 pytestmark = pytest.mark.timeout(180)
 HOST = "127.0.0.1"
@@ -191,6 +191,16 @@ def test_provision_writes_each_sites_device_certificate_and_lfdi(tmp_path: Path)
         assert stat.S_IMODE(Path(entry["key"]).stat().st_mode) == 0o600, site
         assert "PRIVATE KEY" not in run.stdout
     assert stat.S_IMODE((out / "csip" / "server.key").stat().st_mode) == 0o600
+
+
+def test_a_revoked_sites_device_is_forgotten(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", {SITE: [OTHER], OTHER: [SITE]}, HOST, free_port())
+    before, _ = load_config(tmp_path / "b", None, None, PEN)
+    revoke(tmp_path / "b", SITE)
+    after, _ = load_config(tmp_path / "b", None, None, PEN)
+    assert set(before.devices.values()) == {SITE, OTHER}
+    assert set(after.devices.values()) == {OTHER}
+    assert not (tmp_path / "b" / "csip" / f"{SITE}.key").exists()
 
 
 def test_a_bundle_without_csip_is_one_line_naming_the_flag(tmp_path: Path) -> None:

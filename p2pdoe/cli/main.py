@@ -211,6 +211,7 @@ def _run_provision(args: argparse.Namespace) -> int:
     bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
+    print(f"CSIP-AUS devices: p2pdoe csip-server --bundle {args.out} (certificates in {args.out / 'csip'})")
     return 0
 
 

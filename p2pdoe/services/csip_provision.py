@@ -117,3 +117,14 @@ def _write_pair(stem: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivate
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+
+
+def forget_site(description: dict[str, object], site: str) -> None:
+    """A revoked site's device: its certificate and key deleted, its entry dropped from `csip.sites`
+    (csip-server refuses it from its next start on)."""
+    section = description.get("csip")
+    if not isinstance(section, dict):
+        return
+    entry = section["sites"].pop(site, None)
+    for key in ("cert", "key") if isinstance(entry, dict) else ():
+        Path(entry[key]).unlink(missing_ok=True)

@@ -319,6 +319,9 @@ def revoke(bundle: Path, site: str) -> str:
         if key in entry:
             Path(str(entry[key])).unlink(missing_ok=True)
     forget_key(bundle / "keys" / PUBLIC_KEYS, username)
+    from p2pdoe.services.csip_provision import forget_site  # its CSIP-AUS device certificate
+
+    forget_site(description, site)
     identities = [i for i in description["identities"] if i is not entry]  # type: ignore[attr-defined]
     revoked = [*description.get("revoked", []), {"id": site, "username": username, "at": _now()}]  # type: ignore[misc]
     description |= {"identities": identities, "revoked": revoked}
