@@ -198,8 +198,8 @@ def test_a_revoked_sites_device_is_forgotten(tmp_path: Path) -> None:
     before, _ = load_config(tmp_path / "b", None, None, PEN)
     revoke(tmp_path / "b", SITE)
     after, _ = load_config(tmp_path / "b", None, None, PEN)
-    assert set(before.devices.values()) == {SITE, OTHER}
-    assert set(after.devices.values()) == {OTHER}
+    assert {d.site for d in before.devices.values()} == {SITE, OTHER}
+    assert {d.site for d in after.devices.values()} == {OTHER}
     assert not (tmp_path / "b" / "csip" / f"{SITE}.key").exists()
 
 
@@ -232,6 +232,14 @@ def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: 
             (edev,) = edevs.EndDevice or []
             entry = _description(bundle)["csip"]["sites"][SITE]  # type: ignore[index]
             assert (edev.lFDI, edev.sFDI) == (entry["lfdi"], entry["sfdi"])
+            for link in (
+                edev.DERListLink,
+                edev.RegistrationLink,
+                edev.ConnectionPointLink,
+                dcap.MirrorUsagePointListLink,
+            ):
+                assert link is not None
+                assert (await device.get(link.href))[0] == 200  # and valid by the XSD
             assert edev.FunctionSetAssignmentsListLink is not None
             fsas = _envoy(
                 FunctionSetAssignmentsListResponse,

@@ -138,3 +138,33 @@ def test_a_response_is_stored_with_its_location_and_only_from_its_device() -> No
     assert csip.answer(site, DEVICE, "/edev/a/rsp", forged.encode(), T0).status == 400
     assert csip.answer(site, DEVICE, "/edev/a/rsp", b"<not xml", T0).status == 400
     assert csip.answer(site, DEVICE, "/edev/b/rsp", body.encode(), T0).status == 404
+
+
+def test_the_device_finds_its_der_registration_and_connection_point() -> None:
+    site = _site()
+    device = csip.Device("a", DEVICE.lfdi, 123458, T0)
+    body = csip.read(site, device, "/edev/a", {}, T0).body.decode()
+    for link in ('DERListLink href="/edev/a/der"', 'RegistrationLink href="/edev/a/rg"', 'href="/edev/a/cp"'):
+        assert link in body
+    assert "<pIN>123458</pIN>" in csip.read(site, device, "/edev/a/rg", {}, T0).body.decode()
+    assert "RegistrationLink" not in csip.read(site, DEVICE, "/edev/a", {}, T0).body.decode()  # no PIN
+    assert csip.read(site, DEVICE, "/edev/a/rg", {}, T0).status == 404
+    assert b"<csipaus:connectionPointId>a<" in csip.read(site, device, "/edev/a/cp", {}, T0).body
+    assert b'results="0"' in csip.read(site, device, "/mup", {}, T0).body
+
+
+def test_a_device_reports_its_der_and_reads_it_back() -> None:
+    site = _site()
+    capability = (
+        b'<DERCapability xmlns="urn:ieee:std:2030.5:ns"><modesSupported>00000001</modesSupported>'
+        b"<rtgMaxW><multiplier>0</multiplier><value>5000</value></rtgMaxW><type>4</type>"
+        b'<doeModesSupported xmlns="https://csipaus.org/ns">03</doeModesSupported></DERCapability>'
+    )
+    assert csip.read(site, DEVICE, "/edev/a/der/1/dercap", {}, T0).status == 404
+    assert csip.report(site, DEVICE, "/edev/a/der/1/dercap", capability).status == 204
+    kept = csip.read(site, DEVICE, "/edev/a/der/1/dercap", {}, T0).body
+    assert b"<value>5000</value>" in kept
+    assert b"doeModesSupported>03<" in kept
+    assert csip.report(site, DEVICE, "/edev/a/der/1/dercap", b"<DERStatus/>").status == 400
+    assert csip.report(site, DEVICE, "/edev/a/der/1", capability).status == 405
+    assert csip.report(site, DEVICE, "/edev/b/der/1/dercap", capability).status == 404

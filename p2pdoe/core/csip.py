@@ -16,19 +16,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from envoy_schema.server.schema.csip_aus.connection_point import ConnectionPointLink, ConnectionPointResponse
 from envoy_schema.server.schema.sep2 import der, event, response, types
 from envoy_schema.server.schema.sep2.base import nsmap
 from envoy_schema.server.schema.sep2.der_control_types import ActivePower
 from envoy_schema.server.schema.sep2.device_capability import DeviceCapabilityResponse
-from envoy_schema.server.schema.sep2.end_device import EndDeviceListResponse, EndDeviceResponse
+from envoy_schema.server.schema.sep2.end_device import (
+    EndDeviceListResponse,
+    EndDeviceResponse,
+    RegistrationResponse,
+)
 from envoy_schema.server.schema.sep2.function_set_assignments import (
     FunctionSetAssignmentsListResponse,
     FunctionSetAssignmentsResponse,
 )
 from envoy_schema.server.schema.sep2.identification import Link, ListLink
+from envoy_schema.server.schema.sep2.metering_mirror import MirrorUsagePointListResponse
 from envoy_schema.server.schema.sep2.time import TimeResponse
 from pydantic import ValidationError
 from pydantic_xml import BaseXmlModel
+from pydantic_xml.errors import ParsingError
 
 from p2pdoe.core.csip_ids import sfdi
 from p2pdoe.core.schemas.runtime import Doe
@@ -36,6 +43,14 @@ from p2pdoe.core.schemas.runtime import Doe
 CONTENT_TYPE = "application/sep+xml"
 PROGRAM = "doe"  # the one DERProgram of a site
 FSA = "1"  # its one FunctionSetAssignments
+DER_ID = "1"  # its one DER: the site's assets behind the connection point, as one
+# What a device reports of its DER (PUT), kept as last reported and read back.
+REPORTED: dict[str, type[BaseXmlModel]] = {
+    "dercap": der.DERCapability,
+    "derg": der.DERSettings,
+    "ders": der.DERStatus,
+    "dera": der.DERAvailability,
+}
 DEFAULT_LIMIT = 1  # 2030.5: a list read without `l` gets one entry
 MAX_PEN = 99_999_999  # the PEN fills the mRID's last 8 digits, in decimal
 RESPONSE_REQUIRED = "03"  # message received and specific response (CSIP-AUS)
@@ -107,6 +122,7 @@ class SiteControls:
     default: Doe | None = None
     controls: list[Control] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
+    reported: dict[str, BaseXmlModel] = field(default_factory=dict)  # REPORTED's kind -> the latest
 
     def hear(self, doe: Doe, now: datetime) -> None:
         """Fold in an envelope: a default replaces the default; an agreed interval becomes a control
@@ -137,10 +153,12 @@ class SiteControls:
 
 @dataclass(frozen=True)
 class Device:
-    """A site's client device: the LFDI of its certificate."""
+    """A site's client device: the LFDI of its certificate; its registration PIN and time."""
 
     site: str
     lfdi: str
+    pin: int | None = None
+    registered: datetime | None = None
 
     @property
     def sfdi(self) -> int:
@@ -152,6 +170,10 @@ class Device:
 
 def edev(site: str) -> str:
     return f"/edev/{site}"
+
+
+def der_href(site: str) -> str:
+    return f"{edev(site)}/der/{DER_ID}"
 
 
 def program_href(site: str) -> str:
@@ -167,6 +189,7 @@ def device_capability(device: Device) -> DeviceCapabilityResponse:
         href="/dcap",
         pollRate=POLL_RATE_S,
         EndDeviceListLink=ListLink(href="/edev", all_=1),
+        MirrorUsagePointListLink=ListLink(href="/mup", all_=0),
         TimeLink=Link(href="/tm"),
     )
 
@@ -181,13 +204,45 @@ def time_now(now: datetime) -> TimeResponse:
 
 
 def end_device(device: Device, now: datetime) -> EndDeviceResponse:
+    base = edev(device.site)
+    registered = device.pin is not None and device.registered is not None
     return EndDeviceResponse(
-        href=edev(device.site),
+        href=base,
+        DERListLink=ListLink(href=f"{base}/der", all_=1),
         lFDI=device.lfdi,
         sFDI=device.sfdi,
         changedTime=epoch(now),
         enabled=True,
-        FunctionSetAssignmentsListLink=ListLink(href=f"{edev(device.site)}/fsa", all_=1),
+        FunctionSetAssignmentsListLink=ListLink(href=f"{base}/fsa", all_=1),
+        RegistrationLink=Link(href=f"{base}/rg") if registered else None,
+        ConnectionPointLink=ConnectionPointLink(href=f"{base}/cp"),
+    )
+
+
+def registration(device: Device) -> RegistrationResponse | None:
+    if device.pin is None or device.registered is None:
+        return None
+    return RegistrationResponse(
+        href=f"{edev(device.site)}/rg", dateTimeRegistered=epoch(device.registered), pIN=device.pin
+    )
+
+
+def connection_point(device: Device) -> ConnectionPointResponse:
+    """The connection point, named by the site's id (p2pdoe knows no NMI)."""
+    return ConnectionPointResponse(href=f"{edev(device.site)}/cp", id=device.site)
+
+
+def der_of(device: Device) -> der.DER:
+    """The site's one DER: links to what its device reports, and to the site's program."""
+    href = der_href(device.site)
+    return der.DER(
+        href=href,
+        AssociatedDERProgramListLink=ListLink(href=f"{edev(device.site)}/derp", all_=1),
+        CurrentDERProgramLink=Link(href=program_href(device.site)),
+        DERAvailabilityLink=Link(href=f"{href}/dera"),
+        DERCapabilityLink=Link(href=f"{href}/dercap"),
+        DERSettingsLink=Link(href=f"{href}/derg"),
+        DERStatusLink=Link(href=f"{href}/ders"),
     )
 
 
@@ -308,6 +363,14 @@ def in_csipaus(body: bytes, version: str) -> bytes:
     return body.replace(written, f'xmlns:csipaus="{CSIPAUS_NAMESPACES[version]}"'.encode(), 1)
 
 
+def as_envoy_reads(body: bytes) -> bytes:
+    """A client's `body` with CSIP-AUS 1.2's namespace taken as the one envoy-schema reads."""
+    for quote in (b'"', b"'"):
+        old = quote + CSIPAUS_NAMESPACES["1.2"].encode() + quote
+        body = body.replace(old, quote + nsmap["csipaus"].encode() + quote)
+    return body
+
+
 def xml(model: BaseXmlModel, status: int = 200, location: str | None = None) -> Reply:
     return Reply(status, model.to_xml(skip_empty=True, exclude_none=True), location)  # type: ignore[arg-type]
 
@@ -319,6 +382,8 @@ def read(site: SiteControls, device: Device, path: str, query: Mapping[str, str]
         return xml(device_capability(device))
     if path == "/tm":
         return xml(time_now(now))
+    if path == "/mup":  # no mirror usage points (yet): an empty list
+        return xml(MirrorUsagePointListResponse(href="/mup", all_=0, results=0, pollRate=POLL_RATE_S))
     if path == "/edev":
         devices = paged([end_device(device, now)], page)
         return xml(EndDeviceListResponse(href="/edev", all_=1, results=len(devices), EndDevice=devices))
@@ -339,6 +404,19 @@ def _read_own(site: SiteControls, device: Device, rest: str, page: Page, now: da
         ))  # fmt: skip
     if rest == f"/fsa/{FSA}":
         return xml(function_set_assignments(device, site.pen))
+    if rest == "/rg":
+        found = registration(device)
+        return NOT_FOUND if found is None else xml(found)
+    if rest == "/cp":
+        return xml(connection_point(device))
+    if rest == "/der":
+        ders = paged([der_of(device)], page)
+        return xml(der.DERListResponse(href=f"{base}/der", all_=1, results=len(ders), DER_=ders))
+    if rest == f"/der/{DER_ID}":
+        return xml(der_of(device))
+    if rest.startswith(f"/der/{DER_ID}/"):
+        kept = site.reported.get(rest[len(f"/der/{DER_ID}/") :])
+        return NOT_FOUND if kept is None else xml(kept)
     if rest in ("/derp", f"/fsa/{FSA}/derp"):
         programs = paged([program(site, now)], page)
         return xml(der.DERProgramListResponse(
@@ -379,6 +457,10 @@ def _read_answer(site: SiteControls, index: str) -> Reply:
     ))  # fmt: skip
 
 
+# Malformed XML (lxml's errors are SyntaxErrors), another root element, invalid content.
+UNREADABLE = (ValidationError, ValueError, SyntaxError, ParsingError)
+
+
 # -- writing: a device's Response to a control ------------------------------------------------------
 
 
@@ -394,10 +476,24 @@ def answer(site: SiteControls, device: Device, path: str, body: bytes, now: date
     return Reply(201, location=f"{responses_href(device.site)}/{len(site.answers) - 1}")
 
 
+def report(site: SiteControls, device: Device, path: str, body: bytes) -> Reply:
+    """A device's PUT of what its DER is (DERCapability, DERSettings, DERStatus, DERAvailability):
+    kept, 204; 400 if malformed, 405 for anything else of the device's, 404 elsewhere."""
+    kind = path.removeprefix(der_href(device.site) + "/")
+    if kind not in REPORTED or path == kind:
+        return Reply(405) if path.startswith(edev(device.site)) else NOT_FOUND
+    try:
+        model = REPORTED[kind].from_xml(as_envoy_reads(body))
+    except UNREADABLE:
+        return Reply(400)
+    site.reported[kind] = model.model_copy(update={"href": path})
+    return Reply(204)
+
+
 def _parse_response(body: bytes) -> response.Response | None:
     for model in (response.DERControlResponse, response.Response):
         try:
             return model.from_xml(body)
-        except (ValidationError, ValueError, SyntaxError):  # lxml's parse errors are SyntaxErrors
+        except UNREADABLE:
             continue
     return None

@@ -14,8 +14,12 @@ def lfdi(certificate_der: bytes) -> str:
 
 
 def sfdi(lfdi_hex: str) -> int:
-    """IEEE 2030.5 6.3.3: the first 36 bits of the LFDI in decimal, then a check digit that makes the
-    sum of all digits a multiple of ten."""
-    value = int(lfdi_hex[:SFDI_HEX_DIGITS], 16)
+    """IEEE 2030.5 6.3.3: the first 36 bits of the LFDI in decimal, then its check digit."""
+    return with_check_digit(int(lfdi_hex[:SFDI_HEX_DIGITS], 16))
+
+
+def with_check_digit(value: int) -> int:
+    """`value` followed by the digit that makes the sum of all its digits a multiple of ten (IEEE
+    2030.5's check digit of an SFDI and of a registration PIN)."""
     digit_sum = sum(int(d) for d in str(value))
     return value * 10 + (10 - digit_sum % 10) % 10

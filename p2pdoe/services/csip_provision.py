@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from p2pdoe.core.csip_ids import lfdi, sfdi
+    from p2pdoe.core.csip_ids import lfdi, sfdi, with_check_digit
 
     folder = out / "csip"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -38,6 +39,7 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
     server = _issue(ca_cert, ca_key, host, _san(host), ExtendedKeyUsageOID.SERVER_AUTH)
     _write_pair(folder / "server", *server)
     sites: dict[str, object] = {}
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for site in site_ids:
         cert, key = _issue(ca_cert, ca_key, f"csip-{site}", None, ExtendedKeyUsageOID.CLIENT_AUTH)
         _write_pair(folder / site, cert, key)
@@ -45,6 +47,8 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
         sites[site] = {
             "lfdi": device_lfdi,
             "sfdi": sfdi(device_lfdi),
+            "pin": with_check_digit(secrets.randbelow(100_000)),  # 2030.5's registration PIN
+            "registered": now,
             "cert": str((folder / f"{site}.crt").resolve()),
             "key": str((folder / f"{site}.key").resolve()),
         }
@@ -56,14 +60,6 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
         "ca_cert": str((out / "ca" / "ca.crt").resolve()),
         "sites": sites,
     }
-
-
-def site_lfdis(description: Mapping[str, object]) -> dict[str, str]:
-    """LFDI -> site, from a bundle's provision.json (empty if it has no `csip` section)."""
-    section = description.get("csip")
-    if not isinstance(section, dict):
-        return {}
-    return {str(entry["lfdi"]): site for site, entry in section["sites"].items()}
 
 
 def _san(host: str) -> x509.GeneralName:

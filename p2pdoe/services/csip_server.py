@@ -45,7 +45,7 @@ class CsipConfig:
     server_cert: Path
     server_key: Path
     ca_cert: Path
-    devices: Mapping[str, str]  # LFDI -> site
+    devices: Mapping[str, csip.Device]  # by LFDI
     pen: int
     csipaus: str = "1.2"  # the CSIP-AUS version whose namespace the extensions are written in
 
@@ -68,12 +68,22 @@ def load_config(
     chosen_port = section["port"] if port is None else port
     if not 0 < chosen_port < 65536:
         raise ConfigError(f"--port must lie in 1..65535, not {chosen_port}")
-    devices = {str(e["lfdi"]).upper(): site for site, e in section["sites"].items()}
+    devices = {str(e["lfdi"]).upper(): _device(site, e) for site, e in section["sites"].items()}
     config = CsipConfig(
         host or section["host"], chosen_port, Path(section["server_cert"]), Path(section["server_key"]),
         Path(section["ca_cert"]), devices, pen, csipaus,
     )  # fmt: skip
     return config, monitor
+
+
+def _device(site: str, entry: Mapping[str, object]) -> csip.Device:
+    pin, registered = entry.get("pin"), entry.get("registered")
+    return csip.Device(
+        site,
+        str(entry["lfdi"]).upper(),
+        pin if isinstance(pin, int) else None,
+        datetime.fromisoformat(registered) if isinstance(registered, str) else None,
+    )
 
 
 def server_tls(config: CsipConfig) -> ssl.SSLContext:
@@ -128,9 +138,7 @@ class CsipService:
         certificate = None if tls is None else tls.getpeercert(binary_form=True)
         if not certificate:
             return None
-        device_lfdi = lfdi(certificate)
-        site = self.config.devices.get(device_lfdi)
-        return None if site is None else csip.Device(site, device_lfdi)
+        return self.config.devices.get(lfdi(certificate))
 
     async def get(self, request: web.Request) -> web.Response:
         device = self.device(request)
@@ -140,6 +148,13 @@ class CsipService:
             reply = csip.read(self.site(device.site), device, request.path, request.query, self.now())
         except csip.QueryError as exc:
             return web.Response(status=400, text=str(exc))
+        return _http(reply, self.config.csipaus)
+
+    async def put(self, request: web.Request) -> web.Response:
+        device = self.device(request)
+        if device is None:
+            return web.Response(status=403, text="unknown client certificate")
+        reply = csip.report(self.site(device.site), device, request.path, await request.read())
         return _http(reply, self.config.csipaus)
 
     async def post(self, request: web.Request) -> web.Response:
@@ -162,6 +177,7 @@ def application(service: CsipService) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/{path:.*}", service.get)
     app.router.add_post("/{path:.*}", service.post)
+    app.router.add_put("/{path:.*}", service.put)
     return app
 
 
