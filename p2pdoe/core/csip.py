@@ -32,9 +32,10 @@ from envoy_schema.server.schema.sep2.function_set_assignments import (
 )
 from envoy_schema.server.schema.sep2.identification import Link, ListLink
 from envoy_schema.server.schema.sep2.metering_mirror import MirrorUsagePointListResponse
+from envoy_schema.server.schema.sep2.primitive_types import HexBinary8
 from envoy_schema.server.schema.sep2.time import TimeResponse
 from pydantic import ValidationError
-from pydantic_xml import BaseXmlModel
+from pydantic_xml import BaseXmlModel, element
 from pydantic_xml.errors import ParsingError
 
 from p2pdoe.core.csip_ids import sfdi
@@ -44,9 +45,17 @@ CONTENT_TYPE = "application/sep+xml"
 PROGRAM = "doe"  # the one DERProgram of a site
 FSA = "1"  # its one FunctionSetAssignments
 DER_ID = "1"  # its one DER: the site's assets behind the connection point, as one
+
+
+class ReportedCapability(der.DERCapability, tag="DERCapability"):
+    """A DERCapability as devices send it: some (py20305's) leave out CSIP-AUS's doeModesSupported."""
+
+    doeModesSupported: HexBinary8 | None = element(ns="csipaus", default=None)  # type: ignore[assignment]  # noqa: N815
+
+
 # What a device reports of its DER (PUT), kept as last reported and read back.
 REPORTED: dict[str, type[BaseXmlModel]] = {
-    "dercap": der.DERCapability,
+    "dercap": ReportedCapability,
     "derg": der.DERSettings,
     "ders": der.DERStatus,
     "dera": der.DERAvailability,
@@ -352,6 +361,11 @@ class Reply:
     status: int
     body: bytes = b""
     location: str | None = None
+    detail: str | None = None  # why a request was refused, for the client and the log
+
+
+def refused(status: int, why: object) -> Reply:
+    return Reply(status, detail=" ".join(str(why).split())[:500])
 
 
 NOT_FOUND = Reply(404)
@@ -484,8 +498,8 @@ def report(site: SiteControls, device: Device, path: str, body: bytes) -> Reply:
         return Reply(405) if path.startswith(edev(device.site)) else NOT_FOUND
     try:
         model = REPORTED[kind].from_xml(as_envoy_reads(body))
-    except UNREADABLE:
-        return Reply(400)
+    except UNREADABLE as exc:
+        return refused(400, exc)
     site.reported[kind] = model.model_copy(update={"href": path})
     return Reply(204)
 

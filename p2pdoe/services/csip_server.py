@@ -167,6 +167,9 @@ class CsipService:
 
 
 def _http(reply: csip.Reply, csipaus: str) -> web.Response:
+    if reply.detail is not None:
+        log.info("refused with %d: %s", reply.status, reply.detail)
+        return web.Response(status=reply.status, text=reply.detail)
     headers = {} if reply.location is None else {"Location": reply.location}
     content_type = csip.CONTENT_TYPE if reply.body else None
     body = csip.in_csipaus(reply.body, csipaus)
