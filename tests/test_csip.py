@@ -382,7 +382,7 @@ def test_py20305_applies_the_export_limit_mqtt_carries(secure_broker: Broker) ->
             value, multiplier = recorder.limits[0]["opModExpLimW"]
             assert value * 10**multiplier == in_force.opModExpLimW == 4750
             control = service.sites[SITE].controls[0]
-            assert {a.subject for a in service.sites[SITE].answers} == {control.mrid}
+            assert {a.subject for a in service.sites[SITE].answers.values()} == {control.mrid}
 
     asyncio.run(scenario())
 

@@ -134,6 +134,11 @@ def test_a_response_is_stored_with_its_location_and_only_from_its_device() -> No
     reply = csip.answer(site, DEVICE, "/edev/a/rsp", body.encode(), T0)
     assert (reply.status, reply.location) == (201, "/edev/a/rsp/0")
     assert csip.read(site, DEVICE, "/edev/a/rsp/0", {}, T0).status == 200
+    for _ in range(csip.ANSWERS_KEPT):
+        csip.answer(site, DEVICE, "/edev/a/rsp", body.encode(), T0)
+    assert len(site.answers) == csip.ANSWERS_KEPT  # the oldest forgotten
+    assert csip.read(site, DEVICE, "/edev/a/rsp/0", {}, T0).status == 404
+    assert csip.read(site, DEVICE, f"/edev/a/rsp/{csip.ANSWERS_KEPT}", {}, T0).status == 200
     forged = body.replace(DEVICE.lfdi, "0" * 40)
     assert csip.answer(site, DEVICE, "/edev/a/rsp", forged.encode(), T0).status == 400
     assert csip.answer(site, DEVICE, "/edev/a/rsp", b"<not xml", T0).status == 400

@@ -63,9 +63,10 @@ REPORTED: dict[str, type[BaseXmlModel]] = {
 DEFAULT_LIMIT = 1  # 2030.5: a list read without `l` gets one entry
 MAX_PEN = 99_999_999  # the PEN fills the mRID's last 8 digits, in decimal
 RESPONSE_REQUIRED = "03"  # message received and specific response (CSIP-AUS)
-PRIMACY = 2  # the DSO: a contracted premises service provider ranks 1, a network operator after
+PRIMACY = 2  # 2030.5 PrimacyType 2, a non-contractual service provider: the DSO, to a site
 POLL_RATE_S = 60
 KEPT = timedelta(days=1)  # controls are listed until a day past their end
+ANSWERS_KEPT = 1000  # per site: a device posting on and on cannot fill the memory
 INT16_MAX = 32_767
 TIME_QUALITY = types.TimeQualityType.level_3_source  # the host's clock, synchronised (NTP)
 # The csipaus namespace per CSIP-AUS version; envoy-schema writes 1.3's, 1.2's XSD wants its own.
@@ -130,7 +131,8 @@ class SiteControls:
     pen: int
     default: Doe | None = None
     controls: list[Control] = field(default_factory=list)
-    answers: list[Answer] = field(default_factory=list)
+    answers: dict[int, Answer] = field(default_factory=dict)  # by number, the latest ANSWERS_KEPT
+    answered: int = 0  # how many were ever posted: the next one's number
     reported: dict[str, BaseXmlModel] = field(default_factory=dict)  # REPORTED's kind -> the latest
 
     def hear(self, doe: Doe, now: datetime) -> None:
@@ -155,6 +157,13 @@ class SiteControls:
         """2030.5's order of events: start ascending, then creation and mRID descending."""
         by_newest = sorted(self.controls, key=lambda c: (c.created, c.mrid), reverse=True)
         return sorted(by_newest, key=lambda c: c.doe.start)
+
+    def keep(self, answer: Answer) -> int:
+        """Keep a posted Response (the oldest forgotten beyond ANSWERS_KEPT); its number."""
+        number, self.answered = self.answered, self.answered + 1
+        self.answers[number] = answer
+        self.answers.pop(number - ANSWERS_KEPT, None)
+        return number
 
     def find(self, control_mrid: str) -> Control | None:
         return next((c for c in self.controls if c.mrid == control_mrid), None)
@@ -462,9 +471,9 @@ def _read_program(site: SiteControls, rest: str, page: Page, now: datetime) -> R
 
 
 def _read_answer(site: SiteControls, index: str) -> Reply:
-    if not index.isdigit() or int(index) >= len(site.answers):
+    a = site.answers.get(int(index)) if index.isdigit() else None
+    if a is None:
         return NOT_FOUND
-    a = site.answers[int(index)]
     return xml(response.DERControlResponse(
         href=f"{responses_href(site.site)}/{index}", createdDateTime=epoch(a.created), endDeviceLFDI=a.lfdi,
         status=a.status, subject=a.subject,
@@ -486,8 +495,8 @@ def answer(site: SiteControls, device: Device, path: str, body: bytes, now: date
     posted = _parse_response(body)
     if posted is None or posted.endDeviceLFDI.upper() != device.lfdi:
         return Reply(400)
-    site.answers.append(Answer(posted.subject.upper(), posted.status, device.lfdi, now))
-    return Reply(201, location=f"{responses_href(device.site)}/{len(site.answers) - 1}")
+    number = site.keep(Answer(posted.subject.upper(), posted.status, device.lfdi, now))
+    return Reply(201, location=f"{responses_href(device.site)}/{number}")
 
 
 def report(site: SiteControls, device: Device, path: str, body: bytes) -> Reply:
