@@ -216,6 +216,23 @@ def test_a_bundle_without_csip_is_one_line_naming_the_flag(tmp_path: Path) -> No
 # --- the server ------------------------------------------------------------------------------------
 
 
+def test_the_command_serves_the_bundles_devices(secure_broker: Broker) -> None:
+    """`p2pdoe csip-server` as a process: it says where it serves, and a site's device reads /dcap."""
+    bundle, port = _bundle_of(secure_broker), free_port()
+    command = [sys.executable, "-m", "p2pdoe.cli.main", "csip-server", "--bundle", str(bundle)]
+    command += ["--port", str(port), "--pen", str(PEN)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == f"CSIP-AUS server on https://{HOST}:{port}/dcap"
+        device = Device(f"https://{HOST}:{port}", _site_tls(bundle, SITE))
+        body = asyncio.run(device.until("/dcap", lambda b: True))
+        assert b"<DeviceCapability " in body
+    finally:
+        server.terminate()
+        server.wait(timeout=DEADLINE_S)
+
+
 def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: Broker) -> None:
     bundle = _bundle_of(secure_broker)
     mine = Doe.from_box(SITE, "da-1", START, 900, -7.25, 3.5)

@@ -140,6 +140,7 @@ def _csip_parser(sub: Any) -> None:
         help="the CSIP-AUS version whose namespace the limits are written in (default 1.2)",
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="broker wait (10 s)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
     p.set_defaults(run=_run_csip)
 
 
@@ -148,8 +149,10 @@ def _run_csip(args: argparse.Namespace) -> int:
     import contextlib
 
     from p2pdoe.services.csip_server import load_config, serve
+    from p2pdoe.services.settings import configure_logging
 
     config, broker = load_config(args.bundle, args.host, args.port, args.pen, args.csipaus)
+    configure_logging(args.log_level, "csip-server")
 
     async def started(_: object) -> None:
         print(f"CSIP-AUS server on https://{config.host}:{config.port}/dcap", flush=True)

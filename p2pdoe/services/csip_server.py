@@ -212,7 +212,7 @@ async def serve(
             await transport.subscribe(topics.every_site(kind))
         runner = await listen(service)
         try:
-            log.info("CSIP-AUS server on https://%s:%d/dcap", config.host, config.port)
+            log.debug("CSIP-AUS server on https://%s:%d/dcap", config.host, config.port)
             if started is not None:
                 await started(service)
             async for message in transport.messages():
