@@ -322,9 +322,10 @@ def test_another_sites_resources_and_unknown_certificates_are_refused(secure_bro
 
 def test_lists_page_and_a_newer_round_supersedes(secure_broker: Broker) -> None:
     bundle = _bundle_of(secure_broker)
-    first = Doe.from_box(SITE, "da-1", START, 900, -5.0, 3.0)
-    later = Doe.from_box(SITE, "da-1", START + timedelta(minutes=15), 900, -5.0, 3.0)
-    replacing = Doe.from_box(SITE, "rt-7", START, 900, -5.0, 1.25)
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)  # in force now
+    first = Doe.from_box(SITE, "da-1", now, 900, -5.0, 3.0)
+    later = Doe.from_box(SITE, "da-1", now + timedelta(minutes=15), 900, -5.0, 3.0)
+    replacing = Doe.from_box(SITE, "rt-7", now, 900, -5.0, 1.25)
     controls = f"/edev/{SITE}/derp/doe/derc"
 
     async def scenario() -> None:
@@ -338,7 +339,8 @@ def test_lists_page_and_a_newer_round_supersedes(secure_broker: Broker) -> None:
             newest, replaced, next_one = page.DERControl or []
             assert _watts(newest.DERControlBase_.opModExpLimW) == 1250
             assert replaced.EventStatus_.currentStatus == 4  # superseded
-            assert newest.EventStatus_.currentStatus == next_one.EventStatus_.currentStatus == 0  # scheduled
+            assert newest.EventStatus_.currentStatus == 1  # active
+            assert next_one.EventStatus_.currentStatus == 0  # scheduled
             assert replaced.interval.start == newest.interval.start
             one = _envoy(DERControlListResponse, (await device.get(controls))[1])
             assert (one.all_, one.results) == (3, 1)  # 2030.5: one entry without l

@@ -82,9 +82,13 @@ def test_a_newer_round_supersedes_the_interval_it_replaces() -> None:
     assert newest.DERControlBase_.opModExpLimW.value == 2000
     assert newest.EventStatus_.currentStatus == 1  # active
     assert replaced.EventStatus_.currentStatus == 4  # superseded
-    assert replaced.EventStatus_.dateTime == int((T0 - timedelta(minutes=5)).timestamp())
+    assert replaced.EventStatus_.dateTime == int(T0.timestamp())  # from the newer one's start on
     assert later.EventStatus_.currentStatus == 0  # scheduled
     assert all(c.responseRequired == "03" and c.replyTo == "/edev/a/rsp" for c in controls)
+    before = _controls(site, {"l": "10"}, T0 - timedelta(minutes=1)).DERControl or []
+    assert [c.EventStatus_.currentStatus for c in before] == [0, 0, 0]  # all scheduled yet
+    assert [c.EventStatus_.potentiallySuperseded for c in before] == [False, True, False]
+    assert before[1].EventStatus_.potentiallySupersededTime == int((T0 - timedelta(minutes=5)).timestamp())
     active = csip.read(site, DEVICE, "/edev/a/derp/doe/actderc", {"l": "10"}, T0 + timedelta(minutes=1))
     assert DERControlListResponse.from_xml(active.body).all_ == 1
 

@@ -102,15 +102,25 @@ def epoch(moment: datetime) -> int:
 
 @dataclass
 class Control:
-    """One agreed interval as a DERControl: when the server heard it, and when a newer round replaced it."""
+    """One agreed interval as a DERControl: when the server heard it; and, once a newer round set an
+    overlapping interval, when it is superseded (the newer one's start, 2030.5's rule) and when the
+    server learned it."""
 
     doe: Doe
     mrid: str
     created: datetime
     superseded_at: datetime | None = None
+    flagged_at: datetime | None = None
 
     def overlaps(self, doe: Doe) -> bool:
         return self.doe.start < doe.end and doe.start < self.doe.end
+
+    def superseded(self, now: datetime) -> bool:
+        return self.superseded_at is not None and now >= self.superseded_at
+
+    def supersede(self, newer: Doe, now: datetime) -> None:
+        if self.superseded_at is None:
+            self.superseded_at, self.flagged_at = max(now, newer.start), now
 
 
 @dataclass
@@ -145,8 +155,8 @@ class SiteControls:
         if any(c.doe.model_dump_json() == key for c in self.controls):
             return
         for c in self.controls:
-            if c.superseded_at is None and c.overlaps(doe):
-                c.superseded_at = now
+            if c.overlaps(doe):
+                c.supersede(doe, now)
         self.controls.append(Control(doe, mrid(self.pen, "derc", key), now))
         self._forget(now)
 
@@ -307,13 +317,21 @@ def default_control(site: SiteControls) -> der.DefaultDERControl | None:
 
 
 def event_status(control: Control, now: datetime) -> event.EventStatus:
-    if control.superseded_at is not None:
+    """Scheduled, active, or superseded from the newer control's start on; until then flagged as
+    potentially superseded (since the server learned it)."""
+    if control.superseded(now) and control.superseded_at is not None:
         status, since = event.EventStatusType.Superseded, control.superseded_at
     elif now < control.doe.start:
         status, since = event.EventStatusType.Scheduled, control.created
     else:
         status, since = event.EventStatusType.Active, max(control.created, control.doe.start)
-    return event.EventStatus(currentStatus=int(status), dateTime=epoch(since), potentiallySuperseded=False)
+    pending = control.flagged_at if not control.superseded(now) else None
+    return event.EventStatus(
+        currentStatus=int(status),
+        dateTime=epoch(since),
+        potentiallySuperseded=pending is not None,
+        potentiallySupersededTime=None if pending is None else epoch(pending),
+    )
 
 
 def control(site: SiteControls, c: Control, now: datetime) -> der.DERControlResponse:
@@ -332,7 +350,7 @@ def control(site: SiteControls, c: Control, now: datetime) -> der.DERControlResp
 
 def active(site: SiteControls, now: datetime) -> list[Control]:
     """The controls in force at `now` (not superseded)."""
-    return [c for c in site.ordered() if c.superseded_at is None and c.doe.valid_at(now)]
+    return [c for c in site.ordered() if not c.superseded(now) and c.doe.valid_at(now)]
 
 
 # -- reading a resource: path and query to an answer ----------------------------------------------
