@@ -211,6 +211,8 @@ def test_a_bundle_without_csip_is_one_line_naming_the_flag(tmp_path: Path) -> No
     assert_one_line_error(run, "--bundle")
     write_bundle(tmp_path / "b", {"a": []}, HOST, free_port())
     assert_one_line_error(run_p2pdoe("csip-server", "--bundle", str(tmp_path / "b"), "--pen", "-1"), "--pen")
+    (tmp_path / "b" / "csip" / "server.key").unlink()
+    assert_one_line_error(run_p2pdoe("csip-server", "--bundle", str(tmp_path / "b")), "--bundle")
 
 
 # --- the server ------------------------------------------------------------------------------------

@@ -140,7 +140,12 @@ def _csip_parser(sub: Any) -> None:
         help="the CSIP-AUS version whose namespace the limits are written in (default 1.2)",
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="broker wait (10 s)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="WARNING",
+        help="INFO also logs each refused request and the broker's reconnections (default WARNING)",
+    )
     p.set_defaults(run=_run_csip)
 
 

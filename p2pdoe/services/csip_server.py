@@ -59,20 +59,21 @@ def load_config(
         description = json.loads((bundle / "provision.json").read_text(encoding="utf-8"))
         section = description["csip"]
         monitor = access(description, "monitor")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        devices = {str(e["lfdi"]).upper(): _device(site, e) for site, e in section["sites"].items()}
+        cert, key, ca = (Path(section[k]) for k in ("server_cert", "server_key", "ca_cert"))
+        chosen_host, chosen_port = (
+            host or str(section["host"]),
+            int(section["port"] if port is None else port),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"--bundle {bundle}: not a bundle with a csip section ({exc!r})") from None
     if not 0 <= pen <= csip.MAX_PEN:
         raise ConfigError(f"--pen {pen}: a private enterprise number has at most 8 decimal digits")
     if csipaus not in csip.CSIPAUS_NAMESPACES:
         raise ConfigError(f"--csipaus {csipaus}: one of {', '.join(csip.CSIPAUS_NAMESPACES)}")
-    chosen_port = section["port"] if port is None else port
     if not 0 < chosen_port < 65536:
         raise ConfigError(f"--port must lie in 1..65535, not {chosen_port}")
-    devices = {str(e["lfdi"]).upper(): _device(site, e) for site, e in section["sites"].items()}
-    config = CsipConfig(
-        host or section["host"], chosen_port, Path(section["server_cert"]), Path(section["server_key"]),
-        Path(section["ca_cert"]), devices, pen, csipaus,
-    )  # fmt: skip
+    config = CsipConfig(chosen_host, chosen_port, cert, key, ca, devices, pen, csipaus)
     return config, monitor
 
 
@@ -87,9 +88,13 @@ def _device(site: str, entry: Mapping[str, object]) -> csip.Device:
 
 
 def server_tls(config: CsipConfig) -> ssl.SSLContext:
-    """TLS 1.2 or later, the server's certificate, and a client certificate of the CA required."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(config.ca_cert))
-    context.load_cert_chain(config.server_cert, config.server_key)
+    """TLS 1.2 or later, the server's certificate, and a client certificate of the CA required;
+    ConfigError naming --bundle if its certificates cannot be read."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(config.ca_cert))
+        context.load_cert_chain(config.server_cert, config.server_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--bundle: cannot read the CSIP server's certificates: {exc}") from None
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
@@ -184,13 +189,13 @@ def application(service: CsipService) -> web.Application:
     return app
 
 
-async def listen(service: CsipService) -> web.AppRunner:
+async def listen(service: CsipService, tls: ssl.SSLContext) -> web.AppRunner:
     """The HTTPS server, listening; ConfigError naming --port if it cannot."""
+    config = service.config
     runner = web.AppRunner(application(service), access_log=None)
     await runner.setup()
-    config = service.config
     try:
-        await web.TCPSite(runner, config.host, config.port, ssl_context=server_tls(config)).start()
+        await web.TCPSite(runner, config.host, config.port, ssl_context=tls).start()
     except OSError as exc:
         await runner.cleanup()
         where = f"{config.host}:{config.port}"
@@ -205,12 +210,12 @@ async def serve(
     started: Callable[[CsipService], Awaitable[None]] | None = None,
 ) -> None:
     """Read the envelopes and serve them until cancelled (or the transport gives up)."""
-    service = CsipService(config)
+    service, tls = CsipService(config), server_tls(config)  # a bad certificate fails before connecting
     transport = await broker.connect(f"p2pdoe-csip-{secrets.token_hex(4)}", connect_timeout_s)
     try:
         for kind in ("doe", "doe/default"):
             await transport.subscribe(topics.every_site(kind))
-        runner = await listen(service)
+        runner = await listen(service, tls)
         try:
             log.debug("CSIP-AUS server on https://%s:%d/dcap", config.host, config.port)
             if started is not None:
