@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _site_config_parser(sub)
     _provision_parser(sub)
     _monitor_parser(sub)
+    _csip_parser(sub)
     _demo_parser(sub)
     return parser
 
@@ -131,6 +132,53 @@ def _run_monitor(args: argparse.Namespace) -> int:
     return run_monitor(args)
 
 
+def _csip_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "csip-server", help="serve each site's envelopes over HTTPS as CSIP-AUS (IEEE 2030.5) resources"
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="the deployment bundle (p2pdoe provision)")
+    p.add_argument("--host", help="the address to listen on (default: the bundle's broker host)")
+    p.add_argument("--port", type=int, help="the HTTPS port (default: the bundle's, 8443)")
+    p.add_argument(
+        "--pen",
+        type=int,
+        default=0,
+        help="the operator's IANA private enterprise number: the last 8 digits of every mRID (default 0)",
+    )
+    p.add_argument(
+        "--csipaus",
+        choices=["1.2", "1.3"],
+        default="1.2",
+        help="the CSIP-AUS version whose namespace the limits are written in (default 1.2)",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="broker wait (10 s)")
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="WARNING",
+        help="INFO also logs each refused request and the broker's reconnections (default WARNING)",
+    )
+    p.set_defaults(run=_run_csip)
+
+
+def _run_csip(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from p2pdoe.services.csip_server import load_config, serve
+    from p2pdoe.services.settings import configure_logging
+
+    config, broker = load_config(args.bundle, args.host, args.port, args.pen, args.csipaus)
+    configure_logging(args.log_level, "csip-server")
+
+    async def started(_: object) -> None:
+        print(f"CSIP-AUS server on https://{config.host}:{config.port}/dcap", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, broker, args.connect_timeout, started))
+    return 0
+
+
 def _site_config_parser(sub: Any) -> None:
     p = sub.add_parser(
         "site-config", help="split a scenario into one edge configuration per community (its data only)"
@@ -202,6 +250,7 @@ def _run_provision(args: argparse.Namespace) -> int:
     bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
+    print(f"CSIP-AUS devices: p2pdoe csip-server --bundle {args.out} (certificates in {args.out / 'csip'})")
     return 0
 
 

@@ -273,6 +273,9 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
         "signing": {"algorithm": "ed25519", "public_keys": str(public_keys)},
         "identities": entries,
     }
+    from p2pdoe.services.csip_provision import write_csip  # CSIP-AUS: `p2pdoe csip-server`
+
+    description["csip"] = write_csip(out, list(peers), host)
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
     return description
 
@@ -321,6 +324,9 @@ def revoke(bundle: Path, site: str) -> str:
         if key in entry:
             Path(str(entry[key])).unlink(missing_ok=True)
     forget_key(bundle / "keys" / PUBLIC_KEYS, username)
+    from p2pdoe.services.csip_provision import forget_site  # its CSIP-AUS device certificate
+
+    forget_site(description, site)
     identities = [i for i in description["identities"] if i is not entry]  # type: ignore[attr-defined]
     revoked = [*description.get("revoked", []), {"id": site, "username": username, "at": _now()}]  # type: ignore[misc]
     description |= {"identities": identities, "revoked": revoked}
