@@ -23,10 +23,15 @@ import numpy as np
 from p2pdoe.analysis.markets import DesignMetrics
 from p2pdoe.core.network import FloatArray
 from p2pdoe.core.schemas.results import CommunityResult, Results
+from p2pdoe.report.feeder_layout import hops_from_root, laterals
 from p2pdoe.report.table import POLICY_ORDER
 
 DPI = 110
+LIMIT_ROOM_PU = 0.006  # kept beyond a voltage limit for its label
 SOC_EPS_KWH = 1e-6
+COINCIDE_KW = 0.5  # series this close are drawn as one, the later dashed over the earlier
+COINCIDE_REL = 0.005  # or this close, relative to the series' range
+TWIN_DASHES = (0, (3.0, 3.0))  # gaps as long as the dashes: the line underneath shows through
 _COLOURS = {"none": "tab:red", "static": "tab:blue", "dynamic": "tab:green", "admm": "tab:purple"}
 _SPARE_COLOURS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
@@ -125,7 +130,7 @@ def _bottom_labels(axes: Sequence[Axes], label: str) -> None:
         ax.set_xlabel(label)
 
 
-def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+def _figure_legend(fig: Figure, axes: Sequence[Axes], max_cols: int = 6) -> None:
     """One legend below the figure, from the labelled artists of all axes (first label wins)."""
     seen: dict[str, Any] = {}
     for ax in axes:
@@ -133,7 +138,7 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
         for h, lab in zip(handles, labels, strict=True):
             seen.setdefault(lab, h)
     if seen:
-        ncols = min(len(seen), 6)
+        ncols = min(len(seen), max_cols)
         fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=ncols)
 
 
@@ -160,41 +165,84 @@ def _envelopes_figure(ordered: Mapping[str, Results]) -> Figure | None:
     if not ids:
         return None
     ref = _first(ordered)
+    twins = _coinciding(ordered, _envelope_series)
     fig, axes = _subplots(len(ids), 5.0, 3.0)
     for ax, cid in zip(axes, ids, strict=True):
-        _envelope_axes(ax, cid, ordered)
+        _envelope_axes(ax, cid, ordered, twins)
     _bottom_labels(axes, _time_label(ref))
-    fig.suptitle("Operating envelopes (bands) and scheduled net injection (lines); export positive")
-    _figure_legend(fig, axes)
+    fig.suptitle(
+        "Operating envelopes (thin step lines: lower and upper edge) and scheduled net injection "
+        "(thick); export positive"
+    )
+    _figure_legend(fig, axes, max_cols=4)
     return fig
 
 
-def _envelope_axes(ax: Axes, cid: str, ordered: Mapping[str, Results]) -> None:
+def _envelope_series(c: CommunityResult) -> list[float]:
+    return [*c.envelope_lo_kw, *c.envelope_up_kw, *c.net_injection_kw]
+
+
+def _coinciding(
+    ordered: Mapping[str, Results], series: Callable[[CommunityResult], Sequence[float]]
+) -> dict[str, str]:
+    """policy -> an earlier policy whose series it matches in every community (within
+    COINCIDE_KW, or COINCIDE_REL of the series' range), so that it is drawn dashed over it."""
+    twins: dict[str, str] = {}
+    names = list(ordered)
+    for k, policy in enumerate(names):
+        for earlier in names[:k]:
+            if earlier not in twins and _same_series(ordered[policy], ordered[earlier], series):
+                twins[policy] = earlier
+                break
+    return twins
+
+
+def _same_series(a: Results, b: Results, series: Callable[[CommunityResult], Sequence[float]]) -> bool:
+    if [c.id for c in a.communities] != [c.id for c in b.communities]:
+        return False
+    for ca, cb in zip(a.communities, b.communities, strict=True):
+        x, y = np.asarray(series(ca), dtype=float), np.asarray(series(cb), dtype=float)
+        if x.shape != y.shape:
+            return False
+        span = float(np.ptp(np.r_[x, y])) if x.size else 0.0
+        if x.size and np.abs(x - y).max() > max(COINCIDE_KW, COINCIDE_REL * span):
+            return False
+    return True
+
+
+def _policy_style(policy: str, twins: Mapping[str, str]) -> tuple[Any, str]:
+    """(line style, label) of a policy: dashed, and saying so, when it coincides with another."""
+    if policy in twins:
+        return TWIN_DASHES, f"{policy} (dashed: = {twins[policy]})"
+    return "-", policy
+
+
+def _envelope_axes(ax: Axes, cid: str, ordered: Mapping[str, Results], twins: Mapping[str, str]) -> None:
     bus = None
     for policy, r in ordered.items():
         c = _community(r, cid)
         if c is None:
             continue
         bus, colour, t = c.bus, _colour(policy, list(ordered)), _hours(r)
-        ax.fill_between(
-            t,
-            _steps(c.envelope_lo_kw),
-            _steps(c.envelope_up_kw),
-            step="post",
-            color=colour,
-            alpha=0.15,
-            linewidth=0,
-            label=f"{policy} envelope",
-        )
-        for edge in (c.envelope_lo_kw, c.envelope_up_kw):
-            ax.plot(t, _steps(edge), drawstyle="steps-post", color=colour, linewidth=0.6, alpha=0.6)
+        style, label = _policy_style(policy, twins)
+        for k, edge in enumerate((c.envelope_lo_kw, c.envelope_up_kw)):
+            ax.plot(
+                t,
+                _steps(edge),
+                drawstyle="steps-post",
+                color=colour,
+                linestyle=style,
+                linewidth=1.4,
+                label=f"{label}: envelope" if k == 0 else None,
+            )
         ax.plot(
             t,
             _steps(c.net_injection_kw),
             drawstyle="steps-post",
             color=colour,
-            linewidth=1.4,
-            label=f"{policy} net injection",
+            linestyle=style,
+            linewidth=2.2,
+            label=f"{label}: net injection",
         )
     ax.axhline(0.0, color="black", linewidth=0.7)
     ax.set_title(f"{cid} (bus {bus})")
@@ -214,16 +262,23 @@ def _voltages_figure(ordered: Mapping[str, Results]) -> Figure:
 
 
 def _band(ax: Axes, r: Results) -> None:
-    for v, name in ((r.feeder.vmin_pu, "vmin"), (r.feeder.vmax_pu, "vmax")):
+    """The voltage limits as dashed lines, each labelled inside the axes on the side away from the
+    data (below vmax, above vmin), with room kept for the labels."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, r.feeder.vmin_pu - LIMIT_ROOM_PU), max(high, r.feeder.vmax_pu + LIMIT_ROOM_PU))
+    for v, name, offset, va in (
+        (r.feeder.vmin_pu, "vmin", 2, "bottom"),
+        (r.feeder.vmax_pu, "vmax", -2, "top"),
+    ):
         ax.axhline(v, color="black", linestyle="--", linewidth=0.9)
         ax.annotate(
             f"{name} {v:.3f}",
-            (1.0, v),
+            (0.0, v),
             xycoords=("axes fraction", "data"),
-            xytext=(-3, 2),
+            xytext=(3, offset),
             textcoords="offset points",
-            ha="right",
-            va="bottom",
+            ha="left",
+            va=va,
             fontsize=8,
         )
 
@@ -251,44 +306,62 @@ def _voltage_extremes_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
 
 
 def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
+    """Voltage against distance from the substation, one line per lateral from its branching bus,
+    at the reference policy's highest (solid) and lowest (dash-dot) voltage intervals."""
     ref_name = "none" if "none" in ordered else next(iter(ordered))
-    ref_v = np.asarray(ordered[ref_name].ac_check.schedule.voltage_pu, dtype=float)
-    t_high, t_low = int(ref_v.max(axis=1).argmax()), int(ref_v.min(axis=1).argmin())
+    ref = ordered[ref_name]
+    ref_v = np.asarray(ref.ac_check.schedule.voltage_pu, dtype=float)
+    moments = ((int(ref_v.max(axis=1).argmax()), "-"), (int(ref_v.min(axis=1).argmin()), "-."))
     for policy, r in ordered.items():
         v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
-        if max(t_high, t_low) >= len(v):  # a shorter horizon than the reference's
-            continue
-        buses, colour = r.feeder.bus_ids, _colour(policy, list(ordered))
-        ax.plot(
-            buses,
-            v[t_high],
-            color=colour,
-            marker=".",
-            markersize=4,
-            linewidth=1.2,
-            label=f"{policy}, {t_high * r.dt_h:g} h",
-        )
-        ax.plot(
-            buses,
-            v[t_low],
-            color=colour,
-            marker=".",
-            markersize=4,
-            linewidth=1.2,
-            linestyle="-.",
-            label=f"{policy}, {t_low * r.dt_h:g} h",
-        )
-    _band(ax, ordered[ref_name])
-    dt = ordered[ref_name].dt_h
+        for t, style in moments:
+            if t < len(v):  # a shorter horizon than the reference's leaves it out
+                label = f"{policy}, {t * r.dt_h:g} h"
+                _lateral_lines(ax, r, v[t], _colour(policy, list(ordered)), style, label)
+    _lateral_ends(ax, ref, ref_v[moments[0][0]])
+    _band(ax, ref)
+    (t_high, _), (t_low, _) = moments
     ax.set_title(
-        f"Voltage by bus at the intervals where '{ref_name}' has its highest"
-        f"\n({t_high * dt:g} h, solid) and lowest ({t_low * dt:g} h, dash-dot) voltage",
+        f"Voltage along each lateral at the intervals where '{ref_name}' has its highest"
+        f"\n({t_high * ref.dt_h:g} h, solid) and lowest ({t_low * ref.dt_h:g} h, dash-dot) voltage",
         fontsize=10,
     )
-    ax.set_xlabel("bus number")
+    ax.set_xlabel("branches from the substation")
     ax.set_ylabel("voltage (p.u.)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncols=2)
+
+
+def _lateral_lines(ax: Axes, r: Results, v: FloatArray, colour: str, style: str, label: str) -> None:
+    """One line per lateral (gid "lateral:" and its buses), the first one labelled."""
+    hops, index = hops_from_root(r.feeder), {b: k for k, b in enumerate(r.feeder.bus_ids)}
+    for k, path in enumerate(laterals(r.feeder)):
+        ax.plot(
+            [hops[b] for b in path],
+            [v[index[b]] for b in path],
+            color=colour,
+            linestyle=style,
+            marker=".",
+            markersize=4,
+            linewidth=1.2,
+            label=label if k == 0 else None,
+            gid="lateral:" + ",".join(map(str, path)),
+        )
+
+
+def _lateral_ends(ax: Axes, r: Results, v: FloatArray) -> None:
+    """Each lateral's last bus named at its end."""
+    hops, index = hops_from_root(r.feeder), {b: k for k, b in enumerate(r.feeder.bus_ids)}
+    for path in laterals(r.feeder):
+        end = path[-1]
+        ax.annotate(
+            f"bus {end}",
+            (hops[end], v[index[end]]),
+            xytext=(3, 0),
+            textcoords="offset points",
+            fontsize=7,
+            va="center",
+        )
 
 
 # ----------------------------------------------------------------------------------------------- trades
@@ -352,6 +425,7 @@ def _soc_figure(ordered: Mapping[str, Results]) -> Figure | None:
     if not ids:
         return None
     ref = _first(ordered)
+    twins = _coinciding(ordered, lambda c: c.soc_kwh)
     fig, axes = _subplots(len(ids), 5.0, 2.8)
     for ax, cid in zip(axes, ids, strict=True):
         bus = None
@@ -360,8 +434,9 @@ def _soc_figure(ordered: Mapping[str, Results]) -> Figure | None:
             if c is None:
                 continue
             bus, ends = c.bus, (np.arange(r.intervals) + 1.0) * r.dt_h
+            style, label = _policy_style(policy, twins)
             colour = _colour(policy, list(ordered))
-            ax.plot(ends, c.soc_kwh, color=colour, marker=".", markersize=4, label=policy)
+            ax.plot(ends, c.soc_kwh, color=colour, ls=style, lw=1.6, marker=".", ms=4, label=label)
         ax.set_title(f"{cid} (bus {bus})")
         ax.set_ylabel("state of charge (kWh)")
         ax.set_ylim(bottom=0.0)
@@ -406,35 +481,57 @@ def _dlmp_figure(r: Results) -> Figure | None:
 
 
 def _residuals_figure(ordered: Mapping[str, Results]) -> Figure | None:
-    """ADMM residuals per iteration (log scale) with their stopping thresholds, and rho."""
+    """ADMM residuals per iteration (log scale) with their stopping thresholds, and the adaptive
+    penalty on a log axis with its changes marked; a penalty that never changed is only named."""
     runs = {name: r for name, r in ordered.items() if r.solver.residual_history}
     if not runs:
         return None
     name, r = next(iter(runs.items()))
     h = r.solver.residual_history or []
     k = np.array([p.iteration for p in h]) + 1
-    fig, axes = _subplots(2, 6.0, 3.6)
-    series = {
-        "trades": ("primal_trade_kw", "dual_trade_kw", "eps_trade_kw", "tab:blue"),
-        "envelopes": ("primal_envelope_kw", "dual_envelope_kw", "eps_envelope_kw", "tab:green"),
-    }
-    for label, (primal, dual, eps, colour) in series.items():
-        axes[0].semilogy(k, [getattr(p, primal) for p in h], color=colour, label=f"primal, {label}")
-        axes[0].semilogy(k, [getattr(p, dual) for p in h], color=colour, ls="--", label=f"dual, {label}")
-        axes[0].semilogy(
-            k, [getattr(p, eps) for p in h], color=colour, ls=":", lw=1, label=f"tolerance, {label}"
-        )
-    axes[0].set_ylabel("l2 residual (kW)")
-    axes[0].set_title(f"{name}: {r.solver.status} after {r.solver.iterations} iterations")
-    axes[1].semilogy(k, [p.rho_trade for p in h], color="tab:blue", label="rho, trades")
-    axes[1].semilogy(k, [p.rho_envelope for p in h], color="tab:green", label="rho, envelopes")
-    axes[1].set_ylabel("rho (EUR/kW²h)")
-    axes[1].set_title("adaptive penalty")
+    rho = {"trades": [p.rho_trade for p in h], "envelopes": [p.rho_envelope for p in h]}
+    adapted = any(len(set(v)) > 1 for v in rho.values())
+    fig, axes = _subplots(2 if adapted else 1, 6.0 if adapted else 7.5, 3.6)
+    _residual_axes(axes[0], k, h)
+    title = f"{name}: {r.solver.status} after {r.solver.iterations} iterations"
+    if adapted:
+        _penalty_axes(axes[1], k, rho)
+    else:
+        fixed = ", ".join(f"{v[0]:.3g} {label}" for label, v in rho.items())
+        title += f"\npenalty rho fixed, never adapted: {fixed} (EUR/kW²h)"
+    axes[0].set_title(title, fontsize=10)
     _bottom_labels(axes, "iteration")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     return fig
+
+
+_RESIDUAL_SERIES = {
+    "trades": ("primal_trade_kw", "dual_trade_kw", "eps_trade_kw", "tab:blue"),
+    "envelopes": ("primal_envelope_kw", "dual_envelope_kw", "eps_envelope_kw", "tab:green"),
+}
+
+
+def _residual_axes(ax: Axes, k: FloatArray, h: Sequence[Any]) -> None:
+    for label, (primal, dual, eps, colour) in _RESIDUAL_SERIES.items():
+        ax.semilogy(k, [getattr(p, primal) for p in h], color=colour, label=f"primal, {label}")
+        ax.semilogy(k, [getattr(p, dual) for p in h], color=colour, ls="--", label=f"dual, {label}")
+        ax.semilogy(k, [getattr(p, eps) for p in h], color=colour, ls=":", lw=1, label=f"tolerance, {label}")
+    ax.set_ylabel("l2 residual (kW)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _penalty_axes(ax: Axes, k: FloatArray, rho: Mapping[str, Sequence[float]]) -> None:
+    """rho per iteration as steps on a log axis, each change marked and counted in the legend."""
+    for (label, values), colour in zip(rho.items(), ("tab:blue", "tab:green"), strict=True):
+        v = np.asarray(values, dtype=float)
+        changed = np.flatnonzero(np.diff(v)) + 1
+        ax.step(k, v, where="post", color=colour, label=f"rho, {label} ({len(changed)} changes)")
+        ax.plot(k[changed], v[changed], "o", color=colour, ms=4)
+    ax.set_yscale("log")
+    ax.set_ylabel("rho (EUR/kW²h)")
+    ax.set_title("adaptive penalty (dots: where it changed)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_market_gains(designs: Sequence[DesignMetrics], out_dir: Path) -> Path:
