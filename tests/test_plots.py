@@ -18,7 +18,16 @@ from p2pdoe.io.scenarios import load_scenario
 from p2pdoe.reference.centralized import solve_centralized
 from p2pdoe.report.plots import write_plots
 
-ALL_FIGURES = {"envelopes.png", "voltages.png", "trades.png", "soc.png", "dlmp.png"}
+ALL_FIGURES = {
+    "envelopes.png",
+    "voltages.png",
+    "trades.png",
+    "soc.png",
+    "dlmp.png",
+    "loading.png",
+    "corners.png",
+    "voltage_map.png",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MIN_BYTES = 10_000
 
@@ -187,5 +196,66 @@ def test_a_changing_penalty_is_drawn_on_a_log_axis_with_its_changes_marked(
         marks = [ln for ln in penalty.get_lines() if ln.get_marker() == "o" and ln.get_color() == "tab:blue"]
         assert list(marks[0].get_xdata()) == [3, 5]  # iterations (1-based) where rho_trade changed
         assert "(2 changes)" in " ".join(t.get_text() for t in penalty.get_legend().get_texts())
+    finally:
+        plt.close(fig)
+
+
+def test_loading_is_drawn_against_the_rating_and_names_the_most_loaded_branches(
+    results: dict[str, Results],
+) -> None:
+    import matplotlib.pyplot as plt
+
+    from p2pdoe.report.plots import _loading_figure
+
+    fig = _loading_figure(results)
+    try:
+        worst, top = fig.axes
+        peaks = {ln.get_label(): max(ln.get_ydata()) for ln in worst.get_lines()}
+        for policy, r in results.items():
+            assert peaks[policy] == pytest.approx(r.ac_check.schedule.max_loading_pct)
+        assert 100.0 in [ln.get_ydata()[0] for ln in top.get_lines() if ln.get_label() == "rating"]
+        named = [ln.get_label().split(" ")[0] for ln in top.get_lines() if ln.get_label() != "rating"]
+        assert named[0] == results["none"].ac_check.schedule.max_loading_branch
+    finally:
+        plt.close(fig)
+
+
+def test_corner_voltages_are_the_corner_checks_extremes(results: dict[str, Results]) -> None:
+    import matplotlib.pyplot as plt
+
+    from p2pdoe.report.plots import _corners_figure
+
+    fig = _corners_figure(results)
+    try:
+        lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines()}
+        for policy, r in results.items():
+            assert max(lines[f"{policy}, upper corner: max"]) == pytest.approx(
+                r.ac_check.upper_corner.vmax_pu
+            )
+            assert min(lines[f"{policy}, lower corner: min"]) == pytest.approx(
+                r.ac_check.lower_corner.vmin_pu
+            )
+    finally:
+        plt.close(fig)
+
+
+def test_voltage_map_rows_are_the_buses_lateral_by_lateral(results: dict[str, Results]) -> None:
+    import matplotlib.pyplot as plt
+
+    from p2pdoe.report.plots import _voltage_map_figure
+
+    fig = _voltage_map_figure({"none": results["none"]})
+    try:
+        r = results["none"]
+        image = fig.axes[0].get_images()[0]
+        v = image.get_array()
+        assert v.shape == (len(r.feeder.bus_ids), r.intervals)
+        assert v[17, 12] == pytest.approx(
+            r.ac_check.schedule.voltage_pu[12][17]
+        )  # bus 18, the main line's end
+        assert image.get_clim() == (
+            r.feeder.vmin_pu,
+            r.feeder.vmax_pu,
+        )  # beyond the limits: the extreme colours
     finally:
         plt.close(fig)

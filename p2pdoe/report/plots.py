@@ -52,6 +52,9 @@ def write_plots(results: Mapping[str, Results], out_dir: Path) -> list[Path]:
         ("soc.png", lambda: _soc_figure(ordered)),
         ("dlmp.png", lambda: _dlmp_figure(ordered["dynamic"]) if "dynamic" in ordered else None),
         ("residuals.png", lambda: _residuals_figure(ordered)),
+        ("loading.png", lambda: _loading_figure(ordered)),
+        ("corners.png", lambda: _corners_figure(ordered)),
+        ("voltage_map.png", lambda: _voltage_map_figure(ordered)),
     ]
     written: list[Path] = []
     for name, build in builders:  # one figure open at a time
@@ -89,7 +92,7 @@ def _hours(r: Results) -> FloatArray:
     return np.arange(r.intervals + 1, dtype=float) * r.dt_h
 
 
-def _steps(values: Sequence[float]) -> FloatArray:
+def _steps(values: Sequence[float] | FloatArray) -> FloatArray:
     """A series with its last value repeated, for `steps-post` drawing against `_hours`."""
     v = np.asarray(values, dtype=float)
     return np.r_[v, v[-1:]] if v.size else v
@@ -362,6 +365,155 @@ def _lateral_ends(ax: Axes, r: Results, v: FloatArray) -> None:
             fontsize=7,
             va="center",
         )
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _loading_figure(ordered: Mapping[str, Results]) -> Figure | None:
+    """Branch loading in % of rating (AC, scheduled operating point): the most loaded branch per
+    interval for each policy, and the reference policy's most loaded branches over time."""
+    if not any(_loading(r).size for r in ordered.values()):
+        return None
+    ref_name = "none" if "none" in ordered else next(iter(ordered))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13.0, 4.8), layout="constrained")
+    twins = _coinciding(ordered, lambda c: c.net_injection_kw)
+    for policy, r in ordered.items():
+        style, label = _policy_style(policy, twins)
+        t, worst = _hours(r), _loading(r).max(axis=1)
+        left.plot(
+            t,
+            _steps(worst),
+            drawstyle="steps-post",
+            color=_colour(policy, list(ordered)),
+            ls=style,
+            label=label,
+        )
+    left.set_title("Most loaded branch per interval")
+    _top_branches(right, ordered[ref_name], ref_name)
+    for ax in (left, right):
+        ax.axhline(100.0, color="black", linestyle="--", linewidth=0.9, label="rating")
+        ax.set_xlabel(_time_label(ordered[ref_name]))
+        ax.set_ylabel("loading (% of rating)")
+        ax.set_ylim(bottom=0.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Branch loading against rating, AC power flow of the scheduled operating point")
+    return fig
+
+
+def _loading(r: Results) -> FloatArray:
+    return np.asarray(r.ac_check.schedule.loading_pct, dtype=float).reshape(r.intervals, -1)
+
+
+def _top_branches(ax: Axes, r: Results, name: str, count: int = 5) -> None:
+    loading, t = _loading(r), _hours(r)
+    for k in np.argsort(loading.max(axis=0))[::-1][:count]:
+        rating = r.feeder.rating_kva[k]
+        rated = f"{rating:,.0f} kVA" if rating is not None else "no rating"
+        ax.plot(t, _steps(loading[:, k]), drawstyle="steps-post", label=f"{r.feeder.branches[k]} ({rated})")
+    ax.set_title(f"The {count} most loaded branches under '{name}'")
+
+
+# ---------------------------------------------------------------------------------------------- corners
+
+
+def _corners_figure(ordered: Mapping[str, Results]) -> Figure:
+    """The envelopes' safety claim: voltages with every community at the upper edge of its envelope
+    (all exporting their most: the highest voltage) and at the lower edge (the lowest voltage)."""
+    ref = _first(ordered)
+    fig, ax = plt.subplots(figsize=(11.0, 4.8), layout="constrained")
+    twins = _coinciding(ordered, _envelope_series)
+    for policy, r in ordered.items():
+        style, label = _policy_style(policy, twins)
+        colour, t = _colour(policy, list(ordered)), _hours(r)
+        upper = np.asarray(r.ac_check.upper_corner.voltage_pu, dtype=float).max(axis=1)
+        lower = np.asarray(r.ac_check.lower_corner.voltage_pu, dtype=float).min(axis=1)
+        ax.plot(
+            t,
+            _steps(upper),
+            drawstyle="steps-post",
+            color=colour,
+            ls=style,
+            lw=1.6,
+            label=f"{label}, upper corner: max",
+        )
+        ax.plot(
+            t,
+            _steps(lower),
+            drawstyle="steps-post",
+            color=colour,
+            ls=style,
+            lw=0.9,
+            label=f"{label}, lower corner: min",
+        )
+    _band(ax, ref)
+    ax.set_title(
+        "AC voltages at the envelopes' corners: every community at the upper edge of its envelope"
+        "\n(thick: the highest bus) or at the lower edge (thin: the lowest bus), against the limits",
+        fontsize=10,
+    )
+    ax.set_xlabel(_time_label(ref))
+    ax.set_ylabel("voltage (p.u.)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ voltage map
+
+
+def _voltage_map_figure(ordered: Mapping[str, Results]) -> Figure:
+    """Bus x time AC voltages per policy, buses lateral by lateral; beyond the limits in solid colours."""
+    ref = _first(ordered)
+    fig, axes = _subplots(len(ordered), 5.0, 3.6)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(over="magenta", under="black")
+    image = None
+    for ax, (policy, r) in zip(axes, ordered.items(), strict=True):
+        image = _voltage_map_axes(ax, r, cmap)
+        ax.set_title(policy)
+    _bottom_labels(axes, _time_label(ref))
+    fig.colorbar(
+        image,
+        ax=axes,
+        extend="both",
+        shrink=0.8,
+        label="voltage (p.u.); magenta above vmax, black below vmin",
+    )
+    fig.suptitle("AC voltage by bus and interval (scheduled operating point); lines separate the laterals")
+    return fig
+
+
+def _voltage_map_axes(ax: Axes, r: Results, cmap: Any) -> Any:
+    order = _buses_by_lateral(r)
+    index = {b: k for k, b in enumerate(r.feeder.bus_ids)}
+    v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)[:, [index[b] for b in order]]
+    image = ax.imshow(
+        v.T,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        cmap=cmap,
+        vmin=r.feeder.vmin_pu,
+        vmax=r.feeder.vmax_pu,
+        extent=(0.0, r.intervals * r.dt_h, -0.5, len(order) - 0.5),
+    )
+    starts = _lateral_starts(r, order)
+    for k in starts[1:]:
+        ax.axhline(k - 0.5, color="white", linewidth=1.2)
+    ax.set_yticks(starts, [f"bus {order[k]}" for k in starts], fontsize=7)
+    return image
+
+
+def _buses_by_lateral(r: Results) -> list[int]:
+    """Each lateral's buses after its branching bus (the main line with the substation)."""
+    paths = laterals(r.feeder)
+    return [*paths[0], *(b for path in paths[1:] for b in path[1:])]
+
+
+def _lateral_starts(r: Results, order: Sequence[int]) -> list[int]:
+    paths = laterals(r.feeder)
+    return [0, *(order.index(path[1]) for path in paths[1:])]
 
 
 # ----------------------------------------------------------------------------------------------- trades
