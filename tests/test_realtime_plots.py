@@ -160,6 +160,9 @@ def test_injection_y_range_is_the_data_and_envelopes_near_it(day: tuple[Results,
             assert p.min() - reach * (1 + 2 * Y_MARGIN) <= low < p.min()
             assert p.max() < high <= p.max() + reach * (1 + 2 * Y_MARGIN)
         assert _panels(fig)["wind-25"].get_ylim()[1] < 1e5  # a far envelope edge does not flatten the data
+        texts = [t.get_text() for t in _panels(fig)["wind-25"].texts]
+        assert "envelope edge off the panel, up to 1,000,000 kW" in texts  # and is named
+        assert not [t for t in _panels(fig)["solar-18"].texts if "off the panel" in t.get_text()]
     finally:
         plt.close(fig)
 

@@ -6,8 +6,9 @@ settlements.
 
 The agreed envelope of an interval is the rolling round's (`realtime.intervals`), or where no rolling
 round set it, the day-ahead agreement's (`communities[].envelope_*_kw`). The y range of an injection
-panel is the measured data's and the envelopes' within ENVELOPE_VIEW data spans of the data (an
-envelope far wider than the site's swing is cut at the edge of the panel, not allowed to flatten it).
+panel is the measured data's and the envelopes' within ENVELOPE_VIEW data scales of the data (an
+envelope edge far beyond the site's swing, such as a huge placeholder bound, is left off the panel and
+named in it rather than allowed to flatten the data).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ Readings = Mapping[str, Sequence[tuple[datetime, float, float | None]]]
 Axes = Any  # matplotlib is untyped here (ignore_missing_imports)
 
 SOC_EPS_KWH = 1e-6  # a site whose state of charge never leaves zero has no battery
-ENVELOPE_VIEW = 10.0  # envelope edges within this many data scales of the data set the y range
+ENVELOPE_VIEW = 50.0  # envelope edges within this many data scales of the data set the y range
 MIN_SCALE_KW = 10.0  # the data scale assumed for a site whose injection hardly moves
+MIN_SOC_SPAN_KWH = 1.0  # a state of charge that hardly moves is drawn on at least this span
 Y_MARGIN = 0.08  # of the y range, above and below
 FALLBACK_COLOUR = "tab:orange"
 VIOLATION_COLOUR = "tab:red"
@@ -173,6 +175,7 @@ def _injection_axes(ax: Axes, results: Results, site: str, rows: Sequence[Any]) 
     _draw_defaults(ax, env)
     _mark_outside(ax, h, p, env)
     ax.set_ylim(*injection_ylim(p, env))
+    _name_edges_off_panel(ax, env)
     ax.set_ylabel(f"{site}\nkW", fontsize=8)
     ax.grid(alpha=0.3)
     soc = [r[2] for r in rows]
@@ -243,6 +246,15 @@ def injection_ylim(p: np.ndarray, env: SiteEnvelopes) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+def _name_edges_off_panel(ax: Axes, env: SiteEnvelopes) -> None:
+    low, high = ax.get_ylim()
+    edges = np.r_[env.agreed_lo, env.agreed_up]
+    off = edges[np.isfinite(edges) & ((edges < low) | (edges > high))]
+    if off.size:
+        ax.annotate(f"envelope edge off the panel, up to {np.abs(off).max():,.0f} kW", (0.99, 0.97),
+                    xycoords="axes fraction", ha="right", va="top", fontsize=6, color="tab:red")  # fmt: skip
+
+
 def _defaults_shown(env: SiteEnvelopes) -> np.ndarray:
     if not any(kind == "default" for _, _, kind in env.fallbacks):
         return np.array([])
@@ -259,6 +271,9 @@ def _soc_twin(ax: Axes, h: np.ndarray, soc: Sequence[float | None]) -> None:
         h, [np.nan if s is None else s for s in soc], lw=0.8, color="tab:green", label="state of charge"
     )
     twin.set_ylabel("SOC kWh", fontsize=7, color="tab:green")
+    values = [s for s in soc if s is not None]
+    middle, half = (max(values) + min(values)) / 2, max(max(values) - min(values), MIN_SOC_SPAN_KWH) / 2
+    twin.set_ylim(middle - 1.1 * half, middle + 1.1 * half)
     twin.set_gid("soc")
 
 
@@ -308,7 +323,7 @@ def _name_minimum(ax: Axes, results: Results, v: np.ndarray, edges: np.ndarray) 
     setters = ", ".join(f"bus {bus} ({buses.count(bus)} intervals)" for bus in sorted(set(buses)))
     x = (edges[t] + edges[t + 1]) / 2
     ax.annotate(
-        f"lowest {v[t, b]:.4f} p.u. at bus {results.feeder.bus_ids[int(b)]}, {edges[t]:g} h"
+        f"lowest {v[t, b]:.4f} p.u. at bus {results.feeder.bus_ids[int(b)]}, interval from {edges[t]:g} h"
         f"\nminimum set by {setters}",
         (x, v[t, b]),
         xytext=(0, -22),
