@@ -287,25 +287,32 @@ def _band(ax: Axes, r: Results) -> None:
 
 
 def _voltage_extremes_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
+    """Max (solid) and min (dash-dot) per policy; a policy that coincides with another is drawn thin
+    and dotted over it, the other drawn thick to show around it."""
     ref = _first(ordered)
+    twins = _coinciding(ordered, _envelope_series)
     for policy, r in ordered.items():
         v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
         colour, t = _colour(policy, list(ordered)), _hours(r)
-        ax.plot(t, _steps(v.max(axis=1)), drawstyle="steps-post", color=colour, label=f"{policy} max")
-        ax.plot(
-            t,
-            _steps(v.min(axis=1)),
-            drawstyle="steps-post",
-            color=colour,
-            linestyle="-.",
-            label=f"{policy} min",
-        )
+        name = f"{policy} (= {twins[policy]})" if policy in twins else policy
+        width = 2.8 if policy in twins.values() else 1.3
+        styles = (":", ":") if policy in twins else ("-", "-.")
+        for series, style, extreme in ((v.max(axis=1), styles[0], "max"), (v.min(axis=1), styles[1], "min")):
+            ax.plot(
+                t,
+                _steps(series),
+                drawstyle="steps-post",
+                color=colour,
+                ls=style,
+                lw=width,
+                label=f"{name} {extreme}",
+            )
     _band(ax, ref)
     ax.set_title("Feeder minimum and maximum voltage per interval")
     ax.set_xlabel(_time_label(ref))
     ax.set_ylabel("voltage (p.u.)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncols=2)
+    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
 
 
 def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
@@ -353,14 +360,15 @@ def _lateral_lines(ax: Axes, r: Results, v: FloatArray, colour: str, style: str,
 
 
 def _lateral_ends(ax: Axes, r: Results, v: FloatArray) -> None:
-    """Each lateral's last bus named at its end."""
+    """Each lateral's last bus named at its end; ends at the same distance named one above the other."""
     hops, index = hops_from_root(r.feeder), {b: k for k, b in enumerate(r.feeder.bus_ids)}
-    for path in laterals(r.feeder):
-        end = path[-1]
+    ends = sorted((hops[p[-1]], v[index[p[-1]]], p[-1]) for p in laterals(r.feeder))
+    for k, (x, y, end) in enumerate(ends):
+        same_place = k > 0 and ends[k - 1][0] == x
         ax.annotate(
             f"bus {end}",
-            (hops[end], v[index[end]]),
-            xytext=(3, 0),
+            (x, y),
+            xytext=(3, 5 if same_place else -1),
             textcoords="offset points",
             fontsize=7,
             va="center",
