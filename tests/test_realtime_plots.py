@@ -215,5 +215,7 @@ def test_voltages_are_in_hours_and_name_the_bus_of_the_minimum(day: tuple[Result
         v = np.array(r.realtime.measured_ac.voltage_pu)
         bus = r.feeder.bus_ids[int(np.unravel_index(v.argmin(), v.shape)[1])]
         assert any(f"at bus {bus}," in t.get_text() for t in ax.texts)
+        shaded = {p.get_label() for p in ax.patches}
+        assert {"a site on a fallback envelope", "sustained violation"} <= shaded
     finally:
         plt.close(fig)

@@ -295,6 +295,7 @@ def voltages_figure(results: Results) -> Figure:
     fig, ax = plt.subplots(figsize=(9, 3.8))
     ac = rt.measured_ac
     if ac is not None and ac.voltage_pu:
+        _shade_day_events(ax, results, len(ac.voltage_pu) * results.dt_h)
         _voltage_range(ax, results, np.array(ac.voltage_pu))
     ax.set_xlabel("hours into the day (simulated)")
     ax.set_ylabel("voltage (p.u.)")
@@ -302,6 +303,19 @@ def voltages_figure(results: Results) -> Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _shade_day_events(ax: Axes, results: Results, until_h: float) -> None:
+    """Within the day: where any site ran on a fallback envelope, and every sustained violation."""
+    assert results.realtime is not None
+    for site in sorted({e.site for e in results.realtime.fallback_events}):
+        for h0, h1, _ in fallback_periods(results, site, until_h):
+            if h1 > 0.0:
+                ax.axvspan(max(h0, 0.0), h1, color=FALLBACK_COLOUR, alpha=0.12, lw=0,
+                           label="a site on a fallback envelope")  # fmt: skip
+    for v in results.realtime.envelope_violations.events:
+        h0, h1 = _hour_of(results, v.start), _hour_of(results, v.end)
+        ax.axvspan(h0, h1, color=VIOLATION_COLOUR, alpha=0.25, lw=0, label="sustained violation")
 
 
 def _voltage_range(ax: Axes, results: Results, v: np.ndarray) -> None:
