@@ -306,16 +306,34 @@ def voltages_figure(results: Results) -> Figure:
 
 
 def _shade_day_events(ax: Axes, results: Results, until_h: float) -> None:
-    """Within the day: where any site ran on a fallback envelope, and every sustained violation."""
+    """Within the day: where any site ran on a fallback envelope (one shade however many sites), and
+    every sustained violation."""
     assert results.realtime is not None
-    for site in sorted({e.site for e in results.realtime.fallback_events}):
-        for h0, h1, _ in fallback_periods(results, site, until_h):
-            if h1 > 0.0:
-                ax.axvspan(max(h0, 0.0), h1, color=FALLBACK_COLOUR, alpha=0.12, lw=0,
-                           label="a site on a fallback envelope")  # fmt: skip
-    for v in results.realtime.envelope_violations.events:
+    periods = [
+        (max(h0, 0.0), h1)
+        for site in sorted({e.site for e in results.realtime.fallback_events})
+        for h0, h1, _ in fallback_periods(results, site, until_h)
+        if h1 > 0.0
+    ]
+    for k, (h0, h1) in enumerate(merged(periods)):
+        ax.axvspan(h0, h1, color=FALLBACK_COLOUR, alpha=0.15, lw=0,
+                   label="a site on a fallback envelope" if k == 0 else None)  # fmt: skip
+    for k, v in enumerate(results.realtime.envelope_violations.events):
         h0, h1 = _hour_of(results, v.start), _hour_of(results, v.end)
-        ax.axvspan(h0, h1, color=VIOLATION_COLOUR, alpha=0.25, lw=0, label="sustained violation")
+        ax.axvspan(
+            h0, h1, color=VIOLATION_COLOUR, alpha=0.25, lw=0, label="sustained violation" if k == 0 else None
+        )
+
+
+def merged(periods: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of periods, as disjoint periods in order."""
+    union: list[tuple[float, float]] = []
+    for h0, h1 in sorted(periods):
+        if union and h0 <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], h1))
+        else:
+            union.append((h0, h1))
+    return union
 
 
 def _voltage_range(ax: Axes, results: Results, v: np.ndarray) -> None:
