@@ -228,6 +228,9 @@ def _envelope_axes(ax: Axes, cid: str, ordered: Mapping[str, Results], twins: Ma
             continue
         bus, colour, t = c.bus, _colour(policy, list(ordered)), _hours(r)
         style, label = _policy_style(policy, twins)
+        if len(ordered) == 1:  # one band alone: shading it cannot stack into an unexplained colour
+            lo, up = _steps(c.envelope_lo_kw), _steps(c.envelope_up_kw)
+            ax.fill_between(t, lo, up, step="post", color=colour, alpha=0.12, linewidth=0)
         for k, edge in enumerate((c.envelope_lo_kw, c.envelope_up_kw)):
             ax.plot(
                 t,
@@ -474,7 +477,7 @@ def _corners_figure(ordered: Mapping[str, Results]) -> Figure:
 def _voltage_map_figure(ordered: Mapping[str, Results]) -> Figure:
     """Bus x time AC voltages per policy, buses lateral by lateral; beyond the limits in solid colours."""
     ref = _first(ordered)
-    fig, axes = _subplots(len(ordered), 5.0, 3.6)
+    fig, axes = _subplots(len(ordered), 5.0 if len(ordered) > 1 else 9.0, 3.6)
     cmap = plt.get_cmap("RdBu_r").with_extremes(over="magenta", under="black")
     image = None
     for ax, (policy, r) in zip(axes, ordered.items(), strict=True):
@@ -486,9 +489,12 @@ def _voltage_map_figure(ordered: Mapping[str, Results]) -> Figure:
         ax=axes,
         extend="both",
         shrink=0.8,
-        label="voltage (p.u.); magenta above vmax, black below vmin",
+        label="voltage (p.u.)",
     )
-    fig.suptitle("AC voltage by bus and interval (scheduled operating point); lines separate the laterals")
+    fig.suptitle(
+        "AC voltage by bus and interval (scheduled operating point), buses lateral by lateral"
+        "\nmagenta: above vmax, black: below vmin"
+    )
     return fig
 
 
