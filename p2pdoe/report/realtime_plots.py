@@ -111,9 +111,9 @@ def _defaults(results: Results, site: str, n: int) -> tuple[np.ndarray, np.ndarr
     lo, up = np.full(n, np.nan), np.full(n, np.nan)
     runtime = results.runtime
     d = next((d for d in runtime.default_envelopes if d.id == site), None) if runtime else None
-    if d is not None:
-        lo[:] = (d.lo_profile_kw or [d.lo_kw] * n)[:n]
-        up[:] = (d.up_profile_kw or [d.up_kw] * n)[:n]
+    if d is not None:  # its profile, or its one box all day
+        lo_kw, up_kw = (d.lo_profile_kw or [d.lo_kw] * n)[:n], (d.up_profile_kw or [d.up_kw] * n)[:n]
+        lo[: len(lo_kw)], up[: len(up_kw)] = lo_kw, up_kw
     return lo, up
 
 
