@@ -325,12 +325,15 @@ def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
     ref = ordered[ref_name]
     ref_v = np.asarray(ref.ac_check.schedule.voltage_pu, dtype=float)
     moments = ((int(ref_v.max(axis=1).argmax()), "-"), (int(ref_v.min(axis=1).argmin()), "-."))
+    twins = _coinciding(ordered, _envelope_series)
     for policy, r in ordered.items():
         v = np.asarray(r.ac_check.schedule.voltage_pu, dtype=float)
+        name = f"{policy} (= {twins[policy]})" if policy in twins else policy
+        width = 2.8 if policy in twins.values() else 1.0 if policy in twins else 1.2  # a twin thin on top
         for t, style in moments:
             if t < len(v):  # a shorter horizon than the reference's leaves it out
-                label = f"{policy}, {t * r.dt_h:g} h"
-                _lateral_lines(ax, r, v[t], _colour(policy, list(ordered)), style, label)
+                label = f"{name}, {t * r.dt_h:g} h"
+                _lateral_lines(ax, r, v[t], (_colour(policy, list(ordered)), style, width), label)
     _lateral_ends(ax, ref, ref_v[moments[0][0]])
     _band(ax, ref)
     (t_high, _), (t_low, _) = moments
@@ -345,9 +348,11 @@ def _voltage_profile_axes(ax: Axes, ordered: Mapping[str, Results]) -> None:
     ax.legend(fontsize=8, ncols=2)
 
 
-def _lateral_lines(ax: Axes, r: Results, v: FloatArray, colour: str, style: str, label: str) -> None:
-    """One line per lateral (gid "lateral:" and its buses), the first one labelled."""
+def _lateral_lines(ax: Axes, r: Results, v: FloatArray, look: tuple[str, str, float], label: str) -> None:
+    """One line per lateral (gid "lateral:" and its buses), the first one labelled; `look`: colour,
+    line style and width."""
     hops, index = hops_from_root(r.feeder), {b: k for k, b in enumerate(r.feeder.bus_ids)}
+    colour, style, width = look
     for k, path in enumerate(laterals(r.feeder)):
         ax.plot(
             [hops[b] for b in path],
@@ -356,7 +361,7 @@ def _lateral_lines(ax: Axes, r: Results, v: FloatArray, colour: str, style: str,
             linestyle=style,
             marker=".",
             markersize=4,
-            linewidth=1.2,
+            linewidth=width,
             label=label if k == 0 else None,
             gid="lateral:" + ",".join(map(str, path)),
         )
