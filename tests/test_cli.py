@@ -85,7 +85,8 @@ def test_compare_writes_results_a_table_and_plots(tmp_path: Path) -> None:
     assert "P2P energy traded (kWh)" in table
     assert "| metric | none | static | dynamic | admm |" in table
     assert "objective gap to centralized" in run.stdout
-    for name in ("envelopes.png", "voltages.png", "trades.png", "soc.png", "residuals.png"):
+    figures = ("envelopes.png", "voltages.png", "trades.png", "soc.png", "residuals.png", "loading.png")
+    for name in (*figures, "corners.png", "voltage_map.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert "plot:" in run.stdout
     assert "Dynamic envelopes trade" in run.stdout
