@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The DSO coordinator: the README's `pip install '.[coordinator]'` (cvxpy and Clarabel). From the
+# The DSO coordinator: `pip install '.[coordinator,csip]'` (cvxpy and Clarabel; envoy-schema and aiohttp for csip-server). From the
 # repository root (docker/README.md):
 #   docker buildx build --platform linux/amd64,linux/arm64 -f docker/coordinator.Dockerfile -t p2pdoe-coordinator:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -18,7 +18,7 @@ COPY p2pdoe p2pdoe
 COPY edge_agent edge_agent
 COPY dso_coordinator dso_coordinator
 COPY meter_sim meter_sim
-RUN pip wheel --only-binary=:all: --wheel-dir /wheels '.[coordinator]' \
+RUN pip wheel --only-binary=:all: --wheel-dir /wheels '.[coordinator,csip]' \
     && cp docker/constraints.txt /wheels/
 
 FROM ${PYTHON_IMAGE}
@@ -37,7 +37,7 @@ RUN groupadd --gid "${UID}" p2pdoe \
        --shell /usr/sbin/nologin p2pdoe
 # From the builder's wheels only (no index); the test suites of numpy, scipy, osqp and cvxpy are dropped.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels --constraint=/wheels/constraints.txt 'p2pdoe[coordinator]' \
+    pip install --no-index --find-links=/wheels --constraint=/wheels/constraints.txt 'p2pdoe[coordinator,csip]' \
     && find /usr/local/lib/python3.11/site-packages/numpy /usr/local/lib/python3.11/site-packages/scipy \
        /usr/local/lib/python3.11/site-packages/osqp /usr/local/lib/python3.11/site-packages/cvxpy \
        -type d -name tests -prune -exec rm -rf {} +

@@ -5,7 +5,7 @@
     .venv/bin/python docker/make_constraints.py --sizes    # installed size of each image's packages
 
 Every runtime dependency of the edge image (`pip install .`) and of the coordinator image
-(`pip install '.[coordinator]'`) is pinned at the version installed here, where the tests run, with
+(`pip install '.[coordinator,csip]'`) is pinned at the version installed here, where the tests run, with
 its dependencies for CPython 3.11 on linux/amd64 and linux/arm64. The build backend (pyproject's
 [build-system]) is pinned in BUILD_PINS, which also overrides a runtime pin (setuptools, below).
 
@@ -30,7 +30,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docker" / "constraints.txt"
-IMAGES = {"edge": (), "coordinator": ("coordinator",)}  # image: the extras it installs
+IMAGES = {"edge": (), "coordinator": ("coordinator", "csip")}  # image: the extras it installs
 PACKAGES = ("p2pdoe", "edge_agent", "dso_coordinator", "meter_sim")
 # The build backend, not installed in .venv (pinned at the newest release that builds the project).
 # setuptools is also a runtime dependency (osqp requires it): the images get this one, not the 65.x

@@ -308,7 +308,7 @@ def test_the_final_stage_is_unprivileged_healthchecked_and_has_no_compiler(image
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_images_install_as_the_readme_does_from_pinned_wheels(image: str) -> None:
     builder, final = dockerfile_stages(DOCKERFILES[image])[0], dockerfile_stages(DOCKERFILES[image])[-1]
-    extra = "[coordinator]" if image == "coordinator" else ""
+    extra = "[coordinator,csip]" if image == "coordinator" else ""  # csip-server runs beside it
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert (f"pip install '.{extra}'" if extra else "pip install .") in readme
     assert _env(builder)["PIP_CONSTRAINT"].endswith("docker/constraints.txt")

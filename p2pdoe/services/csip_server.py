@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from p2pdoe.cli.monitor import MonitorState
 from p2pdoe.core import csip, topics
 from p2pdoe.core.csip_ids import lfdi
+from p2pdoe.core.monitor_state import MonitorState
 from p2pdoe.core.schemas.runtime import Doe
 from p2pdoe.services.provision import Access, access
 from p2pdoe.services.settings import ConfigError
