@@ -298,3 +298,53 @@ def test_the_broker_takes_what_a_service_takes_and_nothing_larger(broker: tuple[
         return got
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [1_500_000]
+
+
+def _names(cert_path: Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n) for n in san.get_values_for_type(x509.IPAddress)} | set(
+        san.get_values_for_type(x509.DNSName)
+    )
+
+
+def test_the_servers_certificates_name_every_way_a_client_may_connect(tmp_path: Path) -> None:
+    """A loopback host carries localhost, 127.0.0.1 and ::1 (a client connecting by address passes
+    its host-name check); --alt-name adds others, to the broker's and the CSIP-AUS server's alike."""
+    from p2pdoe.services.provision import server_names
+
+    out = tmp_path / "b"
+    alt = ("--alt-name", "10.0.0.5", "--alt-name", "broker.example.net")
+    run = run_p2pdoe("provision", "--out", str(out), "--host", "localhost", "--port", str(free_port()), *alt)
+    assert run.returncode == 0, run.stderr
+    expected = {"localhost", "127.0.0.1", "::1", "10.0.0.5", "broker.example.net"}
+    assert _names(out / "broker" / "server.crt") == expected
+    assert _names(out / "csip" / "server.crt") == expected
+    assert server_names("broker.example.net") == ["broker.example.net"]  # no loopback for a real name
+
+
+def test_a_client_connecting_by_address_to_a_broker_provisioned_by_name_checks_its_host(
+    tmp_path: Path,
+) -> None:
+    exe = find_mosquitto()
+    if exe is None:
+        if os.environ.get(REQUIRE_MOSQUITTO_ENV) == "1":
+            pytest.fail("mosquitto is required (P2PDOE_REQUIRE_MOSQUITTO=1) but not installed")
+        pytest.skip("mosquitto is not installed")
+    from p2pdoe.services.broker import start_provisioned
+
+    out, port = tmp_path / "b", free_port()
+    run = run_p2pdoe("provision", "--out", str(out), "--host", "localhost", "--port", str(port))
+    assert run.returncode == 0, run.stderr
+    with start_provisioned(out):
+        context = ssl.create_default_context(cafile=str(out / "ca" / "ca.crt"))  # checks the host name
+        import socket
+
+        for address in ("127.0.0.1", "localhost"):
+            with (
+                socket.create_connection((address, port), timeout=20) as raw,
+                context.wrap_socket(raw, server_hostname=address) as tls,
+            ):
+                assert tls.version() is not None

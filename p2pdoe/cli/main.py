@@ -208,6 +208,14 @@ def _provision_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the broker's host name or IP (in its certificate)")
     p.add_argument("--port", type=int, default=8883, help="the broker's TLS port (8883)")
     p.add_argument(
+        "--alt-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address the servers' certificates carry besides --host (a loopback "
+        "--host carries localhost, 127.0.0.1 and ::1); repeatable",
+    )
+    p.add_argument(
         "--feeder",
         action="append",
         type=_feeder_bundle,
@@ -247,7 +255,7 @@ def _run_provision(args: argparse.Namespace) -> int:
     if args.feeder:
         return _provision_core(args)
     s = load_scenario(args.scenario)
-    bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port)
+    bundle = write_bundle(args.out, site_peers(s.ids, s.market.peers), args.host, args.port, args.alt_name)
     print(f"wrote {args.out / 'provision.json'}: {len(bundle['identities'])} identities")  # type: ignore[arg-type]
     print(f"broker: mosquitto -c {args.out.resolve() / 'broker' / 'mosquitto.conf'}")
     print(f"CSIP-AUS devices: p2pdoe csip-server --bundle {args.out} (certificates in {args.out / 'csip'})")
@@ -262,7 +270,7 @@ def _provision_core(args: argparse.Namespace) -> int:
     if len(feeders) < len(args.feeder):
         raise P2PDoeError("--feeder: each feeder once")
     try:
-        write_core_bundle(args.out, feeders, args.host, args.port)
+        write_core_bundle(args.out, feeders, args.host, args.port, args.alt_name)
     except BundleError as exc:
         raise P2PDoeError(f"--feeder: {exc}") from None
     out = args.out.resolve()

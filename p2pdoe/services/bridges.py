@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from p2pdoe.core import topics
@@ -100,13 +100,15 @@ def bridge_config(feeder: str, core_host: str, core_port: int, password: str, co
     )
 
 
-def write_core_bundle(out: Path, feeders: Mapping[str, Path], host: str, port: int) -> dict[str, object]:
+def write_core_bundle(
+    out: Path, feeders: Mapping[str, Path], host: str, port: int, alt_names: Sequence[str] = ()
+) -> dict[str, object]:
     """The core broker's bundle under `out`, and a bridge to it in each feeder's bundle (`feeders`:
     feeder id -> its bundle). Returns what the core's `provision.json` says."""
     described = _feeder_descriptions(feeders, host, port)
     for folder in ("ca", "broker", "broker/data", "identities", "feeders"):
         (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
-    ca_cert, ca_key, server_cert, server_key = _certificates(host)
+    ca_cert, ca_key, server_cert, server_key = _certificates(host, alt_names)
     _write(out / "ca" / "ca.crt", ca_cert, 0o644)
     _write(out / "ca" / "ca.key", ca_key, 0o600)
     _write(out / "broker" / "server.crt", server_cert, 0o644)

@@ -6,7 +6,6 @@ signed by the bundle's CA; the `csip` section of provision.json records each sit
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import secrets
 from collections.abc import Sequence
@@ -21,7 +20,9 @@ CERT_DAYS = 825
 DEFAULT_CSIP_PORT = 8443
 
 
-def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, object]:
+def write_csip(
+    out: Path, site_ids: Sequence[str], host: str, alt_names: Sequence[str] = ()
+) -> dict[str, object]:
     """csip/server.crt|key and csip/<site>.crt|key under bundle `out` (whose CA is written already);
     returns the `csip` section of provision.json."""
     from cryptography import x509
@@ -36,7 +37,11 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
     ca_cert = x509.load_pem_x509_certificate((out / "ca" / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((out / "ca" / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    server = _issue(ca_cert, ca_key, host, _san(host), ExtendedKeyUsageOID.SERVER_AUTH)
+    from p2pdoe.services.provision import subject_alt_names
+
+    server = _issue(
+        ca_cert, ca_key, host, subject_alt_names(host, alt_names), ExtendedKeyUsageOID.SERVER_AUTH
+    )
     _write_pair(folder / "server", *server)
     sites: dict[str, object] = {}
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -62,20 +67,11 @@ def write_csip(out: Path, site_ids: Sequence[str], host: str) -> dict[str, objec
     }
 
 
-def _san(host: str) -> x509.GeneralName:
-    from cryptography import x509
-
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        return x509.DNSName(host)
-
-
 def _issue(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     common_name: str,
-    san: x509.GeneralName | None,
+    san: list[x509.GeneralName] | None,
     usage: x509.ObjectIdentifier,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate for `common_name` (EC P-256) signed by the CA, for one extended key usage."""
@@ -97,7 +93,7 @@ def _issue(
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
     if san is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
 

@@ -31,6 +31,8 @@ from p2pdoe.services.settings import read_password_file
 from p2pdoe.services.signing import PUBLIC_KEYS, forget_key, write_keys
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from p2pdoe.services.signing import SignedTransport
 
 ROOT = topics.ROOT
@@ -233,15 +235,18 @@ class BundleError(ValueError):
 RESERVED_IDS = ("dso", "monitor")
 
 
-def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port: int) -> dict[str, object]:
-    """The whole bundle under `out`; returns what `provision.json` says."""
+def write_bundle(
+    out: Path, peers: Mapping[str, Sequence[str]], host: str, port: int, alt_names: Sequence[str] = ()
+) -> dict[str, object]:
+    """The whole bundle under `out`; returns what `provision.json` says. `alt_names`: more names and
+    addresses the servers' certificates carry besides `host` (server_names)."""
     clash = sorted(set(peers) & set(RESERVED_IDS))
     if clash:
         raise BundleError(f"site ids {', '.join(clash)} are reserved for the coordinator and the monitor")
     for folder in ("ca", "broker", "broker/data", "identities", "env", "keys"):
         (out / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     ids = identities(list(peers))
-    ca_cert, ca_key, server_cert, server_key = _certificates(host)
+    ca_cert, ca_key, server_cert, server_key = _certificates(host, alt_names)
     _write(out / "ca" / "ca.crt", ca_cert, 0o644)
     _write(out / "ca" / "ca.key", ca_key, 0o600)
     _write(out / "broker" / "server.crt", server_cert, 0o644)
@@ -275,7 +280,7 @@ def write_bundle(out: Path, peers: Mapping[str, Sequence[str]], host: str, port:
     }
     from p2pdoe.services.csip_provision import write_csip  # CSIP-AUS: `p2pdoe csip-server`
 
-    description["csip"] = write_csip(out, list(peers), host)
+    description["csip"] = write_csip(out, list(peers), host, alt_names)
     _write(out / "provision.json", json.dumps(description, indent=1) + "\n", 0o644)
     return description
 
@@ -398,7 +403,30 @@ def _write(path: Path, text: str, mode: int) -> None:
         f.write(text)
 
 
-def _certificates(host: str) -> tuple[str, str, str, str]:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def server_names(host: str, alt_names: Sequence[str] = ()) -> list[str]:
+    """What a server's certificate names: `host`, the other loopback names when `host` is one of
+    them (a client on the same machine may connect by name or by address), then `alt_names`."""
+    names = [host, *(LOOPBACK_NAMES if host in LOOPBACK_NAMES else ()), *alt_names]
+    return list(dict.fromkeys(names))
+
+
+def subject_alt_names(host: str, alt_names: Sequence[str] = ()) -> list[x509.GeneralName]:
+    """The certificate extension's entries: IP addresses as such, other names as DNS names."""
+    from cryptography import x509
+
+    out: list[x509.GeneralName] = []
+    for name in server_names(host, alt_names):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            out.append(x509.DNSName(name))
+    return out
+
+
+def _certificates(host: str, alt_names: Sequence[str] = ()) -> tuple[str, str, str, str]:
     """(CA certificate, CA key, server certificate, server key), PEM; EC P-256 keys."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -422,10 +450,6 @@ def _certificates(host: str) -> tuple[str, str, str, str]:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        san = x509.DNSName(host)
     server = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
@@ -434,7 +458,7 @@ def _certificates(host: str) -> tuple[str, str, str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(subject_alt_names(host, alt_names)), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
