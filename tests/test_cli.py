@@ -90,6 +90,11 @@ def test_compare_writes_results_a_table_and_plots(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert "plot:" in run.stdout
     assert "Dynamic envelopes trade" in run.stdout
+    report = (tmp_path / "report.html").read_text()  # the one-page report, every plot embedded
+    assert report.count("data:image/png;base64,") == len(list(tmp_path.glob("*.png")))
+    assert f"<code>p2pdoe compare --out {tmp_path}</code>" in report  # the command as run
+    assert report.count('class="pass"') == 4  # AC at the schedule and both corners; ADMM converged
+    assert "| metric | none | static | dynamic | admm |" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -35,6 +35,17 @@ def test_demo_over_the_embedded_broker(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     results = _check(run.stdout, tmp_path)
     assert results["runtime"]["protocol"] == "v311"  # amqtt speaks MQTT 3.1.1 only
+    _check_report(tmp_path, "the day-ahead round", checks=4)  # the round, AC at schedule and corners
+
+
+def _check_report(out: Path, kind: str, checks: int) -> None:
+    """The one-page report beside results.json: every plot embedded, every check passed."""
+    page = (out / "report.html").read_text()
+    assert f": {kind}, run here</h1>" in page
+    assert page.count("data:image/png;base64,") == len(list(out.glob("*.png"))) >= 5
+    assert page.count('class="pass"') == checks
+    assert 'class="fail"' not in page
+    assert (out / "report.md").exists()
 
 
 def test_demo_over_a_given_mosquitto(mosquitto_broker: Broker, tmp_path: Path) -> None:
@@ -201,6 +212,7 @@ def test_the_real_time_demo_over_the_embedded_broker(tmp_path: Path) -> None:
     assert observed["judged_readings"] == rt["envelope_violations"]["judged_readings"] > 0
     for name in ("realtime_injection.png", "realtime_voltages.png", "realtime_settlements.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    _check_report(tmp_path, "a real-time day", checks=7)  # round, AC x3, violations, settlements, AC measured
 
 
 def test_the_scaled_clock_demo_says_which_clock_and_names_a_late_day_ahead_round(tmp_path: Path) -> None:

@@ -198,10 +198,44 @@ def run_demo(
 
             report_day(results, seen, out, console)
             report_days(out, console)
+        page = _write_page(results, seen, out)
+        console.print(f"report: {page} (and report.md)")
         judge_sites(results, s.ids, procs.logs)
         if rt is not None:
             judge_day(results, rt.lead_s)
     return results
+
+
+def _write_page(results: Results, seen: Any, out: Path) -> Path:
+    """The demo's one-page report (report.md, report.html) beside results.json."""
+    from p2pdoe import __version__
+    from p2pdoe.cli.jobs import command_line
+    from p2pdoe.report.page import Check, Page, Table, day_facts, network_checks, write_page
+
+    sv = results.solver
+    checks = [
+        Check("the day-ahead round over MQTT", sv.converged, f"{sv.status} after {sv.iterations} iterations"),
+        *network_checks("agreed", results),
+    ]
+    tables = [Table("The day-ahead agreement", SITE_COLUMNS, site_rows(results))]
+    kind = "the day-ahead round"
+    if seen is not None and results.realtime is not None:
+        from p2pdoe.cli.demo_realtime import DAY_COLUMNS, day_checks, day_rows
+
+        kind = "a real-time day"
+        checks += day_checks(results, seen)
+        tables.append(Table("The real-time day, per site", DAY_COLUMNS, day_rows(results, seen)))
+    figures = sorted(out.glob("*.png"))
+    page = Page(
+        f"{results.scenario}: {kind}, run here",
+        command_line(),
+        __version__,
+        day_facts(results),
+        tables,
+        checks,
+        figures,
+    )
+    return write_page(page, out)[1]
 
 
 def _dated_forecasts(
@@ -484,22 +518,33 @@ def _stage2(m: MarketOutcome) -> str:
     return f"sale markups in force (EUR/kWh): {bids or 'none'}; price of anarchy {poa}"
 
 
-def _site_table(r: Results) -> None:
+SITE_COLUMNS = ("site", "state", "mean DOE kW", "cost EUR", "sold kWh", "RSS MB")
+
+
+def site_rows(r: Results) -> list[list[str]]:
+    """Each site of the day-ahead agreement: its state, mean envelope, cost, sales and memory."""
     assert r.runtime is not None
     by_id = {c.id: c for c in r.communities}
-    table = Table(title=f"{r.scenario}: the day-ahead agreement, {r.envelope} envelopes")
-    for col in ("site", "state", "mean DOE kW", "cost EUR", "sold kWh", "RSS MB"):
-        table.add_column(col, justify="left" if col in ("site", "state") else "right")
+    rows = []
     for site in r.runtime.sites:
         c = by_id.get(site.id)
         lo = sum(c.envelope_lo_kw) / len(c.envelope_lo_kw) if c else None
         up = sum(c.envelope_up_kw) / len(c.envelope_up_kw) if c else None
-        table.add_row(
+        rows.append([
             site.id,
             site.state if site.reason is None else f"{site.state} ({site.reason})",
             "-" if lo is None or up is None else f"[{fixed(lo, 0)}, {fixed(up, 0)}]",
             "-" if c is None else fixed(c.cost_eur),
             "-" if c is None else fixed(c.p2p_sold_kwh, 0),
             "-" if site.rss_mb is None else f"{site.rss_mb:.0f}",
-        )
+        ])  # fmt: skip
+    return rows
+
+
+def _site_table(r: Results) -> None:
+    table = Table(title=f"{r.scenario}: the day-ahead agreement, {r.envelope} envelopes")
+    for col in SITE_COLUMNS:
+        table.add_column(col, justify="left" if col in ("site", "state") else "right")
+    for row in site_rows(r):
+        table.add_row(*row)
     console.print(table)

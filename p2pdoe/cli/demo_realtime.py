@@ -152,22 +152,23 @@ def judge_day(results: Results, lead_s: float) -> None:
         )
 
 
-def _day_table(results: Results, seen: Observation, console: Any) -> None:
+DAY_COLUMNS = ("site", "n", "kWh", "planned", "P2P €", "grid €", "net €", "viol.", "switch")
+
+
+def day_rows(results: Results, seen: Observation) -> list[list[str]]:
+    """Each site's real-time day: settled intervals, energy measured and planned, money, sustained
+    violations and envelope switches."""
     rt = results.realtime
     assert rt is not None
     by_site: dict[str, list[Any]] = defaultdict(list)
     for s in rt.settlements:
         by_site[s.site].append(s)
-    table = Table(title="the real-time day, per site")
-    for col in ("site", "n", "kWh", "planned", "P2P €", "grid €", "net €", "viol.", "switch"):
-        table.add_column(col, justify="left" if col == "site" else "right")
     switches: dict[str, int] = defaultdict(int)
     for e in rt.fallback_events:
         switches[e.site] += 1
     violations = seen.observer.by_site()
-    for site in sorted(by_site):
-        rows = by_site[site]
-        table.add_row(
+    return [
+        [
             site,
             str(len(rows)),
             fixed(sum(r.measured_kwh for r in rows), 0),
@@ -177,7 +178,50 @@ def _day_table(results: Results, seen: Observation, console: Any) -> None:
             fixed(sum(r.net_eur for r in rows)),
             str(violations.get(site, 0)),
             str(switches[site]),
+        ]
+        for site, rows in sorted(by_site.items())
+    ]
+
+
+def day_checks(results: Results, seen: Observation) -> list[Any]:
+    """The real-time day's checks: no sustained violation, every interval settled, the measured
+    injections inside the network's limits in an AC power flow."""
+    from p2pdoe.report.page import Check
+
+    rt = results.realtime
+    assert rt is not None
+    found = len(seen.observer.violations)
+    missing = sum(len(starts) for starts in rt.missing_settlements.values())
+    checks = [
+        Check(
+            "sustained envelope violations (observer on the broker)",
+            found == 0,
+            f"{found} in {seen.observer.judged} readings",
+        ),
+        Check(
+            "settlements",
+            not missing,
+            f"{len(rt.settlements)} settled, {missing} missing; energy against the meter within "
+            f"{rt.energy_mismatch_max_pct:.3f} %",
+        ),
+    ]
+    if rt.measured_ac is not None:
+        ac = rt.measured_ac
+        ok = ac.voltage_violations == 0 and ac.thermal_violations == 0
+        detail = (
+            f"{ac.vmin_pu:.4f}-{ac.vmax_pu:.4f} p.u., max loading {ac.max_loading_pct:.0f} %, "
+            f"{ac.voltage_violations} voltage and {ac.thermal_violations} thermal violations"
         )
+        checks.append(Check("AC power flow of the measured injections", ok, detail))
+    return checks
+
+
+def _day_table(results: Results, seen: Observation, console: Any) -> None:
+    table = Table(title="the real-time day, per site")
+    for col in DAY_COLUMNS:
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for row in day_rows(results, seen):
+        table.add_row(*row)
     console.print(table)
 
 

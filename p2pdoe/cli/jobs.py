@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -126,7 +128,51 @@ def compare(scenario: str, overrides: dict[str, Any], out: Path, plots: bool = T
     _write_summary(results, out, rules)
     _print_summary(results, out, figures)
     _print_sharing(rules)
+    page = _write_report(results, out, figures, rules)
+    console.print(f"report: {page} (and report.md)")
     return results
+
+
+def _write_report(
+    results: dict[str, Results], out: Path, figures: Sequence[Path], rules: Sequence[RuleDefaults]
+) -> Path:
+    """The comparison's one-page report (report.md, report.html) in `out`."""
+    from p2pdoe import __version__
+    from p2pdoe.report.page import Check, Page, Table, day_facts, network_checks, write_page
+
+    names, rows = comparison_rows(results)
+    s_names, s_rows = sharing_rows(rules)
+    admm = results["admm"].solver
+    checks = [
+        *network_checks("dynamic", results["dynamic"]),
+        Check(
+            "admm: the decentralized agreement",
+            admm.converged,
+            f"{admm.status} after {admm.iterations} iterations; objective {_gap_pct(results):.3f} % of the "
+            "gross energy cost above the centralized optimum",
+        ),
+    ]
+    tables = [
+        Table("Envelope policies compared", ["metric", *names], [[r.label, *r.values] for r in rows]),
+        Table(
+            "Default envelopes by sharing rule", ["site", *s_names], [[r.label, *r.values] for r in s_rows]
+        ),
+    ]
+    page = Page(
+        f"{results['dynamic'].scenario}: envelope policies compared",
+        command_line(),
+        __version__,
+        day_facts(results["dynamic"]),
+        tables,
+        checks,
+        figures,
+    )
+    return write_page(page, out)[1]
+
+
+def command_line() -> str:
+    """The command as the user typed it (however `p2pdoe` was started)."""
+    return shlex.join(["p2pdoe", *sys.argv[1:]])
 
 
 def _write_summary(results: dict[str, Results], out: Path, rules: Sequence[RuleDefaults]) -> None:
