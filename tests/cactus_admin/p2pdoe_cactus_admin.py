@@ -40,6 +40,18 @@ async def _publisher() -> asyncio.subprocess.Process:
 
 
 @hookimpl
+async def admin_teardown(context: Any) -> ActionResult:
+    """The run is over: the publisher, told so by its stdin's end, disconnects and ends."""
+    publisher = _publishers.pop(asyncio.get_running_loop(), None)
+    if publisher is not None and publisher.returncode is None:
+        assert publisher.stdin is not None
+        publisher.stdin.close()
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            await publisher.wait()
+    return ActionResult.done()
+
+
+@hookimpl
 async def admin_instruction(instruction: Any, step: Any, context: Any) -> ActionResult | None:
     kind = str(instruction.type)
     if kind == "ensure-end-device":
