@@ -493,6 +493,10 @@ def _cactus_config(bundle: Path, base: str, out: Path) -> str:
         "S-ALL-13",  # active control: import limit
         "S-ALL-19",  # default control: export limit
         "S-ALL-21",  # default control: import limit
+        # S-ALL-41 (control responses) is left out: its steps (5) and (7) ask to cancel the controls
+        # (`clear-der-controls`) and wait for EventStatus 2 (Cancelled); the coordinator's MQTT
+        # interface cannot withdraw an agreed envelope, so the plugin leaves that unhandled and the
+        # step repeats until the timeout. Its section 1 passes (docs/interop.md, CSIP-AUS).
         "S-ALL-44",  # scheduling: 24 sequential one-minute controls, listed and paged
     ],
 )
