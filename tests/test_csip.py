@@ -440,6 +440,8 @@ def _cactus() -> Path:
         steps.insert(0, [str(python), "-m", "venv", str(CACTUS_VENV)])
     elif _has_plugin():
         return command
+    else:  # the plugin is missing or edited since: (re)installed beside the venv's cactus-client
+        steps = [[str(pip), "install", "-q", "--force-reinstall", "--no-deps", str(ADMIN_PLUGIN)]]
     for step in steps:
         run = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
         if run.returncode != 0:
@@ -449,8 +451,11 @@ def _cactus() -> Path:
 
 
 def _has_plugin() -> bool:
-    check = [str(CACTUS_VENV / "bin" / "python"), "-c", "import p2pdoe_cactus_admin"]
-    return subprocess.run(check, capture_output=True, timeout=60, check=False, cwd="/").returncode == 0
+    """The venv's plugin is tests/cactus_admin's as it is now (an edited one is installed again)."""
+    check = [str(CACTUS_VENV / "bin" / "python"), "-c", "import p2pdoe_cactus_admin as p; print(p.__file__)"]
+    run = subprocess.run(check, capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    source = ADMIN_PLUGIN / "p2pdoe_cactus_admin.py"
+    return run.returncode == 0 and Path(run.stdout.strip()).read_bytes() == source.read_bytes()
 
 
 def _cactus_config(bundle: Path, base: str, out: Path) -> str:
@@ -488,6 +493,11 @@ def _cactus_config(bundle: Path, base: str, out: Path) -> str:
         "S-ALL-13",  # active control: import limit
         "S-ALL-19",  # default control: export limit
         "S-ALL-21",  # default control: import limit
+        # S-ALL-41 (control responses) is left out: its steps (5) and (7) ask to cancel the controls
+        # (`clear-der-controls`) and wait for EventStatus 2 (Cancelled); the coordinator's MQTT
+        # interface cannot withdraw an agreed envelope, so the plugin leaves that unhandled and the
+        # step repeats until the timeout. Its section 1 passes (docs/interop.md, CSIP-AUS).
+        "S-ALL-44",  # scheduling: 24 sequential one-minute controls, listed and paged
     ],
 )
 def test_cactus_client_passes(procedure: str, secure_broker: Broker, tmp_path: Path) -> None:

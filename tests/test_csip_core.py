@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("envoy_schema", reason="the csip extra is not installed (pip install 'p2pdoe[csip]')")
 
-from envoy_schema.server.schema.sep2.der import DefaultDERControl, DERControlListResponse
+from envoy_schema.server.schema.sep2.der import DefaultDERControl, DERControlListResponse, DERProgramResponse
 
 from p2pdoe.core import csip
 from p2pdoe.core.csip_ids import lfdi, sfdi
@@ -91,6 +91,22 @@ def test_a_newer_round_supersedes_the_interval_it_replaces() -> None:
     assert before[1].EventStatus_.potentiallySupersededTime == int((T0 - timedelta(minutes=5)).timestamp())
     active = csip.read(site, DEVICE, "/edev/a/derp/doe/actderc", {"l": "10"}, T0 + timedelta(minutes=1))
     assert DERControlListResponse.from_xml(active.body).all_ == 1
+
+
+def test_a_short_control_goes_scheduled_active_and_leaves_the_list_at_its_end() -> None:
+    site = _site()
+    site.hear(Doe.from_box("a", "r1", T0 + timedelta(seconds=60), 60, -5.0, 3.0), T0)
+    moments = [T0, T0 + timedelta(seconds=60), T0 + timedelta(seconds=119), T0 + timedelta(seconds=120)]
+    statuses = [
+        [c.EventStatus_.currentStatus for c in _controls(site, {"l": "10"}, t).DERControl or []]
+        for t in moments
+    ]
+    assert statuses == [[0], [1], [1], []]  # scheduled, active for its minute, then over: not listed
+    program = DERProgramResponse.from_xml(csip.read(site, DEVICE, "/edev/a/derp/doe", {}, moments[-1]).body)
+    assert program.DERControlListLink is not None
+    assert program.DERControlListLink.all_ == 0
+    href = f"{CONTROLS}/{site.controls[0].mrid}"
+    assert csip.read(site, DEVICE, href, {}, moments[-1]).status == 200  # a Response may still name it
 
 
 def test_lists_page_with_s_and_l_and_default_to_one() -> None:

@@ -3,7 +3,8 @@
 Each site is one EndDevice, identified by its certificate's LFDI, with one FunctionSetAssignments and
 one DERProgram. The program's DefaultDERControl is the site's retained default envelope; each agreed
 interval (`doe`, round set) is a DERControl. A control that a newer round replaces on an overlapping
-interval stays listed as superseded. A site sees only its own resources. The XML models are
+interval stays listed as superseded; a control leaves the list once over (its href answers a day
+longer). A site sees only its own resources. The XML models are
 envoy-schema's (the `csip` extra), loaded only by whoever imports this module.
 """
 
@@ -65,7 +66,7 @@ MAX_PEN = 99_999_999  # the PEN fills the mRID's last 8 digits, in decimal
 RESPONSE_REQUIRED = "03"  # message received and specific response (CSIP-AUS)
 PRIMACY = 2  # 2030.5 PrimacyType 2, a non-contractual service provider: the DSO, to a site
 POLL_RATE_S = 60
-KEPT = timedelta(days=1)  # controls are listed until a day past their end
+KEPT = timedelta(days=1)  # a control's own href answers until a day past its end (Responses name it)
 ANSWERS_KEPT = 1000  # per site: a device posting on and on cannot fill the memory
 INT16_MAX = 32_767
 TIME_QUALITY = types.TimeQualityType.level_3_source  # the host's clock, synchronised (NTP)
@@ -167,6 +168,12 @@ class SiteControls:
         """2030.5's order of events: start ascending, then creation and mRID descending."""
         by_newest = sorted(self.controls, key=lambda c: (c.created, c.mrid), reverse=True)
         return sorted(by_newest, key=lambda c: c.doe.start)
+
+    def listed(self, now: datetime) -> list[Control]:
+        """The DERControlList: the controls not yet over, in 2030.5's order. A completed one leaves
+        the list at its end (CSIP-AUS S-ALL-41 reads the list empty 20 s after its control completed)
+        rather than stay there as active."""
+        return [c for c in self.ordered() if now < c.doe.end]
 
     def keep(self, answer: Answer) -> int:
         """Keep a posted Response (the oldest forgotten beyond ANSWERS_KEPT); its number."""
@@ -292,7 +299,7 @@ def program(site: SiteControls, now: datetime) -> der.DERProgramResponse:
         description="dynamic operating envelopes",
         primacy=PRIMACY,
         DefaultDERControlLink=None if site.default is None else Link(href=f"{href}/dderc"),
-        DERControlListLink=ListLink(href=f"{href}/derc", all_=len(site.controls)),
+        DERControlListLink=ListLink(href=f"{href}/derc", all_=len(site.listed(now))),
         ActiveDERControlListLink=ListLink(href=f"{href}/actderc", all_=len(active(site, now))),
     )
 
@@ -477,7 +484,7 @@ def _read_program(site: SiteControls, rest: str, page: Page, now: datetime) -> R
         default = default_control(site)
         return NOT_FOUND if default is None else xml(default)
     if rest in ("/derc", "/actderc"):
-        listed = site.ordered() if rest == "/derc" else active(site, now)
+        listed = site.listed(now) if rest == "/derc" else active(site, now)
         shown = [control(site, c, now) for c in paged(listed, page)]
         return xml(der.DERControlListResponse(
             href=f"{program_href(site.site)}{rest}", all_=len(listed), results=len(shown), DERControl=shown
