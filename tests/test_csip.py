@@ -239,7 +239,7 @@ def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: 
     bundle = _bundle_of(secure_broker)
     mine = Doe.from_box(SITE, "da-1", START, 900, -7.25, 3.5)
     theirs = Doe.from_box(OTHER, "da-1", START, 900, -1.0, 9.0)
-    default = Doe.from_box(SITE, None, START, 86400, -4.0, 2.0)
+    default = Doe.from_box(SITE, None, START - timedelta(hours=2), 86400, -4.0, 2.0)  # valid now
 
     async def scenario() -> None:
         async with running(secure_broker) as (_, base):
@@ -269,7 +269,8 @@ def test_a_site_walks_from_dcap_to_the_export_limit_mqtt_carries(secure_broker: 
             )
             (fsa,) = fsas.FunctionSetAssignments or []
             assert fsa.DERProgramListLink is not None
-            programs = _envoy(DERProgramListResponse, (await device.get(fsa.DERProgramListLink.href))[1])
+            heard = await device.until(fsa.DERProgramListLink.href, lambda b: b"DefaultDERControlLink" in b)
+            programs = _envoy(DERProgramListResponse, heard)
             (program,) = programs.DERProgram or []
             assert program.DERControlListLink is not None
             assert program.DefaultDERControlLink is not None

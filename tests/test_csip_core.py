@@ -125,7 +125,7 @@ def test_lists_page_with_s_and_l_and_default_to_one() -> None:
 def test_the_default_envelope_is_the_default_control() -> None:
     site = _site()
     assert csip.read(site, DEVICE, "/edev/a/derp/doe/dderc", {}, T0).status == 404
-    site.hear(Doe.from_box("a", None, T0, 86400, -4.5, 6.25), T0)
+    site.hear(Doe.from_box("a", None, T0, 86400, -4.5, 6.25), T0, default=True)
     default = DefaultDERControl.from_xml(csip.read(site, DEVICE, "/edev/a/derp/doe/dderc", {}, T0).body)
     limits = default.DERControlBase_
     assert limits.opModImpLimW is not None
@@ -199,3 +199,60 @@ def test_a_device_reports_its_der_and_reads_it_back() -> None:
     assert refused.detail is not None
     assert csip.report(site, DEVICE, "/edev/a/der/1", capability).status == 405
     assert csip.report(site, DEVICE, "/edev/b/der/1/dercap", capability).status == 404
+
+
+ACTIVE = "/edev/a/derp/doe/actderc"
+DEFAULT = "/edev/a/derp/doe/dderc"
+
+
+def _active_export_w(site: csip.SiteControls, now: datetime) -> list[int]:
+    listed = DERControlListResponse.from_xml(csip.read(site, DEVICE, ACTIVE, {"l": "10"}, now).body)
+    out = []
+    for c in listed.DERControl or []:
+        assert c.DERControlBase_.opModExpLimW is not None
+        limit = c.DERControlBase_.opModExpLimW
+        out.append(limit.value * 10 ** (limit.multiplier or 0))
+    return out
+
+
+def test_the_last_envelope_heard_for_an_interval_is_the_one_in_force_as_for_an_edge_agent() -> None:
+    """A round that leaves the site out republishes the interval as its default (round null, on
+    `doe`): a 2030.5 device must get that limit, not the earlier round's looser one; and an envelope
+    heard again after a newer one is in force again."""
+    site = _site()
+    agreed = Doe.from_box("a", "r1", T0, 900, -5.0, 6.0)
+    left_out = Doe.from_box("a", None, T0, 900, -5.0, 1.0)
+    site.hear(agreed, T0 - timedelta(minutes=10))
+    site.hear(left_out, T0 - timedelta(minutes=5))
+    assert _active_export_w(site, T0 + timedelta(minutes=1)) == [1000]
+    site.hear(agreed, T0 - timedelta(minutes=2))
+    assert _active_export_w(site, T0 + timedelta(minutes=1)) == [6000]
+    site.hear(agreed, T0 - timedelta(minutes=1))  # a repeat of the one in force: nothing new
+    assert len(site.controls) == 3
+
+
+def test_a_lapsed_or_pending_default_is_not_served_but_the_fail_safe_is() -> None:
+    site = _site()
+    site.hear(Doe.from_box("a", None, T0, 3600, -4.5, 6.25), T0, default=True)
+    assert csip.read(site, DEVICE, DEFAULT, {}, T0 + timedelta(minutes=30)).status == 200
+    assert csip.read(site, DEVICE, DEFAULT, {}, T0 + timedelta(hours=2)).status == 404  # lapsed
+    assert csip.read(site, DEVICE, DEFAULT, {}, T0 - timedelta(hours=1)).status == 404  # not yet
+    site.fail_safe = Doe.from_box("a", None, datetime(1970, 1, 1, tzinfo=UTC), 2**31 - 1, -2.0, 0.5)
+    served = DefaultDERControl.from_xml(csip.read(site, DEVICE, DEFAULT, {}, T0 + timedelta(hours=2)).body)
+    assert served.DERControlBase_.opModExpLimW is not None
+    assert served.DERControlBase_.opModExpLimW.value == 500
+    assert served.description is not None
+    assert "fail-safe" in served.description
+
+
+def test_a_limit_is_never_looser_than_the_signed_box() -> None:
+    """Doe's CSIP-AUS fields may exceed its box by a rounding watt; the box is what was agreed."""
+    doe = Doe.from_box("a", "r1", T0, 900, -5.0, 3.0).model_copy(update={"opModExpLimW": 3000.9})
+    limit = csip.limits(doe).opModExpLimW
+    assert limit is not None
+    assert limit.value * 10 ** (limit.multiplier or 0) == 3000
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "9" * 5000, "-1", "x"])
+def test_a_response_index_that_is_no_small_number_is_not_found(index: str) -> None:
+    assert csip.read(_site(), DEVICE, f"/edev/a/rsp/{index}", {}, T0).status == 404

@@ -151,6 +151,14 @@ def _csip_parser(sub: Any) -> None:
         default="1.2",
         help="the CSIP-AUS version whose namespace the limits are written in (default 1.2)",
     )
+    p.add_argument(
+        "--fail-safe-import-w",
+        type=float,
+        metavar="W",
+        help="with --fail-safe-export-w: the DefaultDERControl served while no valid default envelope is "
+        "heard (e.g. the connection agreement's; default: none: 2030.5 leaves the device to its own)",
+    )
+    p.add_argument("--fail-safe-export-w", type=float, metavar="W", help="see --fail-safe-import-w")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="broker wait (10 s)")
     p.add_argument(
         "--log-level",
@@ -168,7 +176,11 @@ def _run_csip(args: argparse.Namespace) -> int:
     from p2pdoe.services.csip_server import load_config, serve
     from p2pdoe.services.settings import configure_logging
 
-    config, broker = load_config(args.bundle, args.host, args.port, args.pen, args.csipaus)
+    fail_safe = (args.fail_safe_import_w, args.fail_safe_export_w)
+    if (fail_safe[0] is None) != (fail_safe[1] is None):
+        raise P2PDoeError("--fail-safe-import-w and --fail-safe-export-w go together")
+    chosen = None if fail_safe[0] is None or fail_safe[1] is None else (fail_safe[0], fail_safe[1])
+    config, broker = load_config(args.bundle, args.host, args.port, args.pen, args.csipaus, chosen)
     configure_logging(args.log_level, "csip-server")
 
     async def started(_: object) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -120,8 +121,11 @@ class Control:
         return self.superseded_at is not None and now >= self.superseded_at
 
     def supersede(self, newer: Doe, now: datetime) -> None:
-        if self.superseded_at is None:
-            self.superseded_at, self.flagged_at = max(now, newer.start), now
+        """From the newer one's start on (the earliest of the newer ones, if several)."""
+        at = max(now, newer.start)
+        if self.superseded_at is None or at < self.superseded_at:
+            self.superseded_at = at
+        self.flagged_at = self.flagged_at or now
 
 
 @dataclass
@@ -141,25 +145,38 @@ class SiteControls:
     site: str
     pen: int
     default: Doe | None = None
+    fail_safe: Doe | None = None  # served while no default is valid (csip-server --fail-safe-*)
     controls: list[Control] = field(default_factory=list)
+    heard: int = 0  # envelopes made controls: each control's mRID is its own
     answers: dict[int, Answer] = field(default_factory=dict)  # by number, the latest ANSWERS_KEPT
     answered: int = 0  # how many were ever posted: the next one's number
     reported: dict[str, BaseXmlModel] = field(default_factory=dict)  # REPORTED's kind -> the latest
 
-    def hear(self, doe: Doe, now: datetime) -> None:
-        """Fold in an envelope: a default replaces the default; an agreed interval becomes a control
-        and supersedes the live controls it overlaps (a repeat of a known one changes nothing)."""
-        if doe.round is None:
+    def hear(self, doe: Doe, now: datetime, default: bool = False) -> None:
+        """Fold in an envelope: the default (`default`: heard on `doe/default`) replaces the default;
+        an interval's envelope (agreed, or the site's default for it when a round left it out)
+        becomes a control and supersedes the controls it overlaps. As for an edge agent, the last
+        heard for an interval wins: only a repeat of the control in force changes nothing."""
+        if default:
             self.default = doe
             return
         key = doe.model_dump_json()
-        if any(c.doe.model_dump_json() == key for c in self.controls):
+        newest = next((c for c in reversed(self.controls) if c.overlaps(doe)), None)
+        if newest is not None and newest.doe.model_dump_json() == key:
             return
         for c in self.controls:
             if c.overlaps(doe):
                 c.supersede(doe, now)
-        self.controls.append(Control(doe, mrid(self.pen, "derc", key), now))
+        self.heard += 1
+        self.controls.append(Control(doe, mrid(self.pen, "derc", key, str(self.heard)), now))
         self._forget(now)
+
+    def default_at(self, now: datetime) -> Doe | None:
+        """The default in force: the one heard while it is valid, else the fail-safe (a lapsed or
+        pending default is not the DSO's: edge agents fall back on their fixed default then)."""
+        if self.default is not None and self.default.valid_at(now):
+            return self.default
+        return self.fail_safe
 
     def _forget(self, now: datetime) -> None:
         self.controls = [c for c in self.controls if c.doe.end + KEPT > now]
@@ -298,28 +315,32 @@ def program(site: SiteControls, now: datetime) -> der.DERProgramResponse:
         mRID=mrid(site.pen, "derp", site.site),
         description="dynamic operating envelopes",
         primacy=PRIMACY,
-        DefaultDERControlLink=None if site.default is None else Link(href=f"{href}/dderc"),
+        DefaultDERControlLink=None if site.default_at(now) is None else Link(href=f"{href}/dderc"),
         DERControlListLink=ListLink(href=f"{href}/derc", all_=len(site.listed(now))),
         ActiveDERControlListLink=ListLink(href=f"{href}/actderc", all_=len(active(site, now))),
     )
 
 
 def limits(doe: Doe) -> der.DERControlBase:
-    """The CSIP-AUS site limits at the connection point (opModGenLimW and opModLoadLimW limit single
-    DERs, which an envelope does not name: left out)."""
-    return der.DERControlBase(
-        opModImpLimW=active_power(doe.opModImpLimW), opModExpLimW=active_power(doe.opModExpLimW)
-    )
+    """The CSIP-AUS site limits at the connection point, never looser than the signed box (its
+    CSIP-AUS fields may exceed it by a rounding watt); opModGenLimW and opModLoadLimW limit single
+    DERs, which an envelope does not name: left out."""
+    imp = min(doe.opModImpLimW, max(0.0, -doe.lo_kw) * 1e3)
+    exp = min(doe.opModExpLimW, max(0.0, doe.up_kw) * 1e3)
+    return der.DERControlBase(opModImpLimW=active_power(imp), opModExpLimW=active_power(exp))
 
 
-def default_control(site: SiteControls) -> der.DefaultDERControl | None:
-    if site.default is None:
+def default_control(site: SiteControls, now: datetime) -> der.DefaultDERControl | None:
+    default = site.default_at(now)
+    if default is None:
         return None
     return der.DefaultDERControl(
         href=f"{program_href(site.site)}/dderc",
-        mRID=mrid(site.pen, "dderc", site.default.model_dump_json()),
-        description="default envelope",
-        DERControlBase_=limits(site.default),
+        mRID=mrid(site.pen, "dderc", default.model_dump_json()),
+        description="default envelope"
+        if default is site.default
+        else "fail-safe default (no valid default heard)",
+        DERControlBase_=limits(default),
     )
 
 
@@ -347,7 +368,7 @@ def control(site: SiteControls, c: Control, now: datetime) -> der.DERControlResp
         replyTo=responses_href(site.site),
         responseRequired=RESPONSE_REQUIRED,
         mRID=c.mrid,
-        description=f"round {c.doe.round}",
+        description="the default for the interval" if c.doe.round is None else f"round {c.doe.round}",
         creationTime=epoch(c.created),
         EventStatus_=event_status(c, now),
         interval=types.DateTimeIntervalType(start=epoch(c.doe.start), duration=c.doe.duration_s),
@@ -481,7 +502,7 @@ def _read_program(site: SiteControls, rest: str, page: Page, now: datetime) -> R
     if rest == "":
         return xml(program(site, now))
     if rest == "/dderc":
-        default = default_control(site)
+        default = default_control(site, now)
         return NOT_FOUND if default is None else xml(default)
     if rest in ("/derc", "/actderc"):
         listed = site.listed(now) if rest == "/derc" else active(site, now)
@@ -496,7 +517,7 @@ def _read_program(site: SiteControls, rest: str, page: Page, now: datetime) -> R
 
 
 def _read_answer(site: SiteControls, index: str) -> Reply:
-    a = site.answers.get(int(index)) if index.isdigit() else None
+    a = site.answers.get(int(index)) if re.fullmatch(r"[0-9]{1,9}", index) else None
     if a is None:
         return NOT_FOUND
     return xml(response.DERControlResponse(

@@ -48,10 +48,16 @@ class CsipConfig:
     devices: Mapping[str, csip.Device]  # by LFDI
     pen: int
     csipaus: str = "1.2"  # the CSIP-AUS version whose namespace the extensions are written in
+    fail_safe_w: tuple[float, float] | None = None  # (import, export) served while no default is valid
 
 
 def load_config(
-    bundle: Path, host: str | None, port: int | None, pen: int, csipaus: str = "1.2"
+    bundle: Path,
+    host: str | None,
+    port: int | None,
+    pen: int,
+    csipaus: str = "1.2",
+    fail_safe_w: tuple[float, float] | None = None,
 ) -> tuple[CsipConfig, Access]:
     """The server's settings from a bundle's provision.json, and the monitor's access to its broker;
     ConfigError naming the flag at fault."""
@@ -73,7 +79,9 @@ def load_config(
         raise ConfigError(f"--csipaus {csipaus}: one of {', '.join(csip.CSIPAUS_NAMESPACES)}")
     if not 0 < chosen_port < 65536:
         raise ConfigError(f"--port must lie in 1..65535, not {chosen_port}")
-    config = CsipConfig(chosen_host, chosen_port, cert, key, ca, devices, pen, csipaus)
+    if fail_safe_w is not None and not all(0 <= w < float("inf") for w in fail_safe_w):
+        raise ConfigError(f"--fail-safe-import-w/--fail-safe-export-w: watts >= 0, not {fail_safe_w}")
+    config = CsipConfig(chosen_host, chosen_port, cert, key, ca, devices, pen, csipaus, fail_safe_w)
     return config, monitor
 
 
@@ -115,26 +123,41 @@ class CsipService:
     sites: dict[str, csip.SiteControls] = field(default_factory=dict)
 
     def site(self, site_id: str) -> csip.SiteControls:
-        return self.sites.setdefault(site_id, csip.SiteControls(site_id, self.config.pen))
+        if site_id not in self.sites:
+            self.sites[site_id] = csip.SiteControls(
+                site_id, self.config.pen, fail_safe=self._fail_safe(site_id)
+            )
+        return self.sites[site_id]
+
+    def _fail_safe(self, site_id: str) -> Doe | None:
+        if self.config.fail_safe_w is None:
+            return None
+        imp_w, exp_w = self.config.fail_safe_w
+        return Doe.from_box(
+            site_id, None, datetime(1970, 1, 1, tzinfo=UTC), 2**31 - 1, -imp_w / 1e3, exp_w / 1e3
+        )
 
     def hear(self, topic: str, payload: bytes) -> None:
-        """One MQTT message: decoded as the monitor decodes it; a site's envelope is folded in."""
+        """One MQTT message: decoded as the monitor decodes it; a site's envelope (on `doe`, agreed
+        or the site's default for the interval; on `doe/default`, its default) is folded in, and an
+        emptied `doe/default` clears the default. A message the monitor dropped changes nothing."""
         now = self.now()
+        dropped = sum(self.monitor.dropped.values())
         self.monitor.apply(topic, payload, now)
-        doe = self._envelope(topic, payload)
-        if doe is not None:
-            self.site(doe.site).hear(doe, now)
-
-    def _envelope(self, topic: str, payload: bytes) -> Doe | None:
         parsed = topics.parse(topic)
-        view = None if parsed is None or parsed.site is None else self.monitor.sites.get(parsed.site)
-        if view is None or parsed is None or not payload:
-            return None
-        if parsed.kind == "doe" and view.doe is not None and view.doe.round is not None:
-            return view.doe
-        if parsed.kind == "doe/default" and view.default is not None and view.default.round is None:
-            return view.default
-        return None
+        if parsed is None or parsed.site is None or parsed.kind not in ("doe", "doe/default"):
+            return
+        default = parsed.kind == "doe/default"
+        if not payload:
+            if default:
+                self.site(parsed.site).default = None
+            return
+        view = self.monitor.sites.get(parsed.site)
+        if view is None or sum(self.monitor.dropped.values()) != dropped:
+            return
+        doe = view.default if default else view.doe
+        if doe is not None:
+            self.site(parsed.site).hear(doe, now, default=default)
 
     def device(self, request: web.Request) -> csip.Device | None:
         """The device of the request's client certificate, or None if the CA signed none such."""
