@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-def run_p2pdoe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_p2pdoe(*args: str, timeout: float = 550) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "p2pdoe.cli.main", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
