@@ -13,9 +13,7 @@ from cli_helpers import assert_one_line_error, run_p2pdoe
 from p2pdoe.services.broker import Broker, embedded_available, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-DEMO_TIMEOUT_S = (
-    1200  # a net for a loaded machine (run_p2pdoe's own is 300 s): the answer does not depend on it
-)
+DEMO_TIMEOUT_S = 1200  # a net for a loaded machine: the answer never depends on it
 
 
 def _check(run_out: str, out: Path) -> dict[str, object]:
