@@ -38,7 +38,7 @@ def first_error(exc: ValidationError, top_level: str) -> str:
         return f"{where}: {err['msg']}{_more(len(errors) - 1)}"
     err = unknown[0]
     parent, key = err["loc"][:-1], str(err["loc"][-1])
-    where = ".".join(str(p) for p in parent) or top_level
+    where = ".".join(str(p) for p in err["loc"])
     missing = {
         str(e["loc"][-1]): e
         for e in errors
@@ -47,7 +47,7 @@ def first_error(exc: ValidationError, top_level: str) -> str:
     meant = difflib.get_close_matches(key, list(missing), n=1, cutoff=0.6)
     hint = f" (did you mean {meant[0]!r}?)" if meant else ""
     explained = 1 + bool(meant)
-    return f"{where}: unknown key {key!r}{hint}{_more(len(errors) - explained)}"
+    return f"{where}: {err['msg']}{hint}{_more(len(errors) - explained)}"
 
 
 def _more(n: int) -> str:

@@ -141,7 +141,8 @@ def test_a_typo_in_a_key_is_named_with_the_key_it_was_meant_to_be(tmp_path: Path
     bad = tmp_path / "typo.yaml"
     bad.write_text(text.replace("rated_kw", "rated_kW", 1))
     run = run_p2pdoe("solve", "--scenario", str(bad), "--out", str(tmp_path / "out"))
-    assert_one_line_error(run, f"{bad}: communities.0.pv: unknown key 'rated_kW' (did you mean 'rated_kw'?)")
+    expected = "communities.0.pv.rated_kW: Extra inputs are not permitted (did you mean 'rated_kw'?)"
+    assert_one_line_error(run, f"{bad}: {expected}")
     assert "more" not in run.stderr  # the missing rated_kw is the same mistake
 
 
