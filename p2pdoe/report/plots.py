@@ -445,24 +445,16 @@ def _corners_figure(ordered: Mapping[str, Results]) -> Figure:
         colour, t = _colour(policy, list(ordered)), _hours(r)
         upper = np.asarray(r.ac_check.upper_corner.voltage_pu, dtype=float).max(axis=1)
         lower = np.asarray(r.ac_check.lower_corner.voltage_pu, dtype=float).min(axis=1)
-        ax.plot(
-            t,
-            _steps(upper),
-            drawstyle="steps-post",
-            color=colour,
-            ls=style,
-            lw=1.6,
-            label=f"{label}, upper corner: max",
-        )
-        ax.plot(
-            t,
-            _steps(lower),
-            drawstyle="steps-post",
-            color=colour,
-            ls=style,
-            lw=0.9,
-            label=f"{label}, lower corner: min",
-        )
+        for values, width, corner in ((upper, 1.6, "upper corner: max"), (lower, 0.9, "lower corner: min")):
+            ax.plot(
+                t,
+                _steps(values),
+                drawstyle="steps-post",
+                color=colour,
+                ls=style,
+                lw=width,
+                label=f"{label}, {corner}",
+            )
     _band(ax, ref)
     ax.set_title(
         "AC voltages at the envelopes' corners: every community at the upper edge of its envelope"
